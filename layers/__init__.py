@@ -1,0 +1,1 @@
+"""memlab layers: sequence mixers that register themselves in ``research.models.registry`` on import."""

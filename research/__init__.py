@@ -1,0 +1,1 @@
+"""memlab's research core: model assembly, data, training loop, checkpointing, metrics and memory accounting."""

@@ -1,0 +1,64 @@
+"""Building blocks shared by every decoder: RMSNorm, SwiGLU MLP and rotary position embeddings.
+
+References: RMSNorm, "Root Mean Square Layer Normalization" (arXiv 1910.07467); SwiGLU, "GLU Variants Improve
+Transformer" (arXiv 2002.05202); RoPE, "RoFormer: Enhanced Transformer with Rotary Position Embedding"
+(arXiv 2104.09864).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from research.models.config import ModelConfig
+
+INIT_STD = 0.02
+
+
+def dense(in_features: int, out_features: int, cfg: ModelConfig, *, rngs: nnx.Rngs,
+          std: float = INIT_STD) -> nnx.Linear:
+  """Bias-free linear layer with N(0, std²) init, float32 parameters and ``cfg``'s compute dtype."""
+  return nnx.Linear(in_features, out_features, use_bias=False, dtype=cfg.compute_dtype,
+                    param_dtype=jnp.float32, kernel_init=nnx.initializers.normal(std), rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+  """y = x / sqrt(mean(x²) + eps) · w, computed in float32 and returned in the input dtype. x: [..., d]."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-6):
+    self.eps = eps
+    self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.weight[...]).astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+  """MLP(x) = W_down (silu(W_gate x) ⊙ W_up x). x: [b, t, d] -> [b, t, d]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, out_std: float = INIT_STD):
+    hidden = cfg.resolved_mlp_hidden
+    self.gate = dense(cfg.d_model, hidden, cfg, rngs=rngs)
+    self.up = dense(cfg.d_model, hidden, cfg, rngs=rngs)
+    self.down = dense(hidden, cfg.d_model, cfg, rngs=rngs, std=out_std)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotate channel pairs (i, i + d/2) of x: [b, t, h, d] by angle positions[t] · theta^(-2i/d).
+
+  positions: int [t] or [b, t]. Computed in float32, returned in x's dtype.
+  """
+  d = x.shape[-1]
+  inv_freq = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
+  pos = positions.astype(jnp.float32)
+  pos = pos[None] if pos.ndim == 1 else pos
+  angles = pos[..., None, None] * inv_freq  # [b, t, 1, d/2]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)

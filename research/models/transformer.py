@@ -1,0 +1,75 @@
+"""Decoder-only language model assembled from a per-layer mixer spec.
+
+Each block is pre-norm: ``x += mixer(norm(x))``; ``x += swiglu(norm(x))``. The mixer of block i is
+``registry.get_mixer(cfg.layers[i])``, so ``ModelConfig(layers=("mom", "attn", "mom"))`` builds a hybrid model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from research.models import attention as _attention  # noqa: F401  (registers "attn")
+from research.models.blocks import INIT_STD, RMSNorm, SwiGLU
+from research.models.config import ModelConfig
+from research.models.registry import get_mixer, parse_layer_spec
+
+
+class DecoderBlock(nnx.Module):
+  """One pre-norm residual block. x: [b, t, d] -> ([b, t, d], aux losses of its mixer)."""
+
+  def __init__(self, cfg: ModelConfig, layer_index: int, *, rngs: nnx.Rngs):
+    self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    self.mixer = get_mixer(cfg.layers[layer_index])(cfg, layer_index, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    self.mlp = SwiGLU(cfg, rngs=rngs, out_std=INIT_STD / math.sqrt(2 * len(cfg.layers)))
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    mixed, aux = self.mixer(self.mixer_norm(x))
+    x = x + mixed
+    return x + self.mlp(self.mlp_norm(x)), aux
+
+
+class DecoderLM(nnx.Module):
+  """tokens: int [b, t] -> (logits: float32 [b, t, vocab], aux: {"<layer>/<name>": scalar}).
+
+  Args:
+    cfg: model shape; ``cfg.layers`` picks each block's mixer by registered name.
+    rngs: parameter initialisation randomness.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    parse_layer_spec(cfg.layers)
+    self.cfg = cfg
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                           embedding_init=nnx.initializers.normal(INIT_STD), rngs=rngs)
+    self.blocks = nnx.List([DecoderBlock(cfg, i, rngs=rngs) for i in range(len(cfg.layers))])
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    self.head = None if cfg.tie_embeddings else nnx.Linear(
+        cfg.d_model, cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+        kernel_init=nnx.initializers.normal(INIT_STD), rngs=rngs)
+
+  def __call__(self, tokens: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    x = self.embed(tokens)
+    aux_losses = {}
+    for i, block in enumerate(self.blocks):
+      x, aux = block(x)
+      aux_losses.update({f"{i}_{self.cfg.layers[i]}/{name}": value for name, value in aux.items()})
+    x = self.final_norm(x)
+    logits = self.embed.attend(x) if self.head is None else self.head(x)
+    return logits.astype(jnp.float32), aux_losses
+
+
+def token_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_id: int = -100) -> tuple[jax.Array, jax.Array]:
+  """Summed next-token cross entropy and the count of scored tokens; labels equal to ``ignore_id`` are skipped.
+
+  logits: float [b, t, v]; labels: int [b, t]. Returns (sum of -log p(label), number of scored tokens).
+  """
+  mask = labels != ignore_id
+  safe = jnp.where(mask, labels, 0)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+  return jnp.sum(jnp.where(mask, log_z - picked, 0.0)), jnp.sum(mask)
