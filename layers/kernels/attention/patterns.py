@@ -1,0 +1,211 @@
+"""Attention visibility patterns as data: dense (causal or not), sink + sliding window, LongGen block-sparse.
+
+A pattern answers three questions, each written with ``jnp``/``np`` arithmetic only so that it works on numpy
+arrays at trace time, on traced scalars inside ``lax.scan`` and inside Pallas kernels:
+
+* ``allowed(i, j, h)``: may query position i see key position j in KV head h (broadcasting bool)?
+* ``key_block_ranges(q_lo, q_hi, h, block_k)``: arithmetic progressions ``(first, count, stride)`` of key
+  blocks that together cover every key visible to some query in ``[q_lo, q_hi]``, without index arrays.
+* ``query_block_range(k_lo, k_hi, h, block_q, num_q_blocks)``: the contiguous range of query blocks that see
+  some key in ``[k_lo, k_hi]`` (the transposed enumeration the dK/dV backward pass needs).
+
+Query i, key j are absolute 0-indexed positions; h is the KV head (GQA query heads share their KV head's
+pattern). LongGen: "A Little Goes a Long Way: Efficient Long Context Training and Inference with Partial
+Contexts" (Ge et al., arXiv 2410.01485); the block-sparse rule is S2-Attention's (arXiv 2407.17678, dkernel
+``get_sparse_attn_mask`` with absolute vertical stride).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def _xp(*values):
+  """numpy for host integers/arrays, jax.numpy as soon as any operand is a jax value (traced or not)."""
+  return np if all(isinstance(v, (int, np.integer, np.ndarray, bool)) for v in values) else jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+  """Every key (``causal=False``) or every key j <= i (``causal=True``)."""
+
+  causal: bool = True
+
+  @property
+  def head_dependent(self) -> bool:
+    return False
+
+  def allowed(self, i, j, h=0):
+    del h
+    xp = _xp(i, j)
+    return (j <= i) if self.causal else xp.ones(xp.broadcast_shapes(xp.shape(i), xp.shape(j)), bool)
+
+  def key_block_ranges(self, q_lo, q_hi, h, block_k, num_k_blocks):
+    del q_lo, h
+    if not self.causal:
+      return [(0, num_k_blocks, 1)]
+    xp = _xp(q_hi)
+    return [(0, xp.minimum(q_hi // block_k + 1, num_k_blocks), 1)]
+
+  def query_block_range(self, k_lo, k_hi, h, block_q, num_q_blocks):
+    del k_hi, h
+    first = (k_lo // block_q) if self.causal else 0 * k_lo
+    return first, num_q_blocks - first
+
+  def tile_any_all(self, q_lo, q_hi, k_lo, k_hi, h=0):
+    """(some pair visible, every pair visible) for tiles [q_lo, q_hi] x [k_lo, k_hi] (inclusive ends)."""
+    del h
+    if not self.causal:
+      ones = np.ones(np.broadcast_shapes(np.shape(q_lo), np.shape(k_lo)), bool)
+      return ones, ones
+    return k_lo <= q_hi, k_hi <= q_lo
+
+
+@dataclasses.dataclass(frozen=True)
+class SinkWindow:
+  """Causal attention to the first ``sink`` keys and to the last ``window`` keys (the current one included).
+
+  ``allowed(i, j) = j <= i and (j < sink or i - j < window)``; row i sees ``min(i + 1, sink + window)`` keys.
+  """
+
+  sink: int = 64
+  window: int = 8192
+
+  def __post_init__(self):
+    if self.sink < 0 or self.window < 1:
+      raise ValueError(f"SinkWindow needs sink >= 0 and window >= 1 (got sink={self.sink}, window={self.window})")
+
+  @property
+  def head_dependent(self) -> bool:
+    return False
+
+  def allowed(self, i, j, h=0):
+    del h
+    return (j <= i) & ((j < self.sink) | (i - j < self.window))
+
+  def key_block_ranges(self, q_lo, q_hi, h, block_k, num_k_blocks):
+    del h
+    xp = _xp(q_lo, q_hi)
+    win_first = xp.maximum(q_lo - self.window + 1, 0) // block_k
+    win_last = xp.minimum(q_hi // block_k, num_k_blocks - 1)
+    sink_blocks = -(-self.sink // block_k)
+    # Sink blocks that the window range does not already cover; disjoint, so no block is visited twice.
+    sink_count = xp.maximum(xp.minimum(sink_blocks, win_first), 0)
+    return [(0 * win_first, sink_count, 1), (win_first, xp.maximum(win_last - win_first + 1, 0), 1)]
+
+  def query_block_range(self, k_lo, k_hi, h, block_q, num_q_blocks):
+    del h
+    xp = _xp(k_lo, k_hi)
+    first = k_lo // block_q
+    last = xp.where(k_lo < self.sink, num_q_blocks - 1,
+                    xp.minimum((k_hi + self.window - 1) // block_q, num_q_blocks - 1))
+    return first, xp.maximum(last - first + 1, 0)
+
+  def tile_any_all(self, q_lo, q_hi, k_lo, k_hi, h=0):
+    del h
+    # The tile holds pairs with every difference i - j in [q_lo - k_hi, q_hi - k_lo].
+    any_ = (k_lo <= q_hi) & ((k_lo < self.sink) | (np.maximum(q_lo - k_hi, 0) < self.window))
+    all_ = (k_hi <= q_lo) & ((k_hi < self.sink) | (q_hi - np.maximum(k_lo, self.sink) < self.window))
+    return any_, all_
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSparse:
+  """LongGen / S2-Attention blockwise pattern: ``local_blocks`` recent blocks plus every ``stride``-th block.
+
+  With ``qb = i // block``, ``kb = j // block`` and KV head h, key j is visible iff ``j <= i`` and
+  (``qb - kb < local_blocks`` or ``(kb + h * step + offset) % stride == 0``). ``step`` defaults to
+  ``max(1, stride // num_q_heads)`` (dkernel), ``homo_head`` gives every head h = 0, and the last
+  ``num_dense_heads`` KV heads are dense causal. The stride is absolute, so a block invisible to query t stays
+  invisible to every later query: evicting it from a KV cache is exact.
+  """
+
+  block: int = 64
+  local_blocks: int = 16
+  stride: int = 8
+  step: int | None = None
+  offset: int = 0
+  homo_head: bool = False
+  num_dense_heads: int = 0
+  num_q_heads: int = 1
+  num_kv_heads: int = 1
+
+  def __post_init__(self):
+    problems = []
+    for name in ("block", "local_blocks", "stride", "num_q_heads", "num_kv_heads"):
+      if getattr(self, name) < 1:
+        problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+    if self.step is not None and self.step < 0:
+      problems.append(f"step must be >= 0 or None (got {self.step})")
+    if not 0 <= self.num_dense_heads <= self.num_kv_heads:
+      problems.append(f"num_dense_heads must be in [0, num_kv_heads={self.num_kv_heads}] "
+                      f"(got {self.num_dense_heads})")
+    if problems:
+      raise ValueError("BlockSparse: " + "; ".join(problems))
+
+  @property
+  def head_dependent(self) -> bool:
+    return self.num_dense_heads > 0 or not (self.homo_head or self.resolved_step % self.stride == 0)
+
+  @property
+  def resolved_step(self) -> int:
+    return self.step if self.step is not None else max(1, self.stride // self.num_q_heads)
+
+  def _residue(self, h):
+    """r_h: key blocks kb = r_h (mod stride) are the strided blocks of head h."""
+    hh = 0 * h if self.homo_head else h
+    return (-(hh * self.resolved_step) - self.offset) % self.stride
+
+  def _dense_head(self, h):
+    return h >= self.num_kv_heads - self.num_dense_heads
+
+  def allowed(self, i, j, h=0):
+    qb, kb = i // self.block, j // self.block
+    visible = (qb - kb < self.local_blocks) | ((kb - self._residue(h)) % self.stride == 0) | self._dense_head(h)
+    return (j <= i) & visible
+
+  def _check_tile(self, tile):
+    if tile != self.block:
+      raise ValueError(f"BlockSparse kernels use tiles equal to the pattern block ({self.block}), got {tile}")
+
+  def key_block_ranges(self, q_lo, q_hi, h, block_k, num_k_blocks):
+    self._check_tile(block_k)
+    xp = _xp(q_lo, h)
+    qb = q_hi // block_k
+    dense = self._dense_head(h)
+    local_first = xp.where(dense, 0, xp.maximum(qb - self.local_blocks + 1, 0))
+    r = self._residue(h)
+    strided = xp.where(dense | (qb - self.local_blocks < r), 0, (qb - self.local_blocks - r) // self.stride + 1)
+    last = xp.minimum(qb, num_k_blocks - 1)
+    return [(r, strided, self.stride), (local_first, xp.maximum(last - local_first + 1, 0), 1)]
+
+  def query_block_range(self, k_lo, k_hi, h, block_q, num_q_blocks):
+    self._check_tile(block_q)
+    xp = _xp(k_lo, h)
+    kb = k_lo // block_q
+    always = self._dense_head(h) | ((kb - self._residue(h)) % self.stride == 0)
+    last = xp.where(always, num_q_blocks - 1, xp.minimum(kb + self.local_blocks - 1, num_q_blocks - 1))
+    return kb, xp.maximum(last - kb + 1, 0)
+
+  def block_grid(self, num_blocks: int, h):
+    """Pattern-block classes [len(h), num_blocks, num_blocks]: 0 empty, 1 partial (diagonal), 2 full."""
+    qb = np.arange(num_blocks)[None, :, None]
+    kb = np.arange(num_blocks)[None, None, :]
+    hh = np.asarray(h)[:, None, None]
+    visible = (qb - kb < self.local_blocks) | ((kb - self._residue(hh)) % self.stride == 0) | self._dense_head(hh)
+    classes = np.where((kb < qb) & visible, 2, 0)
+    return np.where(kb == qb, 1 if self.block > 1 else 2, classes).astype(np.int8)
+
+  def tile_any_all(self, q_lo, q_hi, k_lo, k_hi, h=0):
+    raise TypeError("BlockSparse tiles are classified on the pattern-block grid (masks.block_classes)")
+
+
+Pattern = Dense | SinkWindow | BlockSparse
+
+
+def head_pattern_count(pattern: Pattern, num_kv_heads: int) -> int:
+  """How many distinct per-head masks to materialise: 1 when every KV head has the same pattern."""
+  return num_kv_heads if pattern.head_dependent else 1
