@@ -1,0 +1,189 @@
+"""Self-play training of the mallocGame agent, and solving an instance with it.
+
+Gumbel MuZero (Danihelka et al., ICLR 2022) with the true game as the model (Wang et al., arXiv 2305.07440, use
+MuZero the same way). Each iteration plays a batch of freshly generated guillotine instances (perfect packings, so
+the optimum is known) with search, stores (root observation, search policy ``action_weights``, Monte-Carlo return)
+in a FIFO replay, and takes a few AdamW steps on masked cross-entropy + value MSE. Checkpoints go through
+``research.checkpoint.Checkpointer`` (params, optimizer state; meta: step, seed, config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from memmap import env
+from memmap.agent.network import PolicyValueNet
+from memmap.agent.replay import Replay, returns_to_go
+from memmap.agent.search import SearchConfig, rollout
+from memmap.generators import guillotine
+from memmap.instance import Instance
+from research.checkpoint import Checkpointer, abstract_like
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+  """Game, search and self-play settings; ``tiny()`` trains in seconds on CPU."""
+  objective: str = "height"
+  order: str = "spatial"
+  num_slots: int = 32
+  grid: int = 32
+  width: int = 128
+  n_min: int = 8
+  n_max: int = 40
+  pack_width: int = 32
+  pack_height: int = 32
+  batch_envs: int = 16
+  num_simulations: int = 16
+  max_num_considered_actions: int = 16
+  replay_size: int = 65536
+  train_batch: int = 256
+  updates_per_iter: int = 8
+  iterations: int = 50
+  learning_rate: float = 3e-4
+  value_weight: float = 1.0
+  seed: int = 0
+
+  def __post_init__(self):
+    if not 1 <= self.n_min <= self.n_max:
+      raise ValueError(f"AgentConfig needs 1 <= n_min <= n_max, got n_min={self.n_min}, n_max={self.n_max}.")
+    if self.n_max > self.pack_width * self.pack_height:
+      raise ValueError("AgentConfig.n_max exceeds pack_width * pack_height (the guillotine cannot cut that often).")
+    for name in ("batch_envs", "replay_size", "train_batch", "updates_per_iter", "iterations"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"AgentConfig.{name} must be >= 1, got {getattr(self, name)}.")
+    env.GameConfig(objective=self.objective, order=self.order, num_slots=self.num_slots, grid=self.grid)
+    self.search(train=True)
+
+  @property
+  def game(self) -> env.GameConfig:
+    return env.GameConfig(objective=self.objective, order=self.order, num_slots=self.num_slots, grid=self.grid)
+
+  def search(self, train: bool, num_simulations: int | None = None) -> SearchConfig:
+    return SearchConfig(num_simulations=num_simulations or self.num_simulations,
+                        max_num_considered_actions=self.max_num_considered_actions,
+                        gumbel_scale=1.0 if train else 0.0)
+
+  @classmethod
+  def tiny(cls) -> AgentConfig:
+    return cls(n_min=4, n_max=8, pack_width=8, pack_height=8, batch_envs=8, num_simulations=8, num_slots=8,
+               grid=8, width=32, train_batch=64, updates_per_iter=4, iterations=4)
+
+
+def make_net(cfg: AgentConfig, seed: int) -> PolicyValueNet:
+  return PolicyValueNet(cfg.grid, env.num_features(), width=cfg.width, rngs=nnx.Rngs(seed))
+
+
+def stack_games(insts: list[Instance], cfg: env.GameConfig, n_max: int) -> env.EnvParams:
+  games = [env.make_game(i, cfg, n_max=n_max).params for i in insts]
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *games)
+
+
+def _loss(graphdef, params, batch, value_weight):
+  logits, value = nnx.merge(graphdef, params)(batch["obs"])
+  logp = jax.nn.log_softmax(logits)
+  ce = -jnp.sum(jnp.where(batch["obs"]["legal"], batch["weights"] * logp, 0.0), -1)
+  mse = jnp.square(value - batch["return"])
+  return jnp.mean(ce + value_weight * mse), (jnp.mean(ce), jnp.mean(mse))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "tx", "value_weight"), donate_argnames=("params", "opt"))
+def _update(graphdef, params, opt, batch, tx, value_weight):
+  (_, aux), grads = jax.value_and_grad(_loss, argnums=1, has_aux=True)(graphdef, params, batch, value_weight)
+  updates, opt = tx.update(grads, opt, params)
+  return optax.apply_updates(params, updates), opt, aux
+
+
+def train(cfg: AgentConfig, workdir: str | Path | None = None, *,
+          log: Callable[[str], None] = print) -> tuple[PolicyValueNet, list[dict]]:
+  """Runs self-play; returns the trained network and per-iteration metrics (height / optimum, losses)."""
+  rng = np.random.default_rng(cfg.seed)
+  key = jax.random.key(cfg.seed)
+  net = make_net(cfg, cfg.seed)
+  graphdef, params = nnx.split(net)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(cfg.learning_rate))
+  opt = tx.init(params)
+  ckpt = None
+  if workdir is not None:
+    save_config(cfg, workdir)
+    ckpt = Checkpointer(workdir, keep=2)
+  start = 0
+  if ckpt is not None and ckpt.latest_step() is not None:
+    start = ckpt.latest_step()
+    (params, opt), _ = ckpt.restore(start, abstract_like((params, opt)))
+    log(f"resumed from iteration {start}")
+  replay = Replay(cfg.replay_size)
+  game, scfg = cfg.game, cfg.search(train=True)
+  history = []
+  t0 = time.perf_counter()
+  for it in range(start, cfg.iterations):
+    it_rng = np.random.default_rng([cfg.seed, it])
+    insts = [guillotine(int(it_rng.integers(cfg.n_min, cfg.n_max + 1)), it_rng, cfg.pack_width, cfg.pack_height)
+             for _ in range(cfg.batch_envs)]
+    envp = stack_games(insts, game, cfg.n_max)
+    final, traj = rollout(graphdef, params, envp, jax.random.fold_in(key, it), game, scfg, cfg.n_max)
+    traj = jax.device_get(traj)
+    live = traj["live"]
+    rtg = returns_to_go(traj["reward"], live)
+    sel = live.reshape(-1)
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])[sel]
+    replay.add({"obs": jax.tree.map(flat, traj["obs"]), "weights": flat(traj["weights"]), "return": flat(rtg)})
+    for _ in range(cfg.updates_per_iter):
+      batch = replay.sample(rng, cfg.train_batch)
+      params, opt, (ce, mse) = _update(graphdef, params, opt, batch, tx, cfg.value_weight)
+    ratio = float(np.mean(np.asarray(final.height) / cfg.pack_height))
+    history.append({"iteration": it + 1, "height_over_opt": ratio, "optimal": float(np.mean(
+        np.asarray(final.height) == cfg.pack_height)), "ce": float(ce), "mse": float(mse),
+                    "seconds": time.perf_counter() - t0})
+    log(f"iter {it + 1}/{cfg.iterations}  height/opt {ratio:.3f}  optimal {history[-1]['optimal']:.2f}  "
+        f"ce {float(ce):.3f}  mse {float(mse):.4f}  {(it + 1 - start) / (time.perf_counter() - t0):.2f} it/s")
+    if ckpt is not None:
+      ckpt.save(it + 1, (params, opt), {"step": it + 1, "seed": cfg.seed, "config": dataclasses.asdict(cfg)})
+  if ckpt is not None:
+    ckpt.close()
+  return nnx.merge(graphdef, params), history
+
+
+CONFIG_FILE = "agent_config.json"
+
+
+def save_config(cfg: AgentConfig, workdir: str | Path) -> None:
+  Path(workdir).mkdir(parents=True, exist_ok=True)
+  (Path(workdir) / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+
+def load_agent(workdir: str | Path) -> tuple[PolicyValueNet, AgentConfig]:
+  """The newest checkpointed network of a ``train`` run and its config."""
+  path = Path(workdir) / CONFIG_FILE
+  if not path.is_file():
+    raise FileNotFoundError(f"{workdir} holds no trained agent ({CONFIG_FILE} missing); run train-agent first.")
+  cfg = AgentConfig(**json.loads(path.read_text()))
+  graphdef, params = nnx.split(make_net(cfg, cfg.seed))
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(cfg.learning_rate))
+  with Checkpointer(workdir) as ckpt:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{workdir} holds no checkpoint; run train-agent first.")
+    (params, _), _ = ckpt.restore(step, abstract_like((params, tx.init(params))))
+  return nnx.merge(graphdef, params), cfg
+
+
+def solve(net: PolicyValueNet, cfg: AgentConfig, inst: Instance, num_simulations: int = 64,
+          seed: int = 0) -> np.ndarray:
+  """Plays one searched episode (gumbel_scale 0) on ``inst``; returns byte offsets (``SLOW`` where left slow)."""
+  game = env.make_game(inst, cfg.game)
+  envp = jax.tree.map(lambda x: x[None], game.params)
+  graphdef, params = nnx.split(net)
+  final, _ = rollout(graphdef, params, envp, jax.random.key(seed), cfg.game,
+                     cfg.search(train=False, num_simulations=num_simulations), inst.n, record=False)
+  return game.offsets_bytes(jax.tree.map(lambda x: x[0], final))
