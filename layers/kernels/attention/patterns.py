@@ -21,11 +21,28 @@ import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 
 def _xp(*values):
   """numpy for host integers/arrays, jax.numpy as soon as any operand is a jax value (traced or not)."""
   return np if all(isinstance(v, (int, np.integer, np.ndarray, bool)) for v in values) else jnp
+
+
+def _div(a, b: int):
+  """a // b for a >= 0; ``lax.div`` on jax values because Triton lowers it directly (floor division needs sign)."""
+  if _xp(a) is np:
+    return a // b
+  a = jnp.asarray(a)
+  return lax.div(a, jnp.asarray(b, a.dtype))
+
+
+def _mod(a, b: int):
+  """a % b for a >= 0 (``lax.rem`` on jax values, see ``_div``)."""
+  if _xp(a) is np:
+    return a % b
+  a = jnp.asarray(a)
+  return lax.rem(a, jnp.asarray(b, a.dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +65,11 @@ class Dense:
     if not self.causal:
       return [(0, num_k_blocks, 1)]
     xp = _xp(q_hi)
-    return [(0, xp.minimum(q_hi // block_k + 1, num_k_blocks), 1)]
+    return [(0 * q_hi, xp.minimum(_div(q_hi, block_k) + 1, num_k_blocks), 1)]
 
   def query_block_range(self, k_lo, k_hi, h, block_q, num_q_blocks):
     del k_hi, h
-    first = (k_lo // block_q) if self.causal else 0 * k_lo
+    first = _div(k_lo, block_q) if self.causal else 0 * k_lo
     return first, num_q_blocks - first
 
   def tile_any_all(self, q_lo, q_hi, k_lo, k_hi, h=0):
@@ -89,8 +106,8 @@ class SinkWindow:
   def key_block_ranges(self, q_lo, q_hi, h, block_k, num_k_blocks):
     del h
     xp = _xp(q_lo, q_hi)
-    win_first = xp.maximum(q_lo - self.window + 1, 0) // block_k
-    win_last = xp.minimum(q_hi // block_k, num_k_blocks - 1)
+    win_first = _div(xp.maximum(q_lo - self.window + 1, 0), block_k)
+    win_last = xp.minimum(_div(q_hi, block_k), num_k_blocks - 1)
     sink_blocks = -(-self.sink // block_k)
     # Sink blocks that the window range does not already cover; disjoint, so no block is visited twice.
     sink_count = xp.maximum(xp.minimum(sink_blocks, win_first), 0)
@@ -99,9 +116,9 @@ class SinkWindow:
   def query_block_range(self, k_lo, k_hi, h, block_q, num_q_blocks):
     del h
     xp = _xp(k_lo, k_hi)
-    first = k_lo // block_q
+    first = _div(k_lo, block_q)
     last = xp.where(k_lo < self.sink, num_q_blocks - 1,
-                    xp.minimum((k_hi + self.window - 1) // block_q, num_q_blocks - 1))
+                    xp.minimum(_div(k_hi + self.window - 1, block_q), num_q_blocks - 1))
     return first, xp.maximum(last - first + 1, 0)
 
   def tile_any_all(self, q_lo, q_hi, k_lo, k_hi, h=0):
@@ -138,6 +155,8 @@ class BlockSparse:
     for name in ("block", "local_blocks", "stride", "num_q_heads", "num_kv_heads"):
       if getattr(self, name) < 1:
         problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+    if self.offset < 0:
+      problems.append(f"offset must be >= 0 (got {self.offset})")
     if self.step is not None and self.step < 0:
       problems.append(f"step must be >= 0 or None (got {self.step})")
     if not 0 <= self.num_dense_heads <= self.num_kv_heads:
@@ -157,14 +176,15 @@ class BlockSparse:
   def _residue(self, h):
     """r_h: key blocks kb = r_h (mod stride) are the strided blocks of head h."""
     hh = 0 * h if self.homo_head else h
-    return (-(hh * self.resolved_step) - self.offset) % self.stride
+    return _mod(self.stride - _mod(hh * self.resolved_step + self.offset, self.stride), self.stride)
 
   def _dense_head(self, h):
     return h >= self.num_kv_heads - self.num_dense_heads
 
   def allowed(self, i, j, h=0):
-    qb, kb = i // self.block, j // self.block
-    visible = (qb - kb < self.local_blocks) | ((kb - self._residue(h)) % self.stride == 0) | self._dense_head(h)
+    qb, kb = _div(i, self.block), _div(j, self.block)
+    on_stride = _mod(kb + self.stride - self._residue(h), self.stride) == 0
+    visible = (qb - kb < self.local_blocks) | on_stride | self._dense_head(h)
     return (j <= i) & visible
 
   def _check_tile(self, tile):
@@ -174,19 +194,20 @@ class BlockSparse:
   def key_block_ranges(self, q_lo, q_hi, h, block_k, num_k_blocks):
     self._check_tile(block_k)
     xp = _xp(q_lo, h)
-    qb = q_hi // block_k
+    qb = _div(q_hi, block_k)
     dense = self._dense_head(h)
     local_first = xp.where(dense, 0, xp.maximum(qb - self.local_blocks + 1, 0))
     r = self._residue(h)
-    strided = xp.where(dense | (qb - self.local_blocks < r), 0, (qb - self.local_blocks - r) // self.stride + 1)
+    behind = qb - self.local_blocks - r  # strided blocks r, r + stride, ... <= qb - local_blocks
+    strided = xp.where(dense | (behind < 0), 0, _div(xp.maximum(behind, 0), self.stride) + 1)
     last = xp.minimum(qb, num_k_blocks - 1)
     return [(r, strided, self.stride), (local_first, xp.maximum(last - local_first + 1, 0), 1)]
 
   def query_block_range(self, k_lo, k_hi, h, block_q, num_q_blocks):
     self._check_tile(block_q)
     xp = _xp(k_lo, h)
-    kb = k_lo // block_q
-    always = self._dense_head(h) | ((kb - self._residue(h)) % self.stride == 0)
+    kb = _div(k_lo, block_q)
+    always = self._dense_head(h) | (_mod(kb + self.stride - self._residue(h), self.stride) == 0)
     last = xp.where(always, num_q_blocks - 1, xp.minimum(kb + self.local_blocks - 1, num_q_blocks - 1))
     return kb, xp.maximum(last - kb + 1, 0)
 

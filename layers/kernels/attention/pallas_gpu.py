@@ -1,0 +1,276 @@
+"""Block-sparse 1-pass attention for GPUs in Pallas (Triton lowering): forward, dK/dV and dQ kernels.
+
+FlashAttention-2 ("FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning",
+arXiv 2307.08691) restricted to the tiles a pattern makes visible. Tiles are enumerated arithmetically by the
+pattern (``key_block_ranges`` for the forward and dQ kernels, ``query_block_range`` for dK/dV): a causal row
+visits blocks [0, qb], a sink + window row its sink blocks then its window blocks, a LongGen block-sparse row
+(S2-Attention, arXiv 2407.17678) its strided blocks r_h, r_h + s, ... then its local blocks. No index arrays or
+scalar prefetch are needed (neither exists in the Triton lowering), and per-head strides cost nothing.
+
+q [B, T, Hq, D], k/v [B, S, Hkv, D] with T, S multiples of the tiles and D a power of two in [16, 256] (the api
+pads); returns (o [B, T, Hq, D], lse [B, T, Hq] float32, natural log). ``custom_vjp`` saves (q, k, v, o, lse);
+the lse cotangent enters the backward as D - dlse, so segment merges stay differentiable. GQA: the forward and
+dQ kernels read the KV head of each query head; dK/dV are computed per query head and summed over the group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from layers.kernels.attention.patterns import BlockSparse, Pattern
+from layers.kernels.attention.reference import NEG
+
+LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tiles (queries x keys) of the three kernels, and Triton launch parameters."""
+
+  fwd_q: int = 128
+  fwd_k: int = 64
+  dkv_q: int = 64
+  dkv_k: int = 128
+  dq_q: int = 128
+  dq_k: int = 64
+  fwd_warps: int = 8
+  bwd_warps: int = 8
+  stages: int = 3
+
+  @classmethod
+  def for_pattern(cls, pattern: Pattern) -> BlockSizes:
+    """Defaults; BlockSparse kernels walk the pattern's own blocks, so every tile equals ``pattern.block``."""
+    if isinstance(pattern, BlockSparse):
+      b = pattern.block
+      return cls(fwd_q=b, fwd_k=b, dkv_q=b, dkv_k=b, dq_q=b, dq_k=b, fwd_warps=4, bwd_warps=4)
+    return cls()
+
+  @property
+  def max_tile(self) -> int:
+    return max(self.fwd_q, self.fwd_k, self.dkv_q, self.dkv_k, self.dq_q, self.dq_k)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  pattern: Pattern
+  scale: float
+  kv_length: int  # keys at or beyond are padding
+  blocks: BlockSizes
+  interpret: bool
+
+
+def _dot(a, b, a_axis: int, b_axis: int):
+  """Contract a's ``a_axis`` with b's ``b_axis`` (2-D tiles), accumulating in float32."""
+  return lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _key_loop(st: _Static, q_lo, q_hi, h, block_k, num_keys, body, carry):
+  """Run ``body(kb, carry)`` over every key block the pattern makes visible to queries [q_lo, q_hi]."""
+  for first, count, stride in st.pattern.key_block_ranges(q_lo, q_hi, h, block_k, num_keys // block_k):
+    carry = lax.fori_loop(0, count, lambda n, c, first=first, stride=stride: body(first + n * stride, c), carry)
+  return carry
+
+
+def _mask(st: _Static, q_pos, k_pos, h):
+  return st.pattern.allowed(q_pos[:, None], k_pos[None, :], h) & (k_pos < st.kv_length)[None, :]
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static, group: int):
+  bq, bk = st.blocks.fwd_q, st.blocks.fwd_k
+  qi, h = pl.program_id(0), pl.program_id(2) // group
+  q = q_ref[...]
+  q_pos = qi * bq + jnp.arange(bq)
+  scale2 = st.scale * LOG2E
+
+  def body(kb, carry):
+    acc, m, l = carry
+    start = pl.multiple_of(kb * bk, bk)
+    k = k_ref[pl.ds(start, bk), :]
+    s = _dot(q, k, 1, 1) * scale2
+    s = jnp.where(_mask(st, q_pos, start + jnp.arange(bk), h), s, NEG)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    correction = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    v = v_ref[pl.ds(start, bk), :]
+    acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v, 1, 0)
+    return acc, m_new, l * correction + jnp.sum(p, axis=1)
+
+  init = (jnp.zeros((bq, q.shape[-1]), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
+          jnp.zeros((bq,), jnp.float32))
+  acc, m, l = _key_loop(st, qi * bq, qi * bq + bq - 1, h, bk, k_ref.shape[0], body, init)
+  seen = m > NEG / 2
+  l_safe = jnp.where(seen, l, 1.0)
+  o_ref[...] = jnp.where(seen[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(seen, (m + jnp.log2(l_safe)) / LOG2E, -jnp.inf)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _Static, group: int):
+  bq, bk = st.blocks.dq_q, st.blocks.dq_k
+  qi, h = pl.program_id(0), pl.program_id(2) // group
+  q, do = q_ref[...], do_ref[...]
+  lse2, delta = lse_ref[...] * LOG2E, delta_ref[...]
+  q_pos = qi * bq + jnp.arange(bq)
+  scale2 = st.scale * LOG2E
+
+  def body(kb, dq):
+    start = pl.multiple_of(kb * bk, bk)
+    k, v = k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :]
+    s = _dot(q, k, 1, 1) * scale2
+    p = jnp.exp2(jnp.where(_mask(st, q_pos, start + jnp.arange(bk), h), s - lse2[:, None], -jnp.inf))
+    dp = _dot(do, v, 1, 1)
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(ds.astype(k.dtype), k, 1, 0)
+
+  dq = _key_loop(st, qi * bq, qi * bq + bq - 1, h, bk, k_ref.shape[0], body,
+                 jnp.zeros((bq, q.shape[-1]), jnp.float32))
+  dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, st: _Static, group: int):
+  bq, bk = st.blocks.dkv_q, st.blocks.dkv_k
+  ki, h = pl.program_id(0), pl.program_id(2) // group
+  k, v = k_ref[...], v_ref[...]
+  k_pos = ki * bk + jnp.arange(bk)
+  scale2 = st.scale * LOG2E
+  first, count = st.pattern.query_block_range(ki * bk, ki * bk + bk - 1, h, bq, q_ref.shape[0] // bq)
+
+  def body(n, carry):
+    dk, dv = carry
+    start = pl.multiple_of((first + n) * bq, bq)
+    q, do = q_ref[pl.ds(start, bq), :], do_ref[pl.ds(start, bq), :]
+    lse2, delta = lse_ref[pl.ds(start, bq)] * LOG2E, delta_ref[pl.ds(start, bq)]
+    s = _dot(q, k, 1, 1) * scale2
+    p = jnp.exp2(jnp.where(_mask(st, start + jnp.arange(bq), k_pos, h), s - lse2[:, None], -jnp.inf))
+    dv = dv + _dot(p.astype(do.dtype), do, 0, 0)
+    dp = _dot(do, v, 1, 1)
+    ds = p * (dp - delta[:, None])
+    return dk + _dot(ds.astype(q.dtype), q, 0, 0), dv
+
+  zeros = jnp.zeros((bk, k.shape[-1]), jnp.float32)
+  dk, dv = lax.fori_loop(0, count, body, (zeros, zeros))
+  dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _row_spec(block):
+  return pl.BlockSpec((None, None, block), lambda i, b, h: (b, h, i))
+
+
+def _params(warps, stages):
+  return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
+
+
+def _forward(st: _Static, q, k, v):
+  b, t, hq, d = q.shape
+  s, group = k.shape[1], hq // k.shape[2]
+  bq = st.blocks.fwd_q
+  kv_head = lambda h: h // group
+  o, lse = pl.pallas_call(
+      functools.partial(_fwd_kernel, st=st, group=group),
+      grid=(t // bq, b, hq),
+      in_specs=[pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0)),
+                pl.BlockSpec((None, s, None, d), lambda i, b_, h: (b_, 0, kv_head(h), 0)),
+                pl.BlockSpec((None, s, None, d), lambda i, b_, h: (b_, 0, kv_head(h), 0))],
+      out_specs=[pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0)), _row_spec(bq)],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, t), jnp.float32)],
+      compiler_params=_params(st.blocks.fwd_warps, st.blocks.stages),
+      interpret=st.interpret, name="block_sparse_attention_fwd",
+  )(q, k, v)
+  return o, lse
+
+
+def _backward(st: _Static, residuals, cotangents):
+  q, k, v, o, lse = residuals
+  do, dlse = cotangents
+  b, t, hq, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  group = hq // hkv
+  kv_head = lambda h: h // group
+  # D - dlse: the lse cotangent shifts the per-row correction of dS = P∘(dP - D).
+  delta = (jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+           - jnp.swapaxes(dlse.astype(jnp.float32), 1, 2))
+  lse_rows = jnp.swapaxes(lse, 1, 2)
+  blocks = st.blocks
+  q_full = pl.BlockSpec((None, t, None, d), lambda i, b_, h: (b_, 0, h, 0))
+  kv_full = pl.BlockSpec((None, s, None, d), lambda i, b_, h: (b_, 0, kv_head(h), 0))
+  rows_full = pl.BlockSpec((None, None, t), lambda i, b_, h: (b_, h, 0))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, st=st, group=group),
+      grid=(t // blocks.dq_q, b, hq),
+      in_specs=[pl.BlockSpec((None, blocks.dq_q, None, d), lambda i, b_, h: (b_, i, h, 0)), kv_full, kv_full,
+                pl.BlockSpec((None, blocks.dq_q, None, d), lambda i, b_, h: (b_, i, h, 0)),
+                _row_spec(blocks.dq_q), _row_spec(blocks.dq_q)],
+      out_specs=pl.BlockSpec((None, blocks.dq_q, None, d), lambda i, b_, h: (b_, i, h, 0)),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=_params(blocks.bwd_warps, blocks.stages),
+      interpret=st.interpret, name="block_sparse_attention_dq",
+  )(q, k, v, do, lse_rows, delta)
+  kv_tile = pl.BlockSpec((None, blocks.dkv_k, None, d), lambda i, b_, h: (b_, i, kv_head(h), 0))
+  out_tile = pl.BlockSpec((None, blocks.dkv_k, None, d), lambda i, b_, h: (b_, i, h, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, st=st, group=group),
+      grid=(s // blocks.dkv_k, b, hq),
+      in_specs=[q_full, kv_tile, kv_tile, q_full, rows_full, rows_full],
+      out_specs=[out_tile, out_tile],
+      out_shape=[jax.ShapeDtypeStruct((b, s, hq, d), k.dtype if group == 1 else jnp.float32)] * 2,
+      compiler_params=_params(blocks.bwd_warps, blocks.stages),
+      interpret=st.interpret, name="block_sparse_attention_dkv",
+  )(q, k, v, do, lse_rows, delta)
+  if group > 1:
+    dk = dk.reshape(b, s, hkv, group, d).sum(3).astype(k.dtype)
+    dv = dv.reshape(b, s, hkv, group, d).sum(3).astype(v.dtype)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attend(st, q, k, v):
+  o, lse = _forward(st, q, k, v)
+  return o, jnp.swapaxes(lse, 1, 2)
+
+
+def _attend_fwd(st, q, k, v):
+  o, lse = _forward(st, q, k, v)
+  lse = jnp.swapaxes(lse, 1, 2)
+  return (o, lse), (q, k, v, o, lse)
+
+
+_attend.defvjp(_attend_fwd, _backward)
+
+
+def check_supported(q, k, v, pattern: Pattern, blocks: BlockSizes) -> str | None:
+  """Why this kernel cannot run these shapes (after the api's padding), or None if it can."""
+  d = q.shape[-1]
+  if d != k.shape[-1] or d != v.shape[-1]:
+    return f"needs equal q/k/v head dims (got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]})"
+  if d < 16 or d > 256 or d & (d - 1):
+    return f"needs a power-of-two head dim in [16, 256] (got {d})"
+  if q.shape[2] % k.shape[2]:
+    return f"query heads ({q.shape[2]}) must be a multiple of KV heads ({k.shape[2]})"
+  if isinstance(pattern, BlockSparse) and {blocks.fwd_q, blocks.fwd_k, blocks.dkv_q, blocks.dkv_k,
+                                             blocks.dq_q, blocks.dq_k} != {pattern.block}:
+    return f"BlockSparse needs every tile equal to its block ({pattern.block}), got {blocks}"
+  if isinstance(pattern, BlockSparse) and pattern.block < 16:
+    return f"BlockSparse blocks below 16 do not fit tensor-core tiles (got {pattern.block})"
+  return None
+
+
+def pallas_attention(q, k, v, pattern: Pattern, *, scale: float | None = None, kv_length: int | None = None,
+                     blocks: BlockSizes | None = None, interpret: bool = False):
+  """(o [B, T, Hq, D], lse [B, T, Hq]) for T = S multiples of ``blocks.max_tile`` (keys >= kv_length masked)."""
+  blocks = blocks or BlockSizes.for_pattern(pattern)
+  problem = check_supported(q, k, v, pattern, blocks)
+  if problem is None and (q.shape[1] != k.shape[1] or q.shape[1] % blocks.max_tile):
+    problem = f"needs T = S, a multiple of {blocks.max_tile} (got T={q.shape[1]}, S={k.shape[1]})"
+  if problem:
+    raise ValueError(f"pallas_gpu attention: {problem}")
+  st = _Static(pattern=pattern, scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
+               kv_length=k.shape[1] if kv_length is None else int(kv_length), blocks=blocks, interpret=interpret)
+  return _attend(st, q, k, v)
