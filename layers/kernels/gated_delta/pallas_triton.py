@@ -1,0 +1,129 @@
+"""Pallas (Triton backend, GPU) kernels for the inter-chunk state recurrence of the chunked gated delta rule.
+
+Paper: "Gated Delta Networks: Improving Mamba2 with Delta Rule" (arXiv 2412.06464). The recurrences are the
+ones documented in :mod:`state_scan`; here each runs as ONE kernel launch per direction with grid
+[b·h, V / block_v]: a program owns one head's [K, block_v] slice of the state, keeps it in registers and walks all
+n chunks in a ``fori_loop`` (value columns are independent in both directions, so the V split needs no
+reduction). This removes the per-chunk launch and loop overhead of ``lax.scan``, which dominates at long T.
+
+Shapes as in :mod:`state_scan`. K, C and block_v must be powers of two ≥ 16 (Triton tiles). The kernels also run
+in Pallas interpret mode (``interpret=True``) on CPU, which is how the tests check them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+
+def _is_pow2_at_least_16(n: int) -> bool:
+  return n >= 16 and n & (n - 1) == 0
+
+
+def check_shapes(chunk: int, key_dim: int, value_dim: int) -> None:
+  """Raise a ValueError naming the offending size unless the kernels support these tile sizes."""
+  for name, n in (("chunk_size", chunk), ("key dim K", key_dim), ("value dim V", value_dim)):
+    if not _is_pow2_at_least_16(n):
+      raise ValueError(f"pallas_triton gated delta rule needs {name} a power of two >= 16, got {n}")
+
+
+def _block_v(bh: int, value_dim: int) -> int:
+  # Narrow value tiles give more programs when b·h alone cannot fill the GPU's ~132 SMs.
+  return min(value_dim, 64 if bh * value_dim // 64 >= 132 else 32)
+
+
+def _fwd_kernel(w_ref, u_ref, kd_ref, decay_ref, s0_ref, states_ref, vnew_ref, final_ref, *, n, c, dk):
+  def body(i, s):
+    rows, krows = pl.ds(pl.multiple_of(i * c, c), c), pl.ds(pl.multiple_of(i * dk, dk), dk)
+    w_c = w_ref[rows, :]
+    states_ref[krows, :] = s
+    v_new = u_ref[rows, :].astype(jnp.float32) - plgpu.dot(w_c, s.astype(w_c.dtype))
+    vnew_ref[rows, :] = v_new
+    kd_c = kd_ref[rows, :]
+    return decay_ref[krows][:, None] * s + plgpu.dot(kd_c, v_new.astype(kd_c.dtype), trans_a=True)
+
+  final_ref[...] = jax.lax.fori_loop(0, n, body, s0_ref[...])
+
+
+def _bwd_kernel(w_ref, kd_ref, decay_ref, dstates_ref, dvnew_ref, dfinal_ref, dvt_ref, lam_ref, ds0_ref, *,
+                n, c, dk):
+  def body(j, lam):
+    i = n - 1 - j
+    rows, krows = pl.ds(pl.multiple_of(i * c, c), c), pl.ds(pl.multiple_of(i * dk, dk), dk)
+    kd_c = kd_ref[rows, :]
+    lam_ref[krows, :] = lam
+    dvt = dvnew_ref[rows, :] + plgpu.dot(kd_c, lam.astype(kd_c.dtype))
+    dvt_ref[rows, :] = dvt
+    w_c = w_ref[rows, :]
+    return (decay_ref[krows][:, None] * lam - plgpu.dot(w_c, dvt.astype(w_c.dtype), trans_a=True)
+            + dstates_ref[krows, :])
+
+  ds0_ref[...] = jax.lax.fori_loop(0, n, body, dfinal_ref[...])
+
+
+def _flat(x: jax.Array) -> jax.Array:
+  """[b, h, n, r, d] -> [b·h, n·r, d]."""
+  b, h, n, r, d = x.shape
+  return x.reshape(b * h, n * r, d)
+
+
+def _launch(kernel, inputs, v_tiled, out_shapes, *, bh, dv, block_v, num_warps, interpret):
+  """Grid [bh, dv / block_v]. Inputs flagged in ``v_tiled`` and all outputs are [bh, rows, dv] and get their
+  last axis tiled by block_v; the other inputs are passed whole per head."""
+  def spec(shape, tiled):
+    if tiled:
+      return pl.BlockSpec((None, shape[1], block_v), lambda i, j: (i, 0, j))
+    return pl.BlockSpec((None, *shape[1:]), lambda i, j: (i,) + (0,) * (len(shape) - 1))
+
+  return pl.pallas_call(
+      kernel,
+      grid=(bh, dv // block_v),
+      in_specs=[spec(x.shape, tiled) for x, tiled in zip(inputs, v_tiled, strict=True)],
+      out_specs=[spec(s.shape, True) for s in out_shapes],
+      out_shape=out_shapes,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret,
+  )(*inputs)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def forward(w, u, kd, decay, s0, *, interpret: bool = False):
+  """states, v_new, final of the inter-chunk recurrence (see :mod:`state_scan`)."""
+  b, h, n, c, dk = w.shape
+  dv = u.shape[-1]
+  check_shapes(c, dk, dv)
+  bh, block_v = b * h, _block_v(b * h, dv)
+  decay_rows = jnp.broadcast_to(decay[..., None], (b, h, n, dk)).reshape(bh, n * dk)
+  f32 = jnp.float32
+  out_shapes = (jax.ShapeDtypeStruct((bh, n * dk, dv), f32), jax.ShapeDtypeStruct((bh, n * c, dv), f32),
+                jax.ShapeDtypeStruct((bh, dk, dv), f32))
+  states, v_new, final = _launch(
+      functools.partial(_fwd_kernel, n=n, c=c, dk=dk),
+      (_flat(w), _flat(u), _flat(kd), decay_rows, s0.reshape(bh, dk, dv)),
+      (False, True, False, False, True), out_shapes,
+      bh=bh, dv=dv, block_v=block_v, num_warps=4, interpret=interpret)
+  return (states.reshape(b, h, n, dk, dv), v_new.reshape(b, h, n, c, dv), final.reshape(b, h, dk, dv))
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def backward(w, kd, decay, d_states, d_vnew, d_final, *, interpret: bool = False):
+  """dV_total, Λ_{c+1} per chunk and dS_0 of the reverse recurrence (see :mod:`state_scan`)."""
+  b, h, n, c, dk = w.shape
+  dv = d_vnew.shape[-1]
+  check_shapes(c, dk, dv)
+  bh, block_v = b * h, _block_v(b * h, dv)
+  decay_rows = jnp.broadcast_to(decay[..., None], (b, h, n, dk)).reshape(bh, n * dk)
+  f32 = jnp.float32
+  out_shapes = (jax.ShapeDtypeStruct((bh, n * c, dv), f32), jax.ShapeDtypeStruct((bh, n * dk, dv), f32),
+                jax.ShapeDtypeStruct((bh, dk, dv), f32))
+  dvt, lam, ds0 = _launch(
+      functools.partial(_bwd_kernel, n=n, c=c, dk=dk),
+      (_flat(w), _flat(kd), decay_rows, _flat(d_states.astype(f32)), _flat(d_vnew.astype(f32)),
+       d_final.astype(f32).reshape(bh, dk, dv)),
+      (False, False, False, True, True, True), out_shapes,
+      bh=bh, dv=dv, block_v=block_v, num_warps=4, interpret=interpret)
+  return dvt.reshape(b, h, n, c, dv), lam.reshape(b, h, n, dk, dv), ds0.reshape(b, h, dk, dv)
