@@ -2,10 +2,11 @@
 
 FlashAttention-2 ("FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning",
 arXiv 2307.08691) restricted to the tiles a pattern makes visible. Tiles are enumerated arithmetically by the
-pattern (``key_block_ranges`` for the forward and dQ kernels, ``query_block_range`` for dK/dV): a causal row
+pattern (``key_block_ranges`` for the forward and dQ kernels, ``query_block_ranges`` for dK/dV): a causal row
 visits blocks [0, qb], a sink + window row its sink blocks then its window blocks, a LongGen block-sparse row
 (S2-Attention, arXiv 2407.17678) its strided blocks r_h, r_h + s, ... then its local blocks. No index arrays or
-scalar prefetch are needed (neither exists in the Triton lowering), and per-head strides cost nothing.
+scalar prefetch are needed (neither exists in the Triton lowering), and per-head strides cost nothing. Each
+range is one loop compiled with or without the element mask, so FULL tiles pay no masking.
 
 q [B, T, Hq, D], k/v [B, S, Hkv, D] with T, S multiples of the tiles and D a power of two in [16, 256] (the api
 pads); returns (o [B, T, Hq, D], lse [B, T, Hq] float32, natural log). ``custom_vjp`` saves (q, k, v, o, lse);
@@ -38,12 +39,13 @@ class BlockSizes:
   fwd_q: int = 128
   fwd_k: int = 64
   dkv_q: int = 64
-  dkv_k: int = 128
-  dq_q: int = 128
+  dkv_k: int = 64
+  dq_q: int = 64
   dq_k: int = 64
   fwd_warps: int = 8
-  bwd_warps: int = 8
-  stages: int = 3
+  bwd_warps: int = 4
+  fwd_stages: int = 3
+  bwd_stages: int = 2
 
   @classmethod
   def for_pattern(cls, pattern: Pattern) -> BlockSizes:
@@ -73,9 +75,11 @@ def _dot(a, b, a_axis: int, b_axis: int):
 
 
 def _key_loop(st: _Static, q_lo, q_hi, h, block_k, num_keys, body, carry):
-  """Run ``body(kb, carry)`` over every key block the pattern makes visible to queries [q_lo, q_hi]."""
-  for first, count, stride in st.pattern.key_block_ranges(q_lo, q_hi, h, block_k, num_keys // block_k):
-    carry = lax.fori_loop(0, count, lambda n, c, first=first, stride=stride: body(first + n * stride, c), carry)
+  """Run ``body(kb, masked, carry)`` over every key block the pattern makes visible to queries [q_lo, q_hi]."""
+  ranges = st.pattern.key_block_ranges(q_lo, q_hi, h, block_k, num_keys // block_k, st.kv_length)
+  for first, count, stride, masked in ranges:
+    step = lambda n, c, first=first, stride=stride, masked=masked: body(first + n * stride, masked, c)
+    carry = lax.fori_loop(0, count, step, carry)
   return carry
 
 
@@ -90,12 +94,13 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static, group: int)
   q_pos = qi * bq + jnp.arange(bq)
   scale2 = st.scale * LOG2E
 
-  def body(kb, carry):
+  def body(kb, masked, carry):
     acc, m, l = carry
     start = pl.multiple_of(kb * bk, bk)
     k = k_ref[pl.ds(start, bk), :]
     s = _dot(q, k, 1, 1) * scale2
-    s = jnp.where(_mask(st, q_pos, start + jnp.arange(bk), h), s, NEG)
+    if masked:
+      s = jnp.where(_mask(st, q_pos, start + jnp.arange(bk), h), s, NEG)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     correction = jnp.exp2(m - m_new)
     p = jnp.exp2(s - m_new[:, None])
@@ -120,11 +125,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _
   q_pos = qi * bq + jnp.arange(bq)
   scale2 = st.scale * LOG2E
 
-  def body(kb, dq):
+  def body(kb, masked, dq):
     start = pl.multiple_of(kb * bk, bk)
     k, v = k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :]
-    s = _dot(q, k, 1, 1) * scale2
-    p = jnp.exp2(jnp.where(_mask(st, q_pos, start + jnp.arange(bk), h), s - lse2[:, None], -jnp.inf))
+    s = _dot(q, k, 1, 1) * scale2 - lse2[:, None]
+    if masked:
+      s = jnp.where(_mask(st, q_pos, start + jnp.arange(bk), h), s, -jnp.inf)
+    p = jnp.exp2(s)
     dp = _dot(do, v, 1, 1)
     ds = p * (dp - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k, 1, 0)
@@ -140,22 +147,28 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
   k, v = k_ref[...], v_ref[...]
   k_pos = ki * bk + jnp.arange(bk)
   scale2 = st.scale * LOG2E
-  first, count = st.pattern.query_block_range(ki * bk, ki * bk + bk - 1, h, bq, q_ref.shape[0] // bq)
 
-  def body(n, carry):
+  def body(qb, masked, carry):
     dk, dv = carry
-    start = pl.multiple_of((first + n) * bq, bq)
+    start = pl.multiple_of(qb * bq, bq)
     q, do = q_ref[pl.ds(start, bq), :], do_ref[pl.ds(start, bq), :]
     lse2, delta = lse_ref[pl.ds(start, bq)] * LOG2E, delta_ref[pl.ds(start, bq)]
-    s = _dot(q, k, 1, 1) * scale2
-    p = jnp.exp2(jnp.where(_mask(st, start + jnp.arange(bq), k_pos, h), s - lse2[:, None], -jnp.inf))
+    s = _dot(q, k, 1, 1) * scale2 - lse2[:, None]
+    if masked:
+      s = jnp.where(_mask(st, start + jnp.arange(bq), k_pos, h), s, -jnp.inf)
+    p = jnp.exp2(s)
     dv = dv + _dot(p.astype(do.dtype), do, 0, 0)
     dp = _dot(do, v, 1, 1)
     ds = p * (dp - delta[:, None])
     return dk + _dot(ds.astype(q.dtype), q, 0, 0), dv
 
   zeros = jnp.zeros((bk, k.shape[-1]), jnp.float32)
-  dk, dv = lax.fori_loop(0, count, body, (zeros, zeros))
+  carry = (zeros, zeros)
+  ranges = st.pattern.query_block_ranges(ki * bk, ki * bk + bk - 1, h, bq, q_ref.shape[0] // bq, st.kv_length)
+  for first, count, stride, masked in ranges:
+    step = lambda n, c, first=first, stride=stride, masked=masked: body(first + n * stride, masked, c)
+    carry = lax.fori_loop(0, count, step, carry)
+  dk, dv = carry
   dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -181,7 +194,7 @@ def _forward(st: _Static, q, k, v):
                 pl.BlockSpec((None, s, None, d), lambda i, b_, h: (b_, 0, kv_head(h), 0))],
       out_specs=[pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0)), _row_spec(bq)],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, t), jnp.float32)],
-      compiler_params=_params(st.blocks.fwd_warps, st.blocks.stages),
+      compiler_params=_params(st.blocks.fwd_warps, st.blocks.fwd_stages),
       interpret=st.interpret, name="block_sparse_attention_fwd",
   )(q, k, v)
   return o, lse
@@ -210,7 +223,7 @@ def _backward(st: _Static, residuals, cotangents):
                 _row_spec(blocks.dq_q), _row_spec(blocks.dq_q)],
       out_specs=pl.BlockSpec((None, blocks.dq_q, None, d), lambda i, b_, h: (b_, i, h, 0)),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_params(blocks.bwd_warps, blocks.stages),
+      compiler_params=_params(blocks.bwd_warps, blocks.bwd_stages),
       interpret=st.interpret, name="block_sparse_attention_dq",
   )(q, k, v, do, lse_rows, delta)
   kv_tile = pl.BlockSpec((None, blocks.dkv_k, None, d), lambda i, b_, h: (b_, i, kv_head(h), 0))
@@ -221,7 +234,7 @@ def _backward(st: _Static, residuals, cotangents):
       in_specs=[q_full, kv_tile, kv_tile, q_full, rows_full, rows_full],
       out_specs=[out_tile, out_tile],
       out_shape=[jax.ShapeDtypeStruct((b, s, hq, d), k.dtype if group == 1 else jnp.float32)] * 2,
-      compiler_params=_params(blocks.bwd_warps, blocks.stages),
+      compiler_params=_params(blocks.bwd_warps, blocks.bwd_stages),
       interpret=st.interpret, name="block_sparse_attention_dkv",
   )(q, k, v, do, lse_rows, delta)
   if group > 1:

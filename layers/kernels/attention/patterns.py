@@ -4,10 +4,15 @@ A pattern answers three questions, each written with ``jnp``/``np`` arithmetic o
 arrays at trace time, on traced scalars inside ``lax.scan`` and inside Pallas kernels:
 
 * ``allowed(i, j, h)``: may query position i see key position j in KV head h (broadcasting bool)?
-* ``key_block_ranges(q_lo, q_hi, h, block_k)``: arithmetic progressions ``(first, count, stride)`` of key
-  blocks that together cover every key visible to some query in ``[q_lo, q_hi]``, without index arrays.
-* ``query_block_range(k_lo, k_hi, h, block_q, num_q_blocks)``: the contiguous range of query blocks that see
+* ``key_block_ranges(q_lo, q_hi, h, block_k, num_k_blocks, kv_length)``: arithmetic progressions
+  ``(first, count, stride, masked)`` of key blocks that together cover, once each, every key visible to some
+  query in ``[q_lo, q_hi]``, without index arrays. ``masked=False`` (static) promises every (query, key) pair of
+  those blocks is visible, so kernels skip the element mask there (FULL tiles) and pay for it only on PARTIAL ones.
+* ``query_block_ranges(k_lo, k_hi, h, block_q, num_q_blocks, kv_length)``: the same for the query blocks that see
   some key in ``[k_lo, k_hi]`` (the transposed enumeration the dK/dV backward pass needs).
+
+Keys at or beyond ``kv_length`` are padding. Causal patterns never show them to a real query (j > i), so their
+FULL claims may include padding seen only by padded query rows, whose results are discarded.
 
 Query i, key j are absolute 0-indexed positions; h is the KV head (GQA query heads share their KV head's
 pattern). LongGen: "A Little Goes a Long Way: Efficient Long Context Training and Inference with Partial
@@ -37,6 +42,14 @@ def _div(a, b: int):
   return lax.div(a, jnp.asarray(b, a.dtype))
 
 
+def _split(first, end, full_lo, full_hi):
+  """Blocks [first, end) as (masked prefix, FULL middle [full_lo, full_hi) clipped, masked suffix) ranges."""
+  xp = _xp(first, end, full_lo, full_hi)
+  lo = xp.minimum(xp.maximum(full_lo, first), end)
+  hi = xp.minimum(xp.maximum(full_hi, lo), end)
+  return [(first, lo - first, 1, True), (lo, hi - lo, 1, False), (hi, end - hi, 1, True)]
+
+
 def _mod(a, b: int):
   """a % b for a >= 0 (``lax.rem`` on jax values, see ``_div``)."""
   if _xp(a) is np:
@@ -60,17 +73,20 @@ class Dense:
     xp = _xp(i, j)
     return (j <= i) if self.causal else xp.ones(xp.broadcast_shapes(xp.shape(i), xp.shape(j)), bool)
 
-  def key_block_ranges(self, q_lo, q_hi, h, block_k, num_k_blocks):
-    del q_lo, h
+  def key_block_ranges(self, q_lo, q_hi, h, block_k, num_k_blocks, kv_length):
+    del h
+    zero = 0 * q_lo
     if not self.causal:
-      return [(0, num_k_blocks, 1)]
-    xp = _xp(q_hi)
-    return [(0 * q_hi, xp.minimum(_div(q_hi, block_k) + 1, num_k_blocks), 1)]
+      return _split(zero, zero + num_k_blocks, zero, zero + kv_length // block_k)
+    end = _xp(q_hi).minimum(_div(q_hi, block_k) + 1, num_k_blocks)
+    return _split(zero, end, zero, _div(q_lo + 1, block_k))
 
-  def query_block_range(self, k_lo, k_hi, h, block_q, num_q_blocks):
-    del k_hi, h
-    first = _div(k_lo, block_q) if self.causal else 0 * k_lo
-    return first, num_q_blocks - first
+  def query_block_ranges(self, k_lo, k_hi, h, block_q, num_q_blocks, kv_length):
+    del h
+    if not self.causal:
+      zero = 0 * k_lo
+      return _split(zero, zero + num_q_blocks, zero, _xp(k_hi).where(k_hi >= kv_length, 0, num_q_blocks))
+    return _split(_div(k_lo, block_q), num_q_blocks + 0 * k_lo, _div(k_hi + block_q - 1, block_q), num_q_blocks)
 
   def tile_any_all(self, q_lo, q_hi, k_lo, k_hi, h=0):
     """(some pair visible, every pair visible) for tiles [q_lo, q_hi] x [k_lo, k_hi] (inclusive ends)."""
@@ -103,23 +119,26 @@ class SinkWindow:
     del h
     return (j <= i) & ((j < self.sink) | (i - j < self.window))
 
-  def key_block_ranges(self, q_lo, q_hi, h, block_k, num_k_blocks):
-    del h
+  def key_block_ranges(self, q_lo, q_hi, h, block_k, num_k_blocks, kv_length):
+    del h, kv_length
     xp = _xp(q_lo, q_hi)
     win_first = _div(xp.maximum(q_lo - self.window + 1, 0), block_k)
-    win_last = xp.minimum(_div(q_hi, block_k), num_k_blocks - 1)
-    sink_blocks = -(-self.sink // block_k)
-    # Sink blocks that the window range does not already cover; disjoint, so no block is visited twice.
-    sink_count = xp.maximum(xp.minimum(sink_blocks, win_first), 0)
-    return [(0 * win_first, sink_count, 1), (win_first, xp.maximum(win_last - win_first + 1, 0), 1)]
+    win_end = xp.maximum(xp.minimum(_div(q_hi, block_k) + 1, num_k_blocks), win_first)
+    causal_full = _div(q_lo + 1, block_k)  # blocks entirely at or before q_lo
+    # Sink blocks the window range does not already cover: disjoint, so no block is visited twice.
+    sink_end = xp.maximum(xp.minimum(-(-self.sink // block_k), win_first), 0)
+    sink = _split(0 * win_first, sink_end, 0 * win_first, xp.minimum(self.sink // block_k, causal_full))
+    window_full = _div(xp.maximum(q_hi - self.window + 1, 0) + block_k - 1, block_k)
+    return sink + _split(win_first, win_end, window_full, causal_full)
 
-  def query_block_range(self, k_lo, k_hi, h, block_q, num_q_blocks):
-    del h
+  def query_block_ranges(self, k_lo, k_hi, h, block_q, num_q_blocks, kv_length):
+    del h, kv_length
     xp = _xp(k_lo, k_hi)
     first = _div(k_lo, block_q)
-    last = xp.where(k_lo < self.sink, num_q_blocks - 1,
-                    xp.minimum(_div(k_hi + self.window - 1, block_q), num_q_blocks - 1))
-    return first, xp.maximum(last - first + 1, 0)
+    end = xp.where(k_lo < self.sink, num_q_blocks,
+                   xp.minimum(_div(k_hi + self.window - 1, block_q) + 1, num_q_blocks))
+    full_hi = xp.where(k_hi < self.sink, num_q_blocks, _div(xp.maximum(k_lo, self.sink) + self.window, block_q))
+    return _split(first, xp.maximum(end, first), _div(k_hi + block_q - 1, block_q), full_hi)
 
   def tile_any_all(self, q_lo, q_hi, k_lo, k_hi, h=0):
     del h
@@ -191,7 +210,8 @@ class BlockSparse:
     if tile != self.block:
       raise ValueError(f"BlockSparse kernels use tiles equal to the pattern block ({self.block}), got {tile}")
 
-  def key_block_ranges(self, q_lo, q_hi, h, block_k, num_k_blocks):
+  def key_block_ranges(self, q_lo, q_hi, h, block_k, num_k_blocks, kv_length):
+    del kv_length
     self._check_tile(block_k)
     xp = _xp(q_lo, h)
     qb = _div(q_hi, block_k)
@@ -201,15 +221,18 @@ class BlockSparse:
     behind = qb - self.local_blocks - r  # strided blocks r, r + stride, ... <= qb - local_blocks
     strided = xp.where(dense | (behind < 0), 0, _div(xp.maximum(behind, 0), self.stride) + 1)
     last = xp.minimum(qb, num_k_blocks - 1)
-    return [(r, strided, self.stride), (local_first, xp.maximum(last - local_first + 1, 0), 1)]
+    # Strided and off-diagonal local blocks lie strictly before the query block: FULL. The diagonal is PARTIAL.
+    return [(r, strided, self.stride, False), (local_first, xp.maximum(last - local_first, 0), 1, False),
+            (last, 1 + 0 * last, 1, True)]
 
-  def query_block_range(self, k_lo, k_hi, h, block_q, num_q_blocks):
+  def query_block_ranges(self, k_lo, k_hi, h, block_q, num_q_blocks, kv_length):
+    del k_hi, kv_length
     self._check_tile(block_q)
     xp = _xp(k_lo, h)
     kb = _div(k_lo, block_q)
     always = self._dense_head(h) | (_mod(kb + self.stride - self._residue(h), self.stride) == 0)
     last = xp.where(always, num_q_blocks - 1, xp.minimum(kb + self.local_blocks - 1, num_q_blocks - 1))
-    return kb, xp.maximum(last - kb + 1, 0)
+    return [(kb, 1 + 0 * kb, 1, True), (kb + 1, xp.maximum(last - kb, 0), 1, False)]
 
   def block_grid(self, num_blocks: int, h):
     """Pattern-block classes [len(h), num_blocks, num_blocks]: 0 empty, 1 partial (diagonal), 2 full."""

@@ -31,8 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from layers.kernels.attention.masks import dense_mask
-from layers.kernels.attention.patterns import Pattern
+from layers.kernels.attention.patterns import Pattern, head_pattern_count
 
 NEG = -0.7 * float(np.finfo(np.float32).max)
 
@@ -201,8 +200,14 @@ def merge(outputs, lses):
 
 
 def attention_reference(q, k, v, pattern: Pattern, scale=None, q_offset: int = 0):
-  """C4 with the pattern's dense mask: the oracle. Returns (o [B, T, Hq, F], lse [B, T, Hq])."""
-  mask = dense_mask(pattern, q.shape[1], k.shape[1], k.shape[2], q_offset)
+  """C4 with the pattern's dense mask: the oracle. Returns (o [B, T, Hq, F], lse [B, T, Hq]).
+
+  The mask is built from iotas inside the computation (not a numpy constant XLA would fold at compile time).
+  """
+  heads = jnp.arange(head_pattern_count(pattern, k.shape[2]))[:, None, None]
+  i = q_offset + jnp.arange(q.shape[1])[None, :, None]
+  j = jnp.arange(k.shape[1])[None, None, :]
+  mask = jnp.broadcast_to(pattern.allowed(i, j, heads), (heads.shape[0], q.shape[1], k.shape[1]))
   return three_pass(q, k, v, mask, scale)
 
 
