@@ -261,11 +261,15 @@ def num_features() -> int:
   return (LOOKAHEAD + 1) * 5 + 5
 
 
-def play(game: Game, cfg: GameConfig, actions) -> tuple[State, float, bool]:
-  """Replays host-side actions un-jitted; returns the final state, the return and whether any move was illegal."""
+_step_jit = jax.jit(step, static_argnames="cfg")
+
+
+def play(game: Game, cfg: GameConfig, actions, jit: bool = True) -> tuple[State, float, bool]:
+  """Replays host-side actions; returns the final state, the return and whether any move was illegal."""
   s, total, illegal = reset(game.params), 0.0, False
+  fn = _step_jit if jit else step
   for a in actions:
-    s, r, _, info = step(game.params, s, jnp.int32(a), cfg)
+    s, r, _, info = fn(game.params, s, jnp.int32(a), cfg=cfg)
     total += float(r)
     illegal |= bool(info["illegal"])
   return s, total, illegal

@@ -3,7 +3,8 @@
 ``spatial`` (size desc, duration desc, id) and ``temporal`` (duration desc, size desc, id) are the two orders of XLA's
 ``GlobalDecreasingSizeBestFitHeap`` (openxla/xla ``xla/service/heap_simulator/heap_simulator.cc``); ``area``
 sorts by size * duration; ``msa`` sorts by benefit / sqrt(size), XLA memory-space-assignment's "memory boundedness"
-(``MemoryBoundednessBufferIntervalComparator``), then size desc, duration desc, start.
+(``MemoryBoundednessBufferIntervalComparator``), then size desc, duration desc, start; ``chronological``
+by start; ``input`` keeps the file's order.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 
 from memmap.instance import Instance
 
-ORDERS = ("spatial", "temporal", "area", "msa", "chronological")
+ORDERS = ("spatial", "temporal", "area", "msa", "chronological", "input")
 
 
 def buffer_order(inst: Instance, order: str) -> np.ndarray:
@@ -25,6 +26,7 @@ def buffer_order(inst: Instance, order: str) -> np.ndarray:
       "area": (idx, -dur, -inst.size, -inst.area),
       "msa": (idx, inst.lower, -dur, -inst.size, -inst.benefit / np.sqrt(inst.size)),
       "chronological": (idx, inst.upper, inst.lower),
+      "input": (idx,),
   }
   if order not in keys:
     raise ValueError(f"unknown buffer order {order!r}; allowed: {', '.join(ORDERS)}.")

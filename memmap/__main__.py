@@ -1,0 +1,7 @@
+"""``python -m memmap``: see ``memmap.cli``."""
+
+import sys
+
+from memmap.cli import main
+
+sys.exit(main())
