@@ -1,0 +1,6 @@
+"""Memory-frugal optimizers as Optax transforms, and optimizer-state memory accounting.
+
+Importing the package registers its optimizers with ``research.optimizers`` (the training loop's registry).
+"""
+
+from optim import registry as _galore_registry  # noqa: F401  (registers "galore", "natural_galore", "optax_galore")

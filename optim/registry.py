@@ -1,0 +1,50 @@
+"""The optimizers of this package, registered by name for the training loop (``--optimizer galore``).
+
+Each factory maps a ``research.train.TrainConfig`` and its learning-rate schedule to an optax transform, with the
+config's betas, weight decay and decay mask (matrices only). GaLore settings follow the paper's pre-training
+runs (Zhao et al., arXiv:2403.03507, App. C.1): T = 200, α = 0.25, attention/MLP matrices projected; the rank is
+d_model / 4, the paper's rank ratio for its 350M and 1B models (its 60M/130M runs use 1/2 and 1/3).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import optax
+
+from optim.galore import galore
+from optim.natural_galore import natural_galore
+from research.optimizers import decay_mask, register_optimizer
+
+if TYPE_CHECKING:
+  from research.train import TrainConfig
+
+RANK_RATIO = 4
+UPDATE_PROJ_GAP = 200
+SCALE = 0.25
+NATURAL_HISTORY = 20
+
+
+def galore_rank(cfg: "TrainConfig") -> int:
+  return max(1, cfg.model.d_model // RANK_RATIO)
+
+
+@register_optimizer("galore")
+def _galore(cfg: "TrainConfig", schedule: optax.Schedule) -> optax.GradientTransformation:
+  return galore(schedule, rank=galore_rank(cfg), update_proj_gap=UPDATE_PROJ_GAP, scale=SCALE, b1=cfg.b1,
+                b2=cfg.b2, weight_decay=cfg.weight_decay, wd_mask=decay_mask)
+
+
+@register_optimizer("natural_galore")
+def _natural_galore(cfg: "TrainConfig", schedule: optax.Schedule) -> optax.GradientTransformation:
+  return natural_galore(schedule, rank=galore_rank(cfg), update_proj_gap=UPDATE_PROJ_GAP, scale=SCALE,
+                        history=NATURAL_HISTORY, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                        wd_mask=decay_mask)
+
+
+@register_optimizer("optax_galore")
+def _optax_galore(cfg: "TrainConfig", schedule: optax.Schedule) -> optax.GradientTransformation:
+  """optax.contrib.galore as shipped (every matrix projected, larger side, scale 1), same rank and gap."""
+  return optax.contrib.galore(schedule, rank=galore_rank(cfg), update_proj_gap=UPDATE_PROJ_GAP,
+                              base_optimizer=optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2),
+                              weight_decay=cfg.weight_decay, mask=decay_mask)
