@@ -72,10 +72,12 @@ def _converter(kind: Any, flag: str) -> Callable[[str], Any]:
   return convert
 
 
-def _set_path(config: Any, path: tuple[str, ...], value: Any) -> Any:
-  if len(path) == 1:
-    return dataclasses.replace(config, **{path[0]: value})
-  return dataclasses.replace(config, **{path[0]: _set_path(getattr(config, path[0]), path[1:], value)})
+def _apply(config: Any, overrides: dict[str, Any]) -> Any:
+  """``dataclasses.replace`` with nested overrides ({"model": {"d_model": 64}, "steps": 9}) applied at once, so
+  that values which are only valid together (num_heads and num_kv_heads) are checked together."""
+  changes = {name: _apply(getattr(config, name), value) if isinstance(value, dict) else value
+             for name, value in overrides.items()}
+  return dataclasses.replace(config, **changes)
 
 
 def parse_run_args(argv: Sequence[str] | None, *, config_cls: type, presets: Mapping[str, Callable[[], Any]],
@@ -104,12 +106,16 @@ def parse_run_args(argv: Sequence[str] | None, *, config_cls: type, presets: Map
     raise UsageError(str(e)) from None
   if args.config not in presets:
     raise UsageError(f"unknown --config {args.config!r}; choose one of: {', '.join(presets)}")
-  config = presets[args.config]()
+  overrides: dict[str, Any] = {}
+  for path, _, _ in leaves:
+    key = "/".join(path)
+    if hasattr(args, key):
+      node = overrides
+      for name in path[:-1]:
+        node = node.setdefault(name, {})
+      node[path[-1]] = getattr(args, key)
   try:
-    for path, _, _ in leaves:
-      key = "/".join(path)
-      if hasattr(args, key):
-        config = _set_path(config, path, getattr(args, key))
+    config = _apply(presets[args.config](), overrides)
   except (ValueError, TypeError, KeyError) as e:
     raise UsageError(str(e).strip("'\"")) from None
   return config, args

@@ -38,22 +38,24 @@ def test_two_step_smoke_run_of_the_tiny_config(tmp_path):
   assert memory["compiled"]["temp_size_in_bytes"] > 0 and memory["compiled"]["argument_size_in_bytes"] > 0
 
 
-def test_resumed_run_continues_the_same_loss_curve_bit_for_bit(tmp_path):
-  straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-  train_and_evaluate(_small(), straight, log=lambda s: None)
-  train_and_evaluate(_small(steps=3), interrupted, log=lambda s: None)
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """An uninterrupted 6-step run on all 8 devices: (workdir, summary)."""
+  workdir = tmp_path_factory.mktemp("straight")
+  return workdir, train_and_evaluate(_small(), workdir, log=lambda s: None)
+
+
+def test_resumed_run_continues_the_same_loss_curve_bit_for_bit(straight_run, tmp_path):
+  straight, _ = straight_run
+  train_and_evaluate(_small(steps=3), tmp_path, log=lambda s: None)
   logs = []
-  train_and_evaluate(_small(), interrupted, log=logs.append)
+  train_and_evaluate(_small(), tmp_path, log=logs.append)
   assert any("resumed from checkpoint at step 3" in line for line in logs)
-  assert _train_losses(straight) == _train_losses(interrupted)  # exact float equality
-  assert len(_train_losses(interrupted)) == 6
-
-
-def test_finished_run_is_not_retrained(tmp_path):
-  train_and_evaluate(_small(steps=2), tmp_path, log=lambda s: None)
-  logs = []
-  summary = train_and_evaluate(_small(steps=2), tmp_path, log=logs.append)
-  assert summary["steps_this_session"] == 0 and any("resumed" in line for line in logs)
+  assert _train_losses(straight) == _train_losses(tmp_path)  # exact float equality
+  assert len(_train_losses(tmp_path)) == 6
+  # Starting the finished run again restores it and trains nothing more.
+  summary = train_and_evaluate(_small(), tmp_path, log=lambda s: None)
+  assert summary["steps_this_session"] == 0 and len(_train_losses(tmp_path)) == 6
 
 
 def test_resuming_with_a_different_model_is_refused(tmp_path):
@@ -63,19 +65,18 @@ def test_resuming_with_a_different_model_is_refused(tmp_path):
     train_and_evaluate(other, tmp_path, log=lambda s: None)
 
 
-def test_data_parallel_over_8_devices_matches_one_device(tmp_path):
+def test_data_parallel_over_8_devices_matches_one_device(straight_run, tmp_path):
   assert jax.device_count() == 8
-  many = train_and_evaluate(_small(steps=3), tmp_path / "many", log=lambda s: None)
-  one = train_and_evaluate(_small(steps=3), tmp_path / "one", mesh=data_mesh(jax.devices()[:1]),
-                           log=lambda s: None)
-  np.testing.assert_allclose(_train_losses(tmp_path / "many"), _train_losses(tmp_path / "one"), rtol=1e-5)
+  many_dir, many = straight_run
+  one = train_and_evaluate(_small(), tmp_path, mesh=data_mesh(jax.devices()[:1]), log=lambda s: None)
+  np.testing.assert_allclose(_train_losses(many_dir), _train_losses(tmp_path), rtol=1e-5)
   assert abs(many["final_eval_loss"] - one["final_eval_loss"]) < 1e-4
 
 
-def test_gradient_accumulation_matches_one_large_batch(tmp_path):
-  one = train_and_evaluate(_small(steps=3), tmp_path / "one", log=lambda s: None)
-  accum = train_and_evaluate(_small(steps=3, grad_accum=2), tmp_path / "accum", log=lambda s: None)
-  np.testing.assert_allclose(_train_losses(tmp_path / "one"), _train_losses(tmp_path / "accum"), rtol=1e-5)
+def test_gradient_accumulation_matches_one_large_batch(straight_run, tmp_path):
+  one_dir, one = straight_run
+  accum = train_and_evaluate(_small(grad_accum=2), tmp_path, log=lambda s: None)
+  np.testing.assert_allclose(_train_losses(one_dir), _train_losses(tmp_path), rtol=1e-5)
   assert abs(one["final_eval_loss"] - accum["final_eval_loss"]) < 1e-4
 
 
