@@ -1,1 +1,3 @@
 """memlab layers: sequence mixers that register themselves in ``research.models.registry`` on import."""
+
+from layers import gated_deltanet, mom  # noqa: E402,F401  (registers "gdn" and "mom")

@@ -1,0 +1,224 @@
+"""Gated DeltaNet sequence mixer (registered as ``"gdn"``) and the pieces MoM shares with it.
+
+Paper: "Gated Delta Networks: Improving Mamba2 with Delta Rule" (arXiv 2412.06464); layer layout as in
+flash-linear-attention's ``GatedDeltaNet`` and MoM's memories ("MoM: Linear Sequence Modeling with
+Mixture-of-Memories", arXiv 2502.13685, §3): q/k/v projections → depthwise causal short conv (+SiLU) → per-head L2
+norm of q, k; β = sigmoid(W_b x); log-decay g = −exp(A_log)·softplus(W_a x + dt_bias) (float32); the gated delta
+rule (``layers.kernels.gated_delta``); per-head RMSNorm of the output gated by SiLU(W_g x); output projection.
+
+Shapes: x [b, t, D] -> y [b, t, D]; H heads, K = head_dim, V = K·expand_v. Decoding keeps an O(1) cache per
+sequence: the memory state [b, H, K, V] and the last ``conv_size − 1`` conv inputs of q, k, v, stored as
+:class:`MemoryCache` variables (so ``nnx.split(model, nnx.Param, MemoryCache, ...)`` separates them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers.kernels.gated_delta import IMPLEMENTATIONS, gated_delta_rule
+from research.models.blocks import INIT_STD, dense
+from research.models.config import DTYPES, ModelConfig
+from research.models.registry import register_mixer
+
+
+class MemoryCache(nnx.Variable):
+  """Decode-time state of a recurrent memory layer (memory states and short-conv windows)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GDNConfig:
+  """Shape of one Gated DeltaNet memory layer.
+
+  Attributes:
+    d_model: residual width D.
+    num_heads: heads H.
+    head_dim: key/query width per head K.
+    expand_v: value width per head V = K · expand_v (an integer multiple).
+    conv_size: short-convolution window (≥ 1; 1 means a per-channel scale).
+    norm_eps: epsilon of the gated output RMSNorm.
+    chunk_size: chunk length of the chunked kernel.
+    implementation: gated-delta-rule implementation (``layers.kernels.gated_delta.IMPLEMENTATIONS``) or None
+      for the first that applies.
+    dtype: compute dtype name (parameters are float32).
+    num_layers: depth of the model, for the output-projection init scale.
+  """
+
+  d_model: int = 128
+  num_heads: int = 4
+  head_dim: int = 32
+  expand_v: int = 1
+  conv_size: int = 4
+  norm_eps: float = 1e-6
+  chunk_size: int = 64
+  implementation: str | None = None
+  dtype: str = "float32"
+  num_layers: int = 2
+
+  def __post_init__(self):
+    problems = []
+    for name in ("d_model", "num_heads", "head_dim", "expand_v", "conv_size", "num_layers"):
+      if getattr(self, name) < 1:
+        problems.append(f"{name} must be a positive integer (got {getattr(self, name)})")
+    if self.implementation is not None and self.implementation not in IMPLEMENTATIONS:
+      problems.append(f"implementation must be None or one of {IMPLEMENTATIONS} (got {self.implementation!r})")
+    if self.dtype not in DTYPES:
+      problems.append(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+    if problems:
+      raise ValueError("; ".join(problems))
+
+  @classmethod
+  def from_model_config(cls, cfg: ModelConfig, **overrides) -> GDNConfig:
+    """Width, heads, head_dim, norm eps, dtype and depth from the LM config; other fields from ``overrides``."""
+    base = dict(d_model=cfg.d_model, num_heads=cfg.num_heads, head_dim=cfg.resolved_head_dim,
+                norm_eps=cfg.norm_eps, dtype=cfg.dtype, num_layers=len(cfg.layers))
+    return cls(**{**base, **overrides})
+
+  @property
+  def key_dim(self) -> int:
+    return self.num_heads * self.head_dim
+
+  @property
+  def value_head_dim(self) -> int:
+    return self.head_dim * self.expand_v
+
+  @property
+  def value_dim(self) -> int:
+    return self.num_heads * self.value_head_dim
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+
+def causal_conv(x: jax.Array, weight: jax.Array, prefix: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Depthwise causal conv + SiLU along the second-to-last axis.
+
+  Args:
+    x: [..., t, ch]; weight: [w, ch] (weight[w−1] multiplies the current token); prefix: [..., w−1, ch], the
+      inputs that precede x (zeros at a sequence start).
+
+  Returns:
+    (silu(conv) [..., t, ch], the extended input [..., w−1+t, ch] from which a caller takes the next prefix).
+  """
+  width, t = weight.shape[0], x.shape[-2]
+  ext = jnp.concatenate([prefix.astype(x.dtype), x], axis=-2)
+  y = sum(ext[..., j:j + t, :] * weight[j].astype(x.dtype) for j in range(width))
+  return jax.nn.silu(y), ext
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """x / sqrt(Σx² + eps) over the last axis, in float32, returned in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def decay_and_beta(a: jax.Array, b: jax.Array, a_log: jax.Array, dt_bias: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """g = −exp(A_log)·softplus(a + dt_bias) (log-decay ≤ 0) and β = sigmoid(b), both float32, shape of a."""
+  g = -jnp.exp(a_log) * jax.nn.softplus(a.astype(jnp.float32) + dt_bias)
+  return g, jax.nn.sigmoid(b.astype(jnp.float32))
+
+
+def init_decay_params(num_heads: int, rngs: nnx.Rngs) -> tuple[nnx.Param, nnx.Param]:
+  """A_log = log U(0, 16); dt_bias = softplus⁻¹(dt), dt = exp(U(log 1e-3, log 1e-1)) clamped ≥ 1e-4."""
+  a = jax.random.uniform(rngs.params(), (num_heads,), minval=1e-4, maxval=16.0)
+  dt = jnp.exp(jax.random.uniform(rngs.params(), (num_heads,), minval=math.log(1e-3), maxval=math.log(1e-1)))
+  dt = jnp.maximum(dt, 1e-4)
+  return nnx.Param(jnp.log(a)), nnx.Param(dt + jnp.log(-jnp.expm1(-dt)))
+
+
+def init_conv_weight(width: int, channels: int, rngs: nnx.Rngs) -> nnx.Param:
+  """Depthwise conv weight [width, channels], U(±1/√width) (PyTorch Conv1d default for groups = channels)."""
+  bound = 1.0 / math.sqrt(width)
+  return nnx.Param(jax.random.uniform(rngs.params(), (width, channels), minval=-bound, maxval=bound))
+
+
+class GatedOutput(nnx.Module):
+  """o ↦ W_o(RMSNorm_V(o) · w · silu(W_g x)) per head; one RMSNorm weight [V] shared by all heads."""
+
+  def __init__(self, cfg: GDNConfig, model_cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.eps, self.num_heads = cfg.norm_eps, cfg.num_heads
+    self.g_proj = dense(cfg.d_model, cfg.value_dim, model_cfg, rngs=rngs)
+    self.norm_weight = nnx.Param(jnp.ones((cfg.value_head_dim,), jnp.float32))
+    self.o_proj = dense(cfg.value_dim, cfg.d_model, model_cfg, rngs=rngs,
+                        std=INIT_STD / math.sqrt(2 * cfg.num_layers))
+
+  def __call__(self, o: jax.Array, x: jax.Array) -> jax.Array:
+    """o: [b, t, H, V]; x: [b, t, D] -> [b, t, D]."""
+    b, t = x.shape[:2]
+    gate = self.g_proj(x).reshape(b, t, self.num_heads, -1).astype(jnp.float32)
+    o32 = o.astype(jnp.float32)
+    o32 = o32 * jax.lax.rsqrt(jnp.mean(o32 * o32, axis=-1, keepdims=True) + self.eps) * self.norm_weight[...]
+    return self.o_proj((o32 * jax.nn.silu(gate)).astype(x.dtype).reshape(b, t, -1))
+
+
+def _model_config_for(cfg: GDNConfig) -> ModelConfig:
+  """A ModelConfig carrying cfg's dtype, for the shared ``dense`` helper."""
+  return ModelConfig(d_model=cfg.d_model, num_heads=1, num_kv_heads=1, dtype=cfg.dtype)
+
+
+class GatedDeltaNet(nnx.Module):
+  """One Gated DeltaNet memory: x [b, t, D] -> (y [b, t, D], {}).
+
+  ``__call__(x, use_cache=True)`` continues from (and updates) the decode cache made by :meth:`init_cache`, so
+  a prompt followed by single tokens gives the same outputs as one pass over the whole sequence.
+  """
+
+  def __init__(self, cfg: GDNConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    mcfg = _model_config_for(cfg)
+    self.q_proj = dense(cfg.d_model, cfg.key_dim, mcfg, rngs=rngs)
+    self.k_proj = dense(cfg.d_model, cfg.key_dim, mcfg, rngs=rngs)
+    self.v_proj = dense(cfg.d_model, cfg.value_dim, mcfg, rngs=rngs)
+    self.b_proj = dense(cfg.d_model, cfg.num_heads, mcfg, rngs=rngs)
+    self.a_proj = dense(cfg.d_model, cfg.num_heads, mcfg, rngs=rngs)
+    self.a_log, self.dt_bias = init_decay_params(cfg.num_heads, rngs)
+    self.q_conv = init_conv_weight(cfg.conv_size, cfg.key_dim, rngs)
+    self.k_conv = init_conv_weight(cfg.conv_size, cfg.key_dim, rngs)
+    self.v_conv = init_conv_weight(cfg.conv_size, cfg.value_dim, rngs)
+    self.out = GatedOutput(cfg, mcfg, rngs=rngs)
+    self.cache: nnx.Dict | None = nnx.data(None)  # made by init_cache
+
+  def init_cache(self, batch_size: int) -> None:
+    """Reset the decode cache to the empty memory for ``batch_size`` sequences."""
+    c = self.cfg
+    conv = lambda ch: MemoryCache(jnp.zeros((batch_size, c.conv_size - 1, ch), c.compute_dtype))
+    self.cache = nnx.Dict(
+        state=MemoryCache(jnp.zeros((batch_size, c.num_heads, c.head_dim, c.value_head_dim), jnp.float32)),
+        q=conv(c.key_dim), k=conv(c.key_dim), v=conv(c.value_dim))
+
+  def __call__(self, x: jax.Array, *, use_cache: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    c = self.cfg
+    b, t, _ = x.shape
+    if use_cache and self.cache is None:
+      raise ValueError("use_cache=True needs init_cache(batch_size) first")
+    cached = self.cache if use_cache else None
+    zeros = lambda ch: jnp.zeros((b, c.conv_size - 1, ch), x.dtype)
+    feats, prefixes = {}, {}
+    for name, proj, weight, ch in (("q", self.q_proj, self.q_conv, c.key_dim), ("k", self.k_proj, self.k_conv, c.key_dim),
+                                   ("v", self.v_proj, self.v_conv, c.value_dim)):
+      prefix = cached[name][...] if cached is not None else zeros(ch)
+      feats[name], ext = causal_conv(proj(x), weight[...], prefix)
+      prefixes[name] = ext[:, t:]
+    q = l2_normalize(feats["q"].reshape(b, t, c.num_heads, c.head_dim))
+    k = l2_normalize(feats["k"].reshape(b, t, c.num_heads, c.head_dim))
+    v = feats["v"].reshape(b, t, c.num_heads, c.value_head_dim)
+    g, beta = decay_and_beta(self.a_proj(x), self.b_proj(x), self.a_log[...], self.dt_bias[...])
+    o, state = gated_delta_rule(q, k, v, g, beta, initial_state=None if cached is None else cached["state"][...],
+                                chunk_size=c.chunk_size, implementation=c.implementation)
+    if cached is not None:
+      cached["state"][...] = state
+      for name, prefix in prefixes.items():
+        cached[name][...] = prefix
+    return self.out(o, x), {}
+
+
+@register_mixer("gdn")
+def gdn_mixer(cfg: ModelConfig, layer_index: int, *, rngs: nnx.Rngs) -> GatedDeltaNet:
+  """Registry factory: a Gated DeltaNet sized from the LM config (K = head_dim, V = K)."""
+  del layer_index  # every GDN layer is the same
+  return GatedDeltaNet(GDNConfig.from_model_config(cfg), rngs=rngs)
