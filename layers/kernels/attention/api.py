@@ -34,6 +34,9 @@ IMPLEMENTATIONS = ("cudnn", "pallas_gpu", "blockwise", "reference")
 def bind_heads(pattern: Pattern, num_q_heads: int, num_kv_heads: int) -> Pattern:
   """The pattern evaluated for these head counts (BlockSparse's default step and dense heads depend on them)."""
   if isinstance(pattern, BlockSparse):
+    if pattern.num_dense_heads > num_kv_heads:
+      raise ValueError(f"BlockSparse.num_dense_heads ({pattern.num_dense_heads}) exceeds the KV heads "
+                       f"({num_kv_heads})")
     return dataclasses.replace(pattern, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads)
   return pattern
 

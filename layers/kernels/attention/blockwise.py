@@ -7,7 +7,8 @@ scan step n visits, for every (KV head, query tile), its n-th non-empty key tile
 recomputes P = exp(s·QKᵀ - lse) tile by tile (5 einsums) and scatter-adds dK, dV into their key tiles. Memory is
 O(B·H·T·(F + block_k)), linear in sequence length, on CPU, GPU and TPU alike.
 
-q [B, T, Hq, E], k [B, S, Hkv, E], v [B, S, Hkv, F] -> (o [B, T, Hq, F] in q's dtype, lse [B, T, Hq] float32).
+q [B, T, Hq, E], k [B, S, Hkv, E], v [B, S, Hkv, F] -> (o [B, T, Hq, F] in q's dtype, lse [B, T, Hq] float32,
+float64 for float64 inputs).
 lse is differentiable: its cotangent enters as dS = P∘(dP - (D - dlse)), so segment merges can be trained.
 """
 
@@ -95,8 +96,8 @@ def _step_tiles(plan: _Plan, kt, vt, index_n, valid_n):
   return kblk, vblk, mask[None, :, None]
 
 
-def _logits(plan: _Plan, qt, kblk, mask):
-  s = jnp.einsum("bhgqpe,bhqce->bhgqpc", qt, kblk, preferred_element_type=jnp.float32) * plan.scale
+def _logits(plan: _Plan, qt, kblk, mask, acc_dtype):
+  s = jnp.einsum("bhgqpe,bhqce->bhgqpc", qt, kblk, preferred_element_type=acc_dtype) * plan.scale
   return jnp.where(mask, s, NEG)
 
 
@@ -108,7 +109,7 @@ def _forward(plan: _Plan, q, k, v):
   def step(carry, xs):
     m, l, acc = carry
     kblk, vblk, mask = _step_tiles(plan, kt, vt, *xs)
-    s = _logits(plan, qt, kblk, mask).astype(acc_dtype)
+    s = _logits(plan, qt, kblk, mask, acc_dtype)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     correction = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new[..., None])
@@ -122,7 +123,7 @@ def _forward(plan: _Plan, q, k, v):
   seen = m > NEG / 2  # a row that met any visible key has a real logit as running max
   o = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
   lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
-  return _untile_q(plan, o).astype(q.dtype), _untile_q(plan, lse).astype(jnp.float32)
+  return _untile_q(plan, o).astype(q.dtype), _untile_q(plan, lse)
 
 
 def _backward(plan: _Plan, residuals, cotangents):
@@ -140,7 +141,7 @@ def _backward(plan: _Plan, residuals, cotangents):
   def step(carry, xs):
     dq, dk, dv = carry
     kblk, vblk, mask = _step_tiles(plan, kt, vt, *xs)
-    s = _logits(plan, qt, kblk, mask).astype(acc_dtype)
+    s = _logits(plan, qt, kblk, mask, acc_dtype)
     p = jnp.exp(jnp.where(mask, s - lse_t[..., None], -jnp.inf))
     dv_tile = jnp.einsum("bhgqpc,bhgqpf->bhqcf", p.astype(do.dtype), do_t, preferred_element_type=acc_dtype)
     dp = jnp.einsum("bhgqpf,bhqcf->bhgqpc", do_t, vblk, preferred_element_type=acc_dtype)

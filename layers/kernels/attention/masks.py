@@ -23,7 +23,7 @@ def dense_mask(pattern: Pattern, num_queries: int, num_keys: int, num_kv_heads: 
   mask = np.broadcast_to(pattern.allowed(i, j, heads), (heads.shape[0], num_queries, num_keys))
   if kv_length is not None:
     mask = mask & (j < kv_length)
-  return np.asarray(mask)
+  return np.array(mask)
 
 
 def block_classes(pattern: Pattern, num_queries: int, num_keys: int, block_q: int, block_k: int,

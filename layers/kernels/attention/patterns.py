@@ -178,9 +178,8 @@ class BlockSparse:
       problems.append(f"offset must be >= 0 (got {self.offset})")
     if self.step is not None and self.step < 0:
       problems.append(f"step must be >= 0 or None (got {self.step})")
-    if not 0 <= self.num_dense_heads <= self.num_kv_heads:
-      problems.append(f"num_dense_heads must be in [0, num_kv_heads={self.num_kv_heads}] "
-                      f"(got {self.num_dense_heads})")
+    if self.num_dense_heads < 0:
+      problems.append(f"num_dense_heads must be >= 0 (got {self.num_dense_heads})")
     if problems:
       raise ValueError("BlockSparse: " + "; ".join(problems))
 

@@ -1,0 +1,72 @@
+"""The dispatching entry point: implementation order, fail-fast messages, pattern reductions to dense causal."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from layers.kernels.attention import api, reference
+from layers.kernels.attention.patterns import BlockSparse, Dense, SinkWindow
+
+
+def _qkv(seed, t=24, hq=4, hkv=2, d=8):
+  kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+  return (jax.random.normal(kq, (2, t, hq, d)), jax.random.normal(kk, (2, t, hkv, d)),
+          jax.random.normal(kv, (2, t, hkv, d)))
+
+
+def test_cpu_dispatch_uses_blockwise_and_matches_reference():
+  q, k, v = _qkv(0)
+  p = SinkWindow(2, 7)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # the automatic order must not fall back to the O(T·S) reference on CPU
+    o, lse = jax.jit(lambda *a: api.attention(*a, pattern=p, return_lse=True))(q, k, v)
+  o_ref, lse_ref = reference.attention_reference(q, k, v, p)
+  assert float(jnp.max(jnp.abs(o - o_ref))) <= 1e-5 and float(jnp.max(jnp.abs(lse - lse_ref))) <= 1e-5
+
+
+@pytest.mark.parametrize("implementation,message", [
+    ("cudnn", "needs a GPU backend"), ("pallas_gpu", "needs a GPU backend"), ("flash", "must be None or one of")])
+def test_explicit_implementation_fails_fast(implementation, message):
+  q, k, v = _qkv(1)
+  with pytest.raises(ValueError, match=message):
+    api.attention(q, k, v, implementation=implementation)
+
+
+def test_reference_implementation_on_request():
+  q, k, v = _qkv(2)
+  o = api.attention(q, k, v, pattern=Dense(False), implementation="reference")
+  o_ref = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+  assert float(jnp.max(jnp.abs(o - o_ref))) <= 1e-5
+
+
+@pytest.mark.parametrize("pattern", [SinkWindow(3, 24), SinkWindow(0, 100), BlockSparse(4, 6, 5),
+                                     BlockSparse(4, 1, 1), BlockSparse(4, 2, 3, num_dense_heads=2)], ids=repr)
+def test_reductions_reproduce_dense_causal(pattern):
+  """window >= N, all-local blocks, stride 1 and all-dense heads are exactly causal attention."""
+  q, k, v = _qkv(3)
+  run = jax.jit(lambda *a: (api.attention(*a, pattern=pattern, implementation="blockwise"),
+                            api.attention(*a, pattern=Dense(True), implementation="reference")))
+  o, o_causal = run(q, k, v)
+  print(pattern, "max |Δ|", float(jnp.max(jnp.abs(o - o_causal))))
+  assert float(jnp.max(jnp.abs(o - o_causal))) <= 1e-5
+
+
+def test_bind_heads_sets_dkernel_step():
+  p = api.bind_heads(BlockSparse(stride=8), 4, 2)
+  assert (p.num_q_heads, p.num_kv_heads, p.resolved_step) == (4, 2, 2)
+  with pytest.raises(ValueError, match="exceeds the KV heads"):
+    api.bind_heads(BlockSparse(num_dense_heads=3), 4, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_gpu_dispatch_never_calls_cudnn_window_without_causal():
+  """jax #39576: cuDNN with a left window and is_causal=False attends to the future; we always pass causal."""
+  q, k, v = [x.astype(jnp.bfloat16) for x in _qkv(4, t=256, hq=2, hkv=2, d=64)]
+  o = api.attention(q, k, v, pattern=SinkWindow(0, 16), implementation="cudnn")
+  o_ref, _ = reference.attention_reference(*[x.astype(jnp.float32) for x in (q, k, v)], SinkWindow(0, 16))
+  assert float(jnp.max(jnp.abs(o.astype(jnp.float32) - o_ref))) <= 2e-2
