@@ -7,54 +7,23 @@ first lookup so the optimizers it defines (GaLore, ...) register themselves.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import jax
 import optax
 
+from research.registry import Registry
+
 if TYPE_CHECKING:
   from research.train import TrainConfig
 
 OptimizerFactory = Callable[["TrainConfig", optax.Schedule], optax.GradientTransformation]
 
-_OPTIMIZERS: dict[str, OptimizerFactory] = {}
-_PLUGIN_PACKAGES = ("optim",)
-_plugins_loaded = False
-
-
-def register_optimizer(name: str) -> Callable[[OptimizerFactory], OptimizerFactory]:
-  """Decorator registering ``factory`` under ``name``."""
-
-  def decorate(factory: OptimizerFactory) -> OptimizerFactory:
-    if name in _OPTIMIZERS and _OPTIMIZERS[name] is not factory:
-      raise ValueError(f"optimizer {name!r} is already registered")
-    _OPTIMIZERS[name] = factory
-    return factory
-
-  return decorate
-
-
-def _load_plugins() -> None:
-  global _plugins_loaded
-  if not _plugins_loaded:
-    _plugins_loaded = True
-    for package in _PLUGIN_PACKAGES:
-      importlib.import_module(package)
-
-
-def available_optimizers() -> tuple[str, ...]:
-  _load_plugins()
-  return tuple(sorted(_OPTIMIZERS))
-
-
-def get_optimizer(name: str) -> OptimizerFactory:
-  _load_plugins()
-  try:
-    return _OPTIMIZERS[name]
-  except KeyError:
-    raise KeyError(f"unknown optimizer {name!r}; registered: {', '.join(available_optimizers())}") from None
+OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer", plugins=("optim",))
+register_optimizer = OPTIMIZERS.register
+available_optimizers = OPTIMIZERS.names
+get_optimizer = OPTIMIZERS.get
 
 
 def decay_mask(params: Any) -> Any:

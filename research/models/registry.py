@@ -13,53 +13,17 @@ mixer it defines (``"swa"``, ``"mom"``, ...) is available by name without resear
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from research.registry import Registry
+
 MixerFactory = Callable[..., Any]
 
-_MIXERS: dict[str, MixerFactory] = {}
-# Packages imported on the first lookup; importing them registers their mixers.
-_PLUGIN_PACKAGES = ("layers",)
-_plugins_loaded = False
-
-
-def register_mixer(name: str) -> Callable[[MixerFactory], MixerFactory]:
-  """Class/function decorator that makes ``factory`` available under ``name`` in layer specs."""
-  if not name.isidentifier():
-    raise ValueError(f"mixer name must be an identifier, got {name!r}")
-
-  def decorate(factory: MixerFactory) -> MixerFactory:
-    if name in _MIXERS and _MIXERS[name] is not factory:
-      raise ValueError(f"mixer {name!r} is already registered to {_MIXERS[name]!r}")
-    _MIXERS[name] = factory
-    return factory
-
-  return decorate
-
-
-def _load_plugins() -> None:
-  global _plugins_loaded
-  if not _plugins_loaded:
-    _plugins_loaded = True
-    for package in _PLUGIN_PACKAGES:
-      importlib.import_module(package)
-
-
-def available_mixers() -> tuple[str, ...]:
-  """Sorted names of every registered mixer."""
-  _load_plugins()
-  return tuple(sorted(_MIXERS))
-
-
-def get_mixer(name: str) -> MixerFactory:
-  """The factory registered under ``name``; ``KeyError`` naming the allowed values otherwise."""
-  _load_plugins()
-  try:
-    return _MIXERS[name]
-  except KeyError:
-    raise KeyError(f"unknown layer {name!r}; registered layers: {', '.join(available_mixers())}") from None
+MIXERS: Registry[MixerFactory] = Registry("layer", plugins=("layers",))
+register_mixer = MIXERS.register
+available_mixers = MIXERS.names
+get_mixer = MIXERS.get
 
 
 def parse_layer_spec(spec: str | Sequence[str]) -> tuple[str, ...]:
