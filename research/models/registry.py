@@ -6,7 +6,7 @@ a factory ``factory(config: ModelConfig, layer_index: int, *, rngs: nnx.Rngs) ->
     mixer(x: Float[Array, "b t d"]) -> (y: Float[Array, "b t d"], aux: dict[str, Float[Array, ""]])
 
 ``aux`` holds scalar auxiliary losses (e.g. MoM's load-balancing loss); the training loop adds each one times the
-weight ``ModelConfig.aux_loss_weights.get(name, 0.0)`` to the language-modelling loss and logs it. Mixers register
+weight ``ModelConfig.aux_loss_weight`` to the language-modelling loss and logs it. Mixers register
 themselves with :func:`register_mixer`; the ``layers`` package is imported on the first lookup so that every
 mixer it defines (``"swa"``, ``"mom"``, ...) is available by name without research importing layers eagerly.
 """
