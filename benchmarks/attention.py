@@ -2,11 +2,12 @@
 
 Run on the device (H100/H200) from the repo root:  PYTHONPATH=. python3 benchmarks/attention.py --out $OUT
 Sections (``--sections``, comma-separated): check (GPU correctness vs the fp32 reference), calib (bf16 8192³
-matmul, HBM copy), dense (B=4, H=16, D=128, causal, N ∈ {4K, 16K}: cuDNN vs our kernel vs XLA vs blockwise),
-tune (a few Pallas tile configurations at 16K), sparse (LongGen sink(64) + window(4096) and block-sparse (64, 16,
-8) at 32K and 128K vs cuDNN dense causal and cuDNN window-only). FLOPs: forward 4·B·Hq·D·(visible pairs),
-forward+backward 3.5× that (attention spec §5); fwd+bwd = ``jax.grad`` of sum(out) w.r.t. q, k, v. Each time is the
-median of ``--reps`` runs after 2 warm-ups; the card name is stored next to every number in the JSON.
+matmul, HBM copy), tune (Pallas tiles on dense causal 16K; the best is used by the later sections), dense (B=4,
+H=16, D=128, causal, N ∈ {4K, 16K}: cuDNN vs api vs our kernel vs XLA vs blockwise XLA), sparse (LongGen sink(64)
++ window(4096) and block-sparse (64, 16, 8) at 32K and 128K vs cuDNN dense causal and cuDNN window-only).
+FLOPs: forward 4·B·Hq·D·(visible pairs), forward+backward 3.5× that (attention spec §5); fwd+bwd = ``jax.grad`` of
+sum(out) w.r.t. q, k, v. Each time is the median of ``--reps`` runs after 2 warm-ups; the card name is stored next
+to every number in the JSON.
 """
 
 from __future__ import annotations
@@ -128,36 +129,58 @@ def _dense_impls(blocks=None):
   }
 
 
-def section_dense(rec: Recorder, reps, blocks=None):
+def section_dense(rec: Recorder, reps):
   p = Dense(True)
   for n in (4096, 16384):
-    for name, fn in _dense_impls(blocks).items():
+    for name, fn in _dense_impls(TUNED["blocks"]).items():
       measure(rec, "dense", name, p, n, fn, reps)
   measure(rec, "dense", "blockwise_xla", p, 16384,
           lambda q, k, v: api.attention(q, k, v, pattern=p, implementation="blockwise"), max(reps // 3, 2))
   measure(rec, "dense", "xla", p, 16384,
-          lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla"), 2,
-          modes=("fwd",))
+          lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla"), 2)
 
 
-TUNE_CONFIGS = [
-    BlockSizes(),
-    BlockSizes(fwd_q=128, fwd_k=128, fwd_stages=2, dkv_q=64, dkv_k=128, dq_q=128, dq_k=64, bwd_warps=8),
-    BlockSizes(fwd_q=64, fwd_k=64, fwd_warps=4, bwd_stages=3),
-    BlockSizes(fwd_q=128, fwd_k=32, fwd_warps=4, dkv_q=32, dkv_k=64, dq_q=64, dq_k=32),
-    BlockSizes(fwd_stages=4, dkv_k=128, bwd_warps=8, bwd_stages=3),
-]
+FWD_CONFIGS = [dict(fwd_q=128, fwd_k=64, fwd_warps=8, fwd_stages=3),
+               dict(fwd_q=128, fwd_k=128, fwd_warps=8, fwd_stages=3),
+               dict(fwd_q=128, fwd_k=64, fwd_warps=4, fwd_stages=3),
+               dict(fwd_q=64, fwd_k=64, fwd_warps=4, fwd_stages=4),
+               dict(fwd_q=128, fwd_k=128, fwd_warps=8, fwd_stages=2)]
+BWD_CONFIGS = [dict(dkv_q=64, dkv_k=64, dq_q=64, dq_k=64, bwd_warps=4, bwd_stages=2),
+               dict(dkv_q=64, dkv_k=64, dq_q=64, dq_k=64, bwd_warps=4, bwd_stages=3),
+               dict(dkv_q=64, dkv_k=128, dq_q=128, dq_k=64, bwd_warps=8, bwd_stages=2),
+               dict(dkv_q=64, dkv_k=64, dq_q=64, dq_k=64, bwd_warps=8, bwd_stages=2),
+               dict(dkv_q=32, dkv_k=64, dq_q=64, dq_k=32, bwd_warps=4, bwd_stages=2),
+               dict(dkv_q=128, dkv_k=64, dq_q=64, dq_k=128, bwd_warps=8, bwd_stages=2)]
+TUNED = {"blocks": None}  # best BlockSizes found by section_tune, used by the later sections
 
 
 def section_tune(rec: Recorder, reps):
-  p = Dense(True)
-  for i, blocks in enumerate(TUNE_CONFIGS):
-    measure(rec, "tune", f"pallas_gpu cfg{i}", p, 16384, lambda q, k, v, b=blocks: pallas_attention(
-        q, k, v, p, blocks=b)[0], reps, config=dataclasses.asdict(blocks))
+  """Dense causal 16K: forward tiles by forward time, backward tiles by forward+backward time; keep the best."""
+  p, n = Dense(True), 16384
+  q, k, v = inputs(n)
+  best = {}
+  for kind, configs in (("fwd", FWD_CONFIGS), ("fwd+bwd", BWD_CONFIGS)):
+    for i, cfg in enumerate(configs):
+      # Backward candidates run behind the best forward found so far.
+      blocks = BlockSizes(**{**best.get("fwd", ({}, 0.0))[0], **cfg})
+      fwd, grad = fwd_and_grad(lambda q, k, v, b=blocks: pallas_attention(q, k, v, p, blocks=b)[0])
+      try:
+        t = timed(fwd if kind == "fwd" else grad, q, k, v, reps=reps)
+      except Exception as e:  # noqa: BLE001
+        rec.add(section="tune", impl=f"pallas_gpu {kind} cfg{i}", n=n, mode=kind, config=cfg, error=str(e)[:300])
+        continue
+      flops = 4 * D * B * masks.visible_pairs(p, n, H) * (3.5 if kind == "fwd+bwd" else 1.0)
+      rec.add(section="tune", impl=f"pallas_gpu {kind} cfg{i}", pattern=repr(p), n=n, mode=kind, ms=t * 1e3,
+              tflops=flops / t / 1e12, config=dataclasses.asdict(blocks))
+      if kind not in best or t < best[kind][1]:
+        best[kind] = (cfg, t)
+  TUNED["blocks"] = BlockSizes(**{**best["fwd"][0], **best["fwd+bwd"][0]})
+  rec.add(section="tune", impl="selected", config=dataclasses.asdict(TUNED["blocks"]))
 
 
-def section_sparse(rec: Recorder, reps, blocks=None):
+def section_sparse(rec: Recorder, reps):
   sw, bs = SinkWindow(SINK, WINDOW), BlockSparse(64, 16, 8)
+  blocks = TUNED["blocks"]
   for n in (32768, 131072):
     r = reps if n <= 32768 else max(reps // 3, 3)
     measure(rec, "sparse", "cudnn dense causal", Dense(True), n, _dense_impls()["cudnn"], r)
@@ -165,7 +188,8 @@ def section_sparse(rec: Recorder, reps, blocks=None):
             lambda q, k, v: api.attention(q, k, v, pattern=SinkWindow(0, WINDOW), implementation="cudnn"), r)
     measure(rec, "sparse", "pallas_gpu sink+window", sw, n,
             lambda q, k, v: pallas_attention(q, k, v, sw, blocks=blocks)[0], r)
-    measure(rec, "sparse", "api(None) sink+window", sw, n, lambda q, k, v: api.attention(q, k, v, pattern=sw), r)
+    measure(rec, "sparse", "api(None) sink+window", sw, n,
+            lambda q, k, v: api.attention(q, k, v, pattern=sw, blocks=blocks), r)
     measure(rec, "sparse", "pallas_gpu block_sparse(64,16,8)", bs, n,
             lambda q, k, v: api.attention(q, k, v, pattern=bs, implementation="pallas_gpu"), r)
 
@@ -177,7 +201,7 @@ SECTIONS = {"check": section_check, "calib": section_calib, "dense": section_den
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=".", help="folder for attention.json")
-  parser.add_argument("--sections", default="check,calib,dense,sparse")
+  parser.add_argument("--sections", default="check,calib,tune,dense,sparse")
   parser.add_argument("--reps", type=int, default=10)
   args = parser.parse_args()
   device = jax.devices()[0].device_kind
