@@ -150,7 +150,10 @@ BWD_CONFIGS = [dict(dkv_q=64, dkv_k=64, dq_q=64, dq_k=64, bwd_warps=4, bwd_stage
                dict(dkv_q=64, dkv_k=128, dq_q=128, dq_k=64, bwd_warps=8, bwd_stages=2),
                dict(dkv_q=64, dkv_k=64, dq_q=64, dq_k=64, bwd_warps=8, bwd_stages=2),
                dict(dkv_q=32, dkv_k=64, dq_q=64, dq_k=32, bwd_warps=4, bwd_stages=2),
-               dict(dkv_q=128, dkv_k=64, dq_q=64, dq_k=128, bwd_warps=8, bwd_stages=2)]
+               dict(dkv_q=128, dkv_k=64, dq_q=64, dq_k=128, bwd_warps=8, bwd_stages=2),
+               dict(dkv_q=64, dkv_k=64, bwd_warps=4, bwd_stages=2, fused_dq=True),
+               dict(dkv_q=64, dkv_k=128, bwd_warps=8, bwd_stages=2, fused_dq=True),
+               dict(dkv_q=32, dkv_k=128, bwd_warps=8, bwd_stages=3, fused_dq=True)]
 TUNED = {"blocks": None}  # best BlockSizes found by section_tune, used by the later sections
 
 

@@ -46,6 +46,7 @@ class BlockSizes:
   bwd_warps: int = 4
   fwd_stages: int = 3
   bwd_stages: int = 2
+  fused_dq: bool = False  # one backward kernel: dQ tiles atomically added from the dK/dV loop (FA2 style)
 
   @classmethod
   def for_pattern(cls, pattern: Pattern) -> BlockSizes:
@@ -141,7 +142,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _
   dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, st: _Static, group: int):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: _Static, group: int):
+  # refs = (dk, dv) or, with fused_dq, (dq_init, dk, dv, dq): dq_init aliases dq, a float32 accumulator.
+  dk_ref, dv_ref = refs[-3:-1] if st.blocks.fused_dq else refs
+  dq_ref = refs[-1] if st.blocks.fused_dq else None
   bq, bk = st.blocks.dkv_q, st.blocks.dkv_k
   ki, h = pl.program_id(0), pl.program_id(2) // group
   k, v = k_ref[...], v_ref[...]
@@ -159,8 +163,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     p = jnp.exp2(s)
     dv = dv + _dot(p.astype(do.dtype), do, 0, 0)
     dp = _dot(do, v, 1, 1)
-    ds = p * (dp - delta[:, None])
-    return dk + _dot(ds.astype(q.dtype), q, 0, 0), dv
+    ds = (p * (dp - delta[:, None])).astype(q.dtype)
+    if dq_ref is not None:
+      plgpu.atomic_add(dq_ref, (pl.ds(start, bq), slice(None)), _dot(ds, k, 1, 0) * st.scale)
+    return dk + _dot(ds, q, 0, 0), dv
 
   zeros = jnp.zeros((bk, k.shape[-1]), jnp.float32)
   carry = (zeros, zeros)
@@ -215,6 +221,22 @@ def _backward(st: _Static, residuals, cotangents):
   q_full = pl.BlockSpec((None, t, None, d), lambda i, b_, h: (b_, 0, h, 0))
   kv_full = pl.BlockSpec((None, s, None, d), lambda i, b_, h: (b_, 0, kv_head(h), 0))
   rows_full = pl.BlockSpec((None, None, t), lambda i, b_, h: (b_, h, 0))
+  kv_tile = pl.BlockSpec((None, blocks.dkv_k, None, d), lambda i, b_, h: (b_, i, kv_head(h), 0))
+  out_tile = pl.BlockSpec((None, blocks.dkv_k, None, d), lambda i, b_, h: (b_, i, h, 0))
+  dkv_shape = jax.ShapeDtypeStruct((b, s, hq, d), k.dtype if group == 1 else jnp.float32)
+  in_specs = [q_full, kv_tile, kv_tile, q_full, rows_full, rows_full]
+  if blocks.fused_dq:
+    dk, dv, dq = pl.pallas_call(
+        functools.partial(_dkv_kernel, st=st, group=group),
+        grid=(s // blocks.dkv_k, b, hq),
+        in_specs=in_specs + [q_full],
+        out_specs=[out_tile, out_tile, q_full],
+        out_shape=[dkv_shape, dkv_shape, jax.ShapeDtypeStruct(q.shape, jnp.float32)],
+        input_output_aliases={6: 2},
+        compiler_params=_params(blocks.bwd_warps, blocks.bwd_stages),
+        interpret=st.interpret, name="block_sparse_attention_bwd_fused",
+    )(q, k, v, do, lse_rows, delta, jnp.zeros(q.shape, jnp.float32))
+    return dq.astype(q.dtype), *_sum_group(dk, dv, k, v, group)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, st=st, group=group),
       grid=(t // blocks.dq_q, b, hq),
@@ -226,21 +248,25 @@ def _backward(st: _Static, residuals, cotangents):
       compiler_params=_params(blocks.bwd_warps, blocks.bwd_stages),
       interpret=st.interpret, name="block_sparse_attention_dq",
   )(q, k, v, do, lse_rows, delta)
-  kv_tile = pl.BlockSpec((None, blocks.dkv_k, None, d), lambda i, b_, h: (b_, i, kv_head(h), 0))
-  out_tile = pl.BlockSpec((None, blocks.dkv_k, None, d), lambda i, b_, h: (b_, i, h, 0))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, st=st, group=group),
       grid=(s // blocks.dkv_k, b, hq),
-      in_specs=[q_full, kv_tile, kv_tile, q_full, rows_full, rows_full],
+      in_specs=in_specs,
       out_specs=[out_tile, out_tile],
-      out_shape=[jax.ShapeDtypeStruct((b, s, hq, d), k.dtype if group == 1 else jnp.float32)] * 2,
+      out_shape=[dkv_shape, dkv_shape],
       compiler_params=_params(blocks.bwd_warps, blocks.bwd_stages),
       interpret=st.interpret, name="block_sparse_attention_dkv",
   )(q, k, v, do, lse_rows, delta)
-  if group > 1:
-    dk = dk.reshape(b, s, hkv, group, d).sum(3).astype(k.dtype)
-    dv = dv.reshape(b, s, hkv, group, d).sum(3).astype(v.dtype)
-  return dq, dk, dv
+  return dq, *_sum_group(dk, dv, k, v, group)
+
+
+def _sum_group(dk, dv, k, v, group):
+  """Per-query-head dK/dV [B, S, Hq, D] -> per-KV-head [B, S, Hkv, D] (a no-op without GQA)."""
+  if group == 1:
+    return dk, dv
+  b, s, hkv, d = k.shape
+  return (dk.reshape(b, s, hkv, group, d).sum(3).astype(k.dtype),
+          dv.reshape(b, s, hkv, group, d).sum(3).astype(v.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
