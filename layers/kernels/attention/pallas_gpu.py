@@ -57,8 +57,14 @@ class BlockSizes:
     return cls()
 
   @property
+  def tiles(self) -> tuple[int, ...]:
+    """Every tile side the kernels use (the dQ kernel's only without ``fused_dq``)."""
+    dq = () if self.fused_dq else (self.dq_q, self.dq_k)
+    return (self.fwd_q, self.fwd_k, self.dkv_q, self.dkv_k) + dq
+
+  @property
   def max_tile(self) -> int:
-    return max(self.fwd_q, self.fwd_k, self.dkv_q, self.dkv_k, self.dq_q, self.dq_k)
+    return max(self.tiles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,8 +299,7 @@ def check_supported(q, k, v, pattern: Pattern, blocks: BlockSizes) -> str | None
     return f"needs a power-of-two head dim in [16, 256] (got {d})"
   if q.shape[2] % k.shape[2]:
     return f"query heads ({q.shape[2]}) must be a multiple of KV heads ({k.shape[2]})"
-  if isinstance(pattern, BlockSparse) and {blocks.fwd_q, blocks.fwd_k, blocks.dkv_q, blocks.dkv_k,
-                                             blocks.dq_q, blocks.dq_k} != {pattern.block}:
+  if isinstance(pattern, BlockSparse) and set(blocks.tiles) != {pattern.block}:
     return f"BlockSparse needs every tile equal to its block ({pattern.block}), got {blocks}"
   if isinstance(pattern, BlockSparse) and pattern.block < 16:
     return f"BlockSparse blocks below 16 do not fit tensor-core tiles (got {pattern.block})"
