@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import jax
 import optax
 
 from optim.galore import galore
@@ -44,7 +45,16 @@ def _natural_galore(cfg: "TrainConfig", schedule: optax.Schedule) -> optax.Gradi
 
 @register_optimizer("optax_galore")
 def _optax_galore(cfg: "TrainConfig", schedule: optax.Schedule) -> optax.GradientTransformation:
-  """optax.contrib.galore as shipped (every matrix projected, larger side, scale 1), same rank and gap."""
-  return optax.contrib.galore(schedule, rank=galore_rank(cfg), update_proj_gap=UPDATE_PROJ_GAP,
-                              base_optimizer=optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2),
-                              weight_decay=cfg.weight_decay, mask=decay_mask)
+  """optax.contrib.galore's algorithm (every matrix projected, larger side, scale 1), same rank and gap.
+
+  Equal to ``optax.contrib.galore`` update for update; only the non-matrix leaves are routed around it by
+  ``optax.partition``, because its state holds a zero-size projector per such leaf and orbax refuses to
+  checkpoint zero-size arrays.
+  """
+  matrices = lambda params: jax.tree.map(lambda p: "galore" if p.ndim == 2 else "full_rank", params)
+  adam = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2)
+  projected = optax.contrib.scale_by_galore(rank=galore_rank(cfg), update_proj_gap=UPDATE_PROJ_GAP,
+                                            base_optimizer=adam)
+  return optax.chain(optax.partition({"galore": projected, "full_rank": adam}, matrices),
+                     optax.add_decayed_weights(cfg.weight_decay, decay_mask),
+                     optax.scale_by_learning_rate(schedule))
