@@ -22,7 +22,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _solve(args) -> None:
   inst, _ = io_minimalloc.read_csv(args.file, capacity=args.capacity)
-  sol = solvers.solve(inst, args.method, args.objective, args.time_limit, args.agent_dir, args.simulations)
+  agent = solvers.AgentOptions(args.agent_dir, args.simulations, args.rollout_weight, args.agent_order)
+  sol = solvers.solve(inst, args.method, args.objective, args.time_limit, agent)
   print(f"{Path(args.file).name}: {sol.summary()}")
   if sol.offsets.size and args.out:
     io_minimalloc.write_csv(args.out, inst, sol.offsets)
@@ -71,7 +72,22 @@ def _train(args) -> None:
   cfg = dataclasses.replace(base, **overrides)
   _, history = train(cfg, args.workdir)
   (Path(args.workdir) / "history.json").write_text(json.dumps(history, indent=1))
+  _plot_history(history, Path(args.workdir) / "history.png")
   print(f"trained {cfg.iterations} iterations; checkpoints in {args.workdir}")
+
+
+def _plot_history(history: list[dict], path: Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  ax.plot([h["iteration"] for h in history], [h["height_over_opt"] for h in history], label="self-play height / opt")
+  ax.plot([h["iteration"] for h in history], [h["optimal"] for h in history], label="fraction optimal")
+  ax.set_xlabel("iteration")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--time-limit", type=float, default=60.0, help="CP-SAT seconds")
   s.add_argument("--agent-dir", default=None, help="folder of a train-agent run")
   s.add_argument("--simulations", type=int, default=64, help="agent search simulations per move")
+  s.add_argument("--rollout-weight", type=float, default=1.0,
+                 help="agent leaf value = (1-w) * network value + w * best-fit rollout return")
+  s.add_argument("--agent-order", default=None, help="buffer order for the agent (default: the trained one)")
   s.add_argument("--out", default=None, help="solution CSV (id,lower,upper,size,offset)")
   s.add_argument("--plot", default=None, help="PNG of the placement")
   s.set_defaults(run=_solve)
@@ -101,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--tiny", action="store_true", help="the seconds-long CPU config")
   for name in ("iterations", "n_min", "n_max", "batch_envs", "num_simulations", "seed", "pack_width", "pack_height"):
     t.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None)
+  t.add_argument("--order", default=None, help="buffer order of the game (memmap.orders.ORDERS)")
   t.set_defaults(run=_train)
   return p
 

@@ -42,7 +42,7 @@ class Solution:
 
   @property
   def fits(self) -> bool:
-    return self.peak <= self.capacity and self.placed == len(self.offsets)
+    return self.offsets.size > 0 and self.peak <= self.capacity and self.placed == self.offsets.size
 
   @property
   def cost(self) -> float:
@@ -59,8 +59,17 @@ class Solution:
             f"status={self.status} time={self.seconds:.2f}s")
 
 
+@dataclasses.dataclass(frozen=True)
+class AgentOptions:
+  """Where the trained agent lives and how it searches (see ``memmap.agent.train.solve``)."""
+  agent_dir: str | Path | None = None
+  num_simulations: int = 64
+  rollout_weight: float = 1.0
+  order: str | None = None
+
+
 def solve(inst: Instance, method: str, objective: str = "height", time_limit: float = 60.0,
-          agent_dir: str | Path | None = None, num_simulations: int = 64) -> Solution:
+          agent: AgentOptions = AgentOptions()) -> Solution:
   """Runs ``method`` and validates its placement (raises ``PlacementError`` on an invalid one)."""
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}.")
@@ -79,7 +88,7 @@ def solve(inst: Instance, method: str, objective: str = "height", time_limit: fl
     status = res.status
     offsets = res.offsets if res.offsets is not None else np.full(0, SLOW, np.int64)
   else:
-    offsets, status = _agent(inst, objective, agent_dir, num_simulations), "search"
+    offsets, status = _agent(inst, objective, agent), "search"
   seconds = time.perf_counter() - t0
   if offsets.size == 0:
     return Solution(method, objective, offsets, 0, inst.capacity, load_bound(inst), 0, 0.0, status, seconds)
@@ -90,11 +99,11 @@ def solve(inst: Instance, method: str, objective: str = "height", time_limit: fl
                   seconds)
 
 
-def _agent(inst: Instance, objective: str, agent_dir, num_simulations: int) -> np.ndarray:
+def _agent(inst: Instance, objective: str, opts: AgentOptions) -> np.ndarray:
   from memmap.agent.train import load_agent, solve as agent_solve  # jax/flax only when the agent is asked for
-  if agent_dir is None:
+  if opts.agent_dir is None:
     raise ValueError("method 'agent' needs --agent-dir, the folder of a `python -m memmap train-agent` run.")
-  net, cfg = load_agent(agent_dir)
+  net, cfg = load_agent(opts.agent_dir)
   if cfg.objective != objective:
-    raise ValueError(f"the agent in {agent_dir} was trained for objective {cfg.objective!r}, not {objective!r}.")
-  return agent_solve(net, cfg, inst, num_simulations)
+    raise ValueError(f"the agent in {opts.agent_dir} was trained for objective {cfg.objective!r}, not {objective!r}.")
+  return agent_solve(net, cfg, inst, opts.num_simulations, rollout_weight=opts.rollout_weight, order=opts.order)

@@ -27,27 +27,44 @@ class SearchConfig:
   num_simulations: int = 32
   max_num_considered_actions: int = 16
   gumbel_scale: float = 1.0
+  rollout_weight: float = 0.0
 
   def __post_init__(self):
     if self.num_simulations < 1 or self.max_num_considered_actions < 1:
       raise ValueError(f"SearchConfig needs num_simulations >= 1 and max_num_considered_actions >= 1: {self}.")
+    if not 0.0 <= self.rollout_weight <= 1.0:
+      raise ValueError(f"SearchConfig.rollout_weight must be in [0, 1], got {self.rollout_weight}.")
 
 
-def _evaluate(graphdef, net_state, envp, states, cfg: env.GameConfig):
+def best_fit_rollout(p: env.EnvParams, s: env.State, cfg: env.GameConfig) -> jax.Array:
+  """The return of finishing the episode from ``s`` with slot 0 (best fit) at every step: a leaf value estimate."""
+  def body(carry):
+    st, total = carry
+    nxt, r, _, _ = env.step(p, st, jnp.int32(0), cfg)
+    return nxt, total + r
+
+  return jax.lax.while_loop(lambda c: ~c[0].terminal, body, (s, jnp.float32(0.0)))[1]
+
+
+def _evaluate(graphdef, net_state, envp, states, cfg: env.GameConfig, scfg: SearchConfig):
+  """Observations, masked prior logits and leaf values (net value mixed with a best-fit rollout, AlphaGo-style)."""
   obs = jax.vmap(lambda p, s: env.observe(p, s, cfg))(envp, states)
   logits, value = nnx.merge(graphdef, net_state)(obs)
+  if scfg.rollout_weight > 0:
+    rollout = jax.vmap(lambda p, s: best_fit_rollout(p, s, cfg))(envp, states)
+    value = (1.0 - scfg.rollout_weight) * value + scfg.rollout_weight * rollout
   return obs, logits, jnp.where(states.terminal, 0.0, value)
 
 
 def search(graphdef, net_state, envp: env.EnvParams, states: env.State, rng: jax.Array, cfg: env.GameConfig,
            scfg: SearchConfig):
   """One Gumbel MuZero decision per instance; returns (mctx.PolicyOutput, observations of the roots)."""
-  obs, logits, value = _evaluate(graphdef, net_state, envp, states, cfg)
+  obs, logits, value = _evaluate(graphdef, net_state, envp, states, cfg, scfg)
 
   def recurrent_fn(params, _, action, emb):
     net, ep = params
     nxt, reward, _, _ = jax.vmap(lambda p, s, a: env.step(p, s, a, cfg))(ep, emb, action)
-    _, lg, v = _evaluate(graphdef, net, ep, nxt, cfg)
+    _, lg, v = _evaluate(graphdef, net, ep, nxt, cfg, scfg)
     discount = jnp.where(nxt.terminal, 0.0, 1.0)
     return mctx.RecurrentFnOutput(reward=reward, discount=discount, prior_logits=lg, value=v), nxt
 

@@ -69,10 +69,10 @@ class AgentConfig:
   def game(self) -> env.GameConfig:
     return env.GameConfig(objective=self.objective, order=self.order, num_slots=self.num_slots, grid=self.grid)
 
-  def search(self, train: bool, num_simulations: int | None = None) -> SearchConfig:
+  def search(self, train: bool, num_simulations: int | None = None, rollout_weight: float = 0.0) -> SearchConfig:
     return SearchConfig(num_simulations=num_simulations or self.num_simulations,
                         max_num_considered_actions=self.max_num_considered_actions,
-                        gumbel_scale=1.0 if train else 0.0)
+                        gumbel_scale=1.0 if train else 0.0, rollout_weight=rollout_weight)
 
   @classmethod
   def tiny(cls) -> AgentConfig:
@@ -142,11 +142,12 @@ def train(cfg: AgentConfig, workdir: str | Path | None = None, *,
       batch = replay.sample(rng, cfg.train_batch)
       params, opt, (ce, mse) = _update(graphdef, params, opt, batch, tx, cfg.value_weight)
     ratio = float(np.mean(np.asarray(final.height) / cfg.pack_height))
+    rate = (it + 1 - start) / (time.perf_counter() - t0)
     history.append({"iteration": it + 1, "height_over_opt": ratio, "optimal": float(np.mean(
         np.asarray(final.height) == cfg.pack_height)), "ce": float(ce), "mse": float(mse),
                     "seconds": time.perf_counter() - t0})
     log(f"iter {it + 1}/{cfg.iterations}  height/opt {ratio:.3f}  optimal {history[-1]['optimal']:.2f}  "
-        f"ce {float(ce):.3f}  mse {float(mse):.4f}  {(it + 1 - start) / (time.perf_counter() - t0):.2f} it/s")
+        f"ce {float(ce):.3f}  mse {float(mse):.4f}  {rate:.2f} it/s  ETA {(cfg.iterations - it - 1) / rate:.0f}s")
     if ckpt is not None:
       ckpt.save(it + 1, (params, opt), {"step": it + 1, "seed": cfg.seed, "config": dataclasses.asdict(cfg)})
   if ckpt is not None:
@@ -178,12 +179,17 @@ def load_agent(workdir: str | Path) -> tuple[PolicyValueNet, AgentConfig]:
   return nnx.merge(graphdef, params), cfg
 
 
-def solve(net: PolicyValueNet, cfg: AgentConfig, inst: Instance, num_simulations: int = 64,
-          seed: int = 0) -> np.ndarray:
-  """Plays one searched episode (gumbel_scale 0) on ``inst``; returns byte offsets (``SLOW`` where left slow)."""
-  game = env.make_game(inst, cfg.game)
+def solve(net: PolicyValueNet, cfg: AgentConfig, inst: Instance, num_simulations: int = 64, seed: int = 0,
+          rollout_weight: float = 0.0, order: str | None = None) -> np.ndarray:
+  """Plays one searched episode (gumbel_scale 0) on ``inst``; returns byte offsets (``SLOW`` where left slow).
+
+  ``rollout_weight`` mixes a best-fit rollout into the leaf values (0: the network's value alone); ``order``
+  overrides the buffer order the network was trained with.
+  """
+  game_cfg = cfg.game if order is None else dataclasses.replace(cfg.game, order=order)
+  game = env.make_game(inst, game_cfg)
   envp = jax.tree.map(lambda x: x[None], game.params)
   graphdef, params = nnx.split(net)
-  final, _ = rollout(graphdef, params, envp, jax.random.key(seed), cfg.game,
-                     cfg.search(train=False, num_simulations=num_simulations), inst.n, record=False)
+  final, _ = rollout(graphdef, params, envp, jax.random.key(seed), game_cfg,
+                     cfg.search(False, num_simulations, rollout_weight), inst.n, record=False)
   return game.offsets_bytes(jax.tree.map(lambda x: x[0], final))

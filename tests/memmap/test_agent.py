@@ -9,12 +9,12 @@ from flax import nnx
 
 from memmap import env
 from memmap.agent.network import NEG
-from memmap.agent.search import SearchConfig, search
+from memmap.agent.search import SearchConfig, best_fit_rollout, search
 from memmap.agent.train import AgentConfig, load_agent, make_net, solve, train
 from memmap.baselines.exhaustive import min_height
 from memmap.baselines.heuristics import greedy
 from memmap.generators import guillotine
-from memmap.instance import SLOW, Instance, validate
+from memmap.instance import SLOW, Instance, load_bound, validate
 
 
 def _toy() -> Instance:
@@ -75,3 +75,19 @@ def test_agent_trains_and_packs_perfect_packings(tmp_path):
     off = solve(restored, cfg2, inst, num_simulations=64)
     hits += validate(inst, off) == 8
   assert hits == 5
+
+
+def test_best_fit_rollout_value_equals_the_greedy_return():
+  inst = guillotine(12, np.random.default_rng(7), 16, 16)
+  cfg = env.GameConfig(num_slots=8, grid=8)
+  game = env.make_game(inst, cfg, n_max=16)
+  value = float(jax.jit(best_fit_rollout, static_argnames="cfg")(game.params, env.reset(game.params), cfg=cfg))
+  height = validate(inst, greedy(inst, "spatial", "best"), capacity=10**9)
+  assert value == pytest.approx(-height / load_bound(inst), rel=1e-5)
+
+
+def test_rollout_guided_agent_emits_valid_placements():
+  cfg = AgentConfig.tiny()
+  inst = guillotine(8, np.random.default_rng(3), 8, 8)
+  off = solve(make_net(cfg, 1), cfg, inst, num_simulations=8, rollout_weight=1.0, order="chronological")
+  assert validate(inst, off, capacity=10**9) <= validate(inst, greedy(inst, "chronological", "best"), capacity=10**9)

@@ -1,0 +1,136 @@
+"""mallocGame study: every placement method on the MiniMalloc "challenging" set and on memlab's own train steps.
+
+MiniMalloc A-F (google/minimalloc ``benchmarks/challenging``, Apache-2.0): perfect packings, optimum peak exactly
+1,048,576 bytes. Extracted sets: the ``preallocated-temp`` buffers of ``research.train.lower_train_step`` for each
+named config (CPU backend), compared with XLA's own temp layout. Per method: peak (height objective) vs optimum /
+load bound, fit, solve time; for extracted sets also the modelled program time T/T_slow at half of XLA's temp size.
+
+  PYTHONPATH=. python benchmarks/memmap_study.py --agent-dir runs/memmap_agent --out docs/memmap/study.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from memmap.baselines import cpsat
+from memmap.instance import SLOW, load_bound, validate
+from memmap.io_minimalloc import read_csv
+from memmap.plot import plot_placement
+from memmap.solvers import HEURISTICS, AgentOptions, Solution, solve
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "minimalloc"
+OPT = 1048576
+
+
+def _row(sol, opt):
+  return {"method": sol.method, "status": sol.status, "peak": sol.peak, "fits": bool(sol.fits),
+          "over_opt_pct": 100.0 * (sol.peak / opt - 1.0) if sol.peak else None, "seconds": round(sol.seconds, 3)}
+
+
+def _variants(method: str, args) -> list[tuple[str, AgentOptions | None]]:
+  """(label, agent options) for each run of ``method``; agent variants are 'simulations:rollout_weight:order'."""
+  if method != "agent":
+    return [(method, None)]
+  out = []
+  for v in args.agent_variants:
+    sims, weight, order = v.split(":")
+    out.append((f"agent[{order},w={weight},{sims}sims]", AgentOptions(args.agent_dir, int(sims), float(weight), order)))
+  return out
+
+
+def _cpsat_fit(inst, time_limit: float) -> Solution:
+  """CP-SAT feasibility at the capacity (offsets bounded by C), as in MiniMalloc's comparison."""
+  res = cpsat.solve_height(inst, time_limit=time_limit, upper_bound=inst.capacity)
+  off = res.offsets if res.offsets is not None else np.full(0, SLOW, np.int64)
+  peak = validate(inst, off) if off.size else 0
+  return Solution("cpsat_fit", "height", off, peak, inst.capacity, load_bound(inst), off.size, float(off.size > 0),
+                  res.status, res.seconds)
+
+
+def minimalloc(methods, args, plots: Path) -> list[dict]:
+  rows = []
+  for name in args.instances:
+    inst, _ = read_csv(DATA / f"{name}.1048576.csv")
+    for method in methods:
+      for label, opts in _variants(method, args):
+        sol = _cpsat_fit(inst, args.time_limit) if method == "cpsat_fit" else solve(inst, method, "height", args.time_limit,
+                                                                    opts or AgentOptions())
+        row = {"instance": name, "n": inst.n, "L": load_bound(inst), **_row(sol, OPT), "method": label}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if sol.offsets.size and method in ("best_fit", "cpsat", "agent") and name in args.plot:
+          plot_placement(inst, sol.offsets, plots / f"{name}_{label}.png",
+                         f"MiniMalloc {name} {label}: peak {sol.peak} ({row['over_opt_pct']:+.1f}% over opt)")
+  return rows
+
+
+def extracted(methods, args, plots: Path) -> list[dict]:
+  from experiments.configs import get_config
+  from research.train import lower_train_step
+  from memmap.xla_extract import extract
+  rows = []
+  for cname in args.configs:
+    cfg = get_config(cname.split("+")[0])
+    if "+" in cname:  # e.g. tiny+mom: the tiny run with every mixer replaced
+      mixer = cname.split("+")[1]
+      cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, layers=(mixer,) * len(cfg.model.layers)))
+    t0 = time.perf_counter()
+    bufs = extract(lower_train_step(cfg))
+    inst = bufs.instance
+    lb = load_bound(inst)
+    base = {"config": cname, "n": inst.n, "distinct_times": int(np.unique(np.r_[inst.lower, inst.upper]).size),
+            "L": lb, "xla_temp": bufs.xla_height, "extract_s": round(time.perf_counter() - t0, 2),
+            "totals_match": all(a == b for a, b in bufs.totals().values())}
+    rows.append({**base, "method": "xla", "peak": bufs.xla_height, "over_L_pct": 100.0 * (bufs.xla_height / lb - 1)})
+    print(json.dumps(rows[-1]), flush=True)
+    plot_placement(inst.replace(capacity=bufs.xla_height), bufs.xla_offsets, plots / f"{cname}_xla.png",
+                   f"{cname} train step: XLA temp layout, {bufs.xla_height} B (L={lb})")
+    half = inst.replace(capacity=bufs.xla_height // 2)
+    for method, opts in [v for m in methods if m != "cpsat_fit" for v in _variants(m, args)]:
+      sol = solve(inst, method.split("[")[0], "height", args.time_limit, opts or AgentOptions())
+      row = {**base, "method": method, "status": sol.status, "peak": sol.peak,
+             "over_L_pct": 100.0 * (sol.peak / lb - 1) if sol.peak else None, "seconds": round(sol.seconds, 3)}
+      if opts is None:
+        ben = solve(half, method, "benefit", args.time_limit)
+        fast = ben.offsets != SLOW if ben.offsets.size else np.zeros(inst.n, bool)
+        if ben.offsets.size:
+          validate(half, ben.offsets)
+        row["T_over_Tslow_at_half"] = bufs.program.time(fast) / bufs.program.t_slow
+        row["benefit_seconds"] = round(ben.seconds, 3)
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  return rows
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--instances", nargs="*", default=list("ABCDEF"))
+  p.add_argument("--configs", nargs="*", default=["tiny", "mqar_tiny"])
+  p.add_argument("--methods", nargs="*", default=list(HEURISTICS) + ["portfolio", "cpsat", "cpsat_fit", "agent"])
+  p.add_argument("--time-limit", type=float, default=60.0)
+  p.add_argument("--agent-variants", nargs="*", default=["64:0:spatial", "16:1:spatial", "16:1:chronological"],
+                 help="simulations:rollout_weight:order per agent run")
+  p.add_argument("--agent-dir", default=None)
+  p.add_argument("--plot", nargs="*", default=["A", "F"])
+  p.add_argument("--out", default="docs/memmap/study.json")
+  args = p.parse_args()
+  methods = [m for m in args.methods if m != "agent" or args.agent_dir]
+  plots = Path(args.out).parent
+  plots.mkdir(parents=True, exist_ok=True)
+  env = {"backend": jax.default_backend(), "jax": jax.__version__, "cpu": platform.processor() or platform.machine(),
+         "time_limit_s": args.time_limit, "cpsat_workers": 2}
+  result = {"env": env, "minimalloc": minimalloc(methods, args, plots), "extracted": extracted(methods, args, plots)}
+  Path(args.out).write_text(json.dumps(result, indent=1))
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
