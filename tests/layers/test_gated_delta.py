@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from layers.kernels.gated_delta import api, chunked, reference, state_scan
+from layers.kernels.gated_delta import api, chunked, reference, state_scan, wy
 
 
 def _inputs(seed, b=2, t=100, h=2, dk=16, dv=32, decay_scale=1.0, dtype=jnp.float32):
@@ -32,8 +32,9 @@ def _rel(x, y):
   return _max_err(x, y) / float(jnp.max(jnp.abs(y)))
 
 
-def _chunked(chunk_size, scan_impl="xla"):
-  return lambda *a, **kw: chunked.gated_delta_rule_chunked(*a, chunk_size=chunk_size, scan_impl=scan_impl, **kw)
+def _chunked(chunk_size, kernel_impl="xla"):
+  return lambda *a, **kw: chunked.gated_delta_rule_chunked(*a, chunk_size=chunk_size, kernel_impl=kernel_impl,
+                                                           **kw)
 
 
 @pytest.mark.parametrize("chunk_size", [16, 32, 64])
@@ -53,7 +54,7 @@ def test_unit_lower_inverse():
   k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
   beta = jax.nn.sigmoid(jax.random.normal(jax.random.PRNGKey(2), (3, 64, 1)))
   a = jnp.tril(beta * (k @ jnp.swapaxes(k, -1, -2)), -1)
-  inv = chunked.unit_lower_inverse(a)
+  inv = wy.unit_lower_inverse(a)
   residual = _max_err(inv @ (jnp.eye(64) + a), jnp.eye(64))
   print(f"||T(I+A) - I||_max = {residual:.2e}")
   assert residual <= 1e-5
@@ -76,7 +77,35 @@ def test_gradients_match_reference(impl):
     assert rel <= 1e-4, name
 
 
-def test_pallas_scan_matches_xla_scan():
+def test_wy_backward_matches_autodiff_of_triangular_solve():
+  """The analytic WY backward (xla and Pallas forward) vs jax.grad through a plain triangular solve."""
+  ks = jax.random.split(jax.random.PRNGKey(12), 5)
+  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  k, v = unit(jax.random.normal(ks[0], (1, 2, 3, 16, 16))), jax.random.normal(ks[1], (1, 2, 3, 16, 32))
+  beta = jax.nn.sigmoid(jax.random.normal(ks[2], (1, 2, 3, 16)))
+  gamma = jnp.cumsum(jax.nn.log_sigmoid(jax.random.normal(ks[3], (1, 2, 3, 16))), -1)
+  probe_w, probe_u = jax.random.normal(ks[4], (2, 1, 2, 3, 16, 32))
+  probe_w = probe_w[..., :16]
+
+  def naive(k, v, beta, gamma):
+    a = jnp.tril(beta[..., :, None] * (k @ jnp.swapaxes(k, -1, -2)) * jnp.exp(
+        jnp.tril(gamma[..., :, None] - gamma[..., None, :])), -1)
+    eye = jnp.eye(16)
+    solve = lambda rhs: jax.scipy.linalg.solve_triangular(eye + a, rhs, lower=True, unit_diagonal=True)
+    return solve(k * (beta * jnp.exp(gamma))[..., None]), solve(v * beta[..., None])
+
+  loss = lambda fn: lambda *a: jnp.sum(fn(*a)[0] * probe_w) + jnp.sum(fn(*a)[1] * probe_u)
+  g_ref = jax.grad(loss(naive), argnums=(0, 1, 2, 3))(k, v, beta, gamma)
+  for impl in ("xla", "pallas_interpret"):
+    fn = lambda *a, impl=impl: wy.wy_representation(*a, impl=impl)
+    assert max(_max_err(x, y) for x, y in zip(fn(k, v, beta, gamma), naive(k, v, beta, gamma))) <= 1e-5
+    g = jax.grad(loss(fn), argnums=(0, 1, 2, 3))(k, v, beta, gamma)
+    for name, x, y in zip(("dk", "dv", "dbeta", "dgamma"), g, g_ref):
+      print(f"wy {impl} {name}: max rel err {_rel(x, y):.2e}")
+      assert _rel(x, y) <= 1e-4, (impl, name)
+
+
+def test_pallas_kernels_match_xla():
   q, k, v, g, beta, s0 = _inputs(3, t=96, decay_scale=4.0)
   o_x, s_x = _chunked(32, "xla")(q, k, v, g, beta, initial_state=s0)
   o_p, s_p = _chunked(32, "pallas_interpret")(q, k, v, g, beta, initial_state=s0)

@@ -5,8 +5,8 @@ those of :mod:`reference`: q, k [b, t, h, K]; v [b, t, h, V]; g (log-decay ≤ 0
 [b, h, K, V]; returns (o [b, t, h, V], final state).
 
 ``implementation`` picks how the sequence is processed:
-  * ``"pallas_triton"``: chunked WY form, inter-chunk recurrence as Pallas-Triton kernels (GPU only; K, V and
-    chunk_size powers of two ≥ 16);
+  * ``"pallas_triton"``: chunked WY form with the per-chunk WY representation and the inter-chunk recurrence as
+    Pallas-Triton kernels (GPU only; K, V and chunk_size powers of two ≥ 16);
   * ``"xla_chunked"``: the same chunked form with the recurrence as ``lax.scan`` (any backend, any shape);
   * ``"reference"``: the token-by-token scan.
 ``None`` takes the first that applies, in that order. An explicitly requested implementation that cannot run
@@ -65,6 +65,6 @@ def gated_delta_rule(
     raise ValueError(f"gated delta rule implementation {implementation!r} cannot run: {why}")
   if implementation == "reference":
     return reference.gated_delta_rule_reference(q, k, v, g, beta, scale=scale, initial_state=initial_state)
-  scan_impl = "pallas_triton" if implementation == "pallas_triton" else "xla"
+  kernel_impl = "pallas_triton" if implementation == "pallas_triton" else "xla"
   return chunked.gated_delta_rule_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                          chunk_size=chunk_size, scan_impl=scan_impl)
+                                          chunk_size=chunk_size, kernel_impl=kernel_impl)

@@ -10,10 +10,9 @@ the exp, so no positive exponent is ever evaluated), S₀ = state entering the c
     V_new = U − W S₀ ;  S_next = e^{γ_C} S₀ + (diag(e^{γ_C − γ}) K)ᵀ V_new
     O = scale · (diag(e^γ) Q S₀ + (Q Kᵀ ⊙ Γ ⊙ LowerInclDiag) V_new)
 
-Everything except the V_new/S_next recurrence is independent across chunks and runs as batched matmuls over
-[b, h, n_chunks]; only that recurrence is sequential (:mod:`state_scan`, with a hand-written backward). T = (I+A)⁻¹
-is the finite Neumann product ∏_j (I + N^{2^j}), N = −A nilpotent, i.e. log2(C) batched C×C matmuls instead of a
-sequential triangular solve. Sequences are right-padded to a multiple of C with identity tokens (β = 0, g = 0,
+Everything except the V_new/S_next recurrence is independent across chunks: W and U come from :mod:`wy` (fused
+per chunk on GPU, analytic backward), the output from batched matmuls over [b, h, n_chunks]; only the recurrence
+is sequential (:mod:`state_scan`, with a hand-written backward). Sequences are right-padded to a multiple of C with identity tokens (β = 0, g = 0,
 q = k = v = 0), which leave the state unchanged.
 
 Shapes: q, k [b, t, h, K]; v [b, t, h, V]; g, beta [b, t, h]; state float32 [b, h, K, V]. Matmul operands are in
@@ -27,8 +26,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from layers.kernels.gated_delta import state_scan
+from layers.kernels.gated_delta import state_scan, wy
 from layers.kernels.gated_delta.reference import resolve_scale, zero_state
+
+KERNEL_IMPLS = ("xla", "pallas_triton", "pallas_interpret")
 
 SUPPORTED_CHUNK_SIZES = (16, 32, 64, 128)
 
@@ -36,21 +37,6 @@ SUPPORTED_CHUNK_SIZES = (16, 32, 64, 128)
 def _dot(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
   """einsum with operands cast to ``dtype`` and float32 accumulation/result."""
   return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
-
-
-def unit_lower_inverse(a: jax.Array) -> jax.Array:
-  """(I + A)⁻¹ for strictly lower-triangular A [..., c, c] (c a power of two), float32.
-
-  With N = −A nilpotent (N^c = 0): (I − N)⁻¹ = Σ_{i<c} N^i = ∏_{j<log2 c} (I + N^{2^j}).
-  """
-  c = a.shape[-1]
-  n = -a.astype(jnp.float32)
-  inv = jnp.eye(c, dtype=jnp.float32) + n
-  power = n
-  for _ in range(c.bit_length() - 2):
-    power = jnp.matmul(power, power, preferred_element_type=jnp.float32)
-    inv = inv + jnp.matmul(inv, power, preferred_element_type=jnp.float32)
-  return inv
 
 
 def _to_chunks(x: jax.Array, chunk: int) -> jax.Array:
@@ -66,11 +52,11 @@ def _from_chunks(x: jax.Array) -> jax.Array:
   return jnp.moveaxis(x, 1, 3).reshape(b, n * c, h, *x.shape[4:])
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "scan_impl"))
+@functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "kernel_impl"))
 def gated_delta_rule_chunked(
     q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, *,
     scale: float | None = None, initial_state: jax.Array | None = None, chunk_size: int = 64,
-    scan_impl: str = "xla",
+    kernel_impl: str = "xla",
 ) -> tuple[jax.Array, jax.Array]:
   """Chunkwise-parallel gated delta rule; same contract as ``gated_delta_rule_reference``.
 
@@ -79,7 +65,9 @@ def gated_delta_rule_chunked(
     scale: query scale (default K^-0.5).
     initial_state: float32 [b, h, K, V]; zeros if None.
     chunk_size: C, one of ``SUPPORTED_CHUNK_SIZES``.
-    scan_impl: the sequential inter-chunk recurrence, ``"xla"`` (lax.scan) or ``"pallas_triton"`` (GPU).
+    kernel_impl: how the WY representation and the inter-chunk recurrence run: ``"xla"`` (batched einsums and
+      ``lax.scan``), ``"pallas_triton"`` (fused GPU kernels) or ``"pallas_interpret"`` (those kernels in the
+      Pallas interpreter, for CPU tests).
 
   Returns:
     (o [b, t, h, V] in v's dtype, final state float32 [b, h, K, V]).
@@ -100,19 +88,11 @@ def gated_delta_rule_chunked(
   gc, bc = (_to_chunks(x.astype(jnp.float32), chunk_size) for x in (g, beta))  # [b, h, n, c]
 
   gamma = jnp.cumsum(gc, axis=-1)
-  rows = jnp.arange(chunk_size)
-  lower_incl = rows[:, None] >= rows[None, :]
-  diff = jnp.where(lower_incl, gamma[..., :, None] - gamma[..., None, :], 0.0)
-  decay_mat = jnp.where(lower_incl, jnp.exp(diff), 0.0)  # Γ, [b, h, n, c, c]
-
-  kk = _dot("bhncd,bhnsd->bhncs", kc, kc, dtype)
-  a = jnp.where(rows[:, None] > rows[None, :], bc[..., :, None] * kk * decay_mat, 0.0)
-  tmat = unit_lower_inverse(a)
-  w = _dot("bhncs,bhnsd->bhncd", tmat, kc * (bc * jnp.exp(gamma))[..., None], dtype).astype(dtype)
-  u = _dot("bhncs,bhnsd->bhncd", tmat, vc * bc[..., None], dtype).astype(dtype)
+  decay_mat = wy.decay_matrix(gamma)  # Γ with its diagonal, [b, h, n, c, c]
+  w, u = wy.wy_representation(kc.astype(dtype), vc.astype(dtype), bc, gamma, impl=kernel_impl)
   kd = (kc * jnp.exp(gamma[..., -1:] - gamma)[..., None]).astype(dtype)
 
-  states, v_new, final = state_scan.state_scan(w, u, kd, jnp.exp(gamma[..., -1]), s0, impl=scan_impl)
+  states, v_new, final = state_scan.state_scan(w, u, kd, jnp.exp(gamma[..., -1]), s0, impl=kernel_impl)
 
   qk = _dot("bhncd,bhnsd->bhncs", qc, kc, dtype) * decay_mat
   o_inter = _dot("bhncd,bhndv->bhncv", qc * jnp.exp(gamma)[..., None], states, dtype)

@@ -1,7 +1,9 @@
-"""Pallas (Triton backend, GPU) kernels for the inter-chunk state recurrence of the chunked gated delta rule.
+"""Pallas (Triton backend, GPU) kernels of the chunked gated delta rule: state recurrence and WY representation.
 
-Paper: "Gated Delta Networks: Improving Mamba2 with Delta Rule" (arXiv 2412.06464). The recurrences are the
-ones documented in :mod:`state_scan`; here each runs as ONE kernel launch per direction with grid
+Paper: "Gated Delta Networks: Improving Mamba2 with Delta Rule" (arXiv 2412.06464). ``wy_forward`` computes one
+chunk's A, T = (I + A)⁻¹, W and U (:mod:`wy`) in registers, one program per (head, chunk), so the C×C
+intermediates never reach HBM. The recurrences are the ones documented in :mod:`state_scan`; here each runs as
+ONE kernel launch per direction with grid
 [b·h, V / block_v]: a program owns one head's [K, block_v] slice of the state, keeps it in registers and walks all
 n chunks in a ``fori_loop`` (value columns are independent in both directions, so the V split needs no
 reduction). This removes the per-chunk launch and loop overhead of ``lax.scan``, which dominates at long T.
@@ -127,3 +129,45 @@ def backward(w, kd, decay, d_states, d_vnew, d_final, *, interpret: bool = False
       (False, False, False, True, True, True), out_shapes,
       bh=bh, dv=dv, block_v=block_v, num_warps=4, interpret=interpret)
   return dvt.reshape(b, h, n, c, dv), lam.reshape(b, h, n, dk, dv), ds0.reshape(b, h, dk, dv)
+
+
+def _wy_kernel(k_ref, v_ref, beta_ref, gamma_ref, w_ref, u_ref, t_ref, *, c):
+  k, v = k_ref[...], v_ref[...]
+  beta, gamma = beta_ref[...], gamma_ref[...]
+  rows = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+  cols = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  strict = rows > cols
+  decay = jnp.exp(jnp.where(strict, gamma[:, None] - gamma[None, :], 0.0))
+  neg_a = jnp.where(strict, -beta[:, None] * plgpu.dot(k, k, trans_b=True) * decay, 0.0)
+  inv = jnp.where(rows == cols, 1.0, 0.0) + neg_a
+  power = neg_a
+  for _ in range(c.bit_length() - 2):  # (I + A)⁻¹ = ∏ (I + N^{2^j}), N = −A
+    power = plgpu.dot(power, power)
+    inv = inv + plgpu.dot(inv, power)
+  t_ref[...] = inv
+  kb = (k.astype(jnp.float32) * (beta * jnp.exp(gamma))[:, None]).astype(k.dtype)
+  w_ref[...] = plgpu.dot(inv.astype(k.dtype), kb).astype(w_ref.dtype)
+  vb = (v.astype(jnp.float32) * beta[:, None]).astype(v.dtype)
+  u_ref[...] = plgpu.dot(inv.astype(v.dtype), vb).astype(u_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def wy_forward(k, v, beta, gamma, *, interpret: bool = False):
+  """(w, u, T) of the WY representation (see :mod:`wy`), one program per (head, chunk)."""
+  b, h, n, c, dk = k.shape
+  dv = v.shape[-1]
+  check_shapes(c, dk, dv)
+  bh = b * h
+  rows = lambda d: pl.BlockSpec((None, c, d), lambda i, j: (i, j, 0))
+  vec = pl.BlockSpec((None, c), lambda i, j: (i, j))
+  w, u, tmat = pl.pallas_call(
+      functools.partial(_wy_kernel, c=c),
+      grid=(bh, n),
+      in_specs=[rows(dk), rows(dv), vec, vec],
+      out_specs=[rows(dk), rows(dv), rows(c)],
+      out_shape=(jax.ShapeDtypeStruct((bh, n * c, dk), k.dtype), jax.ShapeDtypeStruct((bh, n * c, dv), v.dtype),
+                 jax.ShapeDtypeStruct((bh, n * c, c), jnp.float32)),
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+      interpret=interpret,
+  )(_flat(k), _flat(v), beta.reshape(bh, n * c), gamma.reshape(bh, n * c))
+  return w.reshape(k.shape), u.reshape(v.shape), tmat.reshape(b, h, n, c, c)
