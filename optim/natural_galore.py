@@ -76,12 +76,13 @@ def natural_galore(learning_rate: optax.ScalarOrSchedule, rank: int = 128, updat
                    side: str = "std", b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                    weight_decay: float = 0.0, wd_mask: Any = None, select: Any = "paper",
                    keywords: tuple[str, ...] = _galore.PAPER_KEYWORDS,
-                   on_refresh: str = "keep") -> optax.GradientTransformation:
+                   on_refresh: str = "keep", svd_algorithm: str | None = None) -> optax.GradientTransformation:
   """:func:`optim.galore.galore` with the Natural GaLore step on every projected leaf.
 
   Args:
     learning_rate: scalar or schedule, as in :func:`optim.galore.galore`.
-    rank, update_proj_gap, scale, side, b1, b2, eps, weight_decay, wd_mask, select, keywords, on_refresh: as in
+    rank, update_proj_gap, scale, side, b1, b2, eps, weight_decay, wd_mask, select, keywords, on_refresh,
+      svd_algorithm: as in
       :func:`optim.galore.galore` (for its other options pass ``natural=NaturalGaLore(...)`` to it directly).
     history: s, past low-rank gradients kept per projected leaf.
     damping: λ of the empirical Fisher λI + GGᵀ.
@@ -99,4 +100,4 @@ def natural_galore(learning_rate: optax.ScalarOrSchedule, rank: int = 128, updat
   natural = NaturalGaLore(history=history, damping=damping, on_refresh=history_on_refresh)
   return _galore.galore(learning_rate, rank=rank, update_proj_gap=update_proj_gap, scale=scale, side=side, b1=b1,
                         b2=b2, eps=eps, weight_decay=weight_decay, wd_mask=wd_mask, select=select,
-                        keywords=keywords, on_refresh=on_refresh, natural=natural)
+                        keywords=keywords, on_refresh=on_refresh, natural=natural, svd_algorithm=svd_algorithm)
