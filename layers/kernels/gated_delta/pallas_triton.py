@@ -42,11 +42,11 @@ def _fwd_kernel(w_ref, u_ref, kd_ref, decay_ref, s0_ref, states_ref, vnew_ref, f
   def body(i, s):
     rows, krows = pl.ds(pl.multiple_of(i * c, c), c), pl.ds(pl.multiple_of(i * dk, dk), dk)
     w_c = w_ref[rows, :]
-    states_ref[krows, :] = s
-    v_new = u_ref[rows, :].astype(jnp.float32) - plgpu.dot(w_c, s.astype(w_c.dtype))
+    s_lo = s.astype(w_c.dtype)
+    states_ref[krows, :] = s_lo
+    v_new = (u_ref[rows, :].astype(jnp.float32) - plgpu.dot(w_c, s_lo)).astype(w_c.dtype)
     vnew_ref[rows, :] = v_new
-    kd_c = kd_ref[rows, :]
-    return decay_ref[krows][:, None] * s + plgpu.dot(kd_c, v_new.astype(kd_c.dtype), trans_a=True)
+    return decay_ref[krows][:, None] * s + plgpu.dot(kd_ref[rows, :], v_new, trans_a=True)
 
   final_ref[...] = jax.lax.fori_loop(0, n, body, s0_ref[...])
 
@@ -62,7 +62,7 @@ def _bwd_kernel(w_ref, kd_ref, decay_ref, dstates_ref, dvnew_ref, dfinal_ref, dv
     dvt_ref[rows, :] = dvt
     w_c = w_ref[rows, :]
     return (decay_ref[krows][:, None] * lam - plgpu.dot(w_c, dvt.astype(w_c.dtype), trans_a=True)
-            + dstates_ref[krows, :])
+            + dstates_ref[krows, :].astype(jnp.float32))
 
   ds0_ref[...] = jax.lax.fori_loop(0, n, body, dfinal_ref[...])
 
@@ -100,9 +100,8 @@ def forward(w, u, kd, decay, s0, *, interpret: bool = False):
   check_shapes(c, dk, dv)
   bh, block_v = b * h, _block_v(b * h, dv)
   decay_rows = jnp.broadcast_to(decay[..., None], (b, h, n, dk)).reshape(bh, n * dk)
-  f32 = jnp.float32
-  out_shapes = (jax.ShapeDtypeStruct((bh, n * dk, dv), f32), jax.ShapeDtypeStruct((bh, n * c, dv), f32),
-                jax.ShapeDtypeStruct((bh, dk, dv), f32))
+  out_shapes = (jax.ShapeDtypeStruct((bh, n * dk, dv), w.dtype), jax.ShapeDtypeStruct((bh, n * c, dv), w.dtype),
+                jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32))
   states, v_new, final = _launch(
       functools.partial(_fwd_kernel, n=n, c=c, dk=dk),
       (_flat(w), _flat(u), _flat(kd), decay_rows, s0.reshape(bh, dk, dv)),
@@ -124,7 +123,7 @@ def backward(w, kd, decay, d_states, d_vnew, d_final, *, interpret: bool = False
                 jax.ShapeDtypeStruct((bh, dk, dv), f32))
   dvt, lam, ds0 = _launch(
       functools.partial(_bwd_kernel, n=n, c=c, dk=dk),
-      (_flat(w), _flat(kd), decay_rows, _flat(d_states.astype(f32)), _flat(d_vnew.astype(f32)),
+      (_flat(w), _flat(kd), decay_rows, _flat(d_states), _flat(d_vnew.astype(f32)),
        d_final.astype(f32).reshape(bh, dk, dv)),
       (False, False, False, True, True, True), out_shapes,
       bh=bh, dv=dv, block_v=block_v, num_warps=4, interpret=interpret)

@@ -16,7 +16,9 @@ dS_0 = Λ_0. Only the two recurrences are sequential; their implementation is ``
 :mod:`pallas_triton`) or ``"pallas_interpret"`` (those kernels in the Pallas interpreter, for CPU tests).
 
 Shapes: w, kd [b, h, n, C, K] and u [b, h, n, C, V] in the matmul dtype; decay [b, h, n] float32;
-s0 [b, h, K, V] float32. Returns states [b, h, n, K, V], v_new [b, h, n, C, V], final [b, h, K, V], all float32.
+s0 [b, h, K, V] float32. Returns states [b, h, n, K, V] and v_new [b, h, n, C, V] in the matmul dtype (they are
+only ever matmul operands; bf16 halves their HBM traffic, as in flash-linear-attention) and the final state
+[b, h, K, V] float32. The running state is always float32.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def _forward_xla(w, u, kd, decay, s0):
     w_c, u_c, kd_c, d_c = xs
     v_new = u_c.astype(jnp.float32) - _dot("bhck,bhkv->bhcv", w_c, s, dtype)
     s_next = d_c[..., None, None] * s + _dot("bhck,bhcv->bhkv", kd_c, v_new, dtype)
-    return s_next, (s, v_new)
+    return s_next, (s.astype(dtype), v_new.astype(dtype))
 
   xs = tuple(jnp.moveaxis(x, 2, 0) for x in (w, u, kd, decay))
   final, (states, v_new) = jax.lax.scan(step, s0, xs)
@@ -86,10 +88,9 @@ def _state_scan_bwd(impl, res, cotangents):
   w, u, kd, decay, states, v_new = res
   d_states, d_vnew, d_final = cotangents
   dvt, lam_next, ds0 = _impls(impl)[1](w, kd, decay, d_states, d_vnew, d_final)
-  hp = jax.lax.Precision.HIGHEST if w.dtype == jnp.float32 else None
-  dw = -jnp.einsum("bhncv,bhnkv->bhnck", dvt, states, precision=hp)
-  dkd = jnp.einsum("bhncv,bhnkv->bhnck", v_new, lam_next, precision=hp)
-  ddecay = jnp.sum(states * lam_next, axis=(-2, -1))
+  dw = -_dot("bhncv,bhnkv->bhnck", dvt, states, w.dtype)
+  dkd = _dot("bhncv,bhnkv->bhnck", v_new, lam_next, w.dtype)
+  ddecay = jnp.sum(states.astype(jnp.float32) * lam_next, axis=(-2, -1))
   return dw.astype(w.dtype), dvt.astype(u.dtype), dkd.astype(kd.dtype), ddecay, ds0
 
 
