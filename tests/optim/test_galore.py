@@ -206,3 +206,13 @@ def test_invalid_arguments_say_what_is_allowed():
     scale_by_galore(on_refresh="drop")
   with pytest.raises(ValueError, match="dimension numbers"):
     LeafProjection.build((3, 4, 5), GaLoreDimensionNumbers(0, 1), "std", 2)
+
+
+def test_svd_algorithm_choice_gives_the_same_updates():
+  # Singular vectors are defined up to sign; a sign flip of P's column cancels in P·Adam(Pᵀg), so updates agree.
+  grads = _grads(13, {"w": (6, 10), "v": (12, 5)}, 3)
+  default, _ = _run(scale_by_galore(rank=3, update_proj_gap=10), grads)
+  qr, _ = _run(scale_by_galore(rank=3, update_proj_gap=10, svd_algorithm="qr"), grads)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), default, qr)
+  with pytest.raises(ValueError, match="svd_algorithm must be one of"):
+    scale_by_galore(svd_algorithm="lanczos")
