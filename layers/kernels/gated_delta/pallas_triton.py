@@ -73,7 +73,7 @@ def _flat(x: jax.Array) -> jax.Array:
   return x.reshape(b * h, n * r, d)
 
 
-def _launch(kernel, inputs, v_tiled, out_shapes, *, bh, dv, block_v, num_warps, interpret):
+def _launch(kernel, inputs, v_tiled, out_shapes, *, bh, dv, block_v, num_warps, num_stages, interpret):
   """Grid [bh, dv / block_v]. Inputs flagged in ``v_tiled`` and all outputs are [bh, rows, dv] and get their
   last axis tiled by block_v; the other inputs are passed whole per head."""
   def spec(shape, tiled):
@@ -87,14 +87,17 @@ def _launch(kernel, inputs, v_tiled, out_shapes, *, bh, dv, block_v, num_warps, 
       in_specs=[spec(x.shape, tiled) for x, tiled in zip(inputs, v_tiled, strict=True)],
       out_specs=[spec(s.shape, True) for s in out_shapes],
       out_shape=out_shapes,
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
   )(*inputs)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def forward(w, u, kd, decay, s0, *, interpret: bool = False):
-  """states, v_new, final of the inter-chunk recurrence (see :mod:`state_scan`)."""
+@functools.partial(jax.jit, static_argnames=("interpret", "num_stages"))
+def forward(w, u, kd, decay, s0, *, interpret: bool = False, num_stages: int = 1):
+  """states, v_new, final of the inter-chunk recurrence (see :mod:`state_scan`).
+
+  ``num_stages`` > 1 lets Triton prefetch the next chunk's tiles while the current one is multiplied.
+  """
   b, h, n, c, dk = w.shape
   dv = u.shape[-1]
   check_shapes(c, dk, dv)
@@ -106,12 +109,12 @@ def forward(w, u, kd, decay, s0, *, interpret: bool = False):
       functools.partial(_fwd_kernel, n=n, c=c, dk=dk),
       (_flat(w), _flat(u), _flat(kd), decay_rows, s0.reshape(bh, dk, dv)),
       (False, True, False, False, True), out_shapes,
-      bh=bh, dv=dv, block_v=block_v, num_warps=4, interpret=interpret)
+      bh=bh, dv=dv, block_v=block_v, num_warps=4, num_stages=num_stages, interpret=interpret)
   return (states.reshape(b, h, n, dk, dv), v_new.reshape(b, h, n, c, dv), final.reshape(b, h, dk, dv))
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def backward(w, kd, decay, d_states, d_vnew, d_final, *, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("interpret", "num_stages"))
+def backward(w, kd, decay, d_states, d_vnew, d_final, *, interpret: bool = False, num_stages: int = 1):
   """dV_total, Λ_{c+1} per chunk and dS_0 of the reverse recurrence (see :mod:`state_scan`)."""
   b, h, n, c, dk = w.shape
   dv = d_vnew.shape[-1]
@@ -126,7 +129,7 @@ def backward(w, kd, decay, d_states, d_vnew, d_final, *, interpret: bool = False
       (_flat(w), _flat(kd), decay_rows, _flat(d_states), _flat(d_vnew.astype(f32)),
        d_final.astype(f32).reshape(bh, dk, dv)),
       (False, False, False, True, True, True), out_shapes,
-      bh=bh, dv=dv, block_v=block_v, num_warps=4, interpret=interpret)
+      bh=bh, dv=dv, block_v=block_v, num_warps=4, num_stages=num_stages, interpret=interpret)
   return dvt.reshape(b, h, n, c, dv), lam.reshape(b, h, n, dk, dv), ds0.reshape(b, h, dk, dv)
 
 
