@@ -242,9 +242,6 @@ class BlockSparse:
     classes = np.where((kb < qb) & visible, 2, 0)
     return np.where(kb == qb, 1 if self.block > 1 else 2, classes).astype(np.int8)
 
-  def tile_any_all(self, q_lo, q_hi, k_lo, k_hi, h=0):
-    raise TypeError("BlockSparse tiles are classified on the pattern-block grid (masks.block_classes)")
-
 
 Pattern = Dense | SinkWindow | BlockSparse
 
