@@ -226,20 +226,25 @@ def _to_global(batch: dict[str, np.ndarray], cfg: TrainConfig, sharding) -> dict
   return {k: put(v) for k, v in batch.items()}
 
 
+def abstract_train_inputs(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> tuple[Any, Any, dict[str, Any]]:
+  """(params, optimizer state, batch) of ``cfg``'s train step as sharded ``ShapeDtypeStruct`` trees."""
+  _check_divisible(cfg, mesh.size)
+  _, abstract_params, _ = _split_model(cfg, abstract=True)
+  abstract_opt = jax.eval_shape(make_optimizer(cfg).init, abstract_params)
+  on_all = lambda tree: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)),
+                                     tree)
+  token = jax.ShapeDtypeStruct((cfg.grad_accum, cfg.batch_size // cfg.grad_accum, cfg.seq_len), jnp.int32,
+                               sharding=batch_sharded(mesh, 1))
+  return on_all(abstract_params), on_all(abstract_opt), {"inputs": token, "labels": token}
+
+
 def lower_train_step(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> jax.stages.Lowered:
   """The train step of ``cfg`` lowered on abstract inputs (no data, no parameters materialised)."""
   mesh = mesh or data_mesh()
-  _check_divisible(cfg, mesh.size)
-  tx = make_optimizer(cfg)
-  graphdef, abstract_params, rest = _split_model(cfg, abstract=True)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  micro = cfg.batch_size // cfg.grad_accum
-  token = jax.ShapeDtypeStruct((cfg.grad_accum, micro, cfg.seq_len), jnp.int32, sharding=batch_sharded(mesh, 1))
-  step = jax.jit(make_train_step(graphdef, rest, tx, cfg.model.aux_loss_weight), donate_argnums=(0, 1),
-                 out_shardings=(replicated(mesh), replicated(mesh), replicated(mesh)))
-  with_sharding = lambda t: jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)), t)
-  return step.lower(with_sharding(abstract_params), with_sharding(abstract_opt), {"inputs": token, "labels": token})
+  graphdef, _, rest = _split_model(cfg, abstract=True)
+  step = jax.jit(make_train_step(graphdef, rest, make_optimizer(cfg), cfg.model.aux_loss_weight),
+                 donate_argnums=(0, 1), out_shardings=(replicated(mesh), replicated(mesh), replicated(mesh)))
+  return step.lower(*abstract_train_inputs(cfg, mesh))
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Full causal multi-head (grouped-query) self-attention, registered as the ``"attn"`` mixer.
 
-The kernel is ``jax.nn.dot_product_attention``, which selects cuDNN's fused attention on GPU where the shapes
-allow and XLA's dense path elsewhere. Reference: "Attention Is All You Need" (arXiv 1706.03762); grouped-query
+The kernel is ``jax.nn.dot_product_attention``: cuDNN's fused flash attention on GPU for bf16/f16 inputs with a
+head dim cuDNN supports (its ``implementation=None`` default would pick XLA's dense path, which materialises
+the [b, h, t, t] logits), XLA's dense path elsewhere. Reference: "Attention Is All You Need" (arXiv 1706.03762); grouped-query
 attention, "GQA: Training Generalized Multi-Query Transformer Models" (arXiv 2305.13245).
 """
 
@@ -16,6 +17,12 @@ from flax import nnx
 from research.models.blocks import INIT_STD, dense, rope
 from research.models.config import ModelConfig
 from research.models.registry import register_mixer
+
+
+def _implementation(q: jax.Array) -> str:
+  """"cudnn" where cuDNN's fused attention applies (GPU, 16-bit inputs, head dim a multiple of 8 up to 256)."""
+  fits = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+  return "cudnn" if fits and jax.default_backend() == "gpu" else "xla"
 
 
 @register_mixer("attn")
@@ -39,5 +46,5 @@ class CausalSelfAttention(nnx.Module):
     q = rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), positions, self.rope_theta)
     k = rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), positions, self.rope_theta)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=_implementation(q))
     return self.o_proj(y.reshape(b, t, -1)), {}

@@ -1,0 +1,86 @@
+"""Throughput and memory of the LM train step (``research.train``) with cuDNN vs XLA attention, same run.
+
+    PYTHONPATH=. python3 benchmarks/train_step.py --config gpu --out train_step.json
+
+Counts model FLOPs as 6·N·tokens (N = non-embedding parameters) plus causal attention 6·L·T·d per token
+(forward 2·2·T·d/2 per layer and token, backward twice that), and reports the fraction of the card's measured
+bf16 matmul rate (``--peak-tflops``, default 790 from an 8192³ bf16 product on the lent H100/H200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+
+from experiments.configs import get_config
+from research import memory
+from research.models import attention as attention_module
+from research.mesh import data_mesh
+from research.train import abstract_train_inputs, lower_train_step
+
+
+def _timed_steps(compiled, params, opt_state, batch, repeats: int) -> float:
+  """Median seconds per step over ``repeats`` steps after two warm-up steps."""
+  times = []
+  for i in range(repeats + 2):
+    start = time.perf_counter()
+    params, opt_state, metrics = compiled(params, opt_state, batch)
+    jax.block_until_ready(metrics)
+    if i >= 2:
+      times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def _materialise(abstract, key):
+  """Random arrays (never zeros) with the shapes, dtypes and shardings of ``abstract``."""
+  leaves, tree = jax.tree.flatten(abstract)
+  keys = jax.random.split(key, len(leaves))
+  arrays = []
+  for k, leaf in zip(keys, leaves):
+    if np.issubdtype(leaf.dtype, np.integer):
+      x = jax.random.randint(k, leaf.shape, 0, 256, leaf.dtype)
+    else:
+      x = (0.02 * jax.random.normal(k, leaf.shape)).astype(leaf.dtype)
+    arrays.append(jax.device_put(x, leaf.sharding))
+  return jax.tree.unflatten(tree, arrays)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="gpu")
+  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--peak-tflops", type=float, default=790.0)
+  parser.add_argument("--out", default="train_step.json")
+  args = parser.parse_args()
+  cfg = get_config(args.config)
+  m = cfg.model
+  device = jax.devices()[0].device_kind
+  results = []
+  for implementation in ("cudnn", "xla") if jax.default_backend() == "gpu" else ("xla",):
+    attention_module._implementation = lambda q, impl=implementation: impl
+    compiled = lower_train_step(cfg).compile()
+    params, opt_state, batch = _materialise(abstract_train_inputs(cfg, data_mesh()), jax.random.key(0))
+    seconds = _timed_steps(compiled, params, opt_state, batch, args.repeats)
+    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+    non_embedding = n_params - m.vocab_size * m.d_model
+    tokens = cfg.tokens_per_step
+    flops = tokens * (6 * non_embedding + 6 * len(m.layers) * cfg.seq_len * m.num_heads * m.resolved_head_dim)
+    report = memory.compiled_memory(compiled)
+    results.append({"device": device, "attention": implementation, "config": args.config, "seconds_per_step":
+                    seconds, "tokens_per_s": tokens / seconds, "model_tflops": flops / seconds / 1e12,
+                    "fraction_of_peak": flops / seconds / 1e12 / args.peak_tflops,
+                    "temp_bytes": report["temp_size_in_bytes"], "peak_estimate_bytes": report["peak_estimate_bytes"]})
+  print(f"{'device':<14}{'attention':<10}{'ms/step':>9}{'tok/s':>11}{'TFLOP/s':>9}{'of peak':>9}{'XLA temp GiB':>14}")
+  for r in results:
+    print(f"{r['device']:<14}{r['attention']:<10}{1e3 * r['seconds_per_step']:>9.1f}{r['tokens_per_s']:>11.0f}"
+          f"{r['model_tflops']:>9.1f}{r['fraction_of_peak']:>9.1%}{r['temp_bytes'] / 2**30:>14.2f}")
+  with open(args.out, "w") as f:
+    json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
