@@ -140,20 +140,12 @@ def section_dense(rec: Recorder, reps):
           lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla"), 2)
 
 
-FWD_CONFIGS = [dict(fwd_q=128, fwd_k=64, fwd_warps=8, fwd_stages=3),
-               dict(fwd_q=128, fwd_k=128, fwd_warps=8, fwd_stages=3),
-               dict(fwd_q=128, fwd_k=64, fwd_warps=4, fwd_stages=3),
-               dict(fwd_q=64, fwd_k=64, fwd_warps=4, fwd_stages=4),
-               dict(fwd_q=128, fwd_k=128, fwd_warps=8, fwd_stages=2)]
+FWD_CONFIGS = [dict(fwd_q=128, fwd_k=128, fwd_warps=8, fwd_stages=3),
+               dict(fwd_q=128, fwd_k=128, fwd_warps=8, fwd_stages=3, heavy_first=False),
+               dict(fwd_q=128, fwd_k=64, fwd_warps=8, fwd_stages=3)]
 BWD_CONFIGS = [dict(dkv_q=64, dkv_k=64, dq_q=64, dq_k=64, bwd_warps=4, bwd_stages=2),
-               dict(dkv_q=64, dkv_k=64, dq_q=64, dq_k=64, bwd_warps=4, bwd_stages=3),
-               dict(dkv_q=64, dkv_k=128, dq_q=128, dq_k=64, bwd_warps=8, bwd_stages=2),
-               dict(dkv_q=64, dkv_k=64, dq_q=64, dq_k=64, bwd_warps=8, bwd_stages=2),
-               dict(dkv_q=32, dkv_k=64, dq_q=64, dq_k=32, bwd_warps=4, bwd_stages=2),
-               dict(dkv_q=128, dkv_k=64, dq_q=64, dq_k=128, bwd_warps=8, bwd_stages=2),
-               dict(dkv_q=64, dkv_k=64, bwd_warps=4, bwd_stages=2, fused_dq=True),
-               dict(dkv_q=64, dkv_k=128, bwd_warps=8, bwd_stages=2, fused_dq=True),
-               dict(dkv_q=32, dkv_k=128, bwd_warps=8, bwd_stages=3, fused_dq=True)]
+               dict(dkv_q=64, dkv_k=64, dq_q=64, dq_k=64, bwd_warps=4, bwd_stages=2, heavy_first=False),
+               dict(dkv_q=64, dkv_k=64, dq_q=64, dq_k=64, bwd_warps=4, bwd_stages=1)]
 TUNED = {"blocks": None}  # best BlockSizes found by section_tune, used by the later sections
 
 

@@ -50,7 +50,7 @@ class BlockSizes:
   bwd_warps: int = 4
   fwd_stages: int = 3
   bwd_stages: int = 2
-  fused_dq: bool = False  # one backward kernel: dQ tiles atomically added from the dK/dV loop (FA2 style)
+  heavy_first: bool = True  # launch every head's longest tiles first (see _Grid)
 
   @classmethod
   def for_pattern(cls, pattern: Pattern) -> BlockSizes:
@@ -62,9 +62,7 @@ class BlockSizes:
 
   @property
   def tiles(self) -> tuple[int, ...]:
-    """Every tile side the kernels use (the dQ kernel's only without ``fused_dq``)."""
-    dq = () if self.fused_dq else (self.dq_q, self.dq_k)
-    return (self.fwd_q, self.fwd_k, self.dkv_q, self.dkv_k) + dq
+    return (self.fwd_q, self.fwd_k, self.dkv_q, self.dkv_k, self.dq_q, self.dq_k)
 
   @property
   def max_tile(self) -> int:
@@ -94,13 +92,48 @@ def _key_loop(st: _Static, q_lo, q_hi, h, block_k, num_keys, body, carry):
   return carry
 
 
+@dataclasses.dataclass(frozen=True)
+class _Grid:
+  """Launch grid over (tile i, batch b, query head h) and the order its programs start in.
+
+  CUDA starts programs with the first grid axis fastest. ``heavy_first`` puts the tile axis last, so every head's
+  tile 0 starts before any head's tile 1, and numbers query tiles from the end: the longest loops (the last query
+  tiles of causal rows, the first key tiles of dK/dV, sink blocks) start first and no long program is left to
+  run alone at the end. Otherwise tiles of one head run consecutively in natural order.
+  """
+
+  tiles: int
+  batch: int
+  heads: int
+  heavy_first: bool
+  reverse: bool  # number tiles from the end (query-tile grids)
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    return (self.heads, self.batch, self.tiles) if self.heavy_first else (self.tiles, self.batch, self.heads)
+
+  def logical(self, p0, p1, p2):
+    """Program ids -> (tile, batch, query head)."""
+    if not self.heavy_first:
+      return p0, p1, p2
+    return (self.tiles - 1 - p2 if self.reverse else p2), p1, p0
+
+  def spec(self, block_shape, index_map) -> pl.BlockSpec:
+    return pl.BlockSpec(block_shape, lambda *ids: index_map(*self.logical(*ids)))
+
+  def program(self, group: int):
+    """(tile, KV head) of the running program."""
+    i, _, h = self.logical(pl.program_id(0), pl.program_id(1), pl.program_id(2))
+    return i, h // group
+
+
 def _mask(st: _Static, q_pos, k_pos, h):
   return st.pattern.allowed(q_pos[:, None], k_pos[None, :], h) & (k_pos < st.kv_length)[None, :]
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static, group: int):
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static, grid: _Grid, group: int):
   bq, bk = st.blocks.fwd_q, st.blocks.fwd_k
-  qi, h = pl.program_id(0), pl.program_id(2) // group
+  qi, h = grid.program(group)
   q = q_ref[...]
   q_pos = qi * bq + jnp.arange(bq)
   scale2 = st.scale * LOG2E
@@ -128,9 +161,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static, group: int)
   lse_ref[...] = jnp.where(seen, (m + jnp.log2(l_safe)) / LOG2E, -jnp.inf)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _Static, group: int):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _Static, grid: _Grid, group: int):
   bq, bk = st.blocks.dq_q, st.blocks.dq_k
-  qi, h = pl.program_id(0), pl.program_id(2) // group
+  qi, h = grid.program(group)
   q, do = q_ref[...], do_ref[...]
   lse2, delta = lse_ref[...] * LOG2E, delta_ref[...]
   q_pos = qi * bq + jnp.arange(bq)
@@ -152,12 +185,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _
   dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: _Static, group: int):
-  # refs = (dk, dv) or, with fused_dq, (dq_init, dk, dv, dq): dq_init aliases dq, a float32 accumulator.
-  dk_ref, dv_ref = refs[-3:-1] if st.blocks.fused_dq else refs
-  dq_ref = refs[-1] if st.blocks.fused_dq else None
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, st: _Static, grid: _Grid,
+                group: int):
   bq, bk = st.blocks.dkv_q, st.blocks.dkv_k
-  ki, h = pl.program_id(0), pl.program_id(2) // group
+  ki, h = grid.program(group)
   k, v = k_ref[...], v_ref[...]
   k_pos = ki * bk + jnp.arange(bk)
   scale2 = st.scale * LOG2E
@@ -174,8 +205,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: _Sta
     dv = dv + _dot(p.astype(do.dtype), do, 0, 0)
     dp = _dot(do, v, 1, 1)
     ds = (p * (dp - delta[:, None])).astype(q.dtype)
-    if dq_ref is not None:
-      plgpu.atomic_add(dq_ref, (pl.ds(start, bq), slice(None)), _dot(ds, k, 1, 0) * st.scale)
     return dk + _dot(ds, q, 0, 0), dv
 
   zeros = jnp.zeros((bk, k.shape[-1]), jnp.float32)
@@ -189,26 +218,26 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, st: _Sta
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _row_spec(block):
-  return pl.BlockSpec((None, None, block), lambda i, b, h: (b, h, i))
-
-
 def _params(warps, stages):
   return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
+
+
+def _q_grid(st: _Static, n: int, b: int, hq: int) -> _Grid:
+  return _Grid(n, b, hq, st.blocks.heavy_first, reverse=True)
 
 
 def _forward(st: _Static, q, k, v):
   b, t, hq, d = q.shape
   s, group = k.shape[1], hq // k.shape[2]
   bq = st.blocks.fwd_q
-  kv_head = lambda h: h // group
+  grid = _q_grid(st, t // bq, b, hq)
+  q_tile = grid.spec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0))
+  kv_full = grid.spec((None, s, None, d), lambda i, b_, h: (b_, 0, h // group, 0))
   o, lse = pl.pallas_call(
-      functools.partial(_fwd_kernel, st=st, group=group),
-      grid=(t // bq, b, hq),
-      in_specs=[pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0)),
-                pl.BlockSpec((None, s, None, d), lambda i, b_, h: (b_, 0, kv_head(h), 0)),
-                pl.BlockSpec((None, s, None, d), lambda i, b_, h: (b_, 0, kv_head(h), 0))],
-      out_specs=[pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0)), _row_spec(bq)],
+      functools.partial(_fwd_kernel, st=st, grid=grid, group=group),
+      grid=grid.shape,
+      in_specs=[q_tile, kv_full, kv_full],
+      out_specs=[q_tile, grid.spec((None, None, bq), lambda i, b_, h: (b_, h, i))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, t), jnp.float32)],
       compiler_params=_params(st.blocks.fwd_warps, st.blocks.fwd_stages),
       interpret=st.interpret, name="block_sparse_attention_fwd",
@@ -222,46 +251,37 @@ def _backward(st: _Static, residuals, cotangents):
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   group = hq // hkv
-  kv_head = lambda h: h // group
+  blocks = st.blocks
   # D - dlse: the lse cotangent shifts the per-row correction of dS = P∘(dP - D).
   delta = (jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
            - jnp.swapaxes(dlse.astype(jnp.float32), 1, 2))
   lse_rows = jnp.swapaxes(lse, 1, 2)
-  blocks = st.blocks
-  q_full = pl.BlockSpec((None, t, None, d), lambda i, b_, h: (b_, 0, h, 0))
-  kv_full = pl.BlockSpec((None, s, None, d), lambda i, b_, h: (b_, 0, kv_head(h), 0))
-  rows_full = pl.BlockSpec((None, None, t), lambda i, b_, h: (b_, h, 0))
-  kv_tile = pl.BlockSpec((None, blocks.dkv_k, None, d), lambda i, b_, h: (b_, i, kv_head(h), 0))
-  out_tile = pl.BlockSpec((None, blocks.dkv_k, None, d), lambda i, b_, h: (b_, i, h, 0))
-  dkv_shape = jax.ShapeDtypeStruct((b, s, hq, d), k.dtype if group == 1 else jnp.float32)
-  in_specs = [q_full, kv_tile, kv_tile, q_full, rows_full, rows_full]
-  if blocks.fused_dq:
-    dk, dv, dq = pl.pallas_call(
-        functools.partial(_dkv_kernel, st=st, group=group),
-        grid=(s // blocks.dkv_k, b, hq),
-        in_specs=in_specs + [q_full],
-        out_specs=[out_tile, out_tile, q_full],
-        out_shape=[dkv_shape, dkv_shape, jax.ShapeDtypeStruct(q.shape, jnp.float32)],
-        input_output_aliases={6: 2},
-        compiler_params=_params(blocks.bwd_warps, blocks.bwd_stages),
-        interpret=st.interpret, name="block_sparse_attention_bwd_fused",
-    )(q, k, v, do, lse_rows, delta, jnp.zeros(q.shape, jnp.float32))
-    return dq.astype(q.dtype), *_sum_group(dk, dv, k, v, group)
+
+  grid = _q_grid(st, t // blocks.dq_q, b, hq)
+  q_tile = grid.spec((None, blocks.dq_q, None, d), lambda i, b_, h: (b_, i, h, 0))
+  kv_full = grid.spec((None, s, None, d), lambda i, b_, h: (b_, 0, h // group, 0))
+  rows_tile = grid.spec((None, None, blocks.dq_q), lambda i, b_, h: (b_, h, i))
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, st=st, group=group),
-      grid=(t // blocks.dq_q, b, hq),
-      in_specs=[pl.BlockSpec((None, blocks.dq_q, None, d), lambda i, b_, h: (b_, i, h, 0)), kv_full, kv_full,
-                pl.BlockSpec((None, blocks.dq_q, None, d), lambda i, b_, h: (b_, i, h, 0)),
-                _row_spec(blocks.dq_q), _row_spec(blocks.dq_q)],
-      out_specs=pl.BlockSpec((None, blocks.dq_q, None, d), lambda i, b_, h: (b_, i, h, 0)),
+      functools.partial(_dq_kernel, st=st, grid=grid, group=group),
+      grid=grid.shape,
+      in_specs=[q_tile, kv_full, kv_full, q_tile, rows_tile, rows_tile],
+      out_specs=q_tile,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_params(blocks.bwd_warps, blocks.bwd_stages),
       interpret=st.interpret, name="block_sparse_attention_dq",
   )(q, k, v, do, lse_rows, delta)
+
+  # Key tiles in natural order: the first ones (causal, sink) have the longest loops.
+  grid = _Grid(s // blocks.dkv_k, b, hq, blocks.heavy_first, reverse=False)
+  q_full = grid.spec((None, t, None, d), lambda i, b_, h: (b_, 0, h, 0))
+  rows_full = grid.spec((None, None, t), lambda i, b_, h: (b_, h, 0))
+  kv_tile = grid.spec((None, blocks.dkv_k, None, d), lambda i, b_, h: (b_, i, h // group, 0))
+  out_tile = grid.spec((None, blocks.dkv_k, None, d), lambda i, b_, h: (b_, i, h, 0))
+  dkv_shape = jax.ShapeDtypeStruct((b, s, hq, d), k.dtype if group == 1 else jnp.float32)
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, st=st, group=group),
-      grid=(s // blocks.dkv_k, b, hq),
-      in_specs=in_specs,
+      functools.partial(_dkv_kernel, st=st, grid=grid, group=group),
+      grid=grid.shape,
+      in_specs=[q_full, kv_tile, kv_tile, q_full, rows_full, rows_full],
       out_specs=[out_tile, out_tile],
       out_shape=[dkv_shape, dkv_shape],
       compiler_params=_params(blocks.bwd_warps, blocks.bwd_stages),
