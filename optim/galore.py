@@ -106,7 +106,7 @@ def scale_by_galore(rank: int = 128, update_proj_gap: int = 200, scale: float = 
                     base_optimizer: optax.GradientTransformation | None = None, on_refresh: str = "keep",
                     natural: NaturalGaLore | None = None, dimension_numbers: DimensionNumbersFn | None = None,
                     projector_dtype: Any = None, stagger_refresh: bool = False,
-                    svd_algorithm: str | None = None) -> optax.GradientTransformation:
+                    svd_algorithm: str | None = "auto") -> optax.GradientTransformation:
   """GaLore's update direction: project, run ``base_optimizer`` in the subspace, project back, scale by α.
 
   Leaves without dimension numbers (by default every leaf that is not 2-D) get ``base_optimizer`` on their full
@@ -130,7 +130,8 @@ def scale_by_galore(rank: int = 128, update_proj_gap: int = 200, scale: float = 
       leaves as (0, 1).
     projector_dtype: dtype of stored projectors; ``None`` = the leaf's dtype. The SVD runs in float32.
     stagger_refresh: spread leaf refreshes over the T steps instead of all at t mod T == 0.
-    svd_algorithm: ``None`` (JAX's default), ``'qr'``, ``'jacobi'``, ``'polar'`` or ``'divide_and_conquer'``.
+    svd_algorithm: ``'auto'`` (polar on GPU, JAX's default elsewhere), ``None`` (JAX's default), ``'qr'``,
+      ``'jacobi'``, ``'polar'`` or ``'divide_and_conquer'``; all compute the exact thin SVD.
 
   Returns:
     An ``optax.GradientTransformation`` with :class:`ScaleByGaLoreState`.
@@ -264,7 +265,7 @@ def galore(learning_rate: optax.ScalarOrSchedule, rank: int = 128, update_proj_g
            full_rank_optimizer: optax.GradientTransformation | None = None, on_refresh: str = "keep",
            natural: NaturalGaLore | None = None, dimension_numbers: DimensionNumbersFn | None = None,
            projector_dtype: Any = None, stagger_refresh: bool = False,
-           svd_algorithm: str | None = None) -> optax.GradientTransformation:
+           svd_algorithm: str | None = "auto") -> optax.GradientTransformation:
   """GaLore-AdamW as in the paper's runs: selected matrices get GaLore, every other leaf full-rank Adam.
 
   = chain(partition({selected: scale_by_galore, rest: scale_by_adam}), add_decayed_weights, scale_by_lr): the

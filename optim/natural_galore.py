@@ -76,7 +76,7 @@ def natural_galore(learning_rate: optax.ScalarOrSchedule, rank: int = 128, updat
                    side: str = "std", b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                    weight_decay: float = 0.0, wd_mask: Any = None, select: Any = "paper",
                    keywords: tuple[str, ...] = _galore.PAPER_KEYWORDS,
-                   on_refresh: str = "keep", svd_algorithm: str | None = None) -> optax.GradientTransformation:
+                   on_refresh: str = "keep", svd_algorithm: str | None = "auto") -> optax.GradientTransformation:
   """:func:`optim.galore.galore` with the Natural GaLore step on every projected leaf.
 
   Args:
