@@ -50,7 +50,7 @@ class BlockSizes:
   bwd_warps: int = 4
   fwd_stages: int = 3
   bwd_stages: int = 2
-  heavy_first: bool = True  # launch every head's longest tiles first (see _Grid)
+  heavy_first: bool = False  # launch every head's longest tiles first (see _Grid); measured no faster on H200
 
   @classmethod
   def for_pattern(cls, pattern: Pattern) -> BlockSizes:
@@ -99,7 +99,9 @@ class _Grid:
   CUDA starts programs with the first grid axis fastest. ``heavy_first`` puts the tile axis last, so every head's
   tile 0 starts before any head's tile 1, and numbers query tiles from the end: the longest loops (the last query
   tiles of causal rows, the first key tiles of dK/dV, sink blocks) start first and no long program is left to
-  run alone at the end. Otherwise tiles of one head run consecutively in natural order.
+  run alone at the end. Otherwise tiles of one head run consecutively in natural order, which keeps a head's K/V
+  in L2: on an H200 (dense causal 16K) heavy-first ran the forward at 409 vs 445 TFLOP/s and forward+backward at
+  397 vs 392, so natural order is the default.
   """
 
   tiles: int
