@@ -224,7 +224,10 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   out: dict[str, Any] = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                          "optax": optax.__version__, "has_optax_contrib_galore": hasattr(optax.contrib, "galore")}
-  save = lambda: args.out and Path(args.out).write_text(json.dumps(out, indent=2, default=str) + "\n")
+  def save() -> None:
+    if args.out:
+      Path(args.out).write_text(json.dumps(out, indent=2, default=str) + "\n")
+
   if args.part == "memory":
     out["memory"] = memory_table(list(PAPER_MODELS), {"d/4": 4})
     save()

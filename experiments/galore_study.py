@@ -70,9 +70,9 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str) -
     window = 10
     smooth = [(train[j][0], statistics.fmean(v for _, v in train[max(0, j - window + 1):j + 1]))
               for j in range(len(train))]
-    ax.plot(*zip(*smooth), color=color, alpha=0.8, label=f"{name} train (mean of {window})")
+    ax.plot(*zip(*smooth, strict=True), color=color, alpha=0.8, label=f"{name} train (mean of {window})")
     if evals:
-      ax.plot(*zip(*evals), "o--", color=color, label=f"{name} eval")
+      ax.plot(*zip(*evals, strict=True), "o--", color=color, label=f"{name} eval")
   ax.set_xlabel("step")
   ax.set_ylabel("loss (nats/token)")
   ax.set_title(title)

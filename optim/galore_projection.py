@@ -75,7 +75,8 @@ def replicated(x: jax.Array) -> jax.Array:
   sharding = jax.typeof(x).sharding
   if not any(sharding.spec):
     return x
-  return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*[None] * x.ndim)))
+  spec = jax.sharding.PartitionSpec(*[None] * x.ndim)  # P(None, None), not P(): the two differ as jit cache keys
+  return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh, spec))
 
 
 def sharded_like(x: jax.Array, like: jax.Array) -> jax.Array:

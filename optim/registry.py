@@ -51,7 +51,9 @@ def _optax_galore(cfg: "TrainConfig", schedule: optax.Schedule) -> optax.Gradien
   ``optax.partition``, because its state holds a zero-size projector per such leaf and orbax refuses to
   checkpoint zero-size arrays.
   """
-  matrices = lambda params: jax.tree.map(lambda p: "galore" if p.ndim == 2 else "full_rank", params)
+  def matrices(params):
+    return jax.tree.map(lambda p: "galore" if p.ndim == 2 else "full_rank", params)
+
   adam = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2)
   projected = optax.contrib.scale_by_galore(rank=galore_rank(cfg), update_proj_gap=UPDATE_PROJ_GAP,
                                             base_optimizer=adam)

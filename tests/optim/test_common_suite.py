@@ -98,7 +98,8 @@ def test_converges_on_toy_quadratic(case):
   step = _step_fn(tx, objective, case)
   final, _ = jax.jit(lambda p, s: jax.lax.scan(lambda c, _: (step(*c), None), (p, s), length=case.steps)[0])(
       params, tx.init(params))
-  err = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(target)))
+  pairs = zip(jax.tree.leaves(final), jax.tree.leaves(target), strict=True)
+  err = max(float(jnp.max(jnp.abs(a - b))) for a, b in pairs)
   print(f"{case.name}: max |param - optimum| after {case.steps} steps = {err:.2e}")
   assert np.isfinite(err) and err < 3e-2
 
@@ -171,7 +172,7 @@ def test_preserves_dtype(case, dtype):
   step = jax.jit(_step_fn(tx, objective, case))
   p, s = step(params, state0)
   p, s = step(p, s)
-  assert all(a.dtype == b.dtype for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params)))
+  assert all(a.dtype == b.dtype for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params), strict=True))
   assert [x.dtype for x in jax.tree.leaves(s)] == [x.dtype for x in jax.tree.leaves(state0)]
   assert step._cache_size() == 1, "the second step recompiled: state dtypes or structure drifted"
   assert all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in jax.tree.leaves(p))

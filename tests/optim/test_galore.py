@@ -49,7 +49,7 @@ def test_sgd_base_at_full_rank_equals_sgd(shape):
   grads = _grads(1, {"w": shape}, 7)
   tx = scale_by_galore(rank=min(shape), update_proj_gap=3, scale=1.0, base_optimizer=optax.identity())
   ours, _ = _run(tx, grads)
-  err = max(float(jnp.max(jnp.abs(u["w"] - g["w"]))) for u, g in zip(ours, grads))
+  err = max(float(jnp.max(jnp.abs(u["w"] - g["w"]))) for u, g in zip(ours, grads, strict=True))
   print(f"full-rank GaLore-SGD vs SGD {shape}: max err {err:.1e}")
   assert err < 1e-5
 
@@ -58,7 +58,7 @@ def test_momentum_base_with_fixed_projector_equals_momentum_sgd():
   grads = _grads(2, {"w": (6, 10)}, 6)
   ours, _ = _run(scale_by_galore(rank=6, update_proj_gap=10**6, scale=1.0, base_optimizer=optax.trace(0.9)), grads)
   ref, _ = _run(optax.trace(0.9), grads)
-  err = max(float(jnp.max(jnp.abs(a["w"] - b["w"]))) for a, b in zip(ours, ref))
+  err = max(float(jnp.max(jnp.abs(a["w"] - b["w"]))) for a, b in zip(ours, ref, strict=True))
   print(f"full-rank GaLore-momentum vs momentum SGD: max err {err:.1e}")
   assert err < 1e-5
 
@@ -104,7 +104,7 @@ def test_matches_optax_contrib_galore(shape):
   grads = _grads(5, {"w": shape}, 5)
   ours, _ = _run(scale_by_galore(rank=4, update_proj_gap=2, scale=1.0, side="reverse_std"), grads)
   theirs, _ = _run(optax.contrib.scale_by_galore(rank=4, update_proj_gap=2), grads)
-  err = max(float(jnp.max(jnp.abs(a["w"] - b["w"]))) for a, b in zip(ours, theirs))
+  err = max(float(jnp.max(jnp.abs(a["w"] - b["w"]))) for a, b in zip(ours, theirs, strict=True))
   print(f"vs optax.contrib.galore {shape}: max err {err:.1e}")
   assert err < 1e-5
 
@@ -138,10 +138,11 @@ def test_reproject_with_unchanged_subspace_is_keep(side):
   grads = [{"w": g}] * 7
   _, keep = _run(scale_by_galore(rank=2, update_proj_gap=3, side=side, on_refresh="keep"), grads)
   _, rep = _run(scale_by_galore(rank=2, update_proj_gap=3, side=side, on_refresh="reproject"), grads)
-  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(keep[0][1:3]), jax.tree.leaves(keep[6][1:3])))
+  first, last = jax.tree.leaves(keep[0][1:3]), jax.tree.leaves(keep[6][1:3])
+  assert all(np.array_equal(a, b) for a, b in zip(first, last, strict=True))
   # Moments, not updates: with side='full' the low-rank gradient is diagonal and Adam blows its ~1e-8
   # off-diagonal rounding up to O(1), so updates would compare rounding noise.
-  for a, b in zip(keep, rep):
+  for a, b in zip(keep, rep, strict=True):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a.base_state, b.base_state)
 
 

@@ -83,7 +83,7 @@ def test_reduces_to_galore(natural):
   adam = optax.scale_by_adam(eps=0.0)
   ours, _ = _run(scale_by_galore(rank=3, update_proj_gap=3, base_optimizer=adam, natural=natural), grads)
   ref, _ = _run(scale_by_galore(rank=3, update_proj_gap=3, base_optimizer=adam), grads)
-  err = max(float(jnp.max(jnp.abs(a["w"] - b["w"]))) for a, b in zip(ours, ref))
+  err = max(float(jnp.max(jnp.abs(a["w"] - b["w"]))) for a, b in zip(ours, ref, strict=True))
   print(f"Natural GaLore {natural} vs GaLore: max err {err:.1e}")
   assert err < 1e-4
 

@@ -46,7 +46,8 @@ def test_optax_galore_entry_equals_optax_contrib_galore():
                              weight_decay=cfg.weight_decay, mask=decay_mask)
   s_ours, s_ref = ours.init(params), ref.init(params)
   for i in range(3):
-    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(i), p.shape, p.dtype), params)
+    key = jax.random.key(i)
+    grads = jax.tree.map(lambda p, k=key: jax.random.normal(k, p.shape, p.dtype), params)
     u_ours, s_ours = jax.jit(ours.update)(grads, s_ours, params)
     u_ref, s_ref = jax.jit(ref.update)(grads, s_ref, params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), u_ours, u_ref)
