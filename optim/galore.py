@@ -220,8 +220,11 @@ def scale_by_galore(rank: int = 128, update_proj_gap: int = 200, scale: float = 
         results.append((update, left, right, hist, base_state))
       else:
         results.append(update_leaf(plan, g, left, right, hist, base_state, state.count))
+    count = optax.safe_int32_increment(state.count)
+    if not results:  # every leaf masked out (e.g. under optax.partition): nothing to update
+      return updates, state._replace(count=count)
     out, left, right, hist, base_states = (jax.tree.unflatten(treedef, column) for column in zip(*results, strict=True))
-    return out, ScaleByGaLoreState(optax.safe_int32_increment(state.count), left, right, hist, base_states)
+    return out, ScaleByGaLoreState(count, left, right, hist, base_states)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

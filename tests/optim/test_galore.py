@@ -217,3 +217,12 @@ def test_svd_algorithm_choice_gives_the_same_updates():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), default, qr)
   with pytest.raises(ValueError, match="svd_algorithm must be one of"):
     scale_by_galore(svd_algorithm="lanczos")
+
+
+def test_no_matrix_selected_means_plain_adamw():
+  params = {"norm": jnp.ones((5,)), "bias": jnp.zeros((3,))}
+  grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(14), p.shape), params)
+  ours, _ = _run(galore(0.1, select="all_2d", weight_decay=0.1), [grads, grads], params)
+  ref, _ = _run(optax.adamw(0.1, weight_decay=0.1), [grads, grads], params)
+  for a, b in zip(ours, ref, strict=True):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), a, b)
