@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def minimalloc(methods, args, plots: Path) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
         if sol.offsets.size and method in ("best_fit", "cpsat", "agent") and name in args.plot:
-          plot_placement(inst, sol.offsets, plots / f"{name}_{label}.png",
+          plot_placement(inst, sol.offsets, plots / f"{name}_{re.sub(r'[^A-Za-z0-9.=-]+', '_', label)}.png",
                          f"MiniMalloc {name} {label}: peak {sol.peak} ({row['over_opt_pct']:+.1f}% over opt)")
   return rows
 
@@ -103,15 +104,50 @@ def extracted(methods, args, plots: Path) -> list[dict]:
         fast = ben.offsets != SLOW if ben.offsets.size else np.zeros(inst.n, bool)
         if ben.offsets.size:
           validate(half, ben.offsets)
-        row["T_over_Tslow_at_half"] = bufs.program.time(fast) / bufs.program.t_slow
-        row["benefit_seconds"] = round(ben.seconds, 3)
+        row["T_over_Tslow_at_half"] = bufs.program.time(fast) / bufs.program.t_slow if ben.offsets.size else None
+        row["benefit_status"], row["benefit_seconds"] = ben.status, round(ben.seconds, 3)
       rows.append(row)
       print(json.dumps(row), flush=True)
   return rows
 
 
+def report(paths: list[str]) -> str:
+  """Markdown tables (peak over optimum per instance x method; extracted sets) from one or more study JSONs."""
+  mm, ex = [], []
+  for path in paths:
+    data = json.loads(Path(path).read_text())
+    mm += data["minimalloc"]
+    ex += data["extracted"]
+  insts = sorted({r["instance"] for r in mm})
+  methods = list(dict.fromkeys(r["method"] for r in mm))
+  cell = {(r["instance"], r["method"]): r for r in mm}
+  lines = ["| method | " + " | ".join(f"{i} % over opt (s)" for i in insts) + " | fits |",
+           "|---|" + "---|" * (len(insts) + 1)]
+  for m in methods:
+    cells, fits = [], 0
+    for i in insts:
+      r = cell.get((i, m))
+      if r is None:
+        cells.append("")
+        continue
+      fits += r["fits"]
+      val = "no solution" if r["over_opt_pct"] is None else f"{r['over_opt_pct']:+.2f}"
+      status = f" {r['status']}" if r["status"] not in ("heuristic", "search") else ""
+      cells.append(f"{val} ({r['seconds']:.1f}){status}")
+    lines.append(f"| {m} | " + " | ".join(cells) + f" | {fits}/{len(insts)} |")
+  lines += ["", "| config | N | distinct times | method | peak B (% over L) | solve s | T/T_slow at C = XLA temp / 2 |",
+            "|---|---|---|---|---|---|---|"]
+  for r in ex:
+    t, over = r.get("T_over_Tslow_at_half"), r["over_L_pct"]
+    peak = f"{r['peak']} ({over:+.3f}%)" if over is not None else f"no solution ({r['status']})"
+    lines.append(f"| {r['config']} | {r['n']} | {r['distinct_times']} | {r['method']} | {peak} | "
+                 f"{r.get('seconds', r.get('extract_s'))} | {'' if t is None else f'{t:.4f}'} |")
+  return "\n".join(lines)
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--report", nargs="*", default=None, help="print markdown tables of these study JSONs and exit")
   p.add_argument("--instances", nargs="*", default=list("ABCDEF"))
   p.add_argument("--configs", nargs="*", default=["tiny", "mqar_tiny"])
   p.add_argument("--methods", nargs="*", default=list(HEURISTICS) + ["portfolio", "cpsat", "cpsat_fit", "agent"])
@@ -122,6 +158,9 @@ def main() -> None:
   p.add_argument("--plot", nargs="*", default=["A", "F"])
   p.add_argument("--out", default="docs/memmap/study.json")
   args = p.parse_args()
+  if args.report is not None:
+    print(report(args.report))
+    return
   methods = [m for m in args.methods if m != "agent" or args.agent_dir]
   plots = Path(args.out).parent
   plots.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ import numpy as np
 
 from memmap.cost_model import Program
 from memmap.instance import SLOW, Instance, compress_times, load_bound, time_overlap
-from memmap.orders import buffer_order
+from memmap.orders import ORDERS, buffer_order
 
 UNDECIDED, SLOW_STATE = -1, -2
 OBJECTIVES = ("height", "benefit")
@@ -54,6 +54,8 @@ class GameConfig:
       raise ValueError(f"GameConfig.objective={self.objective!r}; allowed: {OBJECTIVES}.")
     if self.reward not in REWARDS:
       raise ValueError(f"GameConfig.reward={self.reward!r}; allowed: {REWARDS}.")
+    if self.order not in ORDERS:
+      raise ValueError(f"GameConfig.order={self.order!r}; allowed: {ORDERS}.")
     if self.reward == "exact" and self.objective != "benefit":
       raise ValueError("GameConfig.reward='exact' needs objective='benefit' (height has its own reward).")
     if self.num_slots < 1 or self.grid < 4:
