@@ -154,15 +154,24 @@ class SparseAttention(nnx.Module):
     return y.astype(q.dtype)
 
 
+def attention_config_from(cfg: ModelConfig, **overrides) -> SparseAttentionConfig:
+  """The layer's pattern settings from the model config's ``attn_*`` fields, with ``overrides`` applied."""
+  return SparseAttentionConfig(**{
+      "sink": cfg.attn_sink, "window": cfg.attn_window, "block": cfg.attn_block,
+      "local_blocks": cfg.attn_local_blocks, "stride": cfg.attn_stride,
+      "implementation": cfg.attn_implementation, **overrides})
+
+
 def _mixer(pattern_for_layer):
   def factory(cfg: ModelConfig, layer_index: int, *, rngs: nnx.Rngs) -> SparseAttention:
-    return SparseAttention(cfg, SparseAttentionConfig(**pattern_for_layer(cfg, layer_index)), rngs=rngs)
+    return SparseAttention(cfg, attention_config_from(cfg, **pattern_for_layer(cfg, layer_index)), rngs=rngs)
   return factory
 
 
 def _scheduled(sparse: str):
   def pattern(cfg: ModelConfig, layer_index: int) -> dict:
-    return {"pattern": "full" if layer_index in full_layer_indices(len(cfg.layers)) else sparse}
+    middle = full_layer_indices(len(cfg.layers), cfg.longgen_full_fraction)
+    return {"pattern": "full" if layer_index in middle else sparse}
   return pattern
 
 

@@ -204,7 +204,10 @@ class TrainState:
 def _split_model(cfg: TrainConfig, *, abstract: bool = False):
   """(graphdef, params as a nested dict, the model's other state); shapes only when ``abstract``."""
   build = lambda: DecoderLM(cfg.model, rngs=nnx.Rngs(cfg.seed))
-  model = nnx.eval_shape(build) if abstract else build()
+  try:
+    model = nnx.eval_shape(build) if abstract else build()
+  except ValueError as e:  # a layer rejected the model config (e.g. a sparse pattern's settings)
+    raise TrainError(f"model: {e}") from None
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   return graphdef, params.to_pure_dict(), rest
 

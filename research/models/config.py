@@ -26,6 +26,13 @@ class ModelConfig:
     tie_embeddings: share the input embedding with the output head.
     dtype: compute dtype name (``"float32"`` or ``"bfloat16"``); parameters are always float32.
     aux_loss_weight: weight of every auxiliary loss a mixer returns (e.g. MoM load balancing).
+    attn_sink, attn_window: sparse attention layers (``swa``, ``sink_window``, ``longgen``): attention-sink
+      tokens and sliding window (current token included); ``swa`` ignores the sink.
+    attn_block, attn_local_blocks, attn_stride: LongGen's block pattern (``block_sparse``, ``longgen_block``):
+      block size, local blocks and stride of the strided blocks.
+    attn_implementation: attention kernel of the sparse layers (``layers.kernels.attention.api``); None picks
+      the fastest available.
+    longgen_full_fraction: fraction of layers, centred in the stack, that ``longgen*`` layers make full attention.
   """
 
   vocab_size: int = 256
@@ -40,6 +47,13 @@ class ModelConfig:
   tie_embeddings: bool = True
   dtype: str = "float32"
   aux_loss_weight: float = 0.01
+  attn_sink: int = 64
+  attn_window: int = 8192
+  attn_block: int = 64
+  attn_local_blocks: int = 16
+  attn_stride: int = 8
+  attn_implementation: str | None = None
+  longgen_full_fraction: float = 1 / 3
 
   def __post_init__(self):
     problems = []
@@ -57,6 +71,8 @@ class ModelConfig:
                       "unless head_dim is given")
     if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
       problems.append(f"head_dim must be a positive even integer for RoPE (got {self.head_dim})")
+    if not 0.0 <= self.longgen_full_fraction <= 1.0:
+      problems.append(f"longgen_full_fraction must be in [0, 1] (got {self.longgen_full_fraction})")
     if self.dtype not in DTYPES:
       problems.append(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
     if problems:

@@ -116,3 +116,16 @@ def test_config_validation_messages():
     SparseAttentionConfig(implementation="flash")
   with pytest.raises(ValueError, match="sink >= 0"):
     SparseAttentionConfig(sink=-2)
+
+
+def test_model_config_attention_fields_reach_the_layers():
+  cfg = ModelConfig(layers=("swa", "sink_window", "block_sparse", "longgen", "longgen", "longgen"), d_model=16,
+                    num_heads=2, num_kv_heads=2, attn_sink=3, attn_window=10, attn_block=4, attn_local_blocks=2,
+                    attn_stride=3, longgen_full_fraction=0.5)
+  model = DecoderLM(cfg, rngs=nnx.Rngs(0))
+  patterns = [block.mixer.pattern for block in model.blocks]
+  assert patterns[0] == masks.SinkWindow(0, 10) and patterns[1] == masks.SinkWindow(3, 10)
+  assert (patterns[2].block, patterns[2].local_blocks, patterns[2].stride) == (4, 2, 3)
+  # The schedule centres round(6 · 0.5) = 3 full layers in the whole stack (layers 1..3): of the longgen layers
+  # 3, 4, 5 only layer 3 falls inside it.
+  assert [type(p).__name__ for p in patterns[3:]] == ["Dense", "SinkWindow", "SinkWindow"]
