@@ -22,11 +22,12 @@ from flax import nnx
 
 from layers.kernels.gated_delta import IMPLEMENTATIONS, gated_delta_rule
 from research.models.blocks import INIT_STD, dense
+from research.models.cache import DecodeCache
 from research.models.config import DTYPES, ModelConfig
 from research.models.registry import register_mixer
 
 
-class MemoryCache(nnx.Variable):
+class MemoryCache(DecodeCache):
   """Decode-time state of a recurrent memory layer (memory states and short-conv windows)."""
 
 
@@ -183,8 +184,11 @@ class GatedDeltaNet(nnx.Module):
     self.out = GatedOutput(cfg, mcfg, rngs=rngs)
     self.cache: nnx.Dict | None = nnx.data(None)  # made by init_cache
 
-  def init_cache(self, batch_size: int) -> None:
-    """Reset the decode cache to the empty memory for ``batch_size`` sequences."""
+  def init_cache(self, batch_size: int, max_length: int | None = None) -> None:
+    """Reset the decode cache to the empty memory for ``batch_size`` sequences.
+
+    ``max_length`` is accepted for the common mixer interface; recurrent state does not grow with it.
+    """
     c = self.cfg
     conv = lambda ch: MemoryCache(jnp.zeros((batch_size, c.conv_size - 1, ch), c.compute_dtype))
     self.cache = nnx.Dict(

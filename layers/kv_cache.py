@@ -25,9 +25,10 @@ import numpy as np
 from flax import nnx
 
 from layers.kernels.attention.patterns import BlockSparse, Dense, Pattern, SinkWindow
+from research.models.cache import DecodeCache
 
 
-class KVCache(nnx.Variable):
+class KVCache(DecodeCache):
   """Decode-time keys/values and their positions (``nnx.split(model, nnx.Param, KVCache, ...)`` separates them)."""
 
 

@@ -132,8 +132,11 @@ class MixtureOfMemories(nnx.Module):
     self.out = GatedOutput(g, mcfg, rngs=rngs)
     self.cache: nnx.Dict | None = nnx.data(None)  # made by init_cache
 
-  def init_cache(self, batch_size: int) -> None:
-    """Reset the decode cache (every memory empty) for ``batch_size`` sequences."""
+  def init_cache(self, batch_size: int, max_length: int | None = None) -> None:
+    """Reset the decode cache (every memory empty) for ``batch_size`` sequences.
+
+    ``max_length`` is accepted for the common mixer interface; recurrent state does not grow with it.
+    """
     if self.cfg.dispatch != "sorted":
       raise ValueError(f"the decode cache needs dispatch='sorted', this layer has {self.cfg.dispatch!r}")
     g, n = self.cfg.gdn, self.cfg.num_slots

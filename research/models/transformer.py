@@ -27,14 +27,18 @@ class DecoderBlock(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     self.mlp = SwiGLU(cfg, rngs=rngs, out_std=INIT_STD / math.sqrt(2 * len(cfg.layers)))
 
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    mixed, aux = self.mixer(self.mixer_norm(x))
+  def __call__(self, x: jax.Array, *, use_cache: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    h = self.mixer_norm(x)
+    mixed, aux = self.mixer(h, use_cache=True) if use_cache else self.mixer(h)
     x = x + mixed
     return x + self.mlp(self.mlp_norm(x)), aux
 
 
 class DecoderLM(nnx.Module):
   """tokens: int [b, t] -> (logits: float32 [b, t, vocab], aux: {"<layer>/<name>": scalar}).
+
+  With ``use_cache=True`` (after :meth:`init_cache`) every mixer continues from its decode cache, so a prompt
+  followed by one token at a time gives the logits of the full forward (see ``research.models.generate``).
 
   Args:
     cfg: model shape; ``cfg.layers`` picks each block's mixer by registered name.
@@ -52,11 +56,18 @@ class DecoderLM(nnx.Module):
         cfg.d_model, cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
         kernel_init=nnx.initializers.normal(INIT_STD), rngs=rngs)
 
-  def __call__(self, tokens: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def init_cache(self, batch_size: int, max_length: int) -> None:
+    """Give every mixer an empty decode cache for ``batch_size`` sequences of up to ``max_length`` tokens."""
+    for name, block in zip(self.cfg.layers, self.blocks):
+      if not hasattr(block.mixer, "init_cache"):
+        raise ValueError(f"layer {name!r} has no decode cache, so this model cannot decode incrementally")
+      block.mixer.init_cache(batch_size, max_length)
+
+  def __call__(self, tokens: jax.Array, *, use_cache: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     x = self.embed(tokens)
     aux_losses = {}
     for i, block in enumerate(self.blocks):
-      x, aux = block(x)
+      x, aux = block(x, use_cache=use_cache)
       aux_losses.update({f"{i}_{self.cfg.layers[i]}/{name}": value for name, value in aux.items()})
     x = self.final_norm(x)
     logits = self.embed.attend(x) if self.head is None else self.head(x)
