@@ -68,7 +68,7 @@ def minimalloc(methods, args, plots: Path) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
         if sol.offsets.size and method in ("best_fit", "cpsat", "agent") and name in args.plot:
-          plot_placement(inst, sol.offsets, plots / f"{name}_{re.sub(r'[^A-Za-z0-9.=-]+', '_', label)}.png",
+          plot_placement(inst, sol.offsets, plots / f"{name}_{re.sub(r'[^A-Za-z0-9.=-]+', '_', label).strip('_')}.png",
                          f"MiniMalloc {name} {label}: peak {sol.peak} ({row['over_opt_pct']:+.1f}% over opt)")
   return rows
 
