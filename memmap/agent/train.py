@@ -135,9 +135,9 @@ def train(cfg: AgentConfig, workdir: str | Path | None = None, *,
     traj = jax.device_get(traj)
     live = traj["live"]
     rtg = returns_to_go(traj["reward"], live)
-    sel = live.reshape(-1)
-    flat = lambda x: x.reshape((-1,) + x.shape[2:])[sel]
-    replay.add({"obs": jax.tree.map(flat, traj["obs"]), "weights": flat(traj["weights"]), "return": flat(rtg)})
+    positions = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]),
+                             {"obs": traj["obs"], "weights": traj["weights"], "return": rtg})
+    replay.add(jax.tree.map(lambda x: x[live.reshape(-1)], positions))
     for _ in range(cfg.updates_per_iter):
       batch = replay.sample(rng, cfg.train_batch)
       params, opt, (ce, mse) = _update(graphdef, params, opt, batch, tx, cfg.value_weight)
