@@ -67,7 +67,8 @@ def test_cpsat_buffer_larger_than_capacity_is_left_slow():
 
 def test_cpsat_reports_a_status_on_a_hard_instance():
   inst, _ = read_csv(DATA / "A.1048576.csv")
-  res = cpsat.solve_height(inst, time_limit=1.0)
+  # The greedy hint makes a feasible answer immediate; the margin is for a loaded 2-core CI machine.
+  res = cpsat.solve_height(inst, time_limit=5.0)
   assert res.status in ("optimal", "feasible")
   h = validate(inst, res.offsets, capacity=BIG)
   assert 1048576 <= h <= validate(inst, portfolio(inst), capacity=BIG)
