@@ -2,8 +2,8 @@
 
 Each factory maps a ``research.train.TrainConfig`` and its learning-rate schedule to an optax transform, with the
 config's betas, weight decay and decay mask (matrices only). GaLore settings follow the paper's pre-training
-runs (Zhao et al., arXiv:2403.03507, App. C.1): T = 200, α = 0.25, attention/MLP matrices projected; the rank is
-d_model / 4, the paper's rank ratio for its 350M and 1B models (its 60M/130M runs use 1/2 and 1/3).
+runs (Zhao et al., arXiv:2403.03507, App. C.1): T = 200, α = 0.25, attention/MLP matrices projected; the rank
+defaults to d_model / 4, the paper's rank ratio for its 350M and 1B models (its 60M/130M runs use 1/2 and 1/3).
 """
 
 from __future__ import annotations
@@ -21,26 +21,24 @@ if TYPE_CHECKING:
   from research.train import TrainConfig
 
 RANK_RATIO = 4
-UPDATE_PROJ_GAP = 200
-SCALE = 0.25
-NATURAL_HISTORY = 20
 
 
 def galore_rank(cfg: "TrainConfig") -> int:
-  return max(1, cfg.model.d_model // RANK_RATIO)
+  """``cfg.galore_rank``, or d_model / 4 when it is None."""
+  return cfg.galore_rank if cfg.galore_rank is not None else max(1, cfg.model.d_model // RANK_RATIO)
 
 
 @register_optimizer("galore")
 def _galore(cfg: "TrainConfig", schedule: optax.Schedule) -> optax.GradientTransformation:
-  return galore(schedule, rank=galore_rank(cfg), update_proj_gap=UPDATE_PROJ_GAP, scale=SCALE, b1=cfg.b1,
-                b2=cfg.b2, weight_decay=cfg.weight_decay, wd_mask=decay_mask)
+  return galore(schedule, rank=galore_rank(cfg), update_proj_gap=cfg.galore_update_proj_gap,
+                scale=cfg.galore_scale, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, wd_mask=decay_mask)
 
 
 @register_optimizer("natural_galore")
 def _natural_galore(cfg: "TrainConfig", schedule: optax.Schedule) -> optax.GradientTransformation:
-  return natural_galore(schedule, rank=galore_rank(cfg), update_proj_gap=UPDATE_PROJ_GAP, scale=SCALE,
-                        history=NATURAL_HISTORY, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
-                        wd_mask=decay_mask)
+  return natural_galore(schedule, rank=galore_rank(cfg), update_proj_gap=cfg.galore_update_proj_gap,
+                        scale=cfg.galore_scale, history=cfg.natural_galore_history, b1=cfg.b1, b2=cfg.b2,
+                        weight_decay=cfg.weight_decay, wd_mask=decay_mask)
 
 
 @register_optimizer("optax_galore")
@@ -55,7 +53,7 @@ def _optax_galore(cfg: "TrainConfig", schedule: optax.Schedule) -> optax.Gradien
     return jax.tree.map(lambda p: "galore" if p.ndim == 2 else "full_rank", params)
 
   adam = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2)
-  projected = optax.contrib.scale_by_galore(rank=galore_rank(cfg), update_proj_gap=UPDATE_PROJ_GAP,
+  projected = optax.contrib.scale_by_galore(rank=galore_rank(cfg), update_proj_gap=cfg.galore_update_proj_gap,
                                             base_optimizer=adam)
   return optax.chain(optax.partition({"galore": projected, "full_rank": adam}, matrices),
                      optax.add_decayed_weights(cfg.weight_decay, decay_mask),

@@ -57,6 +57,8 @@ class TrainConfig:
     checkpoint_every, keep_checkpoints: checkpoint period (steps) and how many to keep.
     log_every: steps between progress lines (metrics are pulled to the host only then).
     mqar_kv_pairs: key-value pairs per MQAR example (vocabulary = ``model.vocab_size``).
+    galore_rank, galore_update_proj_gap, galore_scale, natural_galore_history: GaLore / Natural GaLore settings
+      (rank None means d_model/4; see ``optim.registry``).
     seed: initialisation and data seed.
   """
 
@@ -80,16 +82,24 @@ class TrainConfig:
   keep_checkpoints: int = 3
   log_every: int = 10
   mqar_kv_pairs: int = 4
+  galore_rank: int | None = None
+  galore_update_proj_gap: int = 200
+  galore_scale: float = 0.25
+  natural_galore_history: int = 20
   seed: int = 0
 
   def __post_init__(self):
     problems = []
     for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches",
-                 "checkpoint_every", "keep_checkpoints", "log_every", "mqar_kv_pairs"):
+                 "checkpoint_every", "keep_checkpoints", "log_every", "mqar_kv_pairs", "galore_update_proj_gap"):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         problems.append(f"{name} must be a positive integer (got {value})")
-    for name in ("learning_rate", "weight_decay", "warmup_steps"):
+    if self.galore_rank is not None and self.galore_rank < 1:
+      problems.append(f"galore_rank must be a positive integer or None (got {self.galore_rank})")
+    if self.natural_galore_history < 0:
+      problems.append(f"natural_galore_history must be >= 0 (got {self.natural_galore_history})")
+    for name in ("learning_rate", "weight_decay", "warmup_steps", "galore_scale"):
       if getattr(self, name) < 0:
         problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
     for name in ("b1", "b2"):
@@ -293,8 +303,9 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path, *, mesh: jax.shard
                        log: Callable[[str], None] = print) -> dict:
   """Train ``cfg`` in ``workdir`` (resuming from its latest checkpoint), evaluate, and write the run's records.
 
-  ``mesh`` (default: all devices) is the 1-D data-parallel mesh. Writes ``config.json``, ``metrics.jsonl`` (+ TensorBoard events if tensorboardX is installed), ``checkpoints/``,
-  ``memory.json``, ``loss.png`` and ``summary.json``; returns the summary dict.
+  ``mesh`` (default: all devices) is the 1-D data-parallel mesh. Writes ``config.json``, ``metrics.jsonl``
+  (+ TensorBoard events if tensorboardX is installed), ``checkpoints/``, ``memory.json``, ``loss.png`` and
+  ``summary.json``; returns the summary dict.
   """
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,8 @@
 
 The kernel is ``jax.nn.dot_product_attention``: cuDNN's fused flash attention on GPU for bf16/f16 inputs with a
 head dim cuDNN supports (its ``implementation=None`` default would pick XLA's dense path, which materialises
-the [b, h, t, t] logits), XLA's dense path elsewhere. Reference: "Attention Is All You Need" (arXiv 1706.03762); grouped-query
-attention, "GQA: Training Generalized Multi-Query Transformer Models" (arXiv 2305.13245).
+the [b, h, t, t] logits), XLA's dense path elsewhere. Reference: "Attention Is All You Need" (arXiv 1706.03762);
+grouped-query attention, "GQA: Training Generalized Multi-Query Transformer Models" (arXiv 2305.13245).
 """
 
 from __future__ import annotations
