@@ -18,6 +18,8 @@ Prints a table and writes JSON; every number is tagged with the device name.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import statistics
@@ -90,28 +92,42 @@ def run_jax(shapes, impls, breakdown: bool = False) -> list[dict]:
       rows.append({"kind": "check", **check})
 
   for b, t in shapes:
-    q, k, v, g, beta = inputs(b, t, 1, jnp.bfloat16)
-    do = jax.random.normal(jax.random.PRNGKey(2), (b, t, HEADS, DIM), jnp.bfloat16)
-    flops = chunked_gdn_flops(b, t, HEADS, DIM, DIM)
-    for impl in impls:
-      row = {"kind": "time", "op": f"gdn_{impl}", "B": b, "T": t, "device": device}
-      try:
-        fwd = jax.jit(lambda *a, impl=impl: api.gated_delta_rule(*a, implementation=impl)[0])
-        obj = lambda *a, impl=impl: jnp.sum(
-            api.gated_delta_rule(*a, implementation=impl)[0].astype(jnp.float32) * do.astype(jnp.float32))
-        fwd_bwd = jax.jit(jax.grad(obj, argnums=(0, 1, 2, 3, 4)))
-        row["fwd_ms"] = _median_ms(lambda: fwd(q, k, v, g, beta))
-        row["fwd_bwd_ms"] = _median_ms(lambda: fwd_bwd(q, k, v, g, beta))
-        for key in ("fwd", "fwd_bwd"):
-          row[f"{key}_mtok_s"] = b * t / row[f"{key}_ms"] / 1e3
-          row[f"{key}_tflop_s"] = flops[key] / row[f"{key}_ms"] / 1e9
-      except Exception as e:  # noqa: BLE001
-        row["error"] = repr(e)[:400]
-      print("time", json.dumps(row), flush=True)
-      rows.append(row)
-    del q, k, v, g, beta, do
+    rows += _time_ours(b, t, impls, device, inputs(b, t, 1, jnp.bfloat16))
     if breakdown:
       rows += _time_components(b, t, device)
+  return rows
+
+
+def _row(op: str, b: int, t: int, device: str, fwd, fwd_bwd, timer, flops=None) -> dict:
+  """Time ``fwd()`` and ``fwd_bwd()`` with ``timer`` into one result row (errors recorded, not raised)."""
+  row = {"kind": "time", "op": op, "B": b, "T": t, "device": device}
+  try:
+    row["fwd_ms"], row["fwd_bwd_ms"] = timer(fwd), timer(fwd_bwd)
+    for key in ("fwd", "fwd_bwd"):
+      row[f"{key}_mtok_s"] = b * t / row[f"{key}_ms"] / 1e3
+      if flops is not None:
+        row[f"{key}_tflop_s"] = flops[key] / row[f"{key}_ms"] / 1e9
+  except Exception as e:  # noqa: BLE001 - report and continue with the other variants
+    row["error"] = repr(e)[:400]
+  print("time", json.dumps(row), flush=True)
+  return row
+
+
+def _time_ours(b: int, t: int, impls, device: str, args) -> list[dict]:
+  import jax
+  import jax.numpy as jnp
+
+  from layers.kernels.gated_delta import api
+
+  do = jax.random.normal(jax.random.PRNGKey(2), args[2].shape, jnp.bfloat16).astype(jnp.float32)
+  rows = []
+  for impl in impls:
+    out = functools.partial(api.gated_delta_rule, implementation=impl)
+    fwd = jax.jit(lambda *a, out=out: out(*a)[0])
+    fwd_bwd = jax.jit(jax.grad(lambda *a, out=out: jnp.sum(out(*a)[0].astype(jnp.float32) * do),
+                               argnums=(0, 1, 2, 3, 4)))
+    rows.append(_row(f"gdn_{impl}", b, t, device, functools.partial(fwd, *args),
+                     functools.partial(fwd_bwd, *args), _median_ms, chunked_gdn_flops(b, t, HEADS, DIM, DIM)))
   return rows
 
 
@@ -150,7 +166,7 @@ def _time_components(b: int, t: int, device: str) -> list[dict]:
   for name, (fn, args) in cases.items():
     row = {"kind": "component", "op": name, "B": b, "T": t, "device": device}
     try:
-      row["ms"] = _median_ms(lambda: fn(*args))
+      row["ms"] = _median_ms(functools.partial(fn, *args))
     except Exception as e:  # noqa: BLE001
       row["error"] = repr(e)[:400]
     print("time", json.dumps(row), flush=True)
@@ -160,44 +176,46 @@ def _time_components(b: int, t: int, device: str) -> list[dict]:
 
 def run_fla(shapes, unguarded_gdn: bool) -> list[dict]:
   import torch
-  import torch.nn.functional as F
-  import triton
-
-  from fla.ops.gla import chunk_gla
 
   device = torch.cuda.get_device_name()
   rows = []
-  ms = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
   for b, t in shapes:
-    torch.manual_seed(0)
-    mk = lambda: torch.randn(b, t, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
-    q, k, v = (mk().requires_grad_() for _ in range(3))
-    gk = (F.logsigmoid(torch.randn(b, t, HEADS, DIM, device="cuda")) / 16).to(torch.bfloat16).requires_grad_()
-    do = mk()
-    variants = [("fla_chunk_gla", lambda: chunk_gla(q, k, v, gk)[0])]
-    if unguarded_gdn:
-      import fla.ops.common.chunk_o as chunk_o
-      from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-      chunk_o.IS_NVIDIA_HOPPER = False  # timing only: fla #640 makes its gated backward untrusted here
-      qn, kn = (F.normalize(x.detach().float(), dim=-1).to(torch.bfloat16).requires_grad_() for x in (q, k))
-      g = (F.logsigmoid(torch.rand(b, t, HEADS, device="cuda")) / 16).requires_grad_()
-      beta = torch.rand(b, t, HEADS, device="cuda").sigmoid().requires_grad_()
-      variants.append(("fla_chunk_gdn_unguarded", lambda: chunk_gated_delta_rule(qn, kn, v, g, beta)[0]))
-    for name, fwd in variants:
-      row = {"kind": "time", "op": name, "B": b, "T": t, "device": device}
-      try:
-        with torch.no_grad():
-          row["fwd_ms"] = ms(fwd)
-        row["fwd_bwd_ms"] = ms(lambda: fwd().backward(do))
-        for key in ("fwd", "fwd_bwd"):
-          row[f"{key}_mtok_s"] = b * t / row[f"{key}_ms"] / 1e3
-      except Exception as e:  # noqa: BLE001
-        row["error"] = repr(e)[:400]
-      print("time", json.dumps(row), flush=True)
-      rows.append(row)
-    del q, k, v, gk, do
+    rows += _time_fla_at(b, t, unguarded_gdn, device)
     torch.cuda.empty_cache()
   return rows
+
+
+def _time_fla_at(b: int, t: int, unguarded_gdn: bool, device: str) -> list[dict]:
+  import torch
+  import torch.nn.functional as F
+  import triton
+  from fla.ops.gla import chunk_gla
+
+  torch.manual_seed(0)
+  shape = (b, t, HEADS, DIM)
+  q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+  gk = (F.logsigmoid(torch.randn(shape, device="cuda")) / 16).to(torch.bfloat16).requires_grad_()
+  do = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+  variants = [("fla_chunk_gla", lambda: chunk_gla(q, k, v, gk)[0])]
+  if unguarded_gdn:
+    from fla.ops.common import chunk_o
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    chunk_o.IS_NVIDIA_HOPPER = False  # timing only: fla #640 makes its gated backward untrusted here
+    qn, kn = (F.normalize(x.detach().float(), dim=-1).to(torch.bfloat16).requires_grad_() for x in (q, k))
+    g = (F.logsigmoid(torch.rand(b, t, HEADS, device="cuda")) / 16).requires_grad_()
+    beta = torch.rand(b, t, HEADS, device="cuda").sigmoid().requires_grad_()
+    variants.append(("fla_chunk_gdn_unguarded", lambda: chunk_gated_delta_rule(qn, kn, v, g, beta)[0]))
+
+  def timer(fn):
+    with torch.no_grad() if fn in forwards else contextlib.nullcontext():
+      return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+  forwards = [fwd for _, fwd in variants]
+  return [_row(name, b, t, device, fwd, functools.partial(_backward, fwd, do), timer) for name, fwd in variants]
+
+
+def _backward(fwd, do) -> None:
+  fwd().backward(do)
 
 
 def _table(rows: list[dict]) -> str:

@@ -21,11 +21,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from experiments.configs import PRESETS  # noqa: E402
-from research.cli import UsageError, fail, parse_run_args  # noqa: E402
-from research.train import TrainConfig, TrainError, train_and_evaluate  # noqa: E402
+from experiments.configs import PRESETS
+from research.cli import UsageError, fail, parse_run_args
+from research.train import TrainConfig, TrainError, train_and_evaluate
 
 MODELS = {"attn": ("attn", "attn"), "gdn": ("gdn", "gdn"), "mom": ("mom", "mom")}
 

@@ -75,8 +75,8 @@ class GDNConfig:
   @classmethod
   def from_model_config(cls, cfg: ModelConfig, **overrides) -> GDNConfig:
     """Width, heads, head_dim, norm eps, dtype and depth from the LM config; other fields from ``overrides``."""
-    base = dict(d_model=cfg.d_model, num_heads=cfg.num_heads, head_dim=cfg.resolved_head_dim,
-                norm_eps=cfg.norm_eps, dtype=cfg.dtype, num_layers=len(cfg.layers))
+    base = {"d_model": cfg.d_model, "num_heads": cfg.num_heads, "head_dim": cfg.resolved_head_dim,
+            "norm_eps": cfg.norm_eps, "dtype": cfg.dtype, "num_layers": len(cfg.layers)}
     return cls(**{**base, **overrides})
 
   @property
@@ -157,7 +157,7 @@ class GatedOutput(nnx.Module):
     return self.o_proj((o32 * jax.nn.silu(gate)).astype(x.dtype).reshape(b, t, -1))
 
 
-def _model_config_for(cfg: GDNConfig) -> ModelConfig:
+def model_config_for(cfg: GDNConfig) -> ModelConfig:
   """A ModelConfig carrying cfg's dtype, for the shared ``dense`` helper."""
   return ModelConfig(d_model=cfg.d_model, num_heads=1, num_kv_heads=1, dtype=cfg.dtype)
 
@@ -171,7 +171,7 @@ class GatedDeltaNet(nnx.Module):
 
   def __init__(self, cfg: GDNConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    mcfg = _model_config_for(cfg)
+    mcfg = model_config_for(cfg)
     self.q_proj = dense(cfg.d_model, cfg.key_dim, mcfg, rngs=rngs)
     self.k_proj = dense(cfg.d_model, cfg.key_dim, mcfg, rngs=rngs)
     self.v_proj = dense(cfg.d_model, cfg.value_dim, mcfg, rngs=rngs)
@@ -203,8 +203,9 @@ class GatedDeltaNet(nnx.Module):
     cached = self.cache if use_cache else None
     zeros = lambda ch: jnp.zeros((b, c.conv_size - 1, ch), x.dtype)
     feats, prefixes = {}, {}
-    for name, proj, weight, ch in (("q", self.q_proj, self.q_conv, c.key_dim), ("k", self.k_proj, self.k_conv, c.key_dim),
-                                   ("v", self.v_proj, self.v_conv, c.value_dim)):
+    branches = (("q", self.q_proj, self.q_conv, c.key_dim), ("k", self.k_proj, self.k_conv, c.key_dim),
+                ("v", self.v_proj, self.v_conv, c.value_dim))
+    for name, proj, weight, ch in branches:
       prefix = cached[name][...] if cached is not None else zeros(ch)
       feats[name], ext = causal_conv(proj(x), weight[...], prefix)
       prefixes[name] = ext[:, t:]

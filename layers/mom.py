@@ -30,8 +30,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.gated_deltanet import (GatedOutput, GDNConfig, MemoryCache, _model_config_for, causal_conv,
-                                   decay_and_beta, init_conv_weight, init_decay_params, l2_normalize)
+from layers.gated_deltanet import (
+  GatedOutput,
+  GDNConfig,
+  MemoryCache,
+  causal_conv,
+  decay_and_beta,
+  init_conv_weight,
+  init_decay_params,
+  l2_normalize,
+  model_config_for,
+)
 from layers.kernels.gated_delta import gated_delta_rule
 from research.models.blocks import INIT_STD, dense
 from research.models.config import ModelConfig
@@ -53,7 +62,7 @@ class MoMConfig:
     dispatch: ``"sorted"`` (stable-sort dispatch, supports the decode cache) or ``"dense"`` (test reference).
   """
 
-  gdn: GDNConfig = GDNConfig()
+  gdn: GDNConfig = dataclasses.field(default_factory=GDNConfig)
   num_memories: int = 4
   top_k: int = 2
   shared_memory: bool = True
@@ -117,7 +126,7 @@ class MixtureOfMemories(nnx.Module):
   def __init__(self, cfg: MoMConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     g, n = cfg.gdn, cfg.num_slots
-    mcfg = _model_config_for(g)
+    mcfg = model_config_for(g)
     self.router = dense(g.d_model, cfg.num_memories, ModelConfig(d_model=g.d_model, num_heads=1, num_kv_heads=1),
                         rngs=rngs)  # float32 logits
     self.q_proj = dense(g.d_model, g.key_dim, mcfg, rngs=rngs)
@@ -212,7 +221,9 @@ class MixtureOfMemories(nnx.Module):
       if cache is not None:  # the window after this call: the last conv_size-1 inputs of each sub-sequence
         tail = _gather_time(ext, lengths[..., None] + jnp.arange(c.conv_size - 1))
         cache[name][...] = jnp.swapaxes(tail, 0, 1).astype(cache[name].dtype)
-    state0 = None if cache is None else jnp.swapaxes(cache["state"][...], 0, 1).reshape(n * b, *cache["state"].shape[2:])
+    state0 = None
+    if cache is not None:  # [b, slots, H, K, V] -> [slots·b, H, K, V]
+      state0 = jnp.swapaxes(cache["state"][...], 0, 1).reshape(n * b, *cache["state"].shape[2:])
     o, state = self._run(conv_out["q"], conv_out["k"], conv_out["v"], g, beta, valid, state0)
     if cache is not None:
       cache["state"][...] = jnp.swapaxes(state.reshape(n, b, *state.shape[1:]), 0, 1)

@@ -11,7 +11,13 @@ import pytest
 from flax import nnx
 
 from layers.gated_deltanet import GatedDeltaNet, GDNConfig, MemoryCache
-from layers.mom import AUX_LOSS_NAME, MixtureOfMemories, MoMConfig, load_balance_loss, route
+from layers.mom import (
+  AUX_LOSS_NAME,
+  MixtureOfMemories,
+  MoMConfig,
+  load_balance_loss,
+  route,
+)
 from research.models import registry
 from research.models.config import ModelConfig
 
@@ -80,7 +86,7 @@ def test_one_memory_top1_no_shared_equals_gdn_layer():
 def test_routing_weights_sum_to_one_and_no_token_dropped():
   layer = MixtureOfMemories(MoMConfig(gdn=GDN, num_memories=5, top_k=3, shared_memory=True), rngs=nnx.Rngs(6))
   x = _x(7, t=50)
-  probs, slot_weights, routed, indices = layer.routing(x)
+  _, slot_weights, routed, _ = layer.routing(x)
   routed_weights = slot_weights[..., :-1]
   assert float(jnp.max(jnp.abs(jnp.sum(routed_weights, -1) - 1.0))) <= 1e-6
   assert bool(jnp.all(routed_weights >= 0)) and bool(jnp.all(slot_weights[..., -1] == 1.0))

@@ -29,7 +29,9 @@ def _unsupported(implementation: str, q: jax.Array, v: jax.Array, chunk_size: in
   if implementation == "pallas_triton":
     if jax.default_backend() != "gpu":
       return f"needs a GPU backend, this one is {jax.default_backend()!r}"
-    from layers.kernels.gated_delta import pallas_triton  # imported lazily: GPU-only module
+    from layers.kernels.gated_delta import (
+      pallas_triton,  # imported lazily: GPU-only module
+    )
     try:
       pallas_triton.check_shapes(chunk_size, q.shape[-1], v.shape[-1])
     except ValueError as e:

@@ -12,8 +12,8 @@ the exp, so no positive exponent is ever evaluated), S₀ = state entering the c
 
 Everything except the V_new/S_next recurrence is independent across chunks: W and U come from :mod:`wy` (fused
 per chunk on GPU, analytic backward), the output from batched matmuls over [b, h, n_chunks]; only the recurrence
-is sequential (:mod:`state_scan`, with a hand-written backward). Sequences are right-padded to a multiple of C with identity tokens (β = 0, g = 0,
-q = k = v = 0), which leave the state unchanged.
+is sequential (:mod:`state_scan`, with a hand-written backward). Sequences are right-padded to a multiple of C
+with identity tokens (β = 0, g = 0, q = k = v = 0), which leave the state unchanged.
 
 Shapes: q, k [b, t, h, K]; v [b, t, h, V]; g, beta [b, t, h]; state float32 [b, h, K, V]. Matmul operands are in
 the inputs' dtype (bf16 inputs -> bf16 operands, float32 accumulation); gates, cumsums, T and the state are float32.

@@ -10,8 +10,8 @@ cotangents dS_c (of the stored states), dV_c (of V_new) and dS_n, runs the rever
 
     D_c = dV_c + K̃_c Λ_{c+1} ;  Λ_c = d_c Λ_{c+1} − W_cᵀ D_c + dS_c,   Λ_n = dS_n
 
-and then, batched over chunks: dU_c = D_c, dW_c = −D_c S_cᵀ, dK̃_c = V_new,c Λ_{c+1}ᵀ, dd_c = ⟨S_c, Λ_{c+1}⟩,
-dS_0 = Λ_0. Only the two recurrences are sequential; their implementation is ``"xla"`` (``lax.scan``),
+and then, batched over chunks: dU_c = D_c, dW_c = −D_c S_cᵀ, dK̃_c = V_new,c Λ_{c+1}ᵀ,
+dd_c = ⟨S_c, Λ_{c+1}⟩, dS_0 = Λ_0. Only the two recurrences are sequential; their implementation is ``"xla"`` (``lax.scan``),
 ``"pallas_triton"`` (one GPU kernel per direction that keeps the state on chip across all chunks, see
 :mod:`pallas_triton`) or ``"pallas_interpret"`` (those kernels in the Pallas interpreter, for CPU tests).
 
@@ -67,7 +67,9 @@ def _impls(impl: str):
   if impl == "xla":
     return _forward_xla, _backward_xla
   if impl in ("pallas_triton", "pallas_interpret"):
-    from layers.kernels.gated_delta import pallas_triton  # imported lazily: GPU-only module
+    from layers.kernels.gated_delta import (
+      pallas_triton,  # imported lazily: GPU-only module
+    )
     interpret = impl == "pallas_interpret"  # the same kernels run by the Pallas interpreter (CPU tests)
     return (functools.partial(pallas_triton.forward, interpret=interpret),
             functools.partial(pallas_triton.backward, interpret=interpret))

@@ -70,7 +70,9 @@ def _impl(impl: str):
   if impl == "xla":
     return _forward_xla
   if impl in ("pallas_triton", "pallas_interpret"):
-    from layers.kernels.gated_delta import pallas_triton  # imported lazily: GPU-only module
+    from layers.kernels.gated_delta import (
+      pallas_triton,  # imported lazily: GPU-only module
+    )
     return functools.partial(pallas_triton.wy_forward, interpret=impl == "pallas_interpret")
   raise ValueError(f"WY implementation must be one of {WY_IMPLS}, got {impl!r}")
 
