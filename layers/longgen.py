@@ -15,7 +15,6 @@ equals the full forward.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,7 @@ from layers.kernels.attention import masks
 from layers.kernels.attention.api import IMPLEMENTATIONS, attention, bind_heads
 from layers.kernels.attention.patterns import BlockSparse, Dense, Pattern, SinkWindow
 from layers.kernels.attention.reference import three_pass
-from research.models.blocks import INIT_STD, dense, rope
+from research.models.attention import GroupedQueryAttention
 from research.models.config import ModelConfig
 from research.models.registry import register_mixer
 
@@ -95,7 +94,7 @@ def kv_fraction(num_layers: int, sequence_length: int, cfg: SparseAttentionConfi
   return (n_full + (num_layers - n_full) * kept / sequence_length) / num_layers
 
 
-class SparseAttention(nnx.Module):
+class SparseAttention(GroupedQueryAttention):
   """Causal GQA self-attention under a LongGen pattern, with a visible-tokens-only KV cache.
 
   Args:
@@ -105,37 +104,17 @@ class SparseAttention(nnx.Module):
   """
 
   def __init__(self, cfg: ModelConfig, attn: SparseAttentionConfig, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
     self.attn = attn
-    self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
-    self.head_dim, self.rope_theta = cfg.resolved_head_dim, cfg.rope_theta
     self.pattern = attn.attention_pattern(cfg.num_heads, cfg.num_kv_heads)
-    self.cache_dtype = cfg.compute_dtype
-    q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-    self.q_proj = dense(cfg.d_model, q_dim, cfg, rngs=rngs)
-    self.k_proj = dense(cfg.d_model, kv_dim, cfg, rngs=rngs)
-    self.v_proj = dense(cfg.d_model, kv_dim, cfg, rngs=rngs)
-    self.o_proj = dense(q_dim, cfg.d_model, cfg, rngs=rngs, std=INIT_STD / math.sqrt(2 * len(cfg.layers)))
-    self.cache: nnx.Dict | None = nnx.data(None)  # made by init_cache
 
   def init_cache(self, batch_size: int, max_length: int) -> None:
     """An empty cache for ``batch_size`` sequences of up to ``max_length`` tokens."""
     self.cache = kv_cache.init(self.pattern, batch_size, self.num_kv_heads, self.head_dim, max_length,
                                self.cache_dtype)
 
-  def __call__(self, x: jax.Array, *, use_cache: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
-    b, t, _ = x.shape
-    if use_cache and self.cache is None:
-      raise ValueError("use_cache=True needs init_cache(batch_size, max_length) first")
-    start = self.cache["next_position"][...] if use_cache else 0
-    positions = start + jnp.arange(t, dtype=jnp.int32)
-    q = rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), positions, self.rope_theta)
-    k = rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), positions, self.rope_theta)
-    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    if use_cache:
-      y = self._attend_cached(q, k, v, positions)
-    else:
-      y = attention(q, k, v, pattern=self.pattern, implementation=self.attn.implementation)
-    return self.o_proj(y.reshape(b, t, -1)), {}
+  def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    return attention(q, k, v, pattern=self.pattern, implementation=self.attn.implementation)
 
   def _attend_cached(self, q, k, v, positions):
     """Queries at ``positions`` over (cached ∪ new) keys with the pattern's mask, then keep the visible ones.

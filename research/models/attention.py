@@ -26,17 +26,15 @@ def _implementation(q: jax.Array) -> str:
   return "cudnn" if fits and jax.default_backend() == "gpu" else "xla"
 
 
-@register_mixer("attn")
-class CausalSelfAttention(nnx.Module):
-  """x: [b, t, d] -> ([b, t, d], {}). Heads: H query, H_kv key/value (H_kv divides H), RoPE on q and k.
+class GroupedQueryAttention(nnx.Module):
+  """Skeleton of a causal GQA self-attention mixer: projections, RoPE, decode-cache bookkeeping.
 
-  Decoding: :meth:`init_cache` makes a KV cache of ``max_length`` slots (k, v [b, max_length, H_kv, d_head] in
-  the compute dtype, and the next position); ``__call__(x, use_cache=True)`` appends x's keys/values at the next
-  positions and attends over the cache, so a prompt then single tokens reproduce the full forward.
+  x: [b, t, d] -> ([b, t, d], {}). Heads: H query, H_kv key/value (H_kv divides H), RoPE on q and k. Subclasses
+  choose who each query sees: ``_attend(q, k, v)`` for the full sequence and ``_attend_cached(q, k, v,
+  positions)`` against their decode cache (made by their ``init_cache``, holding ``next_position``).
   """
 
-  def __init__(self, cfg: ModelConfig, layer_index: int, *, rngs: nnx.Rngs):
-    del layer_index  # every full-attention layer is the same
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
     self.head_dim, self.rope_theta = cfg.resolved_head_dim, cfg.rope_theta
     q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -48,13 +46,6 @@ class CausalSelfAttention(nnx.Module):
     self.cache_dtype = cfg.compute_dtype
     self.cache: nnx.Dict | None = nnx.data(None)  # made by init_cache
 
-  def init_cache(self, batch_size: int, max_length: int) -> None:
-    """An empty KV cache for ``batch_size`` sequences of up to ``max_length`` tokens."""
-    shape = (batch_size, max_length, self.num_kv_heads, self.head_dim)
-    self.cache = nnx.Dict(k=DecodeCache(jnp.zeros(shape, self.cache_dtype)),
-                          v=DecodeCache(jnp.zeros(shape, self.cache_dtype)),
-                          next_position=DecodeCache(jnp.zeros((), jnp.int32)))
-
   def __call__(self, x: jax.Array, *, use_cache: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     b, t, _ = x.shape
     if use_cache and self.cache is None:
@@ -64,15 +55,35 @@ class CausalSelfAttention(nnx.Module):
     q = rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), positions, self.rope_theta)
     k = rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), positions, self.rope_theta)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    if use_cache:
-      y = self._attend_cached(q, k, v, start)
-    else:
-      y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=_implementation(q))
+    y = self._attend_cached(q, k, v, positions) if use_cache else self._attend(q, k, v)
     return self.o_proj(y.reshape(b, t, -1)), {}
 
-  def _attend_cached(self, q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array) -> jax.Array:
-    """Write k, v at slots [start, start + t) and attend from those positions over every filled slot."""
-    cache, t = self.cache, q.shape[1]
+
+@register_mixer("attn")
+class CausalSelfAttention(GroupedQueryAttention):
+  """Full causal attention. Decoding: :meth:`init_cache` makes a KV cache of ``max_length`` slots (k, v
+  [b, max_length, H_kv, d_head] in the compute dtype, and the next position); ``use_cache=True`` appends x's
+  keys/values at the next positions and attends over the cache, so a prompt then single tokens reproduce the
+  full forward.
+  """
+
+  def __init__(self, cfg: ModelConfig, layer_index: int, *, rngs: nnx.Rngs):
+    del layer_index  # every full-attention layer is the same
+    super().__init__(cfg, rngs=rngs)
+
+  def init_cache(self, batch_size: int, max_length: int) -> None:
+    """An empty KV cache for ``batch_size`` sequences of up to ``max_length`` tokens."""
+    shape = (batch_size, max_length, self.num_kv_heads, self.head_dim)
+    self.cache = nnx.Dict(k=DecodeCache(jnp.zeros(shape, self.cache_dtype)),
+                          v=DecodeCache(jnp.zeros(shape, self.cache_dtype)),
+                          next_position=DecodeCache(jnp.zeros((), jnp.int32)))
+
+  def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=_implementation(q))
+
+  def _attend_cached(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> jax.Array:
+    """Write k, v at slots ``positions`` (consecutive) and attend from those positions over every filled slot."""
+    cache, t, start = self.cache, q.shape[1], positions[0]
     cache["k"][...] = jax.lax.dynamic_update_slice_in_dim(cache["k"][...], k.astype(self.cache_dtype), start, 1)
     cache["v"][...] = jax.lax.dynamic_update_slice_in_dim(cache["v"][...], v.astype(self.cache_dtype), start, 1)
     cache["next_position"][...] = start + t
