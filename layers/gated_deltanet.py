@@ -74,9 +74,11 @@ class GDNConfig:
 
   @classmethod
   def from_model_config(cls, cfg: ModelConfig, **overrides) -> GDNConfig:
-    """Width, heads, head_dim, norm eps, dtype and depth from the LM config; other fields from ``overrides``."""
+    """Every field from the LM config (width, heads, ``gdn_*`` and ``linear_*`` fields ...), then ``overrides``."""
     base = {"d_model": cfg.d_model, "num_heads": cfg.num_heads, "head_dim": cfg.resolved_head_dim,
-            "norm_eps": cfg.norm_eps, "dtype": cfg.dtype, "num_layers": len(cfg.layers)}
+            "expand_v": cfg.gdn_expand_v, "conv_size": cfg.gdn_conv_size, "chunk_size": cfg.linear_chunk_size,
+            "implementation": cfg.linear_attention_impl, "norm_eps": cfg.norm_eps, "dtype": cfg.dtype,
+            "num_layers": len(cfg.layers)}
     return cls(**{**base, **overrides})
 
   @property

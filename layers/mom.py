@@ -81,10 +81,13 @@ class MoMConfig:
 
   @classmethod
   def from_model_config(cls, cfg: ModelConfig, **overrides) -> MoMConfig:
-    """Memory shape from the LM config (see ``GDNConfig.from_model_config``); routing fields from overrides."""
+    """Memory shape (see ``GDNConfig.from_model_config``) and routing (``mom_*`` fields) from the LM config,
+    then ``overrides``."""
     gdn_fields = {f.name for f in dataclasses.fields(GDNConfig)}
     gdn = GDNConfig.from_model_config(cfg, **{k: v for k, v in overrides.items() if k in gdn_fields})
-    return cls(gdn=gdn, **{k: v for k, v in overrides.items() if k not in gdn_fields})
+    routing = {"num_memories": cfg.mom_num_memories, "top_k": cfg.mom_top_k,
+               "shared_memory": cfg.mom_shared_memory}
+    return cls(gdn=gdn, **{**routing, **{k: v for k, v in overrides.items() if k not in gdn_fields}})
 
   @property
   def num_slots(self) -> int:
@@ -252,6 +255,6 @@ class MixtureOfMemories(nnx.Module):
 
 @register_mixer("mom")
 def mom_mixer(cfg: ModelConfig, layer_index: int, *, rngs: nnx.Rngs) -> MixtureOfMemories:
-  """Registry factory: MoM with the paper's routing (M = 4, top-2, shared memory) sized from the LM config."""
+  """Registry factory: MoM sized and routed by the LM config (defaults: the paper's M = 4, top-2, shared memory)."""
   del layer_index  # every MoM layer is the same
   return MixtureOfMemories(MoMConfig.from_model_config(cfg), rngs=rngs)

@@ -33,6 +33,12 @@ class ModelConfig:
     attn_implementation: attention kernel of the sparse layers (``layers.kernels.attention.api``); None picks
       the fastest available.
     longgen_full_fraction: fraction of layers, centred in the stack, that ``longgen*`` layers make full attention.
+    mom_num_memories, mom_top_k, mom_shared_memory: MoM routing (memories M, memories per token k, and a shared
+      memory that sees every token).
+    gdn_expand_v, gdn_conv_size: Gated DeltaNet / MoM memories: value width per head = head_dim · expand_v, and
+      the short-convolution window.
+    linear_chunk_size, linear_attention_impl: chunk length and kernel (``layers.kernels.gated_delta``; None
+      picks the fastest available) of the gated delta rule.
   """
 
   vocab_size: int = 256
@@ -54,6 +60,13 @@ class ModelConfig:
   attn_stride: int = 8
   attn_implementation: str | None = None
   longgen_full_fraction: float = 1 / 3
+  mom_num_memories: int = 4
+  mom_top_k: int = 2
+  mom_shared_memory: bool = True
+  gdn_expand_v: int = 1
+  gdn_conv_size: int = 4
+  linear_chunk_size: int = 64
+  linear_attention_impl: str | None = None
 
   def __post_init__(self):
     problems = []

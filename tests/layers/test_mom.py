@@ -18,7 +18,7 @@ from layers.mom import (
   load_balance_loss,
   route,
 )
-from research.models import registry
+from research.models import DecoderLM, registry
 from research.models.config import ModelConfig
 
 GDN = GDNConfig(d_model=32, num_heads=2, head_dim=16, chunk_size=16)
@@ -189,3 +189,14 @@ def test_config_validation_messages():
   dense_layer = MixtureOfMemories(MoMConfig(gdn=GDN, dispatch="dense"), rngs=nnx.Rngs(24))
   with pytest.raises(ValueError, match="dispatch='sorted'"):
     dense_layer.init_cache(1)
+
+
+def test_model_config_fields_reach_the_memories():
+  cfg = ModelConfig(layers=("mom", "gdn"), d_model=16, num_heads=2, num_kv_heads=2, mom_num_memories=3,
+                    mom_top_k=1, mom_shared_memory=False, gdn_expand_v=2, gdn_conv_size=2, linear_chunk_size=16,
+                    linear_attention_impl="reference")
+  model = DecoderLM(cfg, rngs=nnx.Rngs(0))
+  mom, gdn = model.blocks[0].mixer.cfg, model.blocks[1].mixer.cfg
+  assert (mom.num_memories, mom.top_k, mom.shared_memory) == (3, 1, False)
+  for c in (mom.gdn, gdn):
+    assert (c.expand_v, c.conv_size, c.chunk_size, c.implementation) == (2, 2, 16, "reference")
