@@ -62,9 +62,14 @@ def main() -> None:
   results = []
   for implementation in ("cudnn", "xla") if jax.default_backend() == "gpu" else ("xla",):
     attention_module._implementation = lambda q, impl=implementation: impl
-    compiled = lower_train_step(cfg).compile()
-    params, opt_state, batch = _materialise(abstract_train_inputs(cfg, data_mesh()), jax.random.key(0))
-    seconds = _timed_steps(compiled, params, opt_state, batch, args.repeats)
+    try:
+      compiled = lower_train_step(cfg).compile()
+      params, opt_state, batch = _materialise(abstract_train_inputs(cfg, data_mesh()), jax.random.key(0))
+      seconds = _timed_steps(compiled, params, opt_state, batch, args.repeats)
+    except Exception as e:  # e.g. XLA's dense attention running out of device memory
+      results.append({"device": device, "attention": implementation, "config": args.config,
+                      "error": str(e).splitlines()[0][:200]})
+      continue
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
     non_embedding = n_params - m.vocab_size * m.d_model
     tokens = cfg.tokens_per_step
@@ -74,9 +79,12 @@ def main() -> None:
                     seconds, "tokens_per_s": tokens / seconds, "model_tflops": flops / seconds / 1e12,
                     "fraction_of_peak": flops / seconds / 1e12 / args.peak_tflops,
                     "temp_bytes": report["temp_size_in_bytes"], "peak_estimate_bytes": report["peak_estimate_bytes"]})
-  print(f"{'device':<14}{'attention':<10}{'ms/step':>9}{'tok/s':>11}{'TFLOP/s':>9}{'of peak':>9}{'XLA temp GiB':>14}")
+  print(f"{'device':<23}{'attention':<10}{'ms/step':>9}{'tok/s':>11}{'TFLOP/s':>9}{'of peak':>9}{'XLA temp GiB':>14}")
   for r in results:
-    print(f"{r['device']:<14}{r['attention']:<10}{1e3 * r['seconds_per_step']:>9.1f}{r['tokens_per_s']:>11.0f}"
+    if "error" in r:
+      print(f"{r['device']:<23}{r['attention']:<10} failed: {r['error']}")
+      continue
+    print(f"{r['device']:<23}{r['attention']:<10}{1e3 * r['seconds_per_step']:>9.1f}{r['tokens_per_s']:>11.0f}"
           f"{r['model_tflops']:>9.1f}{r['fraction_of_peak']:>9.1%}{r['temp_bytes'] / 2**30:>14.2f}")
   with open(args.out, "w") as f:
     json.dump(results, f, indent=2)
