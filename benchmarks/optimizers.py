@@ -55,7 +55,7 @@ def model_config(name: str, dtype: str = "float32") -> ModelConfig:
 
 
 def abstract_params(cfg: ModelConfig, dtype: Any = jnp.float32) -> dict:
-  params = nnx.state(nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0))), nnx.Param).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0))), nnx.Param))
   return jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, dtype), params)
 
 
@@ -130,7 +130,7 @@ def time_variant(name: str, tx: optax.GradientTransformation, cfg: ModelConfig, 
                  steps: int, gap: int) -> dict[str, Any]:
   model = DecoderLM(cfg, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  params = params.to_pure_dict()
+  params = nnx.to_pure_dict(params)
   opt_state = tx.init(params)
   step = jax.jit(make_train_step(graphdef, rest, tx, cfg.aux_loss_weight), donate_argnums=(0, 1))
   t0 = time.perf_counter()

@@ -51,7 +51,7 @@ def parse_variant(spec: str, cfg: TrainConfig) -> tuple[str, TrainConfig]:
 def optimizer_state_bytes(cfg: TrainConfig) -> dict[str, dict[str, int]]:
   """State bytes per group of ``cfg``'s optimizer over its model's parameters, from abstract shapes."""
   model = nnx.eval_shape(lambda: DecoderLM(cfg.model, rngs=nnx.Rngs(0)))
-  params = nnx.state(model, nnx.Param).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   return state_bytes_by_group(jax.eval_shape(make_optimizer(cfg).init, params), params)
 
 

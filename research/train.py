@@ -219,7 +219,7 @@ def _split_model(cfg: TrainConfig, *, abstract: bool = False):
   except ValueError as e:  # a layer rejected the model config (e.g. a sparse pattern's settings)
     raise TrainError(f"model: {e}") from None
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  return graphdef, params.to_pure_dict(), rest
+  return graphdef, nnx.to_pure_dict(params), rest
 
 
 def _check_divisible(cfg: TrainConfig, num_devices: int) -> None:

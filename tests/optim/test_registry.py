@@ -20,7 +20,7 @@ from research.train import TrainConfig
 @pytest.mark.parametrize("name", ["galore", "natural_galore", "optax_galore"])
 def test_registered_optimizer_steps_on_lm_params(name):
   cfg = TrainConfig(model=ModelConfig(layers=("attn",), d_model=32, num_heads=2, num_kv_heads=2), optimizer=name)
-  params = nnx.state(DecoderLM(cfg.model, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(DecoderLM(cfg.model, rngs=nnx.Rngs(0)), nnx.Param))
   grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape, p.dtype), params)
   tx = make_optimizer(cfg)
   state = tx.init(params)
@@ -39,7 +39,7 @@ def test_registered_optimizer_steps_on_lm_params(name):
 def test_optax_galore_entry_equals_optax_contrib_galore():
   cfg = TrainConfig(model=ModelConfig(layers=("attn",), d_model=32, num_heads=2, num_kv_heads=2),
                     optimizer="optax_galore")
-  params = nnx.state(DecoderLM(cfg.model, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(DecoderLM(cfg.model, rngs=nnx.Rngs(0)), nnx.Param))
   ours = get_optimizer("optax_galore")(cfg, optax.constant_schedule(1e-2))
   ref = optax.contrib.galore(1e-2, rank=galore_rank(cfg), update_proj_gap=200,
                              base_optimizer=optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2),
@@ -57,7 +57,7 @@ def test_optax_galore_entry_equals_optax_contrib_galore():
 @pytest.mark.parametrize("name", ["galore", "natural_galore", "optax_galore"])
 def test_optimizer_state_round_trips_through_the_checkpointer(name, tmp_path):
   cfg = TrainConfig(model=ModelConfig(layers=("attn",), d_model=32, num_heads=2, num_kv_heads=2), optimizer=name)
-  params = nnx.state(DecoderLM(cfg.model, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(DecoderLM(cfg.model, rngs=nnx.Rngs(0)), nnx.Param))
   tx = make_optimizer(cfg)
   grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(2), p.shape, p.dtype), params)
   _, state = jax.jit(tx.update)(grads, tx.init(params), params)
