@@ -83,9 +83,3 @@ def mqar_examples(cfg: MQARConfig, num_examples: int, seed: int | tuple[int, ...
     inputs = np.where(inputs == 0, fill, inputs)
   return inputs.astype(np.int32), labels.astype(np.int32)
 
-
-def mqar_batch(cfg: MQARConfig, *, seed: int, step: int, batch_size: int) -> np.ndarray:
-  """The training batch of ``step`` (pure function of seed, step), packed as int32 [batch, 2, T]:
-  ``[:, 0]`` inputs, ``[:, 1]`` labels."""
-  inputs, labels = mqar_examples(cfg, batch_size, seed=(seed, step))
-  return np.stack([inputs, labels], axis=1)
