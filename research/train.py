@@ -251,13 +251,19 @@ def abstract_train_inputs(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> tuple[An
   return on_all(abstract_params), on_all(abstract_opt), {"inputs": token, "labels": token}
 
 
+def _jit_train_step(cfg: TrainConfig, graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh) -> Callable:
+  """The jitted train step: params and optimizer state donated, every output replicated over ``mesh``."""
+  repl = replicated(mesh)
+  return jax.jit(make_train_step(graphdef, rest, tx, cfg.model.aux_loss_weight), donate_argnums=(0, 1),
+                 out_shardings=(repl, repl, repl))
+
+
 def lower_train_step(cfg: TrainConfig, mesh: jax.sharding.Mesh | None = None) -> jax.stages.Lowered:
   """The train step of ``cfg`` lowered on abstract inputs (no data, no parameters materialised)."""
   mesh = mesh or data_mesh()
   graphdef, _, rest = _split_model(cfg, abstract=True)
-  step = jax.jit(make_train_step(graphdef, rest, make_optimizer(cfg), cfg.model.aux_loss_weight),
-                 donate_argnums=(0, 1), out_shardings=(replicated(mesh), replicated(mesh), replicated(mesh)))
-  return step.lower(*abstract_train_inputs(cfg, mesh))
+  return _jit_train_step(cfg, graphdef, rest, make_optimizer(cfg), mesh).lower(*abstract_train_inputs(cfg, mesh))
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -334,8 +340,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path, *, mesh: jax.shard
   log(f"model: {cfg.model.layers} d_model={cfg.model.d_model} ({_count_params(params) / 1e6:.2f}M params, "
       f"{cfg.model.dtype}) | data: {task.description} | {mesh.size} device(s): {jax.devices()[0].platform}")
 
-  train_step = jax.jit(make_train_step(graphdef, rest, tx, cfg.model.aux_loss_weight), donate_argnums=(0, 1),
-                       out_shardings=(repl, repl, repl))
+  train_step = _jit_train_step(cfg, graphdef, rest, tx, mesh)
   eval_step = jax.jit(make_eval_step(graphdef, rest))
   put = lambda batch: _to_global(batch, cfg, data_sharding)
   compiled = train_step.lower(state.params, state.opt_state, put(task.train_batch(0, cfg.batch_size))).compile()
