@@ -37,13 +37,18 @@ def _row(sol, opt):
 
 
 def _variants(method: str, args) -> list[tuple[str, AgentOptions | None]]:
-  """(label, agent options) for each run of ``method``; agent variants are 'simulations:rollout_weight:order'."""
+  """(label, agent options) for each run of ``method``; agent variants are 'simulations:rollout_weight:orders' with
+  orders a comma list (best episode kept), fortified unless ':plain' is appended."""
   if method != "agent":
     return [(method, None)]
   out = []
   for v in args.agent_variants:
-    sims, weight, order = v.split(":")
-    out.append((f"agent[{order},w={weight},{sims}sims]", AgentOptions(args.agent_dir, int(sims), float(weight), order)))
+    sims, weight, orders, *plain = v.split(":")
+    if plain not in ([], ["plain"]):
+      raise ValueError(f"agent variant {v!r}: expected 'simulations:rollout_weight:orders[:plain]'.")
+    fortify = not plain
+    label = f"agent[{orders.replace(',', '+')},w={weight},{sims}sims{',fortified' if fortify else ''}]"
+    out.append((label, AgentOptions(args.agent_dir, int(sims), float(weight), tuple(orders.split(",")), fortify)))
   return out
 
 
@@ -153,7 +158,8 @@ def main() -> None:
   p.add_argument("--methods", nargs="*", default=list(HEURISTICS) + ["portfolio", "cpsat", "cpsat_fit", "agent"])
   p.add_argument("--time-limit", type=float, default=60.0)
   p.add_argument("--agent-variants", nargs="*", default=["64:0:spatial", "16:1:spatial", "16:1:chronological"],
-                 help="simulations:rollout_weight:order per agent run")
+                 help="simulations:rollout_weight:orders[:plain] per agent run (orders: comma list; plain: no "
+                      "fortification)")
   p.add_argument("--agent-dir", default=None)
   p.add_argument("--plot", nargs="*", default=["A", "F"])
   p.add_argument("--out", default="docs/memmap/study.json")

@@ -22,7 +22,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _solve(args) -> None:
   inst, _ = io_minimalloc.read_csv(args.file, capacity=args.capacity)
-  agent = solvers.AgentOptions(args.agent_dir, args.simulations, args.rollout_weight, args.agent_order)
+  order = tuple(args.agent_order.split(",")) if args.agent_order else None
+  agent = solvers.AgentOptions(args.agent_dir, args.simulations, args.rollout_weight, order, not args.no_fortify)
   sol = solvers.solve(inst, args.method, args.objective, args.time_limit, agent)
   print(f"{Path(args.file).name}: {sol.summary()}")
   if sol.offsets.size and args.out:
@@ -103,7 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--simulations", type=int, default=64, help="agent search simulations per move")
   s.add_argument("--rollout-weight", type=float, default=1.0,
                  help="agent leaf value = (1-w) * network value + w * best-fit rollout return")
-  s.add_argument("--agent-order", default=None, help="buffer order for the agent (default: the trained one)")
+  s.add_argument("--agent-order", default=None,
+                 help="buffer order(s) for the agent, e.g. spatial,chronological: one episode each, the best is kept "
+                      "(default: the trained order)")
+  s.add_argument("--no-fortify", action="store_true",
+                 help="return the searched episode alone, without keeping the best best/first-fit completion")
   s.add_argument("--out", default=None, help="solution CSV (id,lower,upper,size,offset)")
   s.add_argument("--plot", default=None, help="PNG of the placement")
   s.set_defaults(run=_solve)

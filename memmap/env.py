@@ -224,6 +224,16 @@ def step(p: EnvParams, s: State, action: jax.Array, cfg: GameConfig) -> tuple[St
   return nxt, reward, nxt.terminal, {"illegal": ~legal & ~s.terminal}
 
 
+def outcome(p: EnvParams, s: State, cfg: GameConfig) -> jax.Array:
+  """What an episode maximises, read exactly off a terminal state (so episodes compare without float drift):
+  ``-height`` (int32) in the height game, the benefit placed (additive) or ``-T`` (exact) in the benefit game."""
+  if cfg.objective == "height":
+    return -s.height
+  if cfg.reward == "exact":
+    return -program_time(p, s.mem)
+  return jnp.sum(jnp.where(s.offset >= 0, p.weight, 0.0))
+
+
 def observe(p: EnvParams, s: State, cfg: GameConfig) -> dict[str, jax.Array]:
   """Fixed-size encoding: ``grid`` [G, G, 2] (occupancy of time x address, current buffer's time mask),
   ``feats`` [F] (current and next buffers, progress), ``slots`` [K, 6] (per candidate), ``legal`` [K+1]."""

@@ -19,6 +19,7 @@ import numpy as np
 from memmap.baselines import cpsat
 from memmap.baselines.heuristics import greedy, portfolio
 from memmap.instance import SLOW, Instance, load_bound, validate
+from memmap.orders import ORDERS
 
 HEURISTICS = {"first_fit": ("spatial", "first"), "best_fit": ("spatial", "best"), "best_fit_area": ("area", "best"),
               "best_fit_temporal": ("temporal", "best"), "msa": ("msa", "best")}
@@ -61,11 +62,19 @@ class Solution:
 
 @dataclasses.dataclass(frozen=True)
 class AgentOptions:
-  """Where the trained agent lives and how it searches (see ``memmap.agent.train.solve``)."""
+  """Where the trained agent lives and how it searches (see ``memmap.agent.train.solve``): ``order`` is one buffer
+  order or a tuple played one after the other (best kept); ``fortify`` keeps the best heuristic completion."""
   agent_dir: str | Path | None = None
   num_simulations: int = 64
   rollout_weight: float = 1.0
-  order: str | None = None
+  order: str | tuple[str, ...] | None = None
+  fortify: bool = True
+
+  def __post_init__(self):
+    orders = (self.order,) if isinstance(self.order, str) else self.order or ()
+    bad = [o for o in orders if o not in ORDERS]
+    if bad or self.order == ():
+      raise ValueError(f"AgentOptions.order={self.order!r}: give one or more of {', '.join(ORDERS)}.")
 
 
 def solve(inst: Instance, method: str, objective: str = "height", time_limit: float = 60.0,
@@ -106,4 +115,5 @@ def _agent(inst: Instance, objective: str, opts: AgentOptions) -> np.ndarray:
   net, cfg = load_agent(opts.agent_dir)
   if cfg.objective != objective:
     raise ValueError(f"the agent in {opts.agent_dir} was trained for objective {cfg.objective!r}, not {objective!r}.")
-  return agent_solve(net, cfg, inst, opts.num_simulations, rollout_weight=opts.rollout_weight, order=opts.order)
+  return agent_solve(net, cfg, inst, opts.num_simulations, rollout_weight=opts.rollout_weight, order=opts.order,
+                     fortify=opts.fortify)

@@ -6,6 +6,12 @@ state (whose value is 0; terminal states are absorbing), and masks illegal actio
 (``invalid_actions`` covers only the root). mctx threads ``params = (network state, batched EnvParams)`` through its
 loops, so one compiled search serves a batch of different instances.
 
+Fortified rollout (Bertsekas, Tsitsiklis & Wu, "Rollout algorithms for combinatorial optimization", J. Heuristics
+1997): with ``fortify``, every root state of the played episode is also finished by the base heuristics (best fit and
+first fit) and the best complete episode seen is kept; the episode returned is the better of the searched one and
+that incumbent, so it is never worse than either heuristic in the order played (at t = 0 the completions *are* the
+heuristics).
+
 Shapes: B instances padded to N buffers; actions A = K + 1.
 """
 
@@ -28,6 +34,7 @@ class SearchConfig:
   max_num_considered_actions: int = 16
   gumbel_scale: float = 1.0
   rollout_weight: float = 0.0
+  fortify: bool = False
 
   def __post_init__(self):
     if self.num_simulations < 1 or self.max_num_considered_actions < 1:
@@ -36,14 +43,42 @@ class SearchConfig:
       raise ValueError(f"SearchConfig.rollout_weight must be in [0, 1], got {self.rollout_weight}.")
 
 
-def best_fit_rollout(p: env.EnvParams, s: env.State, cfg: env.GameConfig) -> jax.Array:
-  """The return of finishing the episode from ``s`` with slot 0 (best fit) at every step: a leaf value estimate."""
+FITS = ("best", "first")
+
+
+def complete(p: env.EnvParams, s: env.State, cfg: env.GameConfig, fit: str = "best") -> tuple[env.State, jax.Array]:
+  """Finishes the episode from ``s`` with a greedy heuristic; returns (terminal state, return from ``s``).
+
+  ``best`` plays slot 0 (XLA's best fit); ``first`` plays the legal candidate with the lowest offset (first fit),
+  ranking all N + 1 candidates since the lowest offset may fall outside the K best-fit-ranked slots.
+  """
+  if fit not in FITS:
+    raise ValueError(f"unknown fit {fit!r}; allowed: {', '.join(FITS)}.")
+  full = dataclasses.replace(cfg, num_slots=p.size.shape[0] + 1) if fit == "first" else cfg
+
   def body(carry):
     st, total = carry
-    nxt, r, _, _ = env.step(p, st, jnp.int32(0), cfg)
+    action = jnp.int32(0)
+    if fit == "first":
+      off, _, ok = env.candidates(p, st, full.num_slots)
+      action = jnp.argmin(jnp.where(ok, off, jnp.iinfo(jnp.int32).max)).astype(jnp.int32)
+    nxt, r, _, _ = env.step(p, st, action, full)
     return nxt, total + r
 
-  return jax.lax.while_loop(lambda c: ~c[0].terminal, body, (s, jnp.float32(0.0)))[1]
+  return jax.lax.while_loop(lambda c: ~c[0].terminal, body, (s, jnp.float32(0.0)))
+
+
+def best_fit_rollout(p: env.EnvParams, s: env.State, cfg: env.GameConfig) -> jax.Array:
+  """The return of finishing the episode from ``s`` with best fit at every step: a leaf value estimate."""
+  return complete(p, s, cfg, "best")[1]
+
+
+def keep_better(envp: env.EnvParams, a: env.State, b: env.State, cfg: env.GameConfig) -> env.State:
+  """Per instance of the batch, ``a`` where it is terminal and strictly better than ``b`` (or ``b`` is not
+  terminal), else ``b``."""
+  score = jax.vmap(lambda p, s: env.outcome(p, s, cfg))
+  take = a.terminal & (~b.terminal | (score(envp, a) > score(envp, b)))
+  return jax.tree.map(lambda x, y: jnp.where(take.reshape(take.shape + (1,) * (x.ndim - 1)), x, y), a, b)
 
 
 def _evaluate(graphdef, net_state, envp, states, cfg: env.GameConfig, scfg: SearchConfig):
@@ -83,15 +118,23 @@ def rollout(graphdef, net_state, envp: env.EnvParams, rng: jax.Array, cfg: env.G
 
   Returns:
     (final states, trajectory) where the trajectory holds, per step [num_steps, B, ...], the root observation (when
-    ``record``), the search's ``action_weights``, the reward and whether the step was live (before terminal).
+    ``record``), the search's ``action_weights``, the reward and whether the step was live (before terminal). With
+    ``scfg.fortify`` a final state is the better of the searched episode and the best heuristic completion of any
+    root along it (then it need not extend the trajectory).
   """
-  def body(states, key):
+  def body(carry, key):
+    states, best = carry
+    if scfg.fortify:
+      for fit in FITS:
+        done = jax.vmap(lambda p, s: complete(p, s, cfg, fit)[0])(envp, states)
+        best = keep_better(envp, done, best, cfg)
     out, obs = search(graphdef, net_state, envp, states, key, cfg, scfg)
     nxt, reward, _, _ = jax.vmap(lambda p, s, a: env.step(p, s, a, cfg))(envp, states, out.action)
     rec = {"weights": out.action_weights, "reward": reward, "live": ~states.terminal}
     if record:
       rec["obs"] = obs
-    return nxt, rec
+    return (nxt, best), rec
 
   states = jax.vmap(env.reset)(envp)
-  return jax.lax.scan(body, states, jax.random.split(rng, num_steps))
+  (final, best), traj = jax.lax.scan(body, (states, states), jax.random.split(rng, num_steps))
+  return (keep_better(envp, best, final, cfg) if scfg.fortify else final), traj

@@ -69,10 +69,11 @@ class AgentConfig:
   def game(self) -> env.GameConfig:
     return env.GameConfig(objective=self.objective, order=self.order, num_slots=self.num_slots, grid=self.grid)
 
-  def search(self, train: bool, num_simulations: int | None = None, rollout_weight: float = 0.0) -> SearchConfig:
+  def search(self, train: bool, num_simulations: int | None = None, rollout_weight: float = 0.0,
+             fortify: bool = False) -> SearchConfig:
     return SearchConfig(num_simulations=num_simulations or self.num_simulations,
                         max_num_considered_actions=self.max_num_considered_actions,
-                        gumbel_scale=1.0 if train else 0.0, rollout_weight=rollout_weight)
+                        gumbel_scale=1.0 if train else 0.0, rollout_weight=rollout_weight, fortify=fortify)
 
   @classmethod
   def tiny(cls) -> AgentConfig:
@@ -180,16 +181,32 @@ def load_agent(workdir: str | Path) -> tuple[PolicyValueNet, AgentConfig]:
 
 
 def solve(net: PolicyValueNet, cfg: AgentConfig, inst: Instance, num_simulations: int = 64, seed: int = 0,
-          rollout_weight: float = 0.0, order: str | None = None) -> np.ndarray:
-  """Plays one searched episode (gumbel_scale 0) on ``inst``; returns byte offsets (``SLOW`` where left slow).
+          rollout_weight: float = 0.0, order: str | tuple[str, ...] | None = None,
+          fortify: bool = True) -> np.ndarray:
+  """Plays one searched episode (gumbel_scale 0) per buffer order on ``inst``; returns the byte offsets (``SLOW``
+  where left slow) of the best episode.
 
-  ``rollout_weight`` mixes a best-fit rollout into the leaf values (0: the network's value alone); ``order``
-  overrides the buffer order the network was trained with.
+  Args:
+    rollout_weight: mixes a best-fit rollout into the leaf values (0: the network's value alone).
+    order: a buffer order or a tuple of them, played one after the other; the best result is kept, as XLA's
+      ``ChooseBestHeapAlgorithm`` keeps the best of its heaps (time grows linearly with the number of orders).
+      None: the order the network was trained with.
+    fortify: keep the best best-fit / first-fit completion of every root along the episode (``SearchConfig``), so
+      the result is never worse than those heuristics in any order played.
   """
-  game_cfg = cfg.game if order is None else dataclasses.replace(cfg.game, order=order)
-  game = env.make_game(inst, game_cfg)
-  envp = jax.tree.map(lambda x: x[None], game.params)
+  orders = (cfg.order,) if order is None else (order,) if isinstance(order, str) else tuple(order)
+  if not orders:
+    raise ValueError("solve needs at least one buffer order.")
   graphdef, params = nnx.split(net)
-  final, _ = rollout(graphdef, params, envp, jax.random.key(seed), game_cfg,
-                     cfg.search(False, num_simulations, rollout_weight), inst.n, record=False)
-  return game.offsets_bytes(jax.tree.map(lambda x: x[0], final))
+  scfg = cfg.search(False, num_simulations, rollout_weight, fortify)
+  best = None
+  for o in orders:
+    game_cfg = dataclasses.replace(cfg.game, order=o)
+    game = env.make_game(inst, game_cfg)
+    envp = jax.tree.map(lambda x: x[None], game.params)
+    final, _ = rollout(graphdef, params, envp, jax.random.key(seed), game_cfg, scfg, inst.n, record=False)
+    final = jax.tree.map(lambda x: x[0], final)
+    score = env.outcome(game.params, final, game_cfg)
+    if best is None or score > best[0]:
+      best = (score, game.offsets_bytes(final))
+  return best[1]
