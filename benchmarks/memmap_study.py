@@ -37,18 +37,23 @@ def _row(sol, opt):
 
 
 def _variants(method: str, args) -> list[tuple[str, AgentOptions | None]]:
-  """(label, agent options) for each run of ``method``; agent variants are 'simulations:rollout_weight:orders' with
-  orders a comma list (best episode kept), fortified unless ':plain' is appended."""
+  """(label, agent options) for each run of ``method``. An agent variant is
+  'simulations:rollout_weight:orders[:fits=F1,F2][:plain]': orders and leaf-rollout fits are comma lists (default
+  fits: best), and the search is fortified unless 'plain' is given."""
   if method != "agent":
     return [(method, None)]
   out = []
   for v in args.agent_variants:
-    sims, weight, orders, *plain = v.split(":")
-    if plain not in ([], ["plain"]):
-      raise ValueError(f"agent variant {v!r}: expected 'simulations:rollout_weight:orders[:plain]'.")
-    fortify = not plain
-    label = f"agent[{orders.replace(',', '+')},w={weight},{sims}sims{',fortified' if fortify else ''}]"
-    out.append((label, AgentOptions(args.agent_dir, int(sims), float(weight), tuple(orders.split(",")), fortify)))
+    sims, weight, orders, *extra = v.split(":")
+    fits = [e.removeprefix("fits=") for e in extra if e.startswith("fits=")]
+    if len(fits) > 1 or set(extra) - {"plain", *(f"fits={f}" for f in fits)}:
+      raise ValueError(f"agent variant {v!r}: expected 'simulations:rollout_weight:orders[:fits=F1,F2][:plain]'.")
+    fits = tuple(fits[0].split(",")) if fits else ("best",)
+    fortify = "plain" not in extra
+    label = (f"agent[{orders.replace(',', '+')},w={weight},{sims}sims"
+             f"{'' if fits == ('best',) else ',leaf=' + '+'.join(fits)}{',fortified' if fortify else ''}]")
+    out.append((label, AgentOptions(args.agent_dir, int(sims), float(weight), tuple(orders.split(",")), fits,
+                                    fortify)))
   return out
 
 
@@ -158,8 +163,8 @@ def main() -> None:
   p.add_argument("--methods", nargs="*", default=list(HEURISTICS) + ["portfolio", "cpsat", "cpsat_fit", "agent"])
   p.add_argument("--time-limit", type=float, default=60.0)
   p.add_argument("--agent-variants", nargs="*", default=["64:0:spatial", "16:1:spatial", "16:1:chronological"],
-                 help="simulations:rollout_weight:orders[:plain] per agent run (orders: comma list; plain: no "
-                      "fortification)")
+                 help="simulations:rollout_weight:orders[:fits=F1,F2][:plain] per agent run (comma lists; fits: "
+                      "the leaf rollout's heuristics; plain: no fortification)")
   p.add_argument("--agent-dir", default=None)
   p.add_argument("--plot", nargs="*", default=["A", "F"])
   p.add_argument("--out", default="docs/memmap/study.json")

@@ -23,7 +23,8 @@ class _Parser(argparse.ArgumentParser):
 def _solve(args) -> None:
   inst, _ = io_minimalloc.read_csv(args.file, capacity=args.capacity)
   order = tuple(args.agent_order.split(",")) if args.agent_order else None
-  agent = solvers.AgentOptions(args.agent_dir, args.simulations, args.rollout_weight, order, not args.no_fortify)
+  agent = solvers.AgentOptions(args.agent_dir, args.simulations, args.rollout_weight, order,
+                               tuple(args.rollout_fits.split(",")), not args.no_fortify)
   sol = solvers.solve(inst, args.method, args.objective, args.time_limit, agent)
   print(f"{Path(args.file).name}: {sol.summary()}")
   if sol.offsets.size and args.out:
@@ -103,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--agent-dir", default=None, help="folder of a train-agent run")
   s.add_argument("--simulations", type=int, default=64, help="agent search simulations per move")
   s.add_argument("--rollout-weight", type=float, default=1.0,
-                 help="agent leaf value = (1-w) * network value + w * best-fit rollout return")
+                 help="agent leaf value = (1-w) * network value + w * heuristic rollout return")
+  s.add_argument("--rollout-fits", default="best",
+                 help="the leaf rollout's heuristics, comma list of best,first (the best completion counts)")
   s.add_argument("--agent-order", default=None,
                  help="buffer order(s) for the agent, e.g. spatial,chronological: one episode each, the best is kept "
                       "(default: the trained order)")

@@ -63,11 +63,13 @@ class Solution:
 @dataclasses.dataclass(frozen=True)
 class AgentOptions:
   """Where the trained agent lives and how it searches (see ``memmap.agent.train.solve``): ``order`` is one buffer
-  order or a tuple played one after the other (best kept); ``fortify`` keeps the best heuristic completion."""
+  order or a tuple played one after the other (best kept); ``rollout_fits`` are the leaf rollout's heuristics;
+  ``fortify`` keeps the best heuristic completion."""
   agent_dir: str | Path | None = None
   num_simulations: int = 64
   rollout_weight: float = 1.0
   order: str | tuple[str, ...] | None = None
+  rollout_fits: tuple[str, ...] = ("best",)
   fortify: bool = True
 
   def __post_init__(self):
@@ -116,4 +118,4 @@ def _agent(inst: Instance, objective: str, opts: AgentOptions) -> np.ndarray:
   if cfg.objective != objective:
     raise ValueError(f"the agent in {opts.agent_dir} was trained for objective {cfg.objective!r}, not {objective!r}.")
   return agent_solve(net, cfg, inst, opts.num_simulations, rollout_weight=opts.rollout_weight, order=opts.order,
-                     fortify=opts.fortify)
+                     rollout_fits=opts.rollout_fits, fortify=opts.fortify)

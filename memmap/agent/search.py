@@ -27,13 +27,18 @@ from flax import nnx
 
 from memmap import env
 
+FITS = ("best", "first")
+
 
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
+  """``rollout_weight`` w mixes a heuristic rollout into leaf values: ``(1 - w) * v_net + w * max over
+  rollout_fits`` of the completion's return; ``fortify`` keeps the best heuristic completion along the episode."""
   num_simulations: int = 32
   max_num_considered_actions: int = 16
   gumbel_scale: float = 1.0
   rollout_weight: float = 0.0
+  rollout_fits: tuple[str, ...] = ("best",)
   fortify: bool = False
 
   def __post_init__(self):
@@ -41,9 +46,8 @@ class SearchConfig:
       raise ValueError(f"SearchConfig needs num_simulations >= 1 and max_num_considered_actions >= 1: {self}.")
     if not 0.0 <= self.rollout_weight <= 1.0:
       raise ValueError(f"SearchConfig.rollout_weight must be in [0, 1], got {self.rollout_weight}.")
-
-
-FITS = ("best", "first")
+    if not self.rollout_fits or set(self.rollout_fits) - set(FITS):
+      raise ValueError(f"SearchConfig.rollout_fits={self.rollout_fits!r}: give one or more of {FITS}.")
 
 
 def complete(p: env.EnvParams, s: env.State, cfg: env.GameConfig, fit: str = "best") -> tuple[env.State, jax.Array]:
@@ -68,11 +72,6 @@ def complete(p: env.EnvParams, s: env.State, cfg: env.GameConfig, fit: str = "be
   return jax.lax.while_loop(lambda c: ~c[0].terminal, body, (s, jnp.float32(0.0)))
 
 
-def best_fit_rollout(p: env.EnvParams, s: env.State, cfg: env.GameConfig) -> jax.Array:
-  """The return of finishing the episode from ``s`` with best fit at every step: a leaf value estimate."""
-  return complete(p, s, cfg, "best")[1]
-
-
 def keep_better(envp: env.EnvParams, a: env.State, b: env.State, cfg: env.GameConfig) -> env.State:
   """Per instance of the batch, ``a`` where it is terminal and strictly better than ``b`` (or ``b`` is not
   terminal), else ``b``."""
@@ -82,11 +81,12 @@ def keep_better(envp: env.EnvParams, a: env.State, b: env.State, cfg: env.GameCo
 
 
 def _evaluate(graphdef, net_state, envp, states, cfg: env.GameConfig, scfg: SearchConfig):
-  """Observations, masked prior logits and leaf values (net value mixed with a best-fit rollout, AlphaGo-style)."""
+  """Observations, masked prior logits and leaf values (net value mixed with heuristic rollouts, AlphaGo-style)."""
   obs = jax.vmap(lambda p, s: env.observe(p, s, cfg))(envp, states)
   logits, value = nnx.merge(graphdef, net_state)(obs)
   if scfg.rollout_weight > 0:
-    rollout = jax.vmap(lambda p, s: best_fit_rollout(p, s, cfg))(envp, states)
+    rollout = jnp.max(jnp.stack([jax.vmap(lambda p, s: complete(p, s, cfg, fit)[1])(envp, states)
+                                 for fit in scfg.rollout_fits]), axis=0)
     value = (1.0 - scfg.rollout_weight) * value + scfg.rollout_weight * rollout
   return obs, logits, jnp.where(states.terminal, 0.0, value)
 

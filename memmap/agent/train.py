@@ -70,10 +70,11 @@ class AgentConfig:
     return env.GameConfig(objective=self.objective, order=self.order, num_slots=self.num_slots, grid=self.grid)
 
   def search(self, train: bool, num_simulations: int | None = None, rollout_weight: float = 0.0,
-             fortify: bool = False) -> SearchConfig:
+             rollout_fits: tuple[str, ...] = ("best",), fortify: bool = False) -> SearchConfig:
     return SearchConfig(num_simulations=num_simulations or self.num_simulations,
                         max_num_considered_actions=self.max_num_considered_actions,
-                        gumbel_scale=1.0 if train else 0.0, rollout_weight=rollout_weight, fortify=fortify)
+                        gumbel_scale=1.0 if train else 0.0, rollout_weight=rollout_weight,
+                        rollout_fits=tuple(rollout_fits), fortify=fortify)
 
   @classmethod
   def tiny(cls) -> AgentConfig:
@@ -182,15 +183,16 @@ def load_agent(workdir: str | Path) -> tuple[PolicyValueNet, AgentConfig]:
 
 def solve(net: PolicyValueNet, cfg: AgentConfig, inst: Instance, num_simulations: int = 64, seed: int = 0,
           rollout_weight: float = 0.0, order: str | tuple[str, ...] | None = None,
-          fortify: bool = True) -> np.ndarray:
+          rollout_fits: tuple[str, ...] = ("best",), fortify: bool = True) -> np.ndarray:
   """Plays one searched episode (gumbel_scale 0) per buffer order on ``inst``; returns the byte offsets (``SLOW``
   where left slow) of the best episode.
 
   Args:
-    rollout_weight: mixes a best-fit rollout into the leaf values (0: the network's value alone).
+    rollout_weight: mixes a heuristic rollout into the leaf values (0: the network's value alone).
     order: a buffer order or a tuple of them, played one after the other; the best result is kept, as XLA's
       ``ChooseBestHeapAlgorithm`` keeps the best of its heaps (time grows linearly with the number of orders).
       None: the order the network was trained with.
+    rollout_fits: the leaf rollout's heuristics, best of them (``memmap.agent.search.FITS``).
     fortify: keep the best best-fit / first-fit completion of every root along the episode (``SearchConfig``), so
       the result is never worse than those heuristics in any order played.
   """
@@ -198,7 +200,7 @@ def solve(net: PolicyValueNet, cfg: AgentConfig, inst: Instance, num_simulations
   if not orders:
     raise ValueError("solve needs at least one buffer order.")
   graphdef, params = nnx.split(net)
-  scfg = cfg.search(False, num_simulations, rollout_weight, fortify)
+  scfg = cfg.search(False, num_simulations, rollout_weight, rollout_fits, fortify)
   best = None
   for o in orders:
     game_cfg = dataclasses.replace(cfg.game, order=o)

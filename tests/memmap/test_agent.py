@@ -9,7 +9,7 @@ from flax import nnx
 
 from memmap import env
 from memmap.agent.network import NEG
-from memmap.agent.search import FITS, SearchConfig, best_fit_rollout, complete, search
+from memmap.agent.search import FITS, SearchConfig, complete, search
 from memmap.agent.train import AgentConfig, load_agent, make_net, solve, train
 from memmap.baselines.exhaustive import min_height
 from memmap.baselines.heuristics import greedy
@@ -77,19 +77,22 @@ def test_agent_trains_and_packs_perfect_packings(tmp_path):
   assert hits == 5
 
 
-def test_best_fit_rollout_value_equals_the_greedy_return():
+@pytest.mark.parametrize("fit", FITS)
+def test_heuristic_rollout_value_equals_the_greedy_return(fit):
   inst = guillotine(12, np.random.default_rng(7), 16, 16)
   cfg = env.GameConfig(num_slots=8, grid=8)
   game = env.make_game(inst, cfg, n_max=16)
-  value = float(jax.jit(best_fit_rollout, static_argnames="cfg")(game.params, env.reset(game.params), cfg=cfg))
-  height = validate(inst, greedy(inst, "spatial", "best"), capacity=10**9)
+  run = jax.jit(complete, static_argnames=("cfg", "fit"))
+  value = float(run(game.params, env.reset(game.params), cfg=cfg, fit=fit)[1])
+  height = validate(inst, greedy(inst, "spatial", fit), capacity=10**9)
   assert value == pytest.approx(-height / load_bound(inst), rel=1e-5)
 
 
 def test_rollout_guided_agent_emits_valid_placements():
   cfg = AgentConfig.tiny()
   inst = guillotine(8, np.random.default_rng(3), 8, 8)
-  off = solve(make_net(cfg, 1), cfg, inst, num_simulations=8, rollout_weight=1.0, order="chronological")
+  off = solve(make_net(cfg, 1), cfg, inst, num_simulations=8, rollout_weight=1.0, order="chronological",
+              rollout_fits=("best", "first"), fortify=False)
   assert validate(inst, off, capacity=10**9) <= validate(inst, greedy(inst, "chronological", "best"), capacity=10**9)
 
 
