@@ -3,8 +3,9 @@
 ``attention(q, k, v, pattern=..., implementation=None)`` tries, in order:
 
 1. ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` on GPU for patterns cuDNN expresses
-   (dense, causal, left window without sink), bf16/f16. A left window always goes with ``is_causal=True``:
-   cuDNN with ``(L, 0)`` and ``is_causal=False`` silently attends to the future (jax issue #39576).
+   (dense, causal, left window), bf16/f16. A left window always goes with ``is_causal=True``: cuDNN with
+   ``(L, 0)`` and ``is_causal=False`` silently attends to the future (jax issue #39576). Sink tokens are added
+   exactly by merging a small sink pass into the cuDNN window pass (``cudnn_sink_window.py``).
 2. ``"pallas_gpu"``: the block-sparse Pallas kernel (``pallas_gpu.py``) on GPU: sinks, strided blocks, per-head
    patterns; sequences are padded to its tile.
 3. ``"blockwise"``: XLA ``lax.scan`` over visible tiles (``blockwise.py``), any backend, memory linear in N.
@@ -24,7 +25,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from layers.kernels.attention import blockwise, pallas_gpu
+from layers.kernels.attention import blockwise, cudnn_sink_window, pallas_gpu
 from layers.kernels.attention.patterns import BlockSparse, Dense, Pattern, SinkWindow
 from layers.kernels.attention.reference import attention_reference
 
@@ -63,12 +64,16 @@ def _cudnn_problem(q, k, v, pattern, q_offset, return_lse):
     return f"needs equal q/v head dims, a multiple of 8 and <= 256 (got {q.shape[-1]}, {v.shape[-1]})"
   if q_offset != 0 or q.shape[1] != k.shape[1]:
     return "needs T = S and q_offset = 0"
-  if isinstance(pattern, BlockSparse) or (isinstance(pattern, SinkWindow) and pattern.sink > 0):
-    return f"cannot express {type(pattern).__name__} with sink tokens or strided blocks without a dense mask"
+  if isinstance(pattern, BlockSparse):
+    return "cannot express strided blocks without a dense mask"
+  if isinstance(pattern, SinkWindow) and pattern.sink > 0:
+    return cudnn_sink_window.cudnn_problem()
   return None
 
 
 def _cudnn(q, k, v, pattern, scale):
+  if isinstance(pattern, SinkWindow) and pattern.sink > 0:
+    return cudnn_sink_window.sink_window_attention(q, k, v, pattern, scale=scale)
   if isinstance(pattern, SinkWindow):
     return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
                                         local_window_size=(pattern.window - 1, 0), implementation="cudnn")

@@ -185,11 +185,25 @@ def blockwise_attention(q, k, v, pattern: Pattern, *, scale: float | None = None
   Any T, S (ragged last tiles are masked), GQA, ``q_offset`` = absolute position of query 0 (e.g. S - T).
   BlockSparse patterns need tiles that are multiples of the pattern block.
   """
+  return _attend(_plan(q, k, pattern, scale, q_offset, block_q, block_k), q, k, v)
+
+
+def attention_backward(q, k, v, o, lse, do, pattern: Pattern, *, scale: float | None = None, q_offset: int = 0):
+  """(dq, dk, dv) of the keys ``pattern`` admits, given the output o and logsumexp lse of the WHOLE attention.
+
+  FlashAttention-2's backward with external (o, lse): P = exp(s·QKᵀ - lse) on the admitted keys and
+  dS = P∘(dO·Vᵀ - rowsum(dO∘o)). When ``pattern`` is one of several disjoint key segments whose results were merged
+  (``reference.merge``), passing the merged o and lse gives exactly that segment's share of the gradient.
+  """
+  plan = _plan(q, k, pattern, scale, q_offset, None, None)
+  return _backward(plan, (q, k, v, o, lse), (do, jnp.zeros_like(lse)))
+
+
+def _plan(q, k, pattern, scale, q_offset, block_q, block_k) -> _Plan:
   hq, hkv = q.shape[2], k.shape[2]
   if hq % hkv:
     raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
-  plan = _Plan(pattern=pattern, scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
+  return _Plan(pattern=pattern, scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
                q_offset=int(q_offset), block_q=block_q or default_block(pattern, q.shape[1]),
                block_k=block_k or default_block(pattern, k.shape[1]), num_queries=q.shape[1],
                num_keys=k.shape[1], num_kv_heads=hkv)
-  return _attend(plan, q, k, v)
