@@ -29,6 +29,15 @@ import time
 
 SHAPES = ((8, 2048), (4, 8192), (1, 32768))
 HEADS, DIM, CHUNK = 16, 128, 64
+# End-to-end A/B of the Triton launch settings (``pallas_triton.Tuning`` fields), timed with --tunings.
+TUNINGS = {
+    "default": {},
+    "prev": {"scan_forward_stages": 1, "wy_backward_kernel": False},  # the previous defaults
+    "fwd1": {"scan_forward_stages": 1},
+    "xla_wy_bwd": {"wy_backward_kernel": False},
+    "wy_bwd_4warps": {"wy_backward_warps": 4},
+    "bwd2": {"scan_backward_stages": 2},
+}
 
 
 def chunked_gdn_flops(b: int, t: int, h: int, dk: int, dv: int, c: int = CHUNK) -> dict[str, float]:
@@ -52,7 +61,7 @@ def _median_ms(fn, *, warmup: int = 3, iters: int = 10) -> float:
   return statistics.median(samples)
 
 
-def run_jax(shapes, impls, breakdown: bool = False) -> list[dict]:
+def run_jax(shapes, impls, breakdown: bool = False, tunings=()) -> list[dict]:
   import jax
   import jax.numpy as jnp
 
@@ -93,8 +102,24 @@ def run_jax(shapes, impls, breakdown: bool = False) -> list[dict]:
 
   for b, t in shapes:
     rows += _time_ours(b, t, impls, device, inputs(b, t, 1, jnp.bfloat16))
+    rows += _time_tunings(b, t, tunings, device, inputs(b, t, 1, jnp.bfloat16))
     if breakdown:
       rows += _time_components(b, t, device)
+  return rows
+
+
+def _time_tunings(b: int, t: int, names, device: str, args) -> list[dict]:
+  """``pallas_triton`` end to end under each named ``TUNINGS`` entry (kernels retraced per setting)."""
+  import dataclasses
+
+  from layers.kernels.gated_delta import pallas_triton
+
+  rows = []
+  for name in names:
+    with pallas_triton.use_tuning(dataclasses.replace(pallas_triton.Tuning(), **TUNINGS[name])):
+      row = _time_ours(b, t, ["pallas_triton"], device, args)[0]
+    row["op"] = f"gdn_pallas_triton[{name}]"
+    rows.append(row)
   return rows
 
 
@@ -242,12 +267,13 @@ def main() -> None:
   parser.add_argument("--impls", default="pallas_triton,xla_chunked", help="our implementations to time")
   parser.add_argument("--shapes", default=",".join(f"{b}x{t}" for b, t in SHAPES), help="BxT,BxT,...")
   parser.add_argument("--breakdown", action="store_true", help="also time the WY and state-scan kernels alone")
+  parser.add_argument("--tunings", default="", help=f"comma list of {', '.join(TUNINGS)}: A/B of Triton settings")
   parser.add_argument("--fla-gdn-unguarded", action="store_true", help="also time fla GDN with its guard off")
   args = parser.parse_args()
   shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
   rows: list[dict] = []
   if args.part in ("all", "jax"):  # ours first: fla's Triton autotuning takes minutes on a fresh machine
-    rows += run_jax(shapes, args.impls.split(","), args.breakdown)
+    rows += run_jax(shapes, args.impls.split(","), args.breakdown, [n for n in args.tunings.split(",") if n])
   if args.part == "fla":
     rows = run_fla(shapes, args.fla_gdn_unguarded)
   elif args.part == "all":

@@ -14,12 +14,44 @@ in Pallas interpret mode (``interpret=True``) on CPU, which is how the tests che
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+  """Triton launch settings, read when a kernel is traced (A/B timings on H100/H200 in docs/benchmarks.md).
+
+  ``scan_forward_stages`` > 1 lets Triton prefetch the next chunk's tiles while the current one is multiplied;
+  ``wy_backward_kernel`` runs the WY backward as :func:`wy_backward` (else as batched XLA einsums), and
+  ``wy_backward_warps`` spreads its [C, K] float32 accumulators over more registers.
+  """
+  scan_forward_stages: int = 2
+  scan_backward_stages: int = 1
+  wy_backward_kernel: bool = True
+  wy_backward_warps: int = 8
+
+
+TUNING = Tuning()
+
+
+@contextlib.contextmanager
+def use_tuning(tuning: Tuning):
+  """Trace the kernels with ``tuning`` inside the block (clears JAX's caches on entry and exit so it applies)."""
+  global TUNING
+  saved, TUNING = TUNING, tuning
+  jax.clear_caches()
+  try:
+    yield
+  finally:
+    TUNING = saved
+    jax.clear_caches()
 
 
 def _is_pow2_at_least_16(n: int) -> bool:
@@ -93,11 +125,8 @@ def _launch(kernel, inputs, v_tiled, out_shapes, *, bh, dv, block_v, num_warps, 
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "num_stages"))
-def forward(w, u, kd, decay, s0, *, interpret: bool = False, num_stages: int = 1):
-  """states, v_new, final of the inter-chunk recurrence (see :mod:`state_scan`).
-
-  ``num_stages`` > 1 lets Triton prefetch the next chunk's tiles while the current one is multiplied.
-  """
+def forward(w, u, kd, decay, s0, *, interpret: bool = False, num_stages: int | None = None):
+  """states, v_new, final of the inter-chunk recurrence (see :mod:`state_scan`); ``num_stages`` overrides TUNING."""
   b, h, n, c, dk = w.shape
   dv = u.shape[-1]
   check_shapes(c, dk, dv)
@@ -109,12 +138,13 @@ def forward(w, u, kd, decay, s0, *, interpret: bool = False, num_stages: int = 1
       functools.partial(_fwd_kernel, n=n, c=c, dk=dk),
       (_flat(w), _flat(u), _flat(kd), decay_rows, s0.reshape(bh, dk, dv)),
       (False, True, False, False, True), out_shapes,
-      bh=bh, dv=dv, block_v=block_v, num_warps=4, num_stages=num_stages, interpret=interpret)
+      bh=bh, dv=dv, block_v=block_v, num_warps=4, num_stages=num_stages or TUNING.scan_forward_stages,
+      interpret=interpret)
   return (states.reshape(b, h, n, dk, dv), v_new.reshape(b, h, n, c, dv), final.reshape(b, h, dk, dv))
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "num_stages"))
-def backward(w, kd, decay, d_states, d_vnew, d_final, *, interpret: bool = False, num_stages: int = 1):
+def backward(w, kd, decay, d_states, d_vnew, d_final, *, interpret: bool = False, num_stages: int | None = None):
   """dV_total, Λ_{c+1} per chunk and dS_0 of the reverse recurrence (see :mod:`state_scan`)."""
   b, h, n, c, dk = w.shape
   dv = d_vnew.shape[-1]
@@ -129,7 +159,8 @@ def backward(w, kd, decay, d_states, d_vnew, d_final, *, interpret: bool = False
       (_flat(w), _flat(kd), decay_rows, _flat(d_states), _flat(d_vnew.astype(f32)),
        d_final.astype(f32).reshape(bh, dk, dv)),
       (False, False, False, True, True, True), out_shapes,
-      bh=bh, dv=dv, block_v=block_v, num_warps=4, num_stages=num_stages, interpret=interpret)
+      bh=bh, dv=dv, block_v=block_v, num_warps=4, num_stages=num_stages or TUNING.scan_backward_stages,
+      interpret=interpret)
   return dvt.reshape(b, h, n, c, dv), lam.reshape(b, h, n, dk, dv), ds0.reshape(b, h, dk, dv)
 
 
@@ -173,3 +204,59 @@ def wy_forward(k, v, beta, gamma, *, interpret: bool = False):
       interpret=interpret,
   )(_flat(k), _flat(v), beta.reshape(bh, n * c), gamma.reshape(bh, n * c))
   return w.reshape(k.shape), u.reshape(v.shape), tmat.reshape(b, h, n, c, c)
+
+
+def _wy_bwd_kernel(k_ref, v_ref, beta_ref, gamma_ref, t_ref, dw_ref, du_ref, dk_ref, dv_ref, dbeta_ref, dgamma_ref,
+                   *, c):
+  """The analytic backward of :mod:`wy` (``wy._wy_bwd``) for one chunk, ordered so big tiles die early."""
+  k, v, dw, du = k_ref[...], v_ref[...], dw_ref[...], du_ref[...]
+  beta, gamma, tmat = beta_ref[...], gamma_ref[...], t_ref[...]
+  f32, t_lo = jnp.float32, tmat.astype(k.dtype)
+  kscale = beta * jnp.exp(gamma)
+  dvb = plgpu.dot(t_lo, du, trans_a=True)  # Tᵀ dU
+  dv_ref[...] = (dvb * beta[:, None]).astype(dv_ref.dtype)
+  dbeta = jnp.sum(dvb * v.astype(f32), axis=1)
+  kb = (k.astype(f32) * kscale[:, None]).astype(k.dtype)
+  vb = (v.astype(f32) * beta[:, None]).astype(v.dtype)
+  dt = plgpu.dot(dw, kb, trans_b=True) + plgpu.dot(du, vb, trans_b=True)
+  rows = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+  strict = rows > jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  da = jnp.where(strict, -plgpu.dot(plgpu.dot(tmat, dt, trans_a=True), tmat, trans_b=True), 0.0)  # −Tᵀ dT Tᵀ
+  gam = jnp.where(strict, jnp.exp(jnp.where(strict, gamma[:, None] - gamma[None, :], 0.0)), 0.0)
+  kk = plgpu.dot(k, k, trans_b=True)
+  dkk = da * beta[:, None] * gam
+  dgam = dkk * kk  # dA/dγ_r = +A_rs, dA/dγ_s = −A_rs
+  dbeta += jnp.sum(da * kk * gam, axis=1)
+  dgamma = jnp.sum(dgam, axis=1) - jnp.sum(dgam, axis=0)
+  dkb = plgpu.dot(t_lo, dw, trans_a=True)  # Tᵀ dW
+  dkk_lo = dkk.astype(k.dtype)
+  dk_ref[...] = (plgpu.dot(dkk_lo, k) + plgpu.dot(dkk_lo, k, trans_a=True)
+                 + dkb * kscale[:, None]).astype(dk_ref.dtype)
+  kb_dot = jnp.sum(dkb * k.astype(f32), axis=1)
+  dbeta_ref[...] = dbeta + kb_dot * jnp.exp(gamma)
+  dgamma_ref[...] = dgamma + kb_dot * kscale
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def wy_backward(k, v, beta, gamma, tmat, dw, du, *, interpret: bool = False):
+  """(dk, dv, dbeta, dgamma) of the WY representation given T and the cotangents of W, U; one program per chunk."""
+  b, h, n, c, dk = k.shape
+  dv = v.shape[-1]
+  check_shapes(c, dk, dv)
+  bh = b * h
+  rows = lambda d: pl.BlockSpec((None, c, d), lambda i, j: (i, j, 0))
+  vec = pl.BlockSpec((None, c), lambda i, j: (i, j))
+  f32 = jnp.float32
+  grads = pl.pallas_call(
+      functools.partial(_wy_bwd_kernel, c=c),
+      grid=(bh, n),
+      in_specs=[rows(dk), rows(dv), vec, vec, rows(c), rows(dk), rows(dv)],
+      out_specs=[rows(dk), rows(dv), vec, vec],
+      out_shape=(jax.ShapeDtypeStruct((bh, n * c, dk), k.dtype), jax.ShapeDtypeStruct((bh, n * c, dv), v.dtype),
+                 jax.ShapeDtypeStruct((bh, n * c), f32), jax.ShapeDtypeStruct((bh, n * c), f32)),
+      compiler_params=plgpu.CompilerParams(num_warps=TUNING.wy_backward_warps, num_stages=1),
+      interpret=interpret,
+  )(_flat(k), _flat(v), beta.reshape(bh, n * c), gamma.reshape(bh, n * c), _flat(tmat),
+    _flat(dw.astype(k.dtype)), _flat(du.astype(v.dtype)))
+  d_k, d_v, dbeta, dgamma = grads
+  return d_k.reshape(k.shape), d_v.reshape(v.shape), dbeta.reshape(beta.shape), dgamma.reshape(gamma.shape)

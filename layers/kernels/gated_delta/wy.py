@@ -12,7 +12,7 @@ differentiating through the squarings, and needs only T from the forward.
 
 Shapes: k [b, h, n, C, K], v [b, h, n, C, V] (matmul dtype); beta, gamma [b, h, n, C] float32.
 Returns w [b, h, n, C, K], u [b, h, n, C, V] in k's/v's dtype. Implementations: ``"xla"`` (batched einsums) and
-``"pallas_triton"`` / ``"pallas_interpret"`` (one fused kernel per chunk, :mod:`pallas_triton`).
+``"pallas_triton"`` / ``"pallas_interpret"`` (one fused kernel per chunk and direction, :mod:`pallas_triton`).
 """
 
 from __future__ import annotations
@@ -88,9 +88,16 @@ def _wy_fwd(k, v, beta, gamma, impl):
 
 
 def _wy_bwd(impl, res, cotangents):
-  del impl
-  k, v, beta, gamma, tmat = res
-  dw, du = (x.astype(jnp.float32) for x in cotangents)
+  if impl in ("pallas_triton", "pallas_interpret"):
+    from layers.kernels.gated_delta import pallas_triton
+    if pallas_triton.TUNING.wy_backward_kernel:
+      return pallas_triton.wy_backward(*res, *cotangents, interpret=impl == "pallas_interpret")
+  return _backward_xla(*res, *cotangents)
+
+
+def _backward_xla(k, v, beta, gamma, tmat, dw, du):
+  """(dk, dv, dbeta, dgamma) by batched einsums (module docstring)."""
+  dw, du = dw.astype(jnp.float32), du.astype(jnp.float32)
   dtype = k.dtype
   k32, v32 = k.astype(jnp.float32), v.astype(jnp.float32)
   kscale = beta * jnp.exp(gamma)
