@@ -4,6 +4,7 @@ MiniMalloc A-F (google/minimalloc ``benchmarks/challenging``, Apache-2.0): perfe
 1,048,576 bytes. Extracted sets: the ``preallocated-temp`` buffers of ``research.train.lower_train_step`` for each
 named config (CPU backend), compared with XLA's own temp layout. Per method: peak (height objective) vs optimum /
 load bound, fit, solve time; for extracted sets also the modelled program time T/T_slow at half of XLA's temp size.
+``cpsat_hinted`` / ``cpsat_fit_hinted`` start CP-SAT from the agent's layout (list them after ``agent``).
 
   PYTHONPATH=. python benchmarks/memmap_study.py --agent-dir runs/memmap_agent --out docs/memmap/study.json
 """
@@ -57,12 +58,21 @@ def _variants(method: str, args) -> list[tuple[str, AgentOptions | None]]:
   return out
 
 
-def _cpsat_fit(inst, time_limit: float) -> Solution:
-  """CP-SAT feasibility at the capacity (offsets bounded by C), as in MiniMalloc's comparison."""
-  res = cpsat.solve_height(inst, time_limit=time_limit, upper_bound=inst.capacity)
+# CP-SAT height-model variants run by this script: (offsets bounded by the capacity, hinted with the agent's layout).
+CPSAT_VARIANTS = {"cpsat_fit": (True, False), "cpsat_hinted": (False, True), "cpsat_fit_hinted": (True, True)}
+
+
+def _cpsat(inst, method: str, time_limit: float, agent_offsets: np.ndarray | None) -> Solution:
+  """``cpsat_fit*``: feasibility at the capacity (offsets bounded by C), as in MiniMalloc's comparison;
+  ``*_hinted``: started from the best agent layout found on this instance earlier in the same run."""
+  at_capacity, hinted = CPSAT_VARIANTS[method]
+  if hinted and agent_offsets is None:
+    raise ValueError(f"method {method!r} needs an agent run before it (list 'agent' first in --methods).")
+  res = cpsat.solve_height(inst, time_limit=time_limit, upper_bound=inst.capacity if at_capacity else None,
+                           hint=agent_offsets if hinted else None)
   off = res.offsets if res.offsets is not None else np.full(0, SLOW, np.int64)
-  peak = validate(inst, off) if off.size else 0
-  return Solution("cpsat_fit", "height", off, peak, inst.capacity, load_bound(inst), off.size, float(off.size > 0),
+  peak = validate(inst, off, capacity=inst.capacity if at_capacity else np.iinfo(np.int64).max) if off.size else 0
+  return Solution(method, "height", off, peak, inst.capacity, load_bound(inst), off.size, float(off.size > 0),
                   res.status, res.seconds)
 
 
@@ -70,10 +80,15 @@ def minimalloc(methods, args, plots: Path) -> list[dict]:
   rows = []
   for name in args.instances:
     inst, _ = read_csv(DATA / f"{name}.1048576.csv")
+    agent_best = None
     for method in methods:
       for label, opts in _variants(method, args):
-        sol = _cpsat_fit(inst, args.time_limit) if method == "cpsat_fit" else solve(inst, method, "height", args.time_limit,
-                                                                    opts or AgentOptions())
+        if method in CPSAT_VARIANTS:
+          sol = _cpsat(inst, method, args.time_limit, None if agent_best is None else agent_best.offsets)
+        else:
+          sol = solve(inst, method, "height", args.time_limit, opts or AgentOptions())
+        if method == "agent" and (agent_best is None or sol.peak < agent_best.peak):
+          agent_best = sol
         row = {"instance": name, "n": inst.n, "L": load_bound(inst), **_row(sol, OPT), "method": label}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -105,7 +120,7 @@ def extracted(methods, args, plots: Path) -> list[dict]:
     plot_placement(inst.replace(capacity=bufs.xla_height), bufs.xla_offsets, plots / f"{cname}_xla.png",
                    f"{cname} train step: XLA temp layout, {bufs.xla_height} B (L={lb})")
     half = inst.replace(capacity=bufs.xla_height // 2)
-    for method, opts in [v for m in methods if m != "cpsat_fit" for v in _variants(m, args)]:
+    for method, opts in [v for m in methods if m not in CPSAT_VARIANTS for v in _variants(m, args)]:
       sol = solve(inst, method.split("[")[0], "height", args.time_limit, opts or AgentOptions())
       row = {**base, "method": method, "status": sol.status, "peak": sol.peak,
              "over_L_pct": 100.0 * (sol.peak / lb - 1) if sol.peak else None, "seconds": round(sol.seconds, 3)}
@@ -162,7 +177,7 @@ def main() -> None:
   p.add_argument("--configs", nargs="*", default=["tiny", "mqar_tiny"])
   p.add_argument("--methods", nargs="*", default=list(HEURISTICS) + ["portfolio", "cpsat", "cpsat_fit", "agent"])
   p.add_argument("--time-limit", type=float, default=60.0)
-  p.add_argument("--agent-variants", nargs="*", default=["64:0:spatial", "16:1:spatial", "16:1:chronological"],
+  p.add_argument("--agent-variants", nargs="*", default=["16:1:spatial,chronological:fits=first"],
                  help="simulations:rollout_weight:orders[:fits=F1,F2][:plain] per agent run (comma lists; fits: "
                       "the leaf rollout's heuristics; plain: no fortification)")
   p.add_argument("--agent-dir", default=None)

@@ -44,10 +44,14 @@ def _solve(model: cp_model.CpModel, time_limit: float, workers: int) -> tuple[cp
   return solver, status, time.perf_counter() - t0
 
 
-def solve_height(inst: Instance, time_limit: float = 60.0, workers: int = 2,
-                 upper_bound: int | None = None) -> CpSatResult:
-  """Minimises the placement height; status "optimal" also when the height meets the load bound."""
-  hint = portfolio(inst)
+def solve_height(inst: Instance, time_limit: float = 60.0, workers: int = 2, upper_bound: int | None = None,
+                 hint: np.ndarray | None = None) -> CpSatResult:
+  """Minimises the placement height; status "optimal" also when the height meets the load bound.
+
+  ``hint``: a layout to start from (default: the heuristic portfolio's); offsets above ``upper_bound`` are dropped
+  from the hint. ``upper_bound`` defaults to the hint's height.
+  """
+  hint = portfolio(inst) if hint is None else np.asarray(hint, np.int64)
   ub = int((hint + inst.size).max()) if upper_bound is None else upper_bound
   lb = load_bound(inst)
   a = inst.alignment

@@ -41,6 +41,8 @@ def test_cpsat_height_matches_exhaustive_search(seed):
   res = cpsat.solve_height(inst, time_limit=10)
   assert res.status == "optimal"
   assert validate(inst, res.offsets, capacity=BIG) == best == res.objective
+  hinted = cpsat.solve_height(inst, time_limit=10, hint=greedy(inst, "input", "first"))  # e.g. an agent's layout
+  assert hinted.status == "optimal" and validate(inst, hinted.offsets, capacity=BIG) == best
   for method in HEURISTICS:
     assert solve(inst, method).peak >= best
 
