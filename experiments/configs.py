@@ -2,7 +2,8 @@
 
 ``tiny`` trains a byte-level LM on the Python standard library's sources on a 2-core CPU in a few minutes;
 ``small`` is a laptop/GPU-sized version; ``gpu`` is a ~100M-parameter model for one H100/H200;
-``mqar_tiny`` is the Zoology MQAR recall task at T=64 with 4 key-value pairs.
+``mqar_tiny`` is the Zoology MQAR recall task at T=64 with 4 key-value pairs; ``mqar_gpu`` its one-GPU size
+(d_model 128, batch 256; ``experiments.mqar`` sweeps T and the pair count).
 """
 
 from __future__ import annotations
@@ -41,8 +42,15 @@ def mqar_tiny() -> TrainConfig:
       warmup_steps=100, weight_decay=0.1, eval_every=250, eval_batches=4, checkpoint_every=500, log_every=50)
 
 
+def mqar_gpu() -> TrainConfig:
+  return TrainConfig(
+      model=ModelConfig(vocab_size=8192, layers=("attn", "attn"), d_model=128, num_heads=2, num_kv_heads=2),
+      task="mqar", seq_len=256, mqar_kv_pairs=16, batch_size=256, steps=2000, learning_rate=2e-3,
+      warmup_steps=100, weight_decay=0.1, eval_every=500, eval_batches=4, checkpoint_every=1000, log_every=100)
+
+
 PRESETS: dict[str, Callable[[], TrainConfig]] = {
-    "tiny": tiny, "small": small, "gpu": gpu, "mqar_tiny": mqar_tiny}
+    "tiny": tiny, "small": small, "gpu": gpu, "mqar_tiny": mqar_tiny, "mqar_gpu": mqar_gpu}
 
 
 def get_config(name: str) -> TrainConfig:

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "-3"], "error: steps must be a positive integer (got -3)"),
-    (["--config", "nope"], "error: unknown --config 'nope'; choose one of: tiny, small, gpu, mqar_tiny"),
+    (["--config", "nope"], "error: unknown --config 'nope'; choose one of: tiny, small, gpu, mqar_tiny, mqar_gpu"),
     (["--data", "/no/such/path"], "error: data path '/no/such/path' does not exist"),
     (["--layers", "attn,nope"], "error: unknown layer 'nope'; registered layers:"),
     (["--d-model", "wide"], "error: argument --d-model: --d-model takes an integer, got 'wide'"),

@@ -5,7 +5,7 @@ Partial Contexts", arXiv 2410.01485) lets query i see S sink tokens and a window
 disjoint segments (attention spec §4.4):
 
   window  [i-W+1, i]            cuDNN flash attention, causal, ``sliding_window_length = W``;
-  sink    {j < S : j <= i-W}    empty for i < W; one [T-W, S] logits block per head, plain einsums.
+  sink    {j < S : j <= i-W}    empty for i < W; one [T, S] logits block per head, plain einsums.
 
 Forward: the segments merge through their logsumexps, o = Σ exp(lse_seg - lse)·o_seg and
 lse = logaddexp(lse_window, lse_sink) (spec §2.4). Backward (FlashAttention-2, arXiv 2307.08691): a segment's share
@@ -98,12 +98,17 @@ def _groups(x, hkv):
   return x.reshape(*x.shape[:2], hkv, x.shape[2] // hkv, *x.shape[3:])
 
 
-def _sink_logits(q_tail, k_sink, scale):
-  """Logits [B, T-W, Hkv, G, S] (float32) of queries W, W+1, ... on the sink keys; -inf where j > i - W."""
-  s = jnp.einsum("bthge,bshe->bthgs", _groups(q_tail, k_sink.shape[2]), k_sink,
-                 preferred_element_type=jnp.float32) * scale
-  visible = jnp.arange(k_sink.shape[1])[None, :] <= jnp.arange(q_tail.shape[1])[:, None]  # row r is query W + r
-  return jnp.where(visible[None, :, None, None, :], s, -jnp.inf)
+def _sink_logits(q, k_sink, window, scale):
+  """Logits [B, T, Hkv, G, S] (float32) of every query on the sink keys; -inf where key j > i - W (all of them for
+  the first W queries), so the sink segment never overlaps the window."""
+  s = jnp.einsum("bthge,bshe->bthgs", _groups(q, k_sink.shape[2]), k_sink, preferred_element_type=jnp.float32)
+  visible = jnp.arange(k_sink.shape[1])[None, :] <= jnp.arange(q.shape[1])[:, None] - window
+  return jnp.where(visible[None, :, None, None, :], s * scale, -jnp.inf)
+
+
+def _einsum_like(spec, a, b, like):
+  """einsum with float32 accumulation, rounded to ``like``'s dtype (bf16 halves the HBM traffic of [B, T, H, E])."""
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(like.dtype)
 
 
 def _has_sink_segment(t: int, sink: int, window: int) -> bool:
@@ -111,19 +116,15 @@ def _has_sink_segment(t: int, sink: int, window: int) -> bool:
 
 
 def _forward(q, k, v, sink, window, scale, backend):
-  o, lse = WINDOW_BACKENDS[backend].forward(q, k, v, window, scale)
+  o, lse_win = WINDOW_BACKENDS[backend].forward(q, k, v, window, scale)
   if not _has_sink_segment(q.shape[1], sink, window):
-    return o, lse
+    return o, lse_win
   hkv, sink = k.shape[2], min(sink, k.shape[1])
-  s = _sink_logits(q[:, window:], k[:, :sink], scale)
-  lse_win = lse[:, window:]
-  lse_tail = jnp.logaddexp(lse_win, jax.nn.logsumexp(s, axis=-1).reshape(lse_win.shape))
-  p = jnp.exp(s - _groups(lse_tail, hkv)[..., None])
-  o_sink = jnp.einsum("bthgs,bshf->bthgf", p.astype(v.dtype), v[:, :sink], preferred_element_type=jnp.float32)
-  o_tail = (jnp.exp(lse_win - lse_tail)[..., None] * o[:, window:].astype(jnp.float32)
-            + o_sink.reshape(o_sink.shape[:2] + (-1, o_sink.shape[-1])))
-  return (jnp.concatenate([o[:, :window], o_tail.astype(o.dtype)], axis=1),
-          jnp.concatenate([lse[:, :window], lse_tail], axis=1))
+  s = _sink_logits(q, k[:, :sink], window, scale)
+  lse = jnp.logaddexp(lse_win, jax.nn.logsumexp(s, axis=-1).reshape(lse_win.shape))
+  p = jnp.exp(s - _groups(lse, hkv)[..., None])
+  o_sink = _einsum_like("bthgs,bshf->bthgf", p.astype(v.dtype), v[:, :sink], o).reshape(o.shape)
+  return (jnp.exp(lse_win - lse)[..., None] * o.astype(jnp.float32) + o_sink).astype(o.dtype), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -142,18 +143,15 @@ def _attend_bwd(sink, window, scale, backend, residuals, do):
   if not _has_sink_segment(q.shape[1], sink, window):
     return dq, dk, dv
   hkv, sink = k.shape[2], min(sink, k.shape[1])
-  q_tail, k_sink, v_sink = q[:, window:], k[:, :sink], v[:, :sink]
-  do_tail = _groups(do[:, window:], hkv)
-  p = jnp.exp(_sink_logits(q_tail, k_sink, scale) - _groups(lse[:, window:], hkv)[..., None])
-  delta = jnp.sum(do_tail.astype(jnp.float32) * _groups(o[:, window:], hkv).astype(jnp.float32), axis=-1)
-  dp = jnp.einsum("bthgf,bshf->bthgs", do_tail, v_sink, preferred_element_type=jnp.float32)
-  ds = (p * (dp - delta[..., None])).astype(q.dtype)
-  dq_tail = scale * jnp.einsum("bthgs,bshe->bthge", ds, k_sink, preferred_element_type=jnp.float32)
-  dk_sink = scale * jnp.einsum("bthgs,bthge->bshe", ds, _groups(q_tail, hkv), preferred_element_type=jnp.float32)
-  dv_sink = jnp.einsum("bthgs,bthgf->bshf", p.astype(do.dtype), do_tail, preferred_element_type=jnp.float32)
-  add = lambda x, rows, d: x.at[:, rows].add(d.astype(x.dtype))
-  return (add(dq, slice(window, None), dq_tail.reshape(q_tail.shape)), add(dk, slice(0, sink), dk_sink),
-          add(dv, slice(0, sink), dv_sink))
+  k_sink, v_sink, do_g = k[:, :sink], v[:, :sink], _groups(do, hkv)
+  p = jnp.exp(_sink_logits(q, k_sink, window, scale) - _groups(lse, hkv)[..., None])
+  delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
+  dp = jnp.einsum("bthgf,bshf->bthgs", do_g, v_sink, preferred_element_type=jnp.float32)
+  ds = (p * (dp - _groups(delta, hkv)[..., None])).astype(q.dtype)
+  dq = dq + scale * _einsum_like("bthgs,bshe->bthge", ds, k_sink, dq).reshape(dq.shape)
+  dk_sink = scale * jnp.einsum("bthgs,bthge->bshe", ds, _groups(q, hkv), preferred_element_type=jnp.float32)
+  dv_sink = jnp.einsum("bthgs,bthgf->bshf", p.astype(do.dtype), do_g, preferred_element_type=jnp.float32)
+  return dq, dk.at[:, :sink].add(dk_sink.astype(dk.dtype)), dv.at[:, :sink].add(dv_sink.astype(dv.dtype))
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
