@@ -41,9 +41,9 @@ TUNINGS = {
 
 
 def chunked_gdn_flops(b: int, t: int, h: int, dk: int, dv: int, c: int = CHUNK) -> dict[str, float]:
-  """Matmul FLOPs of our chunked forward (per chunk: KKᵀ, QKᵀ, T via log2(C)-1 squarings, W, U, W·S, K̃ᵀV_new,
+  """Matmul FLOPs of our chunked forward (per chunk: KKᵀ, QKᵀ, T via log2(C) doubling steps, W, U, W·S, K̃ᵀV_new,
   Q·S, attention·V_new); backward ≈ 2× forward."""
-  per_chunk = (2 * c * c * dk * 2 + 2 * (c.bit_length() - 2) * 2 * c ** 3 + 2 * c * c * (dk + dv)
+  per_chunk = (2 * c * c * dk * 2 + 2 * (c.bit_length() - 1) * 2 * c ** 3 + 2 * c * c * (dk + dv)
                + 2 * c * dk * dv * 3 + 2 * c * c * dv)
   fwd = per_chunk * b * h * (-(-t // c))
   return {"fwd": float(fwd), "fwd_bwd": 3.0 * fwd}

@@ -61,6 +61,23 @@ def test_unit_lower_inverse():
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
+def test_wy_inverse_exact_for_identical_keys(impl):
+  """A chunk of (nearly) identical keys with β≈1 and no decay: A = β·(all-ones strictly lower). Its inverse has
+  entries ≤ 1, but the Neumann product (I+N)(I+N²)(I+N⁴)… forms powers with binomially large entries (~1e17 at
+  C = 64) whose cancellation left float32 errors ~1e10 — the NaN that stopped MoM training on GPU."""
+  k = jnp.ones((1, 1, 1, 64, 16)) / 4.0 + 1e-3 * jax.random.normal(jax.random.PRNGKey(5), (1, 1, 1, 64, 16))
+  k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  v = jax.random.normal(jax.random.PRNGKey(6), (1, 1, 1, 64, 16))
+  beta, gamma = jnp.full((1, 1, 1, 64), 0.99), jnp.zeros((1, 1, 1, 64))
+  a = jnp.tril(beta[..., :, None] * (k @ jnp.swapaxes(k, -1, -2)), -1)
+  solve = lambda rhs: jax.scipy.linalg.solve_triangular(jnp.eye(64) + a, rhs, lower=True, unit_diagonal=True)
+  w, u = wy.wy_representation(k, v, beta, gamma, impl=impl)
+  errs = _max_err(w, solve(k * beta[..., None])), _max_err(u, solve(v * beta[..., None]))
+  print(f"{impl}: max |Δw|, |Δu| = {errs[0]:.2e}, {errs[1]:.2e}")
+  assert max(errs) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
 def test_gradients_match_reference(impl):
   q, k, v, g, beta, s0 = _inputs(7, t=70, decay_scale=8.0)
 

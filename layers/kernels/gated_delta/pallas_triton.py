@@ -171,12 +171,13 @@ def _wy_kernel(k_ref, v_ref, beta_ref, gamma_ref, w_ref, u_ref, t_ref, *, c):
   cols = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
   strict = rows > cols
   decay = jnp.exp(jnp.where(strict, gamma[:, None] - gamma[None, :], 0.0))
-  neg_a = jnp.where(strict, -beta[:, None] * plgpu.dot(k, k, trans_b=True) * decay, 0.0)
-  inv = jnp.where(rows == cols, 1.0, 0.0) + neg_a
-  power = neg_a
-  for _ in range(c.bit_length() - 2):  # (I + A)⁻¹ = ∏ (I + N^{2^j}), N = −A
-    power = plgpu.dot(power, power)
-    inv = inv + plgpu.dot(inv, power)
+  a = jnp.where(strict, beta[:, None] * plgpu.dot(k, k, trans_b=True) * decay, 0.0)
+  inv = jnp.where(rows == cols, 1.0, 0.0)
+  block = 1
+  while block < c:  # recursive doubling, as wy.unit_lower_inverse: T <- T - T A_b T
+    off = jnp.where((rows // (2 * block) == cols // (2 * block)) & (rows // block > cols // block), a, 0.0)
+    inv = inv - plgpu.dot(plgpu.dot(inv, off), inv)
+    block *= 2
   t_ref[...] = inv
   kb = (k.astype(jnp.float32) * (beta * jnp.exp(gamma))[:, None]).astype(k.dtype)
   w_ref[...] = plgpu.dot(inv.astype(k.dtype), kb).astype(w_ref.dtype)
