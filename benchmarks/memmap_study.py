@@ -89,7 +89,7 @@ def minimalloc(methods, args, plots: Path) -> list[dict]:
           sol = solve(inst, method, "height", args.time_limit, opts or AgentOptions())
         if method == "agent" and (agent_best is None or sol.peak < agent_best.peak):
           agent_best = sol
-        row = {"instance": name, "n": inst.n, "L": load_bound(inst), **_row(sol, OPT), "method": label}
+        row = {"instance": name, "n": inst.n, "L": load_bound(inst), **_row(sol, OPT), "method": label + args.tag}
         rows.append(row)
         print(json.dumps(row), flush=True)
         if sol.offsets.size and method in ("best_fit", "cpsat", "agent") and name in args.plot:
@@ -181,6 +181,7 @@ def main() -> None:
                  help="simulations:rollout_weight:orders[:fits=F1,F2][:plain] per agent run (comma lists; fits: "
                       "the leaf rollout's heuristics; plain: no fortification)")
   p.add_argument("--agent-dir", default=None)
+  p.add_argument("--tag", default="", help="appended to every MiniMalloc row's method label (e.g. a rerun)")
   p.add_argument("--plot", nargs="*", default=["A", "F"])
   p.add_argument("--out", default="docs/memmap/study.json")
   args = p.parse_args()

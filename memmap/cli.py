@@ -22,7 +22,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _solve(args) -> None:
   inst, _ = io_minimalloc.read_csv(args.file, capacity=args.capacity)
-  order = tuple(args.agent_order.split(",")) if args.agent_order else None
+  order = tuple(args.agent_order.split(",")) if args.agent_order != "trained" else None
   agent = solvers.AgentOptions(args.agent_dir, args.simulations, args.rollout_weight, order,
                                tuple(args.rollout_fits.split(",")), not args.no_fortify)
   sol = solvers.solve(inst, args.method, args.objective, args.time_limit, agent)
@@ -105,11 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--simulations", type=int, default=64, help="agent search simulations per move")
   s.add_argument("--rollout-weight", type=float, default=1.0,
                  help="agent leaf value = (1-w) * network value + w * heuristic rollout return")
-  s.add_argument("--rollout-fits", default="best",
+  s.add_argument("--rollout-fits", default="first",
                  help="the leaf rollout's heuristics, comma list of best,first (the best completion counts)")
-  s.add_argument("--agent-order", default=None,
-                 help="buffer order(s) for the agent, e.g. spatial,chronological: one episode each, the best is kept "
-                      "(default: the trained order)")
+  s.add_argument("--agent-order", default="spatial,chronological",
+                 help="buffer order(s) for the agent, a comma list: one episode each, the best is kept ('trained': "
+                      "the network's training order)")
   s.add_argument("--no-fortify", action="store_true",
                  help="return the searched episode alone, without keeping the best best/first-fit completion")
   s.add_argument("--out", default=None, help="solution CSV (id,lower,upper,size,offset)")
