@@ -164,6 +164,25 @@ def backward(w, kd, decay, d_states, d_vnew, d_final, *, interpret: bool = False
   return dvt.reshape(b, h, n, c, dv), lam.reshape(b, h, n, dk, dv), ds0.reshape(b, h, dk, dv)
 
 
+def _chunk_launch(kernel, inputs, out_shapes, *, c, num_warps, interpret):
+  """Grid [b·h, n]: one program per (head, chunk). Arrays [b·h, n·c, d] are tiled [c, d], vectors [b·h, n·c] [c]."""
+  def spec(shape):
+    if len(shape) == 3:
+      return pl.BlockSpec((None, c, shape[-1]), lambda i, j: (i, j, 0))
+    return pl.BlockSpec((None, c), lambda i, j: (i, j))
+
+  bh, rows = inputs[0].shape[:2]
+  return pl.pallas_call(
+      kernel,
+      grid=(bh, rows // c),
+      in_specs=[spec(x.shape) for x in inputs],
+      out_specs=[spec(o.shape) for o in out_shapes],
+      out_shape=out_shapes,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret,
+  )(*inputs)
+
+
 def _wy_kernel(k_ref, v_ref, beta_ref, gamma_ref, w_ref, u_ref, t_ref, *, c):
   k, v = k_ref[...], v_ref[...]
   beta, gamma = beta_ref[...], gamma_ref[...]
@@ -192,18 +211,12 @@ def wy_forward(k, v, beta, gamma, *, interpret: bool = False):
   dv = v.shape[-1]
   check_shapes(c, dk, dv)
   bh = b * h
-  rows = lambda d: pl.BlockSpec((None, c, d), lambda i, j: (i, j, 0))
-  vec = pl.BlockSpec((None, c), lambda i, j: (i, j))
-  w, u, tmat = pl.pallas_call(
+  w, u, tmat = _chunk_launch(
       functools.partial(_wy_kernel, c=c),
-      grid=(bh, n),
-      in_specs=[rows(dk), rows(dv), vec, vec],
-      out_specs=[rows(dk), rows(dv), rows(c)],
-      out_shape=(jax.ShapeDtypeStruct((bh, n * c, dk), k.dtype), jax.ShapeDtypeStruct((bh, n * c, dv), v.dtype),
-                 jax.ShapeDtypeStruct((bh, n * c, c), jnp.float32)),
-      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
-      interpret=interpret,
-  )(_flat(k), _flat(v), beta.reshape(bh, n * c), gamma.reshape(bh, n * c))
+      (_flat(k), _flat(v), beta.reshape(bh, n * c), gamma.reshape(bh, n * c)),
+      (jax.ShapeDtypeStruct((bh, n * c, dk), k.dtype), jax.ShapeDtypeStruct((bh, n * c, dv), v.dtype),
+       jax.ShapeDtypeStruct((bh, n * c, c), jnp.float32)),
+      c=c, num_warps=4, interpret=interpret)
   return w.reshape(k.shape), u.reshape(v.shape), tmat.reshape(b, h, n, c, c)
 
 
@@ -245,19 +258,12 @@ def wy_backward(k, v, beta, gamma, tmat, dw, du, *, interpret: bool = False):
   dv = v.shape[-1]
   check_shapes(c, dk, dv)
   bh = b * h
-  rows = lambda d: pl.BlockSpec((None, c, d), lambda i, j: (i, j, 0))
-  vec = pl.BlockSpec((None, c), lambda i, j: (i, j))
   f32 = jnp.float32
-  grads = pl.pallas_call(
+  d_k, d_v, dbeta, dgamma = _chunk_launch(
       functools.partial(_wy_bwd_kernel, c=c),
-      grid=(bh, n),
-      in_specs=[rows(dk), rows(dv), vec, vec, rows(c), rows(dk), rows(dv)],
-      out_specs=[rows(dk), rows(dv), vec, vec],
-      out_shape=(jax.ShapeDtypeStruct((bh, n * c, dk), k.dtype), jax.ShapeDtypeStruct((bh, n * c, dv), v.dtype),
-                 jax.ShapeDtypeStruct((bh, n * c), f32), jax.ShapeDtypeStruct((bh, n * c), f32)),
-      compiler_params=plgpu.CompilerParams(num_warps=TUNING.wy_backward_warps, num_stages=1),
-      interpret=interpret,
-  )(_flat(k), _flat(v), beta.reshape(bh, n * c), gamma.reshape(bh, n * c), _flat(tmat),
-    _flat(dw.astype(k.dtype)), _flat(du.astype(v.dtype)))
-  d_k, d_v, dbeta, dgamma = grads
+      (_flat(k), _flat(v), beta.reshape(bh, n * c), gamma.reshape(bh, n * c), _flat(tmat),
+       _flat(dw.astype(k.dtype)), _flat(du.astype(v.dtype))),
+      (jax.ShapeDtypeStruct((bh, n * c, dk), k.dtype), jax.ShapeDtypeStruct((bh, n * c, dv), v.dtype),
+       jax.ShapeDtypeStruct((bh, n * c), f32), jax.ShapeDtypeStruct((bh, n * c), f32)),
+      c=c, num_warps=TUNING.wy_backward_warps, interpret=interpret)
   return d_k.reshape(k.shape), d_v.reshape(v.shape), dbeta.reshape(beta.shape), dgamma.reshape(gamma.shape)
