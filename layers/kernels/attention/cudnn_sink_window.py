@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,9 @@ _CUDNN_NAMES = ("dot_product_attention", "_dot_product_attention_bwd_p_wrapper",
 
 
 def _cudnn_module():
-  from jax._src.cudnn import fused_attention_stablehlo  # private; checked by cudnn_problem()
+  from jax._src.cudnn import (
+    fused_attention_stablehlo,  # private; checked by cudnn_problem()
+  )
   return fused_attention_stablehlo
 
 
@@ -67,8 +70,9 @@ def _cudnn_window_forward(q, k, v, window, scale):
 def _cudnn_window_backward(q, k, v, o, lse, do, window, scale):
   fa = _cudnn_module()
   unused = jnp.zeros(0, q.dtype)  # bias, sequence lengths, offsets and page tables, as the public wrapper passes
-  params = dict(scale=scale, seed=42, dropout_rate=0.0, variadic_args=(False, False), mask_type=fa.MaskType.CAUSAL,
-                layout=fa.AttentionLayout.BTNH.value, sliding_window_length=window)
+  params = {"scale": scale, "seed": 42, "dropout_rate": 0.0, "variadic_args": (False, False),
+            "mask_type": fa.MaskType.CAUSAL, "layout": fa.AttentionLayout.BTNH.value,
+            "sliding_window_length": window}
   if "score_mod" in inspect.signature(fa._dot_product_attention_bwd_rule).parameters:
     params["score_mod"] = None  # JAX >= 0.12 threads a flex-attention hook through the primitive
   grads = fa._dot_product_attention_bwd_p_wrapper.bind(
