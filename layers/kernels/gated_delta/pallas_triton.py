@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from layers.kernels.gated_delta.wy import unit_lower_inverse
+
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
@@ -190,13 +192,8 @@ def _wy_kernel(k_ref, v_ref, beta_ref, gamma_ref, w_ref, u_ref, t_ref, *, c):
   cols = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
   strict = rows > cols
   decay = jnp.exp(jnp.where(strict, gamma[:, None] - gamma[None, :], 0.0))
-  a = jnp.where(strict, beta[:, None] * plgpu.dot(k, k, trans_b=True) * decay, 0.0)
-  inv = jnp.where(rows == cols, 1.0, 0.0)
-  block = 1
-  while block < c:  # recursive doubling, as wy.unit_lower_inverse: T <- T - T A_b T
-    off = jnp.where((rows // (2 * block) == cols // (2 * block)) & (rows // block > cols // block), a, 0.0)
-    inv = inv - plgpu.dot(plgpu.dot(inv, off), inv)
-    block *= 2
+  inv = unit_lower_inverse(jnp.where(strict, beta[:, None] * plgpu.dot(k, k, trans_b=True) * decay, 0.0),
+                           matmul=plgpu.dot)
   t_ref[...] = inv
   kb = (k.astype(jnp.float32) * (beta * jnp.exp(gamma))[:, None]).astype(k.dtype)
   w_ref[...] = plgpu.dot(inv.astype(k.dtype), kb).astype(w_ref.dtype)

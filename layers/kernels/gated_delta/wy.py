@@ -27,27 +27,23 @@ import jax.numpy as jnp
 WY_IMPLS = ("xla", "pallas_triton", "pallas_interpret")
 
 
-def doubling_mask(c: int, block: int) -> jax.Array:
-  """bool [c, c]: (i, j) in the same 2·block diagonal block, i in its lower and j in its upper half."""
-  i, j = jnp.arange(c)[:, None], jnp.arange(c)[None, :]
-  return (i // (2 * block) == j // (2 * block)) & (i // block > j // block)
-
-
-def unit_lower_inverse(a: jax.Array) -> jax.Array:
+def unit_lower_inverse(a: jax.Array, matmul=None) -> jax.Array:
   """(I + A)⁻¹ for strictly lower-triangular A [..., c, c] (c a power of two), float32.
 
   Recursive doubling: with T the inverse of I + A's diagonal blocks of size b, the blocks of size 2b have inverse
   T - T A_b T, where A_b keeps A's entries below the b-blocks inside each 2b-block ([[T1, 0], [-T2 A21 T1, T2]]).
-  log2(c) steps of two matmuls; only blocks of the bounded inverse are ever formed.
+  log2(c) steps of two matmuls; only blocks of the bounded inverse are ever formed. ``matmul`` defaults to a
+  float32-accumulating ``jnp.matmul``; the Pallas kernel passes Triton's dot and runs the same steps per chunk.
   """
+  matmul = matmul or functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
   c = a.shape[-1]
   a = a.astype(jnp.float32)
-  inv = jnp.broadcast_to(jnp.eye(c, dtype=jnp.float32), a.shape)
+  rows, cols = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0), jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  inv = jnp.where(rows == cols, 1.0, 0.0)
   block = 1
   while block < c:
-    off = jnp.where(doubling_mask(c, block), a, 0.0)
-    inv = inv - jnp.matmul(jnp.matmul(inv, off, preferred_element_type=jnp.float32), inv,
-                           preferred_element_type=jnp.float32)
+    off = jnp.where((rows // (2 * block) == cols // (2 * block)) & (rows // block > cols // block), a, 0.0)
+    inv = inv - matmul(matmul(inv, off), inv)
     block *= 2
   return inv
 
