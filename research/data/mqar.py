@@ -55,6 +55,26 @@ def _sample_without_replacement(rng: np.random.Generator, n_rows: int, populatio
   return np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < population else np.argsort(-scores, axis=1)
 
 
+def _sample_distinct_uniform(rng: np.random.Generator, n_rows: int, population: int, k: int) -> np.ndarray:
+  """[n_rows, k] uniform draws from range(population) without replacement.
+
+  Draws with replacement and redraws the rows that repeat a value: conditioned on being distinct, every ordered
+  k-tuple is equally likely, the same law as Gumbel-top-k with equal weights but O(k) per row instead of
+  O(population) (the key/value vocabularies are thousands wide, a row holds tens of pairs). Rows repeat with
+  probability about 1 - exp(-k²/(2·population)); past k² = 4·population (7 expected rounds) it falls back to
+  Gumbel-top-k.
+  """
+  if k * k > 4 * population:
+    return _sample_without_replacement(rng, n_rows, population, k)
+  draws = rng.integers(0, population, size=(n_rows, k))
+  while True:
+    ordered = np.sort(draws, axis=1)
+    repeated = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
+    if not repeated.size:
+      return draws
+    draws[repeated] = rng.integers(0, population, size=(repeated.size, k))
+
+
 def mqar_examples(cfg: MQARConfig, num_examples: int, seed: int | tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
   """``num_examples`` MQAR sequences. Returns (inputs int32 [n, T], labels int32 [n, T]); labels[t] is the target
   for position t (already shifted), -100 where nothing is scored."""
@@ -62,8 +82,8 @@ def mqar_examples(cfg: MQARConfig, num_examples: int, seed: int | tuple[int, ...
   n, t, d, v = num_examples, cfg.seq_len, cfg.num_kv_pairs, cfg.vocab_size
   context = 2 * d
   key_vocab = v // 2
-  keys = 1 + _sample_without_replacement(rng, n, key_vocab - 1, d)
-  values = key_vocab + _sample_without_replacement(rng, n, v - key_vocab, d)
+  keys = 1 + _sample_distinct_uniform(rng, n, key_vocab - 1, d)
+  values = key_vocab + _sample_distinct_uniform(rng, n, v - key_vocab, d)
   kvs = np.zeros((n, context), np.int64)
   kvs[:, 0::2], kvs[:, 1::2] = keys, values
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from research.data import CorpusError, MQARConfig, TextCorpus, TextTask
-from research.data.mqar import IGNORE_LABEL, mqar_examples
+from research.data.mqar import IGNORE_LABEL, _sample_distinct_uniform, mqar_examples
 from research.data.text_corpus import (BLOCK_BYTES, VALIDATION_EVERY, split_train_validation, training_batch,
                                        training_batches)
 
@@ -99,6 +99,18 @@ def test_mqar_structure(seq_len, pairs):
     for t in scored:  # the label after a query key is exactly that key's value
       assert x[t] in value_of and y[t] == value_of[x[t]]
     assert np.all(x >= 0) and np.all(x < cfg.vocab_size)
+
+
+@pytest.mark.parametrize("population, k", [(40, 6), (40, 12)])  # rejection path and Gumbel fallback
+def test_distinct_uniform_sampler_is_uniform_without_replacement(population, k):
+  draws = _sample_distinct_uniform(np.random.default_rng(0), 20_000, population, k)
+  assert draws.shape == (20_000, k) and draws.min() >= 0 and draws.max() < population
+  assert all(len(set(row)) == k for row in draws[:2000])
+  for column in (0, k - 1):  # every position is uniform over the population
+    freq = np.bincount(draws[:, column], minlength=population) / len(draws)
+    np.testing.assert_allclose(freq, 1 / population, atol=6 * np.sqrt(1 / population / len(draws)))
+  ordered_pairs = np.bincount(draws[:, 0] * population + draws[:, 1], minlength=population**2)
+  assert ordered_pairs[:: population + 1].sum() == 0  # never (i, i)
 
 
 def test_mqar_is_deterministic_in_seed():
