@@ -404,6 +404,7 @@ def _finish(cfg: TrainConfig, workdir: Path, eval_metrics: dict[str, float], *, 
       "seconds_this_session": train_seconds,
       "tokens_per_step": cfg.tokens_per_step,
       "devices": [str(d) for d in jax.devices()],
+      "device_kind": jax.devices()[0].device_kind,
       "device_memory": memory.device_memory(),  # allocator stats incl. peak bytes (GPU/TPU only)
   }
   if jax.process_index() == 0:

@@ -1,0 +1,54 @@
+"""The MQAR study driver: settings validation, the report files, and finished cells read back instead of re-run."""
+
+import json
+
+import pytest
+
+from experiments import mqar
+from research.cli import UsageError
+
+SMALL = ["--d-model", "16", "--num-heads", "2", "--num-kv-heads", "2", "--vocab-size", "64", "--batch-size", "8",
+         "--steps", "3", "--eval-every", "3", "--eval-batches", "1", "--checkpoint-every", "3", "--log-every", "1",
+         "--warmup-steps", "1"]
+
+
+def test_parse_settings():
+  assert mqar.parse_settings("64x4,128X16") == [(64, 4), (128, 16)]
+  with pytest.raises(UsageError, match="4·D <= T"):
+    mqar.parse_settings("32x16")
+  with pytest.raises(UsageError, match="expected TxD"):
+    mqar.parse_settings("64by4")
+
+
+def test_shards_partition_the_grid_balanced_by_length():
+  cells = [(m, t, d) for t, d in [(128, 8), (256, 16), (512, 32)] for m in mqar.MODELS]
+  shards = [mqar.shard_cells(cells, (k, 3)) for k in range(3)]
+  assert sorted(c for s in shards for c in s) == sorted(cells)
+  assert [sum(t for _, t, _ in s) for s in shards] == [896] * 3
+  with pytest.raises(UsageError, match="0 <= K < N"):
+    mqar.parse_shard("4/4")
+
+
+def test_study_writes_report_and_reuses_finished_cells(tmp_path, capsys):
+  argv = ["--workdir", str(tmp_path), "--models", "attn,gdn", "--settings", "16x2", *SMALL]
+  rows = mqar.main(argv)
+  assert [(r["model"], r["seq_len"], r["kv_pairs"], r["steps"]) for r in rows] == [("attn", 16, 2, 3),
+                                                                                   ("gdn", 16, 2, 3)]
+  assert all(0.0 <= r["accuracy"] <= 1.0 and r["device"] == "cpu" for r in rows)
+  assert json.loads((tmp_path / "study.json").read_text()) == rows
+  assert "| 16 | 2 |" in (tmp_path / "study.md").read_text()
+  assert (tmp_path / "accuracy_vs_kv_pairs.png").stat().st_size > 0
+
+  metrics = (tmp_path / "gdn_T16_D2" / "metrics.jsonl").read_text()
+  capsys.readouterr()
+  again = mqar.main(argv)  # both cells finished: read back, nothing trained or evaluated again
+  assert again == rows
+  assert "starting a new run" not in capsys.readouterr().out
+  assert (tmp_path / "gdn_T16_D2" / "metrics.jsonl").read_text() == metrics
+
+  shard = mqar.main([*argv, "--shard", "1/2"])  # the other shard's finished cell still appears in the report
+  assert shard == rows
+
+  longer = mqar.main(["--workdir", str(tmp_path), "--models", "gdn", "--settings", "16x2", *SMALL, "--steps", "4"])
+  assert longer[0]["steps"] == 4  # a changed step count resumes the cell instead of reusing it
+  assert json.loads((tmp_path / "gdn_T16_D2" / "summary.json").read_text())["final_step"] == 4
