@@ -61,10 +61,10 @@ def _sample_distinct_uniform(rng: np.random.Generator, n_rows: int, population: 
   Draws with replacement and redraws the rows that repeat a value: conditioned on being distinct, every ordered
   k-tuple is equally likely, the same law as Gumbel-top-k with equal weights but O(k) per row instead of
   O(population) (the key/value vocabularies are thousands wide, a row holds tens of pairs). Rows repeat with
-  probability about 1 - exp(-k²/(2·population)); past k² = 4·population (7 expected rounds) it falls back to
-  Gumbel-top-k.
+  probability about 1 - exp(-k²/(2·population)); past k² = 6·population (a row is distinct with probability e⁻³)
+  it falls back to Gumbel-top-k.
   """
-  if k * k > 4 * population:
+  if k * k > 6 * population:
     return _sample_without_replacement(rng, n_rows, population, k)
   draws = rng.integers(0, population, size=(n_rows, k))
   while True:
