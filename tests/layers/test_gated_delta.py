@@ -141,6 +141,47 @@ def test_split_with_carried_state_equals_one_pass():
   assert err <= 1e-5
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
+def test_chunk_resets_match_token_recurrence(impl):
+  """Packed segments: the chunked state is zeroed at flagged chunk starts exactly as the recurrence's resets."""
+  c, t = 16, 90
+  q, k, v, g, beta, s0 = _inputs(11, t=t, decay_scale=4.0)
+  chunk_resets = jnp.array([[True, False, True, True, False, True], [False, True, False, False, True, False]])
+  resets = jnp.zeros((2, t), bool).at[:, ::c].set(chunk_resets)
+
+  def loss(fn, *args, **kw):
+    o, s = fn(*args[:5], initial_state=args[5], **kw)
+    return jnp.sum(o * jnp.cos(o)) + jnp.sum(jnp.sin(s)), (o, s)
+
+  grad = lambda fn, **kw: jax.grad(lambda *a: loss(fn, *a, **kw), range(6), has_aux=True)(q, k, v, g, beta, s0)
+  g_ref, (o_ref, s_ref) = grad(reference.gated_delta_rule_reference, resets=resets)
+  g_chk, (o, s) = grad(_chunked(c, impl), chunk_resets=chunk_resets)
+  g_api, (o_api, _) = grad(api.gated_delta_rule, implementation="reference", chunk_size=c, chunk_resets=chunk_resets)
+  errs = {"o": _max_err(o, o_ref), "state": _max_err(s, s_ref), "api reference o": _max_err(o_api, o_ref)}
+  errs |= {f"d{n}": _rel(x, y) for n, x, y in zip(("q", "k", "v", "g", "beta", "s0"), g_chk, g_ref)}
+  print(impl, {n: f"{e:.1e}" for n, e in errs.items()})
+  assert max(errs.values()) <= 1e-4 and errs["o"] <= 1e-5 and errs["state"] <= 1e-5
+  assert _max_err(g_api[5], g_ref[5]) == 0.0
+  assert float(jnp.max(jnp.abs(g_ref[5][0]))) == 0.0  # row 0 resets at token 0: s0 cannot matter
+
+
+def test_packed_segments_equal_separate_runs():
+  """Two sequences packed into one row (each padded to a chunk multiple with identity tokens) run as if alone."""
+  c = 16
+  q, k, v, g, beta, _ = _inputs(12, b=1, t=64)
+  lengths = (21, 40)  # padded to 32 and 48
+  separate = [api.gated_delta_rule(*(x[:, s:s + n] for x in (q, k, v, g, beta)), implementation="reference")
+              for s, n in zip((0, lengths[0]), lengths)]
+  pad = lambda x, n: jnp.pad(x, [(0, 0), (0, -n % c)] + [(0, 0)] * (x.ndim - 2))
+  packed = [jnp.concatenate([pad(x[:, s:s + n], n) for s, n in zip((0, lengths[0]), lengths)], axis=1)
+            for x in (q, k, v, g, beta)]
+  o, final = _chunked(c)(*packed, chunk_resets=jnp.array([[True, False, True, False, False]]))
+  err = max(_max_err(o[:, :21], separate[0][0]), _max_err(o[:, 32:72], separate[1][0]),
+            _max_err(final, separate[1][1]))
+  print(f"packed vs separate: {err:.2e}")
+  assert err <= 1e-5
+
+
 def test_prefill_then_decode_steps_equal_one_pass():
   q, k, v, g, beta, s0 = _inputs(5, t=40)
   o_full, s_full = api.gated_delta_rule(q, k, v, g, beta, initial_state=s0)

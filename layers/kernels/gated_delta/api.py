@@ -16,6 +16,7 @@ on this backend/shape raises a ValueError saying why.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from layers.kernels.gated_delta import chunked, reference
 
@@ -44,7 +45,7 @@ def _unsupported(implementation: str, q: jax.Array, v: jax.Array, chunk_size: in
 def gated_delta_rule(
     q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, *,
     scale: float | None = None, initial_state: jax.Array | None = None, chunk_size: int = 64,
-    implementation: str | None = None,
+    implementation: str | None = None, chunk_resets: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Gated delta rule over a whole sequence, from ``initial_state`` (zeros if None).
 
@@ -55,6 +56,8 @@ def gated_delta_rule(
     initial_state: float32 [b, h, K, V] or None.
     chunk_size: chunk length of the chunked implementations.
     implementation: one of ``IMPLEMENTATIONS`` or None (first applicable).
+    chunk_resets: bool [b, ceil(t / chunk_size)] or None: packed segments; the state is zeroed before token
+      c·chunk_size where ``chunk_resets[:, c]`` (every implementation, the reference included).
 
   Returns:
     (o [b, t, h, V] in v's dtype, final state float32 [b, h, K, V]).
@@ -66,7 +69,12 @@ def gated_delta_rule(
   elif (why := _unsupported(implementation, q, v, chunk_size)) is not None:
     raise ValueError(f"gated delta rule implementation {implementation!r} cannot run: {why}")
   if implementation == "reference":
-    return reference.gated_delta_rule_reference(q, k, v, g, beta, scale=scale, initial_state=initial_state)
+    resets = None
+    if chunk_resets is not None:  # token c·C resets where chunk c does
+      t = q.shape[1]
+      resets = jnp.zeros((q.shape[0], t), bool).at[:, ::chunk_size].set(chunk_resets[:, :-(-t // chunk_size)])
+    return reference.gated_delta_rule_reference(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                                resets=resets)
   kernel_impl = "pallas_triton" if implementation == "pallas_triton" else "xla"
   return chunked.gated_delta_rule_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                          chunk_size=chunk_size, kernel_impl=kernel_impl)
+                                          chunk_size=chunk_size, kernel_impl=kernel_impl, chunk_resets=chunk_resets)

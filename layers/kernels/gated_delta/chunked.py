@@ -15,6 +15,10 @@ per chunk on GPU, analytic backward), the output from batched matmuls over [b, h
 is sequential (:mod:`state_scan`, with a hand-written backward). Sequences are right-padded to a multiple of C
 with identity tokens (β = 0, g = 0, q = k = v = 0), which leave the state unchanged.
 
+Packed sequences (several independent segments in one row, each starting at a chunk boundary) reset the state
+entering chunk c+1 by scaling chunk c's contribution to it, S_{c+1} = r (d_c S_c + K̃_cᵀ V_new,c) with r ∈ {0, 1}:
+the scan's inputs d_c and K̃_c are multiplied by r, so the kernels and their backward need nothing new.
+
 Shapes: q, k [b, t, h, K]; v [b, t, h, V]; g, beta [b, t, h]; state float32 [b, h, K, V]. Matmul operands are in
 the inputs' dtype (bf16 inputs -> bf16 operands, float32 accumulation); gates, cumsums, T and the state are float32.
 """
@@ -56,7 +60,7 @@ def _from_chunks(x: jax.Array) -> jax.Array:
 def gated_delta_rule_chunked(
     q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, *,
     scale: float | None = None, initial_state: jax.Array | None = None, chunk_size: int = 64,
-    kernel_impl: str = "xla",
+    kernel_impl: str = "xla", chunk_resets: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Chunkwise-parallel gated delta rule; same contract as ``gated_delta_rule_reference``.
 
@@ -65,6 +69,8 @@ def gated_delta_rule_chunked(
     scale: query scale (default K^-0.5).
     initial_state: float32 [b, h, K, V]; zeros if None.
     chunk_size: C, one of ``SUPPORTED_CHUNK_SIZES``.
+    chunk_resets: bool [b, ceil(t / C)] or None: the state is zeroed before chunk c's first token (token c·C)
+      where True, i.e. a new segment starts there (the reference's ``resets`` at multiples of C).
     kernel_impl: how the WY representation and the inter-chunk recurrence run: ``"xla"`` (batched einsums and
       ``lax.scan``), ``"pallas_triton"`` (fused GPU kernels) or ``"pallas_interpret"`` (those kernels in the
       Pallas interpreter, for CPU tests).
@@ -90,9 +96,17 @@ def gated_delta_rule_chunked(
   gamma = jnp.cumsum(gc, axis=-1)
   decay_mat = wy.decay_matrix(gamma)  # Γ with its diagonal, [b, h, n, c, c]
   w, u = wy.wy_representation(kc.astype(dtype), vc.astype(dtype), bc, gamma, impl=kernel_impl)
-  kd = (kc * jnp.exp(gamma[..., -1:] - gamma)[..., None]).astype(dtype)
+  kd = kc * jnp.exp(gamma[..., -1:] - gamma)[..., None]
+  decay = jnp.exp(gamma[..., -1])  # [b, h, n]
+  if chunk_resets is not None:  # keep[c] = 0 where chunk c+1 starts a segment
+    if chunk_resets.shape != decay.shape[::2]:
+      raise ValueError(f"chunk_resets must be [b, n_chunks] = {decay.shape[::2]}, got {chunk_resets.shape}")
+    s0 = jnp.where(chunk_resets[:, 0, None, None, None], 0.0, s0)
+    keep = jnp.concatenate([~chunk_resets[:, 1:], jnp.ones_like(chunk_resets[:, :1])], axis=1)
+    keep = keep[:, None, :].astype(jnp.float32)  # [b, 1, n]
+    kd, decay = kd * keep[..., None, None], decay * keep
 
-  states, v_new, final = state_scan.state_scan(w, u, kd, jnp.exp(gamma[..., -1]), s0, impl=kernel_impl)
+  states, v_new, final = state_scan.state_scan(w, u, kd.astype(dtype), decay, s0, impl=kernel_impl)
 
   qk = _dot("bhncd,bhnsd->bhncs", qc, kc, dtype) * decay_mat
   o_inter = _dot("bhncd,bhndv->bhncv", qc * jnp.exp(gamma)[..., None], states, dtype)

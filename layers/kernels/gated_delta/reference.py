@@ -54,7 +54,7 @@ def recurrent_step(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta:
 
 def gated_delta_rule_reference(
     q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, *,
-    scale: float | None = None, initial_state: jax.Array | None = None,
+    scale: float | None = None, initial_state: jax.Array | None = None, resets: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """The whole sequence through :func:`recurrent_step` with ``lax.scan`` (T sequential steps).
 
@@ -62,17 +62,20 @@ def gated_delta_rule_reference(
     q, k: [b, t, h, K]; v: [b, t, h, V]; g (log-decay, ≤ 0), beta: [b, t, h].
     scale: query scale (default K^-0.5).
     initial_state: float32 [b, h, K, V]; zeros if None.
+    resets: bool [b, t] or None: the state is zeroed before every token where True (packed sequences).
 
   Returns:
     (o [b, t, h, V] in v's dtype, final state float32 [b, h, K, V]).
   """
-  b, _, h, dk = q.shape
+  b, t, h, dk = q.shape
   state = zero_state(b, h, dk, v.shape[-1]) if initial_state is None else initial_state.astype(jnp.float32)
+  resets = jnp.zeros((b, t), bool) if resets is None else resets
 
   def step(s, xs):
-    o, s = recurrent_step(*xs, s, scale=scale)
+    *token, reset = xs
+    o, s = recurrent_step(*token, jnp.where(reset[:, None, None, None], 0.0, s), scale=scale)
     return s, o
 
-  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta))
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta, resets))
   final, o = jax.lax.scan(step, state, xs)
   return jnp.moveaxis(o, 0, 1), final
