@@ -98,20 +98,29 @@ class GDNConfig:
     return DTYPES[self.dtype]
 
 
-def causal_conv(x: jax.Array, weight: jax.Array, prefix: jax.Array) -> tuple[jax.Array, jax.Array]:
+def causal_conv(x: jax.Array, weight: jax.Array, prefix: jax.Array,
+                segment_position: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Depthwise causal conv + SiLU along the second-to-last axis.
 
   Args:
     x: [..., t, ch]; weight: [w, ch] (weight[w−1] multiplies the current token); prefix: [..., w−1, ch], the
       inputs that precede x (zeros at a sequence start).
+    segment_position: [..., t] or None. For packed segments, each token's index within its own segment; the
+      input j tokens back is then used only where segment_position ≥ j, so no window crosses a segment start.
 
   Returns:
     (silu(conv) [..., t, ch], the extended input [..., w−1+t, ch] from which a caller takes the next prefix).
   """
   width, t = weight.shape[0], x.shape[-2]
   ext = jnp.concatenate([prefix.astype(x.dtype), x], axis=-2)
-  y = sum(ext[..., j:j + t, :] * weight[j].astype(x.dtype) for j in range(width))
-  return jax.nn.silu(y), ext
+
+  def tap(j):  # the input width−1−j tokens back, times its weight
+    src = ext[..., j:j + t, :]
+    if segment_position is not None:
+      src = jnp.where((segment_position >= width - 1 - j)[..., None], src, 0)
+    return src * weight[j].astype(x.dtype)
+
+  return jax.nn.silu(sum(tap(j) for j in range(width))), ext
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:

@@ -35,6 +35,8 @@ class ModelConfig:
     longgen_full_fraction: fraction of layers, centred in the stack, that ``longgen*`` layers make full attention.
     mom_num_memories, mom_top_k, mom_shared_memory: MoM routing (memories M, memories per token k, and a shared
       memory that sees every token).
+    mom_dispatch: how MoM runs its memories (``layers.mom``): ``packed`` (default; less memory, faster at
+      training batch sizes) or ``sorted`` (faster with very few sequences, e.g. b = 1 at long T).
     gdn_expand_v, gdn_conv_size: Gated DeltaNet / MoM memories: value width per head = head_dim · expand_v, and
       the short-convolution window.
     linear_chunk_size, linear_attention_impl: chunk length and kernel (``layers.kernels.gated_delta``; None
@@ -63,6 +65,7 @@ class ModelConfig:
   mom_num_memories: int = 4
   mom_top_k: int = 2
   mom_shared_memory: bool = True
+  mom_dispatch: str = "packed"
   gdn_expand_v: int = 1
   gdn_conv_size: int = 4
   linear_chunk_size: int = 64
@@ -88,6 +91,8 @@ class ModelConfig:
       problems.append(f"longgen_full_fraction must be in [0, 1] (got {self.longgen_full_fraction})")
     if self.dtype not in DTYPES:
       problems.append(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+    if self.mom_dispatch not in ("packed", "sorted"):
+      problems.append(f"mom_dispatch must be packed or sorted (got {self.mom_dispatch!r})")
     if problems:
       raise ValueError("; ".join(problems))
 

@@ -16,6 +16,8 @@ from layers.mom import (
   MixtureOfMemories,
   MoMConfig,
   load_balance_loss,
+  packed_layout,
+  packed_length,
   route,
 )
 from research.models import DecoderLM, registry
@@ -35,24 +37,43 @@ def _rel(x, y):
 
 
 def _pair(cfg, seed=0):
-  """The same weights under sorted and dense dispatch."""
-  sorted_layer = MixtureOfMemories(cfg, rngs=nnx.Rngs(seed))
+  """The same weights under cfg's dispatch and the dense reference."""
+  layer = MixtureOfMemories(cfg, rngs=nnx.Rngs(seed))
   dense_layer = MixtureOfMemories(dataclasses.replace(cfg, dispatch="dense"), rngs=nnx.Rngs(seed))
-  return sorted_layer, dense_layer
+  return layer, dense_layer
 
 
+@pytest.mark.parametrize("dispatch", ["packed", "sorted"])
 @pytest.mark.parametrize("num_memories,top_k,shared", [(4, 2, True), (3, 1, False)])
-def test_sorted_dispatch_matches_dense_reference(num_memories, top_k, shared):
-  layer, reference = _pair(MoMConfig(gdn=GDN, num_memories=num_memories, top_k=top_k, shared_memory=shared))
+def test_dispatch_matches_dense_reference(dispatch, num_memories, top_k, shared):
+  layer, reference = _pair(MoMConfig(gdn=GDN, num_memories=num_memories, top_k=top_k, shared_memory=shared,
+                                     dispatch=dispatch))
   x = _x(1)
   y, aux = layer(x)
   y_ref, aux_ref = reference(x)
-  print(f"M={num_memories} k={top_k} shared={shared}: rel err {_rel(y, y_ref):.2e}")
+  print(f"{dispatch} M={num_memories} k={top_k} shared={shared}: rel err {_rel(y, y_ref):.2e}")
   assert _rel(y, y_ref) <= 1e-5 and float(aux[AUX_LOSS_NAME]) == pytest.approx(float(aux_ref[AUX_LOSS_NAME]))
 
 
-def test_gradients_match_dense_reference():
-  layer, reference = _pair(MoMConfig(gdn=GDN, num_memories=4, top_k=2))
+def test_packed_layout_places_every_routed_token_once():
+  mask = jax.random.bernoulli(jax.random.PRNGKey(3), 0.4, (3, 2, 37))
+  layout = packed_layout(mask, 16, copies=2)  # copies only sizes the row; 3 slots at p = 0.4 fit in 2·37 + 3·15
+  assert layout.token.shape == (2, packed_length(37, 16, 3, 2)) == (2, 128) and layout.chunk_resets.shape == (2, 8)
+  for b in range(2):
+    token, slot, position = (np.asarray(a[b]) for a in (layout.token, layout.slot, layout.position))
+    placed = sorted(zip(slot[token >= 0], token[token >= 0]))
+    assert placed == sorted(zip(*np.nonzero(np.asarray(mask[:, b]))))  # each routed (slot, token) exactly once
+    for n in range(3):  # a slot's tokens: one run, in time order, starting on a flagged chunk
+      where = np.flatnonzero((slot == n) & (token >= 0))
+      if where.size:
+        assert np.all(np.diff(where) == 1) and np.all(np.diff(token[where]) > 0)
+        assert where[0] % 16 == 0 and bool(layout.chunk_resets[b, where[0] // 16])
+        assert list(position[where]) == list(range(where.size))
+
+
+@pytest.mark.parametrize("dispatch", ["packed", "sorted"])
+def test_gradients_match_dense_reference(dispatch):
+  layer, reference = _pair(MoMConfig(gdn=GDN, num_memories=4, top_k=2, dispatch=dispatch))
   x = _x(2, t=18)
 
   def loss(model, x):
@@ -98,9 +119,10 @@ def test_routing_weights_sum_to_one_and_no_token_dropped():
   assert float(jnp.max(jnp.abs(full - weights))) <= 1e-6
 
 
-def test_uneven_loads_all_tokens_to_one_memory():
+@pytest.mark.parametrize("dispatch", ["packed", "sorted"])
+def test_uneven_loads_all_tokens_to_one_memory(dispatch):
   """A router that sends every token to memory 0 (top-1) must still process all of them."""
-  cfg = MoMConfig(gdn=GDN, num_memories=3, top_k=1, shared_memory=False)
+  cfg = MoMConfig(gdn=GDN, num_memories=3, top_k=1, shared_memory=False, dispatch=dispatch)
   layer, reference = _pair(cfg, seed=9)
   for model in (layer, reference):
     model.router.kernel[...] = jnp.zeros_like(model.router.kernel[...]).at[:, 0].set(0.0)
@@ -187,16 +209,18 @@ def test_config_validation_messages():
   with pytest.raises(ValueError, match="implementation must be None or one of"):
     GDNConfig(implementation="cuda")
   dense_layer = MixtureOfMemories(MoMConfig(gdn=GDN, dispatch="dense"), rngs=nnx.Rngs(24))
-  with pytest.raises(ValueError, match="dispatch='sorted'"):
+  with pytest.raises(ValueError, match="dispatch='packed' or 'sorted'"):
     dense_layer.init_cache(1)
 
 
 def test_model_config_fields_reach_the_memories():
   cfg = ModelConfig(layers=("mom", "gdn"), d_model=16, num_heads=2, num_kv_heads=2, mom_num_memories=3,
-                    mom_top_k=1, mom_shared_memory=False, gdn_expand_v=2, gdn_conv_size=2, linear_chunk_size=16,
-                    linear_attention_impl="reference")
+                    mom_top_k=1, mom_shared_memory=False, mom_dispatch="sorted", gdn_expand_v=2, gdn_conv_size=2,
+                    linear_chunk_size=16, linear_attention_impl="reference")
   model = DecoderLM(cfg, rngs=nnx.Rngs(0))
   mom, gdn = model.blocks[0].mixer.cfg, model.blocks[1].mixer.cfg
-  assert (mom.num_memories, mom.top_k, mom.shared_memory) == (3, 1, False)
+  assert (mom.num_memories, mom.top_k, mom.shared_memory, mom.dispatch) == (3, 1, False, "sorted")
+  with pytest.raises(ValueError, match="mom_dispatch must be packed or sorted"):
+    ModelConfig(mom_dispatch="dense")
   for c in (mom.gdn, gdn):
     assert (c.expand_v, c.conv_size, c.chunk_size, c.implementation) == (2, 2, 16, "reference")
