@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt
 
 from experiments.configs import PRESETS
 from research.cli import UsageError, fail, parse_run_args
-from research.train import TrainConfig, TrainError, train_and_evaluate
+from research.train import TrainConfig, TrainError, config_changes, train_and_evaluate
 
 MODELS = {"attn": ("attn", "attn"), "gdn": ("gdn", "gdn"), "mom": ("mom", "mom")}
 
@@ -57,13 +57,14 @@ def cell_config(base: TrainConfig, model: str, seq_len: int, kv_pairs: int) -> T
 
 
 def finished_summary(cfg: TrainConfig, cell: Path) -> dict | None:
-  """The cell's ``summary.json`` if it already finished ``cfg`` (same config, final step reached), else None."""
+  """The cell's ``summary.json`` if it already finished ``cfg`` (same config up to ``RESUMABLE_CHANGES``, final
+  step reached), else None."""
   summary_path, config_path = cell / "summary.json", cell / "config.json"
   if not (summary_path.exists() and config_path.exists()):
     return None
   summary = json.loads(summary_path.read_text())
-  same_config = json.loads(config_path.read_text()) == json.loads(json.dumps(cfg.to_json()))
-  return summary if same_config and summary.get("final_step") == cfg.steps else None
+  same_run = not config_changes(json.loads(config_path.read_text()), cfg)
+  return summary if same_run and summary.get("final_step") == cfg.steps else None
 
 
 def shard_cells(cells: list[tuple[str, int, int]], shard: tuple[int, int]) -> list[tuple[str, int, int]]:

@@ -32,7 +32,10 @@ from research.optimizers import available_optimizers, make_optimizer
 
 TASKS = ("text", "mqar")
 # Fields that may change when a run is resumed (they do not change what the run computes up to its last step).
-RESUMABLE_CHANGES = frozenset({"steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints"})
+# Config keys a run may change when it resumes: schedules of logging/saving, the step count, and how MoM runs its
+# memories (every dispatch computes the same function).
+RESUMABLE_CHANGES = frozenset({"steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
+                               "model.mom_dispatch"})
 
 
 class TrainError(ValueError):
@@ -277,16 +280,21 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   return flat
 
 
+def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
+  """(key, saved value, value in ``cfg``) for every flattened key of a saved ``config.json`` that ``cfg`` changes,
+  ``RESUMABLE_CHANGES`` aside (a key missing on one side counts as None)."""
+  saved = _flatten(saved)
+  current = _flatten(json.loads(json.dumps(cfg.to_json())))  # tuples -> lists, as saved
+  return [(k, saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))
+          if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)]
+
+
 def _check_workdir_config(workdir: Path, cfg: TrainConfig) -> None:
   """Refuse to resume a run whose saved config differs in anything but ``RESUMABLE_CHANGES``."""
   path = workdir / "config.json"
   if path.exists():
-    saved = _flatten(json.loads(path.read_text()))
-    current = _flatten(json.loads(json.dumps(cfg.to_json())))  # tuples -> lists, as saved
-    changed = sorted(k for k in set(saved) | set(current)
-                     if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
-    if changed:
-      shown = "; ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in changed)
+    if changed := config_changes(json.loads(path.read_text()), cfg):
+      shown = "; ".join(f"{k}: saved {old!r}, now {new!r}" for k, old, new in changed)
       raise TrainError(f"workdir {workdir} holds a run with a different config ({shown}); "
                        "use a fresh --workdir or the saved settings")
   path.write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
