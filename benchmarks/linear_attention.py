@@ -10,6 +10,11 @@ JAX leaves it GPU memory); its Triton autotuning takes minutes on a fresh machin
 ``chunk_gated_delta_rule`` refuses Triton < 3.7.1 on Hopper (fla #640); with ``--fla-gdn-unguarded`` it is also
 timed with that guard switched off (its backward values are then untrusted, its timing representative).
 
+``--part mom`` times whole layers instead: MoM ("MoM: Linear Sequence Modeling with Mixture-of-Memories", arXiv
+2502.13685; 4 memories, top-2, shared memory) under packed and sorted dispatch, and one Gated DeltaNet layer,
+all with d_model = H·K = 2048, bf16, forward and forward+backward (grads of the parameters and x), with XLA's
+temp-buffer size of the compiled forward+backward.
+
 Usage (GPU): XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python3 benchmarks/linear_attention.py \\
   --json $OUT/linear_attention.json --breakdown
 Prints a table and writes JSON; every number is tagged with the device name.
@@ -239,6 +244,45 @@ def _time_fla_at(b: int, t: int, unguarded_gdn: bool, device: str) -> list[dict]
   return [_row(name, b, t, device, fwd, functools.partial(_backward, fwd, do), timer) for name, fwd in variants]
 
 
+def run_mom(shapes) -> list[dict]:
+  """MoM (packed, sorted) and GDN layers, fwd and fwd+bwd, at each (B, T)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from layers.gated_deltanet import GatedDeltaNet, GDNConfig
+  from layers.mom import MixtureOfMemories, MoMConfig
+
+  device = jax.devices()[0].device_kind
+  gdn = GDNConfig(d_model=HEADS * DIM, num_heads=HEADS, head_dim=DIM, chunk_size=CHUNK, dtype="bfloat16")
+  layers = {"mom_packed": lambda: MixtureOfMemories(MoMConfig(gdn=gdn, dispatch="packed"), rngs=nnx.Rngs(0)),
+            "mom_sorted": lambda: MixtureOfMemories(MoMConfig(gdn=gdn, dispatch="sorted"), rngs=nnx.Rngs(0)),
+            "gdn_layer": lambda: GatedDeltaNet(gdn, rngs=nnx.Rngs(0))}
+  rows = []
+  for b, t in shapes:
+    x = jax.random.normal(jax.random.PRNGKey(3), (b, t, gdn.d_model), jnp.bfloat16)
+    outputs = {}
+    for name, make in layers.items():
+      graphdef, params = nnx.split(make())
+      fwd = jax.jit(lambda p, x, graphdef=graphdef: nnx.merge(graphdef, p)(x)[0])
+      loss = lambda p, x, fwd=fwd: jnp.sum(fwd(p, x).astype(jnp.float32) ** 2)
+      fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
+      row = _row(name, b, t, device, functools.partial(fwd, params, x), functools.partial(fwd_bwd, params, x),
+                 _median_ms)
+      if "error" not in row:
+        row["fwd_bwd_temp_bytes"] = fwd_bwd.lower(params, x).compile().memory_analysis().temp_size_in_bytes
+        outputs[name] = fwd(params, x).astype(jnp.float32)
+      rows.append(row)
+      del params
+    if {"mom_packed", "mom_sorted"} <= set(outputs):  # same weights (same seed): the dispatches must agree
+      a, b_ = outputs["mom_packed"], outputs["mom_sorted"]
+      check = {"kind": "check", "op": "mom packed vs sorted", "B": b, "T": t, "device": device,
+               "rel": float(jnp.linalg.norm(a - b_) / jnp.linalg.norm(b_))}
+      print("check", json.dumps(check), flush=True)
+      rows.append(check)
+  return rows
+
+
 def _backward(fwd, do) -> None:
   fwd().backward(do)
 
@@ -255,6 +299,8 @@ def _table(rows: list[dict]) -> str:
       lines.append(f"| {r['op']} | {r['device']} | {r['B']} | {r['T']} | error: {r['error'][:80]} |||||")
       continue
     tf = f"{r['fwd_bwd_tflop_s']:.1f}" if "fwd_bwd_tflop_s" in r else "-"
+    if "fwd_bwd_temp_bytes" in r:
+      tf += f" (XLA temp {r['fwd_bwd_temp_bytes'] / 2**30:.2f} GiB)"
     lines.append(f"| {r['op']} | {r['device']} | {r['B']} | {r['T']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
                  f"{r['fwd_mtok_s']:.2f} | {r['fwd_bwd_mtok_s']:.2f} | {tf} |")
   return "\n".join(lines)
@@ -263,7 +309,7 @@ def _table(rows: list[dict]) -> str:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--json", default="linear_attention.json", help="where to write all rows")
-  parser.add_argument("--part", choices=("all", "jax", "fla"), default="all")
+  parser.add_argument("--part", choices=("all", "jax", "fla", "mom"), default="all")
   parser.add_argument("--impls", default="pallas_triton,xla_chunked", help="our implementations to time")
   parser.add_argument("--shapes", default=",".join(f"{b}x{t}" for b, t in SHAPES), help="BxT,BxT,...")
   parser.add_argument("--breakdown", action="store_true", help="also time the WY and state-scan kernels alone")
@@ -274,6 +320,8 @@ def main() -> None:
   rows: list[dict] = []
   if args.part in ("all", "jax"):  # ours first: fla's Triton autotuning takes minutes on a fresh machine
     rows += run_jax(shapes, args.impls.split(","), args.breakdown, [n for n in args.tunings.split(",") if n])
+  if args.part == "mom":
+    rows = run_mom(shapes)
   if args.part == "fla":
     rows = run_fla(shapes, args.fla_gdn_unguarded)
   elif args.part == "all":
