@@ -250,6 +250,12 @@ def test_pallas_triton_on_gpu_matches_reference():
   o_ref, s_ref = reference.gated_delta_rule_reference(q, k, v, g, beta, initial_state=s0)
   o, s = api.gated_delta_rule(q, k, v, g, beta, initial_state=s0, implementation="pallas_triton")
   assert _rel(o, o_ref) <= 1e-2 and _rel(s, s_ref) <= 1e-2  # Triton f32 dots use tf32
+  chunk_resets = jnp.array([[False, True, False, True, True], [True, False, False, True, False]])
+  resets = jnp.zeros((2, 300), bool).at[:, ::64].set(chunk_resets)
+  o_ref, s_ref = reference.gated_delta_rule_reference(q, k, v, g, beta, initial_state=s0, resets=resets)
+  o, s = api.gated_delta_rule(q, k, v, g, beta, initial_state=s0, implementation="pallas_triton",
+                              chunk_resets=chunk_resets)
+  assert _rel(o, o_ref) <= 1e-2 and _rel(s, s_ref) <= 1e-2
 
 
 def test_wy_backward_kernel_equals_xla_backward():
