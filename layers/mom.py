@@ -138,7 +138,8 @@ def packed_length(t: int, chunk: int, slots: int, copies: int) -> int:
 
 def packed_layout(mask: jax.Array, chunk: int, copies: int) -> PackedLayout:
   """Lay out every slot's routed tokens (mask [n, b, t], ``copies`` slots per token) slot after slot in time
-  order, each segment starting at a multiple of ``chunk``."""
+  order, each segment starting at a multiple of ``chunk``. The row holds ``copies``·t routed (slot, token) pairs, as
+  MoM routes every token to exactly k memories (+ the shared one); pairs beyond that would be dropped."""
   n, b, t = mask.shape
   length = packed_length(t, chunk, n, copies)
   rank = jnp.cumsum(mask, axis=-1) - 1  # index within the slot's segment
