@@ -56,6 +56,11 @@ def cell_config(base: TrainConfig, model: str, seq_len: int, kv_pairs: int) -> T
                              model=dataclasses.replace(base.model, layers=MODELS[model]))
 
 
+def cell_dir(workdir: Path, model: str, seq_len: int, kv_pairs: int) -> Path:
+  """Where one cell's run lives: ``<workdir>/<model>_T<T>_D<D>``."""
+  return workdir / f"{model}_T{seq_len}_D{kv_pairs}"
+
+
 def finished_summary(cfg: TrainConfig, cell: Path) -> dict | None:
   """The cell's ``summary.json`` if it already finished ``cfg`` (same config up to ``RESUMABLE_CHANGES``, final
   step reached), else None."""
@@ -82,7 +87,7 @@ def collect_rows(base: TrainConfig, workdir: Path, cells: list[tuple[str, int, i
   rows = []
   for name, t, d in cells:
     cfg = cell_config(base, name, t, d)
-    if summary := finished_summary(cfg, workdir / f"{name}_T{t}_D{d}"):
+    if summary := finished_summary(cfg, cell_dir(workdir, name, t, d)):
       rows.append({"model": name, "seq_len": t, "kv_pairs": d, "accuracy": summary["final_eval_accuracy"],
                    "eval_loss": summary["final_eval_loss"], "steps": cfg.steps, "d_model": cfg.model.d_model,
                    "seconds": summary["seconds_this_session"], "device": summary.get("device_kind")})
@@ -96,7 +101,7 @@ def run_study(base: TrainConfig, workdir: Path, models: list[str], settings: lis
   cells = [(name, t, d) for t, d in settings for name in models]
   for name, t, d in shard_cells(cells, shard):
     cfg = cell_config(base, name, t, d)
-    cell = workdir / f"{name}_T{t}_D{d}"
+    cell = cell_dir(workdir, name, t, d)
     if finished_summary(cfg, cell) is None:
       train_and_evaluate(cfg, cell)
       write_report(collect_rows(base, workdir, cells), workdir, base)
