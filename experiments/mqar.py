@@ -4,15 +4,18 @@
 
 On a host with several GPUs, one process per GPU shares the workdir and takes its part of the grid with
 ``--shard K/N`` (``CUDA_VISIBLE_DEVICES=K python -m experiments.mqar ... --shard K/N``); cells are balanced by
-their token count, and every process rewrites the report over all cells finished so far.
+their token count, and every process rewrites the report over all cells finished so far. ``--report-only``
+writes the report over the finished cells of the grid without training any.
 
 Task: Zoology multi-query associative recall ("Zoology: Measuring and Improving Recall in Efficient Language
 Models", arXiv 2312.04927) from ``research.data.mqar``. Models: 2-layer decoders whose mixers are all ``attn``,
 all ``gdn`` or all ``mom`` (MoM: "MoM: Linear Sequence Modeling with Mixture-of-Memories", arXiv 2502.13685;
 4 memories, top-2, shared memory), same d_model/heads, so every GDN memory (and every MoM memory) has the same
 state size H·K·V per layer. Each (model, T, kv-pairs) cell is one ``research.train.train_and_evaluate`` run in
-``<workdir>/<model>_T<T>_D<D>`` (resumable; a finished cell is read back, not re-run). Writes ``study.json``,
-``study.md`` (accuracy table) and ``accuracy_vs_kv_pairs.png`` (one panel per sequence length) into the workdir.
+``<workdir>/<model>_T<T>_D<D>[_seed<S>]`` (resumable; a finished cell is read back, not re-run). ``--seeds 0,1,2``
+runs every cell once per seed (MQAR's learning transition depends on the seed); the table then shows the mean and
+each seed's accuracy. Writes ``study.json``, ``study.md`` (accuracy table) and ``accuracy_vs_kv_pairs.png`` (one
+panel per sequence length) into the workdir.
 """
 
 from __future__ import annotations
@@ -50,15 +53,20 @@ def parse_settings(spec: str) -> list[tuple[int, int]]:
   return settings
 
 
-def cell_config(base: TrainConfig, model: str, seq_len: int, kv_pairs: int) -> TrainConfig:
-  """``base`` with the cell's mixers, sequence length and pair count."""
-  return dataclasses.replace(base, seq_len=seq_len, mqar_kv_pairs=kv_pairs,
+Cell = tuple[str, int, int, int]  # (model, sequence length T, key-value pairs D, seed)
+
+
+def cell_config(base: TrainConfig, cell: Cell) -> TrainConfig:
+  """``base`` with the cell's mixers, sequence length, pair count and seed."""
+  model, seq_len, kv_pairs, seed = cell
+  return dataclasses.replace(base, seq_len=seq_len, mqar_kv_pairs=kv_pairs, seed=seed,
                              model=dataclasses.replace(base.model, layers=MODELS[model]))
 
 
-def cell_dir(workdir: Path, model: str, seq_len: int, kv_pairs: int) -> Path:
-  """Where one cell's run lives: ``<workdir>/<model>_T<T>_D<D>``."""
-  return workdir / f"{model}_T{seq_len}_D{kv_pairs}"
+def cell_dir(workdir: Path, cell: Cell) -> Path:
+  """Where one cell's run lives: ``<workdir>/<model>_T<T>_D<D>``, with ``_seed<S>`` for seeds other than 0."""
+  model, seq_len, kv_pairs, seed = cell
+  return workdir / (f"{model}_T{seq_len}_D{kv_pairs}" + (f"_seed{seed}" if seed else ""))
 
 
 def finished_summary(cfg: TrainConfig, cell: Path) -> dict | None:
@@ -72,7 +80,7 @@ def finished_summary(cfg: TrainConfig, cell: Path) -> dict | None:
   return summary if same_run and summary.get("final_step") == cfg.steps else None
 
 
-def shard_cells(cells: list[tuple[str, int, int]], shard: tuple[int, int]) -> list[tuple[str, int, int]]:
+def shard_cells(cells: list[Cell], shard: tuple[int, int]) -> list[Cell]:
   """Shard ``k`` of ``n``: longest-first greedy balance of the cells' sequence lengths (tokens per step ∝ T)."""
   k, n = shard
   loads, owner = [0] * n, {}
@@ -82,28 +90,29 @@ def shard_cells(cells: list[tuple[str, int, int]], shard: tuple[int, int]) -> li
   return [c for c in cells if owner[c] == k]
 
 
-def collect_rows(base: TrainConfig, workdir: Path, cells: list[tuple[str, int, int]]) -> list[dict]:
+def collect_rows(base: TrainConfig, workdir: Path, cells: list[Cell]) -> list[dict]:
   """One result row per finished cell of the grid."""
   rows = []
-  for name, t, d in cells:
-    cfg = cell_config(base, name, t, d)
-    if summary := finished_summary(cfg, cell_dir(workdir, name, t, d)):
-      rows.append({"model": name, "seq_len": t, "kv_pairs": d, "accuracy": summary["final_eval_accuracy"],
-                   "eval_loss": summary["final_eval_loss"], "steps": cfg.steps, "d_model": cfg.model.d_model,
-                   "seconds": summary["seconds_this_session"], "device": summary.get("device_kind")})
+  for cell in cells:
+    cfg = cell_config(base, cell)
+    if summary := finished_summary(cfg, cell_dir(workdir, cell)):
+      name, t, d, seed = cell
+      rows.append({"model": name, "seq_len": t, "kv_pairs": d, "seed": seed,
+                   "accuracy": summary["final_eval_accuracy"], "eval_loss": summary["final_eval_loss"],
+                   "steps": cfg.steps, "d_model": cfg.model.d_model, "seconds": summary["seconds_this_session"],
+                   "device": summary.get("device_kind")})
   return rows
 
 
 def run_study(base: TrainConfig, workdir: Path, models: list[str], settings: list[tuple[int, int]],
-              shard: tuple[int, int] = (0, 1)) -> list[dict]:
+              shard: tuple[int, int] = (0, 1), seeds: tuple[int, ...] = (0,)) -> list[dict]:
   """Train/evaluate this shard's unfinished cells, rewriting the report over every finished cell after each one;
   returns the rows of all finished cells of the grid."""
-  cells = [(name, t, d) for t, d in settings for name in models]
-  for name, t, d in shard_cells(cells, shard):
-    cfg = cell_config(base, name, t, d)
-    cell = cell_dir(workdir, name, t, d)
-    if finished_summary(cfg, cell) is None:
-      train_and_evaluate(cfg, cell)
+  cells = [(name, t, d, seed) for t, d in settings for name in models for seed in seeds]
+  for cell in shard_cells(cells, shard):
+    cfg = cell_config(base, cell)
+    if finished_summary(cfg, cell_dir(workdir, cell)) is None:
+      train_and_evaluate(cfg, cell_dir(workdir, cell))
       write_report(collect_rows(base, workdir, cells), workdir, base)
   return collect_rows(base, workdir, cells)
 
@@ -115,16 +124,26 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
   tmp.replace(path)
 
 
+def _accuracy_cell(values: list[float]) -> str:
+  """One table entry: the accuracy, or over several seeds the mean and every seed's value (— if none)."""
+  if not values:
+    return "—"
+  if len(values) == 1:
+    return f"{values[0]:.3f}"
+  return f"{sum(values) / len(values):.3f} ({' / '.join(f'{v:.3f}' for v in values)})"
+
+
 def write_report(rows: list[dict], workdir: Path, base: TrainConfig) -> str:
-  """``study.json``, the markdown accuracy table (``study.md``; — marks unfinished cells) and the
-  accuracy-vs-kv-pairs plot; returns the table."""
+  """``study.json``, the markdown accuracy table (``study.md``; several seeds: mean (each seed), — marks
+  unfinished cells) and the accuracy-vs-kv-pairs plot (mean line, one dot per seed); returns the table."""
   models = sorted({r["model"] for r in rows}, key=list(MODELS).index)
   settings = sorted({(r["seq_len"], r["kv_pairs"]) for r in rows})
-  acc = {(r["model"], r["seq_len"], r["kv_pairs"]): r["accuracy"] for r in rows}
+  acc: dict[tuple[str, int, int], list[float]] = {}
+  for r in sorted(rows, key=lambda r: r.get("seed", 0)):
+    acc.setdefault((r["model"], r["seq_len"], r["kv_pairs"]), []).append(r["accuracy"])
   lines = [f"| T | KV pairs | {' | '.join(models)} |", "|-|-|" + "-|" * len(models)]
   for t, d in settings:
-    lines.append(f"| {t} | {d} | " + " | ".join(f"{acc[(m, t, d)]:.3f}" if (m, t, d) in acc else "—"
-                                               for m in models) + " |")
+    lines.append(f"| {t} | {d} | " + " | ".join(_accuracy_cell(acc.get((m, t, d), [])) for m in models) + " |")
   table = "\n".join(lines)
   _write_atomic(workdir / "study.json", lambda p: p.write_text(json.dumps(rows, indent=1) + "\n"))
   _write_atomic(workdir / "study.md", lambda p: p.write_text(
@@ -136,7 +155,10 @@ def write_report(rows: list[dict], workdir: Path, base: TrainConfig) -> str:
   for ax, t in zip(axes[0], lengths):
     for m in models:
       pts = sorted((d, acc[(m, tt, d)]) for tt, d in settings if tt == t and (m, tt, d) in acc)
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+      line, = ax.plot([d for d, _ in pts], [sum(v) / len(v) for _, v in pts], marker="o", label=m)
+      if any(len(v) > 1 for _, v in pts):
+        ax.scatter([d for d, v in pts for _ in v], [a for _, v in pts for a in v], s=10, color=line.get_color(),
+                   alpha=0.5)
     ax.set(title=f"T = {t}", xlabel="KV pairs", ylabel="eval accuracy", ylim=(0, 1.02))
     ax.set_xscale("log", base=2)
     ax.legend()
@@ -157,12 +179,26 @@ def parse_shard(spec: str) -> tuple[int, int]:
   return k, n
 
 
+def parse_seeds(spec: str) -> tuple[int, ...]:
+  """``"0,1,2"`` -> (0, 1, 2): distinct non-negative seeds."""
+  try:
+    seeds = tuple(int(x) for x in spec.split(","))
+  except ValueError:
+    raise UsageError(f"--seeds: expected a comma list of integers such as 0,1,2, got {spec!r}") from None
+  if min(seeds) < 0 or len(set(seeds)) != len(seeds):
+    raise UsageError(f"--seeds {spec}: seeds must be distinct and >= 0")
+  return seeds
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
   def extra(parser):
     parser.add_argument("--workdir", default="runs/mqar", help="study folder")
     parser.add_argument("--models", default=",".join(MODELS), help=f"subset of {','.join(MODELS)}")
     parser.add_argument("--settings", default="64x4,64x16,128x16", help="TxD cells (seq len x kv pairs)")
     parser.add_argument("--shard", default="0/1", help="K/N: run only this process's part of the grid")
+    parser.add_argument("--seeds", default=None, help="comma list of seeds per cell (default: --seed)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write the report over the grid's finished cells")
 
   try:
     base, args = parse_run_args(argv, config_cls=TrainConfig, presets=PRESETS, default_preset="mqar_tiny",
@@ -173,7 +209,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     settings = parse_settings(args.settings)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    rows = run_study(base, workdir, models, settings, parse_shard(args.shard))
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else (base.seed,)
+    if args.report_only:
+      rows = collect_rows(base, workdir, [(m, t, d, s) for t, d in settings for m in models for s in seeds])
+    else:
+      rows = run_study(base, workdir, models, settings, parse_shard(args.shard), seeds)
   except (UsageError, TrainError) as e:
     fail(str(e))
   print(write_report(rows, workdir, base))

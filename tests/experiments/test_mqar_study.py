@@ -21,12 +21,24 @@ def test_parse_settings():
 
 
 def test_shards_partition_the_grid_balanced_by_length():
-  cells = [(m, t, d) for t, d in [(128, 8), (256, 16), (512, 32)] for m in mqar.MODELS]
+  cells = [(m, t, d, 0) for t, d in [(128, 8), (256, 16), (512, 32)] for m in mqar.MODELS]
   shards = [mqar.shard_cells(cells, (k, 3)) for k in range(3)]
   assert sorted(c for s in shards for c in s) == sorted(cells)
-  assert [sum(t for _, t, _ in s) for s in shards] == [896] * 3
+  assert [sum(c[1] for c in s) for s in shards] == [896] * 3
   with pytest.raises(UsageError, match="0 <= K < N"):
     mqar.parse_shard("4/4")
+  assert mqar.parse_seeds("0,2") == (0, 2)
+  with pytest.raises(UsageError, match="distinct"):
+    mqar.parse_seeds("1,1")
+
+
+def test_several_seeds_report_mean_and_each_seed(tmp_path):
+  rows = [{"model": "gdn", "seq_len": 64, "kv_pairs": 8, "seed": s, "accuracy": a} for s, a in [(1, 0.25), (0, 0.75)]]
+  rows.append({"model": "mom", "seq_len": 64, "kv_pairs": 4, "seed": 0, "accuracy": 1.0})
+  table = mqar.write_report(rows, tmp_path, mqar.PRESETS["mqar_tiny"]())
+  assert "| 64 | 8 | 0.500 (0.750 / 0.250) | — |" in table and "| 64 | 4 | — | 1.000 |" in table
+  assert mqar.cell_dir(tmp_path, ("mom", 64, 4, 0)).name == "mom_T64_D4"
+  assert mqar.cell_dir(tmp_path, ("mom", 64, 4, 3)).name == "mom_T64_D4_seed3"
 
 
 def test_study_writes_report_and_reuses_finished_cells(tmp_path, capsys):
@@ -48,6 +60,8 @@ def test_study_writes_report_and_reuses_finished_cells(tmp_path, capsys):
 
   shard = mqar.main([*argv, "--shard", "1/2"])  # the other shard's finished cell still appears in the report
   assert shard == rows
+  wider = mqar.main([*argv, "--settings", "16x2,16x4", "--seeds", "0,5", "--report-only"])
+  assert wider == rows and not (tmp_path / "attn_T16_D4").exists()  # only finished cells, nothing trained
 
   longer = mqar.main(["--workdir", str(tmp_path), "--models", "gdn", "--settings", "16x2", *SMALL, "--steps", "4"])
   assert longer[0]["steps"] == 4  # a changed step count resumes the cell instead of reusing it
