@@ -17,7 +17,7 @@ Gated DeltaNets ("Gated Delta Networks", arXiv 2412.06464); load balancing as in
     (``use_cache``) runs the sorted path below, which computes the same function. Packing trades sequential
     depth for work: a row's state scan walks ~(k + 1)·t tokens instead of M+1 parallel scans of t, so with few
     sequences (b·H well below the GPU's SM count) sorted is faster. On an H100 at H = 16, K = V = 128, fwd+bwd:
-    1.28× faster than sorted at b = 8, T = 2048, but 0.94× at b = 1, T = 16384. It uses 38% less XLA temp
+    1.28× faster than sorted at b = 8, T = 2048, but 0.94× at b = 1, T = 16384. It uses 38–40% less XLA temp
     memory in both cases (docs/benchmarks.md);
   * ``dispatch="sorted"``: a stable sort per (memory, sequence) moves the tokens routed to a memory to the front,
     in time order; each memory runs over that sub-sequence padded to length t with identity tokens;
