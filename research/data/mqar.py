@@ -67,12 +67,13 @@ def _sample_distinct_uniform(rng: np.random.Generator, n_rows: int, population: 
   if k * k > 6 * population:
     return _sample_without_replacement(rng, n_rows, population, k)
   draws = rng.integers(0, population, size=(n_rows, k))
+  pending = np.arange(n_rows)  # rows that may still repeat a value: only those redrawn in the last round
   while True:
-    ordered = np.sort(draws, axis=1)
-    repeated = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
-    if not repeated.size:
+    ordered = np.sort(draws[pending], axis=1)
+    pending = pending[(ordered[:, 1:] == ordered[:, :-1]).any(axis=1)]
+    if not pending.size:
       return draws
-    draws[repeated] = rng.integers(0, population, size=(repeated.size, k))
+    draws[pending] = rng.integers(0, population, size=(pending.size, k))
 
 
 def mqar_examples(cfg: MQARConfig, num_examples: int, seed: int | tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
