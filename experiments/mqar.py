@@ -56,6 +56,11 @@ def parse_settings(spec: str) -> list[tuple[int, int]]:
 Cell = tuple[str, int, int, int]  # (model, sequence length T, key-value pairs D, seed)
 
 
+def grid(models: list[str], settings: list[tuple[int, int]], seeds: tuple[int, ...]) -> list[Cell]:
+  """Every (model, T, D, seed) cell of a study, setting by setting."""
+  return [(name, t, d, seed) for t, d in settings for name in models for seed in seeds]
+
+
 def cell_config(base: TrainConfig, cell: Cell) -> TrainConfig:
   """``base`` with the cell's mixers, sequence length, pair count and seed."""
   model, seq_len, kv_pairs, seed = cell
@@ -108,11 +113,11 @@ def run_study(base: TrainConfig, workdir: Path, models: list[str], settings: lis
               shard: tuple[int, int] = (0, 1), seeds: tuple[int, ...] = (0,)) -> list[dict]:
   """Train/evaluate this shard's unfinished cells, rewriting the report over every finished cell after each one;
   returns the rows of all finished cells of the grid."""
-  cells = [(name, t, d, seed) for t, d in settings for name in models for seed in seeds]
+  cells = grid(models, settings, seeds)
   for cell in shard_cells(cells, shard):
-    cfg = cell_config(base, cell)
-    if finished_summary(cfg, cell_dir(workdir, cell)) is None:
-      train_and_evaluate(cfg, cell_dir(workdir, cell))
+    cfg, run_dir = cell_config(base, cell), cell_dir(workdir, cell)
+    if finished_summary(cfg, run_dir) is None:
+      train_and_evaluate(cfg, run_dir)
       write_report(collect_rows(base, workdir, cells), workdir, base)
   return collect_rows(base, workdir, cells)
 
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     workdir.mkdir(parents=True, exist_ok=True)
     seeds = parse_seeds(args.seeds) if args.seeds is not None else (base.seed,)
     if args.report_only:
-      rows = collect_rows(base, workdir, [(m, t, d, s) for t, d in settings for m in models for s in seeds])
+      rows = collect_rows(base, workdir, grid(models, settings, seeds))
     else:
       rows = run_study(base, workdir, models, settings, parse_shard(args.shard), seeds)
   except (UsageError, TrainError) as e:
