@@ -31,9 +31,9 @@ from research.models import DecoderLM, ModelConfig, parse_layer_spec, token_cros
 from research.optimizers import available_optimizers, make_optimizer
 
 TASKS = ("text", "mqar")
-# Fields that may change when a run is resumed (they do not change what the run computes up to its last step).
-# Config keys a run may change when it resumes: schedules of logging/saving, the step count, and how MoM runs its
-# memories (every dispatch computes the same function).
+# Config keys that may change when a run is resumed (they do not change what the run computes up to its last step):
+# schedules of logging/saving, the step count, and how MoM runs its memories (every dispatch computes the same
+# function).
 RESUMABLE_CHANGES = frozenset({"steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
                                "model.mom_dispatch"})
 
