@@ -1,4 +1,7 @@
-"""memlab layers: sequence mixers that register themselves in ``research.models.registry`` on import."""
+"""memlab layers: sequence mixers that register themselves with ``research.models.registry`` on import.
 
-from layers import gated_deltanet, mom  # noqa: E402,F401  (registers "gdn" and "mom")
-from layers import longgen  # noqa: E402,F401  (registers "swa", "sink_window", "block_sparse", "longgen", ...)
+``attn``, ``swa``, ``sink_window``, ``block_sparse`` (``layers.attention``), ``longgen``, ``longgen_block``
+(``layers.longgen``), ``gdn`` (``layers.gated_deltanet``) and ``mom`` (``layers.mom``); each owns its config.
+"""
+
+from layers import attention, gated_deltanet, longgen, mom  # noqa: F401  (each registers its mixers)

@@ -20,11 +20,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.kernels.gated_delta import IMPLEMENTATIONS, gated_delta_rule
+from layers.kernels.gated_delta import IMPLEMENTATIONS, SUPPORTED_CHUNK_SIZES, gated_delta_rule
+from research.config import Config, option
 from research.models.blocks import INIT_STD, dense
 from research.models.cache import DecodeCache
-from research.models.config import DTYPES, ModelConfig
-from research.models.registry import register_mixer
+from research.models.registry import DTYPES, MixerContext, register_mixer
 
 
 class MemoryCache(DecodeCache):
@@ -32,54 +32,50 @@ class MemoryCache(DecodeCache):
 
 
 @dataclasses.dataclass(frozen=True)
-class GDNConfig:
-  """Shape of one Gated DeltaNet memory layer.
+class GDNConfig(Config):
+  """A Gated DeltaNet memory (``gdn``; MoM's memories use the same settings).
 
   Attributes:
-    d_model: residual width D.
-    num_heads: heads H.
-    head_dim: key/query width per head K.
-    expand_v: value width per head V = K · expand_v (an integer multiple).
-    conv_size: short-convolution window (≥ 1; 1 means a per-channel scale).
-    norm_eps: epsilon of the gated output RMSNorm.
-    chunk_size: chunk length of the chunked kernel.
-    implementation: gated-delta-rule implementation (``layers.kernels.gated_delta.IMPLEMENTATIONS``) or None
-      for the first that applies.
-    dtype: compute dtype name (parameters are float32).
-    num_layers: depth of the model, for the output-projection init scale.
+    expand_v: value width per head V = K · expand_v (K = the model's head_dim).
+    conv_size: short-convolution window (1 means a per-channel scale).
+    chunk_size: chunk length C of the chunked kernels.
+    implementation: gated-delta-rule kernel (``layers.kernels.gated_delta.IMPLEMENTATIONS``), None for the first
+      that applies.
   """
 
-  d_model: int = 128
-  num_heads: int = 4
-  head_dim: int = 32
-  expand_v: int = 1
-  conv_size: int = 4
-  norm_eps: float = 1e-6
-  chunk_size: int = 64
-  implementation: str | None = None
-  dtype: str = "float32"
-  num_layers: int = 2
+  expand_v: int = option(1, minimum=1)
+  conv_size: int = option(4, minimum=1)
+  chunk_size: int = option(64, choices=SUPPORTED_CHUNK_SIZES)
+  implementation: str | None = option(None, choices=IMPLEMENTATIONS, resumable=True)
 
-  def __post_init__(self):
-    problems = []
-    for name in ("d_model", "num_heads", "head_dim", "expand_v", "conv_size", "num_layers"):
-      if getattr(self, name) < 1:
-        problems.append(f"{name} must be a positive integer (got {getattr(self, name)})")
-    if self.implementation is not None and self.implementation not in IMPLEMENTATIONS:
-      problems.append(f"implementation must be None or one of {IMPLEMENTATIONS} (got {self.implementation!r})")
-    if self.dtype not in DTYPES:
-      problems.append(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
-    if problems:
-      raise ValueError("; ".join(problems))
+
+@dataclasses.dataclass(frozen=True)
+class MemoryShape:
+  """A gated-delta memory's sizes: its :class:`GDNConfig` inside the model around it (:meth:`of`)."""
+
+  d_model: int
+  num_heads: int
+  head_dim: int
+  config: GDNConfig
+  dtype: str = "float32"
+  norm_eps: float = 1e-6
+  out_std: float = INIT_STD
 
   @classmethod
-  def from_model_config(cls, cfg: ModelConfig, **overrides) -> GDNConfig:
-    """Every field from the LM config (width, heads, ``gdn_*`` and ``linear_*`` fields ...), then ``overrides``."""
-    base = {"d_model": cfg.d_model, "num_heads": cfg.num_heads, "head_dim": cfg.resolved_head_dim,
-            "expand_v": cfg.gdn_expand_v, "conv_size": cfg.gdn_conv_size, "chunk_size": cfg.linear_chunk_size,
-            "implementation": cfg.linear_attention_impl, "norm_eps": cfg.norm_eps, "dtype": cfg.dtype,
-            "num_layers": len(cfg.layers)}
-    return cls(**{**base, **overrides})
+  def of(cls, cfg: GDNConfig, ctx: MixerContext) -> MemoryShape:
+    return cls(ctx.d_model, ctx.num_heads, ctx.resolved_head_dim, cfg, ctx.dtype, ctx.norm_eps, ctx.out_init_std)
+
+  @property
+  def conv_size(self) -> int:
+    return self.config.conv_size
+
+  @property
+  def chunk_size(self) -> int:
+    return self.config.chunk_size
+
+  @property
+  def implementation(self) -> str | None:
+    return self.config.implementation
 
   @property
   def key_dim(self) -> int:
@@ -87,7 +83,7 @@ class GDNConfig:
 
   @property
   def value_head_dim(self) -> int:
-    return self.head_dim * self.expand_v
+    return self.head_dim * self.config.expand_v
 
   @property
   def value_dim(self) -> int:
@@ -152,12 +148,11 @@ def init_conv_weight(width: int, channels: int, rngs: nnx.Rngs) -> nnx.Param:
 class GatedOutput(nnx.Module):
   """o ↦ W_o(RMSNorm_V(o) · w · silu(W_g x)) per head; one RMSNorm weight [V] shared by all heads."""
 
-  def __init__(self, cfg: GDNConfig, model_cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.eps, self.num_heads = cfg.norm_eps, cfg.num_heads
-    self.g_proj = dense(cfg.d_model, cfg.value_dim, model_cfg, rngs=rngs)
-    self.norm_weight = nnx.Param(jnp.ones((cfg.value_head_dim,), jnp.float32))
-    self.o_proj = dense(cfg.value_dim, cfg.d_model, model_cfg, rngs=rngs,
-                        std=INIT_STD / math.sqrt(2 * cfg.num_layers))
+  def __init__(self, shape: MemoryShape, *, rngs: nnx.Rngs):
+    self.eps, self.num_heads = shape.norm_eps, shape.num_heads
+    self.g_proj = dense(shape.d_model, shape.value_dim, dtype=shape.compute_dtype, rngs=rngs)
+    self.norm_weight = nnx.Param(jnp.ones((shape.value_head_dim,), jnp.float32))
+    self.o_proj = dense(shape.value_dim, shape.d_model, dtype=shape.compute_dtype, rngs=rngs, std=shape.out_std)
 
   def __call__(self, o: jax.Array, x: jax.Array) -> jax.Array:
     """o: [b, t, H, V]; x: [b, t, D] -> [b, t, D]."""
@@ -168,11 +163,6 @@ class GatedOutput(nnx.Module):
     return self.o_proj((o32 * jax.nn.silu(gate)).astype(x.dtype).reshape(b, t, -1))
 
 
-def model_config_for(cfg: GDNConfig) -> ModelConfig:
-  """A ModelConfig carrying cfg's dtype, for the shared ``dense`` helper."""
-  return ModelConfig(d_model=cfg.d_model, num_heads=1, num_kv_heads=1, dtype=cfg.dtype)
-
-
 class GatedDeltaNet(nnx.Module):
   """One Gated DeltaNet memory: x [b, t, D] -> (y [b, t, D], {}).
 
@@ -180,19 +170,17 @@ class GatedDeltaNet(nnx.Module):
   a prompt followed by single tokens gives the same outputs as one pass over the whole sequence.
   """
 
-  def __init__(self, cfg: GDNConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: GDNConfig, ctx: MixerContext, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    mcfg = model_config_for(cfg)
-    self.q_proj = dense(cfg.d_model, cfg.key_dim, mcfg, rngs=rngs)
-    self.k_proj = dense(cfg.d_model, cfg.key_dim, mcfg, rngs=rngs)
-    self.v_proj = dense(cfg.d_model, cfg.value_dim, mcfg, rngs=rngs)
-    self.b_proj = dense(cfg.d_model, cfg.num_heads, mcfg, rngs=rngs)
-    self.a_proj = dense(cfg.d_model, cfg.num_heads, mcfg, rngs=rngs)
-    self.a_log, self.dt_bias = init_decay_params(cfg.num_heads, rngs)
-    self.q_conv = init_conv_weight(cfg.conv_size, cfg.key_dim, rngs)
-    self.k_conv = init_conv_weight(cfg.conv_size, cfg.key_dim, rngs)
-    self.v_conv = init_conv_weight(cfg.conv_size, cfg.value_dim, rngs)
-    self.out = GatedOutput(cfg, mcfg, rngs=rngs)
+    self.shape = s = MemoryShape.of(cfg, ctx)
+    proj = lambda width: dense(s.d_model, width, dtype=s.compute_dtype, rngs=rngs)
+    self.q_proj, self.k_proj, self.v_proj = proj(s.key_dim), proj(s.key_dim), proj(s.value_dim)
+    self.b_proj, self.a_proj = proj(s.num_heads), proj(s.num_heads)
+    self.a_log, self.dt_bias = init_decay_params(s.num_heads, rngs)
+    self.q_conv = init_conv_weight(cfg.conv_size, s.key_dim, rngs)
+    self.k_conv = init_conv_weight(cfg.conv_size, s.key_dim, rngs)
+    self.v_conv = init_conv_weight(cfg.conv_size, s.value_dim, rngs)
+    self.out = GatedOutput(s, rngs=rngs)
     self.cache: nnx.Dict | None = nnx.data(None)  # made by init_cache
 
   def init_cache(self, batch_size: int, max_length: int | None = None) -> None:
@@ -200,29 +188,29 @@ class GatedDeltaNet(nnx.Module):
 
     ``max_length`` is accepted for the common mixer interface; recurrent state does not grow with it.
     """
-    c = self.cfg
-    conv = lambda ch: MemoryCache(jnp.zeros((batch_size, c.conv_size - 1, ch), c.compute_dtype))
+    c, s = self.cfg, self.shape
+    conv = lambda ch: MemoryCache(jnp.zeros((batch_size, c.conv_size - 1, ch), s.compute_dtype))
     self.cache = nnx.Dict(
-        state=MemoryCache(jnp.zeros((batch_size, c.num_heads, c.head_dim, c.value_head_dim), jnp.float32)),
-        q=conv(c.key_dim), k=conv(c.key_dim), v=conv(c.value_dim))
+        state=MemoryCache(jnp.zeros((batch_size, s.num_heads, s.head_dim, s.value_head_dim), jnp.float32)),
+        q=conv(s.key_dim), k=conv(s.key_dim), v=conv(s.value_dim))
 
   def __call__(self, x: jax.Array, *, use_cache: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
-    c = self.cfg
+    c, s = self.cfg, self.shape
     b, t, _ = x.shape
     if use_cache and self.cache is None:
       raise ValueError("use_cache=True needs init_cache(batch_size) first")
     cached = self.cache if use_cache else None
     zeros = lambda ch: jnp.zeros((b, c.conv_size - 1, ch), x.dtype)
     feats, prefixes = {}, {}
-    branches = (("q", self.q_proj, self.q_conv, c.key_dim), ("k", self.k_proj, self.k_conv, c.key_dim),
-                ("v", self.v_proj, self.v_conv, c.value_dim))
+    branches = (("q", self.q_proj, self.q_conv, s.key_dim), ("k", self.k_proj, self.k_conv, s.key_dim),
+                ("v", self.v_proj, self.v_conv, s.value_dim))
     for name, proj, weight, ch in branches:
       prefix = cached[name][...] if cached is not None else zeros(ch)
       feats[name], ext = causal_conv(proj(x), weight[...], prefix)
       prefixes[name] = ext[:, t:]
-    q = l2_normalize(feats["q"].reshape(b, t, c.num_heads, c.head_dim))
-    k = l2_normalize(feats["k"].reshape(b, t, c.num_heads, c.head_dim))
-    v = feats["v"].reshape(b, t, c.num_heads, c.value_head_dim)
+    q = l2_normalize(feats["q"].reshape(b, t, s.num_heads, s.head_dim))
+    k = l2_normalize(feats["k"].reshape(b, t, s.num_heads, s.head_dim))
+    v = feats["v"].reshape(b, t, s.num_heads, s.value_head_dim)
     g, beta = decay_and_beta(self.a_proj(x), self.b_proj(x), self.a_log[...], self.dt_bias[...])
     o, state = gated_delta_rule(q, k, v, g, beta, initial_state=None if cached is None else cached["state"][...],
                                 chunk_size=c.chunk_size, implementation=c.implementation)
@@ -233,8 +221,4 @@ class GatedDeltaNet(nnx.Module):
     return self.out(o, x), {}
 
 
-@register_mixer("gdn")
-def gdn_mixer(cfg: ModelConfig, layer_index: int, *, rngs: nnx.Rngs) -> GatedDeltaNet:
-  """Registry factory: a Gated DeltaNet sized from the LM config (K = head_dim, V = K)."""
-  del layer_index  # every GDN layer is the same
-  return GatedDeltaNet(GDNConfig.from_model_config(cfg), rngs=rngs)
+register_mixer("gdn", config=GDNConfig)(GatedDeltaNet)

@@ -44,61 +44,46 @@ from layers.gated_deltanet import (
   GatedOutput,
   GDNConfig,
   MemoryCache,
+  MemoryShape,
   causal_conv,
   decay_and_beta,
   init_conv_weight,
   init_decay_params,
   l2_normalize,
-  model_config_for,
 )
 from layers.kernels.gated_delta import gated_delta_rule
+from research.config import Config, Problem, option
 from research.models.blocks import INIT_STD, dense
-from research.models.config import ModelConfig
-from research.models.registry import register_mixer
+from research.models.registry import MixerContext, register_mixer
 
 DISPATCHES = ("packed", "sorted", "dense")
 AUX_LOSS_NAME = "mom_load_balance"
 
 
 @dataclasses.dataclass(frozen=True)
-class MoMConfig:
-  """A MoM layer: ``gdn`` gives each memory's shape; the rest is routing.
+class MoMConfig(Config):
+  """A MoM layer (``mom``): each memory's settings and the routing.
 
   Attributes:
-    gdn: shape of every memory (width, heads, head_dim, conv, kernel implementation, dtype).
+    memory: every memory's Gated DeltaNet settings (value expansion, conv, chunk, kernel).
     num_memories: routed memories M.
     top_k: memories mixed per token k (1 ≤ k ≤ M).
     shared_memory: add a memory that sees every token, with weight 1.
-    dispatch: ``"packed"`` (segments of all memories in one row), ``"sorted"`` (every memory over a padded
-      full-length sub-sequence) or ``"dense"`` (test reference, no decode cache).
+    dispatch: how the memories run: ``packed`` (segments of all memories in one row; default, less memory and
+      faster at training batch sizes), ``sorted`` (every memory over a padded full-length sub-sequence; faster with
+      very few sequences, e.g. b = 1 at long T) or ``dense`` (test reference, no decode cache). All compute the
+      same function.
   """
 
-  gdn: GDNConfig = dataclasses.field(default_factory=GDNConfig)
-  num_memories: int = 4
-  top_k: int = 2
+  memory: GDNConfig = dataclasses.field(default_factory=GDNConfig)
+  num_memories: int = option(4, minimum=1)
+  top_k: int = option(2, minimum=1)
   shared_memory: bool = True
-  dispatch: str = "packed"
+  dispatch: str = option("packed", choices=DISPATCHES, resumable=True)
 
-  def __post_init__(self):
-    problems = []
-    if self.num_memories < 1:
-      problems.append(f"num_memories must be >= 1 (got {self.num_memories})")
-    if not 1 <= self.top_k <= max(self.num_memories, 1):
-      problems.append(f"top_k must be in [1, num_memories={self.num_memories}] (got {self.top_k})")
-    if self.dispatch not in DISPATCHES:
-      problems.append(f"dispatch must be one of {DISPATCHES} (got {self.dispatch!r})")
-    if problems:
-      raise ValueError("; ".join(problems))
-
-  @classmethod
-  def from_model_config(cls, cfg: ModelConfig, **overrides) -> MoMConfig:
-    """Memory shape (see ``GDNConfig.from_model_config``) and routing (``mom_*`` fields) from the LM config,
-    then ``overrides``."""
-    gdn_fields = {f.name for f in dataclasses.fields(GDNConfig)}
-    gdn = GDNConfig.from_model_config(cfg, **{k: v for k, v in overrides.items() if k in gdn_fields})
-    routing = {"num_memories": cfg.mom_num_memories, "top_k": cfg.mom_top_k,
-               "shared_memory": cfg.mom_shared_memory, "dispatch": cfg.mom_dispatch}
-    return cls(gdn=gdn, **{**routing, **{k: v for k, v in overrides.items() if k not in gdn_fields}})
+  def check(self):
+    if self.top_k > self.num_memories:
+      yield Problem("top_k", f"must be in [1, num_memories={self.num_memories}] (got {self.top_k})")
 
   @property
   def num_slots(self) -> int:
@@ -174,13 +159,12 @@ class MixtureOfMemories(nnx.Module):
   sorted dispatch): a prompt followed by single tokens gives the outputs of one pass over the whole sequence.
   """
 
-  def __init__(self, cfg: MoMConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: MoMConfig, ctx: MixerContext, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    g, n = cfg.gdn, cfg.num_slots
-    mcfg = model_config_for(g)
-    self.router = dense(g.d_model, cfg.num_memories, ModelConfig(d_model=g.d_model, num_heads=1, num_kv_heads=1),
-                        rngs=rngs)  # float32 logits
-    self.q_proj = dense(g.d_model, g.key_dim, mcfg, rngs=rngs)
+    self.shape = g = MemoryShape.of(cfg.memory, ctx)
+    n = cfg.num_slots
+    self.router = dense(g.d_model, cfg.num_memories, dtype=jnp.float32, rngs=rngs)  # float32 logits
+    self.q_proj = dense(g.d_model, g.key_dim, dtype=g.compute_dtype, rngs=rngs)
     self.k_proj = _stacked(n, g.d_model, g.key_dim, rngs)
     self.v_proj = _stacked(n, g.d_model, g.value_dim, rngs)
     self.b_proj = _stacked(n, g.d_model, g.num_heads, rngs)
@@ -189,7 +173,7 @@ class MixtureOfMemories(nnx.Module):
     self.q_conv = init_conv_weight(g.conv_size, g.key_dim, rngs)
     self.k_conv = init_conv_weight(g.conv_size, g.key_dim, rngs)
     self.v_conv = init_conv_weight(g.conv_size, g.value_dim, rngs)
-    self.out = GatedOutput(g, mcfg, rngs=rngs)
+    self.out = GatedOutput(g, rngs=rngs)
     self.cache: nnx.Dict | None = nnx.data(None)  # made by init_cache
 
   def init_cache(self, batch_size: int, max_length: int | None = None) -> None:
@@ -199,7 +183,7 @@ class MixtureOfMemories(nnx.Module):
     """
     if self.cfg.dispatch == "dense":
       raise ValueError("the decode cache needs dispatch='packed' or 'sorted', this layer has 'dense'")
-    g, n = self.cfg.gdn, self.cfg.num_slots
+    g, n = self.shape, self.cfg.num_slots
     conv = lambda ch: MemoryCache(jnp.zeros((batch_size, n, g.conv_size - 1, ch), g.compute_dtype))
     self.cache = nnx.Dict(
         state=MemoryCache(jnp.zeros((batch_size, n, g.num_heads, g.head_dim, g.value_head_dim), jnp.float32)),
@@ -237,14 +221,14 @@ class MixtureOfMemories(nnx.Module):
 
   def _features(self, x_slots: jax.Array) -> tuple[jax.Array, ...]:
     """Per-slot projections of x_slots [slots, b, t, D]: k, v (pre-conv), log-decay g and β [slots, b, t, H]."""
-    dt = self.cfg.gdn.compute_dtype
+    dt = self.shape.compute_dtype
     proj = lambda w: jnp.einsum("nbtd,nde->nbte", x_slots.astype(dt), w[...].astype(dt))
     g, beta = decay_and_beta(proj(self.a_proj), proj(self.b_proj), self.a_log[...], self.dt_bias[...])
     return proj(self.k_proj), proj(self.v_proj), g, beta
 
   def _run(self, q, k, v, g, beta, valid, initial_state, chunk_resets=None):
     """The gated delta rule per slot over [slots, b, t] sequences; invalid tokens become identity tokens."""
-    c = self.cfg.gdn
+    c = self.shape
     n, b, t = valid.shape
     vf = valid[..., None].astype(q.dtype)
     q = l2_normalize((q * vf).reshape(n * b, t, c.num_heads, c.head_dim))  # per head
@@ -257,7 +241,7 @@ class MixtureOfMemories(nnx.Module):
 
   def _sorted_memories(self, x: jax.Array, mask: jax.Array, use_cache: bool) -> jax.Array:
     """Outputs [slots, b, t, H, V] in token order, each slot run on its own time-ordered sub-sequence."""
-    c = self.cfg.gdn
+    c = self.shape
     n, (b, t, _) = self.cfg.num_slots, x.shape
     order = jnp.argsort(~mask, axis=-1, stable=True)  # routed tokens first, in time order
     lengths = jnp.sum(mask, axis=-1)  # [slots, b]
@@ -289,7 +273,7 @@ class MixtureOfMemories(nnx.Module):
     backward is a gather (gathering [slots, b, t] from the packed row instead would scatter-add its backward,
     with every unrouted (slot, token) colliding on one address).
     """
-    c = self.cfg.gdn
+    c = self.shape
     n, b = self.cfg.num_slots, x.shape[0]
     layout = packed_layout(mask, c.chunk_size, self.cfg.top_k + int(self.cfg.shared_memory))
     rows = jnp.arange(b)[:, None]
@@ -309,7 +293,7 @@ class MixtureOfMemories(nnx.Module):
 
   def _dense_memories(self, x: jax.Array, mask: jax.Array) -> jax.Array:
     """Reference: each slot over the full sequence, identity updates where it is not routed. [slots,b,t,H,V]."""
-    c = self.cfg.gdn
+    c = self.shape
     n, (b, t, _) = self.cfg.num_slots, x.shape
     k, v, g, beta = self._features(jnp.broadcast_to(x, (n, *x.shape)))
     q = jnp.broadcast_to(self.q_proj(x), (n, b, t, c.key_dim))
@@ -328,8 +312,4 @@ class MixtureOfMemories(nnx.Module):
     return self._run(q, k, v, g, beta, mask, None)[0]
 
 
-@register_mixer("mom")
-def mom_mixer(cfg: ModelConfig, layer_index: int, *, rngs: nnx.Rngs) -> MixtureOfMemories:
-  """Registry factory: MoM sized and routed by the LM config (defaults: the paper's M = 4, top-2, shared memory)."""
-  del layer_index  # every MoM layer is the same
-  return MixtureOfMemories(MoMConfig.from_model_config(cfg), rngs=rngs)
+register_mixer("mom", config=MoMConfig)(MixtureOfMemories)

@@ -11,16 +11,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from research.models.config import ModelConfig
-
 INIT_STD = 0.02
 
 
-def dense(in_features: int, out_features: int, cfg: ModelConfig, *, rngs: nnx.Rngs,
-          std: float = INIT_STD) -> nnx.Linear:
-  """Bias-free linear layer with N(0, std²) init, float32 parameters and ``cfg``'s compute dtype."""
-  return nnx.Linear(in_features, out_features, use_bias=False, dtype=cfg.compute_dtype,
-                    param_dtype=jnp.float32, kernel_init=nnx.initializers.normal(std), rngs=rngs)
+def dense(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs, std: float = INIT_STD) -> nnx.Linear:
+  """Bias-free linear layer with N(0, std²) init, float32 parameters and compute dtype ``dtype``."""
+  return nnx.Linear(in_features, out_features, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=nnx.initializers.normal(std), rngs=rngs)
 
 
 class RMSNorm(nnx.Module):
@@ -39,11 +36,10 @@ class RMSNorm(nnx.Module):
 class SwiGLU(nnx.Module):
   """MLP(x) = W_down (silu(W_gate x) ⊙ W_up x). x: [b, t, d] -> [b, t, d]."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, out_std: float = INIT_STD):
-    hidden = cfg.resolved_mlp_hidden
-    self.gate = dense(cfg.d_model, hidden, cfg, rngs=rngs)
-    self.up = dense(cfg.d_model, hidden, cfg, rngs=rngs)
-    self.down = dense(hidden, cfg.d_model, cfg, rngs=rngs, std=out_std)
+  def __init__(self, d_model: int, hidden: int, *, dtype, rngs: nnx.Rngs, out_std: float = INIT_STD):
+    self.gate = dense(d_model, hidden, dtype=dtype, rngs=rngs)
+    self.up = dense(d_model, hidden, dtype=dtype, rngs=rngs)
+    self.down = dense(hidden, d_model, dtype=dtype, rngs=rngs, std=out_std)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x))

@@ -1,31 +1,32 @@
 """Decoder-only language model assembled from a per-layer mixer spec.
 
-Each block is pre-norm: ``x += mixer(norm(x))``; ``x += swiglu(norm(x))``. The mixer of block i is
-``registry.get_mixer(cfg.layers[i])``, so ``ModelConfig(layers=("mom", "attn", "mom"))`` builds a hybrid model.
+Each block is pre-norm: ``x += mixer(norm(x))``; ``x += swiglu(norm(x))``. The mixer of block i is the registered
+mixer ``cfg.layers[i]`` built from its config ``cfg.mixers[cfg.layers[i]]`` and the block's
+:class:`~research.models.registry.MixerContext`, so ``ModelConfig(layers=("mom", "attn", "mom"))`` builds a hybrid
+model (the ``layers`` plugin package registers ``attn``, ``mom`` and the other mixers).
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from research.models import attention as _attention  # noqa: F401  (registers "attn")
 from research.models.blocks import INIT_STD, RMSNorm, SwiGLU
 from research.models.config import ModelConfig
-from research.models.registry import get_mixer, parse_layer_spec
+from research.models.registry import get_mixer
 
 
 class DecoderBlock(nnx.Module):
   """One pre-norm residual block. x: [b, t, d] -> ([b, t, d], aux losses of its mixer)."""
 
   def __init__(self, cfg: ModelConfig, layer_index: int, *, rngs: nnx.Rngs):
+    name, ctx = cfg.layers[layer_index], cfg.mixer_context(layer_index)
     self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    self.mixer = get_mixer(cfg.layers[layer_index])(cfg, layer_index, rngs=rngs)
+    self.mixer = get_mixer(name)(cfg.mixers[name], ctx, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    self.mlp = SwiGLU(cfg, rngs=rngs, out_std=INIT_STD / math.sqrt(2 * len(cfg.layers)))
+    self.mlp = SwiGLU(cfg.d_model, cfg.resolved_mlp_hidden, dtype=cfg.compute_dtype, rngs=rngs,
+                      out_std=ctx.out_init_std)
 
   def __call__(self, x: jax.Array, *, use_cache: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     h = self.mixer_norm(x)
@@ -41,12 +42,11 @@ class DecoderLM(nnx.Module):
   followed by one token at a time gives the logits of the full forward (see ``research.models.generate``).
 
   Args:
-    cfg: model shape; ``cfg.layers`` picks each block's mixer by registered name.
+    cfg: model shape; ``cfg.layers`` picks each block's mixer by registered name, ``cfg.mixers`` configures it.
     rngs: parameter initialisation randomness.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    parse_layer_spec(cfg.layers)
     self.cfg = cfg
     self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
                            embedding_init=nnx.initializers.normal(INIT_STD), rngs=rngs)
