@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from layers.kernels.attention.call import AttentionCall, Implementation
+from layers.kernels.attention.fusemax import NEG
 from layers.kernels.attention.masks import block_classes, visit_lists
-from layers.kernels.attention.patterns import BlockSparse, Pattern
-from layers.kernels.attention.reference import NEG
+from layers.kernels.attention.patterns import BlockSparse, Dense, Pattern, SinkWindow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,8 +193,8 @@ def attention_backward(q, k, v, o, lse, do, pattern: Pattern, *, scale: float | 
   """(dq, dk, dv) of the keys ``pattern`` admits, given the output o and logsumexp lse of the WHOLE attention.
 
   FlashAttention-2's backward with external (o, lse): P = exp(s·QKᵀ - lse) on the admitted keys and
-  dS = P∘(dO·Vᵀ - rowsum(dO∘o)). When ``pattern`` is one of several disjoint key segments whose results were merged
-  (``reference.merge``), passing the merged o and lse gives exactly that segment's share of the gradient.
+  dS = P∘(dO·Vᵀ - rowsum(dO∘o)). When ``pattern`` is one of several disjoint key segments whose results were
+  merged (``fusemax.merge``), passing the merged o and lse gives exactly that segment's share of the gradient.
   """
   plan = _plan(q, k, pattern, scale, q_offset, None, None)
   return _backward(plan, (q, k, v, o, lse), (do, jnp.zeros_like(lse)))
@@ -207,3 +208,12 @@ def _plan(q, k, pattern, scale, q_offset, block_q, block_k) -> _Plan:
                q_offset=int(q_offset), block_q=block_q or default_block(pattern, q.shape[1]),
                block_k=block_k or default_block(pattern, k.shape[1]), num_queries=q.shape[1],
                num_keys=k.shape[1], num_kv_heads=hkv)
+
+
+def _unsupported(c: AttentionCall) -> str | None:
+  return None if isinstance(c.pattern, (Dense, SinkWindow, BlockSparse)) else f"unknown pattern {c.pattern!r}"
+
+
+IMPLEMENTATION = Implementation(
+    "blockwise", _unsupported,
+    lambda c: blockwise_attention(c.q, c.k, c.v, c.pattern, scale=c.scale, q_offset=c.q_offset))

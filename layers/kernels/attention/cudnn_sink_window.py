@@ -14,10 +14,10 @@ dS = P∘(dO·Vᵀ - rowsum(dO∘o)). cuDNN's backward kernel takes o and its so
 the merged ones yields the window segment's exact gradient at cuDNN speed; the sink segment's gradient is five
 small einsums. Nothing is approximated: the result is masked dense attention up to rounding.
 
-Giving cuDNN an external logsumexp needs ``jax._src.cudnn.fused_attention_stablehlo`` (JAX's public
-``dot_product_attention`` keeps its residuals to itself); ``cudnn_problem()`` says when this JAX's private API does
-not fit, and ``api.attention`` then takes the Pallas kernel. The window backend is pluggable: ``"xla"`` runs the
-same merge over the blockwise XLA path (``blockwise.attention_backward``), which is how CPU tests check the algebra.
+Giving cuDNN an external logsumexp needs private JAX API, reached only through ``layers.kernels.jax_compat`` (which
+admits the JAX versions the GPU parity test passed on); elsewhere ``api.attention`` takes the Pallas kernel. The
+window backend is pluggable: ``"xla"`` runs the same merge over the blockwise XLA path
+(``blockwise.attention_backward``), which is how CPU tests check the algebra.
 
 Shapes: q [B, T, Hq, E], k, v [B, T, Hkv, E] with Hkv | Hq -> o [B, T, Hq, E] in q's dtype.
 """
@@ -25,59 +25,23 @@ Shapes: q [B, T, Hq, E], k, v [B, T, Hkv, E] with Hkv | Hq -> o [B, T, Hq, E] in
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from layers.kernels import jax_compat
 from layers.kernels.attention import blockwise
 from layers.kernels.attention.patterns import SinkWindow
 
-_CUDNN_NAMES = ("dot_product_attention", "_dot_product_attention_bwd_p_wrapper", "_dot_product_attention_bwd_rule",
-                "MaskType", "AttentionLayout")
-
-
-def _cudnn_module():
-  from jax._src.cudnn import (
-    fused_attention_stablehlo,  # private; checked by cudnn_problem()
-  )
-  return fused_attention_stablehlo
-
-
-def cudnn_problem() -> str | None:
-  """Why this JAX cannot run the cuDNN window backend (private API drift), or None."""
-  try:
-    fa = _cudnn_module()
-  except ImportError as e:
-    return f"cannot import JAX's cuDNN attention module ({e})"
-  missing = [name for name in _CUDNN_NAMES if not hasattr(fa, name)]
-  if missing:
-    return f"JAX's cuDNN attention module lacks {missing}"
-  if "return_residual" not in inspect.signature(fa.dot_product_attention).parameters:
-    return "JAX's cuDNN dot_product_attention cannot return its logsumexp"
-  return None
-
 
 def _cudnn_window_forward(q, k, v, window, scale):
-  fa = _cudnn_module()
-  o, stats = fa.dot_product_attention(q, k, v, scale=scale, mask_type=fa.MaskType.CAUSAL,
-                                      sliding_window_length=window, return_residual=True)
-  return o, jnp.swapaxes(stats, 1, 2).astype(jnp.float32)  # cuDNN's statistics are [B, Hq, T]
+  return jax_compat.cudnn_window_forward(q, k, v, window=window, scale=scale)
 
 
 def _cudnn_window_backward(q, k, v, o, lse, do, window, scale):
-  fa = _cudnn_module()
-  unused = jnp.zeros(0, q.dtype)  # bias, sequence lengths, offsets and page tables, as the public wrapper passes
-  params = {"scale": scale, "seed": 42, "dropout_rate": 0.0, "variadic_args": (False, False),
-            "mask_type": fa.MaskType.CAUSAL, "layout": fa.AttentionLayout.BTNH.value,
-            "sliding_window_length": window}
-  if "score_mod" in inspect.signature(fa._dot_product_attention_bwd_rule).parameters:
-    params["score_mod"] = None  # JAX >= 0.12 threads a flex-attention hook through the primitive
-  grads = fa._dot_product_attention_bwd_p_wrapper.bind(
-      q, k, v, unused, unused, unused, unused, unused, unused, unused, jnp.swapaxes(lse, 1, 2), o, do, **params)
-  return tuple(grads[:3])
+  return jax_compat.cudnn_window_backward(q, k, v, o, lse, do, window=window, scale=scale)
 
 
 def _xla_window_forward(q, k, v, window, scale):

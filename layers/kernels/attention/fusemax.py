@@ -1,4 +1,4 @@
-"""Exact attention as literal einsum cascades (FuseMax), the reference every other implementation is tested against.
+"""Exact attention as literal einsum cascades (FuseMax): the oracle's algebra and selectable implementations.
 
 "FuseMax: Leveraging Extended Einsums to Optimize Attention Accelerator Design" (Nayak et al., MICRO 2024,
 arXiv 2406.10491) writes attention as cascades of extended einsums and counts the passes over the key fiber M
@@ -14,6 +14,10 @@ held against the paper:
 * ``twopass_softmax``: "The Two-Pass Softmax Algorithm" (Dukhan & Ablandov, arXiv 2001.04438), softmax from
   (mantissa, exponent) pairs exp(x) = m·2^e with an associative pair reduction and no max pass.
 * ``merge``: combine attention over disjoint key segments through their logsumexps (exact, differentiable).
+
+``three_pass`` over a pattern's dense mask is the oracle (``reference.py``); the three stable cascades are also
+implementations of ``api.attention`` (``"fusemax_3pass"``, ``"fusemax_2pass"``, ``"fusemax_1pass"``), never chosen
+automatically: each materialises the [T, S] mask and is meant for studying the cascades, not for speed.
 
 Shapes (as ``jax.nn.dot_product_attention``): q [B, T, Hq, E], k [B, S, Hkv, E], v [B, S, Hkv, F]; query head g
 uses KV head g // (Hq / Hkv); ``mask`` bool broadcastable to [Hkv, T, S] (True = visible). Every cascade returns
@@ -31,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from layers.kernels.attention.patterns import Pattern, head_pattern_count
+from layers.kernels.attention.call import AttentionCall, Implementation
+from layers.kernels.attention.masks import traced_mask
 
 NEG = -0.7 * float(np.finfo(np.float32).max)
 
@@ -199,18 +204,6 @@ def merge(outputs, lses):
   return o.astype(outputs[0].dtype), lse
 
 
-def attention_reference(q, k, v, pattern: Pattern, scale=None, q_offset: int = 0):
-  """C4 with the pattern's dense mask: the oracle. Returns (o [B, T, Hq, F], lse [B, T, Hq]).
-
-  The mask is built from iotas inside the computation (not a numpy constant XLA would fold at compile time).
-  """
-  heads = jnp.arange(head_pattern_count(pattern, k.shape[2]))[:, None, None]
-  i = q_offset + jnp.arange(q.shape[1])[None, :, None]
-  j = jnp.arange(k.shape[1])[None, None, :]
-  mask = jnp.broadcast_to(pattern.allowed(i, j, heads), (heads.shape[0], q.shape[1], k.shape[1]))
-  return three_pass(q, k, v, mask, scale)
-
-
 CASCADES = {"naive": naive, "three_pass": three_pass, "two_pass": two_pass, "one_pass": one_pass}
 
 
@@ -221,3 +214,18 @@ def dot_product_softmax(q, k, v, mask=None, scale=None):
   p = jax.nn.softmax(qk, axis=-1)
   av = jnp.einsum("bhgpm,bmhf->bphgf", jnp.where(valid, p, 0.0), v)
   return _finish(av, jax.nn.logsumexp(qk, axis=-1), jnp.any(valid, -1), q.dtype)
+
+
+def _cascade_implementation(name: str, cascade) -> Implementation:
+  """``cascade`` over the call's dense pattern mask (any backend, pattern and offset)."""
+
+  def attend(c: AttentionCall):
+    return cascade(c.q, c.k, c.v, traced_mask(c.pattern, c.q.shape[1], c.k.shape[1], c.k.shape[2], c.q_offset),
+                   c.scale)
+
+  return Implementation(name, unsupported=lambda call: None, attend=attend)
+
+
+IMPLEMENTATIONS = (_cascade_implementation("fusemax_3pass", three_pass),
+                   _cascade_implementation("fusemax_2pass", two_pass),
+                   _cascade_implementation("fusemax_1pass", one_pass))

@@ -7,6 +7,7 @@ not a dense mask. Counts are the closed forms of the attention spec (§3.4), use
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 from layers.kernels.attention.patterns import BlockSparse, Dense, Pattern, SinkWindow, head_pattern_count
@@ -24,6 +25,14 @@ def dense_mask(pattern: Pattern, num_queries: int, num_keys: int, num_kv_heads: 
   if kv_length is not None:
     mask = mask & (j < kv_length)
   return np.array(mask)
+
+
+def traced_mask(pattern: Pattern, num_queries: int, num_keys: int, num_kv_heads: int = 1, q_offset: int = 0):
+  """:func:`dense_mask` built from iotas inside the computation (a numpy constant XLA would fold at compile time)."""
+  heads = jnp.arange(head_pattern_count(pattern, num_kv_heads))[:, None, None]
+  i = q_offset + jnp.arange(num_queries)[None, :, None]
+  j = jnp.arange(num_keys)[None, None, :]
+  return jnp.broadcast_to(pattern.allowed(i, j, heads), (heads.shape[0], num_queries, num_keys))
 
 
 def block_classes(pattern: Pattern, num_queries: int, num_keys: int, block_q: int, block_k: int,

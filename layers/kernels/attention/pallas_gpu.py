@@ -26,8 +26,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from layers.kernels.attention.call import AttentionCall, Implementation, on_gpu
+from layers.kernels.attention.fusemax import NEG
 from layers.kernels.attention.patterns import BlockSparse, Pattern
-from layers.kernels.attention.reference import NEG
 
 LOG2E = math.log2(math.e)
 
@@ -344,3 +345,24 @@ def pallas_attention(q, k, v, pattern: Pattern, *, scale: float | None = None, k
   st = _Static(pattern=pattern, scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
                kv_length=k.shape[1] if kv_length is None else int(kv_length), blocks=blocks, interpret=interpret)
   return _attend(st, q, k, v)
+
+
+def _unsupported(c: AttentionCall) -> str | None:
+  if not on_gpu():
+    return "needs a GPU backend (CPU tests call pallas_gpu.pallas_attention(..., interpret=True))"
+  if not c.aligned:
+    return "needs T = S and q_offset = 0"
+  return check_supported(c.q, c.k, c.v, c.pattern, c.blocks or BlockSizes.for_pattern(c.pattern))
+
+
+def _attend_call(c: AttentionCall):
+  """Sequences are right-padded to the largest tile; padded keys are masked by ``kv_length``."""
+  blocks = c.blocks or BlockSizes.for_pattern(c.pattern)
+  n = c.q.shape[1]
+  padded = -(-n // blocks.max_tile) * blocks.max_tile
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - n), (0, 0), (0, 0)))
+  o, lse = pallas_attention(pad(c.q), pad(c.k), pad(c.v), c.pattern, scale=c.scale, kv_length=n, blocks=blocks)
+  return o[:, :n], lse[:, :n]
+
+
+IMPLEMENTATION = Implementation("pallas_gpu", _unsupported, _attend_call)
