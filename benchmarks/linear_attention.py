@@ -34,7 +34,7 @@ import time
 
 SHAPES = ((8, 2048), (4, 8192), (1, 32768))
 HEADS, DIM, CHUNK = 16, 128, 64
-# End-to-end A/B of the Triton launch settings (``pallas_triton.Tuning`` fields), timed with --tunings.
+# End-to-end A/B of the Triton launch settings (``gated_delta.Tuning`` fields), timed with --tunings.
 TUNINGS = {
     "default": {},
     "prev": {"scan_forward_stages": 1, "wy_backward_kernel": False},  # the previous defaults
@@ -114,15 +114,13 @@ def run_jax(shapes, impls, breakdown: bool = False, tunings=()) -> list[dict]:
 
 
 def _time_tunings(b: int, t: int, names, device: str, args) -> list[dict]:
-  """``pallas_triton`` end to end under each named ``TUNINGS`` entry (kernels retraced per setting)."""
-  import dataclasses
-
-  from layers.kernels.gated_delta import pallas_triton
+  """``pallas_triton`` end to end under each named ``TUNINGS`` entry (the tuning is a static argument: kernels are
+  retraced per setting)."""
+  from layers.kernels.gated_delta import Tuning
 
   rows = []
   for name in names:
-    with pallas_triton.use_tuning(dataclasses.replace(pallas_triton.Tuning(), **TUNINGS[name])):
-      row = _time_ours(b, t, ["pallas_triton"], device, args)[0]
+    row = _time_ours(b, t, ["pallas_triton"], device, args, tuning=Tuning(**TUNINGS[name]))[0]
     row["op"] = f"gdn_pallas_triton[{name}]"
     rows.append(row)
   return rows
@@ -143,7 +141,7 @@ def _row(op: str, b: int, t: int, device: str, fwd, fwd_bwd, timer, flops=None) 
   return row
 
 
-def _time_ours(b: int, t: int, impls, device: str, args) -> list[dict]:
+def _time_ours(b: int, t: int, impls, device: str, args, tuning=None) -> list[dict]:
   import jax
   import jax.numpy as jnp
 
@@ -152,7 +150,7 @@ def _time_ours(b: int, t: int, impls, device: str, args) -> list[dict]:
   do = jax.random.normal(jax.random.PRNGKey(2), args[2].shape, jnp.bfloat16).astype(jnp.float32)
   rows = []
   for impl in impls:
-    out = functools.partial(api.gated_delta_rule, implementation=impl)
+    out = functools.partial(api.gated_delta_rule, implementation=impl, tuning=tuning)
     fwd = jax.jit(lambda *a, out=out: out(*a)[0])
     fwd_bwd = jax.jit(jax.grad(lambda *a, out=out: jnp.sum(out(*a)[0].astype(jnp.float32) * do),
                                argnums=(0, 1, 2, 3, 4)))
@@ -167,7 +165,7 @@ def _time_components(b: int, t: int, device: str) -> list[dict]:
   import jax
   import jax.numpy as jnp
 
-  from layers.kernels.gated_delta import pallas_triton, wy
+  from layers.kernels.gated_delta import Tuning, pallas_triton, wy
 
   n = -(-t // CHUNK)
   ks = jax.random.split(jax.random.PRNGKey(3), 7)
@@ -189,9 +187,11 @@ def _time_components(b: int, t: int, device: str) -> list[dict]:
   }
   for stages in (1, 2):
     cases[f"scan_fwd_kernel_stages{stages}"] = (
-        jax.jit(lambda *a, st=stages: pallas_triton.forward(*a, num_stages=st)), (w, u, kd, decay, s0))
+        jax.jit(lambda *a, st=stages: pallas_triton.forward(*a, tuning=Tuning(scan_forward_stages=st))),
+        (w, u, kd, decay, s0))
     cases[f"scan_bwd_kernel_stages{stages}"] = (
-        jax.jit(lambda *a, st=stages: pallas_triton.backward(*a, num_stages=st)), (w, kd, decay, d_states, u, s0))
+        jax.jit(lambda *a, st=stages: pallas_triton.backward(*a, tuning=Tuning(scan_backward_stages=st))),
+        (w, kd, decay, d_states, u, s0))
   rows = []
   for name, (fn, args) in cases.items():
     row = {"kind": "component", "op": name, "B": b, "T": t, "device": device}
@@ -252,15 +252,17 @@ def run_mom(shapes) -> list[dict]:
 
   from layers.gated_deltanet import GatedDeltaNet, GDNConfig
   from layers.mom import MixtureOfMemories, MoMConfig
+  from research.models import MixerContext
 
   device = jax.devices()[0].device_kind
-  gdn = GDNConfig(d_model=HEADS * DIM, num_heads=HEADS, head_dim=DIM, chunk_size=CHUNK, dtype="bfloat16")
-  layers = {"mom_packed": lambda: MixtureOfMemories(MoMConfig(gdn=gdn, dispatch="packed"), rngs=nnx.Rngs(0)),
-            "mom_sorted": lambda: MixtureOfMemories(MoMConfig(gdn=gdn, dispatch="sorted"), rngs=nnx.Rngs(0)),
-            "gdn_layer": lambda: GatedDeltaNet(gdn, rngs=nnx.Rngs(0))}
+  gdn = GDNConfig(chunk_size=CHUNK)
+  ctx = MixerContext(d_model=HEADS * DIM, num_heads=HEADS, head_dim=DIM, dtype="bfloat16")
+  mom = lambda dispatch: MixtureOfMemories(MoMConfig(memory=gdn, dispatch=dispatch), ctx, rngs=nnx.Rngs(0))
+  layers = {"mom_packed": lambda: mom("packed"), "mom_sorted": lambda: mom("sorted"),
+            "gdn_layer": lambda: GatedDeltaNet(gdn, ctx, rngs=nnx.Rngs(0))}
   rows = []
   for b, t in shapes:
-    x = jax.random.normal(jax.random.PRNGKey(3), (b, t, gdn.d_model), jnp.bfloat16)
+    x = jax.random.normal(jax.random.PRNGKey(3), (b, t, ctx.d_model), jnp.bfloat16)
     outputs = {}
     for name, make in layers.items():
       graphdef, params = nnx.split(make())

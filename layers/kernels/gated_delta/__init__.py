@@ -2,8 +2,10 @@
 
 from layers.kernels.gated_delta.api import (
     IMPLEMENTATIONS,
+    SUPPORTED_CHUNK_SIZES,
     gated_delta_rule,
     gated_delta_step,
 )
+from layers.kernels.gated_delta.tuning import Tuning
 
-__all__ = ["IMPLEMENTATIONS", "gated_delta_rule", "gated_delta_step"]
+__all__ = ["IMPLEMENTATIONS", "SUPPORTED_CHUNK_SIZES", "Tuning", "gated_delta_rule", "gated_delta_step"]

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from layers.kernels.gated_delta import chunked, reference
+from layers.kernels.gated_delta.chunked import SUPPORTED_CHUNK_SIZES
+from layers.kernels.gated_delta.tuning import Tuning
 
 IMPLEMENTATIONS = ("pallas_triton", "xla_chunked", "reference")
 
@@ -37,15 +39,15 @@ def _unsupported(implementation: str, q: jax.Array, v: jax.Array, chunk_size: in
       pallas_triton.check_shapes(chunk_size, q.shape[-1], v.shape[-1])
     except ValueError as e:
       return str(e)
-  if implementation in ("pallas_triton", "xla_chunked") and chunk_size not in chunked.SUPPORTED_CHUNK_SIZES:
-    return f"chunk_size must be one of {chunked.SUPPORTED_CHUNK_SIZES}, got {chunk_size}"
+  if implementation in ("pallas_triton", "xla_chunked") and chunk_size not in SUPPORTED_CHUNK_SIZES:
+    return f"chunk_size must be one of {SUPPORTED_CHUNK_SIZES}, got {chunk_size}"
   return None
 
 
 def gated_delta_rule(
     q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, *,
     scale: float | None = None, initial_state: jax.Array | None = None, chunk_size: int = 64,
-    implementation: str | None = None, chunk_resets: jax.Array | None = None,
+    implementation: str | None = None, chunk_resets: jax.Array | None = None, tuning: Tuning | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Gated delta rule over a whole sequence, from ``initial_state`` (zeros if None).
 
@@ -58,6 +60,7 @@ def gated_delta_rule(
     implementation: one of ``IMPLEMENTATIONS`` or None (first applicable).
     chunk_resets: bool [b, ceil(t / chunk_size)] or None: packed segments; the state is zeroed before token
       c·chunk_size where ``chunk_resets[:, c]`` (every implementation, the reference included).
+    tuning: Triton launch settings of ``pallas_triton`` (a static, hashable value; None for the defaults).
 
   Returns:
     (o [b, t, h, V] in v's dtype, final state float32 [b, h, K, V]).
@@ -77,4 +80,5 @@ def gated_delta_rule(
                                                 resets=resets)
   kernel_impl = "pallas_triton" if implementation == "pallas_triton" else "xla"
   return chunked.gated_delta_rule_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                          chunk_size=chunk_size, kernel_impl=kernel_impl, chunk_resets=chunk_resets)
+                                          chunk_size=chunk_size, kernel_impl=kernel_impl, chunk_resets=chunk_resets,
+                                          tuning=tuning or Tuning())

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from layers.kernels.gated_delta import state_scan, wy
 from layers.kernels.gated_delta.reference import resolve_scale, zero_state
+from layers.kernels.gated_delta.tuning import Tuning
 
 KERNEL_IMPLS = ("xla", "pallas_triton", "pallas_interpret")
 
@@ -56,11 +57,11 @@ def _from_chunks(x: jax.Array) -> jax.Array:
   return jnp.moveaxis(x, 1, 3).reshape(b, n * c, h, *x.shape[4:])
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "kernel_impl"))
+@functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "kernel_impl", "tuning"))
 def gated_delta_rule_chunked(
     q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, *,
     scale: float | None = None, initial_state: jax.Array | None = None, chunk_size: int = 64,
-    kernel_impl: str = "xla", chunk_resets: jax.Array | None = None,
+    kernel_impl: str = "xla", chunk_resets: jax.Array | None = None, tuning: Tuning = Tuning(),
 ) -> tuple[jax.Array, jax.Array]:
   """Chunkwise-parallel gated delta rule; same contract as ``gated_delta_rule_reference``.
 
@@ -74,6 +75,7 @@ def gated_delta_rule_chunked(
     kernel_impl: how the WY representation and the inter-chunk recurrence run: ``"xla"`` (batched einsums and
       ``lax.scan``), ``"pallas_triton"`` (fused GPU kernels) or ``"pallas_interpret"`` (those kernels in the
       Pallas interpreter, for CPU tests).
+    tuning: Triton launch settings of the Pallas kernels (static).
 
   Returns:
     (o [b, t, h, V] in v's dtype, final state float32 [b, h, K, V]).
@@ -95,7 +97,7 @@ def gated_delta_rule_chunked(
 
   gamma = jnp.cumsum(gc, axis=-1)
   decay_mat = wy.decay_matrix(gamma)  # Γ with its diagonal, [b, h, n, c, c]
-  w, u = wy.wy_representation(kc.astype(dtype), vc.astype(dtype), bc, gamma, impl=kernel_impl)
+  w, u = wy.wy_representation(kc.astype(dtype), vc.astype(dtype), bc, gamma, impl=kernel_impl, tuning=tuning)
   kd = kc * jnp.exp(gamma[..., -1:] - gamma)[..., None]
   decay = jnp.exp(gamma[..., -1])  # [b, h, n]
   if chunk_resets is not None:  # keep[c] = 0 where chunk c+1 starts a segment
@@ -106,7 +108,7 @@ def gated_delta_rule_chunked(
     keep = keep[:, None, :].astype(jnp.float32)  # [b, 1, n]
     kd, decay = kd * keep[..., None, None], decay * keep
 
-  states, v_new, final = state_scan.state_scan(w, u, kd.astype(dtype), decay, s0, impl=kernel_impl)
+  states, v_new, final = state_scan.state_scan(w, u, kd.astype(dtype), decay, s0, impl=kernel_impl, tuning=tuning)
 
   qk = _dot("bhncd,bhnsd->bhncs", qc, kc, dtype) * decay_mat
   o_inter = _dot("bhncd,bhndv->bhncv", qc * jnp.exp(gamma)[..., None], states, dtype)

@@ -14,8 +14,6 @@ in Pallas interpret mode (``interpret=True``) on CPU, which is how the tests che
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
 
 import jax
@@ -23,37 +21,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from layers.kernels.gated_delta.wy import unit_lower_inverse
-
-
-@dataclasses.dataclass(frozen=True)
-class Tuning:
-  """Triton launch settings, read when a kernel is traced (A/B timings on H100/H200 in docs/benchmarks.md).
-
-  ``scan_forward_stages`` > 1 lets Triton prefetch the next chunk's tiles while the current one is multiplied;
-  ``wy_backward_kernel`` runs the WY backward as :func:`wy_backward` (else as batched XLA einsums), and
-  ``wy_backward_warps`` spreads its [C, K] float32 accumulators over more registers.
-  """
-  scan_forward_stages: int = 2
-  scan_backward_stages: int = 1
-  wy_backward_kernel: bool = True
-  wy_backward_warps: int = 8
-
-
-TUNING = Tuning()
-
-
-@contextlib.contextmanager
-def use_tuning(tuning: Tuning):
-  """Trace the kernels with ``tuning`` inside the block (clears JAX's caches on entry and exit so it applies)."""
-  global TUNING
-  saved, TUNING = TUNING, tuning
-  jax.clear_caches()
-  try:
-    yield
-  finally:
-    TUNING = saved
-    jax.clear_caches()
+from layers.kernels.gated_delta.triangular import unit_lower_inverse
+from layers.kernels.gated_delta.tuning import Tuning
 
 
 def _is_pow2_at_least_16(n: int) -> bool:
@@ -126,9 +95,9 @@ def _launch(kernel, inputs, v_tiled, out_shapes, *, bh, dv, block_v, num_warps, 
   )(*inputs)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "num_stages"))
-def forward(w, u, kd, decay, s0, *, interpret: bool = False, num_stages: int | None = None):
-  """states, v_new, final of the inter-chunk recurrence (see :mod:`state_scan`); ``num_stages`` overrides TUNING."""
+@functools.partial(jax.jit, static_argnames=("interpret", "tuning"))
+def forward(w, u, kd, decay, s0, *, interpret: bool = False, tuning: Tuning = Tuning()):
+  """states, v_new, final of the inter-chunk recurrence (see :mod:`state_scan`), launched with ``tuning``."""
   b, h, n, c, dk = w.shape
   dv = u.shape[-1]
   check_shapes(c, dk, dv)
@@ -140,13 +109,13 @@ def forward(w, u, kd, decay, s0, *, interpret: bool = False, num_stages: int | N
       functools.partial(_fwd_kernel, n=n, c=c, dk=dk),
       (_flat(w), _flat(u), _flat(kd), decay_rows, s0.reshape(bh, dk, dv)),
       (False, True, False, False, True), out_shapes,
-      bh=bh, dv=dv, block_v=block_v, num_warps=4, num_stages=num_stages or TUNING.scan_forward_stages,
+      bh=bh, dv=dv, block_v=block_v, num_warps=4, num_stages=tuning.scan_forward_stages,
       interpret=interpret)
   return (states.reshape(b, h, n, dk, dv), v_new.reshape(b, h, n, c, dv), final.reshape(b, h, dk, dv))
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "num_stages"))
-def backward(w, kd, decay, d_states, d_vnew, d_final, *, interpret: bool = False, num_stages: int | None = None):
+@functools.partial(jax.jit, static_argnames=("interpret", "tuning"))
+def backward(w, kd, decay, d_states, d_vnew, d_final, *, interpret: bool = False, tuning: Tuning = Tuning()):
   """dV_total, Λ_{c+1} per chunk and dS_0 of the reverse recurrence (see :mod:`state_scan`)."""
   b, h, n, c, dk = w.shape
   dv = d_vnew.shape[-1]
@@ -161,13 +130,14 @@ def backward(w, kd, decay, d_states, d_vnew, d_final, *, interpret: bool = False
       (_flat(w), _flat(kd), decay_rows, _flat(d_states), _flat(d_vnew.astype(f32)),
        d_final.astype(f32).reshape(bh, dk, dv)),
       (False, False, False, True, True, True), out_shapes,
-      bh=bh, dv=dv, block_v=block_v, num_warps=4, num_stages=num_stages or TUNING.scan_backward_stages,
+      bh=bh, dv=dv, block_v=block_v, num_warps=4, num_stages=tuning.scan_backward_stages,
       interpret=interpret)
   return dvt.reshape(b, h, n, c, dv), lam.reshape(b, h, n, dk, dv), ds0.reshape(b, h, dk, dv)
 
 
 def _chunk_launch(kernel, inputs, out_shapes, *, c, num_warps, interpret):
-  """Grid [b·h, n]: one program per (head, chunk). Arrays [b·h, n·c, d] are tiled [c, d], vectors [b·h, n·c] [c]."""
+  """Grid [b·h, n]: one program per (head, chunk). Arrays [b·h, n·c, d] are tiled [c, d]; vectors [b·h, n·c]
+  are tiled [c]."""
   def spec(shape):
     if len(shape) == 3:
       return pl.BlockSpec((None, c, shape[-1]), lambda i, j: (i, j, 0))
@@ -248,8 +218,8 @@ def _wy_bwd_kernel(k_ref, v_ref, beta_ref, gamma_ref, t_ref, dw_ref, du_ref, dk_
   dgamma_ref[...] = dgamma + kb_dot * kscale
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def wy_backward(k, v, beta, gamma, tmat, dw, du, *, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("interpret", "num_warps"))
+def wy_backward(k, v, beta, gamma, tmat, dw, du, *, interpret: bool = False, num_warps: int = Tuning.wy_backward_warps):
   """(dk, dv, dbeta, dgamma) of the WY representation given T and the cotangents of W, U; one program per chunk."""
   b, h, n, c, dk = k.shape
   dv = v.shape[-1]
@@ -262,5 +232,5 @@ def wy_backward(k, v, beta, gamma, tmat, dw, du, *, interpret: bool = False):
        _flat(dw.astype(k.dtype)), _flat(du.astype(v.dtype))),
       (jax.ShapeDtypeStruct((bh, n * c, dk), k.dtype), jax.ShapeDtypeStruct((bh, n * c, dv), v.dtype),
        jax.ShapeDtypeStruct((bh, n * c), f32), jax.ShapeDtypeStruct((bh, n * c), f32)),
-      c=c, num_warps=TUNING.wy_backward_warps, interpret=interpret)
+      c=c, num_warps=num_warps, interpret=interpret)
   return d_k.reshape(k.shape), d_v.reshape(v.shape), dbeta.reshape(beta.shape), dgamma.reshape(gamma.shape)

@@ -28,6 +28,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from layers.kernels.gated_delta.tuning import Tuning
+
 SCAN_IMPLS = ("xla", "pallas_triton", "pallas_interpret")
 
 
@@ -63,7 +65,7 @@ def _backward_xla(w, kd, decay, d_states, d_vnew, d_final):
   return jnp.moveaxis(dvt, 0, 2), jnp.moveaxis(lam_next, 0, 2), ds0
 
 
-def _impls(impl: str):
+def _impls(impl: str, tuning: Tuning):
   if impl == "xla":
     return _forward_xla, _backward_xla
   if impl in ("pallas_triton", "pallas_interpret"):
@@ -71,25 +73,25 @@ def _impls(impl: str):
       pallas_triton,  # imported lazily: GPU-only module
     )
     interpret = impl == "pallas_interpret"  # the same kernels run by the Pallas interpreter (CPU tests)
-    return (functools.partial(pallas_triton.forward, interpret=interpret),
-            functools.partial(pallas_triton.backward, interpret=interpret))
+    return (functools.partial(pallas_triton.forward, interpret=interpret, tuning=tuning),
+            functools.partial(pallas_triton.backward, interpret=interpret, tuning=tuning))
   raise ValueError(f"scan implementation must be one of {SCAN_IMPLS}, got {impl!r}")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _state_scan(w, u, kd, decay, s0, impl):
-  return _impls(impl)[0](w, u, kd, decay, s0)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _state_scan(w, u, kd, decay, s0, impl, tuning):
+  return _impls(impl, tuning)[0](w, u, kd, decay, s0)
 
 
-def _state_scan_fwd(w, u, kd, decay, s0, impl):
-  states, v_new, final = _impls(impl)[0](w, u, kd, decay, s0)
+def _state_scan_fwd(w, u, kd, decay, s0, impl, tuning):
+  states, v_new, final = _impls(impl, tuning)[0](w, u, kd, decay, s0)
   return (states, v_new, final), (w, u, kd, decay, states, v_new)
 
 
-def _state_scan_bwd(impl, res, cotangents):
+def _state_scan_bwd(impl, tuning, res, cotangents):
   w, u, kd, decay, states, v_new = res
   d_states, d_vnew, d_final = cotangents
-  dvt, lam_next, ds0 = _impls(impl)[1](w, kd, decay, d_states, d_vnew, d_final)
+  dvt, lam_next, ds0 = _impls(impl, tuning)[1](w, kd, decay, d_states, d_vnew, d_final)
   dw = -_dot("bhncv,bhnkv->bhnck", dvt, states, w.dtype)
   dkd = _dot("bhncv,bhnkv->bhnck", v_new, lam_next, w.dtype)
   ddecay = jnp.sum(states.astype(jnp.float32) * lam_next, axis=(-2, -1))
@@ -100,8 +102,9 @@ _state_scan.defvjp(_state_scan_fwd, _state_scan_bwd)
 
 
 def state_scan(w: jax.Array, u: jax.Array, kd: jax.Array, decay: jax.Array, s0: jax.Array, *,
-               impl: str = "xla") -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Run the inter-chunk recurrence (module docstring); differentiable in every argument."""
+               impl: str = "xla", tuning: Tuning = Tuning()) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Run the inter-chunk recurrence (module docstring); differentiable in every argument. ``tuning`` sets the
+  Pallas launches (pallas impls only)."""
   if impl not in SCAN_IMPLS:
     raise ValueError(f"scan implementation must be one of {SCAN_IMPLS}, got {impl!r}")
-  return _state_scan(w, u, kd, decay, s0, impl)
+  return _state_scan(w, u, kd, decay, s0, impl, tuning)

@@ -6,8 +6,8 @@ with γ the chunk-local cumsum of the log-decay (float32) and Γ_rs = exp(γ_r �
 
     A = StrictLower(diag(β)(K Kᵀ ⊙ Γ)),  T = (I + A)⁻¹,  W = T diag(β e^γ) K,  U = T diag(β) V.
 
-T comes from recursive doubling over diagonal blocks (:func:`unit_lower_inverse`): every intermediate is a block of
-the true inverse, so it stays exact for strongly correlated keys, where the Neumann product ∏_j (I + N^{2^j}) would
+T comes from recursive doubling over diagonal blocks (:func:`triangular.unit_lower_inverse`): every intermediate is
+a block of the true inverse, so it stays exact for strongly correlated keys, where the Neumann product ∏_j (I + N^{2^j}) would
 cancel binomially large powers of N = −A (errors ~1e10 in float32 for identical keys). The backward uses
 dT = dW (β e^γ K)ᵀ + dU (β V)ᵀ and dA = −Tᵀ dT Tᵀ (restricted to the strict lower triangle) instead of
 differentiating through the inverse, and needs only T from the forward.
@@ -24,28 +24,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from layers.kernels.gated_delta.triangular import unit_lower_inverse
+from layers.kernels.gated_delta.tuning import Tuning
+
 WY_IMPLS = ("xla", "pallas_triton", "pallas_interpret")
-
-
-def unit_lower_inverse(a: jax.Array, matmul=None) -> jax.Array:
-  """(I + A)⁻¹ for strictly lower-triangular A [..., c, c] (c a power of two), float32.
-
-  Recursive doubling: with T the inverse of I + A's diagonal blocks of size b, the blocks of size 2b have inverse
-  T - T A_b T, where A_b keeps A's entries below the b-blocks inside each 2b-block ([[T1, 0], [-T2 A21 T1, T2]]).
-  log2(c) steps of two matmuls; only blocks of the bounded inverse are ever formed. ``matmul`` defaults to a
-  float32-accumulating ``jnp.matmul``; the Pallas kernel passes Triton's dot and runs the same steps per chunk.
-  """
-  matmul = matmul or functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
-  c = a.shape[-1]
-  a = a.astype(jnp.float32)
-  rows, cols = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0), jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
-  inv = jnp.where(rows == cols, 1.0, 0.0)
-  block = 1
-  while block < c:
-    off = jnp.where((rows // (2 * block) == cols // (2 * block)) & (rows // block > cols // block), a, 0.0)
-    inv = inv - matmul(matmul(inv, off), inv)
-    block *= 2
-  return inv
 
 
 def _masks(c: int) -> tuple[jax.Array, jax.Array]:
@@ -85,21 +67,21 @@ def _impl(impl: str):
   raise ValueError(f"WY implementation must be one of {WY_IMPLS}, got {impl!r}")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _wy(k, v, beta, gamma, impl):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _wy(k, v, beta, gamma, impl, tuning):
   return _impl(impl)(k, v, beta, gamma)[:2]
 
 
-def _wy_fwd(k, v, beta, gamma, impl):
+def _wy_fwd(k, v, beta, gamma, impl, tuning):
   w, u, tmat = _impl(impl)(k, v, beta, gamma)
   return (w, u), (k, v, beta, gamma, tmat)
 
 
-def _wy_bwd(impl, res, cotangents):
-  if impl in ("pallas_triton", "pallas_interpret"):
+def _wy_bwd(impl, tuning, res, cotangents):
+  if impl in ("pallas_triton", "pallas_interpret") and tuning.wy_backward_kernel:
     from layers.kernels.gated_delta import pallas_triton
-    if pallas_triton.TUNING.wy_backward_kernel:
-      return pallas_triton.wy_backward(*res, *cotangents, interpret=impl == "pallas_interpret")
+    return pallas_triton.wy_backward(*res, *cotangents, interpret=impl == "pallas_interpret",
+                                     num_warps=tuning.wy_backward_warps)
   return _backward_xla(*res, *cotangents)
 
 
@@ -133,8 +115,9 @@ _wy.defvjp(_wy_fwd, _wy_bwd)
 
 
 def wy_representation(k: jax.Array, v: jax.Array, beta: jax.Array, gamma: jax.Array, *,
-                      impl: str = "xla") -> tuple[jax.Array, jax.Array]:
-  """(W, U) of every chunk (module docstring); differentiable in all four inputs."""
+                      impl: str = "xla", tuning: Tuning = Tuning()) -> tuple[jax.Array, jax.Array]:
+  """(W, U) of every chunk (module docstring); differentiable in all four inputs. ``tuning`` sets the Pallas
+  backward's launch (pallas impls only)."""
   if impl not in WY_IMPLS:
     raise ValueError(f"WY implementation must be one of {WY_IMPLS}, got {impl!r}")
-  return _wy(k, v, beta, gamma, impl)
+  return _wy(k, v, beta, gamma, impl, tuning)
