@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -31,15 +31,24 @@ import optax
 from optim.galore_projection import (SIDES, SVD_ALGORITHMS, DimensionNumbersFn, LeafProjection,
                                      default_dimension_numbers, replicated, sharded_like)
 
-if TYPE_CHECKING:
-  from optim.natural_galore import NaturalGaLore
-
 ON_REFRESH = ("keep", "reset", "reproject")
 SELECTIONS = ("paper", "all_2d")
 # The paper projects the attention and MLP matrices (torchrun_main.py: module names containing "attn" or
 # "mlp"); memlab blocks call their attention (or any sequence mixer) "mixer".
 PAPER_KEYWORDS = ("attn", "attention", "mlp", "mixer")
 GALORE_LABEL, FULL_RANK_LABEL = "galore", "full_rank"
+
+
+class LowRankPreconditioner(Protocol):
+  """What :func:`scale_by_galore` needs of a preconditioner of the low-rank gradient (Natural GaLore's
+  :class:`optim.natural_galore.NaturalGaLore` is one): a history of past low-rank gradients and a solve."""
+
+  history: int  # rows of the per-leaf history ring (0: none)
+  on_refresh: str  # "reset" clears the history when the projector changes, "keep" keeps it
+
+  def precondition(self, g: jax.Array, history: jax.Array | None, slot: jax.Array) -> jax.Array:
+    """g float32 [k] (row ``slot`` of history [s, k]) -> the preconditioned gradient [k]."""
+    ...
 
 
 class ScaleByGaLoreState(NamedTuple):
@@ -104,7 +113,7 @@ def _reproject(state: Any, plan: LeafProjection, old: tuple, new: tuple) -> Any:
 
 def scale_by_galore(rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25, side: str = "std",
                     base_optimizer: optax.GradientTransformation | None = None, on_refresh: str = "keep",
-                    natural: NaturalGaLore | None = None, dimension_numbers: DimensionNumbersFn | None = None,
+                    natural: LowRankPreconditioner | None = None, dimension_numbers: DimensionNumbersFn | None = None,
                     projector_dtype: Any = None, stagger_refresh: bool = False,
                     svd_algorithm: str | None = "auto") -> optax.GradientTransformation:
   """GaLore's update direction: project, run ``base_optimizer`` in the subspace, project back, scale by α.
@@ -266,7 +275,7 @@ def galore(learning_rate: optax.ScalarOrSchedule, rank: int = 128, update_proj_g
            weight_decay: float = 0.0, wd_mask: Any = None, select: str | Callable[[str, Any], bool] = "paper",
            keywords: tuple[str, ...] = PAPER_KEYWORDS, base_optimizer: optax.GradientTransformation | None = None,
            full_rank_optimizer: optax.GradientTransformation | None = None, on_refresh: str = "keep",
-           natural: NaturalGaLore | None = None, dimension_numbers: DimensionNumbersFn | None = None,
+           natural: LowRankPreconditioner | None = None, dimension_numbers: DimensionNumbersFn | None = None,
            projector_dtype: Any = None, stagger_refresh: bool = False,
            svd_algorithm: str | None = "auto") -> optax.GradientTransformation:
   """GaLore-AdamW as in the paper's runs: selected matrices get GaLore, every other leaf full-rank Adam.

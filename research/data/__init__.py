@@ -3,17 +3,24 @@
 A task hands out batches as ``{"inputs": int32 [b, t], "labels": int32 [b, t]}`` where ``labels[:, i]`` is the
 target for ``inputs[:, i]`` (-100 = not scored). Training batches are pure functions of ``(seed, step)``, so the
 data position saved in a checkpoint is the step number.
+
+Tasks are plugins like mixers and optimizers: ``@register_task("name", config=Cfg)`` on a factory
+``factory(cfg, *, seq_len, vocab_size, seed) -> Task`` (raising ``ValueError`` for data that cannot serve the run);
+``--task name`` selects one and ``--name.<field>`` sets its config. This module registers ``text`` and ``mqar``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
 
+from research.config import Config, option
 from research.data.mqar import IGNORE_LABEL, MQARConfig, mqar_examples
 from research.data.text_corpus import CorpusError, TextCorpus, training_batch, validation_batches
+from research.registry import Registry
 
 Batch = dict[str, np.ndarray]
 # Mixed into the seed of held-out sets so they never coincide with a training step's batch.
@@ -77,4 +84,51 @@ class MQARTask:
     return [{"inputs": i, "labels": l} for i, l in zip(np.split(inputs, num_batches), np.split(labels, num_batches))]
 
 
-__all__ = ["Batch", "CorpusError", "IGNORE_LABEL", "MQARConfig", "MQARTask", "Task", "TextCorpus", "TextTask"]
+TaskFactory = Callable[..., Task]
+TASKS: Registry[TaskFactory] = Registry("task")
+register_task = TASKS.register
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig(Config):
+  """Next-byte prediction over text files (``text``).
+
+  Attributes:
+    data: text files or folders; empty means the embedded default corpus (the Python standard library's sources).
+  """
+
+  data: tuple[str, ...] = ()
+
+
+@register_task("text", config=TextConfig)
+def text_task(cfg: TextConfig, *, seq_len: int, vocab_size: int, seed: int) -> TextTask:
+  if vocab_size < 256:
+    raise ValueError(f"the text task needs vocab_size >= 256 for bytes (got {vocab_size})")
+  corpus = TextCorpus.load(cfg.data)
+  corpus.check_fits(seq_len)
+  return TextTask(corpus, seq_len, seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class MQARTaskConfig(Config):
+  """Multi-query associative recall (``mqar``; Zoology, arXiv 2312.04927); vocabulary = the model's.
+
+  Attributes:
+    num_kv_pairs: key-value pairs per example (4 · pairs <= seq_len).
+    power_a: query gaps are drawn with p(i) ∝ a·i^(a−1) (0.01 puts most queries far from their key).
+    random_non_queries: fill the empty slots with random tokens.
+  """
+
+  num_kv_pairs: int = option(4, minimum=1)
+  power_a: float = option(0.01, minimum=1e-6, maximum=1.0)
+  random_non_queries: bool = True
+
+
+@register_task("mqar", config=MQARTaskConfig)
+def mqar_task(cfg: MQARTaskConfig, *, seq_len: int, vocab_size: int, seed: int) -> MQARTask:
+  return MQARTask(MQARConfig(vocab_size=vocab_size, seq_len=seq_len, num_kv_pairs=cfg.num_kv_pairs,
+                             power_a=cfg.power_a, random_non_queries=cfg.random_non_queries), seed=seed)
+
+
+__all__ = ["Batch", "CorpusError", "IGNORE_LABEL", "MQARConfig", "MQARTask", "MQARTaskConfig", "TASKS", "Task",
+           "TextConfig", "TextCorpus", "TextTask", "register_task"]
