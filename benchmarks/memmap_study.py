@@ -99,12 +99,12 @@ def minimalloc(methods, args, plots: Path) -> list[dict]:
 
 
 def extracted(methods, args, plots: Path) -> list[dict]:
-  from experiments.configs import get_config
+  from experiments.configs import get_preset
   from research.train import lower_train_step
   from memmap.xla_extract import extract
   rows = []
   for cname in args.configs:
-    cfg = get_config(cname.split("+")[0])
+    cfg = get_preset(cname.split("+")[0])
     if "+" in cname:  # e.g. tiny+mom: the tiny run with every mixer replaced
       mixer = cname.split("+")[1]
       cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, layers=(mixer,) * len(cfg.model.layers)))

@@ -36,7 +36,8 @@ from optim.memory import state_bytes_by_group
 from optim.natural_galore import natural_galore
 from research.memory import compiled_memory
 from research.models import DecoderLM, ModelConfig
-from research.train import make_train_step
+from research.train.first_order import make_train_step
+from research.train.regime import split_model
 
 # name: (d_model, mlp_hidden, layers, heads, paper rank, paper Table 6 state GB Adam / GaLore)
 PAPER_MODELS = {
@@ -128,26 +129,24 @@ def svd_table(shapes: list[tuple[int, int]], repeats: int = 5) -> list[dict[str,
 
 def time_variant(name: str, tx: optax.GradientTransformation, cfg: ModelConfig, batch: dict[str, jax.Array],
                  steps: int, gap: int) -> dict[str, Any]:
-  model = DecoderLM(cfg, rngs=nnx.Rngs(0))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  params = nnx.to_pure_dict(params)
-  opt_state = tx.init(params)
-  step = jax.jit(make_train_step(graphdef, rest, tx, cfg.aux_loss_weight), donate_argnums=(0, 1))
+  model = split_model(DecoderLM(cfg, rngs=nnx.Rngs(0)))
+  state = {"params": model.params, "opt_state": tx.init(model.params)}
+  step = jax.jit(make_train_step(model, tx, cfg.aux_loss_weight), donate_argnums=(0,))
   t0 = time.perf_counter()
-  compiled = step.lower(params, opt_state, batch).compile()
+  compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
   times, losses = [], []
   for _ in range(steps):
     t0 = time.perf_counter()
-    params, opt_state, metrics = compiled(params, opt_state, batch)
-    jax.block_until_ready((params, opt_state))
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(state)
     times.append(time.perf_counter() - t0)
     losses.append(float(metrics["loss"]))
   steady = [t for i, t in enumerate(times) if i >= 2 and i % gap]
   median = statistics.median(steady)
   row = {"variant": name, "compile_s": compile_s, "median_step_ms": 1e3 * median, "first_loss": losses[0],
          "last_loss": losses[-1], "memory": compiled_memory(compiled),
-         "state_bytes": sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(opt_state))}
+         "state_bytes": sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state["opt_state"]))}
   refreshes = [times[i] for i in range(gap, steps, gap)]  # warm refresh steps (t = 0 also pays first-run costs)
   if refreshes:
     refresh = statistics.fmean(refreshes)

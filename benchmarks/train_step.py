@@ -1,5 +1,7 @@
 """Throughput and memory of the LM train step (``research.train``) with cuDNN vs XLA attention, same run.
 
+The attention kernel is the ``attn`` mixer's own setting (``AttentionConfig.implementation``).
+
     PYTHONPATH=. python3 benchmarks/train_step.py --config gpu --out train_step.json
 
 Counts model FLOPs as 6·N·tokens (N = non-embedding parameters) plus causal attention 6·L·T·d per token
@@ -10,25 +12,25 @@ bf16 matmul rate (``--peak-tflops``, default 790 from an 8192³ bf16 product on 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
 import jax
 import numpy as np
 
-from experiments.configs import get_config
+from experiments.configs import get_preset
+from layers.attention import AttentionConfig
 from research import memory
-from research.models import attention as attention_module
-from research.mesh import data_mesh
-from research.train import abstract_train_inputs, lower_train_step
+from research.train import build_model, build_regime
 
 
-def _timed_steps(compiled, params, opt_state, batch, repeats: int) -> float:
+def _timed_steps(compiled, state, batch, repeats: int) -> float:
   """Median seconds per step over ``repeats`` steps after two warm-up steps."""
   times = []
   for i in range(repeats + 2):
     start = time.perf_counter()
-    params, opt_state, metrics = compiled(params, opt_state, batch)
+    state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     if i >= 2:
       times.append(time.perf_counter() - start)
@@ -56,21 +58,23 @@ def main() -> None:
   parser.add_argument("--peak-tflops", type=float, default=790.0)
   parser.add_argument("--out", default="train_step.json")
   args = parser.parse_args()
-  cfg = get_config(args.config)
-  m = cfg.model
+  base = get_preset(args.config)
   device = jax.devices()[0].device_kind
   results = []
   for implementation in ("cudnn", "xla") if jax.default_backend() == "gpu" else ("xla",):
-    attention_module._implementation = lambda q, impl=implementation: impl
+    model = dataclasses.replace(base.model, mixers={**base.model.mixers, "attn": AttentionConfig(implementation)})
+    cfg = dataclasses.replace(base, model=model)
+    m = cfg.model
     try:
-      compiled = lower_train_step(cfg).compile()
-      params, opt_state, batch = _materialise(abstract_train_inputs(cfg, data_mesh()), jax.random.key(0))
-      seconds = _timed_steps(compiled, params, opt_state, batch, args.repeats)
+      regime = build_regime(cfg, build_model(cfg, abstract=True))
+      compiled = regime.step.lower(regime.abstract_state(), regime.abstract_batch()).compile()
+      state, batch = _materialise((regime.abstract_state(), regime.abstract_batch()), jax.random.key(0))
+      n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state["params"]))
+      seconds = _timed_steps(compiled, state, batch, args.repeats)
     except Exception as e:  # e.g. XLA's dense attention running out of device memory
       results.append({"device": device, "attention": implementation, "config": args.config,
                       "error": str(e).splitlines()[0][:200]})
       continue
-    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
     non_embedding = n_params - m.vocab_size * m.d_model
     tokens = cfg.tokens_per_step
     flops = tokens * (6 * non_embedding + 6 * len(m.layers) * cfg.seq_len * m.num_heads * m.resolved_head_dim)

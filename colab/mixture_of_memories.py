@@ -32,10 +32,10 @@ import matplotlib.pyplot as plt
 from flax import nnx
 
 from experiments import mqar
-from experiments.configs import get_config
+from experiments.configs import get_preset
 from layers.gated_deltanet import GDNConfig
 from layers.mom import MixtureOfMemories, MoMConfig, packed_layout, packed_length
-from research.models import DecoderLM, ModelConfig
+from research.models import DecoderLM, MixerContext, ModelConfig
 from research.models.generate import generate
 
 TINY = True  # CI and CPUs: small widths and a few training steps
@@ -47,9 +47,10 @@ TINY = True  # CI and CPUs: small widths and a few training steps
 # slots each token reaches, and the top-k indices.
 
 # %%
-gdn = GDNConfig(d_model=64, num_heads=2, head_dim=32, chunk_size=16)
-layer = MixtureOfMemories(MoMConfig(gdn=gdn, num_memories=4, top_k=2), rngs=nnx.Rngs(0))
-x = jax.random.normal(jax.random.PRNGKey(1), (2, 96, gdn.d_model))
+mom = MoMConfig(memory=GDNConfig(chunk_size=16), num_memories=4, top_k=2)
+ctx = MixerContext(d_model=64, num_heads=2, head_dim=32)  # the model around the layer
+layer = MixtureOfMemories(mom, ctx, rngs=nnx.Rngs(0))
+x = jax.random.normal(jax.random.PRNGKey(1), (2, 96, ctx.d_model))
 probs, slot_weights, routed, _ = layer.routing(x)
 loads = routed.sum(axis=(0, 1))  # tokens per slot over the batch
 print("routed weights sum to 1:", bool(jnp.allclose(slot_weights[..., :-1].sum(-1), 1.0)))
@@ -65,13 +66,15 @@ plt.show()
 # The dense reference runs every memory over the whole sequence; both compute the same function.
 
 # %%
-layout = packed_layout(jnp.moveaxis(routed, -1, 0), gdn.chunk_size, copies=3)
-print(f"packed row: {packed_length(96, gdn.chunk_size, 5, 3)} positions "
+chunk = mom.memory.chunk_size
+layout = packed_layout(jnp.moveaxis(routed, -1, 0), chunk, copies=3)
+print(f"packed row: {packed_length(96, chunk, 5, 3)} positions "
       f"({int((layout.token[0] >= 0).sum())} real tokens) vs sorted: 5 × 96 = 480")
-dense = MixtureOfMemories(MoMConfig(gdn=gdn, num_memories=4, top_k=2, dispatch="dense"), rngs=nnx.Rngs(0))
+dense = MixtureOfMemories(dataclasses.replace(mom, dispatch="dense"), ctx, rngs=nnx.Rngs(0))
 y, aux = layer(x)
 y_dense, _ = dense(x)
-print(f"packed vs dense reference: max |Δy| = {float(jnp.max(jnp.abs(y - y_dense))):.1e}; "
+packed_error = float(jnp.max(jnp.abs(y - y_dense)))
+print(f"packed vs dense reference: max |Δy| = {packed_error:.1e}; "
       f"load-balance loss {float(aux['mom_load_balance']):.3f} (k = 2 when balanced)")
 plt.imshow(layout.slot[0][None].repeat(8, 0) * (layout.token[0] >= 0)[None], aspect="auto", cmap="tab10")
 plt.yticks([])
@@ -86,12 +89,13 @@ plt.show()
 
 # %%
 model_cfg = ModelConfig(vocab_size=256, layers=("mom", "attn", "mom"), d_model=64, num_heads=2, num_kv_heads=2,
-                        linear_chunk_size=16)
+                        mixers={"mom": mom})
 model = DecoderLM(model_cfg, rngs=nnx.Rngs(2))
 prompt = jax.random.randint(jax.random.PRNGKey(3), (2, 20), 0, 256)
 tokens, logits = generate(model, prompt, max_new_tokens=8)
 full_logits, _ = model(tokens[:, :-1])
-print(f"cached decode vs full forward: max |Δlogits| = {float(jnp.max(jnp.abs(logits - full_logits))):.1e}")
+decode_error = float(jnp.max(jnp.abs(logits - full_logits)))
+print(f"cached decode vs full forward: max |Δlogits| = {decode_error:.1e}")
 
 # %% [markdown]
 # ## MQAR: attention vs Gated DeltaNet vs MoM
@@ -100,7 +104,7 @@ print(f"cached decode vs full forward: max |Δlogits| = {float(jnp.max(jnp.abs(l
 # `docs/results.md`. `TINY` trains each cell for a few steps only, so accuracies stay near chance.
 
 # %%
-base = get_config("mqar_tiny")
+base = get_preset("mqar_tiny")
 if TINY:
   base = dataclasses.replace(base, steps=6, eval_every=6, eval_batches=1, checkpoint_every=6, log_every=3,
                              batch_size=8, model=dataclasses.replace(base.model, d_model=32, vocab_size=128))

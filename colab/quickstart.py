@@ -25,7 +25,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from experiments.configs import get_config
+from experiments.configs import get_preset
 from research.memory import format_memory_report
 from research.metrics import read_metrics
 from research.train import train_and_evaluate
@@ -35,10 +35,12 @@ workdir = Path(tempfile.mkdtemp()) / "quickstart"
 
 # %% [markdown]
 # Start from the `tiny` preset and shrink it further when `TINY` is set. Configs are frozen dataclasses:
-# `dataclasses.replace` makes a changed copy, and the constructor validates it.
+# `dataclasses.replace` makes a changed copy, and the constructor validates it. Each plugin owns its settings:
+# the optimizer's are in `cfg.plugins["adamw"]`, the attention layer's in `cfg.model.mixers["attn"]`.
 
 # %%
-cfg = get_config("tiny")
+cfg = get_preset("tiny")
+print(cfg.plugins["adamw"], cfg.model.mixers["attn"])
 if TINY:
   cfg = dataclasses.replace(cfg, steps=4, eval_every=2, eval_batches=1, log_every=2, checkpoint_every=2,
                             seq_len=32, model=dataclasses.replace(cfg.model, d_model=32, num_heads=2,
@@ -50,8 +52,9 @@ print(json.dumps({k: summary[k] for k in ("final_eval_loss", "uniform_loss", "fi
 # Running it again resumes from the newest checkpoint; with more steps it continues the same curve.
 
 # %%
-summary = train_and_evaluate(dataclasses.replace(cfg, steps=cfg.steps + 2), workdir)
-print([round(r["loss"], 3) for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "train"])
+resumed = train_and_evaluate(dataclasses.replace(cfg, steps=cfg.steps + 2), workdir)
+train_losses = [r["loss"] for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "train"]
+print(f"{resumed['steps_this_session']} more steps; the curve:", [round(v, 3) for v in train_losses])
 
 # %% [markdown]
 # XLA's own accounting of the compiled train step, saved with the run:

@@ -1,19 +1,27 @@
-"""Named run presets for ``python -m experiments.train --config NAME``; each is a function returning a config.
+"""Named run presets for ``--config NAME``, registered with ``research.train.presets``.
 
 ``tiny`` trains a byte-level LM on the Python standard library's sources on a 2-core CPU in a few minutes;
 ``small`` is a laptop/GPU-sized version; ``gpu`` is a ~100M-parameter model for one H100/H200;
 ``mqar_tiny`` is the Zoology MQAR recall task at T=64 with 4 key-value pairs; ``mqar_gpu`` its one-GPU size
 (d_model 128, batch 256; ``experiments.mqar`` sweeps T and the pair count).
+
+Importing this module also imports memlab's plugin packages (``layers``, ``optim``), so the experiments work from a
+source tree without ``pip install -e .`` (which declares them as entry points).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+import layers  # noqa: F401  (registers every mixer)
+import optim  # noqa: F401  (registers GaLore and its variants)
+from research.data import MQARTaskConfig
 from research.models import ModelConfig
 from research.train import TrainConfig
+from research.train.presets import PRESETS, get_preset, register_preset
+
+__all__ = ["PRESETS", "get_preset"]
 
 
+@register_preset("tiny")
 def tiny() -> TrainConfig:
   return TrainConfig(
       model=ModelConfig(layers=("attn", "attn", "attn"), d_model=128, num_heads=4, num_kv_heads=4),
@@ -21,6 +29,7 @@ def tiny() -> TrainConfig:
       eval_every=100, eval_batches=8, checkpoint_every=50, log_every=20)
 
 
+@register_preset("small")
 def small() -> TrainConfig:
   return TrainConfig(
       model=ModelConfig(layers=("attn",) * 6, d_model=384, num_heads=6, num_kv_heads=6),
@@ -28,6 +37,7 @@ def small() -> TrainConfig:
       eval_every=250, eval_batches=16, checkpoint_every=250, log_every=50)
 
 
+@register_preset("gpu")
 def gpu() -> TrainConfig:
   return TrainConfig(
       model=ModelConfig(layers=("attn",) * 12, d_model=768, num_heads=12, num_kv_heads=12, dtype="bfloat16"),
@@ -35,27 +45,17 @@ def gpu() -> TrainConfig:
       eval_every=500, eval_batches=32, checkpoint_every=500, log_every=50)
 
 
+@register_preset("mqar_tiny")
 def mqar_tiny() -> TrainConfig:
   return TrainConfig(
       model=ModelConfig(vocab_size=8192, layers=("attn", "attn"), d_model=64, num_heads=2, num_kv_heads=2),
-      task="mqar", seq_len=64, mqar_kv_pairs=4, batch_size=64, steps=1500, learning_rate=3e-3,
-      warmup_steps=100, weight_decay=0.1, eval_every=250, eval_batches=4, checkpoint_every=500, log_every=50)
+      task="mqar", plugins={"mqar": MQARTaskConfig(num_kv_pairs=4)}, seq_len=64, batch_size=64, steps=1500,
+      learning_rate=3e-3, warmup_steps=100, eval_every=250, eval_batches=4, checkpoint_every=500, log_every=50)
 
 
+@register_preset("mqar_gpu")
 def mqar_gpu() -> TrainConfig:
   return TrainConfig(
       model=ModelConfig(vocab_size=8192, layers=("attn", "attn"), d_model=128, num_heads=2, num_kv_heads=2),
-      task="mqar", seq_len=256, mqar_kv_pairs=16, batch_size=256, steps=2000, learning_rate=2e-3,
-      warmup_steps=100, weight_decay=0.1, eval_every=500, eval_batches=4, checkpoint_every=1000, log_every=100)
-
-
-PRESETS: dict[str, Callable[[], TrainConfig]] = {
-    "tiny": tiny, "small": small, "gpu": gpu, "mqar_tiny": mqar_tiny, "mqar_gpu": mqar_gpu}
-
-
-def get_config(name: str) -> TrainConfig:
-  """The preset called ``name``; ``KeyError`` listing the allowed names otherwise."""
-  try:
-    return PRESETS[name]()
-  except KeyError:
-    raise KeyError(f"unknown config {name!r}; choose one of: {', '.join(PRESETS)}") from None
+      task="mqar", plugins={"mqar": MQARTaskConfig(num_kv_pairs=16)}, seq_len=256, batch_size=256, steps=2000,
+      learning_rate=2e-3, warmup_steps=100, eval_every=500, eval_batches=4, checkpoint_every=1000, log_every=100)

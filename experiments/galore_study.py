@@ -26,14 +26,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from experiments.configs import PRESETS  # noqa: E402
+from experiments.train import parser  # noqa: E402
 from optim.memory import state_bytes_by_group  # noqa: E402
-from research.cli import UsageError, fail, parse_run_args  # noqa: E402
+from research.cli import UsageError, fail  # noqa: E402
+from research.config import ConfigError, to_json  # noqa: E402
 from research.data import CorpusError  # noqa: E402
 from research.metrics import read_metrics  # noqa: E402
 from research.models import DecoderLM  # noqa: E402
-from research.optimizers import make_optimizer  # noqa: E402
-from research.train import TrainConfig, TrainError, train_and_evaluate  # noqa: E402
+from research.train import TrainConfig, TrainError, make_optimizer, train_and_evaluate  # noqa: E402
 
 DEFAULT_VARIANTS = "adamw,optax_galore,galore,galore*4,natural_galore"
 
@@ -45,7 +45,10 @@ def parse_variant(spec: str, cfg: TrainConfig) -> tuple[str, TrainConfig]:
     scale = float(factor) if factor else 1.0
   except ValueError:
     raise UsageError(f"variant {spec!r}: expected NAME or NAME*FACTOR with a number FACTOR") from None
-  return spec, dataclasses.replace(cfg, optimizer=name, learning_rate=cfg.learning_rate * scale)
+  try:
+    return spec, dataclasses.replace(cfg, optimizer=name, learning_rate=cfg.learning_rate * scale)
+  except ConfigError as e:
+    raise UsageError(f"variant {spec!r}: {e}") from None
 
 
 def optimizer_state_bytes(cfg: TrainConfig) -> dict[str, dict[str, int]]:
@@ -114,7 +117,7 @@ def run_study(cfg: TrainConfig, workdir: Path, variants: list[str]) -> list[dict
     r["eval_loss_vs_adamw"] = None if adamw is None else r["final_eval_loss"] / adamw - 1
   plot_curves(runs, workdir / "loss_curves.png",
               f"{cfg.task} LM d={cfg.model.d_model} x{len(cfg.model.layers)}, {cfg.steps} steps")
-  (workdir / "study.json").write_text(json.dumps({"config": cfg.to_json(), "rows": rows}, indent=2) + "\n")
+  (workdir / "study.json").write_text(json.dumps({"config": to_json(cfg), "rows": rows}, indent=2) + "\n")
   table = markdown_table(rows)
   (workdir / "study.md").write_text(table + "\n")
   print(table)
@@ -128,8 +131,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help="comma-separated registered optimizers, NAME*K for K times the learning rate")
 
   try:
-    cfg, args = parse_run_args(argv, config_cls=TrainConfig, presets=PRESETS, default_preset="tiny",
-                               description=__doc__.splitlines()[0], extra=extra)
+    cfg, args = parser(description=__doc__.splitlines()[0], default_preset="tiny", extra=extra,
+                       prog="python -m experiments.galore_study", unselected_plugins=True).parse(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
       parse_variant(v, cfg)

@@ -32,8 +32,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from experiments.configs import PRESETS
-from research.cli import UsageError, fail, parse_run_args
+from experiments.train import parser
+from research.cli import UsageError, fail
 from research.train import TrainConfig, TrainError, config_changes, train_and_evaluate
 
 MODELS = {"attn": ("attn", "attn"), "gdn": ("gdn", "gdn"), "mom": ("mom", "mom")}
@@ -64,7 +64,8 @@ def grid(models: list[str], settings: list[tuple[int, int]], seeds: tuple[int, .
 def cell_config(base: TrainConfig, cell: Cell) -> TrainConfig:
   """``base`` with the cell's mixers, sequence length, pair count and seed."""
   model, seq_len, kv_pairs, seed = cell
-  return dataclasses.replace(base, seq_len=seq_len, mqar_kv_pairs=kv_pairs, seed=seed,
+  task = dataclasses.replace(base.task_config, num_kv_pairs=kv_pairs)
+  return dataclasses.replace(base, seq_len=seq_len, seed=seed, plugins={**base.plugins, "mqar": task},
                              model=dataclasses.replace(base.model, layers=MODELS[model]))
 
 
@@ -206,8 +207,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="train nothing: write the report over the grid's finished cells")
 
   try:
-    base, args = parse_run_args(argv, config_cls=TrainConfig, presets=PRESETS, default_preset="mqar_tiny",
-                                description=__doc__.splitlines()[0], extra=extra)
+    base, args = parser(description=__doc__.splitlines()[0], default_preset="mqar_tiny", extra=extra,
+                        prog="python -m experiments.mqar", unselected_plugins=True).parse(argv)
+    if base.task != "mqar":
+      raise UsageError(f"the MQAR study needs --task mqar (the preset's task is {base.task!r})")
     models = [m.strip() for m in args.models.split(",")]
     if unknown := [m for m in models if m not in MODELS]:
       raise UsageError(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")

@@ -1,7 +1,8 @@
 """Train a decoder LM: ``python -m experiments.train --config tiny --workdir runs/tiny``.
 
 Running the same command again resumes from the newest checkpoint in ``--workdir``. Every config field is a flag
-(``--steps 500``, ``--layers attn,attn,attn``, ``--data path/to/texts``, ``--dtype bfloat16`` ...); see --help.
+(``--steps 500``, ``--layers attn,attn,attn``, ``--dtype bfloat16`` ...), and every plugin's settings are flags named
+after it (``--text.data path/to/texts``, ``--mom.dispatch sorted``, ``--galore.rank 64``); see --help.
 """
 
 from __future__ import annotations
@@ -9,17 +10,23 @@ from __future__ import annotations
 import sys
 
 from experiments.configs import PRESETS
-from research.cli import UsageError, fail, parse_run_args
+from research.cli import ConfigParser, UsageError, fail
 from research.data import CorpusError
 from research.train import TrainConfig, TrainError, train_and_evaluate
 
 
+def parser(**kwargs) -> ConfigParser:
+  """The command line of a training entry point: ``--config`` preset, every TrainConfig and plugin flag."""
+  return ConfigParser(TrainConfig, presets=PRESETS, usage="%(prog)s [--config NAME] [--workdir DIR] [--FLAG VALUE ...]",
+                      **kwargs)
+
+
 def main(argv: list[str] | None = None) -> dict:
   try:
-    cfg, args = parse_run_args(
-        argv, config_cls=TrainConfig, presets=PRESETS, default_preset="tiny",
-        description=__doc__.splitlines()[0],
-        extra=lambda p: p.add_argument("--workdir", default=None, help="run folder (default: runs/<config>)"))
+    cfg, args = parser(
+        description=__doc__.splitlines()[0], default_preset="tiny", prog="python -m experiments.train",
+        extra=lambda p: p.add_argument("--workdir", default=None, help="run folder (default: runs/<config>)")
+    ).parse(argv)
     return train_and_evaluate(cfg, args.workdir or f"runs/{args.config}")
   except (UsageError, TrainError, CorpusError) as e:
     fail(str(e))

@@ -46,9 +46,9 @@ def _lowered(args):
     fn = getattr(importlib.import_module(mod), name)
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else []
     return jax.jit(fn).lower(*(jax.ShapeDtypeStruct(s, jnp.dtype(args.dtype)) for s in shapes))
-  from experiments.configs import get_config
   from research.train import lower_train_step
-  return lower_train_step(get_config(args.config))
+  from research.train.presets import get_preset
+  return lower_train_step(get_preset(args.config))
 
 
 def _extract(args) -> None:
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--plot", default=None, help="PNG of the placement")
   s.set_defaults(run=_solve)
   e = sub.add_parser("extract", help="dump the temp buffers of a compiled train step (or any jitted function)")
-  e.add_argument("--config", default="tiny", help="experiments.configs name of the train step")
+  e.add_argument("--config", default="tiny", help="preset of the train step (research.train.presets)")
   e.add_argument("--function", default=None, help="'module:function' to jit instead of a train step")
   e.add_argument("--shapes", default="", help="argument shapes for --function, e.g. 64x128,128x256")
   e.add_argument("--dtype", default="float32")
