@@ -5,6 +5,7 @@ import json
 import pytest
 
 from experiments import mqar
+from experiments.configs import get_preset
 from research.cli import UsageError
 
 SMALL = ["--d-model", "16", "--num-heads", "2", "--num-kv-heads", "2", "--vocab-size", "64", "--batch-size", "8",
@@ -35,7 +36,7 @@ def test_shards_partition_the_grid_balanced_by_length():
 def test_several_seeds_report_mean_and_each_seed(tmp_path):
   rows = [{"model": "gdn", "seq_len": 64, "kv_pairs": 8, "seed": s, "accuracy": a} for s, a in [(1, 0.25), (0, 0.75)]]
   rows.append({"model": "mom", "seq_len": 64, "kv_pairs": 4, "seed": 0, "accuracy": 1.0})
-  table = mqar.write_report(rows, tmp_path, mqar.PRESETS["mqar_tiny"]())
+  table = mqar.write_report(rows, tmp_path, get_preset("mqar_tiny"))
   assert "| 64 | 8 | 0.500 (0.750 / 0.250) | — |" in table and "| 64 | 4 | — | 1.000 |" in table
   assert mqar.cell_dir(tmp_path, ("mom", 64, 4, 0)).name == "mom_T64_D4"
   assert mqar.cell_dir(tmp_path, ("mom", 64, 4, 3)).name == "mom_T64_D4_seed3"

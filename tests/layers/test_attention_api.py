@@ -18,6 +18,42 @@ def _qkv(seed, t=24, hq=4, hkv=2, d=8):
           jax.random.normal(kv, (2, t, hkv, d)))
 
 
+def test_automatic_order_on_cpu():
+  q, k, v = _qkv(5)
+  call = lambda pattern, **kw: api.AttentionCall(q, k, v, pattern, None, 0, False, None)._replace(**kw)
+  assert api.choose(call(Dense(True))) == "xla"  # short dense causal: one fused softmax
+  assert api.choose(call(SinkWindow(0, 7))) == "xla"  # plain window: jax.nn.dot_product_attention's local window
+  assert api.choose(call(SinkWindow(2, 7))) == "blockwise"  # sinks need a mask
+  assert api.choose(call(Dense(True), return_lse=True)) == "blockwise"  # xla returns no logsumexp
+  long_q = jnp.zeros((1, 4096, 1, 8))
+  assert api.choose(call(Dense(True), q=long_q, k=long_q, v=long_q)) == "blockwise"  # T·S logits too many
+  assert api.AUTOMATIC_ORDER == ("cudnn", "pallas_gpu", "xla", "blockwise", "reference")
+
+
+@pytest.mark.parametrize("implementation", ["xla", "fusemax_3pass", "fusemax_2pass", "fusemax_1pass"])
+@pytest.mark.parametrize("pattern", [Dense(True), SinkWindow(0, 6)], ids=repr)
+def test_every_implementation_matches_the_reference(implementation, pattern):
+  q, k, v = _qkv(6)
+  o = jax.jit(lambda *a: api.attention(*a, pattern=pattern, implementation=implementation))(q, k, v)
+  o_ref, _ = reference.attention_reference(q, k, v, pattern)
+  print(implementation, pattern, "max |Δ|", float(jnp.max(jnp.abs(o - o_ref))))
+  assert float(jnp.max(jnp.abs(o - o_ref))) <= 1e-5
+
+
+def test_fusemax_cascades_run_any_pattern_and_return_lse():
+  q, k, v = _qkv(7)
+  p = BlockSparse(4, 2, 3)
+  o, lse = api.attention(q, k, v, pattern=p, implementation="fusemax_1pass", return_lse=True)
+  o_ref, lse_ref = reference.attention_reference(q, k, v, api.bind_heads(p, 4, 2))
+  assert float(jnp.max(jnp.abs(o - o_ref))) <= 1e-5 and float(jnp.max(jnp.abs(lse - lse_ref))) <= 1e-5
+
+
+def test_explicit_xla_refuses_what_it_cannot_express():
+  q, k, v = _qkv(8)
+  with pytest.raises(ValueError, match="'xla' expresses dense and sink-free window patterns only"):
+    api.attention(q, k, v, pattern=SinkWindow(2, 5), implementation="xla")
+
+
 def test_cpu_dispatch_uses_blockwise_and_matches_reference():
   q, k, v = _qkv(0)
   p = SinkWindow(2, 7)

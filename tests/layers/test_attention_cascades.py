@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from layers.kernels.attention import masks, reference
+from layers.kernels.attention import fusemax, masks, reference
 from layers.kernels.attention.patterns import BlockSparse, Dense, SinkWindow
 
 STABLE = ("three_pass", "two_pass", "one_pass")
@@ -35,9 +35,9 @@ def test_cascades_match_softmax_oracle(pattern, logit_scale):
   @jax.jit
   def run(q, k, v):
     # block_k=5: 23 % 5 != 0, so the last key tile is ragged (padded and masked).
-    return [reference.CASCADES[n](q, k, v, mask, **({} if n == "three_pass" else {"block_k": 5})) for n in STABLE]
+    return [fusemax.CASCADES[n](q, k, v, mask, **({} if n == "three_pass" else {"block_k": 5})) for n in STABLE]
 
-  o_ref, lse_ref = jax.jit(reference.dot_product_softmax)(q, k, v, mask)
+  o_ref, lse_ref = jax.jit(fusemax.dot_product_softmax)(q, k, v, mask)
   for name, (o, lse) in zip(STABLE, run(q, k, v)):
     print(name, pattern, "max |Δo|", _err(o, o_ref), "max |Δlse|", _err(lse, lse_ref))
     assert _err(o, o_ref) <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(o_ref))))
@@ -46,8 +46,8 @@ def test_cascades_match_softmax_oracle(pattern, logit_scale):
 
 def test_base2_one_pass_equals_natural():
   q, k, v = _qkv(2)
-  o, lse = jax.jit(lambda *a: reference.one_pass(*a, block_k=4))(q, k, v)
-  o2, lse2 = jax.jit(lambda *a: reference.one_pass(*a, block_k=4, base2=True))(q, k, v)
+  o, lse = jax.jit(lambda *a: fusemax.one_pass(*a, block_k=4))(q, k, v)
+  o2, lse2 = jax.jit(lambda *a: fusemax.one_pass(*a, block_k=4, base2=True))(q, k, v)
   assert _err(o, o2) < 1e-6 and _err(lse, lse2) < 1e-5
 
 
@@ -55,9 +55,9 @@ def test_float64_cascades_agree_to_1e12():
   with jax.enable_x64(True):
     q, k, v = _qkv(3, dtype=jnp.float64, logit_scale=30.0)
     mask = masks.dense_mask(SinkWindow(2, 7), 23, 23)
-    o_ref, lse_ref = reference.dot_product_softmax(q, k, v, mask)
+    o_ref, lse_ref = fusemax.dot_product_softmax(q, k, v, mask)
     for name in STABLE:
-      o, lse = jax.jit(lambda *a, n=name: reference.CASCADES[n](*a, mask))(q, k, v)
+      o, lse = jax.jit(lambda *a, n=name: fusemax.CASCADES[n](*a, mask))(q, k, v)
       assert o.dtype == jnp.float64
       print(name, "f64 max |Δo|", _err(o, o_ref))
       assert _err(o, o_ref) < 1e-12 and _err(lse, lse_ref) < 1e-12
@@ -70,9 +70,9 @@ def test_large_logit_shift_is_finite_and_exact(shift):
   e = q.shape[-1]
   q1 = jnp.concatenate([q, jnp.full(q.shape[:-1] + (1,), shift * math.sqrt(e))], -1)
   k1 = jnp.concatenate([k, jnp.ones(k.shape[:-1] + (1,))], -1)
-  o_ref, lse_ref = reference.dot_product_softmax(q, k, v)
+  o_ref, lse_ref = fusemax.dot_product_softmax(q, k, v)
   for name in STABLE:
-    o, lse = jax.jit(lambda *a, n=name: reference.CASCADES[n](*a, scale=1.0 / math.sqrt(e)))(q1, k1, v)
+    o, lse = jax.jit(lambda *a, n=name: fusemax.CASCADES[n](*a, scale=1.0 / math.sqrt(e)))(q1, k1, v)
     assert bool(jnp.isfinite(o).all()) and bool(jnp.isfinite(lse).all())
     print(name, shift, "max |Δo|", _err(o, o_ref), "max |Δlse - shift|", _err(lse - shift, lse_ref))
     assert _err(o, o_ref) <= 2e-3  # the fp32 ulp of a 1e4 logit is ~1e-3
@@ -81,9 +81,9 @@ def test_large_logit_shift_is_finite_and_exact(shift):
 
 def test_naive_overflows_negative_control():
   q, k, v = _qkv(5, logit_scale=60.0)
-  o, _ = reference.naive(q, k, v)
+  o, _ = fusemax.naive(q, k, v)
   assert not bool(jnp.isfinite(o).all())
-  o_stable, _ = reference.three_pass(q, k, v)
+  o_stable, _ = fusemax.three_pass(q, k, v)
   assert bool(jnp.isfinite(o_stable).all())
 
 
@@ -93,7 +93,7 @@ def test_fully_masked_rows_give_zero_and_minus_inf_without_nan(name):
   mask = np.tril(np.ones((6, 6), bool))
   mask[2] = False  # query 2 sees nothing
   mask = mask[None]
-  fn = jax.jit(lambda q, k, v: reference.CASCADES[name](q, k, v, mask))
+  fn = jax.jit(lambda q, k, v: fusemax.CASCADES[name](q, k, v, mask))
   o, lse = fn(q, k, v)
   assert float(jnp.max(jnp.abs(o[:, 2]))) == 0.0 and bool(jnp.all(lse[:, 2] == -jnp.inf))
   if name == "naive":
@@ -109,7 +109,7 @@ def test_one_pass_invariant_to_joint_kv_tile_permutation():
   q, k, v = _qkv(7, t=8, s=24)
   perm = np.array([2, 0, 5, 1, 4, 3])
   tiles = lambda x: x.reshape(x.shape[0], 6, 4, *x.shape[2:])[:, perm].reshape(x.shape)
-  run = jax.jit(lambda q, k, v: reference.one_pass(q, k, v, block_k=4)[0])
+  run = jax.jit(lambda q, k, v: fusemax.one_pass(q, k, v, block_k=4)[0])
   o, o_perm = run(q, k, v), run(q, tiles(k), tiles(v))
   assert _err(o, o_perm) <= 1e-6
 
@@ -119,8 +119,8 @@ def test_cascade_gradients_match_oracle(name):
   q, k, v = _qkv(8)
   mask = masks.dense_mask(SinkWindow(2, 6), 23, 23)
   loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, mask)[0])) + jnp.sum(fn(q, k, v, mask)[1] ** 2)
-  g = jax.jit(jax.grad(loss(reference.CASCADES[name]), argnums=(0, 1, 2)))(q, k, v)
-  g_ref = jax.jit(jax.grad(loss(reference.dot_product_softmax), argnums=(0, 1, 2)))(q, k, v)
+  g = jax.jit(jax.grad(loss(fusemax.CASCADES[name]), argnums=(0, 1, 2)))(q, k, v)
+  g_ref = jax.jit(jax.grad(loss(fusemax.dot_product_softmax), argnums=(0, 1, 2)))(q, k, v)
   for a, b in zip(g, g_ref):
     print(name, "max |Δgrad|", _err(a, b))
     assert _err(a, b) <= 1e-5
@@ -130,7 +130,7 @@ def test_twopass_softmax_matches_jax_softmax():
   x = jax.random.uniform(jax.random.PRNGKey(9), (5, 300), minval=-1e4, maxval=1e4)
   x = x.at[0].set(jax.random.normal(jax.random.PRNGKey(10), (300,)))
   mask = jax.random.bernoulli(jax.random.PRNGKey(11), 0.7, x.shape).at[1].set(False)
-  y = jax.jit(reference.twopass_softmax)(x, mask)
+  y = jax.jit(fusemax.twopass_softmax)(x, mask)
   y_ref = jax.nn.softmax(jnp.where(mask, x, -jnp.inf), axis=-1)
   y_ref = jnp.where(mask.any(-1, keepdims=True), y_ref, 0.0)
   print("twopass max |Δ|", _err(y, y_ref))
@@ -147,8 +147,8 @@ def test_merge_of_key_segments_equals_unsplit(cuts, empty):
 
   @jax.jit
   def run(q, k, v):
-    parts = [reference.three_pass(q, k[:, a:b], v[:, a:b], mask[:, :, a:b]) for a, b in zip(cuts, cuts[1:])]
-    return reference.three_pass(q, k, v, mask), reference.merge([p[0] for p in parts], [p[1] for p in parts])
+    parts = [fusemax.three_pass(q, k[:, a:b], v[:, a:b], mask[:, :, a:b]) for a, b in zip(cuts, cuts[1:])]
+    return fusemax.three_pass(q, k, v, mask), fusemax.merge([p[0] for p in parts], [p[1] for p in parts])
 
   (o_ref, lse_ref), (o, lse) = run(q, k, v)
   assert _err(o, o_ref) <= 1e-6
@@ -160,9 +160,9 @@ def test_merge_of_key_segments_equals_unsplit(cuts, empty):
 def test_merge_all_empty_is_zero_and_minus_inf():
   o = jnp.ones((1, 3, 2, 4))
   lse = jnp.full((1, 3, 2), -jnp.inf)
-  merged, merged_lse = reference.merge([o, o], [lse, lse])
+  merged, merged_lse = fusemax.merge([o, o], [lse, lse])
   assert float(jnp.max(jnp.abs(merged))) == 0.0 and bool(jnp.all(merged_lse == -jnp.inf))
-  g = jax.grad(lambda a: jnp.sum(reference.merge([a, o], [lse, lse])[0]))(o)
+  g = jax.grad(lambda a: jnp.sum(fusemax.merge([a, o], [lse, lse])[0]))(o)
   assert bool(jnp.isfinite(g).all())
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from layers.kernels.gated_delta import api, chunked, reference, state_scan, wy
+from layers.kernels.gated_delta import Tuning, api, chunked, reference, state_scan, triangular, wy
 
 
 def _inputs(seed, b=2, t=100, h=2, dk=16, dv=32, decay_scale=1.0, dtype=jnp.float32):
@@ -54,7 +54,7 @@ def test_unit_lower_inverse():
   k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
   beta = jax.nn.sigmoid(jax.random.normal(jax.random.PRNGKey(2), (3, 64, 1)))
   a = jnp.tril(beta * (k @ jnp.swapaxes(k, -1, -2)), -1)
-  inv = wy.unit_lower_inverse(a)
+  inv = triangular.unit_lower_inverse(a)
   residual = _max_err(inv @ (jnp.eye(64) + a), jnp.eye(64))
   print(f"||T(I+A) - I||_max = {residual:.2e}")
   assert residual <= 1e-5
@@ -275,3 +275,19 @@ def test_wy_backward_kernel_equals_xla_backward():
   for name, x, y in zip(("dk", "dv", "dbeta", "dgamma"), got, want):
     print(f"wy backward kernel vs xla {name}: max rel err {_rel(x, y):.2e}")
     assert _rel(x, y) <= 1e-5, name
+
+
+def test_tuning_is_a_static_argument_that_changes_only_the_launch():
+  """Two Tuning values trace two programs (no global, no cache clearing) computing the same gradients."""
+  q, k, v, g, beta, _ = _inputs(12, t=40)
+
+  def grads(tuning):
+    loss = lambda *a: jnp.sum(jnp.sin(chunked.gated_delta_rule_chunked(
+        *a, chunk_size=16, kernel_impl="pallas_interpret", tuning=tuning)[0]))
+    return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, g, beta)
+
+  default, other = grads(Tuning()), grads(Tuning(scan_forward_stages=1, wy_backward_kernel=False))
+  errs = [_max_err(a, b) for a, b in zip(default, other)]
+  print("Tuning() vs Tuning(stages=1, XLA WY backward): max |Δgrad|", errs)
+  assert max(errs) <= 1e-5
+  assert hash(Tuning()) == hash(Tuning()) and Tuning() != Tuning(wy_backward_warps=4)

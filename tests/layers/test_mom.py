@@ -20,10 +20,11 @@ from layers.mom import (
   packed_length,
   route,
 )
-from research.models import DecoderLM, registry
-from research.models.config import ModelConfig
+from research.config import ConfigError
+from research.models import DecoderLM, MixerContext, ModelConfig, registry
 
-GDN = GDNConfig(d_model=32, num_heads=2, head_dim=16, chunk_size=16)
+GDN = GDNConfig(chunk_size=16)
+CTX = MixerContext(d_model=32, num_heads=2, head_dim=16, num_layers=2)
 
 
 def _x(seed, b=2, t=37, d=32):
@@ -38,15 +39,15 @@ def _rel(x, y):
 
 def _pair(cfg, seed=0):
   """The same weights under cfg's dispatch and the dense reference."""
-  layer = MixtureOfMemories(cfg, rngs=nnx.Rngs(seed))
-  dense_layer = MixtureOfMemories(dataclasses.replace(cfg, dispatch="dense"), rngs=nnx.Rngs(seed))
+  layer = MixtureOfMemories(cfg, CTX, rngs=nnx.Rngs(seed))
+  dense_layer = MixtureOfMemories(dataclasses.replace(cfg, dispatch="dense"), CTX, rngs=nnx.Rngs(seed))
   return layer, dense_layer
 
 
 @pytest.mark.parametrize("dispatch", ["packed", "sorted"])
 @pytest.mark.parametrize("num_memories,top_k,shared", [(4, 2, True), (3, 1, False)])
 def test_dispatch_matches_dense_reference(dispatch, num_memories, top_k, shared):
-  layer, reference = _pair(MoMConfig(gdn=GDN, num_memories=num_memories, top_k=top_k, shared_memory=shared,
+  layer, reference = _pair(MoMConfig(memory=GDN, num_memories=num_memories, top_k=top_k, shared_memory=shared,
                                      dispatch=dispatch))
   x = _x(1)
   y, aux = layer(x)
@@ -73,7 +74,7 @@ def test_packed_layout_places_every_routed_token_once():
 
 @pytest.mark.parametrize("dispatch", ["packed", "sorted"])
 def test_gradients_match_dense_reference(dispatch):
-  layer, reference = _pair(MoMConfig(gdn=GDN, num_memories=4, top_k=2, dispatch=dispatch))
+  layer, reference = _pair(MoMConfig(memory=GDN, num_memories=4, top_k=2, dispatch=dispatch))
   x = _x(2, t=18)
 
   def loss(model, x):
@@ -89,8 +90,9 @@ def test_gradients_match_dense_reference(dispatch):
 
 
 def test_one_memory_top1_no_shared_equals_gdn_layer():
-  layer = MixtureOfMemories(MoMConfig(gdn=GDN, num_memories=1, top_k=1, shared_memory=False), rngs=nnx.Rngs(3))
-  gdn = GatedDeltaNet(GDN, rngs=nnx.Rngs(4))
+  layer = MixtureOfMemories(MoMConfig(memory=GDN, num_memories=1, top_k=1, shared_memory=False), CTX,
+                            rngs=nnx.Rngs(3))
+  gdn = GatedDeltaNet(GDN, CTX, rngs=nnx.Rngs(4))
   for name in ("k_proj", "v_proj", "b_proj", "a_proj"):
     getattr(gdn, name).kernel[...] = getattr(layer, name)[0]
   for name in ("a_log", "dt_bias", "q_conv", "k_conv", "v_conv"):
@@ -105,7 +107,8 @@ def test_one_memory_top1_no_shared_equals_gdn_layer():
 
 
 def test_routing_weights_sum_to_one_and_no_token_dropped():
-  layer = MixtureOfMemories(MoMConfig(gdn=GDN, num_memories=5, top_k=3, shared_memory=True), rngs=nnx.Rngs(6))
+  layer = MixtureOfMemories(MoMConfig(memory=GDN, num_memories=5, top_k=3, shared_memory=True), CTX,
+                            rngs=nnx.Rngs(6))
   x = _x(7, t=50)
   _, slot_weights, routed, _ = layer.routing(x)
   routed_weights = slot_weights[..., :-1]
@@ -122,7 +125,7 @@ def test_routing_weights_sum_to_one_and_no_token_dropped():
 @pytest.mark.parametrize("dispatch", ["packed", "sorted"])
 def test_uneven_loads_all_tokens_to_one_memory(dispatch):
   """A router that sends every token to memory 0 (top-1) must still process all of them."""
-  cfg = MoMConfig(gdn=GDN, num_memories=3, top_k=1, shared_memory=False, dispatch=dispatch)
+  cfg = MoMConfig(memory=GDN, num_memories=3, top_k=1, shared_memory=False, dispatch=dispatch)
   layer, reference = _pair(cfg, seed=9)
   for model in (layer, reference):
     model.router.kernel[...] = jnp.zeros_like(model.router.kernel[...]).at[:, 0].set(0.0)
@@ -143,7 +146,7 @@ def test_aux_loss_equals_k_at_balanced_routing():
   probs = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(12), (2, 8, m)), -1)
   assert float(load_balance_loss(probs, balanced_idx)) == pytest.approx(k, rel=1e-6)
   # the layer: zero router -> uniform probabilities -> aux = k, with a non-zero gradient on the router
-  layer = MixtureOfMemories(MoMConfig(gdn=GDN, num_memories=m, top_k=k), rngs=nnx.Rngs(13))
+  layer = MixtureOfMemories(MoMConfig(memory=GDN, num_memories=m, top_k=k), CTX, rngs=nnx.Rngs(13))
   layer.router.kernel[...] = jnp.zeros_like(layer.router.kernel[...])
   aux_fn = lambda model: model(_x(14, t=16))[1][AUX_LOSS_NAME]
   assert float(aux_fn(layer)) == pytest.approx(k, rel=1e-6)
@@ -152,7 +155,7 @@ def test_aux_loss_equals_k_at_balanced_routing():
 
 
 def test_causality():
-  layer = MixtureOfMemories(MoMConfig(gdn=GDN), rngs=nnx.Rngs(15))
+  layer = MixtureOfMemories(MoMConfig(memory=GDN), CTX, rngs=nnx.Rngs(15))
   x = _x(16, t=30)
   y, _ = layer(x)
   y2, _ = layer(x.at[:, 20:].add(jax.random.normal(jax.random.PRNGKey(17), (2, 10, 32))))
@@ -161,8 +164,8 @@ def test_causality():
 
 @pytest.mark.parametrize("kind", ["mom", "gdn"])
 def test_cached_decode_equals_full_forward(kind):
-  layer = (MixtureOfMemories(MoMConfig(gdn=GDN), rngs=nnx.Rngs(18)) if kind == "mom"
-           else GatedDeltaNet(GDN, rngs=nnx.Rngs(18)))
+  layer = (MixtureOfMemories(MoMConfig(memory=GDN), CTX, rngs=nnx.Rngs(18)) if kind == "mom"
+           else GatedDeltaNet(GDN, CTX, rngs=nnx.Rngs(18)))
   x = _x(19, t=30)
   y_full, _ = layer(x)
   layer.init_cache(2)
@@ -177,7 +180,8 @@ def test_cached_decode_equals_full_forward(kind):
 
 
 def test_decode_leaves_unselected_memories_bit_identical():
-  layer = MixtureOfMemories(MoMConfig(gdn=GDN, num_memories=4, top_k=1, shared_memory=True), rngs=nnx.Rngs(20))
+  layer = MixtureOfMemories(MoMConfig(memory=GDN, num_memories=4, top_k=1, shared_memory=True), CTX,
+                            rngs=nnx.Rngs(20))
   x = _x(21, t=12)
   layer.init_cache(2)
   layer(x[:, :11], use_cache=True)
@@ -192,35 +196,34 @@ def test_decode_leaves_unselected_memories_bit_identical():
 
 
 def test_registry_builds_mixers():
-  cfg = ModelConfig(d_model=32, num_heads=2, num_kv_heads=2, layers=("mom", "attn", "gdn"))
   assert {"mom", "gdn"} <= set(registry.available_mixers())
-  for name in ("mom", "gdn"):
-    mixer = registry.get_mixer(name)(cfg, 0, rngs=nnx.Rngs(22))
+  for name, cfg in (("mom", MoMConfig(memory=GDN)), ("gdn", GDN)):
+    mixer = registry.get_mixer(name)(cfg, CTX, rngs=nnx.Rngs(22))
     y, aux = mixer(_x(23, t=9))
     assert y.shape == (2, 9, 32) and bool(jnp.all(jnp.isfinite(y)))
     assert set(aux) == ({AUX_LOSS_NAME} if name == "mom" else set())
 
 
 def test_config_validation_messages():
-  with pytest.raises(ValueError, match="top_k must be in"):
+  with pytest.raises(ConfigError, match="top_k must be in"):
     MoMConfig(num_memories=2, top_k=3)
-  with pytest.raises(ValueError, match="dispatch must be one of"):
+  with pytest.raises(ConfigError, match="dispatch must be one of"):
     MoMConfig(dispatch="ragged")
-  with pytest.raises(ValueError, match="implementation must be None or one of"):
+  with pytest.raises(ConfigError, match="implementation must be one of"):
     GDNConfig(implementation="cuda")
-  dense_layer = MixtureOfMemories(MoMConfig(gdn=GDN, dispatch="dense"), rngs=nnx.Rngs(24))
+  dense_layer = MixtureOfMemories(MoMConfig(memory=GDN, dispatch="dense"), CTX, rngs=nnx.Rngs(24))
   with pytest.raises(ValueError, match="dispatch='packed' or 'sorted'"):
     dense_layer.init_cache(1)
 
 
-def test_model_config_fields_reach_the_memories():
-  cfg = ModelConfig(layers=("mom", "gdn"), d_model=16, num_heads=2, num_kv_heads=2, mom_num_memories=3,
-                    mom_top_k=1, mom_shared_memory=False, mom_dispatch="sorted", gdn_expand_v=2, gdn_conv_size=2,
-                    linear_chunk_size=16, linear_attention_impl="reference")
+def test_model_config_mixers_reach_the_memories():
+  memory = {"expand_v": 2, "conv_size": 2, "chunk_size": 16, "implementation": "reference"}
+  cfg = ModelConfig(layers=("mom", "gdn"), d_model=16, num_heads=2, num_kv_heads=2,
+                    mixers={"mom": {"num_memories": 3, "top_k": 1, "shared_memory": False, "dispatch": "sorted",
+                                    "memory": memory}, "gdn": memory})
   model = DecoderLM(cfg, rngs=nnx.Rngs(0))
   mom, gdn = model.blocks[0].mixer.cfg, model.blocks[1].mixer.cfg
   assert (mom.num_memories, mom.top_k, mom.shared_memory, mom.dispatch) == (3, 1, False, "sorted")
-  with pytest.raises(ValueError, match="mom_dispatch must be packed or sorted"):
-    ModelConfig(mom_dispatch="dense")
-  for c in (mom.gdn, gdn):
+  for c in (mom.memory, gdn):
     assert (c.expand_v, c.conv_size, c.chunk_size, c.implementation) == (2, 2, 16, "reference")
+  assert model.blocks[1].mixer.shape.value_head_dim == 16  # head_dim 8 · expand_v 2

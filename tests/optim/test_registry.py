@@ -10,11 +10,10 @@ import pytest
 from flax import nnx
 
 from optim.memory import state_bytes_by_group
-from optim.registry import galore_rank
-from research.models import DecoderLM, ModelConfig
 from research.checkpoint import Checkpointer, abstract_like
-from research.optimizers import decay_mask, get_optimizer, make_optimizer
-from research.train import TrainConfig
+from research.models import DecoderLM, ModelConfig
+from research.optimizers import decay_mask, get_optimizer
+from research.train import TrainConfig, make_optimizer
 
 
 @pytest.mark.parametrize("name", ["galore", "natural_galore", "optax_galore"])
@@ -31,7 +30,7 @@ def test_registered_optimizer_steps_on_lm_params(name):
   adam_bytes = 2 * sum(p.size * 4 for path, p in jax.tree_util.tree_flatten_with_path(params)[0]
                        if any(k in jax.tree_util.keystr(path) for k in ("mixer", "mlp")) and p.ndim == 2)
   print(name, groups, "AdamW attn/mlp bytes", adam_bytes)
-  assert galore_rank(cfg) == 8 and q.shape == (32, 32)
+  assert cfg.optimizer_config.resolved_rank(cfg.model) == 8 and q.shape == (32, 32)
   # Natural GaLore's s = 20 gradient history outweighs AdamW's moments (see optim/natural_galore.py).
   assert (groups["attn/mlp"]["total"] > adam_bytes) == (name == "natural_galore")
 
@@ -40,10 +39,11 @@ def test_optax_galore_entry_equals_optax_contrib_galore():
   cfg = TrainConfig(model=ModelConfig(layers=("attn",), d_model=32, num_heads=2, num_kv_heads=2),
                     optimizer="optax_galore")
   params = nnx.to_pure_dict(nnx.state(DecoderLM(cfg.model, rngs=nnx.Rngs(0)), nnx.Param))
-  ours = get_optimizer("optax_galore")(cfg, optax.constant_schedule(1e-2))
-  ref = optax.contrib.galore(1e-2, rank=galore_rank(cfg), update_proj_gap=200,
-                             base_optimizer=optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2),
-                             weight_decay=cfg.weight_decay, mask=decay_mask)
+  opt = cfg.optimizer_config
+  ours = get_optimizer("optax_galore")(opt, optax.constant_schedule(1e-2), cfg.model)
+  ref = optax.contrib.galore(1e-2, rank=opt.resolved_rank(cfg.model), update_proj_gap=200,
+                             base_optimizer=optax.scale_by_adam(b1=opt.b1, b2=opt.b2),
+                             weight_decay=opt.weight_decay, mask=decay_mask)
   s_ours, s_ref = ours.init(params), ref.init(params)
   for i in range(3):
     key = jax.random.key(i)

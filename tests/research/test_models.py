@@ -1,5 +1,7 @@
 """Decoder LM assembly: shapes, causality, GQA, dtypes and the mixer registry."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,6 +79,8 @@ def test_layer_spec_parsing_and_registry_errors():
     parse_layer_spec("attn,,attn")
   with pytest.raises(ValueError, match="already registered"):
     register_mixer("attn")(lambda *a, **k: None)
+  with pytest.raises(TypeError, match="frozen dataclass"):
+    register_mixer("not_a_config", config=dict)
   assert get_mixer("attn") is not None
 
 
@@ -85,7 +89,20 @@ def test_layer_spec_parsing_and_registry_errors():
     ({"d_model": 30, "num_heads": 4}, "divisible by num_heads"),
     ({"dtype": "float16"}, "dtype must be one of"),
     ({"head_dim": 7}, "positive even"),
+    ({"layers": ()}, "must name at least one layer"),
+    ({"layers": ("attn", "nope")}, "unknown layer 'nope'"),
+    ({"layers": ("mom",), "mixers": {"mom": {"top_k": 9}}}, r"mixers.mom.top_k must be in \[1, num_memories=4\]"),
+    ({"mixers": {"attn": {"implementation": "flash"}}}, "mixers.attn.implementation must be one of"),
 ])
 def test_model_config_rejects_bad_values(kwargs, message):
   with pytest.raises(ValueError, match=message):
-    ModelConfig(**kwargs)
+    ModelConfig(**{"layers": ("attn",), **kwargs})
+
+
+def test_model_config_round_trips_through_json_and_fills_mixer_defaults():
+  from layers.mom import MoMConfig
+  from research.config import from_json, to_json
+  cfg = ModelConfig(layers=("mom", "attn", "mom"), mixers={"mom": {"top_k": 1, "memory": {"chunk_size": 16}}})
+  assert isinstance(cfg.mixers["mom"], MoMConfig) and cfg.mixers["mom"].memory.chunk_size == 16
+  assert set(cfg.mixers) == {"mom", "attn"}  # attn took its defaults
+  assert from_json(ModelConfig, json.loads(json.dumps(to_json(cfg)))) == cfg

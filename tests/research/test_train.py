@@ -7,9 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.configs import get_config, mqar_tiny
+from experiments.configs import get_preset, mqar_tiny
 from research.checkpoint import Checkpointer
-from research.mesh import data_mesh
 from research.metrics import read_metrics
 from research.models import ModelConfig
 from research.train import TrainConfig, TrainError, lower_train_step, train_and_evaluate
@@ -28,7 +27,7 @@ def _train_losses(workdir):
 
 
 def test_two_step_smoke_run_of_the_tiny_config(tmp_path):
-  cfg = dataclasses.replace(get_config("tiny"), steps=2, eval_every=1, eval_batches=1, log_every=1)
+  cfg = dataclasses.replace(get_preset("tiny"), steps=2, eval_every=1, eval_batches=1, log_every=1)
   summary = train_and_evaluate(cfg, tmp_path, log=lambda s: None)
   for name in ("config.json", "metrics.jsonl", "memory.json", "loss.png", "summary.json"):
     assert (tmp_path / name).exists(), name
@@ -68,7 +67,7 @@ def test_resuming_with_a_different_model_is_refused(tmp_path):
 def test_data_parallel_over_8_devices_matches_one_device(straight_run, tmp_path):
   assert jax.device_count() == 8
   many_dir, many = straight_run
-  one = train_and_evaluate(_small(), tmp_path, mesh=data_mesh(jax.devices()[:1]), log=lambda s: None)
+  one = train_and_evaluate(_small(), tmp_path, devices=jax.devices()[:1], log=lambda s: None)
   np.testing.assert_allclose(_train_losses(many_dir), _train_losses(tmp_path), rtol=1e-5)
   assert abs(many["final_eval_loss"] - one["final_eval_loss"]) < 1e-4
 
@@ -84,6 +83,10 @@ def test_indivisible_batch_is_rejected_before_training(tmp_path):
   with pytest.raises(TrainError, match="divisible by the number of devices"):
     train_and_evaluate(_small(batch_size=12), tmp_path, log=lambda s: None)
   assert not (tmp_path / "config.json").exists()
+  assert not tmp_path.joinpath("never_made").exists()
+  with pytest.raises(TrainError):
+    train_and_evaluate(_small(batch_size=12), tmp_path / "never_made", log=lambda s: None)
+  assert not (tmp_path / "never_made").exists(), "a refused run must not leave an empty run folder"
 
 
 def test_lowered_train_step_reports_memory_without_materialising_params():

@@ -1,0 +1,38 @@
+"""The private-JAX gate: cuDNN attention with an external logsumexp only on JAX versions it was GPU-tested on."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from layers.kernels import jax_compat
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gate():
+  jax_compat.cudnn_attention_problem.cache_clear()
+  yield
+  jax_compat.cudnn_attention_problem.cache_clear()
+
+
+def test_untested_jax_is_refused_with_one_warning(monkeypatch, caplog):
+  monkeypatch.setattr(jax_compat, "CUDNN_BACKWARD_SIGNATURES", {"0.0.1": ()})
+  with caplog.at_level("WARNING", logger="memlab"):
+    problem = jax_compat.cudnn_attention_problem()
+    assert jax_compat.cudnn_attention_problem() == problem  # cached: checked and logged once per process
+  assert f"JAX {jax.__version__} is not a version its GPU parity test passed on (0.0.1)" in problem
+  assert len([r for r in caplog.records if "Pallas kernel runs instead" in r.message]) == 1
+  with pytest.raises(RuntimeError, match="unavailable"):
+    jax_compat.cudnn_window_forward(None, None, None, window=4, scale=1.0)
+
+
+def test_a_changed_private_signature_is_refused_not_bound(monkeypatch):
+  monkeypatch.setattr(jax_compat, "CUDNN_BACKWARD_SIGNATURES",
+                      {jax.__version__: ("query", "value", "key", *jax_compat._PARAMS)})  # operands reordered
+  problem = jax_compat.cudnn_attention_problem()
+  assert problem is not None and "not the recorded" in problem
+
+
+def test_recorded_versions_have_the_recorded_operand_order():
+  for version, signature in jax_compat.CUDNN_BACKWARD_SIGNATURES.items():
+    assert signature[:len(jax_compat._OPERANDS)] == jax_compat._OPERANDS, version
