@@ -21,13 +21,17 @@ def parser(**kwargs) -> ConfigParser:
                       **kwargs)
 
 
+def _run_flags(p) -> None:
+  p.add_argument("--workdir", default=None, help="run folder (default: runs/<config>)")
+  p.add_argument("--accept-change", action="append", default=[], metavar="KEY",
+                 help="resume although the saved run had another value of this run setting (e.g. steps); repeatable")
+
+
 def main(argv: list[str] | None = None) -> dict:
   try:
-    cfg, args = parser(
-        description=__doc__.splitlines()[0], default_preset="tiny", prog="python -m experiments.train",
-        extra=lambda p: p.add_argument("--workdir", default=None, help="run folder (default: runs/<config>)")
-    ).parse(argv)
-    return train_and_evaluate(cfg, args.workdir or f"runs/{args.config}")
+    cfg, args = parser(description=__doc__.splitlines()[0], default_preset="tiny", prog="python -m experiments.train",
+                       extra=_run_flags).parse(argv)
+    return train_and_evaluate(cfg, args.workdir or f"runs/{args.config}", accept_changes=args.accept_change)
   except (UsageError, TrainError, CorpusError) as e:
     fail(str(e))
 

@@ -37,6 +37,17 @@ def _is_binary(data: bytes) -> bool:
   return b"\0" in data[:8192]
 
 
+def _files_under(folder: Path, raw: str | os.PathLike) -> list[Path]:
+  """Every non-hidden file below ``folder``; a sub-folder that cannot be read is an error, not an empty folder."""
+  found, unreadable = [], []
+  for root, dirs, names in os.walk(folder, onerror=lambda e: unreadable.append(e.filename)):
+    dirs[:] = [d for d in dirs if not d.startswith(".")]
+    found += [Path(root, n) for n in names if not n.startswith(".") and Path(root, n).is_file()]
+  if unreadable:
+    raise CorpusError(f"data folder '{raw}': cannot read {unreadable[0]} (permission denied or gone)")
+  return found
+
+
 def collect_text_files(paths: Sequence[str | os.PathLike]) -> dict[Path, bool]:
   """Files named by ``paths`` (files, or folders searched recursively, hidden entries skipped), sorted.
 
@@ -49,8 +60,7 @@ def collect_text_files(paths: Sequence[str | os.PathLike]) -> dict[Path, bool]:
     if not path.exists():
       raise CorpusError(f"data path '{raw}' does not exist")
     if path.is_dir():
-      found = [p for p in path.rglob("*")
-               if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+      found = _files_under(path, raw)
       if not found:
         raise CorpusError(f"data folder '{raw}' holds no files")
       files.update({p: files.get(p, False) for p in found})

@@ -43,6 +43,10 @@ class TrainConfig(Config):
     warmup_steps: linear warm-up steps, then cosine decay to 10% of the peak at ``steps``.
     grad_clip: global-norm gradient clipping threshold; 0 disables clipping.
     regime: registered training regime (``research.train.regime``): how one step updates the state.
+    skip_nonfinite: updates with a non-finite loss or gradient that may be skipped (the state is kept) before the
+      run stops; 0 stops at the first one.
+    init_from: a run folder whose newest intact checkpoint gives the initial parameters (fine-tuning; the model must
+      be the same); None initialises from ``seed``.
     eval_every: evaluation period in steps.
     eval_batches: held-out batches per evaluation.
     checkpoint_every: checkpoint period in steps.
@@ -57,12 +61,14 @@ class TrainConfig(Config):
   seq_len: int = option(128, minimum=1)
   batch_size: int = option(16, minimum=1)
   grad_accum: int = option(1, minimum=1)
-  steps: int = option(300, minimum=1, resumable=True)
+  steps: int = option(300, minimum=1)
   optimizer: str = option("adamw", registry=OPTIMIZERS)
   learning_rate: float = option(3e-3, minimum=0.0)
   warmup_steps: int = option(30, minimum=0)
   grad_clip: float = option(1.0, minimum=0.0)
   regime: str = option("first_order", registry=REGIMES)
+  skip_nonfinite: int = option(0, minimum=0, resumable=True)
+  init_from: str | None = None
   eval_every: int = option(100, minimum=1, resumable=True)
   eval_batches: int = option(8, minimum=1)
   checkpoint_every: int = option(100, minimum=1, resumable=True)

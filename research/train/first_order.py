@@ -1,8 +1,10 @@
 """The first-order regime (``--regime first_order``, the default): backprop gradients and an optax update.
 
 A step consumes ``grad_accum`` micro-batches through ``lax.scan`` and averages their gradients, then applies the
-run's optimizer (``research.train.config.make_optimizer``). Data parallel over a 1-D ``data`` mesh of every device:
-the batch is split over it, params and optimizer state are replicated, and XLA inserts the gradient all-reduce.
+run's optimizer (``research.train.config.make_optimizer``); with ``--skip-nonfinite N`` an update whose loss or
+gradient is not finite is skipped (``research.train.regime.skip_nonfinite_updates``). Data parallel over a 1-D
+``data`` mesh of every device: the batch is split over it, params and optimizer state are replicated, and XLA
+inserts the gradient all-reduce.
 State ``{"params", "opt_state"}`` is donated, so a step updates it in place. Batches are pure functions of
 (seed, step), so a run resumed from a checkpoint reproduces the uninterrupted run's loss curve exactly on CPU.
 """
@@ -19,7 +21,7 @@ import optax
 
 from research.mesh import batch_sharded, data_mesh, replicated
 from research.train.config import make_optimizer
-from research.train.regime import Regime, SplitModel, register_regime
+from research.train.regime import Regime, SplitModel, register_regime, skip_nonfinite_updates
 from research.train.steps import lm_loss
 
 
@@ -82,8 +84,10 @@ class FirstOrder(Regime):
   @functools.cached_property
   def step(self) -> Callable:
     repl = replicated(self.mesh)
-    return jax.jit(make_train_step(self.model, self.tx, self.run.model.aux_loss_weight), donate_argnums=(0,),
-                   out_shardings=(repl, repl))
+    step = make_train_step(self.model, self.tx, self.run.model.aux_loss_weight)
+    if self.run.skip_nonfinite:
+      step = skip_nonfinite_updates(step)
+    return jax.jit(step, donate_argnums=(0,), out_shardings=(repl, repl))
 
   def _micro_batched_shape(self) -> tuple[int, int, int]:
     run = self.run

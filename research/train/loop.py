@@ -7,10 +7,12 @@ state, the step and the seed, so a resumed run reproduces the uninterrupted run'
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +21,18 @@ import numpy as np
 from flax import nnx
 
 from research import memory
-from research.checkpoint import Checkpointer, abstract_like
+from research.checkpoint import CheckpointError, Checkpointer, abstract_like
+from research.config import from_json, to_json
 from research.data import TASKS, CorpusError, Task
 from research.mesh import batch_sharded
 from research.metrics import MetricWriter, ProgressLine, plot_losses, read_metrics
 from research.models import DecoderLM
+from research.run_lock import RunLock, WorkdirBusy
 from research.train.config import REGIMES, TrainConfig, TrainError
+from research.train.records import NonFiniteError, StepRecords
 from research.train.regime import Regime, SplitModel, split_model
-from research.train.resume import check_workdir_config, write_config
+from research.train.resume import (check_accepted, check_workdir_config, describe_accepted, refused_changes,
+                                   write_config)
 from research.train.steps import make_eval_step
 
 
@@ -72,41 +78,101 @@ def _count_params(params: Any) -> int:
   return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
 
 
-def train_and_evaluate(cfg: TrainConfig, workdir: str | Path, *, devices: list[jax.Device] | None = None,
-                       log: Callable[[str], None] = print) -> dict:
-  """Train ``cfg`` in ``workdir`` (resuming from its latest checkpoint), evaluate, and write the run's records.
+def _initial_params(cfg: TrainConfig, model: SplitModel, log: Callable[[str], None]) -> Any:
+  """``model.params``, or with ``cfg.init_from`` the evaluated params of that run's newest intact checkpoint."""
+  if cfg.init_from is None:
+    return model.params
+  source = Path(cfg.init_from)
+  try:
+    source_cfg = from_json(TrainConfig, json.loads((source / "config.json").read_text()))
+  except (OSError, ValueError) as e:
+    raise TrainError(f"--init-from {source}: not a run folder with a readable config.json ({e})") from None
+  if source_cfg.model != dataclasses.replace(cfg.model, mixers=source_cfg.model.mixers) or \
+     jax.tree.structure(model.params) != jax.tree.structure(build_model(source_cfg, abstract=True).params):
+    raise TrainError(f"--init-from {source}: that run trained another model ({source_cfg.model.layers}, "
+                     f"d_model {source_cfg.model.d_model}); fine-tuning needs the same one")
+  source_regime = build_regime(source_cfg, build_model(source_cfg, abstract=True))
+  restored = Checkpointer(source / "checkpoints", keep=source_cfg.keep_checkpoints).restore_latest(
+      abstract_like(source_regime.abstract_state()), log=log)
+  if restored is None:
+    raise TrainError(f"--init-from {source}: it holds no intact checkpoint")
+  step, state, _ = restored
+  log(f"initialised from {source} at step {step}")
+  return jax.device_get(source_regime.eval_params(state))
 
-  ``devices`` (default: all) are handed to the regime, which lays out its mesh over them. Writes ``config.json``,
-  ``metrics.jsonl`` (+ TensorBoard events if tensorboardX is installed), ``checkpoints/``, ``memory.json``,
-  ``loss.png`` and ``summary.json``; returns the summary dict.
+
+@contextlib.contextmanager
+def _run_lock(workdir: Path, log: Callable[[str], None]):
+  """The folder's :class:`RunLock`, its refusal as a :class:`TrainError` (one line)."""
+  lock = RunLock(workdir, log=log)
+  try:
+    lock.__enter__()
+  except WorkdirBusy as e:
+    raise TrainError(str(e)) from None
+  try:
+    yield
+  finally:
+    lock.__exit__(None, None, None)
+
+
+def _check_checkpoint_meta(cfg: TrainConfig, accept, step: int, meta: dict[str, Any], where: str) -> list:
+  """Refuse a checkpoint of another run (its stored config, seed and data position); returns accepted changes."""
+  if meta.get("seed") != cfg.seed or meta.get("data_position") != step:
+    raise TrainError(f"checkpoint {step} in {where} does not match this run (seed {meta.get('seed')})")
+  return refused_changes(meta["config"], cfg, accept, f"checkpoint {step} in {where}") if "config" in meta else []
+
+
+def train_and_evaluate(cfg: TrainConfig, workdir: str | Path, *, devices: list[jax.Device] | None = None,
+                       accept_changes: Collection[str] = (), log: Callable[[str], None] = print) -> dict:
+  """Train ``cfg`` in ``workdir`` (resuming from its newest intact checkpoint), evaluate, and write the run's records.
+
+  ``devices`` (default: all) are handed to the regime, which lays out its mesh over them. ``accept_changes`` names
+  run settings (e.g. ``steps``) that may differ from the saved run's (:mod:`research.train.resume`). Nothing is
+  created before the config, data and device layout have been checked; one process holds the folder's lock. Writes
+  ``config.json`` (after the restore succeeded), ``metrics.jsonl`` (+ TensorBoard events if tensorboardX is
+  installed), ``checkpoints/``, ``memory.json``, ``loss.png`` and ``summary.json``; returns the summary dict.
   """
   workdir = Path(workdir)
+  check_accepted(accept_changes)
   task = make_task(cfg)
   model = build_model(cfg)
   regime = build_regime(cfg, model, devices)
+  lead = jax.process_index() == 0  # only process 0 locks the folder and writes run files
   workdir.mkdir(parents=True, exist_ok=True)
-  check_workdir_config(workdir, cfg)
-  write_config(workdir, cfg)
+  with _run_lock(workdir, log) if lead else contextlib.nullcontext():
+    accepted = check_workdir_config(workdir, cfg, accept_changes)
+    state, step = regime.init_state(_initial_params(cfg, model, log)), 0
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
+    try:
+      restored = checkpointer.restore_latest(
+          abstract_like(state), log=log,
+          check_meta=lambda s, meta: accepted.extend(_check_checkpoint_meta(cfg, accept_changes, s, meta, workdir)))
+    except CheckpointError as e:
+      raise TrainError(str(e)) from None
+    if restored is not None:
+      step, state, _ = restored
+      log(f"resumed from checkpoint at step {step} in {workdir / 'checkpoints'}")
+      if accepted:
+        log(describe_accepted(list(dict.fromkeys(accepted)), step))
+    else:
+      log(f"starting a new run in {workdir}")
+    write_config(workdir, cfg)
+    try:
+      return _train(cfg, workdir, task, model, regime, state, step, checkpointer, log)
+    finally:
+      checkpointer.close()
 
-  state, step = regime.init_state(model.params), 0
-  checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state, meta = checkpointer.restore(latest, abstract_like(state))
-    if meta.get("seed") != cfg.seed or meta.get("data_position") != latest:
-      raise TrainError(f"checkpoint {latest} in {workdir} does not match this run (seed {meta.get('seed')})")
-    step = latest
-    log(f"resumed from checkpoint at step {latest} in {workdir / 'checkpoints'}")
-  else:
-    log(f"starting a new run in {workdir}")
+
+def _train(cfg: TrainConfig, workdir: Path, task: Task, model: SplitModel, regime: Regime, state: Any, step: int,
+           checkpointer: Checkpointer, log: Callable[[str], None]) -> dict:
   mesh = regime.mesh
   log(f"model: {cfg.model.layers} d_model={cfg.model.d_model} ({_count_params(model.params) / 1e6:.2f}M params, "
       f"{cfg.model.dtype}) | regime: {cfg.regime} | data: {task.description} | {mesh.size} device(s): "
       f"{jax.devices()[0].platform}")
-
   compiled = regime.step.lower(state, regime.place_batch(task.train_batch(0, cfg.batch_size))).compile()
   mem = memory.memory_report(compiled, "train step")
-  (workdir / "memory.json").write_text(json.dumps(mem, indent=2) + "\n")
+  if jax.process_index() == 0:
+    (workdir / "memory.json").write_text(json.dumps(mem, indent=2) + "\n")
   log(memory.format_memory_report(mem))
 
   eval_step = jax.jit(make_eval_step(model))
@@ -114,7 +180,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path, *, devices: list[j
               for b in task.eval_batches(cfg.eval_batches * cfg.grad_accum, cfg.batch_size // cfg.grad_accum)]
   writer = MetricWriter(workdir, resume_step=step)
   progress = ProgressLine(cfg.steps, cfg.tokens_per_step)
-  pending: list[dict[str, jax.Array]] = []
+  records = StepRecords(regime, writer, progress, workdir, cfg.skip_nonfinite)
   eval_metrics: dict[str, float] = {}
   start_time, start_step = time.perf_counter(), step
   progress.start(step)
@@ -122,26 +188,26 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path, *, devices: list[j
     while step < cfg.steps:
       state, metrics = compiled(state, regime.place_batch(task.train_batch(step, cfg.batch_size)))
       step += 1
-      pending.append(metrics)
+      records.add(metrics)
+      save = step % cfg.checkpoint_every == 0 or step == cfg.steps
+      if save or step % cfg.log_every == 0:
+        records.flush(step)  # before any checkpoint: a saved state's metrics have been seen and checked
       if step % cfg.log_every == 0 or step == cfg.steps:
-        host = regime.record(step - len(pending) + 1, jax.device_get(pending), workdir)
-        for offset, values in enumerate(host):
-          writer.write(step - len(host) + 1 + offset, "train", values)
-        pending = []
-        mean = {k: float(np.mean([h[k] for h in host])) for k in host[-1]}
-        if not all(math.isfinite(v) for v in mean.values()):
-          raise FloatingPointError(f"non-finite training metrics at step {step}: {mean}")
-        shown = {"loss": mean["loss"], **{k: v for k, v in mean.items() if k != "loss"}}
-        tokens_per_s = progress.update(step, shown)
-        writer.write(step, "speed", {"tokens_per_s": tokens_per_s})
+        records.log_line(step)
       if step % cfg.eval_every == 0 or step == cfg.steps:
         eval_metrics = evaluate(eval_step, regime.eval_params(state), eval_set)
         writer.write(step, "eval", eval_metrics)
         log(f"eval at step {step}: loss {eval_metrics['loss']:.4f} | accuracy {eval_metrics['accuracy']:.4f}")
-      if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-        checkpointer.save(step, state, {"step": step, "data_position": step, "seed": cfg.seed})
+      if save:
+        checkpointer.save(step, state, {"step": step, "data_position": step, "seed": cfg.seed,
+                                        "config": to_json(cfg)})
+  except NonFiniteError as e:
+    checkpointer.wait()
+    last = checkpointer.latest_step()
+    raise NonFiniteError(f"{e}; the run stopped, its newest checkpoint is "
+                         f"{'step ' + str(last) if last is not None else 'none'} (resume from it with a lower "
+                         "--learning-rate, or allow skipped updates with --skip-nonfinite N)") from None
   finally:
-    checkpointer.close()
     writer.close()
   if not eval_metrics:  # the run was already complete: report the restored model
     eval_metrics = evaluate(eval_step, regime.eval_params(state), eval_set)

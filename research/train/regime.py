@@ -19,7 +19,10 @@ and owns:
   they reach the host, :meth:`summary` adds entries to ``summary.json``).
 
 Metrics are scalars the loop logs and averages; a regime may return other per-step outputs in them and take them
-out in :meth:`record` (e.g. the seeds and codes of a zeroth-order step for its ledger).
+out in :meth:`record` (e.g. the seeds and codes of a zeroth-order step for its ledger). The loop stops at the first
+step whose scalar metrics are not finite (before any checkpoint could hold it), unless the regime skipped that
+update: a step wrapped by :func:`skip_nonfinite_updates` keeps the old state and reports ``metrics["skipped"] = 1``,
+and the run stops only when more than ``run.skip_nonfinite`` updates were skipped.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -107,6 +111,22 @@ class Regime(abc.ABC):
 
 
 register_regime = REGIMES.register
+
+
+def skip_nonfinite_updates(step: Callable) -> Callable:
+  """``step(state, batch) -> (state, metrics)`` that keeps the old state when any float scalar metric of the new one
+  (loss, gradient norm, ...) is not finite, and says so in ``metrics["skipped"]`` (0 or 1, float32).
+
+  The select costs one elementwise pass over the state; the old state's buffers stay donated."""
+
+  def guarded(state, batch):
+    new_state, metrics = step(state, batch)
+    scalars = [m for m in jax.tree.leaves(metrics) if m.ndim == 0 and jnp.issubdtype(m.dtype, jnp.floating)]
+    finite = jnp.all(jnp.stack([jnp.isfinite(m) for m in scalars])) if scalars else jnp.bool_(True)
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    return kept, {**metrics, "skipped": (~finite).astype(jnp.float32)}
+
+  return guarded
 
 
 def split_model(model: nnx.Module) -> SplitModel:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from research.checkpoint import Checkpointer, abstract_like
+from research.checkpoint import CheckpointError, Checkpointer, abstract_like
 from research.mesh import data_mesh, replicated
 
 
@@ -41,3 +41,50 @@ def test_restore_places_arrays_with_the_target_sharding(tmp_path):
     checkpointer.save(1, state, {"step": 1})
   restored, _ = Checkpointer(tmp_path).restore(1, abstract_like(state))
   assert all(leaf.sharding == replicated(mesh) for leaf in jax.tree.leaves(restored))
+
+
+def _saved(tmp_path, steps=(1, 2, 3)):
+  state = _state(jax.random.key(3))
+  with Checkpointer(tmp_path, keep=5) as checkpointer:
+    for step in steps:
+      checkpointer.save(step, jax.tree.map(lambda x, s=step: x + s, state), {"step": step})
+  return state
+
+
+def test_a_truncated_file_is_detected_moved_aside_and_the_previous_step_restored(tmp_path):
+  state = _saved(tmp_path)
+  victim = max((p for p in (tmp_path / "3").rglob("*") if p.is_file() and "memlab" not in p.name),
+               key=lambda p: p.stat().st_size)
+  victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+  lines = []
+  step, restored, meta = Checkpointer(tmp_path, keep=5).restore_latest(abstract_like(state), log=lines.append)
+  assert step == 2 and meta == {"step": 2}
+  np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"] + 2)
+  assert len(lines) == 1 and lines[0].startswith("checkpoint 3 is damaged (files changed since it was written")
+  aside = list((tmp_path.parent / (tmp_path.name + ".damaged")).iterdir())
+  assert len(aside) == 1 and aside[0].name.startswith("3-") and victim.name in {p.name for p in aside[0].rglob("*")}
+  assert Checkpointer(tmp_path, keep=5).all_steps() == [1, 2]  # moved, not deleted, and no longer listed
+
+
+def test_a_flipped_byte_is_caught_by_the_manifest(tmp_path):
+  state = _saved(tmp_path, steps=(1, 2))
+  data = [p for p in (tmp_path / "2").rglob("*") if p.is_file() and p.parent.name == "d"]
+  raw = bytearray(data[0].read_bytes())
+  raw[len(raw) // 2] ^= 0xFF
+  data[0].write_bytes(bytes(raw))
+  lines = []
+  step, _, _ = Checkpointer(tmp_path, keep=5).restore_latest(abstract_like(state), log=lines.append)
+  assert step == 1 and "checkpoint 2 is damaged" in lines[0]
+
+
+def test_a_checkpoint_of_another_model_is_refused_not_moved(tmp_path):
+  _saved(tmp_path, steps=(1,))
+  other = {"params": {"w": jnp.zeros((5, 3)), "blocks": {0: {"b": jnp.zeros(3)}}}}
+  other["opt_state"] = optax.adamw(1e-3).init(other["params"])
+  try:
+    Checkpointer(tmp_path, keep=5).restore_latest(abstract_like(other))
+  except CheckpointError as e:
+    assert "holds another model's state (array" in str(e) and "float32[4, 3] where this run has float32[5, 3]" in str(e)
+  else:
+    raise AssertionError("a checkpoint of another shape was restored")
+  assert (tmp_path / "1").is_dir()

@@ -48,8 +48,10 @@ def test_resumed_run_continues_the_same_loss_curve_bit_for_bit(straight_run, tmp
   straight, _ = straight_run
   train_and_evaluate(_small(steps=3), tmp_path, log=lambda s: None)
   logs = []
-  train_and_evaluate(_small(), tmp_path, log=logs.append)
+  train_and_evaluate(_small(), tmp_path, accept_changes=("steps",), log=logs.append)
   assert any("resumed from checkpoint at step 3" in line for line in logs)
+  assert any(line.startswith("accepted changes: steps 3 -> 6 (the learning-rate schedule differs from step 3")
+             for line in logs)
   assert _train_losses(straight) == _train_losses(tmp_path)  # exact float equality
   assert len(_train_losses(tmp_path)) == 6
   # Starting the finished run again restores it and trains nothing more.

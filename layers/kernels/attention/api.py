@@ -8,7 +8,10 @@ runs the first that supports the call; each states its own limits beside its cod
    patterns).
 3. ``"xla"`` (``xla.py``): XLA's dense attention for short sequences (dense and sink-free window patterns).
 4. ``"blockwise"`` (``blockwise.py``): XLA ``lax.scan`` over visible tiles, any backend, memory linear in N.
-5. ``"reference"`` (``reference.py``): the 3-pass cascade with a dense mask, O(T·S) memory (warns when chosen).
+5. ``"reference"`` (``reference.py``): the 3-pass cascade with a dense mask, O(T·S) memory.
+
+Landing on the reference (or, on a GPU, on the blockwise scan) is logged once per reason
+(``layers.kernels.fallback``).
 
 FuseMax's cascades (``fusemax.py``) are selectable by name but never chosen automatically: ``"fusemax_3pass"``,
 ``"fusemax_2pass"``, ``"fusemax_1pass"``. An explicitly requested implementation that cannot run raises
@@ -19,10 +22,10 @@ v [B, S, Hkv, F] -> o [B, T, Hq, F] (+ lse [B, T, Hq] float32 with ``return_lse`
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 from layers.kernels.attention import blockwise, cudnn, fusemax, pallas_gpu, reference, xla
-from layers.kernels.attention.call import AttentionCall  # noqa: F401  (re-exported: api.choose takes one)
+from layers.kernels.attention.call import AttentionCall, on_gpu
+from layers.kernels.fallback import slower_fallback
 from layers.kernels.attention.patterns import BlockSparse, Dense, Pattern, SinkWindow
 
 _BY_NAME = {i.name: i for i in (cudnn.IMPLEMENTATION, pallas_gpu.IMPLEMENTATION, xla.IMPLEMENTATION,
@@ -60,8 +63,8 @@ def choose(call: AttentionCall, implementation: str | None = None) -> str:
   skipped = {}
   for name in AUTOMATIC_ORDER:
     if (problem := _BY_NAME[name].unsupported(call)) is None:
-      if name == "reference":
-        warnings.warn(f"attention falls back to the O(T·S) reference: {skipped}", stacklevel=3)
+      if name == "reference" or (name == "blockwise" and on_gpu()):
+        slower_fallback("attention", name, "; ".join(f"{k} {v}" for k, v in skipped.items()))
       return name
     skipped[name] = problem
   raise AssertionError("the reference supports every call")

@@ -204,9 +204,12 @@ def _plan(q, k, pattern, scale, q_offset, block_q, block_k) -> _Plan:
   hq, hkv = q.shape[2], k.shape[2]
   if hq % hkv:
     raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+  if (block_q is not None and block_q < 1) or (block_k is not None and block_k < 1):
+    raise ValueError(f"block sizes must be positive (got block_q={block_q}, block_k={block_k})")
   return _Plan(pattern=pattern, scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
-               q_offset=int(q_offset), block_q=block_q or default_block(pattern, q.shape[1]),
-               block_k=block_k or default_block(pattern, k.shape[1]), num_queries=q.shape[1],
+               q_offset=int(q_offset),
+               block_q=block_q if block_q is not None else default_block(pattern, q.shape[1]),
+               block_k=block_k if block_k is not None else default_block(pattern, k.shape[1]), num_queries=q.shape[1],
                num_keys=k.shape[1], num_kv_heads=hkv)
 
 

@@ -9,8 +9,8 @@ those of :mod:`reference`: q, k [b, t, h, K]; v [b, t, h, V]; g (log-decay ≤ 0
     Pallas-Triton kernels (GPU only; K, V and chunk_size powers of two ≥ 16);
   * ``"xla_chunked"``: the same chunked form with the recurrence as ``lax.scan`` (any backend, any shape);
   * ``"reference"``: the token-by-token scan.
-``None`` takes the first that applies, in that order. An explicitly requested implementation that cannot run
-on this backend/shape raises a ValueError saying why.
+``None`` takes the first that applies, in that order (on a GPU, missing the Pallas path is logged once). An
+explicitly requested implementation that cannot run on this backend/shape raises a ValueError saying why.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from layers.kernels.fallback import slower_fallback
 from layers.kernels.gated_delta import chunked, reference
 from layers.kernels.gated_delta.chunked import SUPPORTED_CHUNK_SIZES
 from layers.kernels.gated_delta.tuning import Tuning
@@ -66,7 +67,10 @@ def gated_delta_rule(
     (o [b, t, h, V] in v's dtype, final state float32 [b, h, K, V]).
   """
   if implementation is None:
-    implementation = next(i for i in IMPLEMENTATIONS if _unsupported(i, q, v, chunk_size) is None)
+    skipped = {i: _unsupported(i, q, v, chunk_size) for i in IMPLEMENTATIONS}
+    implementation = next(i for i in IMPLEMENTATIONS if skipped[i] is None)
+    if implementation != IMPLEMENTATIONS[0] and jax.default_backend() == "gpu":
+      slower_fallback("gated delta rule", implementation, f"pallas_triton {skipped['pallas_triton']}")
   elif implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
   elif (why := _unsupported(implementation, q, v, chunk_size)) is not None:
