@@ -191,3 +191,18 @@ def test_an_unreadable_data_subfolder_is_named(tmp_path, monkeypatch):
   monkeypatch.setattr(os, "scandir", scandir)
   with pytest.raises(CorpusError, match=r"data folder '.*texts': cannot read .*locked \(permission denied or gone\)"):
     collect_text_files([tmp_path / "texts"])
+
+
+def test_init_from_starts_from_another_runs_newest_checkpoint(tmp_path):
+  first = train_and_evaluate(_small(steps=3), tmp_path / "a", log=lambda s: None)
+  logs = []
+  frozen = _small(steps=1, learning_rate=0.0, init_from=str(tmp_path / "a"))  # lr 0: the loaded params stay
+  second = train_and_evaluate(frozen, tmp_path / "b", log=logs.append)
+  assert f"initialised from {tmp_path / 'a'} at step 3" in logs
+  assert second["final_eval_loss"] == first["final_eval_loss"]
+  other = dataclasses.replace(frozen, model=dataclasses.replace(frozen.model, d_model=48))
+  with pytest.raises(TrainError, match=r"--init-from .*: that run trained another model"):
+    train_and_evaluate(other, tmp_path / "c", log=lambda s: None)
+  with pytest.raises(TrainError, match="not a run folder with a readable config.json"):
+    train_and_evaluate(dataclasses.replace(frozen, init_from=str(tmp_path / "nowhere")), tmp_path / "d",
+                       log=lambda s: None)
