@@ -11,26 +11,42 @@ from __future__ import annotations
 
 import numpy as np
 
-from memmap.instance import SLOW, Instance, time_overlap
+from memmap.instance import SLOW, Instance, adjacency
 from memmap.orders import ORDERS, buffer_order
 
 FITS = ("first", "best")
 
 
-def free_gaps(starts: np.ndarray, ends: np.ndarray, limit: int) -> list[tuple[int, int]]:
-  """Maximal free segments ``[a, b)`` of ``[0, limit)`` not covered by any ``[starts[i], ends[i])``."""
-  gaps, top = [], 0
-  for s, e in sorted(zip(starts.tolist(), ends.tolist())):
-    if s > top:
-      gaps.append((top, s))
-    top = max(top, e)
-  if top < limit:
-    gaps.append((top, limit))
-  return gaps
+def free_gaps(starts: np.ndarray, ends: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+  """Maximal free segments ``[lo, hi)`` of ``[0, limit)`` not covered by any ``[starts[i], ends[i])``, as two
+  int64 arrays in address order (empty segments dropped)."""
+  k = np.argsort(starts, kind="stable")
+  s, e = starts[k], ends[k]
+  covered = np.maximum.accumulate(e) if e.size else e
+  lo = np.concatenate([[0], covered])
+  hi = np.concatenate([s, [limit]])
+  keep = hi > lo
+  return lo[keep], hi[keep]
+
+
+def place_one(lo: np.ndarray, hi: np.ndarray, size: int, alignment: int, fit: str) -> int:
+  """The offset ``fit`` picks among free gaps ``[lo, hi)`` for a buffer of ``size`` bytes, or ``SLOW`` if none
+  fits: first fit = lowest aligned offset; best fit = smallest gap, then lowest offset."""
+  start = -(-lo // alignment) * alignment
+  ok = start + size <= hi
+  if not ok.any():
+    return SLOW
+  if fit == "first":
+    return int(start[ok].min())
+  width, start = (hi - lo)[ok], start[ok]
+  return int(start[np.lexsort((start, width))[0]])
 
 
 def greedy(inst: Instance, order: str = "spatial", fit: str = "best", capacity: int | None = None) -> np.ndarray:
   """Places buffers one by one; returns int64[N] offsets (``SLOW`` where nothing fits below ``capacity``).
+
+  Each buffer looks only at its time-overlapping partners (CSR lists from a sweep, ``memmap.instance.adjacency``),
+  so memory is O(N + overlapping pairs) and a 100,000-buffer program takes seconds (``benchmarks/memmap_scale.py``).
 
   Args:
     inst: the buffer set.
@@ -41,21 +57,16 @@ def greedy(inst: Instance, order: str = "spatial", fit: str = "best", capacity: 
   if fit not in FITS:
     raise ValueError(f"unknown fit {fit!r}; allowed: {', '.join(FITS)}.")
   limit = int(inst.size.sum()) if capacity is None else capacity
-  overlap = time_overlap(inst)
+  indptr, nbrs = adjacency(inst)
   offsets = np.full(inst.n, SLOW, dtype=np.int64)
-  a = inst.alignment
-  for i in buffer_order(inst, order):
-    nb = np.flatnonzero(overlap[i] & (offsets != SLOW))
-    best = None
-    for lo, hi in free_gaps(offsets[nb], offsets[nb] + inst.size[nb], limit):
-      start = -(-lo // a) * a
-      if start + inst.size[i] > hi:
-        continue
-      key = (start,) if fit == "first" else (hi - lo, start)
-      if best is None or key < best[0]:
-        best = (key, start)
-    if best is not None:
-      offsets[i] = best[1]
+  size, a = inst.size, inst.alignment
+  for i in buffer_order(inst, order).tolist():
+    nb = nbrs[indptr[i]:indptr[i + 1]]
+    o = offsets[nb]
+    placed = o != SLOW
+    o = o[placed]
+    lo, hi = free_gaps(o, o + size[nb[placed]], limit)
+    offsets[i] = place_one(lo, hi, int(size[i]), a, fit)
   return offsets
 
 
