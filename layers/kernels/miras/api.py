@@ -1,0 +1,58 @@
+"""Public entry point of the Miras memories: ``miras_memory`` (whole sequences, from a state, in chunks).
+
+"It's All Connected: A Journey Through Test-Time Memorization, Attentional Bias, Retention, and Online
+Optimization" (Behrouz et al., arXiv 2504.13173). Semantics and shapes are those of
+:func:`reference.frozen_gradient_loop`: q, k, v [b, t, h, d]; gates [b, t, h, g]; state {layer: [b, h, out, in]}
+float32; returns (o [b, t, h, d] float32, state at the last chunk boundary, momentum or None).
+
+``implementation`` picks how the sequence is processed:
+  * ``"xla_chunked"``: closed-form chunk gradients, dual-form reads, ``lax.scan`` over chunks (any backend);
+  * ``"reference"``: the token loop with one ``jax.grad`` per token (any backend; slow).
+``None`` takes the first that applies, in that order. An explicitly requested implementation that cannot run
+raises a ValueError saying why.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from layers.kernels.miras import chunked, reference
+from layers.miras.spec import Gates, MemorySpec
+
+IMPLEMENTATIONS = ("xla_chunked", "reference")
+
+
+def _unsupported(implementation: str, spec: MemorySpec, gates: Gates) -> str | None:
+  """Why ``implementation`` cannot run this memory, or None if it can."""
+  if spec.momentum and gates.eta.shape[-1] != 1:
+    return "momentum needs per-head gates (eta [..., 1])"
+  return None
+
+
+def miras_memory(q: jax.Array, k: jax.Array, v: jax.Array, gates: Gates, *, spec: MemorySpec, initial_state: dict,
+                 initial_momentum: dict | None = None, ln=None, chunk_size: int = 64, lengths: jax.Array | None = None,
+                 remat: bool = False, implementation: str | None = None):
+  """A Miras memory over whole sequences (see the module docstring).
+
+  Args:
+    q, k, v: [b, t, h, d] (normally q, k L2-normalised per head).
+    gates: per-token η, log α, δ, log μ (:class:`layers.miras.spec.Gates`).
+    spec: the memory's architecture, bias, retention and algorithm (static).
+    initial_state: {layer: [b, h, out, in]} float32; initial_momentum likewise (momentum only).
+    ln: (γ, β) [h, d] for the MLP memory's LayerNorm, or None.
+    chunk_size: tokens per chunk (semantic: gradients within a chunk are taken at its start).
+    lengths: int [b] or None; tokens at or past ``lengths[b]`` are padding (decoding buffers).
+    remat: recompute the chunk body in the backward pass (``xla_chunked``).
+    implementation: one of ``IMPLEMENTATIONS`` or None (first applicable).
+  """
+  if implementation is None:
+    implementation = next(i for i in IMPLEMENTATIONS if _unsupported(i, spec, gates) is None)
+  elif implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+  elif (why := _unsupported(implementation, spec, gates)) is not None:
+    raise ValueError(f"miras implementation {implementation!r} cannot run: {why}")
+  kwargs = dict(spec=spec, initial_state=initial_state, initial_momentum=initial_momentum, ln=ln,
+                chunk_size=chunk_size, lengths=lengths)
+  if implementation == "reference":
+    return reference.miras_reference(q, k, v, gates, **kwargs)
+  return chunked.miras_chunked(q, k, v, gates, remat=remat, **kwargs)

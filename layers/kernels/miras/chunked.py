@@ -1,0 +1,190 @@
+"""Miras memories, chunkwise parallel: closed-form gradients and dual-form per-token reads, ``lax.scan`` over chunks.
+
+"It's All Connected" (Behrouz et al., arXiv 2504.13173, §5.4, Eq. 28–32) after Titans' mini-batch form ("Titans:
+Learning to Memorize at Test Time", arXiv 2501.00663, §3.2, Eq. 16–18) and TTT's dual form ("Learning to (Learn at
+Test Time)", arXiv 2407.04620). Same semantics as the frozen-gradient loop R1 (:mod:`reference`); per head and chunk
+of c tokens, from the chunk-start state S₀ (W₀ = view(S₀), s₀ = Moneta's read scale, else 1):
+
+  1. forward the chunk's keys through W₀, y = M(W₀; K); per-layer inputs a_i and errors e_i of ∂ℓ_i/∂y_i
+     (closed form, ``memory.backprop``): ∇_W ℓ_i = e_i a_iᵀ for every token at once;
+  2. log B_t = Σ_{j≤t} log α_j (float32, chunk-local); coefficients C[t, i] = η_i · B_t / B_i for i ≤ t (i < t for
+     ``read="pre"``), masked *before* the exp so no positive exponent is evaluated; per channel for channel gates;
+     with momentum (per-head gates) C = (B-ratios) @ (μ-ratios) · η, since W_t = B_t W₀ + Σ_{j≤t} (B_t/B_j) M_j;
+  3. per-token reads through the same memory function with per-token weights W_t = B_t ⊙ W₀ − s₀ Σ_i C[t,i] e_i a_iᵀ,
+     never materialised: each layer's product is W₀-part + Σ_i C[t,i] (a_i · x_t) e_i, masked matmuls (the dual form);
+  4. the chunk-end state S = B_c ⊙ S₀ − Σ_i (η_i B_c / B_i) e_i a_iᵀ (+ momentum terms), one matmul per layer, then the
+     retention's chunk-end rule: ``close`` (Moneta keeps A, elastic net thresholds), or Memora's lag token, whose
+     exact softmax step starts from the state after the other c − 1 tokens; the last token then reads the new state.
+
+Channel gates scale each weight along its d-sized axis; their intra-chunk products are formed element-wise in
+float32 over [c, c, d] (stable: every exponent ≤ 0). The scan carries only S (and M); ``remat=True`` recomputes
+the chunk body in the backward pass instead of storing its intermediates.
+
+Shapes: q, k, v [b, t, h, d] (any t; a trailing partial chunk is read but not closed); gates [b, t, h, g]; state
+{layer: [b, h, out, in]} float32; ln (γ, β) [h, d]. Returns (o [b, t, h, d] float32, state, momentum).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from layers.miras.spec import Gates, MemorySpec, along, gates_along
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.einsum(spec, a, b, precision=_HIGHEST)
+
+
+def _ratios(log_b_rows: jax.Array, log_b: jax.Array, mask: jax.Array) -> jax.Array:
+  """exp(log_b_rows[t] − log_b[i]) where mask[t, i], else 0: [c, c, g], exponents masked before the exp."""
+  diff = jnp.where(mask[..., None], log_b_rows[:, None, :] - log_b[None, :, :], -jnp.inf)
+  return jnp.exp(diff)
+
+
+def _layer_read(x, w0, a, e, axis, decay, coef, scale, m0=None, c_mom=None):
+  """Rows x_t [c, in] through per-token weights W_t = decay_t ⊙ W₀ − scale·Σ_i coef[t, i] ⊙ e_i a_iᵀ [c, out].
+
+  decay [c, g]; coef [c, c, g] (g = 1: per head; g = d: per channel along ``axis``); momentum adds c_mom[t]·M₀.
+  """
+  if coef.shape[-1] == 1:
+    base = decay * _dot("ti,oi->to", x, w0)
+    out = base - scale * _dot("ts,so->to", _dot("ti,si->ts", x, a) * coef[..., 0], e)
+    if m0 is not None:
+      out = out + c_mom * _dot("ti,oi->to", x, m0)
+    return out
+  if axis == "in":  # W_t = W₀ diag(B_t) − Σ_i e_i (a_i ⊙ coef_ti)ᵀ
+    scores = jnp.einsum("ti,si,tsi->ts", x, a, coef, precision=_HIGHEST)
+    return _dot("ti,oi->to", x * decay, w0) - scale * _dot("ts,so->to", scores, e)
+  scores = _dot("ti,si->ts", x, a)  # W_t = diag(B_t) W₀ − Σ_i (coef_ti ⊙ e_i) a_iᵀ
+  return decay * _dot("ti,oi->to", x, w0) - scale * jnp.einsum("ts,tso,so->to", scores, coef, e, precision=_HIGHEST)
+
+
+def _state_at(s0, acts, gate_axes, decay, coef, m0=None, c_mom=None):
+  """S = decay ⊙ S₀ − Σ_i coef_i ⊙ e_i a_iᵀ (+ c_mom·M₀) per layer; decay [g], coef [c, g]."""
+  out = {}
+  for name, (a, e) in acts.items():
+    axis = gate_axes[name]
+    if axis == "in":
+      upd = _dot("so,si->oi", e, a * coef)
+    else:
+      upd = _dot("so,si->oi", e * coef, a)
+    out[name] = along(decay, axis) * s0[name] - upd
+    if m0 is not None:
+      out[name] = out[name] + c_mom * m0[name]
+  return out
+
+
+def chunk_step(spec: MemorySpec, carry, xs, ln):
+  """One chunk of one head: carry (S₀, M₀), xs (q, k, v [c, d], η, log α, log μ [c, g], δ [c], complete flag)."""
+  s, m = carry
+  q, k, v, eta, la, delta, lmu, complete = xs
+  mem, ret = spec.memory, spec.retention
+  c = q.shape[0]
+  w0, s0 = ret.gradient_point(s), ret.read_scale(s)
+  y, cache = mem.forward(w0, k, ln)
+  acts = mem.backprop(w0, cache, spec.bias.grad(y, v, delta), ln)
+
+  lb = jnp.cumsum(la, axis=0)  # log B_t, inclusive
+  t = jnp.arange(c)
+  post = spec.read == "post"
+  lread = lb if post else lb - la
+  ratio = _ratios(lread, lb, t[:, None] >= t[None, :] if post else t[:, None] > t[None, :])
+  end_ratio = jnp.exp(lb[-1][None, :] - lb)  # [c, g]: B_c / B_i
+  m_read = m_end = c_read = c_end = None
+  if spec.momentum:  # per-head gates: W_t = B_t W₀ + Σ_{j≤t} (B_t / B_j) M_j, M_j = P_j M₀ − Σ_{i≤j} η_i P_j / P_i g_i
+    lp = jnp.cumsum(lmu, axis=0)
+    mu_ratio = _ratios(lp, lp, t[:, None] >= t[None, :])[..., 0]  # [c, c]: P_j / P_i, i ≤ j
+    coef = (ratio[..., 0] @ mu_ratio)[..., None] * eta[None]
+    c_read = ratio[..., 0] @ jnp.exp(lp)  # [c, 1]
+    end_coef = (end_ratio[:, 0] @ mu_ratio)[:, None] * eta
+    c_end = end_ratio[:, 0] @ jnp.exp(lp)
+    m_read = m_end = m
+  else:
+    coef = ratio * eta[None]
+    end_coef = end_ratio * eta
+
+  def matvec(name, w, x):
+    a, e = acts[name]
+    return _layer_read(x, w, a, e, mem.gate_axes[name], jnp.exp(lread), coef, s0[name],
+                       None if m_read is None else m_read[name], c_read)
+
+  o = mem.apply(w0, q, ln, matvec=matvec)
+  s_lin = _state_at(s, acts, mem.gate_axes, jnp.exp(lb[-1]), end_coef, m_end, c_end)
+  if spec.momentum:
+    mom_coef = jnp.exp(lp[-1][None, :] - lp) * eta  # [c, 1]
+    m_new = _state_at(m, acts, mem.gate_axes, jnp.exp(lp[-1]), mom_coef)
+  else:
+    m_new = m
+
+  if ret.lag:  # Memora's lag token: the exact step from the state after tokens 0..c−2, gradient there
+    before = jnp.exp(lb[-1] - la[-1])  # B_{c−1}
+    before_coef = jnp.exp(jnp.where(t[:, None] < c - 1, lb[-1][None, :] - la[-1][None, :] - lb, -jnp.inf)) * eta
+    s_prev = _state_at(s, acts, mem.gate_axes, before, before_coef)
+    y1, cache1 = mem.forward(s_prev, k[-1:], ln)
+    acts1 = mem.backprop(s_prev, cache1, spec.bias.grad(y1, v[-1:], delta[-1:]), ln)
+    grad1 = {name: _dot("so,si->oi", e1, a1) for name, (a1, e1) in acts1.items()}
+    s_new = ret.lag_step(s_prev, grad1, gates_along(mem, jnp.exp(la[-1])), gates_along(mem, eta[-1]))
+  else:
+    s_new = ret.close(s_lin)
+  if post and ret.boundary_read:  # the chunk's last token reads the closed state
+    last = mem.apply(ret.gradient_point(s_new), q[-1:], ln)
+    o = o.at[-1:].set(jnp.where(complete, last, o[-1:]))
+  keep = lambda new, old: jax.tree.map(lambda x, y: jnp.where(complete, x, y), new, old)
+  return (keep(s_new, s), keep(m_new, m)), o
+
+
+def _to_chunks(x: jax.Array, c: int) -> jax.Array:
+  """[b, t, h, ...] (t a multiple of c) -> [n, b, h, c, ...]."""
+  b, t, h = x.shape[:3]
+  x = x.reshape(b, t // c, c, h, *x.shape[3:])
+  return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat"))
+def miras_chunked(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, initial_momentum=None, ln=None,
+                  chunk_size: int = 64, lengths=None, remat: bool = False):
+  """Chunkwise-parallel Miras memory; same contract as :func:`reference.frozen_gradient_loop`.
+
+  Args:
+    q, k, v: [b, t, h, d]; gates: :class:`Gates` ([b, t, h, g] with g ∈ {1, d}; δ [b, t, h]).
+    spec: the memory (static). initial_state: {layer: [b, h, out, in]}; initial_momentum likewise (momentum only).
+    ln: (γ, β) [h, d] of the MLP memory's LayerNorm, or None.
+    chunk_size: tokens per chunk c ≥ 1. lengths: int [b] or None; tokens at or past it are padding.
+    remat: ``jax.checkpoint`` the chunk body.
+
+  Returns:
+    (o [b, t, h, d] float32, state at the last chunk boundary, momentum there or None).
+  """
+  b, t, h, d = q.shape
+  c = chunk_size
+  pad = -t % c
+  f32 = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float32, or float64 in tests
+  delta = gates.delta if gates.delta is not None else jnp.ones((b, t, h), jnp.float32)
+  lmu = gates.log_momentum if gates.log_momentum is not None else jnp.zeros_like(gates.log_alpha)
+  seq = [f32(x) for x in (q, k, v, gates.eta, gates.log_alpha, delta, lmu)]
+  if pad:  # identity tokens: η = 0, α = 1; they are never closed into the state
+    seq = [jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=1.0 if i == 5 else 0.0)
+           for i, x in enumerate(seq)]
+  n = (t + pad) // c
+  lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+  complete = (jnp.arange(1, n + 1) * c)[:, None] <= lengths[None, :]  # [n, b]
+  xs = tuple(_to_chunks(x, c) for x in seq) + (complete,)
+  ln = ln if ln is not None else (jnp.ones((h, d)), jnp.zeros((h, d)))
+  momentum = initial_momentum if spec.momentum else {}
+
+  def body(carry, xs_b, ln_):
+    return chunk_step(spec, carry, xs_b, ln_)
+
+  per_head = jax.vmap(body, in_axes=((0, 0), (0,) * 7 + (None,), 0))
+  per_batch = jax.vmap(per_head, in_axes=((0, 0), (0,) * 8, None))
+  if remat:
+    per_batch = jax.checkpoint(per_batch)
+  (state, mom), o = jax.lax.scan(lambda carry, x: per_batch(carry, x, ln), (initial_state, momentum), xs)
+  o = jnp.moveaxis(o, 0, 1)  # [b, n, h, c, d]
+  o = jnp.moveaxis(o, 2, 3).reshape(b, n * c, h, d)[:, :t]
+  return o, state, (mom if spec.momentum else None)

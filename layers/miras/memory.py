@@ -1,0 +1,114 @@
+"""Miras axis 1, the memory architecture: the function M(W; x) whose fast weights W are learned at test time.
+
+"It's All Connected: A Journey Through Test-Time Memorization, Attentional Bias, Retention, and Online
+Optimization" (Behrouz et al., arXiv 2504.13173, §4 and §5.3):
+
+  * :class:`LinearMemory`: M(W; x) = W x, W ∈ R^{d×d} (linear attention, DeltaNet, GDN, ...);
+  * :class:`MLPMemory`: the memory of Moneta, Yaad and Memora, M(W; x) = x + LN(W1 σ(W2 x)), W2 ∈ R^{E×d},
+    W1 ∈ R^{d×E}, E = expansion·d, σ = GELU (exact, erf), LayerNorm with *slow* (outer) affine parameters
+    (spec §9, FLA #185), so the fast state is W1, W2 only (8·d² scalars per head at expansion 4).
+
+Weights use the paper's convention (read W x, write e aᵀ). A memory is a sequence of fast layers; each layer maps
+an input activation a to W a. Rows of ``x`` are tokens: x [c, d] -> y [c, d]. Every layer's matrix-vector product
+goes through ``matvec(name, w, a)`` (default: a @ wᵀ), so the chunked kernel can evaluate the same function with
+per-token weights W_t by passing its dual-form product instead (layers.kernels.miras.chunked).
+
+``backprop`` returns, for one forward, each layer's per-token input activations a_i and error signals e_i
+(∂ℓ_i/∂(W a_i)), so that the per-token inner gradient is ∇_W ℓ_i = e_i a_iᵀ (closed form; tests compare it with
+``jax.grad`` of the per-token loss).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+Matvec = Callable[[str, jax.Array, jax.Array], jax.Array]
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def plain_matvec(name: str, w: jax.Array, a: jax.Array) -> jax.Array:
+  """W a for every row of a: a [..., in], w [out, in] -> [..., out]."""
+  del name
+  return jnp.einsum("...i,oi->...o", a, w, precision=_HIGHEST)
+
+
+def gelu(z: jax.Array) -> jax.Array:
+  """Exact GELU z·Φ(z)."""
+  return 0.5 * z * (1.0 + jax.lax.erf(z / math.sqrt(2.0)))
+
+
+def gelu_grad(z: jax.Array) -> jax.Array:
+  """dGELU/dz = Φ(z) + z·φ(z)."""
+  return 0.5 * (1.0 + jax.lax.erf(z / math.sqrt(2.0))) + z * jnp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+
+
+def layer_norm(u: jax.Array, ln: tuple[jax.Array, jax.Array], eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(LN(u)·γ + β, the normalised n, 1/σ) over the last axis; ln = (γ [d], β [d])."""
+  mu = jnp.mean(u, axis=-1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(u - mu), axis=-1, keepdims=True) + eps)
+  n = (u - mu) * rstd
+  return n * ln[0] + ln[1], n, rstd
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearMemory:
+  """M(W; x) = W x with one fast weight ``w`` [d, d]; channel gates act on its input (key) axis, as in GLA."""
+
+  gate_axes = {"w": "in"}
+
+  def shapes(self, d: int) -> dict[str, tuple[int, int]]:
+    return {"w": (d, d)}
+
+  def apply(self, w: dict, x: jax.Array, ln=None, matvec: Matvec = plain_matvec) -> jax.Array:
+    """x [..., d] -> M(W; x) [..., d]."""
+    del ln
+    return matvec("w", w["w"], x)
+
+  def forward(self, w: dict, x: jax.Array, ln=None) -> tuple[jax.Array, tuple]:
+    return self.apply(w, x), (x,)
+
+  def backprop(self, w: dict, cache: tuple, g_y: jax.Array, ln=None) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """{layer: (inputs a [c, in], errors e [c, out])} with ∇_W ℓ_i = e_i a_iᵀ; g_y = ∂ℓ_i/∂y_i [c, d]."""
+    del w, ln
+    return {"w": (cache[0], g_y)}
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPMemory:
+  """M(W; x) = x + LN(W1 gelu(W2 x)): W2 [E, d] (gates on its input axis d), W1 [d, E] (gates on its output
+  axis d), E = expansion·d; LayerNorm affine (γ, β) are slow parameters passed as ``ln``."""
+
+  expansion: int = 4
+  ln_eps: float = 1e-5
+
+  gate_axes = {"w2": "in", "w1": "out"}
+
+  def shapes(self, d: int) -> dict[str, tuple[int, int]]:
+    return {"w2": (self.expansion * d, d), "w1": (d, self.expansion * d)}
+
+  def apply(self, w: dict, x: jax.Array, ln, matvec: Matvec = plain_matvec) -> jax.Array:
+    """x [..., d] -> x + LN(W1 gelu(W2 x)) [..., d]."""
+    h = gelu(matvec("w2", w["w2"], x))
+    return x + layer_norm(matvec("w1", w["w1"], h), ln, self.ln_eps)[0]
+
+  def forward(self, w: dict, x: jax.Array, ln) -> tuple[jax.Array, tuple]:
+    z = plain_matvec("w2", w["w2"], x)
+    h = gelu(z)
+    y, n, rstd = layer_norm(plain_matvec("w1", w["w1"], h), ln, self.ln_eps)
+    return x + y, (x, z, h, n, rstd)
+
+  def backprop(self, w: dict, cache: tuple, g_y: jax.Array, ln) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """Closed-form errors: e1 = ∂ℓ/∂u (LayerNorm backward), e2 = (e1 W1) ⊙ gelu'(z); ∇W1 = e1 hᵀ, ∇W2 = e2 xᵀ."""
+    x, z, h, n, rstd = cache
+    g_n = g_y * ln[0]
+    e1 = rstd * (g_n - jnp.mean(g_n, axis=-1, keepdims=True) - n * jnp.mean(g_n * n, axis=-1, keepdims=True))
+    e2 = jnp.einsum("...o,oi->...i", e1, w["w1"], precision=_HIGHEST) * gelu_grad(z)
+    return {"w2": (x, e2), "w1": (h, e1)}
+
+
+Memory = LinearMemory | MLPMemory
