@@ -5,3 +5,4 @@
 """
 
 from layers import attention, gated_deltanet, longgen, mom  # noqa: F401  (each registers its mixers)
+from layers.miras import mixers  # noqa: F401  (moneta, yaad, memora, titans)
