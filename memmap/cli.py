@@ -1,81 +1,185 @@
 """``python -m memmap {solve, extract, train-agent}``: place buffers, extract them from XLA, train the agent.
 
-Errors print one line (``memmap: error: ...``) and exit with status 2; no traceback.
+Wang et al., "Optimizing Memory Mapping Using Deep Reinforcement Learning" (arXiv 2305.07440). The command line is
+generated from one frozen config per subcommand by ``research.cli.CommandParser``: every field is a flag listed by
+``--help`` with its default and allowed values (the agent's settings are the nested ``AgentOptions`` /
+``AgentConfig``). Bad input prints one line ``error: ...`` and exits with status 2, with no traceback; a solve
+that returns no placement (infeasible, or nothing found in the time limit) prints its summary and exits with 1.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
+import inspect
 import json
+import re
 import sys
 from pathlib import Path
 
 from memmap import io_minimalloc, solvers
+from memmap.agent.train import AgentConfig
+from research.cli import CommandParser, UsageError, fail
+from research.config import Config, Problem, option
+
+DTYPES = ("float32", "float16", "bfloat16", "float64", "int8", "int16", "int32", "int64", "uint8", "uint32", "bool")
+_SHAPE = re.compile(r"^\d+(x\d+)*$")
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):
-    raise ValueError(message)
+@dataclasses.dataclass(frozen=True)
+class SolveConfig(Config):
+  """Place the buffers of a MiniMalloc CSV file.
+
+  Attributes:
+    file: MiniMalloc CSV (id,lower,upper,size); its capacity comes from a name NAME.<capacity>.csv.
+    method: placement method (omnimalloc:* need the extra memlab[baselines]).
+    objective: height places every buffer and minimises the peak; benefit fills the capacity, the rest stays slow.
+    capacity: fast-memory bytes (default: from the file name, else the sum of sizes).
+    time_limit: seconds for cpsat, exact, agent and the omnimalloc allocators that take a budget.
+    agent: the agent's settings (--method agent).
+    out: solution CSV to write (id,lower,upper,size,offset).
+    plot: PNG of the placement to write.
+  """
+  file: str = option(positional=True)
+  method: str = option("best_fit", choices=solvers.METHODS)
+  objective: str = option("height", choices=solvers.OBJECTIVES)
+  capacity: int | None = option(None, minimum=1, maximum=io_minimalloc.MAX_VALUE)
+  time_limit: float = option(60.0)
+  agent: solvers.AgentOptions = dataclasses.field(default_factory=solvers.AgentOptions)
+  out: str | None = option(None)
+  plot: str | None = option(None)
+
+  def check(self):
+    if self.time_limit <= 0:
+      yield Problem("time_limit", f"must be a positive number of seconds (got {self.time_limit})")
 
 
-def _solve(args) -> None:
-  inst, _ = io_minimalloc.read_csv(args.file, capacity=args.capacity)
-  order = tuple(args.agent_order.split(",")) if args.agent_order != "trained" else None
-  agent = solvers.AgentOptions(args.agent_dir, args.simulations, args.rollout_weight, order,
-                               tuple(args.rollout_fits.split(",")), not args.no_fortify)
-  sol = solvers.solve(inst, args.method, args.objective, args.time_limit, agent)
-  print(f"{Path(args.file).name}: {sol.summary()}")
-  if sol.offsets.size and args.out:
-    io_minimalloc.write_csv(args.out, inst, sol.offsets)
-    print(f"wrote {args.out}")
-  if sol.offsets.size and args.plot:
+@dataclasses.dataclass(frozen=True)
+class ExtractConfig(Config):
+  """Dump the temp buffers of a compiled train step (or of any jitted function) as a MiniMalloc CSV.
+
+  Attributes:
+    config: preset of the train step (research.train.presets), e.g. tiny or mqar_tiny.
+    function: 'package.module:function' to jit instead of a train step.
+    shapes: argument shapes for --function, one per argument, e.g. 64x128,128x256.
+    dtype: dtype of the --function arguments.
+    capacity_fraction: capacity written to the CSV = this * XLA's temp height (in (0, 1e6]).
+    out: CSV of the buffers to write (XLA's own layout goes to OUT.xla.csv).
+  """
+  config: str = option("tiny")
+  function: str | None = option(None)
+  shapes: tuple[str, ...] = option(())
+  dtype: str = option("float32", choices=DTYPES)
+  capacity_fraction: float = option(1.0, maximum=1e6)
+  out: str | None = option(None)
+
+  def check(self):
+    if self.capacity_fraction <= 0:
+      yield Problem("capacity_fraction", f"must be > 0 (got {self.capacity_fraction})")
+    if self.function is not None and not re.match(r"^[\w.]+:\w+$", self.function):
+      yield Problem("function", f"must look like 'package.module:function' (got {self.function!r})")
+    bad = [s for s in self.shapes if not _SHAPE.match(s)]
+    if bad:
+      yield Problem("shapes", f"must be dimensions joined by x, e.g. 64x128 (got {bad[0]!r})")
+    if self.shapes and self.function is None:
+      yield Problem("shapes", "applies only with --function")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainAgentConfig(Config):
+  """Self-play training of the Gumbel MuZero network on generated instances (MiniMalloc is evaluation-only).
+
+  Attributes:
+    workdir: run folder (checkpoints, agent_config.json, history.json and history.png).
+    agent: game, search and self-play settings.
+  """
+  workdir: str = option("runs/memmap_agent")
+  agent: AgentConfig = dataclasses.field(default_factory=AgentConfig)
+
+
+COMMANDS = {"solve": (SolveConfig, "place the buffers of a MiniMalloc CSV file"),
+            "extract": (ExtractConfig, "dump the temp buffers of a compiled train step (or any jitted function)"),
+            "train-agent": (TrainAgentConfig, "self-play training of the Gumbel MuZero agent")}
+
+
+def _solve(cfg: SolveConfig) -> int:
+  inst, _ = io_minimalloc.read_csv(cfg.file, capacity=cfg.capacity)
+  if inst.n == 0:
+    raise ValueError(f"{cfg.file} holds no buffers.")
+  sol = solvers.solve(inst, cfg.method, cfg.objective, cfg.time_limit, cfg.agent)
+  print(f"{Path(cfg.file).name}: {sol.summary()}")
+  if sol.offsets.size == 0:
+    return 1
+  if cfg.out:
+    io_minimalloc.write_csv(cfg.out, inst, sol.offsets)
+    print(f"wrote {cfg.out}")
+  if cfg.plot:
     from memmap.plot import plot_placement
-    plot_placement(inst, sol.offsets, args.plot, f"{Path(args.file).name} {args.method}: peak {sol.peak}")
-    print(f"wrote {args.plot}")
+    plot_placement(inst, sol.offsets, cfg.plot, f"{Path(cfg.file).name} {cfg.method}: peak {sol.peak}")
+    print(f"wrote {cfg.plot}")
+  return 0
 
 
-def _lowered(args):
+def _lowered(cfg: ExtractConfig):
   import jax
   import jax.numpy as jnp
-  if args.function:
-    mod, _, name = args.function.partition(":")
-    if not name:
-      raise ValueError(f"--function {args.function!r} must look like 'package.module:function'.")
-    fn = getattr(importlib.import_module(mod), name)
-    shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")] if args.shapes else []
-    return jax.jit(fn).lower(*(jax.ShapeDtypeStruct(s, jnp.dtype(args.dtype)) for s in shapes))
-  from research.train import lower_train_step
-  from research.train.presets import get_preset
-  return lower_train_step(get_preset(args.config))
+  if cfg.function is None:
+    from research.train import lower_train_step
+    from research.train.presets import get_preset
+    try:
+      preset = get_preset(cfg.config)
+    except KeyError as e:
+      raise ValueError(f"--config: {str(e).strip(chr(39))}") from None
+    return lower_train_step(preset)
+  module, _, name = cfg.function.partition(":")
+  try:
+    fn = getattr(importlib.import_module(module), name)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f"--function {cfg.function}: {e}") from None
+  shapes = [tuple(int(d) for d in s.split("x")) for s in cfg.shapes]
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    params = None
+  if params is not None:
+    need = [p for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    most = None if any(p.kind == p.VAR_POSITIONAL for p in params) else sum(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+    if len(shapes) < len(need) or (most is not None and len(shapes) > most):
+      raise ValueError(f"--shapes gives {len(shapes)} argument(s) but {cfg.function} takes "
+                       f"{len(need) if most == len(need) else f'{len(need)} to {most}'}")
+  args = [jax.ShapeDtypeStruct(s, jnp.dtype(cfg.dtype)) for s in shapes]
+  try:
+    return jax.jit(fn).lower(*args)
+  except (TypeError, ValueError) as e:  # shapes that do not fit together (a matmul of 3x4 by 5x6, ...)
+    raise ValueError(f"--function {cfg.function} does not trace with --shapes {','.join(cfg.shapes)}: "
+                     f"{str(e).splitlines()[0]}") from None
 
 
-def _extract(args) -> None:
+def _extract(cfg: ExtractConfig) -> int:
   from memmap.instance import load_bound
   from memmap.xla_extract import extract
-  bufs = extract(_lowered(args), capacity_fraction=args.capacity_fraction)
+  bufs = extract(_lowered(cfg), capacity_fraction=cfg.capacity_fraction)
   inst = bufs.instance
   print(f"{len(bufs.schedule)} scheduled ops, {inst.n} temp buffers, load bound L={load_bound(inst)}, "
         f"XLA temp height={bufs.xla_height}, capacity={inst.capacity}")
   for name, (ours, xla) in bufs.totals().items():
-    print(f"  {name:9s} buffer-assignment {ours:>12d}  memory_analysis {xla:>12d}  {'ok' if ours == xla else 'MISMATCH'}")
-  if args.out:
-    io_minimalloc.write_csv(args.out, inst)
-    io_minimalloc.write_csv(Path(args.out).with_suffix(".xla.csv"), inst, bufs.xla_offsets)
-    print(f"wrote {args.out} and {Path(args.out).with_suffix('.xla.csv')} (XLA's layout)")
+    verdict = "ok" if ours == xla else "MISMATCH"
+    print(f"  {name:9s} buffer-assignment {ours:>12d}  memory_analysis {xla:>12d}  {verdict}")
+  if cfg.out:
+    io_minimalloc.write_csv(cfg.out, inst)
+    io_minimalloc.write_csv(Path(cfg.out).with_suffix(".xla.csv"), inst, bufs.xla_offsets)
+    print(f"wrote {cfg.out} and {Path(cfg.out).with_suffix('.xla.csv')} (XLA's layout)")
+  return 0
 
 
-def _train(args) -> None:
-  from memmap.agent.train import AgentConfig, train
-  base = AgentConfig.tiny() if args.tiny else AgentConfig()
-  overrides = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(AgentConfig)}
-               and v is not None}
-  cfg = dataclasses.replace(base, **overrides)
-  _, history = train(cfg, args.workdir)
-  (Path(args.workdir) / "history.json").write_text(json.dumps(history, indent=1))
-  _plot_history(history, Path(args.workdir) / "history.png")
-  print(f"trained {cfg.iterations} iterations; checkpoints in {args.workdir}")
+def _train(cfg: TrainAgentConfig) -> int:
+  from memmap.agent.train import train
+  _, history = train(cfg.agent, cfg.workdir)
+  (Path(cfg.workdir) / "history.json").write_text(json.dumps(history, indent=1))
+  _plot_history(history, Path(cfg.workdir) / "history.png")
+  print(f"trained {cfg.agent.iterations} iterations; checkpoints in {cfg.workdir}")
+  return 0
 
 
 def _plot_history(history: list[dict], path: Path) -> None:
@@ -92,52 +196,23 @@ def _plot_history(history: list[dict], path: Path) -> None:
   plt.close(fig)
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="python -m memmap", description=__doc__.splitlines()[0])
-  sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-  s = sub.add_parser("solve", help="place the buffers of a MiniMalloc CSV file")
-  s.add_argument("file")
-  s.add_argument("--method", choices=solvers.METHODS, default="best_fit")
-  s.add_argument("--objective", choices=solvers.OBJECTIVES, default="height")
-  s.add_argument("--capacity", type=int, default=None, help="bytes; default from NAME.<capacity>.csv")
-  s.add_argument("--time-limit", type=float, default=60.0, help="CP-SAT seconds")
-  s.add_argument("--agent-dir", default=None, help="folder of a train-agent run")
-  s.add_argument("--simulations", type=int, default=64, help="agent search simulations per move")
-  s.add_argument("--rollout-weight", type=float, default=1.0,
-                 help="agent leaf value = (1-w) * network value + w * heuristic rollout return")
-  s.add_argument("--rollout-fits", default="first",
-                 help="the leaf rollout's heuristics, comma list of best,first (the best completion counts)")
-  s.add_argument("--agent-order", default="spatial,chronological",
-                 help="buffer order(s) for the agent, a comma list: one episode each, the best is kept ('trained': "
-                      "the network's training order)")
-  s.add_argument("--no-fortify", action="store_true",
-                 help="return the searched episode alone, without keeping the best best/first-fit completion")
-  s.add_argument("--out", default=None, help="solution CSV (id,lower,upper,size,offset)")
-  s.add_argument("--plot", default=None, help="PNG of the placement")
-  s.set_defaults(run=_solve)
-  e = sub.add_parser("extract", help="dump the temp buffers of a compiled train step (or any jitted function)")
-  e.add_argument("--config", default="tiny", help="preset of the train step (research.train.presets)")
-  e.add_argument("--function", default=None, help="'module:function' to jit instead of a train step")
-  e.add_argument("--shapes", default="", help="argument shapes for --function, e.g. 64x128,128x256")
-  e.add_argument("--dtype", default="float32")
-  e.add_argument("--capacity-fraction", type=float, default=1.0, help="capacity = this * XLA's temp height")
-  e.add_argument("--out", default=None, help="CSV of the buffers (XLA's layout goes to OUT.xla.csv)")
-  e.set_defaults(run=_extract)
-  t = sub.add_parser("train-agent", help="self-play training of the Gumbel MuZero agent")
-  t.add_argument("--workdir", default="runs/memmap_agent")
-  t.add_argument("--tiny", action="store_true", help="the seconds-long CPU config")
-  for name in ("iterations", "n_min", "n_max", "batch_envs", "num_simulations", "seed", "pack_width", "pack_height"):
-    t.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None)
-  t.add_argument("--order", default=None, help="buffer order of the game (memmap.orders.ORDERS)")
-  t.set_defaults(run=_train)
-  return p
+RUN = {"solve": _solve, "extract": _extract, "train-agent": _train}
+
+
+def parser() -> CommandParser:
+  return CommandParser(COMMANDS, prog="python -m memmap", description=__doc__.splitlines()[0])
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Runs one subcommand; returns its exit status (0 done, 1 no placement); bad input exits 2 via ``fail``."""
   try:
-    args = build_parser().parse_args(argv)
-    args.run(args)
-  except (ValueError, FileNotFoundError, RuntimeError, ImportError, AttributeError, KeyError, OSError) as e:
-    print(f"memmap: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-    return 2
-  return 0
+    command, cfg = parser().parse(argv)
+    return RUN[command](cfg)
+  except UsageError as e:
+    fail(str(e))
+  except (ValueError, OSError, RuntimeError, ImportError) as e:  # bad files, unknown presets, missing extras
+    fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -18,6 +18,11 @@ An illegal action acts as slow memory (benefit) or as slot 0 (height) and sets `
 is absorbing (reward 0, same state).
 
 Shapes: N = padded buffer count, K = num_slots, P = program ops (1 when there is no program), G = grid cells.
+
+Size limit: the game keeps a dense ``[N, N]`` time-overlap matrix and a step compares every candidate with every
+buffer (``[N + 1, N]``), which is what makes it a fixed-shape jittable function. ``make_game`` therefore refuses
+instances above ``MAX_BUFFERS`` buffers (4,096: a 16 MiB matrix, ~17 M comparisons per step) with one line
+naming the methods that scale (the heuristics, ``exact`` and the network-free ``agent`` use sweep-line structures).
 """
 
 from __future__ import annotations
@@ -31,10 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from memmap.cost_model import Program
-from memmap.instance import SLOW, Instance, compress_times, load_bound, time_overlap
+from memmap.instance import MAX_DENSE, SLOW, Instance, compress_times, load_bound, time_overlap
 from memmap.orders import ORDERS, buffer_order
 
 UNDECIDED, SLOW_STATE = -1, -2
+MAX_BUFFERS = MAX_DENSE
 OBJECTIVES = ("height", "benefit")
 REWARDS = ("additive", "exact")
 LOOKAHEAD = 8
@@ -116,6 +122,9 @@ def make_game(inst: Instance, cfg: GameConfig, n_max: int | None = None, program
   """Builds the padded jax arrays for ``inst`` (padding buffers are invalid and never presented)."""
   n = inst.n
   n_max = n if n_max is None else n_max
+  if max(n, n_max) > MAX_BUFFERS:
+    raise ValueError(f"the jittable mallocGame holds an N x N overlap matrix and takes at most {MAX_BUFFERS} "
+                     f"buffers (got {max(n, n_max)}); use a heuristic, --method exact or the network-free agent.")
   if n_max < n:
     raise ValueError(f"n_max={n_max} is smaller than the instance's {n} buffers.")
   if cfg.reward == "exact" and program is None:

@@ -52,6 +52,8 @@ class Instance:
                        "lower < upper (half-open).")
     if n and (self.size <= 0).any():
       raise ValueError(f"buffer {self.ids[int(np.argmin(self.size))]!r} has size <= 0; sizes must be positive.")
+    if n and sum(self.size.tolist()) >= 2**62:
+      raise ValueError("the buffer sizes sum to 2**62 bytes or more; they would overflow int64 offsets.")
     if self.capacity <= 0 or self.alignment <= 0:
       raise ValueError(f"capacity ({self.capacity}) and alignment ({self.alignment}) must be positive integers.")
     benefit = self.area if self.benefit is None else np.asarray(self.benefit, dtype=np.float64)
@@ -71,7 +73,7 @@ class Instance:
     return dataclasses.replace(self, **changes)
 
 
-MAX_DENSE = 4096  # buffers; above this, time_overlap's N x N matrix is refused (it would take N**2 bytes)
+MAX_DENSE = 4096  # buffers; above, time_overlap (and the jittable game, memmap.env) refuse their N x N matrix
 
 
 def time_overlap(inst: Instance) -> np.ndarray:

@@ -19,6 +19,7 @@ import numpy as np
 
 from memmap.instance import SLOW, Instance
 
+MAX_VALUE = 2**48  # bytes or time ticks: 256 TiB; larger numbers are input errors (and would overflow int64 sums)
 _SYNONYMS = {"buffer": "id", "buffer_id": "id", "begin": "lower", "start": "lower", "end": "end"}
 _KNOWN = {"id", "lower", "upper", "end", "size", "alignment", "hint", "gaps", "offset"}
 
@@ -26,7 +27,23 @@ _KNOWN = {"id", "lower", "upper", "end", "size", "alignment", "hint", "gaps", "o
 def capacity_from_name(path: str | Path) -> int | None:
   """``A.1048576.csv`` -> 1048576; None when the name carries no capacity."""
   parts = Path(path).name.split(".")
-  return int(parts[-2]) if len(parts) >= 3 and parts[-2].isdigit() else None
+  if len(parts) < 3 or not parts[-2].isdecimal():
+    return None
+  cap = int(parts[-2])
+  if not 1 <= cap <= MAX_VALUE:
+    raise ValueError(f"{path}: the capacity {parts[-2]} in the file name must be in [1, {MAX_VALUE}].")
+  return cap
+
+
+def _integer(text: str, column: str, line: int, path: Path) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise ValueError(f"{path} line {line}: {column} {text!r} is not an integer.") from None
+  if not -MAX_VALUE <= value <= MAX_VALUE:
+    raise ValueError(f"{path} line {line}: {column} {text[:30]}{'...' if len(text) > 30 else ''} is out of range "
+                     f"(|value| <= {MAX_VALUE}).")
+  return value
 
 
 def read_csv(path: str | Path, capacity: int | None = None) -> tuple[Instance, np.ndarray | None]:
@@ -37,6 +54,8 @@ def read_csv(path: str | Path, capacity: int | None = None) -> tuple[Instance, n
     else None. Capacity: the argument, else the file name's, else the sum of sizes (no limit).
   """
   path = Path(path)
+  if path.is_dir():
+    raise IsADirectoryError(f"{path} is a folder, not a MiniMalloc CSV file.")
   if not path.is_file():
     raise FileNotFoundError(f"no such MiniMalloc CSV file: {path}")
   with path.open(newline="") as fh:
@@ -52,20 +71,30 @@ def read_csv(path: str | Path, capacity: int | None = None) -> tuple[Instance, n
     need = {"id", "size", "lower"}
     if not need <= set(cols) or ("upper" in cols) == ("end" in cols):
       raise ValueError(f"{path}: header {header} needs id, lower, size and exactly one of upper / end.")
-    rows = [dict(zip(cols, (c.strip() for c in r))) for r in reader if r and any(c.strip() for c in r)]
-  try:
-    lower = np.array([int(r["lower"]) for r in rows], dtype=np.int64)
-    upper = np.array([int(r["upper"]) if "upper" in r else int(r["end"]) + 1 for r in rows], dtype=np.int64)
-    size = np.array([int(r["size"]) for r in rows], dtype=np.int64)
-    align = [int(r["alignment"]) for r in rows if r.get("alignment")]
-  except ValueError as e:
-    raise ValueError(f"{path}: a lower/upper/size/alignment cell is not an integer ({e}).") from None
-  cap = capacity or capacity_from_name(path) or int(size.sum()) or 1
+    rows, lines = [], []
+    for r in reader:
+      if not r or not any(c.strip() for c in r):
+        continue
+      if len(r) != len(cols):
+        raise ValueError(f"{path} line {reader.line_num}: {len(r)} cells for {len(cols)} columns {header}.")
+      rows.append(dict(zip(cols, (c.strip() for c in r))))
+      lines.append(reader.line_num)
+  value = lambda r, line, col: _integer(r[col], col, line, path)
+  lower = np.array([value(r, ln, "lower") for r, ln in zip(rows, lines)], dtype=np.int64)
+  upper = np.array([value(r, ln, "upper") if "upper" in r else value(r, ln, "end") + 1 for r, ln in zip(rows, lines)],
+                   dtype=np.int64)
+  size = np.array([value(r, ln, "size") for r, ln in zip(rows, lines)], dtype=np.int64)
+  align = [value(r, ln, "alignment") for r, ln in zip(rows, lines) if r.get("alignment")]
+  if any(a < 1 for a in align) or math.lcm(*align) > MAX_VALUE:
+    raise ValueError(f"{path}: alignments must be positive integers whose lcm is at most {MAX_VALUE}.")
+  name_cap = capacity_from_name(path)
+  cap = capacity if capacity is not None else name_cap if name_cap is not None else max(int(size.sum()), 1)
   inst = Instance(ids=tuple(r["id"] for r in rows), lower=lower, upper=upper, size=size, capacity=cap,
                   alignment=math.lcm(*align) if align else 1)
   offsets = None
   if "offset" in cols:
-    offsets = np.array([int(r["offset"]) if r["offset"] else SLOW for r in rows], dtype=np.int64)
+    offsets = np.array([value(r, ln, "offset") if r["offset"] else SLOW for r, ln in zip(rows, lines)],
+                       dtype=np.int64)
   return inst, offsets
 
 

@@ -2,7 +2,9 @@
 
 Methods: greedy heuristics (``first_fit`` / ``best_fit`` in size order, ``best_fit_area``, ``best_fit_temporal``,
 ``msa``: best fit in XLA-MSA's benefit/sqrt(size) order, ``portfolio``: the best of all orders and fits), ``cpsat``
-(exact, time-limited) and ``agent`` (Gumbel MuZero search with a trained network).
+(CP-SAT, time-limited), ``exact`` (MiniMalloc's search at the capacity: feasible, infeasible or unknown), ``agent``
+(the anytime search of ``memmap.agent.anytime``, seeded with a Gumbel MuZero episode when ``agent_dir`` names a
+trained network) and ``omnimalloc:<name>`` (every allocator of omnimalloc, ``memmap.baselines.omni``).
 
 Objectives: ``height`` places every buffer and minimises the peak (MiniMalloc's problem; it fits when the peak is
 <= capacity); ``benefit`` respects the capacity and leaves what does not fit in slow memory, maximising benefit.
@@ -16,15 +18,18 @@ from pathlib import Path
 
 import numpy as np
 
-from memmap.baselines import cpsat
-from memmap.baselines.heuristics import greedy, portfolio
+from memmap.baselines import cpsat, exact, omni
+from memmap.baselines.heuristics import FITS, greedy, portfolio
 from memmap.instance import SLOW, Instance, load_bound, validate
 from memmap.orders import ORDERS
+from research.config import Config, Problem, option
 
 HEURISTICS = {"first_fit": ("spatial", "first"), "best_fit": ("spatial", "best"), "best_fit_area": ("area", "best"),
               "best_fit_temporal": ("temporal", "best"), "msa": ("msa", "best")}
-METHODS = tuple(HEURISTICS) + ("portfolio", "cpsat", "agent")
+OMNI_METHODS = tuple(f"omnimalloc:{name}" for name in omni.ALLOCATORS)
+METHODS = tuple(HEURISTICS) + ("portfolio", "cpsat", "exact", "agent") + OMNI_METHODS
 OBJECTIVES = ("height", "benefit")
+NO_PLACEMENT = ("unknown", "infeasible", "model_invalid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,28 +66,40 @@ class Solution:
 
 
 @dataclasses.dataclass(frozen=True)
-class AgentOptions:
-  """Where the trained agent lives and how it searches (see ``memmap.agent.train.solve``): ``order`` is one buffer
-  order or a tuple played one after the other (best kept); ``rollout_fits`` are the leaf rollout's heuristics;
-  ``fortify`` keeps the best heuristic completion. The defaults are the configuration that matched or beat the best
-  heuristic on all six MiniMalloc instances (docs/results.md); ``order=None`` plays the network's training order."""
-  agent_dir: str | Path | None = None
-  num_simulations: int = 64
-  rollout_weight: float = 1.0
-  order: str | tuple[str, ...] | None = ("spatial", "chronological")
-  rollout_fits: tuple[str, ...] = ("first",)
-  fortify: bool = True
+class AgentOptions(Config):
+  """How ``--method agent`` searches. Without ``agent_dir`` it is the network-free anytime search
+  (``memmap.agent.anytime``); with it, a Gumbel MuZero episode of that network seeds it (``memmap.agent.train.solve``,
+  which runs to its end before the deadline is looked at).
 
-  def __post_init__(self):
-    orders = (self.order,) if isinstance(self.order, str) else self.order or ()
-    bad = [o for o in orders if o not in ORDERS]
-    if bad or self.order == ():
-      raise ValueError(f"AgentOptions.order={self.order!r}: give one or more of {', '.join(ORDERS)}.")
+  Attributes:
+    agent_dir: folder of a `python -m memmap train-agent` run (None: no network).
+    simulations: Gumbel MuZero simulations per move (with agent_dir).
+    rollout_weight: leaf value = (1 - w) * network value + w * heuristic rollout return (with agent_dir).
+    agent_orders: buffer orders the network's episodes play, one episode each, the best kept (with agent_dir).
+    rollout_fits: heuristics of the leaf rollouts, the best completion counts (with agent_dir).
+    fortify: keep the best best-fit / first-fit completion along the network's episode (with agent_dir).
+  """
+  agent_dir: str | None = option(None)
+  simulations: int = option(64, minimum=1)
+  rollout_weight: float = option(1.0, minimum=0.0, maximum=1.0)
+  agent_orders: tuple[str, ...] = option(("spatial", "chronological"))
+  rollout_fits: tuple[str, ...] = option(("first",))
+  fortify: bool = option(True)
+
+  def check(self):
+    if not self.agent_orders or set(self.agent_orders) - set(ORDERS):
+      yield Problem("agent_orders", f"must be one or more of {', '.join(ORDERS)} (got {','.join(self.agent_orders)})")
+    if not self.rollout_fits or set(self.rollout_fits) - set(FITS):
+      yield Problem("rollout_fits", f"must be one or more of {', '.join(FITS)} (got {','.join(self.rollout_fits)})")
 
 
 def solve(inst: Instance, method: str, objective: str = "height", time_limit: float = 60.0,
           agent: AgentOptions = AgentOptions()) -> Solution:
-  """Runs ``method`` and validates its placement (raises ``PlacementError`` on an invalid one)."""
+  """Runs ``method`` and validates its placement (raises ``PlacementError`` on an invalid one).
+
+  ``exact`` decides the height game at ``inst.capacity`` (status feasible / infeasible / unknown); ``agent`` and
+  ``omnimalloc:*`` play the height game only.
+  """
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}.")
   if objective not in OBJECTIVES:
@@ -94,13 +111,22 @@ def solve(inst: Instance, method: str, objective: str = "height", time_limit: fl
     offsets = greedy(inst, *HEURISTICS[method], capacity=cap)
   elif method == "portfolio":
     offsets = portfolio(inst, capacity=cap)
+  elif method.startswith("omnimalloc:") or method == "exact" or method == "agent":
+    if objective != "height":
+      raise ValueError(f"method {method!r} plays the height game only (got objective {objective!r}).")
+    if method == "exact":
+      res = exact.solve(inst, time_limit=time_limit)
+      offsets = res.offsets if res.offsets is not None else np.full(0, SLOW, np.int64)
+      status, cap = res.status, inst.capacity
+    elif method == "agent":
+      offsets, status = _agent(inst, time_limit, agent), "search"
+    else:
+      offsets = omni.solve(inst, method.split(":", 1)[1], time_limit)
   elif method == "cpsat":
     res = (cpsat.solve_height(inst, time_limit) if objective == "height"
            else cpsat.solve_benefit(inst, time_limit=time_limit))
     status = res.status
     offsets = res.offsets if res.offsets is not None else np.full(0, SLOW, np.int64)
-  else:
-    offsets, status = _agent(inst, objective, agent), "search"
   seconds = time.perf_counter() - t0
   if offsets.size == 0:
     return Solution(method, objective, offsets, 0, inst.capacity, load_bound(inst), 0, 0.0, status, seconds)
@@ -111,12 +137,16 @@ def solve(inst: Instance, method: str, objective: str = "height", time_limit: fl
                   seconds)
 
 
-def _agent(inst: Instance, objective: str, opts: AgentOptions) -> np.ndarray:
-  from memmap.agent.train import load_agent, solve as agent_solve  # jax/flax only when the agent is asked for
-  if opts.agent_dir is None:
-    raise ValueError("method 'agent' needs --agent-dir, the folder of a `python -m memmap train-agent` run.")
-  net, cfg = load_agent(opts.agent_dir)
-  if cfg.objective != objective:
-    raise ValueError(f"the agent in {opts.agent_dir} was trained for objective {cfg.objective!r}, not {objective!r}.")
-  return agent_solve(net, cfg, inst, opts.num_simulations, rollout_weight=opts.rollout_weight, order=opts.order,
-                     rollout_fits=opts.rollout_fits, fortify=opts.fortify)
+def _agent(inst: Instance, time_limit: float, opts: AgentOptions) -> np.ndarray:
+  from memmap.agent import anytime
+  t0 = time.perf_counter()
+  seed = None
+  if opts.agent_dir is not None:
+    from memmap.agent.train import load_agent, solve as agent_solve  # jax and flax only when a network is used
+    net, cfg = load_agent(opts.agent_dir)
+    if cfg.objective != "height":
+      raise ValueError(f"the agent in {opts.agent_dir} was trained for objective {cfg.objective!r}, not 'height'.")
+    seed = agent_solve(net, cfg, inst, opts.simulations, rollout_weight=opts.rollout_weight,
+                       order=opts.agent_orders, rollout_fits=opts.rollout_fits, fortify=opts.fortify)
+  offsets, _ = anytime.solve(inst, max(time_limit - (time.perf_counter() - t0), 0.0), incumbent=seed)
+  return offsets

@@ -89,7 +89,7 @@ def _search(part, lo, hi, last_offset, last_rank, g, st, counters):
   """One node of the depth-first search over canonical placements of the unplaced buffers in ``part`` (their
   sections lie in ``[lo, hi)``); returns _OK (``st``'s solution holds them), _NOT_FOUND or _ABORTED (node budget
   ``counters[1]`` spent). Every change to ``st`` is undone before returning. Plain Python over numpy arrays, and
-  compiled unchanged by numba when it is installed (``_kernel``)."""
+  compiled unchanged by numba when it is installed."""
   size, sec_lo, sec_hi, ov_ptr, ov_idx, mem_ptr, mem_idx, rank, consts = g
   offset, minoff, floor, total, cuts, solution = st
   align, capacity, n = consts[0], consts[1], consts[2]
@@ -209,20 +209,20 @@ def _search(part, lo, hi, last_offset, last_rank, g, st, counters):
   return _NOT_FOUND
 
 
-def _compile():
-  """``_search`` compiled by numba, its recursive calls bound to the compiled dispatcher (the same code object with
-  its own globals), or ``_search`` itself when numba is not installed (the extra ``solvers`` brings it)."""
-  try:
-    import numba
-  except ImportError:
-    return _search
+def _interpreted():
+  """``_search`` as plain Python whose recursive calls stay interpreted (the same code object with its own
+  globals): the reference the compiled kernel is tested against, and the fallback without numba."""
   fn = types.FunctionType(_search.__code__, dict(globals()), "_search", _search.__defaults__)
-  kernel = numba.njit(fn)  # no cache=True: numba cannot reload a cached self-recursive function
-  fn.__globals__["_search"] = kernel
-  return kernel
+  fn.__globals__["_search"] = fn
+  return fn
 
 
-_kernel = _compile()
+_python_search = _interpreted()
+try:  # the extra "solvers" brings numba; the module global is rebound, so the recursion calls the compiled kernel
+  import numba
+  _search = numba.njit(_search)  # not cache=True: reloading a cached self-recursive function crashes numba 0.68
+except ImportError:
+  _search = _python_search
 
 
 def _csr(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -230,6 +230,13 @@ def _csr(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
   np.cumsum([len(x) for x in lists], out=ptr[1:])
   flat = np.fromiter((v for x in lists for v in x), np.int64, count=int(ptr[-1]))
   return ptr, flat
+
+
+def warm_up() -> float:
+  """Compiles the kernel (a few seconds with numba, once per process) on a one-buffer problem; returns seconds."""
+  t0 = time.perf_counter()
+  solve(Instance(ids=("x",), lower=[0], upper=[1], size=[1], capacity=1), time_limit=3600)
+  return time.perf_counter() - t0
 
 
 def solve(inst: Instance, capacity: int | None = None, time_limit: float = 60.0,
@@ -275,7 +282,7 @@ def solve(inst: Instance, capacity: int | None = None, time_limit: float = 60.0,
   geometry = [inst.size.astype(np.int64), np.asarray(sw.sec_lo, np.int64), np.asarray(sw.sec_hi, np.int64), ov_ptr,
               ov_idx, mem_ptr, mem_idx]
   parts = [(np.asarray(b, np.int64), lo, hi) for b, lo, hi in sw.partitions]
-  kernel = _kernel if compiled else _search
+  kernel = _search if compiled else _python_search
   sys.setrecursionlimit(max(sys.getrecursionlimit(), 8 * inst.n + 1000))
   counters = np.zeros(2, np.int64)
   limit, rate = inst.n, None

@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from memmap.baselines.heuristics import greedy
 from memmap.generators import random_instance
-from memmap.instance import SLOW, Instance, PlacementError, compress_times, load_bound, time_overlap, validate
+from memmap.instance import (SLOW, Instance, PlacementError, adjacency, compress_times, first_clash, load_bound,
+                             overlap_pairs, sweep, time_overlap, validate)
 from memmap.io_minimalloc import read_csv, write_csv
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "minimalloc"
@@ -77,3 +79,57 @@ def test_minimalloc_benchmark_files_read(name):
   inst, _ = read_csv(DATA / f"{name}.1048576.csv")
   assert inst.capacity == 1048576 and inst.n in (154, 170, 203, 213, 215, 296)
   assert load_bound(inst) <= inst.capacity
+
+
+def _dense_overlap(inst: Instance) -> np.ndarray:
+  """The obviously-correct reference: every pair compared directly."""
+  lo, up = inst.lower, inst.upper
+  ov = (lo[:, None] < up[None, :]) & (lo[None, :] < up[:, None])
+  np.fill_diagonal(ov, False)
+  return ov
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sweep_structures_equal_their_dense_references(seed):
+  rng = np.random.default_rng(seed)
+  inst = random_instance(int(rng.integers(1, 120)), rng, horizon=int(rng.integers(2, 40)))
+  dense = _dense_overlap(inst)
+  i, j = overlap_pairs(inst)
+  assert len(i) == dense.sum() // 2 and dense[i, j].all()
+  assert (time_overlap(inst) == dense).all()
+  indptr, nbrs = adjacency(inst)
+  for k in range(inst.n):
+    assert sorted(nbrs[indptr[k]:indptr[k + 1]].tolist()) == np.flatnonzero(dense[k]).tolist()
+  times = np.unique(inst.lower)
+  live = (inst.lower[None, :] <= times[:, None]) & (times[:, None] < inst.upper[None, :])
+  assert load_bound(inst) == int((live * inst.size[None, :]).sum(axis=1).max())
+  sw = sweep(inst)
+  shared = np.zeros_like(dense)
+  for members in sw.sections:
+    shared[np.ix_(members, members)] = True
+  np.fill_diagonal(shared, False)
+  assert (shared == dense).all()  # two buffers overlap in time iff they share a section
+  assert sorted(b for part, _, _ in sw.partitions for b in part) == list(range(inst.n))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sweep_validator_finds_a_clash_iff_the_pairwise_check_does(seed):
+  rng = np.random.default_rng(10 + seed)
+  inst = random_instance(60, rng, horizon=30)
+  offsets = greedy(inst, "spatial", "first")
+  if seed % 2:  # move a few buffers somewhere random: clashes, or by luck none
+    moved = rng.choice(inst.n, seed, replace=False)
+    offsets[moved] = rng.integers(0, 20, seed) * 64
+  offsets[rng.random(inst.n) < 0.2] = SLOW
+  placed = offsets != SLOW
+  o, z = offsets, inst.size
+  clash = _dense_overlap(inst) & (o[:, None] < o[None, :] + z[None, :]) & (o[None, :] < o[:, None] + z[:, None])
+  clash &= placed[:, None] & placed[None, :]
+  found = first_clash(inst, offsets, np.flatnonzero(placed))
+  assert (found is not None) == bool(clash.any())
+  if found is not None:
+    assert clash[found]
+    with pytest.raises(PlacementError, match="overlap in time and address"):
+      validate(inst, offsets, capacity=10**9)
+  else:
+    assert validate(inst, offsets, capacity=10**9) == int((o + z)[placed].max())
