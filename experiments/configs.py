@@ -59,3 +59,14 @@ def mqar_gpu() -> TrainConfig:
       model=ModelConfig(vocab_size=8192, layers=("attn", "attn"), d_model=128, num_heads=2, num_kv_heads=2),
       task="mqar", plugins={"mqar": MQARTaskConfig(num_kv_pairs=16)}, seq_len=256, batch_size=256, steps=2000,
       learning_rate=2e-3, warmup_steps=100, eval_every=500, eval_batches=4, checkpoint_every=1000, log_every=100)
+
+
+@register_preset("tiny_diloco")
+def tiny_diloco() -> TrainConfig:
+  """``tiny`` trained by Streaming DiLoCo (``optim.diloco``): 4 replicas x 2-way data parallel on 8 devices (on CPU:
+  XLA_FLAGS=--xla_force_host_platform_device_count=8), one of 3 fragments synced every 10 steps in 4-bit e3m0."""
+  import dataclasses
+
+  from optim.diloco import DiLoCoConfig
+  diloco = DiLoCoConfig(replicas=4, sync_every=30, fragments=3, overlap_steps=1, alpha=0.5, wire="e3m0")
+  return dataclasses.replace(tiny(), regime="diloco", plugins={"diloco": diloco})

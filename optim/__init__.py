@@ -4,3 +4,4 @@ Importing the package registers its optimizers with ``research.optimizers`` (the
 """
 
 from optim import registry as _galore_registry  # noqa: F401  (registers "galore", "natural_galore", "optax_galore")
+from optim import diloco as _diloco  # noqa: F401  (registers the "diloco" training regime)

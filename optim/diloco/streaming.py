@@ -77,6 +77,9 @@ class DiLoCo:
     alpha: α, the local share kept at a merge (0: replace by the new global params).
     wire: how Δ is sent.
     axis_name: the replica mesh axis; replicas: its size M.
+    check_axes: the mesh axes over which every device must hold the same global params after a merge (default:
+      the replica axis; add a data axis inside the replicas to check every copy, and every device then reports
+      the same verdict).
   """
 
   outer: optax.GradientTransformation
@@ -86,6 +89,7 @@ class DiLoCo:
   wire: WireFormat = FORMATS["fp32"]
   axis_name: str = "diloco"
   replicas: int = 1
+  check_axes: tuple[str, ...] | None = None
 
   def __post_init__(self):
     if self.plan.fragments != self.schedule.fragments:
@@ -165,7 +169,7 @@ class DiLoCo:
         global_params=jax.tree.unflatten(treedef, plan.replace(p, glob_leaves, glob)),
         local=jax.tree.unflatten(treedef, plan.replace(p, local_leaves, local)),
         outer_states=outer_states, inflight_fragment=jnp.full((), -1, jnp.int32))
-    return new, replicas_agree((glob, outer_state), self.axis_name)
+    return new, replicas_agree((glob, outer_state), self.check_axes or self.axis_name)
 
   def _mix(self, local: jax.Array, glob: jax.Array) -> jax.Array:
     if self.alpha == 0.0:
@@ -195,7 +199,8 @@ def fingerprint(tree: Any) -> jax.Array:
   return jnp.stack([one(x) for x in leaves]) if leaves else jnp.zeros((0,), jnp.int32)
 
 
-def replicas_agree(tree: Any, axis_name: str) -> jax.Array:
-  """bool []: ``tree`` has the same :func:`fingerprint` on every replica of ``axis_name`` (inside shard_map)."""
+def replicas_agree(tree: Any, axis_name: str | tuple[str, ...]) -> jax.Array:
+  """bool []: ``tree`` has the same :func:`fingerprint` on every device of the mesh axes ``axis_name`` (inside
+  shard_map); the same verdict on each of them."""
   prints = fingerprint(tree)
   return jnp.all(jax.lax.pmax(prints, axis_name) == jax.lax.pmin(prints, axis_name))
