@@ -1,12 +1,15 @@
-"""mallocGame study: every placement method on the MiniMalloc "challenging" set and on memlab's own train steps.
+"""mallocGame study: every placement method on MiniMalloc A-F and on memlab's own compiled train steps.
 
-MiniMalloc A-F (google/minimalloc ``benchmarks/challenging``, Apache-2.0): perfect packings, optimum peak exactly
-1,048,576 bytes. Extracted sets: the ``preallocated-temp`` buffers of ``research.train.lower_train_step`` for each
-named config (CPU backend), compared with XLA's own temp layout. Per method: peak (height objective) vs optimum /
-load bound, fit, solve time; for extracted sets also the modelled program time T/T_slow at half of XLA's temp size.
-``cpsat_hinted`` / ``cpsat_fit_hinted`` start CP-SAT from the agent's layout (list them after ``agent``).
+MiniMalloc A-F (google/minimalloc ``benchmarks/challenging``, Apache-2.0; read from ../shared/data/minimalloc): perfect
+packings, every one fits at 1,048,576 bytes. Extracted sets: the ``preallocated-temp`` buffers of
+``research.train.lower_train_step`` for each named preset (``tiny+gdn`` = tiny with every mixer replaced), against
+XLA's own temp layout. Per method: height (% over 1,048,576 or over the load bound L), wall seconds, fit at the
+capacity; every placement passes ``memmap.instance.validate``. Time-limited methods (cpsat, exact, agent and
+omnimalloc's supermalloc and local searches) all get ``--time-limit`` seconds on the same machine in one run. Rows
+are appended to ``--out`` as they finish (a rerun skips the rows it has), with progress on stdout.
 
-  PYTHONPATH=. python benchmarks/memmap_study.py --agent-dir runs/memmap_agent --out docs/memmap/study.json
+  PYTHONPATH=. python benchmarks/memmap_study.py --out docs/memmap/study_issue17.json
+  PYTHONPATH=. python benchmarks/memmap_study.py --report docs/memmap/study_issue17.json   # tables + plot
 """
 
 from __future__ import annotations
@@ -15,186 +18,165 @@ import argparse
 import dataclasses
 import json
 import platform
-import re
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
-from memmap.baselines import cpsat
-from memmap.instance import SLOW, load_bound, validate
+from memmap.baselines import exact, omni
+from memmap.instance import load_bound, validate
 from memmap.io_minimalloc import read_csv
-from memmap.plot import plot_placement
-from memmap.solvers import HEURISTICS, AgentOptions, Solution, solve
+from memmap.solvers import HEURISTICS, OMNI_METHODS, solve
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "minimalloc"
 OPT = 1048576
+OURS = (*HEURISTICS, "portfolio", "cpsat", "exact", "agent")
+UNAVAILABLE = ("omnimalloc:minimalloc", "omnimalloc:genetic")  # google/minimalloc is not on PyPI; genetic needs deap
 
 
-def _row(sol, opt):
-  return {"method": sol.method, "status": sol.status, "peak": sol.peak, "fits": bool(sol.fits),
-          "over_opt_pct": 100.0 * (sol.peak / opt - 1.0) if sol.peak else None, "seconds": round(sol.seconds, 3)}
+def _methods(names: list[str]) -> list[str]:
+  if omni.available():
+    return [m for m in names if m not in UNAVAILABLE]
+  return [m for m in names if not m.startswith("omnimalloc:")]
 
 
-def _variants(method: str, args) -> list[tuple[str, AgentOptions | None]]:
-  """(label, agent options) for each run of ``method``. An agent variant is
-  'simulations:rollout_weight:orders[:fits=F1,F2][:plain]': orders and leaf-rollout fits are comma lists (default
-  fits: best), and the search is fortified unless 'plain' is given."""
-  if method != "agent":
-    return [(method, None)]
-  out = []
-  for v in args.agent_variants:
-    sims, weight, orders, *extra = v.split(":")
-    fits = [e.removeprefix("fits=") for e in extra if e.startswith("fits=")]
-    if len(fits) > 1 or set(extra) - {"plain", *(f"fits={f}" for f in fits)}:
-      raise ValueError(f"agent variant {v!r}: expected 'simulations:rollout_weight:orders[:fits=F1,F2][:plain]'.")
-    fits = tuple(fits[0].split(",")) if fits else ("best",)
-    fortify = "plain" not in extra
-    label = (f"agent[{orders.replace(',', '+')},w={weight},{sims}sims"
-             f"{'' if fits == ('best',) else ',leaf=' + '+'.join(fits)}{',fortified' if fortify else ''}]")
-    out.append((label, AgentOptions(args.agent_dir, int(sims), float(weight), tuple(orders.split(",")), fits,
-                                    fortify)))
-  return out
+def _row(inst, method: str, time_limit: float, ref: int) -> dict:
+  sol = solve(inst, method, "height", time_limit)
+  peak = validate(inst, sol.offsets, capacity=np.iinfo(np.int64).max) if sol.offsets.size else None
+  return {"method": method, "status": sol.status, "peak": peak, "fits": peak is not None and peak <= inst.capacity,
+          "over_pct": None if peak is None else round(100.0 * (peak / ref - 1.0), 3), "seconds": round(sol.seconds, 2)}
 
 
-# CP-SAT height-model variants run by this script: (offsets bounded by the capacity, hinted with the agent's layout).
-CPSAT_VARIANTS = {"cpsat_fit": (True, False), "cpsat_hinted": (False, True), "cpsat_fit_hinted": (True, True)}
+def _append(out: Path, row: dict) -> None:
+  with out.open("a") as fh:
+    fh.write(json.dumps(row) + "\n")
+  print(json.dumps(row), flush=True)
 
 
-def _cpsat(inst, method: str, time_limit: float, agent_offsets: np.ndarray | None) -> Solution:
-  """``cpsat_fit*``: feasibility at the capacity (offsets bounded by C), as in MiniMalloc's comparison;
-  ``*_hinted``: started from the best agent layout found on this instance earlier in the same run."""
-  at_capacity, hinted = CPSAT_VARIANTS[method]
-  if hinted and agent_offsets is None:
-    raise ValueError(f"method {method!r} needs an agent run before it (list 'agent' first in --methods).")
-  res = cpsat.solve_height(inst, time_limit=time_limit, upper_bound=inst.capacity if at_capacity else None,
-                           hint=agent_offsets if hinted else None)
-  off = res.offsets if res.offsets is not None else np.full(0, SLOW, np.int64)
-  peak = validate(inst, off, capacity=inst.capacity if at_capacity else np.iinfo(np.int64).max) if off.size else 0
-  return Solution(method, "height", off, peak, inst.capacity, load_bound(inst), off.size, float(off.size > 0),
-                  res.status, res.seconds)
-
-
-def minimalloc(methods, args, plots: Path) -> list[dict]:
-  rows = []
+def minimalloc(args, methods: list[str], done: set) -> None:
   for name in args.instances:
     inst, _ = read_csv(DATA / f"{name}.1048576.csv")
-    agent_best = None
     for method in methods:
-      for label, opts in _variants(method, args):
-        if method in CPSAT_VARIANTS:
-          sol = _cpsat(inst, method, args.time_limit, None if agent_best is None else agent_best.offsets)
-        else:
-          sol = solve(inst, method, "height", args.time_limit, opts or AgentOptions())
-        if method == "agent" and (agent_best is None or sol.peak < agent_best.peak):
-          agent_best = sol
-        row = {"instance": name, "n": inst.n, "L": load_bound(inst), **_row(sol, OPT), "method": label + args.tag}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if sol.offsets.size and method in ("best_fit", "cpsat", "agent") and name in args.plot:
-          plot_placement(inst, sol.offsets, plots / f"{name}_{re.sub(r'[^A-Za-z0-9.=-]+', '_', label).strip('_')}.png",
-                         f"MiniMalloc {name} {label}: peak {sol.peak} ({row['over_opt_pct']:+.1f}% over opt)")
-  return rows
+      if ("minimalloc", name, method) in done:
+        continue
+      row = _row(inst, method, args.time_limit, OPT)
+      _append(args.out, {"set": "minimalloc", "instance": name, "n": inst.n, "L": load_bound(inst), **row})
 
 
-def extracted(methods, args, plots: Path) -> list[dict]:
-  from experiments.configs import get_preset
-  from research.train import lower_train_step
+def extracted(args, methods: list[str], done: set) -> None:
   from memmap.xla_extract import extract
-  rows = []
+  from research.train import lower_train_step
+  from research.train.presets import get_preset
   for cname in args.configs:
+    if all(("extracted", cname, m) in done for m in ["xla", *methods]):
+      continue
     cfg = get_preset(cname.split("+")[0])
-    if "+" in cname:  # e.g. tiny+mom: the tiny run with every mixer replaced
-      mixer = cname.split("+")[1]
-      cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, layers=(mixer,) * len(cfg.model.layers)))
+    if "+" in cname:  # tiny+mom: the tiny run with every mixer replaced
+      layers = (cname.split("+")[1],) * len(cfg.model.layers)
+      cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, layers=layers, mixers={}))
     t0 = time.perf_counter()
     bufs = extract(lower_train_step(cfg))
-    inst = bufs.instance
-    lb = load_bound(inst)
-    base = {"config": cname, "n": inst.n, "distinct_times": int(np.unique(np.r_[inst.lower, inst.upper]).size),
-            "L": lb, "xla_temp": bufs.xla_height, "extract_s": round(time.perf_counter() - t0, 2),
+    lb = load_bound(bufs.instance)
+    inst = bufs.instance.replace(capacity=lb)  # exact decides whether the load bound itself is reachable
+    base = {"set": "extracted", "instance": cname, "n": inst.n, "L": lb, "xla_temp": bufs.xla_height,
+            "distinct_times": int(np.unique(np.r_[inst.lower, inst.upper]).size),
             "totals_match": all(a == b for a, b in bufs.totals().values())}
-    rows.append({**base, "method": "xla", "peak": bufs.xla_height, "over_L_pct": 100.0 * (bufs.xla_height / lb - 1)})
-    print(json.dumps(rows[-1]), flush=True)
-    plot_placement(inst.replace(capacity=bufs.xla_height), bufs.xla_offsets, plots / f"{cname}_xla.png",
-                   f"{cname} train step: XLA temp layout, {bufs.xla_height} B (L={lb})")
-    half = inst.replace(capacity=bufs.xla_height // 2)
-    for method, opts in [v for m in methods if m not in CPSAT_VARIANTS for v in _variants(m, args)]:
-      sol = solve(inst, method.split("[")[0], "height", args.time_limit, opts or AgentOptions())
-      row = {**base, "method": method, "status": sol.status, "peak": sol.peak,
-             "over_L_pct": 100.0 * (sol.peak / lb - 1) if sol.peak else None, "seconds": round(sol.seconds, 3)}
-      if opts is None:
-        ben = solve(half, method, "benefit", args.time_limit)
-        fast = ben.offsets != SLOW if ben.offsets.size else np.zeros(inst.n, bool)
-        if ben.offsets.size:
-          validate(half, ben.offsets)
-        row["T_over_Tslow_at_half"] = bufs.program.time(fast) / bufs.program.t_slow if ben.offsets.size else None
-        row["benefit_status"], row["benefit_seconds"] = ben.status, round(ben.seconds, 3)
-      rows.append(row)
-      print(json.dumps(row), flush=True)
-  return rows
+    if ("extracted", cname, "xla") not in done:
+      _append(args.out, {**base, "method": "xla", "status": "xla", "peak": bufs.xla_height, "fits": False,
+                         "over_pct": round(100.0 * (bufs.xla_height / lb - 1), 3),
+                         "seconds": round(time.perf_counter() - t0, 2)})
+    for method in methods:
+      if ("extracted", cname, method) not in done:
+        row = _row(inst, method, args.time_limit, lb)
+        row["fits"] = row["peak"] is not None and row["peak"] <= bufs.xla_height  # at or below XLA's layout
+        _append(args.out, {**base, **row})
 
 
-def report(paths: list[str]) -> str:
-  """Markdown tables (peak over optimum per instance x method; extracted sets) from one or more study JSONs."""
-  mm, ex = [], []
-  for path in paths:
-    data = json.loads(Path(path).read_text())
-    mm += data["minimalloc"]
-    ex += data["extracted"]
-  insts = sorted({r["instance"] for r in mm})
-  methods = list(dict.fromkeys(r["method"] for r in mm))
-  cell = {(r["instance"], r["method"]): r for r in mm}
-  lines = ["| method | " + " | ".join(f"{i} % over opt (s)" for i in insts) + " | fits |",
-           "|---|" + "---|" * (len(insts) + 1)]
-  for m in methods:
-    cells, fits = [], 0
-    for i in insts:
-      r = cell.get((i, m))
-      if r is None:
-        cells.append("")
-        continue
-      fits += r["fits"]
-      val = "no solution" if r["over_opt_pct"] is None else f"{r['over_opt_pct']:+.2f}"
-      status = f" {r['status']}" if r["status"] not in ("heuristic", "search") else ""
-      cells.append(f"{val} ({r['seconds']:.1f}){status}")
-    lines.append(f"| {m} | " + " | ".join(cells) + f" | {fits}/{len(insts)} |")
-  lines += ["", "| config | N | distinct times | method | peak B (% over L) | solve s | T/T_slow at C = XLA temp / 2 |",
-            "|---|---|---|---|---|---|---|"]
-  for r in ex:
-    t, over = r.get("T_over_Tslow_at_half"), r["over_L_pct"]
-    peak = f"{r['peak']} ({over:+.3f}%)" if over is not None else f"no solution ({r['status']})"
-    lines.append(f"| {r['config']} | {r['n']} | {r['distinct_times']} | {r['method']} | {peak} | "
-                 f"{r.get('seconds', r.get('extract_s'))} | {'' if t is None else f'{t:.4f}'} |")
-  return "\n".join(lines)
+def _cell(r: dict | None) -> str:
+  if r is None:
+    return ""
+  value = "no placement" if r["over_pct"] is None else f"{r['over_pct']:+.2f}"
+  status = "" if r["status"] in ("heuristic", "search", "xla") else f" {r['status']}"
+  return f"{value} ({r['seconds']:.1f}){status}"
+
+
+def report(path: Path, plot: Path | None) -> str:
+  """Markdown tables (rows: methods; columns: instances) and, with ``plot``, height vs time per method."""
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  out = []
+  for kind, ref in (("minimalloc", "1,048,576"), ("extracted", "L")):
+    sub = [r for r in rows if r["set"] == kind]
+    if not sub:
+      continue
+    insts = list(dict.fromkeys(r["instance"] for r in sub))
+    cell = {(r["instance"], r["method"]): r for r in sub}
+    methods = list(dict.fromkeys(r["method"] for r in sub))
+    head = "fits at 1,048,576" if kind == "minimalloc" else "at or below XLA"
+    out += [f"| method | " + " | ".join(f"{i} % over {ref} (s)" for i in insts) + f" | {head} |",
+            "|---|" + "---|" * (len(insts) + 1)]
+    for m in methods:
+      cells = [cell.get((i, m)) for i in insts]
+      fits = sum(bool(c and c["fits"]) for c in cells)
+      out.append(f"| {m} | " + " | ".join(_cell(c) for c in cells) + f" | {fits}/{len(insts)} |")
+    out.append("")
+  if plot is not None:
+    _plot([r for r in rows if r["set"] == "minimalloc"], plot)
+    out.append(f"plot: {plot}")
+  return "\n".join(out)
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  insts = sorted({r["instance"] for r in rows})
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  fig, axes = plt.subplots(2, 3, figsize=(14, 8), sharey=False)
+  markers = "ov^<>sPXD*hp"
+  for ax, name in zip(axes.flat, insts):
+    for k, m in enumerate(methods):
+      r = next((r for r in rows if r["instance"] == name and r["method"] == m and r["over_pct"] is not None), None)
+      if r is not None:
+        ax.scatter(max(r["seconds"], 0.005), r["over_pct"], marker=markers[k % len(markers)],
+                   color=plt.cm.tab20(k % 20), label=m, s=40)
+    ax.set_xscale("log")
+    ax.set_title(f"MiniMalloc {name}")
+    ax.set_xlabel("seconds (log)")
+    ax.set_ylabel("% over 1,048,576")
+    ax.axhline(0, color="black", linewidth=0.5)
+  handles, labels = axes.flat[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=8)
+  fig.tight_layout(rect=(0, 0.1, 1, 1))
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--report", nargs="*", default=None, help="print markdown tables of these study JSONs and exit")
+  p.add_argument("--report", action="store_true", help="print the markdown tables of --out, draw --plot and exit")
   p.add_argument("--instances", nargs="*", default=list("ABCDEF"))
-  p.add_argument("--configs", nargs="*", default=["tiny", "mqar_tiny"])
-  p.add_argument("--methods", nargs="*", default=list(HEURISTICS) + ["portfolio", "cpsat", "cpsat_fit", "agent"])
+  p.add_argument("--configs", nargs="*", default=["tiny", "mqar_tiny", "tiny+mom", "tiny+gdn"])
+  p.add_argument("--methods", nargs="*", default=[*OURS, *OMNI_METHODS])
   p.add_argument("--time-limit", type=float, default=60.0)
-  p.add_argument("--agent-variants", nargs="*", default=["16:1:spatial,chronological:fits=first"],
-                 help="simulations:rollout_weight:orders[:fits=F1,F2][:plain] per agent run (comma lists; fits: "
-                      "the leaf rollout's heuristics; plain: no fortification)")
-  p.add_argument("--agent-dir", default=None)
-  p.add_argument("--tag", default="", help="appended to every MiniMalloc row's method label (e.g. a rerun)")
-  p.add_argument("--plot", nargs="*", default=["A", "F"])
-  p.add_argument("--out", default="docs/memmap/study.json")
+  p.add_argument("--out", type=Path, default=Path("docs/memmap/study_issue17.jsonl"))
+  p.add_argument("--plot", type=Path, default=Path("docs/memmap/height_vs_time.png"))
   args = p.parse_args()
-  if args.report is not None:
-    print(report(args.report))
+  if args.report:
+    print(report(args.out, args.plot))
     return
-  methods = [m for m in args.methods if m != "agent" or args.agent_dir]
-  plots = Path(args.out).parent
-  plots.mkdir(parents=True, exist_ok=True)
-  env = {"backend": jax.default_backend(), "jax": jax.__version__, "cpu": platform.processor() or platform.machine(),
-         "time_limit_s": args.time_limit, "cpsat_workers": 2}
-  result = {"env": env, "minimalloc": minimalloc(methods, args, plots), "extracted": extracted(methods, args, plots)}
-  Path(args.out).write_text(json.dumps(result, indent=1))
+  import jax
+  args.out.parent.mkdir(parents=True, exist_ok=True)
+  done = set()
+  if args.out.exists():
+    done = {(r["set"], r["instance"], r["method"]) for r in map(json.loads, args.out.read_text().splitlines())
+            if r["set"] != "env"}
+  else:
+    _append(args.out, {"set": "env", "backend": jax.default_backend(), "jax": jax.__version__,
+                       "cpu": platform.processor() or platform.machine(), "time_limit_s": args.time_limit,
+                       "exact_compile_s": round(exact.warm_up(), 2), "omnimalloc": omni.available()})
+  methods = _methods(args.methods)
+  minimalloc(args, methods, done)
+  extracted(args, methods, done)
   print(f"wrote {args.out}")
 
 

@@ -31,10 +31,15 @@ def guillotine(n: int, rng: np.random.Generator, width: int = 64, height: int = 
   return Instance(ids=tuple(f"b{i}" for i in range(n)), lower=lower, upper=upper, size=hi_a - lo_a, capacity=height)
 
 
-def random_instance(n: int, rng: np.random.Generator, horizon: int = 100, capacity: int | None = None) -> Instance:
-  """n buffers with exponential lifetimes (mean horizon/8) and sizes in {1..16} * 64 bytes."""
+def random_instance(n: int, rng: np.random.Generator, horizon: int = 100, capacity: int | None = None,
+                    mean_life: float | None = None) -> Instance:
+  """n buffers with exponential lifetimes (mean ``mean_life``, default horizon/8) and sizes in {1..16} * 64 bytes.
+
+  ``random_instance(100_000, rng, horizon=100_000, mean_life=64)`` is program-like: one buffer defined per step,
+  about 64 live at a time (``benchmarks/memmap_scale.py``)."""
   lower = rng.integers(0, horizon, n)
-  upper = np.minimum(lower + 1 + rng.exponential(horizon / 8, n).astype(np.int64), horizon + 1)
+  life = horizon / 8 if mean_life is None else mean_life
+  upper = np.minimum(lower + 1 + rng.exponential(life, n).astype(np.int64), horizon + 1)
   size = rng.integers(1, 17, n) * 64
   return Instance(ids=tuple(f"b{i}" for i in range(n)), lower=lower, upper=upper, size=size,
                   capacity=int(size.sum()) if capacity is None else capacity)

@@ -15,31 +15,26 @@ from memmap.instance import SLOW, Instance, adjacency
 from memmap.orders import ORDERS, buffer_order
 
 FITS = ("first", "best")
+_NONE = np.iinfo(np.int64).max
 
 
 def free_gaps(starts: np.ndarray, ends: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
-  """Maximal free segments ``[lo, hi)`` of ``[0, limit)`` not covered by any ``[starts[i], ends[i])``, as two
-  int64 arrays in address order (empty segments dropped)."""
-  k = np.argsort(starts, kind="stable")
-  s, e = starts[k], ends[k]
-  covered = np.maximum.accumulate(e) if e.size else e
-  lo = np.concatenate([[0], covered])
-  hi = np.concatenate([s, [limit]])
-  keep = hi > lo
-  return lo[keep], hi[keep]
+  """The segments ``[lo, hi)`` between the address ranges ``[starts[i], ends[i])`` and up to ``limit``, as two
+  int64 arrays in address order; ranges that overlap each other leave empty or negative segments (hi <= lo)."""
+  k = np.argsort(starts)
+  lo = np.empty(starts.size + 1, np.int64)
+  lo[0] = 0
+  np.maximum.accumulate(ends[k], out=lo[1:])
+  return lo, np.append(starts[k], limit)
 
 
 def place_one(lo: np.ndarray, hi: np.ndarray, size: int, alignment: int, fit: str) -> int:
-  """The offset ``fit`` picks among free gaps ``[lo, hi)`` for a buffer of ``size`` bytes, or ``SLOW`` if none
-  fits: first fit = lowest aligned offset; best fit = smallest gap, then lowest offset."""
-  start = -(-lo // alignment) * alignment
+  """The offset ``fit`` picks among free gaps ``[lo, hi)`` (in address order) for a buffer of ``size`` bytes, or
+  ``SLOW`` if none fits: first fit = lowest aligned offset; best fit = smallest gap, then lowest offset."""
+  start = lo if alignment == 1 else -(-lo // alignment) * alignment
   ok = start + size <= hi
-  if not ok.any():
-    return SLOW
-  if fit == "first":
-    return int(start[ok].min())
-  width, start = (hi - lo)[ok], start[ok]
-  return int(start[np.lexsort((start, width))[0]])
+  k = int(np.argmax(ok)) if fit == "first" else int(np.argmin(np.where(ok, hi - lo, _NONE)))
+  return int(start[k]) if ok[k] else SLOW
 
 
 def greedy(inst: Instance, order: str = "spatial", fit: str = "best", capacity: int | None = None) -> np.ndarray:
@@ -62,10 +57,9 @@ def greedy(inst: Instance, order: str = "spatial", fit: str = "best", capacity: 
   size, a = inst.size, inst.alignment
   for i in buffer_order(inst, order).tolist():
     nb = nbrs[indptr[i]:indptr[i + 1]]
+    nb = nb[offsets[nb] != SLOW]
     o = offsets[nb]
-    placed = o != SLOW
-    o = o[placed]
-    lo, hi = free_gaps(o, o + size[nb[placed]], limit)
+    lo, hi = free_gaps(o, o + size[nb], limit)
     offsets[i] = place_one(lo, hi, int(size[i]), a, fit)
   return offsets
 
