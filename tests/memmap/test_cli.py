@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from memmap import cli
 from memmap.instance import validate
@@ -126,3 +128,26 @@ def test_bad_input_in_a_subprocess_prints_no_traceback(tmp_path):
                      env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}, timeout=300)
   assert r.returncode == 2 and "Traceback" not in r.stderr
   assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("error: ")
+
+
+_CELLS = st.one_of(st.integers(-5, 40).map(str), st.sampled_from(["", "x", "1e3", "9" * 23, " 7 ", "-0", "0x10"]))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=st.sampled_from(["id,lower,upper,size", "buffer,start,end,size", "id,lower,size",
+                               "id,lower,upper,size,id", "id,lower,upper,size,offset", ""]),
+       rows=st.lists(st.lists(_CELLS, min_size=2, max_size=6), max_size=6),
+       flags=st.lists(st.sampled_from([["--capacity", "0"], ["--capacity", "64"], ["--time-limit", "-3"],
+                                       ["--method", "first_fit"], ["--objective", "benefit"], ["--simulations", "0"],
+                                       ["--capacity", "99999999999999999999999"]]), max_size=2))
+def test_random_malformed_csvs_and_flags_end_in_a_placement_or_one_line(capsys, tmp_path, header, rows, flags):
+  path = tmp_path / "random.csv"
+  path.write_text("\n".join([header] + [f"b{k}," + ",".join(r) for k, r in enumerate(rows)]) + "\n")
+  out = tmp_path / "out.csv"
+  out.unlink(missing_ok=True)
+  code, _, err = _run(capsys, "solve", str(path), *[f for pair in flags for f in pair], "--out", str(out))
+  if code == 0:
+    inst, offsets = read_csv(out, capacity=10**12)
+    validate(inst, offsets, capacity=10**12)
+  else:
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
