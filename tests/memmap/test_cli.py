@@ -151,3 +151,20 @@ def test_random_malformed_csvs_and_flags_end_in_a_placement_or_one_line(capsys, 
     validate(inst, offsets, capacity=10**12)
   else:
     assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+
+
+def test_train_agent_then_solve_with_its_network(capsys, tmp_path):
+  work = tmp_path / "agent"
+  tiny = ["--iterations", "1", "--n-min", "4", "--n-max", "6", "--pack-width", "8", "--pack-height", "8",
+          "--batch-envs", "2", "--num-simulations", "2", "--num-slots", "4", "--grid", "8", "--width", "16",
+          "--train-batch", "8", "--updates-per-iter", "1", "--max-num-considered-actions", "2"]
+  code, out, err = _run(capsys, "train-agent", "--workdir", str(work), *tiny)
+  assert code == 0, err
+  assert (work / "history.json").is_file() and (work / "history.png").is_file() and "trained 1 iterations" in out
+  path = tmp_path / "g.8.csv"
+  path.write_text("id,lower,upper,size\na,0,4,4\nb,0,2,4\nc,2,4,4\n")
+  code, out, err = _run(capsys, "solve", str(path), "--method", "agent", "--agent-dir", str(work), "--simulations", "4",
+                        "--time-limit", "30", "--out", str(tmp_path / "o.csv"))
+  assert code == 0 and "fits=yes" in out, (out, err)
+  inst, offsets = read_csv(tmp_path / "o.csv", capacity=8)
+  assert validate(inst, offsets) == 8
