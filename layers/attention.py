@@ -118,10 +118,10 @@ class CausalAttention(nnx.Module):
     self.num_heads, self.num_kv_heads = ctx.num_heads, ctx.kv_heads
     self.head_dim, self.rope_theta = ctx.resolved_head_dim, ctx.rope_theta
     q_dim, kv_dim, dtype = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, ctx.compute_dtype
-    self.q_proj = dense(ctx.d_model, q_dim, dtype=dtype, rngs=rngs)
-    self.k_proj = dense(ctx.d_model, kv_dim, dtype=dtype, rngs=rngs)
-    self.v_proj = dense(ctx.d_model, kv_dim, dtype=dtype, rngs=rngs)
-    self.o_proj = dense(q_dim, ctx.d_model, dtype=dtype, rngs=rngs, std=ctx.out_init_std)
+    self.q_proj = dense(ctx.d_model, q_dim, dtype=dtype, rngs=rngs, axes=("embed", "heads"))
+    self.k_proj = dense(ctx.d_model, kv_dim, dtype=dtype, rngs=rngs, axes=("embed", "kv_heads"))
+    self.v_proj = dense(ctx.d_model, kv_dim, dtype=dtype, rngs=rngs, axes=("embed", "kv_heads"))
+    self.o_proj = dense(q_dim, ctx.d_model, dtype=dtype, rngs=rngs, axes=("heads", "embed"), std=ctx.out_init_std)
     self.pattern, self.implementation, self.cache_dtype = pattern, implementation, dtype
     self.cache: nnx.Dict | None = nnx.data(None)  # made by init_cache
 

@@ -136,13 +136,14 @@ def init_decay_params(num_heads: int, rngs: nnx.Rngs) -> tuple[nnx.Param, nnx.Pa
   a = jax.random.uniform(rngs.params(), (num_heads,), minval=1e-4, maxval=16.0)
   dt = jnp.exp(jax.random.uniform(rngs.params(), (num_heads,), minval=math.log(1e-3), maxval=math.log(1e-1)))
   dt = jnp.maximum(dt, 1e-4)
-  return nnx.Param(jnp.log(a)), nnx.Param(dt + jnp.log(-jnp.expm1(-dt)))
+  return nnx.Param(jnp.log(a), logical_axes=(None,)), nnx.Param(dt + jnp.log(-jnp.expm1(-dt)), logical_axes=(None,))
 
 
 def init_conv_weight(width: int, channels: int, rngs: nnx.Rngs) -> nnx.Param:
   """Depthwise conv weight [width, channels], U(±1/√width) (PyTorch Conv1d default for groups = channels)."""
   bound = 1.0 / math.sqrt(width)
-  return nnx.Param(jax.random.uniform(rngs.params(), (width, channels), minval=-bound, maxval=bound))
+  return nnx.Param(jax.random.uniform(rngs.params(), (width, channels), minval=-bound, maxval=bound),
+                   logical_axes=(None, "heads"))
 
 
 class GatedOutput(nnx.Module):
@@ -150,9 +151,10 @@ class GatedOutput(nnx.Module):
 
   def __init__(self, shape: MemoryShape, *, rngs: nnx.Rngs):
     self.eps, self.num_heads = shape.norm_eps, shape.num_heads
-    self.g_proj = dense(shape.d_model, shape.value_dim, dtype=shape.compute_dtype, rngs=rngs)
-    self.norm_weight = nnx.Param(jnp.ones((shape.value_head_dim,), jnp.float32))
-    self.o_proj = dense(shape.value_dim, shape.d_model, dtype=shape.compute_dtype, rngs=rngs, std=shape.out_std)
+    self.g_proj = dense(shape.d_model, shape.value_dim, dtype=shape.compute_dtype, rngs=rngs, axes=("embed", "heads"))
+    self.norm_weight = nnx.Param(jnp.ones((shape.value_head_dim,), jnp.float32), logical_axes=(None,))
+    self.o_proj = dense(shape.value_dim, shape.d_model, dtype=shape.compute_dtype, rngs=rngs, axes=("heads", "embed"),
+                        std=shape.out_std)
 
   def __call__(self, o: jax.Array, x: jax.Array) -> jax.Array:
     """o: [b, t, H, V]; x: [b, t, D] -> [b, t, D]."""
@@ -173,9 +175,9 @@ class GatedDeltaNet(nnx.Module):
   def __init__(self, cfg: GDNConfig, ctx: MixerContext, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.shape = s = MemoryShape.of(cfg, ctx)
-    proj = lambda width: dense(s.d_model, width, dtype=s.compute_dtype, rngs=rngs)
+    proj = lambda width, out="heads": dense(s.d_model, width, dtype=s.compute_dtype, rngs=rngs, axes=("embed", out))
     self.q_proj, self.k_proj, self.v_proj = proj(s.key_dim), proj(s.key_dim), proj(s.value_dim)
-    self.b_proj, self.a_proj = proj(s.num_heads), proj(s.num_heads)
+    self.b_proj, self.a_proj = proj(s.num_heads, None), proj(s.num_heads, None)
     self.a_log, self.dt_bias = init_decay_params(s.num_heads, rngs)
     self.q_conv = init_conv_weight(cfg.conv_size, s.key_dim, rngs)
     self.k_conv = init_conv_weight(cfg.conv_size, s.key_dim, rngs)

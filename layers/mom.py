@@ -90,9 +90,10 @@ class MoMConfig(Config):
     return self.num_memories + int(self.shared_memory)
 
 
-def _stacked(n: int, d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Param:
-  """n independent [d_in, d_out] projection matrices, N(0, INIT_STD²)."""
-  return nnx.Param(INIT_STD * jax.random.normal(rngs.params(), (n, d_in, d_out), jnp.float32))
+def _stacked(n: int, d_in: int, d_out: int, rngs: nnx.Rngs, out_axis: str | None = "heads") -> nnx.Param:
+  """n independent [d_in, d_out] projection matrices, N(0, INIT_STD²); logical axes (None, embed, ``out_axis``)."""
+  return nnx.Param(INIT_STD * jax.random.normal(rngs.params(), (n, d_in, d_out), jnp.float32),
+                   logical_axes=(None, "embed", out_axis))
 
 
 def _gather_time(x: jax.Array, index: jax.Array) -> jax.Array:
@@ -163,12 +164,12 @@ class MixtureOfMemories(nnx.Module):
     self.cfg = cfg
     self.shape = g = MemoryShape.of(cfg.memory, ctx)
     n = cfg.num_slots
-    self.router = dense(g.d_model, cfg.num_memories, dtype=jnp.float32, rngs=rngs)  # float32 logits
-    self.q_proj = dense(g.d_model, g.key_dim, dtype=g.compute_dtype, rngs=rngs)
+    self.router = dense(g.d_model, cfg.num_memories, dtype=jnp.float32, rngs=rngs, axes=("embed", None))  # f32 logits
+    self.q_proj = dense(g.d_model, g.key_dim, dtype=g.compute_dtype, rngs=rngs, axes=("embed", "heads"))
     self.k_proj = _stacked(n, g.d_model, g.key_dim, rngs)
     self.v_proj = _stacked(n, g.d_model, g.value_dim, rngs)
-    self.b_proj = _stacked(n, g.d_model, g.num_heads, rngs)
-    self.a_proj = _stacked(n, g.d_model, g.num_heads, rngs)
+    self.b_proj = _stacked(n, g.d_model, g.num_heads, rngs, out_axis=None)
+    self.a_proj = _stacked(n, g.d_model, g.num_heads, rngs, out_axis=None)
     self.a_log, self.dt_bias = init_decay_params(g.num_heads, rngs)
     self.q_conv = init_conv_weight(g.conv_size, g.key_dim, rngs)
     self.k_conv = init_conv_weight(g.conv_size, g.key_dim, rngs)

@@ -146,9 +146,11 @@ class Checkpointer:
         "next older one")
 
   def _move_aside(self, step: int) -> Path:
+    """Move ``step`` out of the checkpoint folder (process 0 moves; every process forgets it)."""
     target = self.directory.with_name(self.directory.name + ".damaged") / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(self.directory / str(step)), target)
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      shutil.move(str(self.directory / str(step)), target)
     self._manager.reload()
     return target
 

@@ -110,7 +110,7 @@ class ScaledMixConfig(Config):
 class RunningMean(nnx.Module):
   def __init__(self, cfg: ScaledMixConfig, ctx: MixerContext, *, rngs: nnx.Rngs):
     self.scale = cfg.scale
-    self.proj = dense(ctx.d_model, ctx.d_model, dtype=ctx.compute_dtype, rngs=rngs)
+    self.proj = dense(ctx.d_model, ctx.d_model, dtype=ctx.compute_dtype, rngs=rngs, axes=("embed", None))
 
   def __call__(self, x, *, use_cache=False):
     h = self.proj(x)

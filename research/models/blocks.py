@@ -1,4 +1,5 @@
-"""Building blocks shared by every decoder: RMSNorm, SwiGLU MLP and rotary position embeddings.
+"""Building blocks shared by every decoder: RMSNorm, SwiGLU MLP, rotary position embeddings, and the dense layer
+whose kernel records its logical axes (``research.sharding``).
 
 References: RMSNorm, "Root Mean Square Layer Normalization" (arXiv 1910.07467); SwiGLU, "GLU Variants Improve
 Transformer" (arXiv 2002.05202); RoPE, "RoFormer: Enhanced Transformer with Rotary Position Embedding"
@@ -14,10 +15,21 @@ from flax import nnx
 INIT_STD = 0.02
 
 
-def dense(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs, std: float = INIT_STD) -> nnx.Linear:
-  """Bias-free linear layer with N(0, std²) init, float32 parameters and compute dtype ``dtype``."""
+Axes = tuple[str | None, ...]
+
+
+def annotated(initializer, axes: Axes):
+  """``initializer`` whose Param records its logical axes (``research.sharding`` maps them to mesh axes)."""
+  return nnx.with_metadata(initializer, logical_axes=axes)
+
+
+def dense(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs, axes: Axes | None = None,
+          std: float = INIT_STD) -> nnx.Linear:
+  """Bias-free linear layer with N(0, std²) init, float32 parameters, compute dtype ``dtype`` and the kernel's
+  logical ``axes`` (e.g. ``("embed", "mlp")``; every memlab layer gives them, None leaves the kernel replicated)."""
+  init = nnx.initializers.normal(std)
   return nnx.Linear(in_features, out_features, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=nnx.initializers.normal(std), rngs=rngs)
+                    kernel_init=annotated(init, axes) if axes is not None else init, rngs=rngs)
 
 
 class RMSNorm(nnx.Module):
@@ -25,7 +37,7 @@ class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, *, eps: float = 1e-6):
     self.eps = eps
-    self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.weight = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=(None,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
@@ -37,9 +49,9 @@ class SwiGLU(nnx.Module):
   """MLP(x) = W_down (silu(W_gate x) ⊙ W_up x). x: [b, t, d] -> [b, t, d]."""
 
   def __init__(self, d_model: int, hidden: int, *, dtype, rngs: nnx.Rngs, out_std: float = INIT_STD):
-    self.gate = dense(d_model, hidden, dtype=dtype, rngs=rngs)
-    self.up = dense(d_model, hidden, dtype=dtype, rngs=rngs)
-    self.down = dense(hidden, d_model, dtype=dtype, rngs=rngs, std=out_std)
+    self.gate = dense(d_model, hidden, dtype=dtype, rngs=rngs, axes=("embed", "mlp"))
+    self.up = dense(d_model, hidden, dtype=dtype, rngs=rngs, axes=("embed", "mlp"))
+    self.down = dense(hidden, d_model, dtype=dtype, rngs=rngs, axes=("mlp", "embed"), std=out_std)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x))

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from research.models.blocks import INIT_STD, RMSNorm, SwiGLU
+from research.models.blocks import INIT_STD, RMSNorm, SwiGLU, annotated
 from research.models.config import ModelConfig
 from research.models.registry import get_mixer
 
@@ -49,12 +49,12 @@ class DecoderLM(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-                           embedding_init=nnx.initializers.normal(INIT_STD), rngs=rngs)
+                           embedding_init=annotated(nnx.initializers.normal(INIT_STD), ("vocab", "embed")), rngs=rngs)
     self.blocks = nnx.List([DecoderBlock(cfg, i, rngs=rngs) for i in range(len(cfg.layers))])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     self.head = None if cfg.tie_embeddings else nnx.Linear(
         cfg.d_model, cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-        kernel_init=nnx.initializers.normal(INIT_STD), rngs=rngs)
+        kernel_init=annotated(nnx.initializers.normal(INIT_STD), ("embed", "vocab")), rngs=rngs)
 
   def init_cache(self, batch_size: int, max_length: int) -> None:
     """Give every mixer an empty decode cache for ``batch_size`` sequences of up to ``max_length`` tokens."""

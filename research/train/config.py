@@ -15,6 +15,7 @@ import optax
 
 from research.config import Config, Problem, option, plugin_slot
 from research.data import TASKS
+from research.mesh import parse_mesh
 from research.models.config import ModelConfig
 from research.optimizers import OPTIMIZERS
 from research.registry import Registry
@@ -53,6 +54,8 @@ class TrainConfig(Config):
     keep_checkpoints: how many checkpoints to keep.
     log_every: steps between progress lines (metrics are pulled to the host only then).
     seed: initialisation and data seed.
+    mesh: device mesh, e.g. ``data=8``, ``fsdp=8``, ``data=2,fsdp=4``, ``fsdp=4,tensor=2`` (``research.mesh``: axes
+      data, fsdp and tensor, sizes multiplying to the device count, -1 for the rest); a run may resume on another.
     plugins: the configs of the chosen optimizer, task and regime, by name (missing ones take their defaults).
   """
 
@@ -75,9 +78,14 @@ class TrainConfig(Config):
   keep_checkpoints: int = option(3, minimum=1, resumable=True)
   log_every: int = option(10, minimum=1, resumable=True)
   seed: int = option(0, minimum=0)
+  mesh: str = option("data=-1", resumable=True)
   plugins: Mapping[str, Any] = plugin_slot("optimizer", "task", "regime")
 
   def check(self) -> Iterable[Problem]:
+    try:
+      parse_mesh(self.mesh)
+    except ValueError as e:
+      yield Problem("mesh", str(e))
     if self.batch_size % self.grad_accum:
       yield Problem("batch_size", f"({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
 

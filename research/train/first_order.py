@@ -2,9 +2,10 @@
 
 A step consumes ``grad_accum`` micro-batches through ``lax.scan`` and averages their gradients, then applies the
 run's optimizer (``research.train.config.make_optimizer``); with ``--skip-nonfinite N`` an update whose loss or
-gradient is not finite is skipped (``research.train.regime.skip_nonfinite_updates``). Data parallel over a 1-D
-``data`` mesh of every device: the batch is split over it, params and optimizer state are replicated, and XLA
-inserts the gradient all-reduce.
+gradient is not finite is skipped (``research.train.regime.skip_nonfinite_updates``). It runs over the run's named
+mesh (``--mesh``, ``research.mesh``): the batch is split over ``data`` x ``fsdp``; parameters are laid out by their
+logical axes (``research.sharding``: replicated over ``data``, sharded over ``fsdp`` and ``tensor``) and the optimizer
+state follows them; XLA's SPMD partitioner inserts the all-gathers, reduce-scatters and all-reduces.
 State ``{"params", "opt_state"}`` is donated, so a step updates it in place. Batches are pure functions of
 (seed, step), so a run resumed from a checkpoint reproduces the uninterrupted run's loss curve exactly on CPU.
 """
@@ -12,6 +13,7 @@ State ``{"params", "opt_state"}`` is donated, so a step updates it in place. Bat
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import jax
@@ -19,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from research.mesh import batch_sharded, data_mesh, replicated
+from research.mesh import batch_axes, batch_sharded, named_mesh, put_global, replicated
+from research.sharding import follow_params, named, param_specs
 from research.train.config import make_optimizer
 from research.train.regime import Regime, SplitModel, register_regime, skip_nonfinite_updates
 from research.train.steps import lm_loss
@@ -55,53 +58,51 @@ def make_train_step(model: SplitModel, tx: optax.GradientTransformation, aux_wei
 
 @register_regime("first_order")
 class FirstOrder(Regime):
-  """Backprop + optax, data parallel (module docstring)."""
+  """Backprop + optax over a (data, fsdp, tensor) mesh (module docstring)."""
 
   def __init__(self, config, run, model, devices=None):
     super().__init__(config, run, model, devices)
     self.tx = make_optimizer(run)
-    self._mesh = data_mesh(self.devices)
+    self._mesh = named_mesh(run.mesh, self.devices)
+    specs = param_specs(model.axes, model.params, self._mesh)
+    opt_specs = follow_params(jax.eval_shape(self.tx.init, model.params), model.params, specs)
+    self.shardings = {"params": named(specs, self._mesh), "opt_state": named(opt_specs, self._mesh)}
 
   @property
   def mesh(self) -> jax.sharding.Mesh:
     return self._mesh
 
   def check_devices(self) -> None:
-    micro = self.run.batch_size // self.run.grad_accum
-    if micro % self.mesh.size:
-      raise ValueError(f"the micro-batch (batch_size/grad_accum = {micro}) must be divisible by the number of "
-                       f"devices ({self.mesh.size})")
+    micro, splits = self.run.batch_size // self.run.grad_accum, math.prod(self.mesh.shape[a] for a in
+                                                                           batch_axes(self.mesh))
+    if micro % splits:
+      raise ValueError(f"the micro-batch (batch_size/grad_accum = {micro}) must be divisible by the devices it is "
+                       f"split over ({' x '.join(batch_axes(self.mesh))} = {splits})")
 
   def init_state(self, params):
-    repl = replicated(self.mesh)
-    params = jax.device_put(params, repl)
-    return {"params": params, "opt_state": jax.device_put(self.tx.init(params), repl)}
+    params = jax.tree.map(put_global, params, self.shardings["params"])
+    return {"params": params, "opt_state": jax.jit(self.tx.init, out_shardings=self.shardings["opt_state"])(params)}
 
   def abstract_state(self):
-    repl = replicated(self.mesh)
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), super().abstract_state())
+    shapes = {"params": self.model.params, "opt_state": jax.eval_shape(self.tx.init, self.model.params)}
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes,
+                        self.shardings)
 
   @functools.cached_property
   def step(self) -> Callable:
-    repl = replicated(self.mesh)
     step = make_train_step(self.model, self.tx, self.run.model.aux_loss_weight)
     if self.run.skip_nonfinite:
       step = skip_nonfinite_updates(step)
-    return jax.jit(step, donate_argnums=(0,), out_shardings=(repl, repl))
+    return jax.jit(step, donate_argnums=(0,), out_shardings=(self.shardings, replicated(self.mesh)))
 
   def _micro_batched_shape(self) -> tuple[int, int, int]:
     run = self.run
     return run.grad_accum, run.batch_size // run.grad_accum, run.seq_len
 
   def place_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """[B, T] host arrays -> [grad_accum, B/grad_accum, T] global arrays split over the data axis."""
+    """[B, T] host arrays -> [grad_accum, B/grad_accum, T] global arrays split over the batch axes."""
     sharding, shape = batch_sharded(self.mesh, 1), self._micro_batched_shape()
-
-    def put(x):
-      x = x.reshape(shape)
-      return jax.make_array_from_callback(shape, sharding, lambda index: x[index])
-
-    return {k: put(v) for k, v in batch.items()}
+    return {k: put_global(v.reshape(shape), sharding) for k, v in batch.items()}
 
   def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
     token = jax.ShapeDtypeStruct(self._micro_batched_shape(), jnp.int32, sharding=batch_sharded(self.mesh, 1))

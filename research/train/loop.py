@@ -23,7 +23,7 @@ from research import memory
 from research.checkpoint import CheckpointError, Checkpointer, abstract_like
 from research.config import from_json, to_json
 from research.data import TASKS, CorpusError, Task
-from research.mesh import batch_sharded
+from research.mesh import batch_sharded, put_global
 from research.metrics import MetricWriter, ProgressLine, plot_losses, read_metrics
 from research.models import DecoderLM
 from research.run_lock import RunLock, WorkdirBusy
@@ -56,10 +56,10 @@ def build_model(cfg: TrainConfig, *, abstract: bool = False) -> SplitModel:
 
 def build_regime(cfg: TrainConfig, model: SplitModel, devices: list[jax.Device] | None = None) -> Regime:
   """The run's regime over ``devices`` (default: all), its device layout checked."""
-  regime = REGIMES.get(cfg.regime)(cfg.regime_config, cfg, model, devices)
   try:
+    regime = REGIMES.get(cfg.regime)(cfg.regime_config, cfg, model, devices)
     regime.check_devices()
-  except ValueError as e:
+  except ValueError as e:  # e.g. a mesh that does not fit the devices, a batch that does not split over them
     raise TrainError(str(e)) from None
   return regime
 
@@ -169,13 +169,13 @@ def _train(cfg: TrainConfig, workdir: Path, task: Task, model: SplitModel, regim
       f"{cfg.model.dtype}) | regime: {cfg.regime} | data: {task.description} | {mesh.size} device(s): "
       f"{jax.devices()[0].platform}")
   compiled = regime.step.lower(state, regime.place_batch(task.train_batch(0, cfg.batch_size))).compile()
-  mem = memory.memory_report(compiled, "train step")
+  mem = memory.memory_report(compiled, f"train step, per device on mesh {dict(mesh.shape)}")
   if jax.process_index() == 0:
     (workdir / "memory.json").write_text(json.dumps(mem, indent=2) + "\n")
   log(memory.format_memory_report(mem))
 
   eval_step = jax.jit(make_eval_step(model))
-  eval_set = [{k: jax.device_put(v, batch_sharded(mesh, 0)) for k, v in b.items()}
+  eval_set = [{k: put_global(v, batch_sharded(mesh, 0)) for k, v in b.items()}
               for b in task.eval_batches(cfg.eval_batches * cfg.grad_accum, cfg.batch_size // cfg.grad_accum)]
   writer = MetricWriter(workdir, resume_step=step)
   progress = ProgressLine(cfg.steps, cfg.tokens_per_step)

@@ -37,16 +37,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from research.sharding import logical_axes
 from research.train.config import REGIMES, TrainConfig
 
 
 class SplitModel(NamedTuple):
   """The LM split once for jitted steps: ``params`` is a plain nested dict (arrays, or ShapeDtypeStructs when
-  abstract); ``graphdef`` and ``rest`` rebuild the module around any params (``nnx.merge``)."""
+  abstract); ``graphdef`` and ``rest`` rebuild the module around any params (``nnx.merge``); ``axes`` holds each
+  param's logical axes (``research.sharding``), the same tree as ``params``."""
 
   graphdef: nnx.GraphDef
   params: Any
   rest: nnx.State
+  axes: Any
 
   def merge(self, params: Any) -> nnx.Module:
     return nnx.merge(self.graphdef, params, self.rest)
@@ -131,5 +134,6 @@ def skip_nonfinite_updates(step: Callable) -> Callable:
 
 def split_model(model: nnx.Module) -> SplitModel:
   """``model`` as (graphdef, params as a nested dict, everything else)."""
+  axes = logical_axes(model)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  return SplitModel(graphdef, nnx.to_pure_dict(params), rest)
+  return SplitModel(graphdef, nnx.to_pure_dict(params), rest, axes)

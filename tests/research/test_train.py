@@ -82,7 +82,7 @@ def test_gradient_accumulation_matches_one_large_batch(straight_run, tmp_path):
 
 
 def test_indivisible_batch_is_rejected_before_training(tmp_path):
-  with pytest.raises(TrainError, match="divisible by the number of devices"):
+  with pytest.raises(TrainError, match=r"divisible by the devices it is split over \(data x fsdp = 8\)"):
     train_and_evaluate(_small(batch_size=12), tmp_path, log=lambda s: None)
   assert not (tmp_path / "config.json").exists()
   assert not tmp_path.joinpath("never_made").exists()
