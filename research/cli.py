@@ -141,7 +141,7 @@ def _metavar(kind: Any) -> str:
 
 
 def _add_fields(parser, group, cls: type, prefix: tuple[str, ...], flag_parts: tuple[str, ...],
-                plugin: PluginOf | None, flags: list[Flag], slots: list | None = None) -> None:
+                plugin: PluginOf | None, flags: list[Flag], slots: list) -> None:
   """Flags for every leaf field of ``cls``, recursing into nested dataclasses; plugin slots are collected into
   ``slots`` (their flags come after every core flag)."""
   docs, types = field_docs(cls), field_types(cls)

@@ -134,9 +134,6 @@ def optional_inner(kind: Any) -> Any | None:
   return None
 
 
-_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-
-
 def _type_problem(value: Any, kind: Any) -> str | None:
   """Why ``value`` does not fit the annotation ``kind`` (None if it does)."""
   if (inner := optional_inner(kind)) is not None:
