@@ -25,7 +25,7 @@ from research import memory
 from research.train import build_model, build_regime
 
 
-def _timed_steps(compiled, state, batch, repeats: int) -> float:
+def timed_steps(compiled, state, batch, repeats: int) -> float:
   """Median seconds per step over ``repeats`` steps after two warm-up steps."""
   times = []
   for i in range(repeats + 2):
@@ -37,7 +37,7 @@ def _timed_steps(compiled, state, batch, repeats: int) -> float:
   return float(np.median(times))
 
 
-def _materialise(abstract, key):
+def materialise(abstract, key):
   """Random arrays (never zeros) with the shapes, dtypes and shardings of ``abstract``."""
   leaves, tree = jax.tree.flatten(abstract)
   keys = jax.random.split(key, len(leaves))
@@ -68,9 +68,9 @@ def main() -> None:
     try:
       regime = build_regime(cfg, build_model(cfg, abstract=True))
       compiled = regime.step.lower(regime.abstract_state(), regime.abstract_batch()).compile()
-      state, batch = _materialise((regime.abstract_state(), regime.abstract_batch()), jax.random.key(0))
+      state, batch = materialise((regime.abstract_state(), regime.abstract_batch()), jax.random.key(0))
       n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state["params"]))
-      seconds = _timed_steps(compiled, state, batch, args.repeats)
+      seconds = timed_steps(compiled, state, batch, args.repeats)
     except Exception as e:  # e.g. XLA's dense attention running out of device memory
       results.append({"device": device, "attention": implementation, "config": args.config,
                       "error": str(e).splitlines()[0][:200]})
