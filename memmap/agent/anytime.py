@@ -12,9 +12,11 @@ and whose inference proves most moves hopeless. This agent plays that game with
   height are never expanded;
 * **policy priors** = three static preorders (lifetime width, area, section total), each a complete ranking of the
   moves, searched depth first with restarts whose node limit doubles (the round robin of ``exact.solve``);
-* **a target height** that only goes down: the load bound L first (a fit there is optimal), then a bisection
-  between L and the best height found, each probe with its share of the time left. An unproved probe counts as
-  a failure, so the best placement is always one that was found and validated.
+* **a target height** that only goes down, searched by two threads at once (the numba kernel releases the GIL,
+  like SuperMalloc's two C++ threads on two cores): one spends the whole time on the load bound L (a fit there is
+  optimal); the other bisects between L and the best height found, each probe with a share of the time left and
+  stopping once the first thread has succeeded. An unproved probe counts as a failure, so the best placement is
+  always one that was found and validated.
 
 The first incumbent is the best of the greedy heuristics (``portfolio``: six buffer orders, best and first fit), or
 the better of that and a Gumbel MuZero episode when a trained network is given (``memmap.solvers``), so the agent
@@ -26,7 +28,9 @@ Shapes: ``inst`` of N buffers -> offsets int64[N], every one placed (height game
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import threading
 import time
 
 import numpy as np
@@ -46,35 +50,57 @@ class Probe:
   seconds: float
 
 
+def _bisect(inst: Instance, best: np.ndarray, low: int, deadline: float, share: float, stop: threading.Event,
+            probes: list[Probe]) -> np.ndarray:
+  """Lowers the height of ``best`` by probing targets between ``low`` and its height until the deadline."""
+  height = validate(inst, best, capacity=BIG)
+  while height > low and not stop.is_set():
+    left = deadline - time.perf_counter()
+    if left <= 0.05:
+      break
+    target = (low + height - 1) // 2
+    limit = left if target == height - 1 else max(min(left, 1.0), left * share)
+    res = exact.solve(inst, capacity=target, time_limit=limit, stop=stop)
+    probes.append(Probe(target, res.status, res.seconds))
+    if res.status == "feasible":
+      best, height = res.offsets, validate(inst, res.offsets, capacity=target)
+    else:  # infeasible, or not found in this probe's time: look higher
+      low = target + 1
+  return best
+
+
 def solve(inst: Instance, time_limit: float = 60.0, incumbent: np.ndarray | None = None,
-          first_share: float = 1 / 3) -> tuple[np.ndarray, list[Probe]]:
+          share: float = 0.5) -> tuple[np.ndarray, list[Probe]]:
   """Lowest-height placement found within ``time_limit`` seconds; returns (offsets, the probes made).
 
   Args:
     inst: the buffers (the capacity is ignored: the height is minimised).
     time_limit: wall-clock seconds for the whole call.
     incumbent: a placement to start from (e.g. the network agent's); the heuristic portfolio is always tried too.
-    first_share: the share of the time the first probe, at the load bound, may use.
+    share: the share of the time left each bisection probe may use.
   """
   t0 = time.perf_counter()
   deadline = t0 + time_limit
   candidates = [portfolio(inst)] + ([] if incumbent is None else [np.asarray(incumbent, np.int64)])
   best = min(candidates, key=lambda off: validate(inst, off, capacity=BIG))
-  best_height = validate(inst, best, capacity=BIG)
-  exact.warm_up()  # compile first, so the first probe's share is of the search time actually left
   low = load_bound(inst)  # every height below this is infeasible
+  if validate(inst, best, capacity=BIG) == low:
+    return best, []
+  exact.warm_up()  # compile first (once per process), so both threads search for the time actually left
+  stop = threading.Event()
   probes: list[Probe] = []
-  while best_height > low:
-    left = deadline - time.perf_counter()
-    if left <= 0.05:
-      break
-    target = low if not probes else (low + best_height - 1) // 2
-    share = first_share if not probes else 0.5
-    limit = left if target == best_height - 1 else max(min(left, 1.0), left * share)
-    res = exact.solve(inst, capacity=target, time_limit=limit)
-    probes.append(Probe(target, res.status, res.seconds))
+
+  def at_load_bound():
+    res = exact.solve(inst, capacity=low, time_limit=max(deadline - time.perf_counter(), 0.0))
+    probes.append(Probe(low, res.status, res.seconds))
     if res.status == "feasible":
-      best, best_height = res.offsets, validate(inst, res.offsets, capacity=target)
-    else:  # infeasible, or not found in this probe's time: look higher
-      low = target + 1
+      stop.set()
+    return res
+
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    optimal = pool.submit(at_load_bound)
+    bisected = pool.submit(_bisect, inst, best, low + 1, deadline, share, stop, probes)
+    res, best = optimal.result(), bisected.result()
+  if res.status == "feasible":
+    best = res.offsets
   return best, probes

@@ -220,7 +220,8 @@ def _interpreted():
 _python_search = _interpreted()
 try:  # the extra "solvers" brings numba; the module global is rebound, so the recursion calls the compiled kernel
   import numba
-  _search = numba.njit(_search)  # not cache=True: reloading a cached self-recursive function crashes numba 0.68
+  # nogil: the agent runs two searches at once. No cache=True: numba 0.68 crashes reloading a cached recursive function.
+  _search = numba.njit(nogil=True)(_search)
 except ImportError:
   _search = _python_search
 
@@ -240,7 +241,7 @@ def warm_up() -> float:
 
 
 def solve(inst: Instance, capacity: int | None = None, time_limit: float = 60.0,
-          preorders: tuple[str, ...] = PREORDERS, compiled: bool = True) -> ExactResult:
+          preorders: tuple[str, ...] = PREORDERS, compiled: bool = True, stop=None) -> ExactResult:
   """Decides whether ``inst`` fits in ``capacity`` bytes (default ``inst.capacity``) within ``time_limit`` seconds.
 
   Args:
@@ -250,6 +251,7 @@ def solve(inst: Instance, capacity: int | None = None, time_limit: float = 60.0,
       compiles the kernel (numba, a few seconds), within this limit.
     preorders: static preorder codes run round-robin (letters of ``W A T Z L``, see ``_preorder_keys``).
     compiled: use the numba kernel when numba is installed (False: the same code interpreted, for tests).
+    stop: an optional ``threading.Event``; once set, the search gives up ("unknown") before its next run.
 
   Returns:
     An :class:`ExactResult`; a feasible one carries offsets with ``offset + size <= C`` (callers check them with
@@ -294,7 +296,7 @@ def solve(inst: Instance, capacity: int | None = None, time_limit: float = 60.0,
         if (total[lo:hi] > cap).any():
           return ExactResult("infeasible", None, int(counters[0]), time.perf_counter() - t0)
       status, left = _OK, deadline - time.perf_counter()
-      if left <= 0:
+      if left <= 0 or (stop is not None and stop.is_set()):
         return ExactResult("unknown", None, int(counters[0]), time.perf_counter() - t0)
       # The kernel cannot read a clock, so each run gets the nodes the measured rate allows before the deadline.
       budget = limit if len(ranks) > 1 else 1 << 62
