@@ -20,6 +20,7 @@ import pytest
 
 from optim.galore import galore
 from optim.natural_galore import natural_galore
+from optim.zo.spsa import mezo_sgd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,10 @@ CASES = [
     Case("galore", galore, dict(rank=2, update_proj_gap=20, scale=1.0), static_args=_GALORE_STATIC),
     Case("natural_galore", natural_galore, dict(rank=2, update_proj_gap=20, scale=1.0, history=4, damping=1.0),
          static_args=_GALORE_STATIC + ("history",)),
+    # ZO: central differences are exact on the quadratic for any ε, and ε = 1 keeps the float noise of L(θ ± εz),
+    # amplified by 1/ε, below the sharded-vs-unsharded tolerance.
+    Case("mezo_sgd", mezo_sgd, dict(num_samples=16, eps=1.0, allow_low_precision=True), learning_rate=0.05,
+         static_args=("num_samples", "seed"), multisteps=False, extra_args=lambda objective: {"obj_fn": objective}),
 ]
 
 
@@ -111,10 +116,11 @@ def test_inject_hyperparams_matches(case):
   injected = optax.inject_hyperparams(case.factory, static_args=case.static_args)(
       learning_rate=case.learning_rate, **case.kwargs)
   grads = jax.grad(objective)(params)
+  extra = case.extra_args(objective)
   s_plain, s_inj = plain.init(params), injected.init(params)
   for _ in range(2):
-    u_plain, s_plain = jax.jit(plain.update)(grads, s_plain, params)
-    u_inj, s_inj = jax.jit(injected.update)(grads, s_inj, params)
+    u_plain, s_plain = jax.jit(lambda g, s, p: plain.update(g, s, p, **extra))(grads, s_plain, params)
+    u_inj, s_inj = jax.jit(lambda g, s, p: injected.update(g, s, p, **extra))(grads, s_inj, params)
     np.testing.assert_allclose(np.concatenate([np.ravel(x) for x in jax.tree.leaves(u_inj)]),
                                np.concatenate([np.ravel(x) for x in jax.tree.leaves(u_plain)]), rtol=1e-5, atol=1e-7)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), s_inj.inner_state, s_plain)
