@@ -26,7 +26,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from layers.gated_deltanet import GatedOutput, GDNConfig, MemoryCache, MemoryShape, causal_conv, init_conv_weight
@@ -162,18 +161,18 @@ class GateProjection(nnx.Module):
     return z + self.bias[...]
 
 
-def _initial_memory(spec: MemorySpec, heads: int, d: int, rngs: nnx.Rngs) -> dict[str, np.ndarray]:
+def _initial_memory(spec: MemorySpec, heads: int, d: int, rngs: nnx.Rngs) -> dict[str, jax.Array]:
   """Per-head initial state {layer: [H, out, in]}: W₀ ~ N(0, 1/in), as Moneta's A₀ or Memora's row logits."""
   out = {}
   for name, (rows, cols) in spec.memory.shapes(d).items():
-    w = np.asarray(jax.random.normal(rngs.params(), (heads, rows, cols))) / math.sqrt(cols)
+    w = jax.random.normal(rngs.params(), (heads, rows, cols)) / math.sqrt(cols)
     ret = spec.retention
     if isinstance(ret, SoftmaxKL):
       w = math.sqrt(cols) * w  # logits ~ N(0, 1): random rows on the simplex, not all uniform
     elif isinstance(ret, LqNorm) and ret.q != 3:  # A₀ = c·W₀ with c^{3−q} = ‖W₀‖_q^{q−2}, so view(A₀) = W₀
-      norm = np.sum(np.abs(w) ** ret.q, axis=(1, 2), keepdims=True) ** (1 / ret.q)
+      norm = jnp.sum(jnp.abs(w) ** ret.q, axis=(1, 2), keepdims=True) ** (1 / ret.q)
       w = w * norm ** ((ret.q - 2) / (3 - ret.q))
-    out[name] = w.astype(np.float32)
+    out[name] = w
   return out
 
 
@@ -196,7 +195,7 @@ class MirasLayer(nnx.Module):
     self.eta_gate, self.alpha_gate = gate(width, -2.0), gate(width, 4.6)
     self.delta_gate = gate(1, 0.54) if self.spec.bias.needs_delta else None
     self.momentum_gate = gate(width, 2.2) if self.spec.momentum else None
-    self.initial = nnx.Dict({n: nnx.Param(jnp.asarray(w)) for n, w in _initial_memory(self.spec, h, d, rngs).items()})
+    self.initial = nnx.Dict({n: nnx.Param(w) for n, w in _initial_memory(self.spec, h, d, rngs).items()})
     mlp = isinstance(self.spec.memory, MLPMemory)
     self.ln_scale = nnx.Param(jnp.ones((h, d), jnp.float32)) if mlp else None
     self.ln_bias = nnx.Param(jnp.zeros((h, d), jnp.float32)) if mlp else None

@@ -1,0 +1,234 @@
+"""Miras layers (Moneta, Yaad, Memora, Titans) vs our Gated DeltaNet layer: fwd and fwd+bwd tokens/s, FLOPs, % of peak.
+
+Papers: "It's All Connected" (Behrouz et al., arXiv 2504.13173; Moneta/Yaad/Memora), "Titans: Learning to Memorize
+at Test Time" (arXiv 2501.00663), "Gated Delta Networks" (arXiv 2412.06464). Spec §11.1–3 and §11.7: the 340M layer
+shape d_model = 1024, H = 16, d_h = 64, bf16 activations (float32 fast weights), T = 4096 by default; every
+variant (model × memory × gates × chunk × remat × implementation) and the GDN layer are timed in the same run.
+
+FLOPs are counted first (analytic, matmuls only; backward = 2× forward) and cross-checked with XLA's cost analysis
+of the compiled fwd+bwd; the achieved fraction of the device's dense bf16 peak is reported (``--peak-tflops``
+overrides the table below). Each variant's output is also compared with the token-loop reference on a short
+sequence (f32) before it is timed, so a fast-but-wrong variant shows up in the same table.
+
+Usage (GPU): XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python benchmarks/miras.py --json $OUT/miras.json
+  more: --shapes 8x2048,8x4096,2x16384 --chunks 16,32,64,128 --gates channel,head --remat 0,1 \\
+        --models moneta,yaad,memora,titans --memories mlp,linear --impls xla_chunked
+Prints a table and writes JSON; every number is tagged with the device name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+
+D_MODEL, HEADS, HEAD_DIM = 1024, 16, 64
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0}
+
+
+def memory_flops(t: int, h: int, d: int, c: int, expansion: int, memory: str) -> float:
+  """Matmul FLOPs of the chunked memory forward, per sequence of t tokens and h heads (spec §5.6 steps 1–5):
+
+  MLP memory (E = expansion·d), per chunk of c tokens: keys through W₀ (2·2cdE), errors e1·W1 (2cdE), query reads
+  through W₀ (2·2cdE) plus the dual-form masked products (QKᵀ and its product with e2: 2c²d + 2c²E; HqHᵀ and its
+  product with e1: 2c²E + 2c²d), the chunk-end state (2·2cdE): 14cdE + 4c²(d + E). Linear memory: 8cd² + 4c²d.
+  """
+  if memory == "mlp":
+    e = expansion * d
+    per_chunk = 14 * c * d * e + 4 * c * c * (d + e)
+  else:
+    per_chunk = 8 * c * d * d + 4 * c * c * d
+  return float(per_chunk * h * -(-t // c))
+
+
+def layer_flops(b: int, t: int, memory_fwd: float, projections: int, gate_flops_per_token: float = 0.0) -> dict:
+  """Forward and fwd+bwd FLOPs of a whole layer: ``projections`` D×D matmuls per token, gates, the memory."""
+  fwd = b * (t * (projections * 2 * D_MODEL * D_MODEL + gate_flops_per_token) + memory_fwd)
+  return {"fwd": float(fwd), "fwd_bwd": 3.0 * fwd}
+
+
+def _median_ms(fn, *, warmup: int = 2, iters: int = 7) -> float:
+  import jax
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  samples = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    samples.append((time.perf_counter() - t0) * 1e3)
+  return statistics.median(samples)
+
+
+def _xla_flops(compiled) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops")) if cost and cost.get("flops") is not None else None
+  except Exception:  # noqa: BLE001 - not every backend reports it
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  model: str
+  memory: str
+  gates: str
+  chunk: int
+  remat: bool
+  impl: str
+
+  @property
+  def name(self) -> str:
+    return f"{self.model}[{self.memory},{self.gates},c{self.chunk}{',remat' if self.remat else ''},{self.impl}]"
+
+
+def _layer(variant: Variant | None, dtype: str):
+  from flax import nnx
+
+  from layers.gated_deltanet import GatedDeltaNet, GDNConfig
+  from layers.miras.mixers import MemoraConfig, MirasLayer, MonetaConfig, TitansConfig, YaadConfig
+  from research.models import MixerContext
+
+  ctx = MixerContext(d_model=D_MODEL, num_heads=HEADS, head_dim=HEAD_DIM, dtype=dtype)
+  if variant is None:
+    return GatedDeltaNet(GDNConfig(chunk_size=64), ctx, rngs=nnx.Rngs(0))
+  config = {"moneta": MonetaConfig, "yaad": YaadConfig, "memora": MemoraConfig, "titans": TitansConfig}[variant.model]
+  cfg = config(memory=variant.memory, gates=variant.gates, chunk_size=variant.chunk, remat=variant.remat,
+               implementation=variant.impl)
+  return MirasLayer(cfg, ctx, rngs=nnx.Rngs(0))
+
+
+def _check(variant: Variant, device: str) -> dict:
+  """The variant's layer output vs the same layer on the token-loop reference (f32, B = 1, T = 2·chunk + 3)."""
+  import jax
+  import jax.numpy as jnp
+
+  row = {"kind": "check", "op": variant.name, "device": device}
+  try:
+    layer = _layer(variant, "float32")
+    x = jax.random.normal(jax.random.PRNGKey(5), (1, 2 * variant.chunk + 3, D_MODEL))
+    fast = jax.jit(lambda x: layer(x)[0])(x)
+    layer.cfg = dataclasses.replace(layer.cfg, implementation="reference")
+    slow = jax.jit(lambda x: layer(x)[0])(x)
+    row["max_rel"] = float(jnp.max(jnp.abs(fast - slow)) / jnp.max(jnp.abs(slow)))
+  except Exception as e:  # noqa: BLE001 - report and continue with the other variants
+    row["error"] = repr(e)[:400]
+  print("check", json.dumps(row), flush=True)
+  return row
+
+
+def _time_layer(op: str, layer, b: int, t: int, device: str, flops: dict, peak: float | None) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  row = {"kind": "time", "op": op, "B": b, "T": t, "device": device, "fwd_gflop": flops["fwd"] / 1e9,
+         "fwd_bwd_gflop": flops["fwd_bwd"] / 1e9}
+  try:
+    graphdef, params = nnx.split(layer)
+    x = jax.random.normal(jax.random.PRNGKey(3), (b, t, D_MODEL), jnp.bfloat16)
+    fwd = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)[0])
+    loss = lambda p, x: jnp.sum(fwd(p, x).astype(jnp.float32) ** 2)
+    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    compiled = fwd_bwd.lower(params, x).compile()
+    row["xla_fwd_bwd_gflop"] = (_xla_flops(compiled) or float("nan")) / 1e9
+    row["fwd_bwd_temp_gib"] = compiled.memory_analysis().temp_size_in_bytes / 2**30
+    row["fwd_ms"] = _median_ms(functools.partial(fwd, params, x))
+    row["fwd_bwd_ms"] = _median_ms(functools.partial(compiled, params, x))
+    for key in ("fwd", "fwd_bwd"):
+      row[f"{key}_ktok_s"] = b * t / row[f"{key}_ms"]
+      row[f"{key}_tflop_s"] = flops[key] / row[f"{key}_ms"] / 1e9
+      if peak:
+        row[f"{key}_peak_frac"] = row[f"{key}_tflop_s"] / peak
+  except Exception as e:  # noqa: BLE001
+    row["error"] = repr(e)[:400]
+  print("time", json.dumps(row), flush=True)
+  return row
+
+
+def run(shapes, variants: list[Variant], peak_override: float | None, dtype: str) -> list[dict]:
+  import jax
+
+  from benchmarks.linear_attention import chunked_gdn_flops
+
+  device = jax.devices()[0].device_kind
+  peak = peak_override or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device), None)
+  rows = [{"kind": "meta", "device": device, "peak_bf16_tflops": peak}]
+  rows += [_check(v, device) for v in variants if v.impl != "reference"]
+  for b, t in shapes:
+    gdn_fwd = chunked_gdn_flops(b, t, HEADS, HEAD_DIM, HEAD_DIM)["fwd"] / b
+    gdn = _time_layer("gdn_layer", _layer(None, dtype), b, t, device, layer_flops(b, t, gdn_fwd, 5), peak)
+    rows.append(gdn)
+    for v in variants:
+      gates = 2 * 2 * D_MODEL * 32 * 2 if v.gates == "channel" else 2 * 2 * D_MODEL * HEADS
+      mem = memory_flops(t, HEADS, HEAD_DIM, v.chunk, 4, v.memory)
+      row = _time_layer(v.name, _layer(v, dtype), b, t, device, layer_flops(b, t, mem, 5, gates), peak)
+      if "error" not in row and "error" not in gdn:
+        row["vs_gdn_fwd_bwd"] = row["fwd_bwd_ktok_s"] / gdn["fwd_bwd_ktok_s"]
+      rows.append(row)
+  return rows
+
+
+def _table(rows: list[dict]) -> str:
+  lines = ["| op | device | B | T | GFLOP fwd+bwd (XLA) | fwd ms | fwd+bwd ms | fwd+bwd ktok/s | TFLOP/s | % peak | "
+           "× GDN | temp GiB |", "|-|-|-|-|-|-|-|-|-|-|-|-|"]
+  for r in rows:
+    if r.get("kind") == "check":
+      lines.append(f"| check {r['op']} | {r['device']} | | | max rel vs reference: "
+                   f"{r.get('max_rel', r.get('error', ''))} |||||||")
+    if r.get("kind") != "time":
+      continue
+    if "error" in r:
+      lines.append(f"| {r['op']} | {r['device']} | {r['B']} | {r['T']} | error: {r['error'][:80]} ||||||||")
+      continue
+    pct = f"{100 * r['fwd_bwd_peak_frac']:.1f}" if "fwd_bwd_peak_frac" in r else "-"
+    ratio = f"{r['vs_gdn_fwd_bwd']:.2f}" if "vs_gdn_fwd_bwd" in r else "-"
+    lines.append(f"| {r['op']} | {r['device']} | {r['B']} | {r['T']} | {r['fwd_bwd_gflop']:.0f} "
+                 f"({r['xla_fwd_bwd_gflop']:.0f}) | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
+                 f"{r['fwd_bwd_ktok_s']:.0f} | {r['fwd_bwd_tflop_s']:.1f} | {pct} | {ratio} | "
+                 f"{r['fwd_bwd_temp_gib']:.2f} |")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  global D_MODEL, HEADS, HEAD_DIM
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--json", default="miras.json", help="where to write all rows")
+  parser.add_argument("--shapes", default="8x4096", help="BxT,BxT,...")
+  parser.add_argument("--models", default="moneta", help="comma list of moneta, yaad, memora, titans")
+  parser.add_argument("--memories", default="mlp", help="comma list of mlp, linear")
+  parser.add_argument("--gates", default="channel,head", help="comma list of channel, head")
+  parser.add_argument("--chunks", default="64", help="comma list of chunk sizes")
+  parser.add_argument("--remat", default="0", help="comma list of 0/1: jax.checkpoint of the chunk body")
+  parser.add_argument("--impls", default="xla_chunked", help="comma list of layers.kernels.miras.IMPLEMENTATIONS")
+  parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+  parser.add_argument("--peak-tflops", type=float, default=None, help="dense peak of this device (TFLOP/s)")
+  parser.add_argument("--width", default=f"{D_MODEL}x{HEADS}x{HEAD_DIM}", help="d_model x heads x head_dim "
+                      "(smaller for a CPU smoke run)")
+  args = parser.parse_args()
+  D_MODEL, HEADS, HEAD_DIM = (int(n) for n in args.width.split("x"))
+  split = lambda s: [x for x in s.split(",") if x]
+  shapes = [tuple(int(n) for n in s.split("x")) for s in split(args.shapes)]
+  variants = [Variant(m, mem, g, int(c), bool(int(r)), i) for m, mem, g, c, r, i in itertools.product(
+      split(args.models), split(args.memories), split(args.gates), split(args.chunks), split(args.remat),
+      split(args.impls)) if not (m == "titans" and g == "channel")]
+  rows = run(shapes, variants, args.peak_tflops, args.dtype)
+  meta = {"argv": sys.argv}
+  try:
+    import jax
+    meta.update(jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""))
+  except ImportError:
+    pass
+  with open(args.json, "w") as f:
+    json.dump({"meta": meta, "rows": rows}, f, indent=1)
+  print(_table(rows))
+
+
+if __name__ == "__main__":
+  main()
