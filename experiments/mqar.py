@@ -36,7 +36,8 @@ from experiments.train import parser
 from research.cli import UsageError, fail
 from research.train import TrainConfig, TrainError, config_changes, train_and_evaluate
 
-MODELS = {"attn": ("attn", "attn"), "gdn": ("gdn", "gdn"), "mom": ("mom", "mom")}
+MODELS = {"attn": ("attn", "attn"), "gdn": ("gdn", "gdn"), "mom": ("mom", "mom"),
+          **{m: (m, m) for m in ("moneta", "yaad", "memora", "titans")}}  # Miras deep memories (layers.miras)
 
 
 def parse_settings(spec: str) -> list[tuple[int, int]]:
