@@ -80,7 +80,7 @@ def solve(inst: Instance, time_limit: float = 60.0, incumbent: np.ndarray | None
     share: the share of the time left each bisection probe may use.
   """
   t0 = time.perf_counter()
-  deadline = t0 + time_limit
+  deadline = t0 + 0.97 * time_limit  # the kernels stop on node budgets estimated from their speed: leave a margin
   candidates = [portfolio(inst)] + ([] if incumbent is None else [np.asarray(incumbent, np.int64)])
   best = min(candidates, key=lambda off: validate(inst, off, capacity=BIG))
   low = load_bound(inst)  # every height below this is infeasible
