@@ -12,7 +12,8 @@ State (one pytree, checkpointed and restored by the loop: a dict of ``DiLoCoStat
 copy); ``local``, ``inner_state`` and ``inflight`` stacked [M, ...] over ``diloco``. Replicas start identical
 (checked in :meth:`DiLoCoRegime.init_state`: a process that initialised other params stops the run) and after every
 merge the merged fragment's global params and outer state are compared across all devices by fingerprint
-(:meth:`record` stops the run on a mismatch). Evaluation reads the global (outer) params, as the paper does (arXiv:2501.18512 Table 3).
+(:meth:`record` stops the run on a mismatch). Evaluation reads the global (outer) params, as the paper does
+(arXiv:2501.18512 Table 3).
 
 Bytes: per sync of fragment p each replica sends 2(M−1)/M of the encoded Δ_p (``optim.diloco.wire``); data
 parallelism over the same M groups would send 2(M−1)/M·4|Θ| bytes of float32 gradients every step. ``record`` prints
@@ -37,7 +38,7 @@ from optim.diloco.fragments import PATTERNS, FragmentPlan, SyncSchedule
 from optim.diloco.streaming import DiLoCo, DiLoCoState, outer_sgd, replicas_agree
 from optim.diloco.wire import FORMATS, get_format, wire_bytes
 from research.config import Config, Problem, option
-from research.mesh import DATA_AXIS
+from research.mesh import DATA_AXIS, put_global
 from research.train.config import TrainError, make_optimizer
 from research.train.first_order import make_train_step
 from research.train.regime import Regime, register_regime
@@ -111,6 +112,12 @@ class DiLoCoRegime(Regime):
     return len(self.devices) // self.replicas
 
   def check_devices(self) -> None:
+    if self.run.mesh != "data=-1":
+      raise ValueError(f"regime diloco lays out its own (diloco, data) mesh from --diloco.replicas; leave --mesh at "
+                       f"data=-1 (got {self.run.mesh})")
+    if self.run.skip_nonfinite:  # a skipped step would hold back the step count the sync schedule runs on
+      raise ValueError(f"regime diloco does not skip updates; --skip-nonfinite must be 0 (got "
+                       f"{self.run.skip_nonfinite})")
     if len(self.devices) % self.replicas:
       raise ValueError(f"regime diloco: {self.replicas} replicas need a device count divisible by "
                        f"{self.replicas} (got {len(self.devices)}); on CPU run with "
@@ -197,7 +204,12 @@ class DiLoCoRegime(Regime):
   def init_state(self, params: Any) -> dict[str, Any]:
     """Every device's copy of ``params`` (each process supplies its own) becomes its replica's start; raises
     ``TrainError`` if the copies differ (e.g. processes initialised with different seeds)."""
-    state, agree = self._init(jax.device_put(params, NamedSharding(self.mesh, P())))
+    repl = NamedSharding(self.mesh, P())
+    # a leaf already replicated on this mesh is taken as is (each device's own buffer), a host value is placed by
+    # each process from its own copy
+    placed = jax.tree.map(lambda x: x if isinstance(x, jax.Array) and x.sharding == repl else put_global(x, repl),
+                          params)
+    state, agree = self._init(placed)
     if not bool(agree):
       raise TrainError("regime diloco: the replicas were initialised with different parameters (every process "
                        "must build the same initial params: same seed, same code)")
@@ -262,6 +274,11 @@ class DiLoCoRegime(Regime):
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.model.params))
     return steps * 2 * (self.replicas - 1) * params * bits // 8 // self.replicas
 
+  @property
+  def peak_sync_bytes(self) -> int:
+    """Bytes each replica sends for the largest fragment (one sync)."""
+    return max(wire_bytes(r, self.plan.row_size, self.algorithm.wire, self.replicas) for r in self.plan.rows)
+
   def record(self, first_step: int, metrics: list[dict[str, Any]], workdir: Path) -> list[dict[str, Any]]:
     """Checks each step's sync against the schedule and the replicas' agreement, prints each sync's bytes, and
     logs ``sent_bytes`` (bytes each replica sent in that step)."""
@@ -297,8 +314,7 @@ class DiLoCoRegime(Regime):
         "diloco": {"replicas": self.replicas, "data_parallel": self.data_size, "sync_every": cfg.sync_every,
                    "fragments": cfg.fragments, "overlap_steps": cfg.overlap_steps, "alpha": cfg.alpha,
                    "wire": cfg.wire, "fragment_params": list(self.plan.sizes()),
-                   "fragment_rows": list(self.plan.rows), "peak_bytes_per_sync": max(
-                       wire_bytes(r, self.plan.row_size, self.algorithm.wire, self.replicas) for r in self.plan.rows)},
+                   "fragment_rows": list(self.plan.rows), "peak_bytes_per_sync": self.peak_sync_bytes},
     }
 
 

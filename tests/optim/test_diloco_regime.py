@@ -4,6 +4,7 @@ reports its bytes, and a SIGKILLed run resumes on the same loss curve bit for bi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -104,6 +105,10 @@ def test_bad_settings_are_one_line_errors():
     build_regime(_config("diloco", fragments=3, sync_every=3), build_model(_config("diloco")))
   with pytest.raises(TrainError, match="3 replicas need a device count divisible by 3"):
     build_regime(_config("diloco", replicas=3), build_model(_config("diloco")))
+  with pytest.raises(TrainError, match="leave --mesh at data=-1"):
+    build_regime(dataclasses.replace(_config("diloco"), mesh="fsdp=8"), build_model(_config("diloco")))
+  with pytest.raises(TrainError, match="--skip-nonfinite must be 0"):
+    build_regime(dataclasses.replace(_config("diloco"), skip_nonfinite=2), build_model(_config("diloco")))
 
 
 def _command(workdir: Path, *extra: str) -> list[str]:
