@@ -33,7 +33,8 @@ NO_PLACEMENT = ("unknown", "infeasible", "model_invalid")
 
 @dataclasses.dataclass(frozen=True)
 class Solution:
-  """A validated placement and its figures of merit (``status`` is CP-SAT's, else "heuristic"/"search")."""
+  """A validated placement and its figures of merit (``status`` is CP-SAT's or the exact solver's, else
+  "heuristic" / "search"); ``n`` buffers, ``offsets`` empty when no placement was found."""
   method: str
   objective: str
   offsets: np.ndarray
@@ -44,6 +45,7 @@ class Solution:
   benefit_fraction: float
   status: str
   seconds: float
+  n: int = 0
 
   @property
   def fits(self) -> bool:
@@ -55,7 +57,7 @@ class Solution:
     return self.peak / self.capacity if self.objective == "height" else 1.0 - self.benefit_fraction
 
   def summary(self) -> str:
-    head = f"method={self.method} objective={self.objective} n={len(self.offsets)}"
+    head = f"method={self.method} objective={self.objective} n={self.n}"
     if self.offsets.size == 0 or self.status in ("unknown", "infeasible", "model_invalid"):
       return f"{head} status={self.status} no placement found time={self.seconds:.2f}s"
     over = 100.0 * (self.peak / self.capacity - 1.0)
@@ -128,12 +130,12 @@ def solve(inst: Instance, method: str, objective: str = "height", time_limit: fl
     offsets = res.offsets if res.offsets is not None else np.full(0, SLOW, np.int64)
   seconds = time.perf_counter() - t0
   if offsets.size == 0:
-    return Solution(method, objective, offsets, 0, inst.capacity, load_bound(inst), 0, 0.0, status, seconds)
+    return Solution(method, objective, offsets, 0, inst.capacity, load_bound(inst), 0, 0.0, status, seconds, inst.n)
   peak = validate(inst, offsets, capacity=cap if cap is not None else np.iinfo(np.int64).max)
   placed = offsets != SLOW
   frac = float(inst.benefit[placed].sum() / max(inst.benefit.sum(), 1e-30))
   return Solution(method, objective, offsets, peak, inst.capacity, load_bound(inst), int(placed.sum()), frac, status,
-                  seconds)
+                  seconds, inst.n)
 
 
 def _agent(inst: Instance, time_limit: float, opts: AgentOptions) -> np.ndarray:
