@@ -66,8 +66,9 @@ def plot(rows: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]], path
   for i, row in enumerate(rows):
     evals = [(r["step"], r["loss"]) for r in runs[row["variant"]] if r["split"] == "eval"]
     style = "-" if row["variant"] == "dp" else ("--" if row["wire"] in FOUR_BIT else ":")
-    curves.plot(*zip(*evals, strict=True), style, marker="o", ms=3, color=f"C{i % 10}", label=row["variant"])
-    scatter.scatter(row["bytes_per_replica"], row["final_eval_loss"], color=f"C{i % 10}")
+    color = plt.cm.tab20(i % 20)
+    curves.plot(*zip(*evals, strict=True), style, marker="o", ms=3, color=color, label=row["variant"])
+    scatter.scatter(row["bytes_per_replica"], row["final_eval_loss"], color=color)
     scatter.annotate(row["variant"], (row["bytes_per_replica"], row["final_eval_loss"]), fontsize=7)
   curves.set(xlabel="step", ylabel="eval loss (nats/token)", title=title)
   scatter.set(xscale="log", xlabel="bytes sent per replica (total)", ylabel="final eval loss",
