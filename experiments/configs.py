@@ -70,3 +70,19 @@ def tiny_diloco() -> TrainConfig:
   from optim.diloco import DiLoCoConfig
   diloco = DiLoCoConfig(replicas=4, sync_every=30, fragments=3, overlap_steps=1, alpha=0.5, wire="e3m0")
   return dataclasses.replace(tiny(), regime="diloco", plugins={"diloco": diloco})
+
+
+@register_preset("tiny_zo")
+def tiny_zo() -> TrainConfig:
+  """``tiny`` fine-tuned by ZO-SPSA with one-byte gradients (``optim.zo``): 8 workers (on CPU:
+  XLA_FLAGS=--xla_force_host_platform_device_count=8) x 1 direction, 2 sequences each, log8 codes, a ledger beside
+  the checkpoints. Starts from the newest checkpoint of ``runs/tiny`` (``make train`` first; ``--init-from none``
+  starts from the random initialisation instead)."""
+  import dataclasses
+
+  from optim.zo.regime import ZOSPSAConfig
+  from optim.zo.registry import MeZOConfig
+  return dataclasses.replace(
+      tiny(), regime="zo_spsa", optimizer="mezo_sgd", init_from="runs/tiny", grad_clip=0.0, learning_rate=1e-4,
+      warmup_steps=0, steps=300, eval_every=100, checkpoint_every=50, log_every=10,
+      plugins={"zo_spsa": ZOSPSAConfig(check_every=50), "mezo_sgd": MeZOConfig(num_samples=1)})
