@@ -200,7 +200,8 @@ RUN = {"solve": _solve, "extract": _extract, "train-agent": _train}
 
 
 def parser() -> CommandParser:
-  return CommandParser(COMMANDS, prog="python -m memmap", description=__doc__.splitlines()[0])
+  return CommandParser(COMMANDS, prog="python -m memmap",
+                       description="place buffers in a small fast memory, extract them from XLA, train the agent")
 
 
 def main(argv: list[str] | None = None) -> int:
