@@ -214,8 +214,11 @@ def build(compiled, files: dict[str, Path], capacity_fraction: float = 1.0) -> X
   mem_slow = reads.sum(1) + writes.sum(1) + other
   program = Program(compute=ridge_compute(flops, mem_slow), mult=np.ones(p), reads=reads, writes=writes, other=other)
   height = int(sum(a.size for a in allocs if "preallocated-temp" in a.kinds))
+  capacity = int(capacity_fraction * height)
+  if height and capacity < 1:
+    raise ValueError(f"capacity fraction {capacity_fraction} of XLA's temp height ({height} B) is below one byte.")
   inst = Instance(ids=tuple(v.key for v in temps), lower=lower, upper=upper, size=size,
-                  capacity=max(1, int(capacity_fraction * height)), benefit=program.additive_benefit())
+                  capacity=max(capacity, 1), benefit=program.additive_benefit())  # 1: a program without temps
   ma = compiled.memory_analysis()
   memory = {f: int(getattr(ma, f)) for f in dir(ma) if f.endswith("_in_bytes") and not f.startswith("_")}
   return XlaBuffers(inst, xla_offsets, program, tuple(allocs), memory, tuple(schedule))

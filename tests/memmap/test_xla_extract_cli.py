@@ -55,3 +55,11 @@ def test_every_method_on_extracted_buffers_validates(toy, objective):
     assert sol.offsets.size == inst.n
     if objective == "benefit":
       validate(inst, sol.offsets)
+
+
+def test_a_capacity_fraction_below_one_byte_is_refused(toy):
+  rng = np.random.default_rng(1)
+  args = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [(32, 48), (48, 64), (64, 17)]]  # a fresh compile
+  with pytest.raises(ValueError, match="below one byte"):
+    extract(jax.jit(_mlp_grad).lower(*args), capacity_fraction=1e-30)
+  assert toy.instance.capacity == toy.xla_height  # fraction 1
