@@ -10,7 +10,8 @@ Optimization" (Behrouz et al., arXiv 2504.13173, §4 and §5.3):
 
 Weights use the paper's convention (read W x, write e aᵀ). A memory is a sequence of fast layers; each layer maps
 an input activation a to W a. Rows of ``x`` are tokens: x [c, d] -> y [c, d]. Every layer's matrix-vector product
-goes through ``matvec(name, w, a)`` (default: a @ wᵀ), so the chunked kernel can evaluate the same function with
+goes through ``matvec(name, w, a)`` (default: a @ wᵀ, in float32 or, with ``matmul="bfloat16"``, with bfloat16
+operands and float32 accumulation), so the chunked kernel can evaluate the same function with
 per-token weights W_t by passing its dual-form product instead (layers.kernels.miras.chunked).
 
 ``backprop`` returns, for one forward, each layer's per-token input activations a_i and error signals e_i
@@ -28,13 +29,20 @@ import jax
 import jax.numpy as jnp
 
 Matvec = Callable[[str, jax.Array, jax.Array], jax.Array]
-_HIGHEST = jax.lax.Precision.HIGHEST
+MATMULS = ("float32", "bfloat16")
 
 
-def plain_matvec(name: str, w: jax.Array, a: jax.Array) -> jax.Array:
+def matmul(spec: str, a: jax.Array, b: jax.Array, mode: str = "float32") -> jax.Array:
+  """einsum in float32 (``mode="float32"``, full precision) or with bfloat16 operands and float32 accumulation."""
+  if mode == "bfloat16":
+    return jnp.einsum(spec, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+  return jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+def plain_matvec(name: str, w: jax.Array, a: jax.Array, mode: str = "float32") -> jax.Array:
   """W a for every row of a: a [..., in], w [out, in] -> [..., out]."""
   del name
-  return jnp.einsum("...i,oi->...o", a, w, precision=_HIGHEST)
+  return matmul("...i,oi->...o", a, w, mode)
 
 
 def gelu(z: jax.Array) -> jax.Array:
@@ -59,15 +67,19 @@ def layer_norm(u: jax.Array, ln: tuple[jax.Array, jax.Array], eps: float) -> tup
 class LinearMemory:
   """M(W; x) = W x with one fast weight ``w`` [d, d]; channel gates act on its input (key) axis, as in GLA."""
 
+  matmul: str = "float32"
   gate_axes = {"w": "in"}
 
   def shapes(self, d: int) -> dict[str, tuple[int, int]]:
     return {"w": (d, d)}
 
-  def apply(self, w: dict, x: jax.Array, ln=None, matvec: Matvec = plain_matvec) -> jax.Array:
+  def apply(self, w: dict, x: jax.Array, ln=None, matvec: Matvec | None = None) -> jax.Array:
     """x [..., d] -> M(W; x) [..., d]."""
     del ln
-    return matvec("w", w["w"], x)
+    return (matvec or self.matvec)("w", w["w"], x)
+
+  def matvec(self, name: str, w: jax.Array, a: jax.Array) -> jax.Array:
+    return plain_matvec(name, w, a, self.matmul)
 
   def forward(self, w: dict, x: jax.Array, ln=None) -> tuple[jax.Array, tuple]:
     return self.apply(w, x), (x,)
@@ -85,21 +97,26 @@ class MLPMemory:
 
   expansion: int = 4
   ln_eps: float = 1e-5
+  matmul: str = "float32"
 
   gate_axes = {"w2": "in", "w1": "out"}
 
   def shapes(self, d: int) -> dict[str, tuple[int, int]]:
     return {"w2": (self.expansion * d, d), "w1": (d, self.expansion * d)}
 
-  def apply(self, w: dict, x: jax.Array, ln, matvec: Matvec = plain_matvec) -> jax.Array:
+  def apply(self, w: dict, x: jax.Array, ln, matvec: Matvec | None = None) -> jax.Array:
     """x [..., d] -> x + LN(W1 gelu(W2 x)) [..., d]."""
+    matvec = matvec or self.matvec
     h = gelu(matvec("w2", w["w2"], x))
     return x + layer_norm(matvec("w1", w["w1"], h), ln, self.ln_eps)[0]
 
+  def matvec(self, name: str, w: jax.Array, a: jax.Array) -> jax.Array:
+    return plain_matvec(name, w, a, self.matmul)
+
   def forward(self, w: dict, x: jax.Array, ln) -> tuple[jax.Array, tuple]:
-    z = plain_matvec("w2", w["w2"], x)
+    z = self.matvec("w2", w["w2"], x)
     h = gelu(z)
-    y, n, rstd = layer_norm(plain_matvec("w1", w["w1"], h), ln, self.ln_eps)
+    y, n, rstd = layer_norm(self.matvec("w1", w["w1"], h), ln, self.ln_eps)
     return x + y, (x, z, h, n, rstd)
 
   def backprop(self, w: dict, cache: tuple, g_y: jax.Array, ln) -> dict[str, tuple[jax.Array, jax.Array]]:
@@ -107,7 +124,7 @@ class MLPMemory:
     x, z, h, n, rstd = cache
     g_n = g_y * ln[0]
     e1 = rstd * (g_n - jnp.mean(g_n, axis=-1, keepdims=True) - n * jnp.mean(g_n * n, axis=-1, keepdims=True))
-    e2 = jnp.einsum("...o,oi->...i", e1, w["w1"], precision=_HIGHEST) * gelu_grad(z)
+    e2 = matmul("...o,oi->...i", e1, w["w1"], self.matmul) * gelu_grad(z)
     return {"w2": (x, e2), "w1": (h, e1)}
 
 

@@ -6,7 +6,10 @@ Optimization" (Behrouz et al., arXiv 2504.13173). Semantics and shapes are those
 float32; returns (o [b, t, h, d] float32, state at the last chunk boundary, momentum or None).
 
 ``implementation`` picks how the sequence is processed:
-  * ``"xla_chunked"``: closed-form chunk gradients, dual-form reads, ``lax.scan`` over chunks (any backend);
+  * ``"xla_chunked"``: closed-form chunk gradients, dual-form reads, ``lax.scan`` over chunks (any backend), every
+    matmul in full float32;
+  * ``"xla_chunked_bf16"``: the same with bfloat16 matmul operands and float32 accumulation (tensor cores on GPU;
+    states, gates and cumulative products stay float32); chosen explicitly, by measurement (benchmarks/miras.py);
   * ``"reference"``: the token loop with one ``jax.grad`` per token (any backend; slow).
 ``None`` takes the first that applies, in that order. An explicitly requested implementation that cannot run
 raises a ValueError saying why.
@@ -19,7 +22,7 @@ import jax
 from layers.kernels.miras import chunked, reference
 from layers.miras.spec import Gates, MemorySpec
 
-IMPLEMENTATIONS = ("xla_chunked", "reference")
+IMPLEMENTATIONS = ("xla_chunked", "xla_chunked_bf16", "reference")
 
 
 def _unsupported(implementation: str, spec: MemorySpec, gates: Gates) -> str | None:
@@ -55,4 +58,5 @@ def miras_memory(q: jax.Array, k: jax.Array, v: jax.Array, gates: Gates, *, spec
                 chunk_size=chunk_size, lengths=lengths)
   if implementation == "reference":
     return reference.miras_reference(q, k, v, gates, **kwargs)
-  return chunked.miras_chunked(q, k, v, gates, remat=remat, **kwargs)
+  matmul = "bfloat16" if implementation == "xla_chunked_bf16" else "float32"
+  return chunked.miras_chunked(q, k, v, gates, remat=remat, matmul=matmul, **kwargs)

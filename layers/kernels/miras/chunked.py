@@ -26,18 +26,16 @@ Shapes: q, k, v [b, t, h, d] (any t; a trailing partial chunk is read but not cl
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
+from layers.miras.memory import MATMULS, matmul
 from layers.miras.spec import Gates, MemorySpec, along, gates_along
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-  return jnp.einsum(spec, a, b, precision=_HIGHEST)
 
 
 def _ratios(log_b_rows: jax.Array, log_b: jax.Array, mask: jax.Array) -> jax.Array:
@@ -46,11 +44,13 @@ def _ratios(log_b_rows: jax.Array, log_b: jax.Array, mask: jax.Array) -> jax.Arr
   return jnp.exp(diff)
 
 
-def _layer_read(x, w0, a, e, axis, decay, coef, scale, m0=None, c_mom=None):
+def _layer_read(x, w0, a, e, axis, decay, coef, scale, mode, m0=None, c_mom=None):
   """Rows x_t [c, in] through per-token weights W_t = decay_t ⊙ W₀ − scale·Σ_i coef[t, i] ⊙ e_i a_iᵀ [c, out].
 
   decay [c, g]; coef [c, c, g] (g = 1: per head; g = d: per channel along ``axis``); momentum adds c_mom[t]·M₀.
+  ``mode``: matmul operands (``layers.miras.memory.MATMULS``).
   """
+  _dot = functools.partial(_mode_dot, mode=mode)
   if coef.shape[-1] == 1:
     base = decay * _dot("ti,oi->to", x, w0)
     out = base - scale * _dot("ts,so->to", _dot("ti,si->ts", x, a) * coef[..., 0], e)
@@ -64,8 +64,13 @@ def _layer_read(x, w0, a, e, axis, decay, coef, scale, m0=None, c_mom=None):
   return decay * _dot("ti,oi->to", x, w0) - scale * jnp.einsum("ts,tso,so->to", scores, coef, e, precision=_HIGHEST)
 
 
-def _state_at(s0, acts, gate_axes, decay, coef, m0=None, c_mom=None):
+def _mode_dot(spec: str, a: jax.Array, b: jax.Array, mode: str) -> jax.Array:
+  return matmul(spec, a, b, mode)
+
+
+def _state_at(s0, acts, gate_axes, decay, coef, mode, m0=None, c_mom=None):
   """S = decay ⊙ S₀ − Σ_i coef_i ⊙ e_i a_iᵀ (+ c_mom·M₀) per layer; decay [g], coef [c, g]."""
+  _dot = functools.partial(_mode_dot, mode=mode)
   out = {}
   for name, (a, e) in acts.items():
     axis = gate_axes[name]
@@ -84,6 +89,7 @@ def chunk_step(spec: MemorySpec, carry, xs, ln):
   s, m = carry
   q, k, v, eta, la, delta, lmu, complete = xs
   mem, ret = spec.memory, spec.retention
+  mode = mem.matmul
   c = q.shape[0]
   w0, s0 = ret.gradient_point(s), ret.read_scale(s)
   y, cache = mem.forward(w0, k, ln)
@@ -110,24 +116,24 @@ def chunk_step(spec: MemorySpec, carry, xs, ln):
 
   def matvec(name, w, x):
     a, e = acts[name]
-    return _layer_read(x, w, a, e, mem.gate_axes[name], jnp.exp(lread), coef, s0[name],
+    return _layer_read(x, w, a, e, mem.gate_axes[name], jnp.exp(lread), coef, s0[name], mode,
                        None if m_read is None else m_read[name], c_read)
 
   o = mem.apply(w0, q, ln, matvec=matvec)
-  s_lin = _state_at(s, acts, mem.gate_axes, jnp.exp(lb[-1]), end_coef, m_end, c_end)
+  s_lin = _state_at(s, acts, mem.gate_axes, jnp.exp(lb[-1]), end_coef, mode, m_end, c_end)
   if spec.momentum:
     mom_coef = jnp.exp(lp[-1][None, :] - lp) * eta  # [c, 1]
-    m_new = _state_at(m, acts, mem.gate_axes, jnp.exp(lp[-1]), mom_coef)
+    m_new = _state_at(m, acts, mem.gate_axes, jnp.exp(lp[-1]), mom_coef, mode)
   else:
     m_new = m
 
   if ret.lag:  # Memora's lag token: the exact step from the state after tokens 0..c−2, gradient there
     before = jnp.exp(lb[-1] - la[-1])  # B_{c−1}
     before_coef = jnp.exp(jnp.where(t[:, None] < c - 1, lb[-1][None, :] - la[-1][None, :] - lb, -jnp.inf)) * eta
-    s_prev = _state_at(s, acts, mem.gate_axes, before, before_coef)
+    s_prev = _state_at(s, acts, mem.gate_axes, before, before_coef, mode)
     y1, cache1 = mem.forward(s_prev, k[-1:], ln)
     acts1 = mem.backprop(s_prev, cache1, spec.bias.grad(y1, v[-1:], delta[-1:]), ln)
-    grad1 = {name: _dot("so,si->oi", e1, a1) for name, (a1, e1) in acts1.items()}
+    grad1 = {name: matmul("so,si->oi", e1, a1, mode) for name, (a1, e1) in acts1.items()}
     s_new = ret.lag_step(s_prev, grad1, gates_along(mem, jnp.exp(la[-1])), gates_along(mem, eta[-1]))
   else:
     s_new = ret.close(s_lin)
@@ -145,9 +151,9 @@ def _to_chunks(x: jax.Array, c: int) -> jax.Array:
   return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat"))
+@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat", "matmul"))
 def miras_chunked(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, initial_momentum=None, ln=None,
-                  chunk_size: int = 64, lengths=None, remat: bool = False):
+                  chunk_size: int = 64, lengths=None, remat: bool = False, matmul: str = "float32"):
   """Chunkwise-parallel Miras memory; same contract as :func:`reference.frozen_gradient_loop`.
 
   Args:
@@ -156,10 +162,15 @@ def miras_chunked(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dic
     ln: (γ, β) [h, d] of the MLP memory's LayerNorm, or None.
     chunk_size: tokens per chunk c ≥ 1. lengths: int [b] or None; tokens at or past it are padding.
     remat: ``jax.checkpoint`` the chunk body.
+    matmul: ``float32`` (full precision) or ``bfloat16`` operands with float32 accumulation for every matmul of
+      the chunk body (states, gates, cumulative sums and element-wise products stay float32).
 
   Returns:
     (o [b, t, h, d] float32, state at the last chunk boundary, momentum there or None).
   """
+  if matmul not in MATMULS:
+    raise ValueError(f"matmul must be one of {MATMULS} (got {matmul!r})")
+  spec = dataclasses.replace(spec, memory=dataclasses.replace(spec.memory, matmul=matmul))
   b, t, h, d = q.shape
   c = chunk_size
   pad = -t % c

@@ -36,7 +36,8 @@ def _per_head(fn, q, k, v, gates: Gates, state: dict, momentum: dict | None, ln,
   b, t, h, _ = q.shape
   delta = gates.delta if gates.delta is not None else jnp.ones((b, t, h), jnp.float32)
   lmu = gates.log_momentum if gates.log_momentum is not None else jnp.zeros_like(gates.log_alpha)
-  seq = tuple(jnp.moveaxis(x.astype(jnp.promote_types(x.dtype, jnp.float32)), 2, 1) for x in (q, k, v, gates.eta, gates.log_alpha, delta, lmu))
+  f32 = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float32, or float64 in tests
+  seq = tuple(jnp.moveaxis(f32(x), 2, 1) for x in (q, k, v, gates.eta, gates.log_alpha, delta, lmu))
   ln = ln if ln is not None else (jnp.ones((h, q.shape[-1])), jnp.zeros((h, q.shape[-1])))
   momentum = momentum if momentum is not None else {}
   per_b = jax.vmap(fn, in_axes=(0,) * 7 + (0, 0, 0) + (None,) * len(extra_b))
