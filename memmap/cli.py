@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from memmap import io_minimalloc, solvers
-from memmap.agent.train import AgentConfig
+from memmap.agent.config import AgentConfig
 from research.cli import CommandParser, UsageError, fail
 from research.config import Config, Problem, option
 
