@@ -298,8 +298,9 @@ def solve(inst: Instance, capacity: int | None = None, time_limit: float = 60.0,
       status, left = _OK, deadline - time.perf_counter()
       if left <= 0 or (stop is not None and stop.is_set()):
         return ExactResult("unknown", None, int(counters[0]), time.perf_counter() - t0)
-      # The kernel cannot read a clock, so each run gets the nodes the measured rate allows before the deadline.
-      budget = limit if len(ranks) > 1 else 1 << 62
+      # The kernel cannot read a clock, so each run gets the nodes the measured rate allows before the deadline; a
+      # single preorder restarts with doubling limits too, so the rate is measured before any long run.
+      budget = limit
       if rate is not None:
         budget = min(budget, max(int(rate * left), 1))
       counters[1] = budget

@@ -74,6 +74,10 @@ def test_time_limit_gives_unknown_and_bad_arguments_are_refused():
   inst, _ = read_csv(DATA / "E.1048576.csv")
   res = exact.solve(inst, time_limit=0.0)
   assert res.status == "unknown" and res.offsets is None
+  exact.warm_up()
+  for preorders in (("WAT",), exact.PREORDERS):  # one preorder is limited by the clock as well as three
+    res = exact.solve(inst, time_limit=1.0, preorders=preorders)
+    assert res.status == "unknown" and res.seconds < 4.0 and res.nodes > 0
   with pytest.raises(ValueError, match="capacity"):
     exact.solve(inst, capacity=0)
   with pytest.raises(ValueError, match="preorders"):
