@@ -12,7 +12,7 @@ sequence (f32) before it is timed, so a fast-but-wrong variant shows up in the s
 
 Usage (GPU): XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python benchmarks/miras.py --json $OUT/miras.json
   more: --shapes 8x2048,8x4096,2x16384 --chunks 16,32,64,128 --gates channel,head --remat 0,1 \\
-        --models moneta,yaad,memora,titans --memories mlp,linear --impls xla_chunked
+        --models moneta,yaad,memora,titans --memories mlp,linear --impls xla_chunked,xla_chunked_bf16
 Prints a table and writes JSON; every number is tagged with the device name.
 """
 
@@ -24,7 +24,6 @@ import functools
 import itertools
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -51,18 +50,6 @@ def layer_flops(b: int, t: int, memory_fwd: float, projections: int, gate_flops_
   """Forward and fwd+bwd FLOPs of a whole layer: ``projections`` D×D matmuls per token, gates, the memory."""
   fwd = b * (t * (projections * 2 * D_MODEL * D_MODEL + gate_flops_per_token) + memory_fwd)
   return {"fwd": float(fwd), "fwd_bwd": 3.0 * fwd}
-
-
-def _median_ms(fn, *, warmup: int = 2, iters: int = 7) -> float:
-  import jax
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  samples = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    samples.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(samples)
 
 
 def _xla_flops(compiled) -> float | None:
@@ -128,6 +115,8 @@ def _time_layer(op: str, layer, b: int, t: int, device: str, flops: dict, peak: 
   import jax.numpy as jnp
   from flax import nnx
 
+  from benchmarks.linear_attention import _median_ms
+
   row = {"kind": "time", "op": op, "B": b, "T": t, "device": device, "fwd_gflop": flops["fwd"] / 1e9,
          "fwd_bwd_gflop": flops["fwd_bwd"] / 1e9}
   try:
@@ -175,25 +164,22 @@ def run(shapes, variants: list[Variant], peak_override: float | None, dtype: str
   return rows
 
 
+COLUMNS = (  # (header, row key, format); a missing key prints "-"
+    ("op", "op", "{}"), ("device", "device", "{}"), ("B", "B", "{}"), ("T", "T", "{}"),
+    ("GFLOP fwd+bwd", "fwd_bwd_gflop", "{:.0f}"), ("XLA GFLOP", "xla_fwd_bwd_gflop", "{:.0f}"),
+    ("fwd ms", "fwd_ms", "{:.2f}"), ("fwd+bwd ms", "fwd_bwd_ms", "{:.2f}"),
+    ("fwd+bwd ktok/s", "fwd_bwd_ktok_s", "{:.0f}"),
+    ("TFLOP/s", "fwd_bwd_tflop_s", "{:.1f}"), ("peak fraction", "fwd_bwd_peak_frac", "{:.3f}"),
+    ("× GDN", "vs_gdn_fwd_bwd", "{:.2f}"), ("temp GiB", "fwd_bwd_temp_gib", "{:.2f}"),
+    ("check: max rel vs reference", "max_rel", "{:.1e}"), ("error", "error", "{:.80}"))
+
+
 def _table(rows: list[dict]) -> str:
-  lines = ["| op | device | B | T | GFLOP fwd+bwd (XLA) | fwd ms | fwd+bwd ms | fwd+bwd ktok/s | TFLOP/s | % peak | "
-           "× GDN | temp GiB |", "|-|-|-|-|-|-|-|-|-|-|-|-|"]
-  for r in rows:
-    if r.get("kind") == "check":
-      lines.append(f"| check {r['op']} | {r['device']} | | | max rel vs reference: "
-                   f"{r.get('max_rel', r.get('error', ''))} |||||||")
-    if r.get("kind") != "time":
-      continue
-    if "error" in r:
-      lines.append(f"| {r['op']} | {r['device']} | {r['B']} | {r['T']} | error: {r['error'][:80]} ||||||||")
-      continue
-    pct = f"{100 * r['fwd_bwd_peak_frac']:.1f}" if "fwd_bwd_peak_frac" in r else "-"
-    ratio = f"{r['vs_gdn_fwd_bwd']:.2f}" if "vs_gdn_fwd_bwd" in r else "-"
-    lines.append(f"| {r['op']} | {r['device']} | {r['B']} | {r['T']} | {r['fwd_bwd_gflop']:.0f} "
-                 f"({r['xla_fwd_bwd_gflop']:.0f}) | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
-                 f"{r['fwd_bwd_ktok_s']:.0f} | {r['fwd_bwd_tflop_s']:.1f} | {pct} | {ratio} | "
-                 f"{r['fwd_bwd_temp_gib']:.2f} |")
-  return "\n".join(lines)
+  cell = lambda r, key, fmt: fmt.format(r[key]) if key in r else "-"
+  out = ["| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "-|" * len(COLUMNS)]
+  out += ["| " + " | ".join(cell(r, key, fmt) for _, key, fmt in COLUMNS) + " |"
+          for r in rows if r.get("kind") in ("time", "check")]
+  return "\n".join(out)
 
 
 def main() -> None:
@@ -206,7 +192,8 @@ def main() -> None:
   parser.add_argument("--gates", default="channel,head", help="comma list of channel, head")
   parser.add_argument("--chunks", default="64", help="comma list of chunk sizes")
   parser.add_argument("--remat", default="0", help="comma list of 0/1: jax.checkpoint of the chunk body")
-  parser.add_argument("--impls", default="xla_chunked", help="comma list of layers.kernels.miras.IMPLEMENTATIONS")
+  parser.add_argument("--impls", default="xla_chunked,xla_chunked_bf16",
+                      help="comma list of layers.kernels.miras.IMPLEMENTATIONS")
   parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   parser.add_argument("--peak-tflops", type=float, default=None, help="dense peak of this device (TFLOP/s)")
   parser.add_argument("--width", default=f"{D_MODEL}x{HEADS}x{HEAD_DIM}", help="d_model x heads x head_dim "
@@ -219,12 +206,8 @@ def main() -> None:
       split(args.models), split(args.memories), split(args.gates), split(args.chunks), split(args.remat),
       split(args.impls)) if not (m == "titans" and g == "channel")]
   rows = run(shapes, variants, args.peak_tflops, args.dtype)
-  meta = {"argv": sys.argv}
-  try:
-    import jax
-    meta.update(jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""))
-  except ImportError:
-    pass
+  import jax  # imported by run() already
+  meta = {"argv": sys.argv, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "width": args.width}
   with open(args.json, "w") as f:
     json.dump({"meta": meta, "rows": rows}, f, indent=1)
   print(_table(rows))
