@@ -55,7 +55,7 @@ from memmap.instance import Instance, Sweep, sweep
 STATUSES = ("feasible", "infeasible", "unknown")
 PREORDERS = ("WAT", "TAW", "TWA")
 
-_OK, _NOT_FOUND, _TIMEOUT, _ABORTED = 0, 1, 2, 3
+_OK, _NOT_FOUND, _ABORTED = 0, 1, 2  # what a search node returns
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,10 +13,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import research.train  # noqa: F401  (see below)
 from memmap import cli
 from memmap.instance import validate
 from memmap.io_minimalloc import read_csv
 
+# research.train is imported above, outside any capsys-captured test: research.metrics.Progress binds
+# ``stream=sys.stdout`` when its module is imported, and a first import inside ``extract --config`` under capsys would
+# leave later tests in this worker printing to a closed capture file.
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / ".." / "shared" / "data" / "minimalloc"
 A = str(DATA / "A.1048576.csv")
