@@ -89,7 +89,8 @@ def _format_duration(seconds: float) -> str:
 class ProgressLine:
   """Prints ``step 120/300 | loss 2.91 | 41.2k tok/s | ETA 0:31`` lines (process 0 only)."""
 
-  def __init__(self, total_steps: int, tokens_per_step: int, *, stream=sys.stdout):
+  def __init__(self, total_steps: int, tokens_per_step: int, *, stream=None):
+    # None: whatever sys.stdout is when a line is printed (a default bound at import would outlive a redirect)
     self.total_steps, self.tokens_per_step, self.stream = total_steps, tokens_per_step, stream
     self._last_time, self._last_step = None, None
 
@@ -108,7 +109,7 @@ class ProgressLine:
       shown = " | ".join(f"{k} {v:.4g}" for k, v in values.items())
       width = len(str(self.total_steps))
       print(f"step {step:>{width}}/{self.total_steps} | {shown} | {tokens_per_s / 1e3:.1f}k tok/s | "
-            f"ETA {_format_duration(eta)}", file=self.stream, flush=True)
+            f"ETA {_format_duration(eta)}", file=self.stream or sys.stdout, flush=True)
     return tokens_per_s
 
 
