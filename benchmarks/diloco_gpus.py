@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 
-DEFAULT_VARIANTS = "dp,h100-p1-t0-a0-fp32,h100-p4-t0-a0-fp32,h100-p4-t1-a0.5-fp32,h100-p4-t1-a0.5-e3m0"
+DEFAULT_VARIANTS = "dp,h30-p1-t0-a0-fp32,h30-p3-t1-a0.5-fp32,h30-p3-t1-a0.5-e3m0,h100-p4-t1-a0.5-e3m0"
 
 
 def bench_config(args, replicas: int):
