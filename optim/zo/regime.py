@@ -145,7 +145,9 @@ class ZOSPSA(Regime):
 
   def abstract_state(self):
     repl = self._replicated()
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), super().abstract_state())
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=repl)
+    return {"params": jax.tree.map(lambda p: spec(p.shape, p.dtype), self.model.params),
+            "round": spec((), jnp.int32), "nonfinite": spec((), jnp.int32)}
 
   @functools.cached_property
   def step(self) -> Callable:

@@ -23,23 +23,23 @@ FLAGS = ["--config", "tiny_zo", "--init-from", "none", "--d-model", "32", "--num
          "--zo-spsa.check-every", "2", "--mezo-sgd.num-samples", "2"]
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
+def _two_processes(workdir: Path, flags: list[str]) -> list[str]:
+  """The outputs of ``experiments.train`` run by two processes of 4 CPU devices each, joined on a free local port."""
+  with socket.create_server(("localhost", 0)) as probe:
+    coordinator = f"localhost:{probe.getsockname()[1]}"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  launched = [subprocess.Popen([sys.executable, "-m", "experiments.train", "--workdir", str(workdir), *flags,
+                                "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(rank)],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for rank in range(2)]
+  outputs = [process.communicate(timeout=900)[0] for process in launched]
+  failed = [out[-3000:] for process, out in zip(launched, outputs, strict=True) if process.returncode]
+  assert not failed, failed
+  return outputs
 
 
 def test_two_processes_of_four_workers_match_the_8_device_run(tmp_path):
-  port = _free_port()
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "PYTHONUNBUFFERED": "1"}
-  command = [sys.executable, "-m", "experiments.train", "--workdir", str(tmp_path / "two"), *FLAGS,
-             "--coordinator", f"localhost:{port}", "--num-processes", "2"]
-  procs = [subprocess.Popen([*command, "--process-id", str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=900)[0] for p in procs]
-  for p, out in zip(procs, outputs, strict=True):
-    assert p.returncode == 0, out[-3000:]
+  outputs = _two_processes(tmp_path / "two", FLAGS)
   assert "8 device(s)" in outputs[0] and "done: step 4" in outputs[0]
   assert "zo check at step 4" in outputs[0] and "on all 8 workers" in outputs[0]
   two = json.loads((tmp_path / "two" / "summary.json").read_text())
