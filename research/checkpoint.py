@@ -42,6 +42,13 @@ def _files(step_dir: Path) -> dict[str, Path]:
           if p.is_file() and not p.name.startswith(MANIFEST)}
 
 
+def _shapes_by_path(tree: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
+  """{path of key names: (shape, dtype)} of a pytree of arrays / ShapeDtypeStructs / orbax ArrayMetadata."""
+  name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+  return {tuple(name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 class Checkpointer:
   """Save/restore ``(state pytree, meta dict)`` pairs under ``directory``, one sub-folder per step."""
 
@@ -93,16 +100,19 @@ class Checkpointer:
       raise CheckpointError(f"files changed since it was written: {', '.join(changed[:3])}")
 
   def state_mismatch(self, step: int, abstract_state: Any) -> str | None:
-    """How ``step``'s saved arrays differ in number, shape or dtype from ``abstract_state``'s (None if they do not).
+    """How ``step``'s saved arrays differ in paths, shapes or dtypes from ``abstract_state``'s (None if they do not).
 
-    Read from orbax's metadata, so a checkpoint of another model is told apart from a damaged one."""
-    saved = [(tuple(m.shape), str(m.dtype)) for m in jax.tree.leaves(self._manager.item_metadata(step)["state"])]
-    wanted = [(tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(abstract_state)]
-    if len(saved) != len(wanted):
-      return f"{len(saved)} arrays where this run has {len(wanted)}"
-    for i, (a, b) in enumerate(zip(saved, wanted)):
-      if a != b:
-        return f"array {i} is {a[1]}{list(a[0])} where this run has {b[1]}{list(b[0])}"
+    Read from orbax's metadata, so a checkpoint of another model is told apart from a damaged one. Paths are
+    compared by their key names: orbax stores a NamedTuple (an optax state) as a dict."""
+    saved = _shapes_by_path(self._manager.item_metadata(step)["state"])
+    wanted = _shapes_by_path(abstract_state)
+    if saved.keys() != wanted.keys():
+      first = lambda paths: "/".join(min(paths)) if paths else "-"
+      return (f"{len(saved)} arrays where this run has {len(wanted)}; saved only: {first(saved.keys() - wanted.keys())}"
+              f", this run only: {first(wanted.keys() - saved.keys())}")
+    for path, (shape, dtype) in wanted.items():
+      if saved[path] != (shape, dtype):
+        return f"{'/'.join(path)} is {saved[path][1]}{list(saved[path][0])} where this run has {dtype}{list(shape)}"
     return None
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:

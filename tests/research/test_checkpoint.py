@@ -84,7 +84,22 @@ def test_a_checkpoint_of_another_model_is_refused_not_moved(tmp_path):
   try:
     Checkpointer(tmp_path, keep=5).restore_latest(abstract_like(other))
   except CheckpointError as e:
-    assert "holds another model's state (array" in str(e) and "float32[4, 3] where this run has float32[5, 3]" in str(e)
+    assert "holds another model's state (opt_state/0/mu/w is float32[4, 3] where this run has float32[5, 3])" in str(e)
   else:
     raise AssertionError("a checkpoint of another shape was restored")
   assert (tmp_path / "1").is_dir()
+
+
+def test_a_namedtuple_state_whose_fields_are_not_sorted_restores(tmp_path):
+  """orbax stores a NamedTuple as a dict (keys sorted); the shape check must match fields by name, not position."""
+  from typing import NamedTuple
+
+  class State(NamedTuple):
+    zeta: jax.Array
+    alpha: jax.Array
+
+  state = {"opt": State(jnp.ones((2, 3)), jnp.zeros((5,)))}
+  with Checkpointer(tmp_path) as checkpointer:
+    checkpointer.save(1, state, {"step": 1})
+  step, restored, _ = Checkpointer(tmp_path).restore_latest(abstract_like(state))
+  assert step == 1 and restored["opt"].zeta.shape == (2, 3) and restored["opt"].alpha.shape == (5,)
