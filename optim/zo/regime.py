@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from optim.zo.codec import CODECS, get_codec
 from optim.zo.digest import digest_hex, tree_digest, tree_digest_reference
 from optim.zo.ledger import Ledger, LedgerError, RoundRecord
-from optim.zo.rounds import NORMALIZATIONS, RoundSpec, check_precision, zo_round
+from optim.zo.rounds import NORMALIZATIONS, STEP_COMPILER_OPTIONS, RoundSpec, check_precision, zo_round
 from optim.zo.replay import initial_exists, ledger_header, save_initial
 from research.config import Config, Problem, option
 from research.optimizers import decay_mask
@@ -49,11 +49,6 @@ from research.train.regime import Regime, register_regime
 from research.train.steps import lm_loss
 
 WORKER_AXIS = "worker"
-# Every loop of the step draws z from a per-iteration key, but the counters threefry derives from a leaf's shape do
-# not depend on the key, and XLA's loop-invariant code motion hoists them out of the loops: two uint32 arrays per
-# distinct leaf shape would then stay alive through the whole step. (Measured on CPU, tiny preset: 1.9 → 0.8 MiB of
-# temporaries in the update loop.)
-STEP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 _DEPARTURE = re.compile(r"^(\d+)@(\d+)$")
 
 

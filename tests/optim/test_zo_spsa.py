@@ -12,7 +12,7 @@ import pytest
 from optim.zo.directions import direction, leaf_ids
 from optim.zo.perturb import call_perturbed
 from optim.zo.rounds import (RoundSpec, apply_round, apply_round_reference, perturbed, perturbed_loss,
-                             projected_gradients, zo_round)
+                             projected_gradients, zo_round, zo_step)
 from optim.zo.spsa import mezo_sgd, scale_by_spsa
 from research.models import ModelConfig
 from research.train import TrainConfig, build_model
@@ -132,12 +132,10 @@ def test_perturb_then_restore_is_bit_identical_in_f32():
   params = model.params
   spec = RoundSpec(eps=1e-3, num_samples=2)
   root = jax.random.key(1)
-  gather = lambda codes: codes[None]
-  step = jax.jit(lambda p: zo_round(p, loss, root, jnp.int32(0), 0, jnp.float32(0.0), jnp.ones(1, bool), spec,
-                                    gather), donate_argnums=0)
-  restored, out = step(jax.tree.map(jnp.copy, params))
-  jax.tree.map(np.testing.assert_array_equal, restored, params)  # lr = 0: θ comes back bit for bit ...
-  assert np.asarray(out.codes).any()  # ... although the two evaluations differed
+  step = zo_step(lambda p, batch: loss(p), lambda t: 0.0, spec, seed=1)  # the donated one-worker step, lr = 0
+  state, out = step({"params": jax.tree.map(jnp.copy, params), "round": jnp.int32(0)}, None)
+  jax.tree.map(np.testing.assert_array_equal, state["params"], params)  # θ comes back bit for bit ...
+  assert np.asarray(out.codes).any() and int(state["round"]) == 1  # ... although the two evaluations differed
   # MeZO's in-place cycle θ + εz − 2εz + εz does not restore θ exactly (MeZO issue #42).
   z = direction(params, root, 0, 0, 0, "gaussian")
   cycled = jax.tree.map(lambda p, d: ((p + 1e-3 * d) - 2e-3 * d) + 1e-3 * d, params, z)
@@ -208,3 +206,22 @@ def test_f32_codec_round_on_one_worker_equals_mezo_sgd():
   reference = optax.apply_updates(params, updates)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), ours, reference)
   np.testing.assert_array_equal(np.asarray(out.codes).view(np.float32)[0, :, 0], state[0].projected_grads)
+
+
+def test_donated_zo_step_memory_is_that_of_a_forward_pass():
+  """Oracle 13 on one worker: XLA's peak of the donated ``zo_step`` vs ``lm_loss`` on the same model and batch."""
+  cfg = TrainConfig(model=ModelConfig(layers=("attn", "attn"), d_model=64, num_heads=4, num_kv_heads=4), seq_len=128)
+  model = build_model(cfg, abstract=True)
+  tokens = jax.ShapeDtypeStruct((16, 128), jnp.int32)
+  batch = {"inputs": tokens, "labels": tokens}
+  loss = lambda p, b: lm_loss(model.merge(p), b, 0.01)
+  forward = jax.jit(loss).lower(model.params, batch).compile().memory_analysis()
+  state = {"params": model.params, "round": jax.ShapeDtypeStruct((), jnp.int32)}
+  step = zo_step(loss, lambda t: 1e-4, RoundSpec()).lower(state, batch).compile().memory_analysis()
+  peak = lambda m: m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+  params_bytes = sum(4 * int(np.prod(p.shape)) for p in jax.tree.leaves(model.params))
+  print(f"forward {peak(forward) / 2**20:.2f} MiB, zo_step {peak(step) / 2**20:.2f} MiB, "
+        f"params {params_bytes / 2**20:.2f} MiB")
+  assert step.alias_size_in_bytes >= params_bytes  # θ is updated in place
+  assert peak(step) <= 1.1 * peak(forward)
+  assert peak(step) - peak(forward) < params_bytes / 2  # no second copy of θ: per-leaf working sets only
