@@ -14,8 +14,12 @@ allocator's ``peak_bytes_in_use`` after warm-up and timed steps, ms per step, an
 ``forward``. Every row names the device. Usage (GPU, jax 0.11.2)::
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python benchmarks/zo_memory.py --json zo_memory.json
+    XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python benchmarks/zo_memory.py --sizes 1b --batches 8 \
+        --json zo_memory_1b.json
 
-``--sizes`` picks among ``SIZES`` (default ``gpu,gpu_f32,1b``), ``--batches`` the per-device batch sizes.
+``--sizes`` picks among ``SIZES`` (default ``gpu``), ``--batches`` the per-device batch sizes (default 8,32). The
+JSON file is rewritten after every row, so a run cut short keeps what it measured; a variant that fails or runs
+past ``--child-timeout`` seconds is reported as an error row.
 """
 
 from __future__ import annotations
@@ -133,10 +137,13 @@ def measure(variant: str, size: str, batch: int, repeats: int) -> dict:
           "ms_per_step": 1e3 * float(np.median(times))}
 
 
-def _child(variant: str, size: str, batch: int, repeats: int) -> dict:
+def _child(variant: str, size: str, batch: int, repeats: int, timeout: float) -> dict:
   command = [sys.executable, __file__, "--one", variant, "--sizes", size, "--batches", str(batch),
              "--repeats", str(repeats)]
-  done = subprocess.run(command, capture_output=True, text=True, env={**os.environ}, check=False)
+  try:
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ}, check=False, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return {"variant": variant, "size": size, "batch": batch, "error": f"timed out after {timeout:.0f} s"}
   lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
   if done.returncode or not lines:
     return {"variant": variant, "size": size, "batch": batch, "error": (done.stderr or done.stdout)[-600:]}
@@ -165,10 +172,11 @@ def _table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sizes", default="gpu,gpu_f32,1b", help=f"comma-separated among {', '.join(SIZES)}")
+  parser.add_argument("--sizes", default="gpu", help=f"comma-separated among {', '.join(SIZES)}")
   parser.add_argument("--batches", default="8,32", help="per-device batch sizes (sequences)")
   parser.add_argument("--variants", default=",".join(VARIANTS))
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--child-timeout", type=float, default=420.0, help="seconds per variant")
   parser.add_argument("--json", default=None, help="write the rows here")
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child mode: one variant, print one row
   args = parser.parse_args(argv)
@@ -180,12 +188,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
   for size in sizes:
     for batch in batches:
       for variant in args.variants.split(","):
-        rows.append(_child(variant, size, batch, args.repeats))
+        rows.append(_child(variant, size, batch, args.repeats, args.child_timeout))
         print(json.dumps(rows[-1]), flush=True)
+        if args.json:
+          with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
   print(_table(rows))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(rows, f, indent=2)
   return rows
 
 

@@ -200,9 +200,11 @@ class Ledger:
     new = []
     for record in records:
       if record.step <= self.last_step:
-        if self._payloads.get(record.step) != record.payload():
-          raise LedgerError(f"round {record.step} recomputed after a restart differs from the one in {self.path}: "
-                            "the run is not deterministic on this backend")
+        saved = self._payloads.get(record.step)
+        if saved != record.payload():
+          raise LedgerError(f"round {record.step} recomputed after a restart differs from the one in {self.path} "
+                            f"({_difference(RoundRecord.from_payload(saved), record)}): the run's settings changed "
+                            "since, or it is not deterministic on this backend")
         continue
       if record.step != self.last_step + 1:
         raise LedgerError(f"round {record.step} would leave a gap in {self.path} after round {self.last_step}")
@@ -212,6 +214,15 @@ class Ledger:
     if new:
       _append_bytes(self.path, b"".join(frame(b"R", r.payload()) for r in new))
     return len(new)
+
+
+def _difference(saved: RoundRecord, new: RoundRecord) -> str:
+  """Which fields of two records of one round differ, in words."""
+  if saved.lr != new.lr:
+    return f"learning rate {float(saved.lr):.8g} on file, {float(new.lr):.8g} now"
+  if saved.active != new.active:
+    return f"active workers {saved.active} on file, {new.active} now"
+  return f"{int(np.sum(saved.codes != new.codes))} of {saved.codes.size} code bytes"
 
 
 def _append_bytes(path: Path, data: bytes) -> None:

@@ -26,6 +26,8 @@ from typing import Any, NamedTuple
 import jax
 from jax.extend import core
 
+_DROP_VAR = getattr(core, "DropVar", ())  # outputs nobody reads (a write to them is harmless where it is missing)
+
 
 class _Lazy(NamedTuple):
   """A value computed from parameter leaves only: the equation (None for a leaf itself) and its inputs."""
@@ -80,7 +82,7 @@ def call_perturbed(fn: Callable[[Any], Any], params: Any, perturb_leaf: Callable
     if any(lazy):  # the next perturbed leaf waits for this equation: one at a time, whatever the scheduler
       previous = [o for o in outs if hasattr(o, "dtype")]
     for v, out in zip(eqn.outvars, outs):
-      if not isinstance(v, core.DropVar):
+      if not isinstance(v, _DROP_VAR):
         env[v] = out
   outs = [force(read(v), []) for v in jaxpr.outvars]
   return jax.tree.unflatten(jax.tree.structure(out_shape), outs)

@@ -3,6 +3,8 @@ record, corruption elsewhere is refused, and a resumed run may re-append only id
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -86,8 +88,11 @@ def test_a_resumed_run_may_only_re_append_identical_rounds_without_gaps(tmp_path
   ledger = Ledger.open(path, HEADER)
   assert ledger.append([_round(1), _round(2), _round(3)]) == 1  # rounds 1 and 2 recomputed identically
   assert [r.step for r in read_ledger(path).rounds] == [0, 1, 2, 3]
-  with pytest.raises(LedgerError, match="not deterministic"):
+  with pytest.raises(LedgerError, match=r"round 2 .* differs .*\(\d+ of 12 code bytes\)"):
     ledger.append([_round(2, seed=1)])
+  changed_lr = dataclasses.replace(_round(2), lr=np.float32(0.5))
+  with pytest.raises(LedgerError, match="learning rate .* on file, 0.5 now"):
+    ledger.append([changed_lr])
   with pytest.raises(LedgerError, match="gap"):
     ledger.append([_round(6)])
   with pytest.raises(LedgerError, match="another run .*num_samples"):
