@@ -72,15 +72,13 @@ def call_perturbed(fn: Callable[[Any], Any], params: Any, perturb_leaf: Callable
   for eqn in jaxpr.eqns:
     inputs = [read(v) for v in eqn.invars]
     lazy = [isinstance(x, _Lazy) for x in inputs]
-    if inputs and all(lazy) and not eqn.effects:
-      outs = [_Lazy(eqn, tuple(inputs))] if len(eqn.outvars) == 1 else None
-      if outs is not None:
-        env[eqn.outvars[0]] = outs[0]
-        continue
-    anchor = [x for x, is_lazy in zip(inputs, lazy) if not is_lazy and hasattr(x, "dtype")] + previous
+    if inputs and all(lazy) and not eqn.effects and len(eqn.outvars) == 1:  # leaves only: build it where used
+      env[eqn.outvars[0]] = _Lazy(eqn, tuple(inputs))
+      continue
+    anchor = [x for x, is_lazy in zip(inputs, lazy) if not is_lazy and isinstance(x, jax.Array)] + previous
     outs = _bind(eqn, [force(x, anchor) for x in inputs], multiple=True)
     if any(lazy):  # the next perturbed leaf waits for this equation: one at a time, whatever the scheduler
-      previous = [o for o in outs if hasattr(o, "dtype")]
+      previous = [o for o in outs if isinstance(o, jax.Array)]
     for v, out in zip(eqn.outvars, outs):
       if not isinstance(v, _DROP_VAR):
         env[v] = out
