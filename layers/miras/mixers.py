@@ -151,9 +151,10 @@ class GateProjection(nnx.Module):
 
   def __init__(self, d_model: int, heads: int, width: int, rank: int, bias: float, *, dtype, rngs: nnx.Rngs):
     self.heads, self.width = heads, width
-    self.down = dense(d_model, rank, dtype=dtype, rngs=rngs) if width > 1 else None
-    self.up = dense(rank if width > 1 else d_model, heads * width, dtype=dtype, rngs=rngs)
-    self.bias = nnx.Param(jnp.full((heads, width), bias, jnp.float32))
+    self.down = dense(d_model, rank, dtype=dtype, rngs=rngs, axes=("embed", None)) if width > 1 else None
+    self.up = dense(rank if width > 1 else d_model, heads * width, dtype=dtype, rngs=rngs,
+                    axes=(None if width > 1 else "embed", None))
+    self.bias = nnx.Param(jnp.full((heads, width), bias, jnp.float32), logical_axes=(None, None))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = self.down(x) if self.down is not None else x
@@ -187,7 +188,7 @@ class MirasLayer(nnx.Module):
     self.shape = s = MemoryShape(ctx.d_model, ctx.num_heads, ctx.resolved_head_dim, GDNConfig(conv_size=cfg.conv_size),
                                  ctx.dtype, ctx.norm_eps, ctx.out_init_std)
     h, d = s.num_heads, s.head_dim
-    proj = lambda: dense(s.d_model, s.key_dim, dtype=s.compute_dtype, rngs=rngs)
+    proj = lambda: dense(s.d_model, s.key_dim, dtype=s.compute_dtype, rngs=rngs, axes=("embed", "heads"))
     self.q_proj, self.k_proj, self.v_proj = proj(), proj(), proj()
     self.q_conv, self.k_conv, self.v_conv = (init_conv_weight(cfg.conv_size, s.key_dim, rngs) for _ in range(3))
     width = d if cfg.gates == "channel" else 1
@@ -195,10 +196,11 @@ class MirasLayer(nnx.Module):
     self.eta_gate, self.alpha_gate = gate(width, -2.0), gate(width, 4.6)
     self.delta_gate = gate(1, 0.54) if self.spec.bias.needs_delta else None
     self.momentum_gate = gate(width, 2.2) if self.spec.momentum else None
-    self.initial = nnx.Dict({n: nnx.Param(w) for n, w in _initial_memory(self.spec, h, d, rngs).items()})
+    self.initial = nnx.Dict({n: nnx.Param(w, logical_axes=(None, None, None))
+                             for n, w in _initial_memory(self.spec, h, d, rngs).items()})
     mlp = isinstance(self.spec.memory, MLPMemory)
-    self.ln_scale = nnx.Param(jnp.ones((h, d), jnp.float32)) if mlp else None
-    self.ln_bias = nnx.Param(jnp.zeros((h, d), jnp.float32)) if mlp else None
+    self.ln_scale = nnx.Param(jnp.ones((h, d), jnp.float32), logical_axes=(None, None)) if mlp else None
+    self.ln_bias = nnx.Param(jnp.zeros((h, d), jnp.float32), logical_axes=(None, None)) if mlp else None
     self.out = GatedOutput(s, rngs=rngs)
     self.cache: nnx.Dict | None = nnx.data(None)  # made by init_cache
 
