@@ -49,10 +49,11 @@ summary = train_and_evaluate(cfg, workdir)
 print(json.dumps({k: summary[k] for k in ("final_eval_loss", "uniform_loss", "final_eval_accuracy")}, indent=1))
 
 # %% [markdown]
-# Running it again resumes from the newest checkpoint; with more steps it continues the same curve.
+# Running it again resumes from the newest checkpoint. Asking for more steps changes the learning-rate schedule, so
+# the run accepts that change explicitly (without it, it stops and says which setting differs).
 
 # %%
-resumed = train_and_evaluate(dataclasses.replace(cfg, steps=cfg.steps + 2), workdir)
+resumed = train_and_evaluate(dataclasses.replace(cfg, steps=cfg.steps + 2), workdir, accept_changes=("steps",))
 train_losses = [r["loss"] for r in read_metrics(workdir / "metrics.jsonl") if r["split"] == "train"]
 print(f"{resumed['steps_this_session']} more steps; the curve:", [round(v, 3) for v in train_losses])
 

@@ -112,14 +112,16 @@ def collect_rows(base: TrainConfig, workdir: Path, cells: list[Cell]) -> list[di
 
 
 def run_study(base: TrainConfig, workdir: Path, models: list[str], settings: list[tuple[int, int]],
-              shard: tuple[int, int] = (0, 1), seeds: tuple[int, ...] = (0,)) -> list[dict]:
+              shard: tuple[int, int] = (0, 1), seeds: tuple[int, ...] = (0,),
+              accept_changes: tuple[str, ...] = ()) -> list[dict]:
   """Train/evaluate this shard's unfinished cells, rewriting the report over every finished cell after each one;
-  returns the rows of all finished cells of the grid."""
+  returns the rows of all finished cells of the grid. ``accept_changes`` lets existing cells continue under changed
+  run settings (e.g. ``steps``: extend a study), as ``train_and_evaluate``'s."""
   cells = grid(models, settings, seeds)
   for cell in shard_cells(cells, shard):
     cfg, run_dir = cell_config(base, cell), cell_dir(workdir, cell)
     if finished_summary(cfg, run_dir) is None:
-      train_and_evaluate(cfg, run_dir)
+      train_and_evaluate(cfg, run_dir, accept_changes=accept_changes)
       write_report(collect_rows(base, workdir, cells), workdir, base)
   return collect_rows(base, workdir, cells)
 
@@ -206,6 +208,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seeds", default=None, help="comma list of seeds per cell (default: --seed)")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: write the report over the grid's finished cells")
+    parser.add_argument("--accept-change", action="append", default=[], metavar="KEY",
+                        help="continue finished cells under a changed run setting, e.g. steps to extend the study")
 
   try:
     base, args = parser(description=__doc__.splitlines()[0], default_preset="mqar_tiny", extra=extra,
@@ -222,7 +226,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.report_only:
       rows = collect_rows(base, workdir, grid(models, settings, seeds))
     else:
-      rows = run_study(base, workdir, models, settings, parse_shard(args.shard), seeds)
+      rows = run_study(base, workdir, models, settings, parse_shard(args.shard), seeds, tuple(args.accept_change))
   except (UsageError, TrainError) as e:
     fail(str(e))
   print(write_report(rows, workdir, base))

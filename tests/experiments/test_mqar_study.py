@@ -64,6 +64,10 @@ def test_study_writes_report_and_reuses_finished_cells(tmp_path, capsys):
   wider = mqar.main([*argv, "--settings", "16x2,16x4", "--seeds", "0,5", "--report-only"])
   assert wider == rows and not (tmp_path / "attn_T16_D4").exists()  # only finished cells, nothing trained
 
-  longer = mqar.main(["--workdir", str(tmp_path), "--models", "gdn", "--settings", "16x2", *SMALL, "--steps", "4"])
-  assert longer[0]["steps"] == 4  # a changed step count resumes the cell instead of reusing it
+  longer = ["--workdir", str(tmp_path), "--models", "gdn", "--settings", "16x2", *SMALL, "--steps", "4"]
+  with pytest.raises(SystemExit):  # the schedule changes: refused with one line unless accepted
+    mqar.main(longer)
+  assert "holds a run with a different config (steps: saved 3, now 4)" in capsys.readouterr().err
+  longer = mqar.main([*longer, "--accept-change", "steps"])
+  assert longer[0]["steps"] == 4  # the accepted change resumes the cell instead of reusing it
   assert json.loads((tmp_path / "gdn_T16_D2" / "summary.json").read_text())["final_step"] == 4
