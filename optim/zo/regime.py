@@ -194,6 +194,10 @@ class ZOSPSA(Regime):
     return {k: jax.make_array_from_callback(shape, sharding, lambda index, v=v: v.reshape(shape)[index])
             for k, v in batch.items()}
 
+  def eval_sharding(self) -> jax.sharding.Sharding:
+    """Held-out batches split over the workers (each evaluates its share, not the whole set)."""
+    return NamedSharding(self.mesh, P(WORKER_AXIS))
+
   def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
     token = jax.ShapeDtypeStruct(self._batch_shape(), jnp.int32, sharding=NamedSharding(self.mesh, P(WORKER_AXIS)))
     return {"inputs": token, "labels": token}

@@ -23,7 +23,7 @@ from research import memory
 from research.checkpoint import CheckpointError, Checkpointer, abstract_like
 from research.config import from_json, to_json
 from research.data import TASKS, CorpusError, Task
-from research.mesh import batch_sharded, put_global
+from research.mesh import put_global
 from research.metrics import MetricWriter, ProgressLine, plot_losses, read_metrics
 from research.models import DecoderLM
 from research.run_lock import RunLock, WorkdirBusy
@@ -175,7 +175,7 @@ def _train(cfg: TrainConfig, workdir: Path, task: Task, model: SplitModel, regim
   log(memory.format_memory_report(mem))
 
   eval_step = jax.jit(make_eval_step(model))
-  eval_set = [{k: put_global(v, batch_sharded(mesh, 0)) for k, v in b.items()}
+  eval_set = [{k: put_global(v, regime.eval_sharding()) for k, v in b.items()}
               for b in task.eval_batches(cfg.eval_batches * cfg.grad_accum, cfg.batch_size // cfg.grad_accum)]
   writer = MetricWriter(workdir, resume_step=step)
   progress = ProgressLine(cfg.steps, cfg.tokens_per_step)

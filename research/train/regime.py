@@ -15,7 +15,7 @@ and owns:
 * its **step** (:attr:`step`): a jitted ``(state, batch) -> (state, metrics)`` that donates the state; the loop
   lowers and compiles it once (and prints XLA's memory analysis of it);
 * its **batches** (:meth:`place_batch`, :meth:`abstract_batch`): how a host batch [B, T] lands on the mesh;
-* what is **evaluated** (:meth:`eval_params`) and **reported** (:meth:`record` sees the metrics of every step when
+* what is **evaluated** (:meth:`eval_params`, on batches laid out by :meth:`eval_sharding`) and **reported** (:meth:`record` sees the metrics of every step when
   they reach the host, :meth:`summary` adds entries to ``summary.json``).
 
 Metrics are scalars the loop logs and averages; a regime may return other per-step outputs in them and take them
@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from research.mesh import batch_sharded
 from research.sharding import logical_axes
 from research.train.config import REGIMES, TrainConfig
 
@@ -97,6 +98,10 @@ class Regime(abc.ABC):
 
   def check_devices(self) -> None:
     """Raise ``ValueError`` (one line) if the run cannot be laid out on :attr:`devices`."""
+
+  def eval_sharding(self) -> jax.sharding.Sharding:
+    """How held-out batches [B, T] are laid out for evaluation (default: split over the mesh's batch axes)."""
+    return batch_sharded(self.mesh, 0)
 
   def eval_params(self, state: Any) -> Any:
     """The params to evaluate (default: ``state["params"]``)."""
