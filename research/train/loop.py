@@ -86,11 +86,12 @@ def _initial_params(cfg: TrainConfig, model: SplitModel, log: Callable[[str], No
     source_cfg = from_json(TrainConfig, json.loads((source / "config.json").read_text()))
   except (OSError, ValueError) as e:
     raise TrainError(f"--init-from {source}: not a run folder with a readable config.json ({e})") from None
+  source_model = build_model(source_cfg, abstract=True)
   shapes = lambda params: jax.tree.map(lambda p: (p.shape, p.dtype), params)
-  if shapes(model.params) != shapes(build_model(source_cfg, abstract=True).params):
+  if shapes(model.params) != shapes(source_model.params):
     raise TrainError(f"--init-from {source}: that run trained another model ({source_cfg.model.layers}, "
                      f"d_model {source_cfg.model.d_model}); fine-tuning needs the same one")
-  source_regime = build_regime(source_cfg, build_model(source_cfg, abstract=True))
+  source_regime = build_regime(source_cfg, source_model)
   restored = Checkpointer(source / "checkpoints", keep=source_cfg.keep_checkpoints).restore_latest(
       abstract_like(source_regime.abstract_state()), log=log)
   if restored is None:
@@ -98,20 +99,6 @@ def _initial_params(cfg: TrainConfig, model: SplitModel, log: Callable[[str], No
   step, state, _ = restored
   log(f"initialised from {source} at step {step}")
   return jax.device_get(source_regime.eval_params(state))
-
-
-@contextlib.contextmanager
-def _run_lock(workdir: Path, log: Callable[[str], None]):
-  """The folder's :class:`RunLock`, its refusal as a :class:`TrainError` (one line)."""
-  lock = RunLock(workdir, log=log)
-  try:
-    lock.__enter__()
-  except WorkdirBusy as e:
-    raise TrainError(str(e)) from None
-  try:
-    yield
-  finally:
-    lock.__exit__(None, None, None)
 
 
 def _check_checkpoint_meta(cfg: TrainConfig, accept, step: int, meta: dict[str, Any], where: str) -> list:
@@ -138,28 +125,37 @@ def train_and_evaluate(cfg: TrainConfig, workdir: str | Path, *, devices: list[j
   regime = build_regime(cfg, model, devices)
   lead = jax.process_index() == 0  # only process 0 locks the folder and writes run files
   workdir.mkdir(parents=True, exist_ok=True)
-  with _run_lock(workdir, log) if lead else contextlib.nullcontext():
-    accepted = check_workdir_config(workdir, cfg, accept_changes)
-    state, step = regime.init_state(_initial_params(cfg, model, log)), 0
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
-    try:
-      restored = checkpointer.restore_latest(
-          abstract_like(state), log=log,
-          check_meta=lambda s, meta: accepted.extend(_check_checkpoint_meta(cfg, accept_changes, s, meta, workdir)))
-    except CheckpointError as e:
-      raise TrainError(str(e)) from None
-    if restored is not None:
-      step, state, _ = restored
-      log(f"resumed from checkpoint at step {step} in {workdir / 'checkpoints'}")
-      if accepted:
-        log(describe_accepted(list(dict.fromkeys(accepted)), step))
-    else:
-      log(f"starting a new run in {workdir}")
-    write_config(workdir, cfg)
-    try:
-      return _train(cfg, workdir, task, model, regime, state, step, checkpointer, log)
-    finally:
-      checkpointer.close()
+  try:
+    with RunLock(workdir, log=log) if lead else contextlib.nullcontext():
+      return _resume_and_train(cfg, workdir, task, model, regime, accept_changes, log)
+  except WorkdirBusy as e:  # only the lock raises it
+    raise TrainError(str(e)) from None
+
+
+def _resume_and_train(cfg: TrainConfig, workdir: Path, task: Task, model: SplitModel, regime: Regime,
+                      accept_changes: Collection[str], log: Callable[[str], None]) -> dict:
+  """Restore the newest intact checkpoint of ``workdir`` into the regime's layout (or initialise), then train."""
+  accepted = check_workdir_config(workdir, cfg, accept_changes)
+  checkpointer = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
+  try:
+    restored = checkpointer.restore_latest(
+        abstract_like(regime.abstract_state()), log=log,
+        check_meta=lambda s, meta: accepted.extend(_check_checkpoint_meta(cfg, accept_changes, s, meta, workdir)))
+  except CheckpointError as e:
+    raise TrainError(str(e)) from None
+  if restored is not None:
+    step, state, _ = restored
+    log(f"resumed from checkpoint at step {step} in {workdir / 'checkpoints'}")
+    if accepted:
+      log(describe_accepted(list(dict.fromkeys(accepted)), step))
+  else:  # initialised only when nothing is restored: a resume never holds two copies of the state
+    step, state = 0, regime.init_state(_initial_params(cfg, model, log))
+    log(f"starting a new run in {workdir}")
+  write_config(workdir, cfg)
+  try:
+    return _train(cfg, workdir, task, model, regime, state, step, checkpointer, log)
+  finally:
+    checkpointer.close()
 
 
 def _train(cfg: TrainConfig, workdir: Path, task: Task, model: SplitModel, regime: Regime, state: Any, step: int,

@@ -10,13 +10,14 @@ and owns:
 
 * its **mesh** (``self.mesh``): the devices and named axes the step runs over (first-order: one ``data`` axis;
   DiLoCo adds a replica axis);
-* its **state** (:meth:`init_state`): one pytree of device arrays (params, optimizer state, replicas, ...), all of
-  it checkpointed and restored by the loop;
+* its **state** (:meth:`init_state`; its layout :meth:`abstract_state`): one pytree of device arrays (params,
+  optimizer state, replicas, ...), all of it checkpointed, and restored by the loop into that layout;
 * its **step** (:attr:`step`): a jitted ``(state, batch) -> (state, metrics)`` that donates the state; the loop
   lowers and compiles it once (and prints XLA's memory analysis of it);
 * its **batches** (:meth:`place_batch`, :meth:`abstract_batch`): how a host batch [B, T] lands on the mesh;
-* what is **evaluated** (:meth:`eval_params`, on batches laid out by :meth:`eval_sharding`) and **reported** (:meth:`record` sees the metrics of every step when
-  they reach the host, :meth:`summary` adds entries to ``summary.json``).
+* what is **evaluated** (:meth:`eval_params`, on batches laid out by :meth:`eval_sharding`) and **reported**
+  (:meth:`record` sees the metrics of every step when they reach the host, :meth:`summary` adds entries to
+  ``summary.json``).
 
 Metrics are scalars the loop logs and averages; a regime may return other per-step outputs in them and take them
 out in :meth:`record` (e.g. the seeds and codes of a zeroth-order step for its ledger). The loop stops at the first
@@ -92,9 +93,10 @@ class Regime(abc.ABC):
   def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
     """The shapes, dtypes and shardings of :meth:`place_batch`'s output, for lowering without data."""
 
+  @abc.abstractmethod
   def abstract_state(self) -> Any:
-    """The state's shapes, dtypes and shardings, for lowering the step without materialising anything."""
-    return jax.eval_shape(self.init_state, self.model.params)
+    """The state's shapes, dtypes and shardings (``jax.ShapeDtypeStruct``s): the layout a checkpoint is restored
+    into, and the inputs the step is lowered on without materialising anything."""
 
   def check_devices(self) -> None:
     """Raise ``ValueError`` (one line) if the run cannot be laid out on :attr:`devices`."""
