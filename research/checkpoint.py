@@ -118,6 +118,9 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """(state, meta) of ``step``; ``abstract_state`` gives the tree, shapes, dtypes and shardings to restore."""
     self.verify(step)
+    return self._read(step, abstract_state)
+
+  def _read(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored.state, dict(restored.meta)
@@ -142,7 +145,7 @@ class Checkpointer:
       if mismatch:
         raise CheckpointError(f"checkpoint {step} in {self.directory} holds another model's state ({mismatch})")
       try:
-        state, meta = self.restore(step, abstract_state)
+        state, meta = self._read(step, abstract_state)  # verified above
       except Exception as e:  # noqa: BLE001
         self._damaged(step, e, log)
         continue
