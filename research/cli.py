@@ -201,22 +201,21 @@ def _apply(config: Any, overrides: Mapping[str, Any]) -> Any:
     if isinstance(value, dict) and isinstance(current, Mapping):  # a plugin slot
       updated = dict(current)
       for plugin, fields in value.items():
-        base = current.get(plugin) or slot_registry(type(config), name, plugin).config_class(plugin)()
-        updated[plugin] = _apply_plugin(base, fields, f"{name}.{plugin}")
+        registry = slot_registry(type(config), name, plugin)
+        base = current[plugin] if plugin in current else registry.config_class(plugin)()
+        updated[plugin] = _apply_at(base, fields, f"{name}.{plugin}")
       changes[name] = updated
     elif isinstance(value, dict):
-      try:
-        changes[name] = _apply(current, value)
-      except ConfigError as e:
-        raise e.nested(name) from None
+      changes[name] = _apply_at(current, value, name)
     else:
       changes[name] = value
   return dataclasses.replace(config, **changes)
 
 
-def _apply_plugin(current: Any, fields: dict[str, Any], where: str) -> Any:
+def _apply_at(current: Any, overrides: Mapping[str, Any], where: str) -> Any:
+  """:func:`_apply` on a config nested at path ``where``, its problems reported under that path."""
   try:
-    return _apply(current, fields)
+    return _apply(current, overrides)
   except ConfigError as e:
     raise e.nested(where) from None
 
