@@ -226,10 +226,6 @@ class Config:
       object.__setattr__(self, f.name, FrozenDict(filled))
     return problems
 
-  def to_json(self) -> dict[str, Any]:
-    """Plain JSON-ready dict (tuples stay tuples; ``json.dumps`` writes them as lists)."""
-    return to_json(self)
-
 
 def _as_names(value: str | tuple[str, ...]) -> tuple[str, ...]:
   return value if isinstance(value, tuple) else (value,)

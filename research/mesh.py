@@ -64,11 +64,6 @@ def named_mesh(spec: str = "data=-1", devices: Sequence[jax.Device] | None = Non
   return Mesh(np.asarray(devices).reshape(tuple(shape.values())), tuple(shape))
 
 
-def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh over ``devices`` (default: every device of every process) named ``"data"``."""
-  return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
   """Every device holds the whole array."""
   return NamedSharding(mesh, P())

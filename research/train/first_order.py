@@ -65,7 +65,8 @@ class FirstOrder(Regime):
     self.tx = make_optimizer(run)
     self._mesh = named_mesh(run.mesh, self.devices)
     specs = param_specs(model.axes, model.params, self._mesh)
-    opt_specs = follow_params(jax.eval_shape(self.tx.init, model.params), model.params, specs)
+    self._opt_shapes = jax.eval_shape(self.tx.init, model.params)
+    opt_specs = follow_params(self._opt_shapes, model.params, specs)
     self.shardings = {"params": named(specs, self._mesh), "opt_state": named(opt_specs, self._mesh)}
 
   @property
@@ -84,7 +85,7 @@ class FirstOrder(Regime):
     return {"params": params, "opt_state": jax.jit(self.tx.init, out_shardings=self.shardings["opt_state"])(params)}
 
   def abstract_state(self):
-    shapes = {"params": self.model.params, "opt_state": jax.eval_shape(self.tx.init, self.model.params)}
+    shapes = {"params": self.model.params, "opt_state": self._opt_shapes}
     return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes,
                         self.shardings)
 

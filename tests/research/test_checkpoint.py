@@ -6,7 +6,7 @@ import numpy as np
 import optax
 
 from research.checkpoint import CheckpointError, Checkpointer, abstract_like
-from research.mesh import data_mesh, replicated
+from research.mesh import named_mesh, replicated
 
 
 def _state(key):
@@ -35,7 +35,7 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
 
 
 def test_restore_places_arrays_with_the_target_sharding(tmp_path):
-  mesh = data_mesh()
+  mesh = named_mesh()
   state = jax.device_put(_state(jax.random.key(2)), replicated(mesh))
   with Checkpointer(tmp_path) as checkpointer:
     checkpointer.save(1, state, {"step": 1})
