@@ -21,6 +21,7 @@ outputs of one pass over the whole sequence; each step re-runs the buffered chun
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 
@@ -44,7 +45,7 @@ GATE_KINDS = ("channel", "head")
 
 
 @dataclasses.dataclass(frozen=True)
-class MirasConfig(Config):
+class MirasConfig(Config, abc.ABC):
   """Settings shared by the Miras layers.
 
   Attributes:
@@ -74,8 +75,9 @@ class MirasConfig(Config):
   def architecture(self) -> LinearMemory | MLPMemory:
     return MLPMemory(self.expansion) if self.memory == "mlp" else LinearMemory()
 
+  @abc.abstractmethod
   def memory_spec(self) -> MemorySpec:
-    raise NotImplementedError  # every registered subclass names its bias and retention
+    """The memory this layer trains: architecture, attentional bias, retention (each registered subclass)."""
 
 
 @dataclasses.dataclass(frozen=True)
