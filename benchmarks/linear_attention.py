@@ -309,6 +309,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def main() -> None:
+  global HEADS, DIM
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--json", default="linear_attention.json", help="where to write all rows")
   parser.add_argument("--part", choices=("all", "jax", "fla", "mom"), default="all")
@@ -317,7 +318,10 @@ def main() -> None:
   parser.add_argument("--breakdown", action="store_true", help="also time the WY and state-scan kernels alone")
   parser.add_argument("--tunings", default="", help=f"comma list of {', '.join(TUNINGS)}: A/B of Triton settings")
   parser.add_argument("--fla-gdn-unguarded", action="store_true", help="also time fla GDN with its guard off")
+  parser.add_argument("--heads", type=int, default=HEADS, help="heads H (the Miras comparison uses 16)")
+  parser.add_argument("--dim", type=int, default=DIM, help="head width K = V (the Miras comparison uses 64)")
   args = parser.parse_args()
+  HEADS, DIM = args.heads, args.dim
   shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
   rows: list[dict] = []
   if args.part in ("all", "jax"):  # ours first: fla's Triton autotuning takes minutes on a fresh machine
@@ -328,7 +332,8 @@ def main() -> None:
     rows = run_fla(shapes, args.fla_gdn_unguarded)
   elif args.part == "all":
     child_json = args.json + ".fla"
-    cmd = [sys.executable, __file__, "--part", "fla", "--json", child_json, "--shapes", args.shapes]
+    cmd = [sys.executable, __file__, "--part", "fla", "--json", child_json, "--shapes", args.shapes,
+           "--heads", str(HEADS), "--dim", str(DIM)]
     cmd += ["--fla-gdn-unguarded"] if args.fla_gdn_unguarded else []
     proc = subprocess.run(cmd, env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}, check=False)
     if proc.returncode == 0 and os.path.exists(child_json):

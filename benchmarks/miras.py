@@ -28,6 +28,7 @@ import sys
 import time
 
 D_MODEL, HEADS, HEAD_DIM = 1024, 16, 64
+HLO_DIR = ""  # --hlo-dir: where the compiled fwd+bwd HLO of every timed op is written
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0}
 
 
@@ -128,6 +129,12 @@ def _time_layer(op: str, layer, b: int, t: int, device: str, flops: dict, peak: 
     compiled = fwd_bwd.lower(params, x).compile()
     row["xla_fwd_bwd_gflop"] = (_xla_flops(compiled) or float("nan")) / 1e9
     row["fwd_bwd_temp_gib"] = compiled.memory_analysis().temp_size_in_bytes / 2**30
+    if HLO_DIR:
+      with open(os.path.join(HLO_DIR, f"{op}_B{b}_T{t}.hlo.txt"), "w") as f:
+        f.write(compiled.as_text())
+    grads = jax.tree.leaves(compiled(params, x))
+    row["grad_finite"] = bool(all(bool(jnp.all(jnp.isfinite(g))) for g in grads))
+    row["grad_max_abs"] = float(max(float(jnp.max(jnp.abs(g))) for g in grads))
     row["fwd_ms"] = _median_ms(functools.partial(fwd, params, x))
     row["fwd_bwd_ms"] = _median_ms(functools.partial(compiled, params, x))
     for key in ("fwd", "fwd_bwd"):
@@ -171,6 +178,7 @@ COLUMNS = (  # (header, row key, format); a missing key prints "-"
     ("fwd+bwd ktok/s", "fwd_bwd_ktok_s", "{:.0f}"),
     ("TFLOP/s", "fwd_bwd_tflop_s", "{:.1f}"), ("peak fraction", "fwd_bwd_peak_frac", "{:.3f}"),
     ("× GDN", "vs_gdn_fwd_bwd", "{:.2f}"), ("temp GiB", "fwd_bwd_temp_gib", "{:.2f}"),
+    ("grads finite", "grad_finite", "{}"), ("max |grad|", "grad_max_abs", "{:.1e}"),
     ("check: max rel vs reference", "max_rel", "{:.1e}"), ("error", "error", "{:.80}"))
 
 
@@ -183,7 +191,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-  global D_MODEL, HEADS, HEAD_DIM
+  global D_MODEL, HEADS, HEAD_DIM, HLO_DIR
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--json", default="miras.json", help="where to write all rows")
   parser.add_argument("--shapes", default="8x4096", help="BxT,BxT,...")
@@ -191,14 +199,18 @@ def main() -> None:
   parser.add_argument("--memories", default="mlp", help="comma list of mlp, linear")
   parser.add_argument("--gates", default="channel,head", help="comma list of channel, head")
   parser.add_argument("--chunks", default="64", help="comma list of chunk sizes")
-  parser.add_argument("--remat", default="0", help="comma list of 0/1: jax.checkpoint of the chunk body")
+  parser.add_argument("--remat", default="1", help="comma list of 0/1: jax.checkpoint of the chunk body (default 1)")
   parser.add_argument("--impls", default="xla_chunked,xla_chunked_bf16",
                       help="comma list of layers.kernels.miras.IMPLEMENTATIONS")
   parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   parser.add_argument("--peak-tflops", type=float, default=None, help="dense peak of this device (TFLOP/s)")
   parser.add_argument("--width", default=f"{D_MODEL}x{HEADS}x{HEAD_DIM}", help="d_model x heads x head_dim "
                       "(smaller for a CPU smoke run)")
+  parser.add_argument("--hlo-dir", default="", help="write each timed op's compiled fwd+bwd HLO text here")
   args = parser.parse_args()
+  HLO_DIR = args.hlo_dir
+  if HLO_DIR:
+    os.makedirs(HLO_DIR, exist_ok=True)
   D_MODEL, HEADS, HEAD_DIM = (int(n) for n in args.width.split("x"))
   split = lambda s: [x for x in s.split(",") if x]
   shapes = [tuple(int(n) for n in s.split("x")) for s in split(args.shapes)]

@@ -57,7 +57,11 @@ class MirasConfig(Config, abc.ABC):
     max_lr: largest inner learning rate; η = max_lr · sigmoid(·).
     read: ``post`` (token t reads the memory after its own write) or ``pre`` (before it).
     conv_size: short causal conv window of q, k, v.
-    remat: recompute each chunk in the backward pass instead of storing its intermediates (less memory).
+    inner_clip: None (the paper's update) or τ > 0: each token's inner gradient is rescaled to norm ≤ τ
+      (``layers.miras.spec.MemorySpec.inner_clip``; docs/results.md says where it keeps T = 4096 training finite).
+    remat: recompute each chunk in the backward pass instead of storing its intermediates: on an H200 at the 340M
+      layer shape it is both faster (54 vs 79 ms fwd+bwd, per-head gates) and 7× smaller in temporaries
+      (docs/benchmarks.md), so it is the default.
     implementation: memory kernel (``layers.kernels.miras.IMPLEMENTATIONS``), None for the first that applies.
   """
 
@@ -69,11 +73,21 @@ class MirasConfig(Config, abc.ABC):
   max_lr: float = option(1.0, minimum=0.0)
   read: str = option("post", choices=READS)
   conv_size: int = option(4, minimum=1)
-  remat: bool = option(False, resumable=True)
+  inner_clip: float | None = option(None)
+  remat: bool = option(True, resumable=True)
   implementation: str | None = option(None, choices=IMPLEMENTATIONS, resumable=True)
 
   def architecture(self) -> LinearMemory | MLPMemory:
     return MLPMemory(self.expansion) if self.memory == "mlp" else LinearMemory()
+
+  def check(self):
+    if self.inner_clip is not None and self.inner_clip <= 0:
+      yield Problem("inner_clip", f"must be > 0 or none (got {self.inner_clip})")
+
+  def _spec(self, bias, retention, momentum: bool = False) -> MemorySpec:
+    """This layer's memory from its bias and retention, with the shared architecture, read and clip settings."""
+    return MemorySpec(self.architecture(), bias, retention, momentum=momentum, read=self.read,
+                      inner_clip=self.inner_clip)
 
   @abc.abstractmethod
   def memory_spec(self) -> MemorySpec:
@@ -95,11 +109,12 @@ class MonetaConfig(MirasConfig):
   eps: float = option(1e-6, minimum=0.0)
 
   def check(self):
+    yield from super().check()
     if self.p < 2 and self.eps == 0:
       yield Problem("eps", f"must be > 0 when p < 2 (got p={self.p}, eps=0)")
 
   def memory_spec(self) -> MemorySpec:
-    return MemorySpec(self.architecture(), Lp(self.p, self.eps), LqNorm(self.q), read=self.read)
+    return self._spec(Lp(self.p, self.eps), LqNorm(self.q))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,12 +123,15 @@ class YaadConfig(MirasConfig):
 
   Attributes:
     eps: smoothing of the ℓ1 branch, |r| ≈ sqrt(r² + eps).
+    inner_clip: 0.1 by default: unclipped, outer gradients overflow at T = 4096 (docs/results.md); ``none`` for the
+      paper's update.
   """
 
   eps: float = option(1e-6, minimum=0.0)
+  inner_clip: float | None = option(0.1)
 
   def memory_spec(self) -> MemorySpec:
-    return MemorySpec(self.architecture(), YaadHuber(self.eps), Decay(), read=self.read)
+    return self._spec(YaadHuber(self.eps), Decay())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,12 +140,15 @@ class MemoraConfig(MirasConfig):
 
   Attributes:
     clamp: W is clamped to at least this before the log.
+    inner_clip: 0.1 by default: unclipped, outer gradients overflow at T = 4096 (docs/results.md); ``none`` for the
+      paper's update.
   """
 
   clamp: float = option(1e-6, minimum=0.0)
+  inner_clip: float | None = option(0.1)
 
   def memory_spec(self) -> MemorySpec:
-    return MemorySpec(self.architecture(), L2(), SoftmaxKL(self.clamp), read=self.read)
+    return self._spec(L2(), SoftmaxKL(self.clamp))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,11 +162,12 @@ class TitansConfig(MirasConfig):
   gates: str = option("head", choices=GATE_KINDS)
 
   def check(self):
+    yield from super().check()
     if self.gates != "head":
       yield Problem("gates", f"must be head for the momentum recurrence (got {self.gates!r})")
 
   def memory_spec(self) -> MemorySpec:
-    return MemorySpec(self.architecture(), L2(), Decay(), momentum=True, read=self.read)
+    return self._spec(L2(), Decay(), momentum=True)
 
 
 class GateProjection(nnx.Module):

@@ -54,6 +54,10 @@ class MemorySpec:
     retention: retention rule (state → weights, chunk-end map).
     momentum: gradient descent with momentum (Titans); needs ``Decay`` retention.
     read: ``post``: token t reads W_t (after its own write, TNT/TTT convention); ``pre``: it reads W_{t−1}.
+    inner_clip: None (the papers' rule) or τ > 0: every token's inner gradient ∇_W ℓ_t (all of the memory's weights
+      together) is rescaled to norm at most τ before it enters the update, as titans-pytorch's ``max_grad_norm``
+      (lucidrains/titans-pytorch #29). It bounds how far one token moves the memory, and with it how fast outer
+      gradients can grow through a long sequence (docs/results.md, the T = 4096 stability table).
   """
 
   memory: Memory
@@ -61,16 +65,41 @@ class MemorySpec:
   retention: Retention = Decay()
   momentum: bool = False
   read: str = "post"
+  inner_clip: float | None = None
 
   def __post_init__(self):
     if self.read not in READS:
       raise ValueError(f"read must be one of {READS} (got {self.read!r})")
+    if self.inner_clip is not None and not self.inner_clip > 0:
+      raise ValueError(f"inner_clip must be None or > 0 (got {self.inner_clip!r})")
     if self.momentum and type(self.retention) is not Decay:
       raise ValueError(f"momentum needs Decay retention (got {type(self.retention).__name__})")
 
   def token_loss(self, w: dict, k: jax.Array, v: jax.Array, delta: jax.Array | None, ln) -> jax.Array:
     """ℓ(W; k, v) for one token (k, v [d]; delta a scalar or None): the objective the inner loop descends."""
     return self.bias.loss(self.memory.apply(w, k, ln), v, delta)
+
+  def clip_scale(self, squared_norm: jax.Array) -> jax.Array:
+    """min(1, τ / ‖∇ℓ‖) from ‖∇ℓ‖² (1 without ``inner_clip``)."""
+    if self.inner_clip is None:
+      return jnp.ones_like(squared_norm)
+    # τ / sqrt(max(‖∇ℓ‖², τ²)): 1 below the clip, and a finite derivative everywhere (also at ‖∇ℓ‖ = 0, where a
+    # padding token's gradient is exactly zero)
+    return self.inner_clip * jax.lax.rsqrt(jnp.maximum(squared_norm, self.inner_clip ** 2))
+
+  def clip_gradient(self, grad: dict) -> dict:
+    """One token's gradient {layer: [out, in]}, rescaled to norm ≤ τ."""
+    scale = self.clip_scale(sum(jnp.sum(g * g) for g in grad.values()))
+    return {name: g * scale for name, g in grad.items()}
+
+  def clip_errors(self, acts: dict) -> dict:
+    """Per-token (inputs a_i [c, in], errors e_i [c, out]) with ∇ℓ_i = Σ_layers e_i a_iᵀ rescaled to norm ≤ τ: the
+    norm of a rank-1 e aᵀ is ‖e‖‖a‖, so the errors are scaled, never the outer products formed."""
+    if self.inner_clip is None:
+      return acts
+    squared = sum(jnp.sum(a * a, axis=-1) * jnp.sum(e * e, axis=-1) for a, e in acts.values())
+    scale = self.clip_scale(squared)[..., None]
+    return {name: (a, e * scale) for name, (a, e) in acts.items()}
 
 
 def along(gate: jax.Array, axis: str) -> jax.Array:

@@ -6,7 +6,8 @@ Test Time)", arXiv 2407.04620). Same semantics as the frozen-gradient loop R1 (:
 of c tokens, from the chunk-start state S₀ (W₀ = view(S₀), s₀ = Moneta's read scale, else 1):
 
   1. forward the chunk's keys through W₀, y = M(W₀; K); per-layer inputs a_i and errors e_i of ∂ℓ_i/∂y_i
-     (closed form, ``memory.backprop``): ∇_W ℓ_i = e_i a_iᵀ for every token at once;
+     (closed form, ``memory.backprop``): ∇_W ℓ_i = e_i a_iᵀ for every token at once (errors rescaled so that
+     ‖∇_W ℓ_i‖ ≤ τ with ``spec.inner_clip``);
   2. log B_t = Σ_{j≤t} log α_j (float32, chunk-local); coefficients C[t, i] = η_i · B_t / B_i for i ≤ t (i < t for
      ``read="pre"``), masked *before* the exp so no positive exponent is evaluated; per channel for channel gates;
      with momentum (per-head gates) C = (B-ratios) @ (μ-ratios) · η, since W_t = B_t W₀ + Σ_{j≤t} (B_t/B_j) M_j;
@@ -93,7 +94,7 @@ def chunk_step(spec: MemorySpec, carry, xs, ln):
   c = q.shape[0]
   w0, s0 = ret.gradient_point(s), ret.read_scale(s)
   y, cache = mem.forward(w0, k, ln)
-  acts = mem.backprop(w0, cache, spec.bias.grad(y, v, delta), ln)
+  acts = spec.clip_errors(mem.backprop(w0, cache, spec.bias.grad(y, v, delta), ln))
 
   lb = jnp.cumsum(la, axis=0)  # log B_t, inclusive
   t = jnp.arange(c)
@@ -132,7 +133,7 @@ def chunk_step(spec: MemorySpec, carry, xs, ln):
     before_coef = jnp.exp(jnp.where(t[:, None] < c - 1, lb[-1][None, :] - la[-1][None, :] - lb, -jnp.inf)) * eta
     s_prev = _state_at(s, acts, mem.gate_axes, before, before_coef, mode)
     y1, cache1 = mem.forward(s_prev, k[-1:], ln)
-    acts1 = mem.backprop(s_prev, cache1, spec.bias.grad(y1, v[-1:], delta[-1:]), ln)
+    acts1 = spec.clip_errors(mem.backprop(s_prev, cache1, spec.bias.grad(y1, v[-1:], delta[-1:]), ln))
     grad1 = {name: matmul("so,si->oi", e1, a1, mode) for name, (a1, e1) in acts1.items()}
     s_new = ret.lag_step(s_prev, grad1, gates_along(mem, jnp.exp(la[-1])), gates_along(mem, eta[-1]))
   else:

@@ -16,8 +16,9 @@ chunk boundary, which is what a decoder holding the trailing tokens in a buffer 
 
 Shapes: q, k, v [b, t, h, d]; gates per :class:`layers.miras.spec.Gates`; state {layer: [b, h, out, in]} float32
 (momentum likewise, or None); ln = (γ [h, d], β [h, d]) or None. Returns (o [b, t, h, d] float32, state, momentum).
-These loops take one ``jax.grad`` per token: slow, obviously correct, and independent of the closed-form gradients
-and dual-form reads of :mod:`layers.kernels.miras.chunked`.
+With ``spec.inner_clip`` each ``jax.grad`` is rescaled to norm ≤ τ as a whole tree. These loops take one
+``jax.grad`` per token: slow, obviously correct, and independent of the closed-form gradients and dual-form reads of
+:mod:`layers.kernels.miras.chunked`.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def exact_recurrence(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: 
       s, m = carry
       qt, kt, vt, et, lat, dt, lmt = x
       w = ret.gradient_point(s)
-      g = jax.grad(spec.token_loss)(w, kt, vt, dt, ln)
+      g = spec.clip_gradient(jax.grad(spec.token_loss)(w, kt, vt, dt, ln))
       alpha, eta_ = gates_along(mem, jnp.exp(lat)), gates_along(mem, et)
       if spec.momentum:
         m = {n: along(jnp.exp(lmt), mem.gate_axes[n]) * m[n] - eta_[n] * g[n] for n in m}
@@ -91,7 +92,7 @@ def frozen_gradient_loop(q, k, v, gates: Gates, *, spec: MemorySpec, initial_sta
       first, end = i % c == 0, (i % c == c - 1) & ((i // c + 1) * c <= length)
       lin, mom = where(first, s_b, lin), where(first, m_b, mom)
       w0, s0 = ret.gradient_point(s_b), ret.read_scale(s_b)
-      g = jax.grad(spec.token_loss)(w0, kt, vt, dt, ln)
+      g = spec.clip_gradient(jax.grad(spec.token_loss)(w0, kt, vt, dt, ln))
       alpha, eta_ = gates_along(mem, jnp.exp(lat)), gates_along(mem, et)
       pre_read = {n: s0[n] * lin[n] for n in lin}
       if spec.momentum:
@@ -100,7 +101,7 @@ def frozen_gradient_loop(q, k, v, gates: Gates, *, spec: MemorySpec, initial_sta
       else:
         new_lin = {n: alpha[n] * lin[n] - eta_[n] * g[n] for n in lin}
       if ret.lag:  # the exact step from the linear state, with the gradient there
-        g_lag = jax.grad(spec.token_loss)(lin, kt, vt, dt, ln)
+        g_lag = spec.clip_gradient(jax.grad(spec.token_loss)(lin, kt, vt, dt, ln))
         s_end = ret.lag_step(lin, g_lag, alpha, eta_)
       else:
         s_end = ret.close(new_lin)
