@@ -302,23 +302,29 @@ def _long_sequence(spec, seed, t=4096, d=64):
   return o, s, per_chunk
 
 
-@pytest.mark.parametrize("name", ["moneta", "yaad", "memora", "titans"])
-def test_long_random_sequences_stay_finite_and_clipped_memories_forget(name):
-  """T = 4096 in float32 at the layers' defaults: outputs and states stay finite for every variant, and so do outer
-  gradients for the layers' default clip settings (Yaad, Memora: inner_clip 0.1).
+LONG_CASES = {"moneta": ("moneta", {}), "yaad": ("yaad", {}), "memora": ("memora", {}), "titans": ("titans", {}),
+              "moneta_q2_clip": ("moneta", {"q": 2.0, "inner_clip": 0.1})}
+
+
+@pytest.mark.parametrize("case", list(LONG_CASES))
+def test_long_random_sequences_stay_finite_and_clipped_memories_forget(case):
+  """T = 4096 in float32, each layer's own memory (its config's ``memory_spec``): outputs and states stay finite for
+  every variant, and so do outer gradients where the memory is clipped (Yaad, Memora by default: inner_clip 0.1).
 
   With the clip, the last chunk's outputs depend less on the first chunk's keys than on the last chunk's: the memory
-  forgets, as its decay says. Without it Yaad's and Memora's outer gradients overflow (inf at these settings): the
+  forgets, as its decay says. Without it Yaad's and Memora's outer gradients overflow (inf or NaN here): the
   frozen-gradient chunk map of the LayerNorm'd MLP memory is expanding (lucidrains/titans-pytorch #29; the table in
-  docs/results.md). Moneta is left unclipped: its printed ℓq map W = A/‖A‖_4² inverts the norm (‖W‖ = 1/‖A‖), so
-  bounded steps let A decay towards 0 and W blow up. Titans is left unclipped too: in the whole layer (momentum
-  μ ≈ 0.9 at init) the clip made its outer gradients larger, not smaller; with the momentum gates drawn here its
-  unclipped gradients overflow (printed, not asserted)."""
+  docs/results.md). Moneta at the paper's (p, q) = (3, 4) is left unclipped: its printed ℓq map W = A/‖A‖_4² inverts
+  the norm (‖W‖ = 1/‖A‖), so bounded steps let A decay towards 0 and W blow up; with q = 2 (W = A) the clip makes
+  it forget like the others. Titans is left unclipped too: in the whole layer (momentum μ ≈ 0.9 at init) the clip
+  made its outer gradients larger, not smaller; with the momentum gates drawn here its unclipped gradients overflow
+  (printed, not asserted)."""
+  name, overrides = LONG_CASES[case]
   config = {"moneta": MonetaConfig, "yaad": YaadConfig, "memora": MemoraConfig, "titans": TitansConfig}[name]
-  spec = dataclasses.replace(SPECS[name], inner_clip=config().inner_clip)
+  spec = config(**overrides).memory_spec()
   o, s, per_chunk = _long_sequence(spec, 11)
   finite = lambda tree: all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
-  print(f"{name} (inner_clip {spec.inner_clip}): T=4096 max |o| {float(jnp.max(jnp.abs(o))):.2f}; sensitivity to "
+  print(f"{case} (inner_clip {spec.inner_clip}): T=4096 max |o| {float(jnp.max(jnp.abs(o))):.2f}; sensitivity to "
         f"the keys of chunk 0 / 32 / 62: {float(per_chunk[0]):.1e} / {float(per_chunk[32]):.1e} / "
         f"{float(per_chunk[-2]):.1e}")
   assert finite((o, s))
