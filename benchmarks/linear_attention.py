@@ -244,6 +244,18 @@ def _time_fla_at(b: int, t: int, unguarded_gdn: bool, device: str) -> list[dict]
   return [_row(name, b, t, device, fwd, functools.partial(_backward, fwd, do), timer) for name, fwd in variants]
 
 
+def fla_in_child(shapes: str, heads: int, dim: int, child_json: str, unguarded_gdn: bool = False) -> list[dict]:
+  """fla's rows (``--part fla``) timed in a child process, so that fla's Triton and PyTorch's allocator run beside a
+  JAX process that has left them GPU memory (XLA_PYTHON_CLIENT_PREALLOCATE=false); an error row if it fails."""
+  cmd = [sys.executable, os.path.abspath(__file__), "--part", "fla", "--json", child_json, "--shapes", shapes,
+         "--heads", str(heads), "--dim", str(dim)] + (["--fla-gdn-unguarded"] if unguarded_gdn else [])
+  proc = subprocess.run(cmd, env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}, check=False)
+  if proc.returncode == 0 and os.path.exists(child_json):
+    with open(child_json) as f:
+      return json.load(f)["rows"]
+  return [{"kind": "error", "op": "fla", "error": f"fla child exited with {proc.returncode}"}]
+
+
 def run_mom(shapes) -> list[dict]:
   """MoM (packed, sorted) and GDN layers, fwd and fwd+bwd, at each (B, T)."""
   import jax
@@ -331,16 +343,7 @@ def main() -> None:
   if args.part == "fla":
     rows = run_fla(shapes, args.fla_gdn_unguarded)
   elif args.part == "all":
-    child_json = args.json + ".fla"
-    cmd = [sys.executable, __file__, "--part", "fla", "--json", child_json, "--shapes", args.shapes,
-           "--heads", str(HEADS), "--dim", str(DIM)]
-    cmd += ["--fla-gdn-unguarded"] if args.fla_gdn_unguarded else []
-    proc = subprocess.run(cmd, env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}, check=False)
-    if proc.returncode == 0 and os.path.exists(child_json):
-      with open(child_json) as f:
-        rows += json.load(f)["rows"]
-    else:
-      rows.append({"kind": "error", "op": "fla", "error": f"fla child exited with {proc.returncode}"})
+    rows += fla_in_child(args.shapes, HEADS, DIM, args.json + ".fla", args.fla_gdn_unguarded)
   meta = {"argv": sys.argv}
   try:
     import jax

@@ -10,7 +10,7 @@ of the compiled fwd+bwd; the achieved fraction of the device's dense bf16 peak i
 overrides the table below). Each variant's output is also compared with the token-loop reference on a short
 sequence (f32) before it is timed, so a fast-but-wrong variant shows up in the same table.
 
-Usage (GPU): XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python benchmarks/miras.py --json $OUT/miras.json
+Usage (GPU): XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python benchmarks/miras.py --json $OUT/miras.json --fla
   more: --shapes 8x2048,8x4096,2x16384 --chunks 16,32,64,128 --gates channel,head --remat 0,1 \\
         --models moneta,yaad,memora,titans --memories mlp,linear --impls xla_chunked,xla_chunked_bf16
 Prints a table and writes JSON; every number is tagged with the device name.
@@ -186,7 +186,7 @@ def _table(rows: list[dict]) -> str:
   cell = lambda r, key, fmt: fmt.format(r[key]) if key in r else "-"
   out = ["| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "-|" * len(COLUMNS)]
   out += ["| " + " | ".join(cell(r, key, fmt) for _, key, fmt in COLUMNS) + " |"
-          for r in rows if r.get("kind") in ("time", "check")]
+          for r in rows if r.get("kind") in ("time", "check", "error")]
   return "\n".join(out)
 
 
@@ -206,6 +206,8 @@ def main() -> None:
   parser.add_argument("--peak-tflops", type=float, default=None, help="dense peak of this device (TFLOP/s)")
   parser.add_argument("--width", default=f"{D_MODEL}x{HEADS}x{HEAD_DIM}", help="d_model x heads x head_dim "
                       "(smaller for a CPU smoke run)")
+  parser.add_argument("--fla", action="store_true", help="also time fla's chunk_gla kernel (GLA, channel gates) at "
+                      "the same heads and head width, in a child process (needs fla-core, see docs/benchmarks.md)")
   parser.add_argument("--hlo-dir", default="", help="write each timed op's compiled fwd+bwd HLO text here")
   args = parser.parse_args()
   HLO_DIR = args.hlo_dir
@@ -218,6 +220,15 @@ def main() -> None:
       split(args.models), split(args.memories), split(args.gates), split(args.chunks), split(args.remat),
       split(args.impls)) if not (m == "titans" and g == "channel")]
   rows = run(shapes, variants, args.peak_tflops, args.dtype)
+  if args.fla:
+    from benchmarks.linear_attention import fla_in_child
+    for row in fla_in_child(args.shapes, HEADS, HEAD_DIM, args.json + ".fla"):
+      if "fwd_bwd_mtok_s" in row:
+        row["fwd_bwd_ktok_s"] = 1e3 * row["fwd_bwd_mtok_s"]
+        gdn = next((r for r in rows if r.get("op") == "gdn_layer" and (r["B"], r["T"]) == (row["B"], row["T"])), {})
+        if "fwd_bwd_ktok_s" in gdn:
+          row["vs_gdn_fwd_bwd"] = row["fwd_bwd_ktok_s"] / gdn["fwd_bwd_ktok_s"]
+      rows.append(row)
   import jax  # imported by run() already
   meta = {"argv": sys.argv, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "width": args.width}
   with open(args.json, "w") as f:
