@@ -10,8 +10,11 @@ of the compiled fwd+bwd; the achieved fraction of the device's dense bf16 peak i
 overrides the table below). Each variant's output is also compared with the token-loop reference on a short
 sequence (f32) before it is timed, so a fast-but-wrong variant shows up in the same table.
 
+``--decode BxT`` adds spec §11.7: one-token decode latency after a T-token prefill, and the decode cache's bytes per
+head, for GDN, attention (KV cache) and every variant; ``--fla`` adds fla's ``chunk_gla`` kernel in a child process.
+
 Usage (GPU): XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python benchmarks/miras.py --json $OUT/miras.json --fla
-  more: --shapes 8x2048,8x4096,2x16384 --chunks 16,32,64,128 --gates channel,head --remat 0,1 \\
+  more: --shapes 8x2048,8x4096,2x16384 --chunks 16,32,64,128 --gates channel,head --remat 0,1 --decode 8x4096 \\
         --models moneta,yaad,memora,titans --memories mlp,linear --impls xla_chunked,xla_chunked_bf16
 Prints a table and writes JSON; every number is tagged with the device name.
 """
@@ -24,6 +27,7 @@ import functools
 import itertools
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -148,6 +152,64 @@ def _time_layer(op: str, layer, b: int, t: int, device: str, flops: dict, peak: 
   return row
 
 
+def _attention_layer(dtype: str):
+  from flax import nnx
+
+  from research.models import MixerContext
+  from research.models.registry import MIXERS
+
+  ctx = MixerContext(d_model=D_MODEL, num_heads=HEADS, head_dim=HEAD_DIM, dtype=dtype)
+  return MIXERS.get("attn")(MIXERS.config_class("attn")(), ctx, rngs=nnx.Rngs(0))
+
+
+def _time_decode(op: str, layer, b: int, context: int, device: str, steps: int = 16, warmup: int = 3) -> dict:
+  """Spec §11.7: per-token decode latency after a prefill of ``context`` tokens, and the decode cache's bytes
+  (a Miras layer keeps its memory plus a buffer of < chunk tokens; attention keeps every key and value)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from research.models.cache import DecodeCache
+
+  row = {"kind": "decode", "op": op, "B": b, "T": context, "device": device}
+  try:
+    layer.init_cache(b, context + warmup + steps)
+    graphdef, params, cache, rest = nnx.split(layer, nnx.Param, DecodeCache, ...)
+
+    def forward(params, cache, rest, x):
+      model = nnx.merge(graphdef, params, cache, rest)
+      return model(x, use_cache=True)[0], nnx.state(model, DecodeCache)
+
+    forward = jax.jit(forward, donate_argnums=1)
+    x = jax.random.normal(jax.random.PRNGKey(4), (b, context + 1, D_MODEL), jnp.bfloat16)
+    y, cache = forward(params, cache, rest, x[:, :context])
+    row["cache_kib_per_head"] = sum(leaf.nbytes for leaf in jax.tree.leaves(cache)) / (b * HEADS) / 2**10
+    samples = []
+    for i in range(warmup + steps):
+      t0 = time.perf_counter()
+      y, cache = forward(params, cache, rest, x[:, context:])
+      jax.block_until_ready(y)
+      samples.append((time.perf_counter() - t0) * 1e3)
+    row["decode_ms_per_token"] = statistics.median(samples[warmup:])
+  except Exception as e:  # noqa: BLE001
+    row["error"] = repr(e)[:400]
+  print("decode", json.dumps(row), flush=True)
+  return row
+
+
+def run_decode(shapes, variants: list[Variant], dtype: str) -> list[dict]:
+  """Decode rows for our GDN layer, attention with its KV cache, and every variant, at each (B, context)."""
+  import jax
+
+  device = jax.devices()[0].device_kind
+  rows = []
+  for b, t in shapes:
+    rows.append(_time_decode("gdn_layer", _layer(None, dtype), b, t, device))
+    rows.append(_time_decode("attn_layer", _attention_layer(dtype), b, t, device))
+    rows += [_time_decode(v.name, _layer(v, dtype), b, t, device) for v in variants]
+  return rows
+
+
 def run(shapes, variants: list[Variant], peak_override: float | None, dtype: str) -> list[dict]:
   import jax
 
@@ -179,14 +241,15 @@ COLUMNS = (  # (header, row key, format); a missing key prints "-"
     ("TFLOP/s", "fwd_bwd_tflop_s", "{:.1f}"), ("peak fraction", "fwd_bwd_peak_frac", "{:.3f}"),
     ("× GDN", "vs_gdn_fwd_bwd", "{:.2f}"), ("temp GiB", "fwd_bwd_temp_gib", "{:.2f}"),
     ("grads finite", "grad_finite", "{}"), ("max |grad|", "grad_max_abs", "{:.1e}"),
-    ("check: max rel vs reference", "max_rel", "{:.1e}"), ("error", "error", "{:.80}"))
+    ("check: max rel vs reference", "max_rel", "{:.1e}"), ("decode ms/token", "decode_ms_per_token", "{:.3f}"),
+    ("decode cache KiB/head", "cache_kib_per_head", "{:.1f}"), ("error", "error", "{:.80}"))
 
 
 def _table(rows: list[dict]) -> str:
   cell = lambda r, key, fmt: fmt.format(r[key]) if key in r else "-"
   out = ["| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "-|" * len(COLUMNS)]
   out += ["| " + " | ".join(cell(r, key, fmt) for _, key, fmt in COLUMNS) + " |"
-          for r in rows if r.get("kind") in ("time", "check", "error")]
+          for r in rows if r.get("kind") in ("time", "check", "decode", "error")]
   return "\n".join(out)
 
 
@@ -206,6 +269,8 @@ def main() -> None:
   parser.add_argument("--peak-tflops", type=float, default=None, help="dense peak of this device (TFLOP/s)")
   parser.add_argument("--width", default=f"{D_MODEL}x{HEADS}x{HEAD_DIM}", help="d_model x heads x head_dim "
                       "(smaller for a CPU smoke run)")
+  parser.add_argument("--decode", default="", help="BxT,...: also time one-token decode steps after a prefill of T "
+                      "tokens, with the cache's bytes per head (spec §11.7); --shapes '' times only these")
   parser.add_argument("--fla", action="store_true", help="also time fla's chunk_gla kernel (GLA, channel gates) at "
                       "the same heads and head width, in a child process (needs fla-core, see docs/benchmarks.md)")
   parser.add_argument("--hlo-dir", default="", help="write each timed op's compiled fwd+bwd HLO text here")
@@ -219,7 +284,8 @@ def main() -> None:
   variants = [Variant(m, mem, g, int(c), bool(int(r)), i) for m, mem, g, c, r, i in itertools.product(
       split(args.models), split(args.memories), split(args.gates), split(args.chunks), split(args.remat),
       split(args.impls)) if not (m == "titans" and g == "channel")]
-  rows = run(shapes, variants, args.peak_tflops, args.dtype)
+  rows = run(shapes, variants, args.peak_tflops, args.dtype) if shapes else []
+  rows += run_decode([tuple(int(n) for n in s.split("x")) for s in split(args.decode)], variants, args.dtype)
   if args.fla:
     from benchmarks.linear_attention import fla_in_child
     for row in fla_in_child(args.shapes, HEADS, HEAD_DIM, args.json + ".fla"):
