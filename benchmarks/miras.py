@@ -84,14 +84,14 @@ def _layer(variant: Variant | None, dtype: str):
   from flax import nnx
 
   from layers.gated_deltanet import GatedDeltaNet, GDNConfig
-  from layers.miras.mixers import MemoraConfig, MirasLayer, MonetaConfig, TitansConfig, YaadConfig
+  from layers.miras.mixers import MirasLayer
   from research.models import MixerContext
+  from research.models.registry import MIXERS
 
   ctx = MixerContext(d_model=D_MODEL, num_heads=HEADS, head_dim=HEAD_DIM, dtype=dtype)
   if variant is None:
     return GatedDeltaNet(GDNConfig(chunk_size=64), ctx, rngs=nnx.Rngs(0))
-  config = {"moneta": MonetaConfig, "yaad": YaadConfig, "memora": MemoraConfig, "titans": TitansConfig}[variant.model]
-  cfg = config(memory=variant.memory, gates=variant.gates, chunk_size=variant.chunk, remat=variant.remat,
+  cfg = MIXERS.config_class(variant.model)(memory=variant.memory, gates=variant.gates, chunk_size=variant.chunk, remat=variant.remat,
                implementation=variant.impl)
   return MirasLayer(cfg, ctx, rngs=nnx.Rngs(0))
 
@@ -286,7 +286,7 @@ def main() -> None:
       split(args.impls)) if not (m == "titans" and g == "channel")]
   rows = run(shapes, variants, args.peak_tflops, args.dtype) if shapes else []
   rows += run_decode([tuple(int(n) for n in s.split("x")) for s in split(args.decode)], variants, args.dtype)
-  if args.fla:
+  if args.fla and shapes:
     from benchmarks.linear_attention import fla_in_child
     for row in fla_in_child(args.shapes, HEADS, HEAD_DIM, args.json + ".fla"):
       if "fwd_bwd_mtok_s" in row:

@@ -79,17 +79,17 @@ class MemorySpec:
     """ℓ(W; k, v) for one token (k, v [d]; delta a scalar or None): the objective the inner loop descends."""
     return self.bias.loss(self.memory.apply(w, k, ln), v, delta)
 
-  def clip_scale(self, squared_norm: jax.Array) -> jax.Array:
-    """min(1, τ / ‖∇ℓ‖) from ‖∇ℓ‖² (1 without ``inner_clip``)."""
-    if self.inner_clip is None:
-      return jnp.ones_like(squared_norm)
+  def _clip_scale(self, squared_norm: jax.Array) -> jax.Array:
+    """min(1, τ / ‖∇ℓ‖) from ‖∇ℓ‖² (only with ``inner_clip``)."""
     # τ / sqrt(max(‖∇ℓ‖², τ²)): 1 below the clip, and a finite derivative everywhere (also at ‖∇ℓ‖ = 0, where a
     # padding token's gradient is exactly zero)
     return self.inner_clip * jax.lax.rsqrt(jnp.maximum(squared_norm, self.inner_clip ** 2))
 
   def clip_gradient(self, grad: dict) -> dict:
-    """One token's gradient {layer: [out, in]}, rescaled to norm ≤ τ."""
-    scale = self.clip_scale(sum(jnp.sum(g * g) for g in grad.values()))
+    """One token's gradient {layer: [out, in]}, rescaled to norm ≤ τ (unchanged without ``inner_clip``)."""
+    if self.inner_clip is None:
+      return grad
+    scale = self._clip_scale(sum(jnp.sum(g * g) for g in grad.values()))
     return {name: g * scale for name, g in grad.items()}
 
   def clip_errors(self, acts: dict) -> dict:
@@ -98,7 +98,7 @@ class MemorySpec:
     if self.inner_clip is None:
       return acts
     squared = sum(jnp.sum(a * a, axis=-1) * jnp.sum(e * e, axis=-1) for a, e in acts.values())
-    scale = self.clip_scale(squared)[..., None]
+    scale = self._clip_scale(squared)[..., None]
     return {name: (a, e * scale) for name, (a, e) in acts.items()}
 
 

@@ -14,9 +14,9 @@ from layers.kernels.gated_delta import reference as gdn_reference
 from layers.kernels.miras import api, chunked, reference
 from layers.miras import bias as biases
 from layers.miras.memory import LinearMemory, MLPMemory
-from layers.miras.mixers import MemoraConfig, MonetaConfig, TitansConfig, YaadConfig
 from layers.miras.retention import Decay, ElasticNet, LqNorm, SoftmaxKL
 from layers.miras.spec import Gates, MemorySpec
+from research.models.registry import MIXERS
 
 SPECS = {
     "moneta": MemorySpec(MLPMemory(), biases.Lp(3.0), LqNorm(4.0)),
@@ -320,8 +320,7 @@ def test_long_random_sequences_stay_finite_and_clipped_memories_forget(case):
   made its outer gradients larger, not smaller; with the momentum gates drawn here its unclipped gradients overflow
   (printed, not asserted)."""
   name, overrides = LONG_CASES[case]
-  config = {"moneta": MonetaConfig, "yaad": YaadConfig, "memora": MemoraConfig, "titans": TitansConfig}[name]
-  spec = config(**overrides).memory_spec()
+  spec = MIXERS.config_class(name)(**overrides).memory_spec()
   o, s, per_chunk = _long_sequence(spec, 11)
   finite = lambda tree: all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
   print(f"{case} (inner_clip {spec.inner_clip}): T=4096 max |o| {float(jnp.max(jnp.abs(o))):.2f}; sensitivity to "

@@ -14,7 +14,7 @@ from layers.miras.retention import LqNorm
 from research.config import ConfigError
 from research.models import DecoderLM, MixerContext, ModelConfig
 from research.models.generate import generate
-from research.models.registry import get_mixer
+from research.models.registry import MIXERS, get_mixer
 
 NAMES = ("moneta", "yaad", "memora", "titans")
 CTX = MixerContext(d_model=32, num_heads=2)
@@ -48,8 +48,7 @@ def test_streamed_segments_equal_one_pass(cfg):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_gradients_reach_every_parameter(name):
-  entry_cfg = {"moneta": MonetaConfig, "yaad": YaadConfig, "memora": MemoraConfig, "titans": TitansConfig}[name]
-  layer = get_mixer(name)(entry_cfg(chunk_size=4), CTX, rngs=nnx.Rngs(0))
+  layer = get_mixer(name)(MIXERS.config_class(name)(chunk_size=4), CTX, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(layer, nnx.Param)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 10, 32))
   grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x)[0] ** 2))(params)
