@@ -22,6 +22,7 @@ per-token weights W_t by passing its dual-form product instead (layers.kernels.m
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -33,10 +34,37 @@ MATMULS = ("float32", "bfloat16")
 
 
 def matmul(spec: str, a: jax.Array, b: jax.Array, mode: str = "float32") -> jax.Array:
-  """einsum in float32 (``mode="float32"``, full precision) or with bfloat16 operands and float32 accumulation."""
+  """einsum in float32 (``mode="float32"``, full precision) or with bfloat16 operands and float32 accumulation
+  (``mode="bfloat16"``; its derivatives are bfloat16 matmuls too, see :func:`_bf16_einsum`)."""
   if mode == "bfloat16":
-    return jnp.einsum(spec, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    return _bf16_einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32))
   return jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+def _bf16(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.einsum(spec, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _bf16_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """float32 a, b -> einsum with bfloat16 operands, float32 result. Its vjp rounds the float32 cotangent to
+  bfloat16 as well, so both derivative products are bfloat16 × bfloat16 (tensor cores) instead of the mixed
+  float32 × bfloat16 products autodiff would form (which GPU kernels cannot tile and XLA runs in float32)."""
+  return _bf16(spec, a, b)
+
+
+def _bf16_einsum_fwd(spec, a, b):
+  return _bf16(spec, a, b), (a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
+
+
+def _bf16_einsum_bwd(spec, residuals, g):
+  a, b = residuals
+  operands, out = spec.split("->")
+  sa, sb = operands.split(",")
+  return _bf16(f"{out},{sb}->{sa}", g, b), _bf16(f"{out},{sa}->{sb}", g, a)
+
+
+_bf16_einsum.defvjp(_bf16_einsum_fwd, _bf16_einsum_bwd)
 
 
 def plain_matvec(name: str, w: jax.Array, a: jax.Array, mode: str = "float32") -> jax.Array:
@@ -45,14 +73,39 @@ def plain_matvec(name: str, w: jax.Array, a: jax.Array, mode: str = "float32") -
   return matmul("...i,oi->...o", a, w, mode)
 
 
+@jax.custom_jvp
+def erf(x: jax.Array) -> jax.Array:
+  """``jax.lax.erf`` differentiated by the textbook rule d erf/dx = 2/√π·exp(−x²): JAX 0.12 differentiates erf
+  through a ``polynomial`` primitive that fused GPU kernels (Pallas Triton, ``layers/kernels/miras/pallas_gpu``)
+  cannot lower, and the memory's outer gradients need erf's second derivative."""
+  return jax.lax.erf(x)
+
+
+@erf.defjvp
+def _erf_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  return erf(x), (2.0 / math.sqrt(math.pi)) * _exp_neg_square(x) * t
+
+
+def _exp_neg_square(x: jax.Array) -> jax.Array:
+  """exp(−x²) without the rounding of x² (relative error ~x²·ε): Dekker's split x = hi + lo, hi with half the
+  mantissa bits, so x² = hi² + (x + hi)·lo with hi² exact. |x| is clipped at 10, where exp(−x²) < 4e−44."""
+  x = jnp.clip(x, -10.0, 10.0)
+  split = 4097.0 if x.dtype == jnp.float32 else 134217729.0  # 2^⌈p/2⌉ + 1, p = mantissa bits
+  big = x * split
+  hi = big - (big - x)
+  lo = x - hi
+  return jnp.exp(-hi * hi) * jnp.exp(-(x + hi) * lo)
+
+
 def gelu(z: jax.Array) -> jax.Array:
   """Exact GELU z·Φ(z)."""
-  return 0.5 * z * (1.0 + jax.lax.erf(z / math.sqrt(2.0)))
+  return 0.5 * z * (1.0 + erf(z / math.sqrt(2.0)))
 
 
 def gelu_grad(z: jax.Array) -> jax.Array:
   """dGELU/dz = Φ(z) + z·φ(z)."""
-  return 0.5 * (1.0 + jax.lax.erf(z / math.sqrt(2.0))) + z * jnp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+  return 0.5 * (1.0 + erf(z / math.sqrt(2.0))) + z * jnp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
 
 
 def layer_norm(u: jax.Array, ln: tuple[jax.Array, jax.Array], eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -33,6 +33,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from layers.kernels.miras import pallas_gpu
 from layers.miras.memory import MATMULS, matmul
 from layers.miras.spec import Gates, MemorySpec, along, gates_along
 
@@ -85,52 +86,75 @@ def _state_at(s0, acts, gate_axes, decay, coef, mode, m0=None, c_mom=None):
   return out
 
 
-def chunk_step(spec: MemorySpec, carry, xs, ln):
-  """One chunk of one head: carry (S₀, M₀), xs (q, k, v [c, d], η, log α, log μ [c, g], δ [c], complete flag)."""
-  s, m = carry
-  q, k, v, eta, la, delta, lmu, complete = xs
-  mem, ret = spec.memory, spec.retention
-  mode = mem.matmul
-  c = q.shape[0]
-  w0, s0 = ret.gradient_point(s), ret.read_scale(s)
-  y, cache = mem.forward(w0, k, ln)
-  acts = spec.clip_errors(mem.backprop(w0, cache, spec.bias.grad(y, v, delta), ln))
+def _last_row(x: jax.Array) -> jax.Array:
+  """x[-1] of rows x [c, ...] as a masked sum: slices do not lower into fused GPU kernels (:mod:`pallas_gpu`)."""
+  last = jnp.arange(x.shape[0]) == x.shape[0] - 1
+  return jnp.sum(jnp.where(last.reshape(-1, *(1,) * (x.ndim - 1)), x, 0.0), axis=0)
 
-  lb = jnp.cumsum(la, axis=0)  # log B_t, inclusive
+
+def _coefficients(spec: MemorySpec, eta, la, lb, lp) -> dict:
+  """The chunk's decay and step coefficients (gates [c, g]; see the module docstring, step 2)."""
+  c = eta.shape[0]
   t = jnp.arange(c)
   post = spec.read == "post"
+  lend = _last_row(lb)  # log B_c [g]
   lread = lb if post else lb - la
   ratio = _ratios(lread, lb, t[:, None] >= t[None, :] if post else t[:, None] > t[None, :])
-  end_ratio = jnp.exp(lb[-1][None, :] - lb)  # [c, g]: B_c / B_i
-  m_read = m_end = c_read = c_end = None
+  end_ratio = jnp.exp(lend[None, :] - lb)  # [c, g]: B_c / B_i
+  out = {"decay": jnp.exp(lread), "end_decay": jnp.exp(lend), "c_read": None, "c_end": None}
   if spec.momentum:  # per-head gates: W_t = B_t W₀ + Σ_{j≤t} (B_t / B_j) M_j, M_j = P_j M₀ − Σ_{i≤j} η_i P_j / P_i g_i
-    lp = jnp.cumsum(lmu, axis=0)
     mu_ratio = _ratios(lp, lp, t[:, None] >= t[None, :])[..., 0]  # [c, c]: P_j / P_i, i ≤ j
-    coef = (ratio[..., 0] @ mu_ratio)[..., None] * eta[None]
-    c_read = ratio[..., 0] @ jnp.exp(lp)  # [c, 1]
-    end_coef = (end_ratio[:, 0] @ mu_ratio)[:, None] * eta
-    c_end = end_ratio[:, 0] @ jnp.exp(lp)
-    m_read = m_end = m
+    out["coef"] = (ratio[..., 0] @ mu_ratio)[..., None] * eta[None]
+    out["c_read"] = ratio[..., 0] @ jnp.exp(lp)  # [c, 1]
+    out["end_coef"] = (end_ratio[:, 0] @ mu_ratio)[:, None] * eta
+    out["c_end"] = end_ratio[:, 0] @ jnp.exp(lp)
   else:
-    coef = ratio * eta[None]
-    end_coef = end_ratio * eta
+    out["coef"], out["end_coef"] = ratio * eta[None], end_ratio * eta
+  return out
+
+
+def _gradients(spec: MemorySpec, s, k, v, delta, ln) -> dict:
+  """Stage 1: every token's (a_i, e_i) per layer at the chunk-start weights W₀ = view(S₀) (step 1)."""
+  mem, ret = spec.memory, spec.retention
+  w0 = ret.gradient_point(s)
+  y, cache = mem.forward(w0, k, ln)
+  return spec.clip_errors(mem.backprop(w0, cache, spec.bias.grad(y, v, delta), ln))
+
+
+def _reads(spec: MemorySpec, s, m, acts, q, eta, la, lb, lp, ln) -> jax.Array:
+  """Stage 2: the per-token reads o [c, d] through the dual form (step 3)."""
+  mem, ret = spec.memory, spec.retention
+  co = _coefficients(spec, eta, la, lb, lp)
+  s0 = ret.read_scale(s)
 
   def matvec(name, w, x):
     a, e = acts[name]
-    return _layer_read(x, w, a, e, mem.gate_axes[name], jnp.exp(lread), coef, s0[name], mode,
-                       None if m_read is None else m_read[name], c_read)
+    return _layer_read(x, w, a, e, mem.gate_axes[name], co["decay"], co["coef"], s0[name], mem.matmul,
+                       m[name] if spec.momentum else None, co["c_read"])
 
-  o = mem.apply(w0, q, ln, matvec=matvec)
-  s_lin = _state_at(s, acts, mem.gate_axes, jnp.exp(lb[-1]), end_coef, mode, m_end, c_end)
+  return mem.apply(ret.gradient_point(s), q, ln, matvec=matvec)
+
+
+def _close(spec: MemorySpec, s, m, acts, o, q, k, v, eta, la, lb, lp, delta, complete, ln):
+  """Stage 3: the chunk-end state and momentum (step 4) and the last token's read of the closed state."""
+  mem, ret = spec.memory, spec.retention
+  mode = mem.matmul
+  c = q.shape[0]
+  t = jnp.arange(c)
+  co = _coefficients(spec, eta, la, lb, lp)
+  lend = _last_row(lb)
+  s_lin = _state_at(s, acts, mem.gate_axes, co["end_decay"], co["end_coef"], mode, m if spec.momentum else None,
+                    co["c_end"])
   if spec.momentum:
-    mom_coef = jnp.exp(lp[-1][None, :] - lp) * eta  # [c, 1]
-    m_new = _state_at(m, acts, mem.gate_axes, jnp.exp(lp[-1]), mom_coef, mode)
+    lp_end = _last_row(lp)
+    mom_coef = jnp.exp(lp_end[None, :] - lp) * eta  # [c, 1]
+    m_new = _state_at(m, acts, mem.gate_axes, jnp.exp(lp_end), mom_coef, mode)
   else:
     m_new = m
 
   if ret.lag:  # Memora's lag token: the exact step from the state after tokens 0..c−2, gradient there
-    before = jnp.exp(lb[-1] - la[-1])  # B_{c−1}
-    before_coef = jnp.exp(jnp.where(t[:, None] < c - 1, lb[-1][None, :] - la[-1][None, :] - lb, -jnp.inf)) * eta
+    before = jnp.exp(lend - la[-1])  # B_{c−1}
+    before_coef = jnp.exp(jnp.where(t[:, None] < c - 1, lend[None, :] - la[-1][None, :] - lb, -jnp.inf)) * eta
     s_prev = _state_at(s, acts, mem.gate_axes, before, before_coef, mode)
     y1, cache1 = mem.forward(s_prev, k[-1:], ln)
     acts1 = spec.clip_errors(mem.backprop(s_prev, cache1, spec.bias.grad(y1, v[-1:], delta[-1:]), ln))
@@ -138,11 +162,29 @@ def chunk_step(spec: MemorySpec, carry, xs, ln):
     s_new = ret.lag_step(s_prev, grad1, gates_along(mem, jnp.exp(la[-1])), gates_along(mem, eta[-1]))
   else:
     s_new = ret.close(s_lin)
-  if post and ret.boundary_read:  # the chunk's last token reads the closed state
-    last = mem.apply(ret.gradient_point(s_new), q[-1:], ln)
-    o = o.at[-1:].set(jnp.where(complete, last, o[-1:]))
+  if spec.read == "post" and ret.boundary_read:  # the last token reads the closed state (all rows read; one kept)
+    last = mem.apply(ret.gradient_point(s_new), q, ln)
+    o = jnp.where((t == c - 1)[:, None] & complete, last, o)
   keep = lambda new, old: jax.tree.map(lambda x, y: jnp.where(complete, x, y), new, old)
-  return (keep(s_new, s), keep(m_new, m)), o
+  return keep(s_new, s), keep(m_new, m), o
+
+
+def chunk_step(spec: MemorySpec, carry, xs, ln, fuse=None):
+  """One chunk of one head: carry (S₀, M₀), xs (q, k, v [c, d], η, log α, log B, log P [c, g], δ [c], complete
+  flag), log B and log P the chunk-local inclusive cumulative sums of log α and of the momentum's log μ.
+
+  The chunk runs as three stages, gradients → reads → close; ``fuse`` (None: plain calls) wraps each stage
+  function, which is how :mod:`pallas_gpu` turns each into one GPU kernel per direction. Without momentum or a lag
+  token and with per-head gates the stages use only operations that Pallas' Triton backend lowers (no slices, no
+  scatters, 2-D matmuls)."""
+  stage = fuse or (lambda fn: fn)
+  s, m = carry
+  q, k, v, eta, la, lb, lp, delta, complete = xs
+  acts = stage(functools.partial(_gradients, spec))(s, k, v, delta, ln)
+  o = stage(functools.partial(_reads, spec))(s, m, acts, q, eta, la, lb, lp, ln)
+  s_new, m_new, o = stage(functools.partial(_close, spec))(s, m, acts, o, q, k, v, eta, la, lb, lp, delta, complete,
+                                                           ln)
+  return (s_new, m_new), o
 
 
 def _to_chunks(x: jax.Array, c: int) -> jax.Array:
@@ -152,9 +194,13 @@ def _to_chunks(x: jax.Array, c: int) -> jax.Array:
   return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat", "matmul"))
+KERNELS = ("xla", "pallas_triton", "pallas_interpret")
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat", "matmul", "kernel"))
 def miras_chunked(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, initial_momentum=None, ln=None,
-                  chunk_size: int = 64, lengths=None, remat: bool = False, matmul: str = "float32"):
+                  chunk_size: int = 64, lengths=None, remat: bool = False, matmul: str = "float32",
+                  kernel: str = "xla"):
   """Chunkwise-parallel Miras memory; same contract as :func:`reference.frozen_gradient_loop`.
 
   Args:
@@ -165,12 +211,17 @@ def miras_chunked(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dic
     remat: ``jax.checkpoint`` the chunk body.
     matmul: ``float32`` (full precision) or ``bfloat16`` operands with float32 accumulation for every matmul of
       the chunk body (states, gates, cumulative sums and element-wise products stay float32).
+    kernel: how each chunk runs: ``"xla"`` (the vmapped :func:`chunk_step`), ``"pallas_triton"`` (that same
+      function fused into one GPU kernel per chunk, forward and backward; :mod:`pallas_gpu`, which says what it
+      supports) or ``"pallas_interpret"`` (those kernels in the Pallas interpreter, for CPU tests).
 
   Returns:
     (o [b, t, h, d] float32, state at the last chunk boundary, momentum there or None).
   """
   if matmul not in MATMULS:
     raise ValueError(f"matmul must be one of {MATMULS} (got {matmul!r})")
+  if kernel not in KERNELS:
+    raise ValueError(f"kernel must be one of {KERNELS} (got {kernel!r})")
   spec = dataclasses.replace(spec, memory=dataclasses.replace(spec.memory, matmul=matmul))
   b, t, h, d = q.shape
   c = chunk_size
@@ -178,25 +229,26 @@ def miras_chunked(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dic
   f32 = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float32, or float64 in tests
   delta = gates.delta if gates.delta is not None else jnp.ones((b, t, h), jnp.float32)
   lmu = gates.log_momentum if gates.log_momentum is not None else jnp.zeros_like(gates.log_alpha)
-  seq = [f32(x) for x in (q, k, v, gates.eta, gates.log_alpha, delta, lmu)]
-  if pad:  # identity tokens: η = 0, α = 1; they are never closed into the state
-    seq = [jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=1.0 if i == 5 else 0.0)
+  seq = [f32(x) for x in (q, k, v, gates.eta, gates.log_alpha, lmu, delta)]
+  if pad:  # identity tokens: η = 0, α = 1 (δ = 1); they are never closed into the state
+    seq = [jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=1.0 if i == 6 else 0.0)
            for i, x in enumerate(seq)]
   n = (t + pad) // c
   lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
   complete = (jnp.arange(1, n + 1) * c)[:, None] <= lengths[None, :]  # [n, b]
-  xs = tuple(_to_chunks(x, c) for x in seq) + (complete,)
+  qc, kc, vc, eta, la, lmu, delta = (_to_chunks(x, c) for x in seq)
+  # chunk-local cumulative log-gates for all chunks at once, outside the sequential scan
+  # (a cumulative sum of constant zeros would be constant-folded by XLA, ~10 s per compile at 8 × 4096 tokens)
+  lp = jnp.cumsum(lmu, axis=3) if spec.momentum else lmu
+  xs = (qc, kc, vc, eta, la, jnp.cumsum(la, axis=3), lp, delta, complete)
   ln = ln if ln is not None else (jnp.ones((h, d)), jnp.zeros((h, d)))
   momentum = initial_momentum if spec.momentum else {}
 
-  def body(carry, xs_b, ln_):
-    return chunk_step(spec, carry, xs_b, ln_)
-
-  per_head = jax.vmap(body, in_axes=((0, 0), (0,) * 7 + (None,), 0))
-  per_batch = jax.vmap(per_head, in_axes=((0, 0), (0,) * 8, None))
-  if remat:
-    per_batch = jax.checkpoint(per_batch)
-  (state, mom), o = jax.lax.scan(lambda carry, x: per_batch(carry, x, ln), (initial_state, momentum), xs)
+  fuse = None if kernel == "xla" else functools.partial(pallas_gpu.fused, interpret=kernel == "pallas_interpret")
+  per_head = jax.vmap(functools.partial(chunk_step, spec, fuse=fuse), in_axes=((0, 0), (0,) * 8 + (None,), 0))
+  per_batch = jax.vmap(per_head, in_axes=((0, 0), (0,) * 9, None))
+  step = jax.checkpoint(per_batch) if remat and kernel == "xla" else per_batch
+  (state, mom), o = jax.lax.scan(lambda carry, x: step(carry, x, ln), (initial_state, momentum), xs)
   o = jnp.moveaxis(o, 0, 1)  # [b, n, h, c, d]
   o = jnp.moveaxis(o, 2, 3).reshape(b, n * c, h, d)[:, :t]
   return o, state, (mom if spec.momentum else None)
