@@ -1,6 +1,6 @@
 """Every private JAX API memlab uses, behind one module that checks the JAX version it was tested on.
 
-Two features need private API today. The first is cuDNN flash attention with an *external* logsumexp, which exact
+Only one feature needs private API today: cuDNN flash attention with an *external* logsumexp, which exact
 sink + window attention needs (``attention/cudnn_sink_window.py``). JAX's public ``dot_product_attention`` keeps its
 residuals to itself, so the forward asks ``jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`` for
 its softmax statistics and the backward binds the module's backward primitive with the merged (o, lse).
@@ -16,11 +16,6 @@ Hence two gates, checked once per process:
 
 On any other JAX, :func:`cudnn_attention_problem` says why, one warning is logged, and ``api.attention`` falls back
 to the Pallas kernel. To admit a new JAX: run the GPU parity test on it, then add its signature below.
-
-The second is two lowering rules that the fused Miras kernels (``layers/kernels/miras/pallas_gpu.py``) need and
-JAX's Pallas Triton backend lacks: ``erf`` (the exact GELU of the MLP memory) and ``custom_vjp_call``.
-:func:`pallas_triton_rules_problem` adds them with the lowering module's own helpers; if those are gone, it says
-why and the Miras API falls back to its XLA path.
 """
 
 from __future__ import annotations
@@ -110,31 +105,3 @@ def cudnn_window_backward(q, k, v, o, lse, do, *, window: int, scale: float):
   grads = fa._dot_product_attention_bwd_p_wrapper.bind(*positional, **{n: params[n] for n in signature
                                                                          if n in _PARAMS})
   return tuple(grads[:3])
-
-
-@functools.cache
-def pallas_triton_rules_problem() -> str | None:
-  """Add the two Pallas Triton lowering rules the fused Miras kernels need, once; None on success, else why not.
-
-  * ``lax.erf_p``: libdevice's ``erff`` / ``erf`` (ROCm: ocml), through the lowering module's dispatch tables;
-  * ``custom_vjp_call``: lower the primal function, as JAX's own rule for ``custom_jvp_call`` does (the forward
-    kernel evaluates bfloat16 matmuls that carry a custom vjp, ``layers.miras.memory.matmul``).
-  """
-  try:
-    from jax._src import custom_derivatives  # private: the primitive object only
-    from jax._src.pallas.triton import lowering as triton  # private: rule table and dispatch-table helpers
-  except ImportError as e:
-    return f"cannot import JAX's Pallas Triton lowering ({e})"
-  needed = ("triton_lowering_rules", "_make_dispatch_table", "_Extern", "_eval_jaxpr_lowering_rule")
-  if missing := [n for n in needed if not hasattr(triton, n)]:
-    return f"JAX {jax.__version__}'s Pallas Triton lowering lacks {missing}"
-  if not hasattr(custom_derivatives, "custom_vjp_call_p"):
-    return f"JAX {jax.__version__} has no custom_vjp_call primitive"
-  rules, extern = triton.triton_lowering_rules, triton._Extern
-  rules.setdefault(custom_derivatives.custom_vjp_call_p, triton._eval_jaxpr_lowering_rule)
-  rules.setdefault(jax.lax.erf_p, triton._make_dispatch_table(
-      "erf",
-      cuda=[extern([jnp.float32], "__nv_erff", jnp.float32), extern([jnp.float64], "__nv_erf", jnp.float64)],
-      rocm=[extern([jnp.float32], "__ocml_erf_f32", jnp.float32),
-            extern([jnp.float64], "__ocml_erf_f64", jnp.float64)]))
-  return None

@@ -49,7 +49,7 @@ def _bf16(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 def _bf16_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
   """float32 a, b -> einsum with bfloat16 operands, float32 result. Its vjp rounds the float32 cotangent to
   bfloat16 as well, so both derivative products are bfloat16 × bfloat16 (tensor cores) instead of the mixed
-  float32 × bfloat16 products autodiff would form (which GPU kernels cannot tile and XLA runs in float32)."""
+  float32 × bfloat16 products autodiff would form."""
   return _bf16(spec, a, b)
 
 
@@ -73,39 +73,14 @@ def plain_matvec(name: str, w: jax.Array, a: jax.Array, mode: str = "float32") -
   return matmul("...i,oi->...o", a, w, mode)
 
 
-@jax.custom_jvp
-def erf(x: jax.Array) -> jax.Array:
-  """``jax.lax.erf`` differentiated by the textbook rule d erf/dx = 2/√π·exp(−x²): JAX 0.12 differentiates erf
-  through a ``polynomial`` primitive that fused GPU kernels (Pallas Triton, ``layers/kernels/miras/pallas_gpu``)
-  cannot lower, and the memory's outer gradients need erf's second derivative."""
-  return jax.lax.erf(x)
-
-
-@erf.defjvp
-def _erf_jvp(primals, tangents):
-  (x,), (t,) = primals, tangents
-  return erf(x), (2.0 / math.sqrt(math.pi)) * _exp_neg_square(x) * t
-
-
-def _exp_neg_square(x: jax.Array) -> jax.Array:
-  """exp(−x²) without the rounding of x² (relative error ~x²·ε): Dekker's split x = hi + lo, hi with half the
-  mantissa bits, so x² = hi² + (x + hi)·lo with hi² exact. |x| is clipped at 10, where exp(−x²) < 4e−44."""
-  x = jnp.clip(x, -10.0, 10.0)
-  split = 4097.0 if x.dtype == jnp.float32 else 134217729.0  # 2^⌈p/2⌉ + 1, p = mantissa bits
-  big = x * split
-  hi = big - (big - x)
-  lo = x - hi
-  return jnp.exp(-hi * hi) * jnp.exp(-(x + hi) * lo)
-
-
 def gelu(z: jax.Array) -> jax.Array:
   """Exact GELU z·Φ(z)."""
-  return 0.5 * z * (1.0 + erf(z / math.sqrt(2.0)))
+  return 0.5 * z * (1.0 + jax.lax.erf(z / math.sqrt(2.0)))
 
 
 def gelu_grad(z: jax.Array) -> jax.Array:
   """dGELU/dz = Φ(z) + z·φ(z)."""
-  return 0.5 * (1.0 + erf(z / math.sqrt(2.0))) + z * jnp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+  return 0.5 * (1.0 + jax.lax.erf(z / math.sqrt(2.0))) + z * jnp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
 
 
 def layer_norm(u: jax.Array, ln: tuple[jax.Array, jax.Array], eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from layers.kernels.gated_delta import reference as gdn_reference
-from layers.kernels.miras import api, chunked, pallas_gpu, reference
+from layers.kernels.miras import api, chunked, reference
 from layers.miras import bias as biases
 from layers.miras.memory import LinearMemory, MLPMemory
 from layers.miras.retention import Decay, ElasticNet, LqNorm, SoftmaxKL
@@ -80,9 +80,7 @@ def test_chunk_size_one_equals_the_exact_recurrence(name):
   o1, s1, m1 = chunked.miras_chunked(*qkv, gates, spec=spec, chunk_size=1, **kw)
   errs = _rel(o1, o0), _rel(s1, s0)
   print(f"{name}: chunk 1 vs exact recurrence: max rel error outputs {errs[0]:.1e}, state {errs[1]:.1e}")
-  # Memora's log/softmax step amplifies float32 rounding of the inner gradients (jax.grad here, closed form there):
-  # 7.9e-6 with JAX's erf derivative, 1.4e-5 with ours (layers.miras.memory.erf, equally accurate: 2.7e-7 vs 2.2e-7)
-  assert max(errs) < (2e-5 if name == "memora" else 1e-5)
+  assert max(errs) < 1e-5
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -375,42 +373,6 @@ def test_bfloat16_matmuls_stay_close_to_the_float32_reference(name):
           rel(grad(run("xla_chunked_bf16")), grad(run("xla_chunked"))))
   print(f"{name}: bf16 matmuls vs float32, relative error (norm) outputs {errs[0]:.1e}, grads {errs[1]:.1e}")
   assert errs[0] < 2e-2 and errs[1] < 1e-1  # bf16 keeps ~3 digits (measured: Moneta 0.8% / 1.9%, Titans 0.9% / 7.1%)
-
-
-@pytest.mark.parametrize("name", ["moneta", "yaad_clip", "elastic_linear"])
-@pytest.mark.parametrize("matmul", ["float32", "bfloat16"])
-def test_fused_chunk_kernels_equal_the_xla_chunk_step_values_and_grads(name, matmul):
-  """The Pallas kernels (Triton on a GPU, the Pallas interpreter elsewhere) against the vmapped ``chunk_step``
-  with the same matmul precision: every read, the final state and the gradients of all inputs, over one complete
-  chunk and one partial (padded, never closed) chunk."""
-  spec = SPECS[name]
-  kernel = "pallas_triton" if jax.default_backend() == "gpu" else "pallas_interpret"
-  qkv, gates, kw = _inputs(spec, 16, b=2, t=24, h=2, d=16)
-  run = lambda k: lambda *a, **kk: chunked.miras_chunked(*a, spec=spec, chunk_size=16, matmul=matmul, kernel=k,
-                                                         **kk)
-  weights = jax.random.normal(jax.random.PRNGKey(8), qkv[0].shape)
-  (o_x, s_x, _), (o_p, s_p, _) = run("xla")(*qkv, gates, **kw), run(kernel)(*qkv, gates, **kw)
-  g_x, g_p = (jax.grad(_loss(run(k), weights), argnums=(0, 1, 2))(qkv, gates, kw) for k in ("xla", kernel))
-  errs = _rel(o_p, o_x), _rel(s_p, s_x), _rel(g_p, g_x)
-  print(f"{name} {matmul} matmuls, {kernel} vs xla: max rel error reads {errs[0]:.1e}, state {errs[1]:.1e}, "
-        f"grads {errs[2]:.1e}")
-  # float32: the same function in a different kernel (GPU: Triton's IEEE dots vs XLA's); bfloat16: the same
-  # rounded operands, summed in another order
-  assert max(errs) < (1e-5 if matmul == "float32" else 2e-3)
-
-
-def test_fused_chunk_kernels_say_what_they_cannot_run():
-  for name, reason in [("titans", "momentum"), ("memora", "lag-token"), ("moneta", "channel gates")]:
-    assert reason in pallas_gpu.unsupported(SPECS[name], head_dim=16, gate_width=16 if name == "moneta" else 1,
-                                            chunk_size=16)
-  assert "chunk_size: 24 is not a power of two" in pallas_gpu.unsupported(SPECS["yaad"], head_dim=16, gate_width=1,
-                                                                       chunk_size=24)
-  assert "state w2 (48, 12): 48 is not" in pallas_gpu.unsupported(SPECS["yaad"], head_dim=12, gate_width=1, chunk_size=16)
-  assert pallas_gpu.unsupported(SPECS["yaad"], head_dim=16, gate_width=1, chunk_size=16) is None
-  if jax.default_backend() != "gpu":
-    qkv, gates, kw = _inputs(SPECS["yaad"], 14, t=6, d=16)
-    with pytest.raises(ValueError, match="pallas_triton.*needs a GPU"):
-      api.miras_memory(*qkv, gates, spec=SPECS["yaad"], implementation="pallas_triton", **kw)
 
 
 def test_api_dispatch_and_errors():

@@ -6,41 +6,29 @@ Optimization" (Behrouz et al., arXiv 2504.13173). Semantics and shapes are those
 float32; returns (o [b, t, h, d] float32, state at the last chunk boundary, momentum or None).
 
 ``implementation`` picks how the sequence is processed:
-  * ``"pallas_triton"`` / ``"pallas_triton_bf16"``: the chunked path with each chunk's forward and backward fused
-    into one GPU kernel each (:mod:`pallas_gpu`; float32 or bfloat16 matmul operands); GPU only, per-head gates,
-    no momentum or lag token, power-of-two sizes ≥ 16;
   * ``"xla_chunked"``: closed-form chunk gradients, dual-form reads, ``lax.scan`` over chunks (any backend), every
     matmul in full float32;
   * ``"xla_chunked_bf16"``: the same with bfloat16 matmul operands and float32 accumulation (tensor cores on GPU;
     states, gates and cumulative products stay float32); chosen explicitly, by measurement (benchmarks/miras.py);
   * ``"reference"``: the token loop with one ``jax.grad`` per token (any backend; slow).
-``None`` takes the first that applies, in that order, except ``pallas_triton_bf16``, which rounds matmul operands
-and is chosen explicitly. An explicitly requested implementation that cannot run raises a ValueError saying why.
+``None`` takes the first that applies, in that order. An explicitly requested implementation that cannot run
+raises a ValueError saying why.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 
-from layers.kernels.jax_compat import pallas_triton_rules_problem
-from layers.kernels.miras import chunked, pallas_gpu, reference
+from layers.kernels.miras import chunked, reference
 from layers.miras.spec import Gates, MemorySpec
 
-IMPLEMENTATIONS = ("pallas_triton", "pallas_triton_bf16", "xla_chunked", "xla_chunked_bf16", "reference")
-_EXPLICIT_ONLY = ("pallas_triton", "pallas_triton_bf16", "xla_chunked_bf16")
+IMPLEMENTATIONS = ("xla_chunked", "xla_chunked_bf16", "reference")
 
 
-def _unsupported(implementation: str, spec: MemorySpec, gates: Gates, head_dim: int, chunk_size: int) -> str | None:
+def _unsupported(implementation: str, spec: MemorySpec, gates: Gates) -> str | None:
   """Why ``implementation`` cannot run this memory, or None if it can."""
   if spec.momentum and gates.eta.shape[-1] != 1:
     return "momentum needs per-head gates (eta [..., 1])"
-  if implementation.startswith("pallas_triton"):
-    if jax.default_backend() != "gpu":
-      return f"needs a GPU (the default backend is {jax.default_backend()})"
-    return pallas_triton_rules_problem() or pallas_gpu.unsupported(
-        spec, head_dim=head_dim, gate_width=gates.eta.shape[-1], chunk_size=chunk_size)
   return None
 
 
@@ -60,17 +48,15 @@ def miras_memory(q: jax.Array, k: jax.Array, v: jax.Array, gates: Gates, *, spec
     remat: recompute the chunk body in the backward pass (``xla_chunked``).
     implementation: one of ``IMPLEMENTATIONS`` or None (first applicable).
   """
-  problem = functools.partial(_unsupported, spec=spec, gates=gates, head_dim=q.shape[-1], chunk_size=chunk_size)
   if implementation is None:
-    implementation = next(i for i in IMPLEMENTATIONS if i not in _EXPLICIT_ONLY and problem(i) is None)
+    implementation = next(i for i in IMPLEMENTATIONS if _unsupported(i, spec, gates) is None)
   elif implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
-  elif (why := problem(implementation)) is not None:
+  elif (why := _unsupported(implementation, spec, gates)) is not None:
     raise ValueError(f"miras implementation {implementation!r} cannot run: {why}")
   kwargs = dict(spec=spec, initial_state=initial_state, initial_momentum=initial_momentum, ln=ln,
                 chunk_size=chunk_size, lengths=lengths)
   if implementation == "reference":
     return reference.miras_reference(q, k, v, gates, **kwargs)
-  matmul = "bfloat16" if implementation.endswith("_bf16") else "float32"
-  kernel = "pallas_triton" if implementation.startswith("pallas_triton") else "xla"
-  return chunked.miras_chunked(q, k, v, gates, remat=remat, matmul=matmul, kernel=kernel, **kwargs)
+  matmul = "bfloat16" if implementation == "xla_chunked_bf16" else "float32"
+  return chunked.miras_chunked(q, k, v, gates, remat=remat, matmul=matmul, **kwargs)

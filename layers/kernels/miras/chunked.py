@@ -33,7 +33,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from layers.kernels.miras import pallas_gpu
 from layers.miras.memory import MATMULS, matmul
 from layers.miras.spec import Gates, MemorySpec, along, gates_along
 
@@ -86,18 +85,12 @@ def _state_at(s0, acts, gate_axes, decay, coef, mode, m0=None, c_mom=None):
   return out
 
 
-def _last_row(x: jax.Array) -> jax.Array:
-  """x[-1] of rows x [c, ...] as a masked sum: slices do not lower into fused GPU kernels (:mod:`pallas_gpu`)."""
-  last = jnp.arange(x.shape[0]) == x.shape[0] - 1
-  return jnp.sum(jnp.where(last.reshape(-1, *(1,) * (x.ndim - 1)), x, 0.0), axis=0)
-
-
 def _coefficients(spec: MemorySpec, eta, la, lb, lp) -> dict:
   """The chunk's decay and step coefficients (gates [c, g]; see the module docstring, step 2)."""
   c = eta.shape[0]
   t = jnp.arange(c)
   post = spec.read == "post"
-  lend = _last_row(lb)  # log B_c [g]
+  lend = lb[-1]  # log B_c [g]
   lread = lb if post else lb - la
   ratio = _ratios(lread, lb, t[:, None] >= t[None, :] if post else t[:, None] > t[None, :])
   end_ratio = jnp.exp(lend[None, :] - lb)  # [c, g]: B_c / B_i
@@ -142,11 +135,11 @@ def _close(spec: MemorySpec, s, m, acts, o, q, k, v, eta, la, lb, lp, delta, com
   c = q.shape[0]
   t = jnp.arange(c)
   co = _coefficients(spec, eta, la, lb, lp)
-  lend = _last_row(lb)
+  lend = lb[-1]
   s_lin = _state_at(s, acts, mem.gate_axes, co["end_decay"], co["end_coef"], mode, m if spec.momentum else None,
                     co["c_end"])
   if spec.momentum:
-    lp_end = _last_row(lp)
+    lp_end = lp[-1]
     mom_coef = jnp.exp(lp_end[None, :] - lp) * eta  # [c, 1]
     m_new = _state_at(m, acts, mem.gate_axes, jnp.exp(lp_end), mom_coef, mode)
   else:
@@ -162,28 +155,22 @@ def _close(spec: MemorySpec, s, m, acts, o, q, k, v, eta, la, lb, lp, delta, com
     s_new = ret.lag_step(s_prev, grad1, gates_along(mem, jnp.exp(la[-1])), gates_along(mem, eta[-1]))
   else:
     s_new = ret.close(s_lin)
-  if spec.read == "post" and ret.boundary_read:  # the last token reads the closed state (all rows read; one kept)
-    last = mem.apply(ret.gradient_point(s_new), q, ln)
-    o = jnp.where((t == c - 1)[:, None] & complete, last, o)
+  if spec.read == "post" and ret.boundary_read:  # the chunk's last token reads the closed state
+    last = mem.apply(ret.gradient_point(s_new), q[-1:], ln)
+    o = o.at[-1:].set(jnp.where(complete, last, o[-1:]))
   keep = lambda new, old: jax.tree.map(lambda x, y: jnp.where(complete, x, y), new, old)
   return keep(s_new, s), keep(m_new, m), o
 
 
-def chunk_step(spec: MemorySpec, carry, xs, ln, fuse=None):
+def chunk_step(spec: MemorySpec, carry, xs, ln):
   """One chunk of one head: carry (S₀, M₀), xs (q, k, v [c, d], η, log α, log B, log P [c, g], δ [c], complete
-  flag), log B and log P the chunk-local inclusive cumulative sums of log α and of the momentum's log μ.
-
-  The chunk runs as three stages, gradients → reads → close; ``fuse`` (None: plain calls) wraps each stage
-  function, which is how :mod:`pallas_gpu` turns each into one GPU kernel per direction. Without momentum or a lag
-  token and with per-head gates the stages use only operations that Pallas' Triton backend lowers (no slices, no
-  scatters, 2-D matmuls)."""
-  stage = fuse or (lambda fn: fn)
+  flag), log B and log P the chunk-local inclusive cumulative sums of log α and of the momentum's log μ; three
+  stages, gradients → reads → close."""
   s, m = carry
   q, k, v, eta, la, lb, lp, delta, complete = xs
-  acts = stage(functools.partial(_gradients, spec))(s, k, v, delta, ln)
-  o = stage(functools.partial(_reads, spec))(s, m, acts, q, eta, la, lb, lp, ln)
-  s_new, m_new, o = stage(functools.partial(_close, spec))(s, m, acts, o, q, k, v, eta, la, lb, lp, delta, complete,
-                                                           ln)
+  acts = _gradients(spec, s, k, v, delta, ln)
+  o = _reads(spec, s, m, acts, q, eta, la, lb, lp, ln)
+  s_new, m_new, o = _close(spec, s, m, acts, o, q, k, v, eta, la, lb, lp, delta, complete, ln)
   return (s_new, m_new), o
 
 
@@ -194,13 +181,9 @@ def _to_chunks(x: jax.Array, c: int) -> jax.Array:
   return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
 
 
-KERNELS = ("xla", "pallas_triton", "pallas_interpret")
-
-
-@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat", "matmul", "kernel"))
+@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat", "matmul"))
 def miras_chunked(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, initial_momentum=None, ln=None,
-                  chunk_size: int = 64, lengths=None, remat: bool = False, matmul: str = "float32",
-                  kernel: str = "xla"):
+                  chunk_size: int = 64, lengths=None, remat: bool = False, matmul: str = "float32"):
   """Chunkwise-parallel Miras memory; same contract as :func:`reference.frozen_gradient_loop`.
 
   Args:
@@ -211,17 +194,12 @@ def miras_chunked(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dic
     remat: ``jax.checkpoint`` the chunk body.
     matmul: ``float32`` (full precision) or ``bfloat16`` operands with float32 accumulation for every matmul of
       the chunk body (states, gates, cumulative sums and element-wise products stay float32).
-    kernel: how each chunk runs: ``"xla"`` (the vmapped :func:`chunk_step`), ``"pallas_triton"`` (that same
-      function fused into one GPU kernel per chunk, forward and backward; :mod:`pallas_gpu`, which says what it
-      supports) or ``"pallas_interpret"`` (those kernels in the Pallas interpreter, for CPU tests).
 
   Returns:
     (o [b, t, h, d] float32, state at the last chunk boundary, momentum there or None).
   """
   if matmul not in MATMULS:
     raise ValueError(f"matmul must be one of {MATMULS} (got {matmul!r})")
-  if kernel not in KERNELS:
-    raise ValueError(f"kernel must be one of {KERNELS} (got {kernel!r})")
   spec = dataclasses.replace(spec, memory=dataclasses.replace(spec.memory, matmul=matmul))
   b, t, h, d = q.shape
   c = chunk_size
@@ -244,10 +222,9 @@ def miras_chunked(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dic
   ln = ln if ln is not None else (jnp.ones((h, d)), jnp.zeros((h, d)))
   momentum = initial_momentum if spec.momentum else {}
 
-  fuse = None if kernel == "xla" else functools.partial(pallas_gpu.fused, interpret=kernel == "pallas_interpret")
-  per_head = jax.vmap(functools.partial(chunk_step, spec, fuse=fuse), in_axes=((0, 0), (0,) * 8 + (None,), 0))
+  per_head = jax.vmap(functools.partial(chunk_step, spec), in_axes=((0, 0), (0,) * 8 + (None,), 0))
   per_batch = jax.vmap(per_head, in_axes=((0, 0), (0,) * 9, None))
-  step = jax.checkpoint(per_batch) if remat and kernel == "xla" else per_batch
+  step = jax.checkpoint(per_batch) if remat else per_batch
   (state, mom), o = jax.lax.scan(lambda carry, x: step(carry, x, ln), (initial_state, momentum), xs)
   o = jnp.moveaxis(o, 0, 1)  # [b, n, h, c, d]
   o = jnp.moveaxis(o, 2, 3).reshape(b, n * c, h, d)[:, :t]
