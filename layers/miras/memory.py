@@ -61,6 +61,9 @@ def _bf16_einsum_bwd(spec, residuals, g):
   a, b = residuals
   operands, out = spec.split("->")
   sa, sb = operands.split(",")
+  for mine, other in ((sa, sb), (sb, sa)):  # each derivative is one einsum: it cannot re-create a summed-out index
+    if lonely := set(mine.replace("...", "")) - set(other) - set(out):
+      raise ValueError(f"bfloat16 matmul {spec!r}: index {sorted(lonely)} appears in one operand only")
   return _bf16(f"{out},{sb}->{sa}", g, b), _bf16(f"{out},{sa}->{sb}", g, a)
 
 

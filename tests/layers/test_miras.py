@@ -13,7 +13,7 @@ import pytest
 from layers.kernels.gated_delta import reference as gdn_reference
 from layers.kernels.miras import api, chunked, reference
 from layers.miras import bias as biases
-from layers.miras.memory import LinearMemory, MLPMemory
+from layers.miras.memory import LinearMemory, MLPMemory, matmul
 from layers.miras.retention import Decay, ElasticNet, LqNorm, SoftmaxKL
 from layers.miras.spec import Gates, MemorySpec
 from research.models.registry import MIXERS
@@ -357,6 +357,23 @@ def test_remat_and_lengths():
                                             spec=spec, chunk_size=4, **kw)
   o_pad, s_pad, _ = chunked.miras_chunked(*qkv, gates, spec=spec, chunk_size=4, lengths=jnp.array([9, 9]), **kw)
   assert _rel(o_pad[:, :9], o_full) < 1e-6 and _rel(s_pad, s_full) < 1e-6
+
+
+@pytest.mark.parametrize("spec", ["...i,oi->...o", "ti,si->ts", "so,si->oi", "...o,oi->...i"])
+def test_bfloat16_matmul_derivatives_match_float32_autodiff(spec):
+  """The bf16 matmul's custom vjp (cotangent rounded to bf16, bf16 × bf16 products) against float32 jax.grad."""
+  ka, kb, kg = jax.random.split(jax.random.PRNGKey(9), 3)
+  shapes = {"...i,oi->...o": ((2, 5, 16), (32, 16)), "ti,si->ts": ((8, 16), (8, 16)),
+            "so,si->oi": ((8, 32), (8, 16)), "...o,oi->...i": ((2, 5, 32), (32, 16))}[spec]
+  a, b = jax.random.normal(ka, shapes[0]), jax.random.normal(kb, shapes[1])
+  w = jax.random.normal(kg, jnp.einsum(spec, a, b).shape)
+  grads = [jax.grad(lambda a, b: jnp.sum(matmul(spec, a, b, mode) * w), argnums=(0, 1))(a, b)
+           for mode in ("bfloat16", "float32")]
+  err = _rel(grads[0], grads[1])
+  print(f"{spec}: bf16 matmul gradients vs float32, max rel error {err:.1e}")
+  assert err < 2e-2
+  with pytest.raises(ValueError, match="appears in one operand only"):
+    jax.grad(lambda x: jnp.sum(matmul("ij,k->k", x, jnp.ones(3), "bfloat16")))(jnp.ones((2, 2)))
 
 
 @pytest.mark.parametrize("name", ["moneta", "titans"])
