@@ -28,7 +28,6 @@ import functools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -249,11 +248,9 @@ def fla_in_child(shapes: str, heads: int, dim: int, child_json: str, unguarded_g
   JAX process that has left them GPU memory (XLA_PYTHON_CLIENT_PREALLOCATE=false); an error row if it fails."""
   cmd = [sys.executable, os.path.abspath(__file__), "--part", "fla", "--json", child_json, "--shapes", shapes,
          "--heads", str(heads), "--dim", str(dim)] + (["--fla-gdn-unguarded"] if unguarded_gdn else [])
-  proc = subprocess.run(cmd, env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}, check=False)
-  if proc.returncode == 0 and os.path.exists(child_json):
-    with open(child_json) as f:
-      return json.load(f)["rows"]
-  return [{"kind": "error", "op": "fla", "error": f"fla child exited with {proc.returncode}"}]
+  from benchmarks.child import rows_from_child
+
+  return rows_from_child(cmd, child_json, "fla")
 
 
 def run_mom(shapes) -> list[dict]:

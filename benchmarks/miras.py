@@ -11,7 +11,8 @@ overrides the table below). Each variant's output is also compared with the toke
 sequence (f32) before it is timed, so a fast-but-wrong variant shows up in the same table.
 
 ``--decode BxT`` adds spec §11.7: one-token decode latency after a T-token prefill, and the decode cache's bytes per
-head, for GDN, attention (KV cache) and every variant; ``--fla`` adds fla's ``chunk_gla`` kernel in a child process.
+head, for GDN, attention (KV cache) and every variant; ``--fla`` adds fla's ``chunk_gla`` kernel and ``--lucid``
+lucidrains' ``NeuralMemory`` (spec §11.2, ``benchmarks/lucid_memory.py``), each in a child process.
 
 Usage (GPU): XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python benchmarks/miras.py --json $OUT/miras.json --fla
   more: --shapes 8x2048,8x4096,2x16384 --chunks 16,32,64,128 --gates channel,head --remat 0,1 --decode 8x4096 \\
@@ -240,7 +241,8 @@ COLUMNS = (  # (header, row key, format); a missing key prints "-"
     ("fwd+bwd ktok/s", "fwd_bwd_ktok_s", "{:.0f}"),
     ("TFLOP/s", "fwd_bwd_tflop_s", "{:.1f}"), ("peak fraction", "fwd_bwd_peak_frac", "{:.3f}"),
     ("× GDN", "vs_gdn_fwd_bwd", "{:.2f}"), ("temp GiB", "fwd_bwd_temp_gib", "{:.2f}"),
-    ("grads finite", "grad_finite", "{}"), ("max |grad|", "grad_max_abs", "{:.1e}"),
+    ("torch peak GiB", "torch_peak_gib", "{:.2f}"), ("grads finite", "grad_finite", "{}"),
+    ("max |grad|", "grad_max_abs", "{:.1e}"),
     ("check: max rel vs reference", "max_rel", "{:.1e}"), ("decode ms/token", "decode_ms_per_token", "{:.3f}"),
     ("decode cache KiB/head", "cache_kib_per_head", "{:.1f}"), ("error", "error", "{:.80}"))
 
@@ -273,6 +275,9 @@ def main() -> None:
                       "tokens, with the cache's bytes per head (spec §11.7); --shapes '' times only these")
   parser.add_argument("--fla", action="store_true", help="also time fla's chunk_gla kernel (GLA, channel gates) at "
                       "the same heads and head width, in a child process (needs fla-core, see docs/benchmarks.md)")
+  parser.add_argument("--lucid", action="store_true", help="also time lucidrains' NeuralMemory (titans-pytorch, "
+                      "depth 2, expansion 4, momentum off, the first --chunks) in a child process (spec §11.2; needs "
+                      "its wheels, see benchmarks/lucid_memory.py)")
   parser.add_argument("--hlo-dir", default="", help="write each timed op's compiled fwd+bwd HLO text here")
   args = parser.parse_args()
   HLO_DIR = args.hlo_dir
@@ -286,15 +291,22 @@ def main() -> None:
       split(args.impls)) if not (m == "titans" and g == "channel")]
   rows = run(shapes, variants, args.peak_tflops, args.dtype) if shapes else []
   rows += run_decode([tuple(int(n) for n in s.split("x")) for s in split(args.decode)], variants, args.dtype)
+  peers = []
   if args.fla and shapes:
     from benchmarks.linear_attention import fla_in_child
     for row in fla_in_child(args.shapes, HEADS, HEAD_DIM, args.json + ".fla"):
       if "fwd_bwd_mtok_s" in row:
         row["fwd_bwd_ktok_s"] = 1e3 * row["fwd_bwd_mtok_s"]
-        gdn = next((r for r in rows if r.get("op") == "gdn_layer" and (r["B"], r["T"]) == (row["B"], row["T"])), {})
-        if "fwd_bwd_ktok_s" in gdn:
-          row["vs_gdn_fwd_bwd"] = row["fwd_bwd_ktok_s"] / gdn["fwd_bwd_ktok_s"]
-      rows.append(row)
+      peers.append(row)
+  if args.lucid and shapes:
+    from benchmarks.lucid_memory import in_child
+    peers += in_child(args.shapes, HEADS, HEAD_DIM, int(split(args.chunks)[0]), args.json + ".lucid")
+  for row in peers:
+    gdn = next((r for r in rows if r.get("op") == "gdn_layer" and (r["B"], r["T"]) == (row.get("B"), row.get("T"))),
+               {})
+    if "fwd_bwd_ktok_s" in row and "fwd_bwd_ktok_s" in gdn:
+      row["vs_gdn_fwd_bwd"] = row["fwd_bwd_ktok_s"] / gdn["fwd_bwd_ktok_s"]
+    rows.append(row)
   import jax  # imported by run() already
   meta = {"argv": sys.argv, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "width": args.width}
   with open(args.json, "w") as f:
