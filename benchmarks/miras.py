@@ -10,7 +10,8 @@ of the compiled fwd+bwd; the achieved fraction of the device's dense bf16 peak i
 overrides the table below). Each variant's output is also compared with the token-loop reference on a short
 sequence (f32) before it is timed, so a fast-but-wrong variant shows up in the same table.
 
-``--decode BxT`` adds spec §11.7: one-token decode latency after a T-token prefill, and the decode cache's bytes per
+``--stages B`` times one chunk of B × H heads through each stage of the chunk step alone (gradients, reads, close),
+to show where a chunk's time goes. ``--decode BxT`` adds spec §11.7: one-token decode latency after a T-token prefill, and the decode cache's bytes per
 head, for GDN, attention (KV cache) and every variant; ``--fla`` adds fla's ``chunk_gla`` kernel and ``--lucid``
 lucidrains' ``NeuralMemory`` (spec §11.2, ``benchmarks/lucid_memory.py``), each in a child process.
 
@@ -211,6 +212,79 @@ def run_decode(shapes, variants: list[Variant], dtype: str) -> list[dict]:
   return rows
 
 
+def _stage_inputs(spec, b: int, c: int, g: int):
+  """Random per-(row, head) inputs of one chunk: state, momentum, q, k, v [b, H, c, d], gates [b, H, c, g], δ,
+  complete flags, ln (γ, β) [H, d]."""
+  import jax
+  import jax.numpy as jnp
+
+  ks = iter(jax.random.split(jax.random.PRNGKey(4), 8))
+  normal = lambda *shape: jax.random.normal(next(ks), (b, HEADS, *shape))
+  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  state = {n: normal(*shape) / shape[1] ** 0.5 for n, shape in spec.memory.shapes(HEAD_DIM).items()}
+  momentum = jax.tree.map(jnp.zeros_like, state) if spec.momentum else {}
+  la = jax.nn.log_sigmoid(3.0 + normal(c, g))
+  lp = jnp.cumsum(jax.nn.log_sigmoid(normal(c, g)), axis=-2) if spec.momentum else jnp.zeros_like(la)
+  return dict(s=state, m=momentum, q=unit(normal(c, HEAD_DIM)), k=unit(normal(c, HEAD_DIM)),
+              v=normal(c, HEAD_DIM), eta=0.1 * jax.nn.sigmoid(normal(c, g)), la=la, lb=jnp.cumsum(la, axis=-2),
+              lp=lp, delta=jnp.ones((b, HEADS, c)), complete=jnp.ones((b, HEADS), bool),
+              ln=(jnp.ones((HEADS, HEAD_DIM)), jnp.zeros((HEADS, HEAD_DIM))))
+
+
+def run_stages(b: int, variants: list[Variant]) -> list[dict]:
+  """One chunk of B × H heads through each stage of ``layers.kernels.miras.chunked`` alone (gradients, reads,
+  close) and the whole chunk step, fwd and fwd+bwd: where a chunk's time goes, per stage."""
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+
+  from benchmarks.linear_attention import _median_ms
+  from layers.kernels.miras import chunked
+  from research.models.registry import MIXERS
+
+  device = jax.devices()[0].device_kind
+  rows = []
+  for v in variants:
+    spec = MIXERS.config_class(v.model)(memory=v.memory, gates=v.gates, chunk_size=v.chunk).memory_spec()
+    mode = "bfloat16" if v.impl.endswith("_bf16") else "float32"
+    spec = dataclasses.replace(spec, memory=dataclasses.replace(spec.memory, matmul=mode))
+    x = _stage_inputs(spec, b, v.chunk, HEAD_DIM if v.gates == "channel" else 1)
+    acts = jax.vmap(jax.vmap(functools.partial(chunked.stage_gradients, spec)), in_axes=(0,) * 4 + (None,))(
+        x["s"], x["k"], x["v"], x["delta"], x["ln"])
+    o = x["q"]
+    xs = tuple(x[n] for n in ("q", "k", "v", "eta", "la", "lb", "lp", "delta", "complete"))
+    stages = {  # name: (function of one head, its arguments; ln, the last, is per head only)
+        "gradients": (chunked.stage_gradients, (x["s"], x["k"], x["v"], x["delta"], x["ln"])),
+        "reads": (chunked.stage_reads, (x["s"], x["m"], acts, *(x[n] for n in ("q", "eta", "la", "lb", "lp")),
+                                        x["ln"])),
+        "close": (chunked.stage_close, (x["s"], x["m"], acts, o, *xs[:8], x["complete"], x["ln"])),
+        "chunk step": (lambda spec, s, m, xs, ln: chunked.chunk_step(spec, (s, m), xs, ln),
+                       (x["s"], x["m"], xs, x["ln"])),
+    }
+    for name, (fn, args) in stages.items():
+      row = {"kind": "stage", "op": f"{v.name}:{name} (one chunk)", "B": b, "device": device}
+      try:
+        batched = jax.vmap(jax.vmap(functools.partial(fn, spec)), in_axes=(0,) * (len(args) - 1) + (None,))
+        leaves, treedef = jax.tree.flatten(args)
+        floats = [jnp.issubdtype(a.dtype, jnp.floating) for a in leaves]
+
+        def total(float_leaves, batched=batched, leaves=leaves, treedef=treedef, floats=floats):
+          """Sum of the stage's float outputs as a function of all its float inputs (flags held fixed)."""
+          given = iter(float_leaves)
+          outs = batched(*treedef.unflatten([next(given) if f else a for a, f in zip(leaves, floats)]))
+          return sum(jnp.sum(y) for y in jax.tree.leaves(outs) if jnp.issubdtype(y.dtype, jnp.floating))
+
+        fwd, fwd_bwd = jax.jit(batched), jax.jit(jax.grad(total))
+        row["fwd_ms"] = _median_ms(functools.partial(fwd, *args))
+        row["fwd_bwd_ms"] = _median_ms(functools.partial(fwd_bwd, [a for a, f in zip(leaves, floats) if f]))
+      except Exception as e:  # noqa: BLE001
+        row["error"] = repr(e)[:400]
+      print("stage", json.dumps(row), flush=True)
+      rows.append(row)
+  return rows
+
+
 def run(shapes, variants: list[Variant], peak_override: float | None, dtype: str) -> list[dict]:
   import jax
 
@@ -251,7 +325,7 @@ def _table(rows: list[dict]) -> str:
   cell = lambda r, key, fmt: fmt.format(r[key]) if key in r else "-"
   out = ["| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "-|" * len(COLUMNS)]
   out += ["| " + " | ".join(cell(r, key, fmt) for _, key, fmt in COLUMNS) + " |"
-          for r in rows if r.get("kind") in ("time", "check", "decode", "error")]
+          for r in rows if r.get("kind") in ("time", "check", "decode", "stage", "error")]
   return "\n".join(out)
 
 
@@ -278,6 +352,8 @@ def main() -> None:
   parser.add_argument("--lucid", action="store_true", help="also time lucidrains' NeuralMemory (titans-pytorch, "
                       "depth 2, expansion 4, momentum off, the first --chunks) in a child process (spec §11.2; needs "
                       "its wheels, see benchmarks/lucid_memory.py)")
+  parser.add_argument("--stages", type=int, default=0, help="B: also time one chunk of B × H heads through each "
+                      "stage of the chunk step alone (gradients, reads, close), fwd and fwd+bwd")
   parser.add_argument("--hlo-dir", default="", help="write each timed op's compiled fwd+bwd HLO text here")
   args = parser.parse_args()
   HLO_DIR = args.hlo_dir
@@ -290,6 +366,7 @@ def main() -> None:
       split(args.models), split(args.memories), split(args.gates), split(args.chunks), split(args.remat),
       split(args.impls)) if not (m == "titans" and g == "channel")]
   rows = run(shapes, variants, args.peak_tflops, args.dtype) if shapes else []
+  rows += run_stages(args.stages, variants) if args.stages else []
   rows += run_decode([tuple(int(n) for n in s.split("x")) for s in split(args.decode)], variants, args.dtype)
   peers = []
   if args.fla and shapes:

@@ -106,7 +106,7 @@ def _coefficients(spec: MemorySpec, eta, la, lb, lp) -> dict:
   return out
 
 
-def _gradients(spec: MemorySpec, s, k, v, delta, ln) -> dict:
+def stage_gradients(spec: MemorySpec, s, k, v, delta, ln) -> dict:
   """Stage 1: every token's (a_i, e_i) per layer at the chunk-start weights W₀ = view(S₀) (step 1)."""
   mem, ret = spec.memory, spec.retention
   w0 = ret.gradient_point(s)
@@ -114,7 +114,7 @@ def _gradients(spec: MemorySpec, s, k, v, delta, ln) -> dict:
   return spec.clip_errors(mem.backprop(w0, cache, spec.bias.grad(y, v, delta), ln))
 
 
-def _reads(spec: MemorySpec, s, m, acts, q, eta, la, lb, lp, ln) -> jax.Array:
+def stage_reads(spec: MemorySpec, s, m, acts, q, eta, la, lb, lp, ln) -> jax.Array:
   """Stage 2: the per-token reads o [c, d] through the dual form (step 3)."""
   mem, ret = spec.memory, spec.retention
   co = _coefficients(spec, eta, la, lb, lp)
@@ -128,7 +128,7 @@ def _reads(spec: MemorySpec, s, m, acts, q, eta, la, lb, lp, ln) -> jax.Array:
   return mem.apply(ret.gradient_point(s), q, ln, matvec=matvec)
 
 
-def _close(spec: MemorySpec, s, m, acts, o, q, k, v, eta, la, lb, lp, delta, complete, ln):
+def stage_close(spec: MemorySpec, s, m, acts, o, q, k, v, eta, la, lb, lp, delta, complete, ln):
   """Stage 3: the chunk-end state and momentum (step 4) and the last token's read of the closed state."""
   mem, ret = spec.memory, spec.retention
   mode = mem.matmul
@@ -168,9 +168,9 @@ def chunk_step(spec: MemorySpec, carry, xs, ln):
   stages, gradients → reads → close."""
   s, m = carry
   q, k, v, eta, la, lb, lp, delta, complete = xs
-  acts = _gradients(spec, s, k, v, delta, ln)
-  o = _reads(spec, s, m, acts, q, eta, la, lb, lp, ln)
-  s_new, m_new, o = _close(spec, s, m, acts, o, q, k, v, eta, la, lb, lp, delta, complete, ln)
+  acts = stage_gradients(spec, s, k, v, delta, ln)
+  o = stage_reads(spec, s, m, acts, q, eta, la, lb, lp, ln)
+  s_new, m_new, o = stage_close(spec, s, m, acts, o, q, k, v, eta, la, lb, lp, delta, complete, ln)
   return (s_new, m_new), o
 
 
