@@ -17,6 +17,10 @@ of c tokens, from the chunk-start state S₀ (W₀ = view(S₀), s₀ = Moneta's
      retention's chunk-end rule: ``close`` (Moneta keeps A, elastic net thresholds), or Memora's lag token, whose
      exact softmax step starts from the state after the other c − 1 tokens; the last token then reads the new state.
 
+Step 1 is :func:`stage_gradients`, step 3 :func:`stage_reads`, step 4 :func:`stage_close` (each computes the step-2
+coefficients it needs); :func:`chunk_step` chains them. The log-gate sums log B are taken for all chunks at once,
+before the scan.
+
 Channel gates scale each weight along its d-sized axis; their intra-chunk products are formed element-wise in
 float32 over [c, c, d] (stable: every exponent ≤ 0). The scan carries only S (and M); ``remat=True`` recomputes
 the chunk body in the backward pass instead of storing its intermediates.
