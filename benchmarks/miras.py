@@ -11,9 +11,10 @@ overrides the table below). Each variant's output is also compared with the toke
 sequence (f32) before it is timed, so a fast-but-wrong variant shows up in the same table.
 
 ``--stages B`` times one chunk of B × H heads through each stage of the chunk step alone (gradients, reads, close),
-to show where a chunk's time goes. ``--decode BxT`` adds spec §11.7: one-token decode latency after a T-token prefill, and the decode cache's bytes per
-head, for GDN, attention (KV cache) and every variant; ``--fla`` adds fla's ``chunk_gla`` kernel and ``--lucid``
-lucidrains' ``NeuralMemory`` (spec §11.2, ``benchmarks/lucid_memory.py``), each in a child process.
+to show where a chunk's time goes. ``--decode BxT`` adds spec §11.7: one-token decode latency after a T-token
+prefill, and the decode cache's bytes per head, for GDN, attention (KV cache) and every variant; ``--fla`` adds
+fla's ``chunk_gla`` kernel and ``--lucid`` lucidrains' ``NeuralMemory`` (spec §11.2, ``benchmarks/lucid_memory.py``),
+each in a child process.
 
 Usage (GPU): XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python benchmarks/miras.py --json $OUT/miras.json --fla
   more: --shapes 8x2048,8x4096,2x16384 --chunks 16,32,64,128 --gates channel,head --remat 0,1 --decode 8x4096 \\
@@ -93,8 +94,8 @@ def _layer(variant: Variant | None, dtype: str):
   ctx = MixerContext(d_model=D_MODEL, num_heads=HEADS, head_dim=HEAD_DIM, dtype=dtype)
   if variant is None:
     return GatedDeltaNet(GDNConfig(chunk_size=64), ctx, rngs=nnx.Rngs(0))
-  cfg = MIXERS.config_class(variant.model)(memory=variant.memory, gates=variant.gates, chunk_size=variant.chunk, remat=variant.remat,
-               implementation=variant.impl)
+  cfg = MIXERS.config_class(variant.model)(memory=variant.memory, gates=variant.gates, chunk_size=variant.chunk,
+                                           remat=variant.remat, implementation=variant.impl)
   return MirasLayer(cfg, ctx, rngs=nnx.Rngs(0))
 
 

@@ -10,7 +10,8 @@ and no mesh axis is used twice in one array; everything else is replicated. Opti
 a state leaf is matched to the parameter whose path its own contains (optax nests ``mu``, ``nu``, ... around the
 parameter tree; GaLore keeps a base state per parameter), and each of its dimensions takes the parameter's mesh
 axis where the sizes agree — so Adam's moments shard like their weights, while GaLore's projector [m, r] keeps the
-weight's row axis and its low-rank moments [r, n] its column axis ("rules of their own" without naming GaLore). Scalars (step counts) are replicated.
+weight's row axis and its low-rank moments [r, n] its column axis ("rules of their own" without naming GaLore).
+Scalars (step counts) are replicated.
 """
 
 from __future__ import annotations
