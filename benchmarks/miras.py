@@ -36,6 +36,7 @@ import time
 
 D_MODEL, HEADS, HEAD_DIM = 1024, 16, 64
 HLO_DIR = ""  # --hlo-dir: where the compiled fwd+bwd HLO of every timed op is written
+PROFILE = False  # --profile: each timed op's fwd and fwd+bwd GPU kernels (benchmarks/kernel_profile.py)
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0}
 
 
@@ -137,13 +138,19 @@ def _time_layer(op: str, layer, b: int, t: int, device: str, flops: dict, peak: 
     row["xla_fwd_bwd_gflop"] = (_xla_flops(compiled) or float("nan")) / 1e9
     row["fwd_bwd_temp_gib"] = compiled.memory_analysis().temp_size_in_bytes / 2**30
     if HLO_DIR:
-      with open(os.path.join(HLO_DIR, f"{op}_B{b}_T{t}.hlo.txt"), "w") as f:
+      name = "".join(ch if ch.isalnum() or ch in "_-." else "_" for ch in f"{op}_B{b}_T{t}")
+      with open(os.path.join(HLO_DIR, f"{name}.hlo.txt"), "w") as f:
         f.write(compiled.as_text())
     grads = jax.tree.leaves(compiled(params, x))
     row["grad_finite"] = bool(all(bool(jnp.all(jnp.isfinite(g))) for g in grads))
     row["grad_max_abs"] = float(max(float(jnp.max(jnp.abs(g))) for g in grads))
     row["fwd_ms"] = _median_ms(functools.partial(fwd, params, x))
     row["fwd_bwd_ms"] = _median_ms(functools.partial(compiled, params, x))
+    if PROFILE:
+      from benchmarks.kernel_profile import format_table, kernel_table
+      for key, fn in (("fwd", fwd), ("fwd_bwd", compiled)):
+        row[f"{key}_profile"] = kernel_table(functools.partial(fn, params, x))
+        print(format_table(row[f"{key}_profile"], f"{op} {key} B{b} T{t} ({device})"), flush=True)
     for key in ("fwd", "fwd_bwd"):
       row[f"{key}_ktok_s"] = b * t / row[f"{key}_ms"]
       row[f"{key}_tflop_s"] = flops[key] / row[f"{key}_ms"] / 1e9
@@ -331,7 +338,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-  global D_MODEL, HEADS, HEAD_DIM, HLO_DIR
+  global D_MODEL, HEADS, HEAD_DIM, HLO_DIR, PROFILE
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--json", default="miras.json", help="where to write all rows")
   parser.add_argument("--shapes", default="8x4096", help="BxT,BxT,...")
@@ -356,8 +363,10 @@ def main() -> None:
   parser.add_argument("--stages", type=int, default=0, help="B: also time one chunk of B × H heads through each "
                       "stage of the chunk step alone (gradients, reads, close), fwd and fwd+bwd")
   parser.add_argument("--hlo-dir", default="", help="write each timed op's compiled fwd+bwd HLO text here")
+  parser.add_argument("--profile", action="store_true", help="also list each timed op's GPU kernels (count, time) "
+                      "from JAX's profiler trace, fwd and fwd+bwd")
   args = parser.parse_args()
-  HLO_DIR = args.hlo_dir
+  HLO_DIR, PROFILE = args.hlo_dir, args.profile
   if HLO_DIR:
     os.makedirs(HLO_DIR, exist_ok=True)
   D_MODEL, HEADS, HEAD_DIM = (int(n) for n in args.width.split("x"))
