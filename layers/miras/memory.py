@@ -94,6 +94,12 @@ def layer_norm(u: jax.Array, ln: tuple[jax.Array, jax.Array], eps: float) -> tup
   return n * ln[0] + ln[1], n, rstd
 
 
+def layer_norm_backward(g: jax.Array, n: jax.Array, rstd: jax.Array, gamma: jax.Array) -> jax.Array:
+  """∂ℓ/∂u from ∂ℓ/∂(LN(u)·γ + β) = g, with n and 1/σ from :func:`layer_norm` (last axis)."""
+  g_n = g * gamma
+  return rstd * (g_n - jnp.mean(g_n, axis=-1, keepdims=True) - n * jnp.mean(g_n * n, axis=-1, keepdims=True))
+
+
 @dataclasses.dataclass(frozen=True)
 class LinearMemory:
   """M(W; x) = W x with one fast weight ``w`` [d, d]; channel gates act on its input (key) axis, as in GLA."""
@@ -153,8 +159,7 @@ class MLPMemory:
   def backprop(self, w: dict, cache: tuple, g_y: jax.Array, ln) -> dict[str, tuple[jax.Array, jax.Array]]:
     """Closed-form errors: e1 = ∂ℓ/∂u (LayerNorm backward), e2 = (e1 W1) ⊙ gelu'(z); ∇W1 = e1 hᵀ, ∇W2 = e2 xᵀ."""
     x, z, h, n, rstd = cache
-    g_n = g_y * ln[0]
-    e1 = rstd * (g_n - jnp.mean(g_n, axis=-1, keepdims=True) - n * jnp.mean(g_n * n, axis=-1, keepdims=True))
+    e1 = layer_norm_backward(g_y, n, rstd, ln[0])
     e2 = matmul("...o,oi->...i", e1, w["w1"], self.matmul) * gelu_grad(z)
     return {"w2": (x, e2), "w1": (h, e1)}
 

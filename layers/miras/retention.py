@@ -62,8 +62,9 @@ class LqNorm(Decay):
   boundary_read = True
 
   def read_scale(self, s: dict) -> dict:
-    # ‖A‖_q^{−(q−2)} = (Σ|a|^q)^{−(q−2)/q}
-    return {name: jnp.exp(-(self.q - 2.0) / self.q * jnp.log(jnp.sum(jnp.abs(a) ** self.q))) for name, a in s.items()}
+    # ‖A‖_q^{−(q−2)} = (Σ|a|^q)^{−(q−2)/q}; an integer q is a product of multiplies, not exp(q·log|a|) per entry
+    power = (lambda a: jax.lax.integer_pow(a, int(self.q))) if float(self.q).is_integer() else (lambda a: a ** self.q)
+    return {name: jnp.exp(-(self.q - 2.0) / self.q * jnp.log(jnp.sum(power(jnp.abs(a))))) for name, a in s.items()}
 
   def gradient_point(self, s: dict) -> dict:
     return _tree_map(lambda a, c: a * c, s, self.read_scale(s))

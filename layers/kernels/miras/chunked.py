@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +90,7 @@ def _state_at(s0, acts, gate_axes, decay, coef, mode, m0=None, c_mom=None):
   return out
 
 
-def _coefficients(spec: MemorySpec, eta, la, lb, lp) -> dict:
+def coefficients(spec: MemorySpec, eta, la, lb, lp) -> dict:
   """The chunk's decay and step coefficients (gates [c, g]; see the module docstring, step 2)."""
   c = eta.shape[0]
   t = jnp.arange(c)
@@ -121,7 +122,7 @@ def stage_gradients(spec: MemorySpec, s, k, v, delta, ln) -> dict:
 def stage_reads(spec: MemorySpec, s, m, acts, q, eta, la, lb, lp, ln) -> jax.Array:
   """Stage 2: the per-token reads o [c, d] through the dual form (step 3)."""
   mem, ret = spec.memory, spec.retention
-  co = _coefficients(spec, eta, la, lb, lp)
+  co = coefficients(spec, eta, la, lb, lp)
   s0 = ret.read_scale(s)
 
   def matvec(name, w, x):
@@ -138,7 +139,7 @@ def stage_close(spec: MemorySpec, s, m, acts, o, q, k, v, eta, la, lb, lp, delta
   mode = mem.matmul
   c = q.shape[0]
   t = jnp.arange(c)
-  co = _coefficients(spec, eta, la, lb, lp)
+  co = coefficients(spec, eta, la, lb, lp)
   lend = lb[-1]
   s_lin = _state_at(s, acts, mem.gate_axes, co["end_decay"], co["end_coef"], mode, m if spec.momentum else None,
                     co["c_end"])
@@ -185,6 +186,55 @@ def _to_chunks(x: jax.Array, c: int) -> jax.Array:
   return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
 
 
+class Chunked(NamedTuple):
+  """A sequence cut into chunks for the scan: every field [n, b, h, c, ...] (float32), flags [n, b]."""
+
+  q: jax.Array
+  k: jax.Array
+  v: jax.Array
+  eta: jax.Array  # [n, b, h, c, g]
+  log_alpha: jax.Array  # [n, b, h, c, g]
+  log_b: jax.Array  # chunk-local inclusive cumulative sum of log α
+  log_p: jax.Array  # chunk-local cumulative sum of the momentum's log μ (zeros without momentum)
+  delta: jax.Array  # [n, b, h, c]
+  complete: jax.Array  # [n, b]: the chunk ends at or before the row's length (it is closed into the state)
+
+
+def chunk_sequence(q, k, v, gates: Gates, spec: MemorySpec, c: int, lengths=None) -> Chunked:
+  """Pads [b, t, h, ...] inputs to whole chunks of c with identity tokens (η = 0, α = 1, δ = 1), cuts them into
+  chunks and takes the chunk-local cumulative log-gates for all chunks at once, outside the sequential scan."""
+  b, t, h, _ = q.shape
+  pad = -t % c
+  f32 = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float32, or float64 in tests
+  delta = gates.delta if gates.delta is not None else jnp.ones((b, t, h), jnp.float32)
+  lmu = gates.log_momentum if gates.log_momentum is not None else jnp.zeros_like(gates.log_alpha)
+  seq = [f32(x) for x in (q, k, v, gates.eta, gates.log_alpha, lmu, delta)]
+  if pad:  # identity tokens; they are never closed into the state
+    seq = [jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=1.0 if i == 6 else 0.0)
+           for i, x in enumerate(seq)]
+  n = (t + pad) // c
+  lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+  complete = (jnp.arange(1, n + 1) * c)[:, None] <= lengths[None, :]  # [n, b]
+  qc, kc, vc, eta, la, lmu, delta = (_to_chunks(x, c) for x in seq)
+  # (a cumulative sum of constant zeros would be constant-folded by XLA, ~10 s per compile at 8 × 4096 tokens)
+  lp = jnp.cumsum(lmu, axis=3) if spec.momentum else lmu
+  return Chunked(qc, kc, vc, eta, la, jnp.cumsum(la, axis=3), lp, delta, complete)
+
+
+def unchunk(o: jax.Array, t: int) -> jax.Array:
+  """[n, b, h, c, d] -> [b, t, h, d] (the padding dropped)."""
+  n, b, h, c, d = o.shape
+  o = jnp.moveaxis(o, 0, 1)  # [b, n, h, c, d]
+  return jnp.moveaxis(o, 2, 3).reshape(b, n * c, h, d)[:, :t]
+
+
+def with_matmul(spec: MemorySpec, matmul: str) -> MemorySpec:
+  """``spec`` whose memory multiplies in ``matmul`` mode (``layers.miras.memory.MATMULS``)."""
+  if matmul not in MATMULS:
+    raise ValueError(f"matmul must be one of {MATMULS} (got {matmul!r})")
+  return dataclasses.replace(spec, memory=dataclasses.replace(spec.memory, matmul=matmul))
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat", "matmul"))
 def miras_chunked(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, initial_momentum=None, ln=None,
                   chunk_size: int = 64, lengths=None, remat: bool = False, matmul: str = "float32"):
@@ -202,34 +252,14 @@ def miras_chunked(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dic
   Returns:
     (o [b, t, h, d] float32, state at the last chunk boundary, momentum there or None).
   """
-  if matmul not in MATMULS:
-    raise ValueError(f"matmul must be one of {MATMULS} (got {matmul!r})")
-  spec = dataclasses.replace(spec, memory=dataclasses.replace(spec.memory, matmul=matmul))
+  spec = with_matmul(spec, matmul)
   b, t, h, d = q.shape
-  c = chunk_size
-  pad = -t % c
-  f32 = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float32, or float64 in tests
-  delta = gates.delta if gates.delta is not None else jnp.ones((b, t, h), jnp.float32)
-  lmu = gates.log_momentum if gates.log_momentum is not None else jnp.zeros_like(gates.log_alpha)
-  seq = [f32(x) for x in (q, k, v, gates.eta, gates.log_alpha, lmu, delta)]
-  if pad:  # identity tokens: η = 0, α = 1 (δ = 1); they are never closed into the state
-    seq = [jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=1.0 if i == 6 else 0.0)
-           for i, x in enumerate(seq)]
-  n = (t + pad) // c
-  lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
-  complete = (jnp.arange(1, n + 1) * c)[:, None] <= lengths[None, :]  # [n, b]
-  qc, kc, vc, eta, la, lmu, delta = (_to_chunks(x, c) for x in seq)
-  # chunk-local cumulative log-gates for all chunks at once, outside the sequential scan
-  # (a cumulative sum of constant zeros would be constant-folded by XLA, ~10 s per compile at 8 × 4096 tokens)
-  lp = jnp.cumsum(lmu, axis=3) if spec.momentum else lmu
-  xs = (qc, kc, vc, eta, la, jnp.cumsum(la, axis=3), lp, delta, complete)
+  xs = chunk_sequence(q, k, v, gates, spec, chunk_size, lengths)
   ln = ln if ln is not None else (jnp.ones((h, d)), jnp.zeros((h, d)))
   momentum = initial_momentum if spec.momentum else {}
 
   per_head = jax.vmap(functools.partial(chunk_step, spec), in_axes=((0, 0), (0,) * 8 + (None,), 0))
   per_batch = jax.vmap(per_head, in_axes=((0, 0), (0,) * 9, None))
   step = jax.checkpoint(per_batch) if remat else per_batch
-  (state, mom), o = jax.lax.scan(lambda carry, x: step(carry, x, ln), (initial_state, momentum), xs)
-  o = jnp.moveaxis(o, 0, 1)  # [b, n, h, c, d]
-  o = jnp.moveaxis(o, 2, 3).reshape(b, n * c, h, d)[:, :t]
-  return o, state, (mom if spec.momentum else None)
+  (state, mom), o = jax.lax.scan(lambda carry, x: step(carry, x, ln), (initial_state, momentum), tuple(xs))
+  return unchunk(o, t), state, (mom if spec.momentum else None)
