@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from layers.kernels.gated_delta import reference as gdn_reference
-from layers.kernels.miras import api, chunked, reference
+from layers.kernels.miras import api, chunked, flat, reference
 from layers.miras import bias as biases
 from layers.miras.memory import LinearMemory, MLPMemory, matmul
 from layers.miras.retention import Decay, ElasticNet, LqNorm, SoftmaxKL
@@ -331,6 +332,28 @@ def test_long_random_sequences_stay_finite_and_clipped_memories_forget(case):
     assert finite(per_chunk) and float(per_chunk[0]) < float(per_chunk[-2])
 
 
+@pytest.mark.parametrize("name", ["moneta", "moneta_pre", "yaad_clip", "elastic_mlp"])
+def test_flat_path_equals_the_chunked_path_values_and_grads(name):
+  """``xla_flat`` (all heads at once, hoisted scores, the boundary read as the next chunk's extra row) against
+  ``xla_chunked``: every read and the state in float32, gradients of all inputs in float64, with a padded trailing
+  chunk and a row whose length ends inside a chunk (so the boundary read and the kept state are both exercised)."""
+  spec = SPECS.get(name) or MemorySpec(MLPMemory(), biases.L2(), ElasticNet(0.01))
+  lengths = jnp.array([13, 9])
+  runs = [functools.partial(fn, spec=spec, chunk_size=4, lengths=lengths)
+          for fn in (chunked.miras_chunked, flat.miras_flat)]
+  qkv, gates, kw = _inputs(spec, 21, t=13)
+  (o_c, s_c, _), (o_f, s_f, _) = (run(*qkv, gates, **kw) for run in runs)
+  errs = _rel(o_f, o_c), _rel(s_f, s_c)
+  with jax.enable_x64(True):
+    qkv, gates, kw = _inputs(spec, 21, t=13, dtype=jnp.float64)
+    weights = jax.random.normal(jax.random.PRNGKey(7), o_c.shape, jnp.float64)
+    g_c, g_f = (jax.grad(_loss(run, weights), argnums=(0, 1, 2))(qkv, gates, kw) for run in runs)
+    grad_err = _rel(g_f, g_c)
+  print(f"{name}: flat vs chunked, max rel error reads {errs[0]:.1e}, state {errs[1]:.1e} (float32), "
+        f"grads {grad_err:.1e} (float64)")
+  assert max(errs) < 1e-5 and grad_err < 1e-9
+
+
 def test_causality_within_and_across_chunks():
   spec = SPECS["moneta"]
   qkv, gates, kw = _inputs(spec, 12, t=16, channel=True)
@@ -404,5 +427,11 @@ def test_api_dispatch_and_errors():
   qkv, gates, kw = _inputs(titans, 14, t=6, channel=True)
   with pytest.raises(ValueError, match="momentum needs per-head gates"):
     api.miras_memory(*qkv, gates, spec=titans, implementation="xla_chunked", **kw)
+  qkv, gates, kw = _inputs(spec, 14, t=6, channel=True)
+  with pytest.raises(ValueError, match="'xla_flat' cannot run: it needs per-head gates"):
+    api.miras_memory(*qkv, gates, spec=spec, implementation="xla_flat", **kw)
+  qkv, gates, kw = _inputs(titans, 14, t=6)
+  with pytest.raises(ValueError, match="'xla_flat_bf16' cannot run: it has no momentum"):
+    api.miras_memory(*qkv, gates, spec=titans, implementation="xla_flat_bf16", **kw)
   with pytest.raises(ValueError, match="momentum needs Decay"):
     MemorySpec(MLPMemory(), biases.L2(), LqNorm(4.0), momentum=True)

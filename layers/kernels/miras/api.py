@@ -6,6 +6,9 @@ Optimization" (Behrouz et al., arXiv 2504.13173). Semantics and shapes are those
 float32; returns (o [b, t, h, d] float32, state at the last chunk boundary, momentum or None).
 
 ``implementation`` picks how the sequence is processed:
+  * ``"xla_flat"`` / ``"xla_flat_bf16"``: the chunk step of ``xla_chunked`` laid out for a GPU (all heads at once,
+    the state-independent work hoisted out of the scan; :mod:`flat`), for MLP memories with per-head gates and no
+    momentum or lag token: 1.3× faster fwd+bwd and 1.45× forward than ``xla_chunked`` for Moneta on an H200;
   * ``"xla_chunked"``: closed-form chunk gradients, dual-form reads, ``lax.scan`` over chunks (any backend), every
     matmul in full float32;
   * ``"xla_chunked_bf16"``: the same with bfloat16 matmul operands and float32 accumulation (tensor cores on GPU;
@@ -19,16 +22,18 @@ from __future__ import annotations
 
 import jax
 
-from layers.kernels.miras import chunked, reference
+from layers.kernels.miras import chunked, flat, reference
 from layers.miras.spec import Gates, MemorySpec
 
-IMPLEMENTATIONS = ("xla_chunked", "xla_chunked_bf16", "reference")
+IMPLEMENTATIONS = ("xla_flat", "xla_chunked", "xla_flat_bf16", "xla_chunked_bf16", "reference")
 
 
 def _unsupported(implementation: str, spec: MemorySpec, gates: Gates) -> str | None:
   """Why ``implementation`` cannot run this memory, or None if it can."""
   if spec.momentum and gates.eta.shape[-1] != 1:
     return "momentum needs per-head gates (eta [..., 1])"
+  if implementation.startswith("xla_flat"):
+    return flat.unsupported(spec, gates)
   return None
 
 
@@ -58,5 +63,6 @@ def miras_memory(q: jax.Array, k: jax.Array, v: jax.Array, gates: Gates, *, spec
                 chunk_size=chunk_size, lengths=lengths)
   if implementation == "reference":
     return reference.miras_reference(q, k, v, gates, **kwargs)
-  matmul = "bfloat16" if implementation == "xla_chunked_bf16" else "float32"
-  return chunked.miras_chunked(q, k, v, gates, remat=remat, matmul=matmul, **kwargs)
+  matmul = "bfloat16" if implementation.endswith("_bf16") else "float32"
+  run = flat.miras_flat if implementation.startswith("xla_flat") else chunked.miras_chunked
+  return run(q, k, v, gates, remat=remat, matmul=matmul, **kwargs)
