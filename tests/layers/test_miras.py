@@ -332,8 +332,9 @@ def test_long_random_sequences_stay_finite_and_clipped_memories_forget(case):
     assert finite(per_chunk) and float(per_chunk[0]) < float(per_chunk[-2])
 
 
-@pytest.mark.parametrize("name", ["moneta", "moneta_pre", "yaad_clip", "elastic_mlp"])
-def test_flat_path_equals_the_chunked_path_values_and_grads(name):
+@pytest.mark.parametrize("name,channel", [("moneta", False), ("moneta", True), ("moneta_pre", True),
+                                          ("yaad_clip", False), ("elastic_mlp", True)])
+def test_flat_path_equals_the_chunked_path_values_and_grads(name, channel):
   """``xla_flat`` (all heads at once, hoisted scores, the boundary read as the next chunk's extra row) against
   ``xla_chunked``: every read and the state in float32, gradients of all inputs in float64, with a padded trailing
   chunk and a row whose length ends inside a chunk (so the boundary read and the kept state are both exercised)."""
@@ -341,16 +342,16 @@ def test_flat_path_equals_the_chunked_path_values_and_grads(name):
   lengths = jnp.array([13, 9])
   runs = [functools.partial(fn, spec=spec, chunk_size=4, lengths=lengths)
           for fn in (chunked.miras_chunked, flat.miras_flat)]
-  qkv, gates, kw = _inputs(spec, 21, t=13)
+  qkv, gates, kw = _inputs(spec, 21, t=13, channel=channel)
   (o_c, s_c, _), (o_f, s_f, _) = (run(*qkv, gates, **kw) for run in runs)
   errs = _rel(o_f, o_c), _rel(s_f, s_c)
   with jax.enable_x64(True):
-    qkv, gates, kw = _inputs(spec, 21, t=13, dtype=jnp.float64)
+    qkv, gates, kw = _inputs(spec, 21, t=13, channel=channel, dtype=jnp.float64)
     weights = jax.random.normal(jax.random.PRNGKey(7), o_c.shape, jnp.float64)
     g_c, g_f = (jax.grad(_loss(run, weights), argnums=(0, 1, 2))(qkv, gates, kw) for run in runs)
     grad_err = _rel(g_f, g_c)
-  print(f"{name}: flat vs chunked, max rel error reads {errs[0]:.1e}, state {errs[1]:.1e} (float32), "
-        f"grads {grad_err:.1e} (float64)")
+  print(f"{name} {'channel' if channel else 'head'} gates: flat vs chunked, max rel error reads {errs[0]:.1e}, "
+        f"state {errs[1]:.1e} (float32), grads {grad_err:.1e} (float64)")
   assert max(errs) < 1e-5 and grad_err < 1e-9
 
 
@@ -427,9 +428,10 @@ def test_api_dispatch_and_errors():
   qkv, gates, kw = _inputs(titans, 14, t=6, channel=True)
   with pytest.raises(ValueError, match="momentum needs per-head gates"):
     api.miras_memory(*qkv, gates, spec=titans, implementation="xla_chunked", **kw)
-  qkv, gates, kw = _inputs(spec, 14, t=6, channel=True)
-  with pytest.raises(ValueError, match="'xla_flat' cannot run: it needs per-head gates"):
-    api.miras_memory(*qkv, gates, spec=spec, implementation="xla_flat", **kw)
+  linear = SPECS["elastic_linear"]
+  qkv, gates, kw = _inputs(linear, 14, t=6)
+  with pytest.raises(ValueError, match="'xla_flat' cannot run: it covers the MLP memory only"):
+    api.miras_memory(*qkv, gates, spec=linear, implementation="xla_flat", **kw)
   qkv, gates, kw = _inputs(titans, 14, t=6)
   with pytest.raises(ValueError, match="'xla_flat_bf16' cannot run: it has no momentum"):
     api.miras_memory(*qkv, gates, spec=titans, implementation="xla_flat_bf16", **kw)

@@ -7,8 +7,8 @@ float32; returns (o [b, t, h, d] float32, state at the last chunk boundary, mome
 
 ``implementation`` picks how the sequence is processed:
   * ``"xla_flat"`` / ``"xla_flat_bf16"``: the chunk step of ``xla_chunked`` laid out for a GPU (all heads at once,
-    the state-independent work hoisted out of the scan; :mod:`flat`), for MLP memories with per-head gates and no
-    momentum or lag token: 1.3× faster fwd+bwd and 1.45× forward than ``xla_chunked`` for Moneta on an H200;
+    the state-independent work hoisted out of the scan; :mod:`flat`), for MLP memories without momentum or lag
+    token: 1.3× faster fwd+bwd and 1.45× forward than ``xla_chunked`` for Moneta (per-head gates) on an H200;
   * ``"xla_chunked"``: closed-form chunk gradients, dual-form reads, ``lax.scan`` over chunks (any backend), every
     matmul in full float32;
   * ``"xla_chunked_bf16"``: the same with bfloat16 matmul operands and float32 accumulation (tensor cores on GPU;

@@ -1,4 +1,4 @@
-"""Miras MLP memories with per-head gates, chunkwise, laid out for a GPU: all heads at once, little inside the scan.
+"""Miras MLP memories, chunkwise, laid out for a GPU: all heads at once, little inside the scan.
 
 "It's All Connected" (Behrouz et al., arXiv 2504.13173, §5.4) in the chunkwise form of :mod:`chunked` (same
 semantics: the frozen-gradient loop R1 of :mod:`reference`). On an H200 the chunked path runs ~47 small kernels per
@@ -7,17 +7,18 @@ not what they compute. This path computes the same chunk step with fewer kernels
 
   * everything that does not depend on the state is computed for all chunks at once, before the scan: the decays
     and step coefficients C[t, i] (:func:`chunked.coefficients`) and the first layer's dual-form scores
-    (Q Kᵀ) ⊙ C;
-  * one matmul takes the chunk's keys, its queries and the previous chunk's last query through W2 = s₂·A2;
+    Σ_i q_ti k_si C[t, s, i] (with per-channel gates the second layer's [c, c, d] coefficients stay in the scan:
+    stored for every chunk they would outweigh the sequence);
+  * one matmul takes the chunk's keys, its decayed queries and the previous chunk's last query through W2 = s₂·A2;
   * the chunk-end read of the closed state (``boundary_read``: Moneta, elastic net) is an extra row of the *next*
     chunk's forward through its start weights, which are that closed state; the last chunk's is one apply after the
     scan;
   * the read scale s₀ (Moneta's ‖A‖_q^{−(q−2)}) multiplies matmul outputs, never the state;
   * states are [b·h, out, in] arrays and every product is one batched matmul over b·h (no vmap of per-head code).
 
-Covers the MLP memory, per-head gates, no momentum, retentions whose weights are s₀·S (decay, ℓq normalisation,
-elastic net); everything else is :mod:`chunked`'s (``unsupported`` says why). Shapes and returns as
-:func:`chunked.miras_chunked`.
+Covers the MLP memory with per-head or per-channel gates and no momentum, with retentions whose weights are s₀·S
+(decay, ℓq normalisation, elastic net); everything else is :mod:`chunked`'s (``unsupported`` says why). Shapes and
+returns as :func:`chunked.miras_chunked`.
 """
 
 from __future__ import annotations
@@ -31,15 +32,13 @@ from layers.kernels.miras.chunked import chunk_sequence, coefficients, unchunk, 
 from layers.miras.memory import MLPMemory, gelu, gelu_grad, layer_norm, layer_norm_backward
 from layers.miras.memory import matmul as product
 from layers.miras.retention import Decay
-from layers.miras.spec import Gates, MemorySpec
+from layers.miras.spec import Gates, MemorySpec, along
 
 
 def unsupported(spec: MemorySpec, gates: Gates) -> str | None:
   """Why the flat path cannot run this memory, or None if it can."""
   if not isinstance(spec.memory, MLPMemory):
     return "it covers the MLP memory only"
-  if gates.eta.shape[-1] != 1:
-    return "it needs per-head gates (eta [..., 1])"
   if spec.momentum:
     return "it has no momentum"
   if spec.retention.lag:
@@ -57,29 +56,33 @@ def _forward(s: dict, scale: dict, x: jax.Array, ln, mem: MLPMemory):
 
 def _step(spec: MemorySpec, boundary: bool, ln, s: dict, xs):
   """One chunk of every head: state {w2: [N, E, d], w1: [N, d, E]} -> (next state, (o [N, c, d], boundary read
-  [N, d] of the previous chunk's last query at this chunk's start state))."""
-  rows, v, delta, decay, coef, scores_q, end_decay, end_coef, complete = xs
+  [N, d] of the previous chunk's last query at this chunk's start state)). Gates [.., g], g = 1 or d."""
+  rows, q, v, delta, decay, w1_coef, scores_q, end_decay, end_coef, complete = xs
   mem, ret, mode = spec.memory, spec.retention, spec.memory.matmul
   c = v.shape[1]
   nk = c + boundary  # rows that go through the plain memory: keys (and the previous chunk's last query)
   scale = {name: x[:, None, None] for name, x in jax.vmap(ret.read_scale)(s).items()}
   z, h, y, n, rstd = _forward(s, scale, rows[:, :nk], ln, mem)
-  zq = product("nri,noi->nro", rows[:, nk:], s["w2"], mode) * scale["w2"]
+  zq = product("nri,noi->nro", rows[:, nk:], s["w2"], mode) * scale["w2"]  # the rows are decay_t ⊙ q_t
   k, hk = rows[:, :c], h[:, :c]
   e1 = layer_norm_backward(spec.bias.grad(y[:, :c], v, delta), n[:, :c], rstd[:, :c], ln[0])
   e2 = product("nco,noi->nci", e1, s["w1"], mode) * scale["w1"] * gelu_grad(z[:, :c])
   acts = spec.clip_errors({"w2": (k, e2), "w1": (hk, e1)})
   e2, e1 = acts["w2"][1], acts["w1"][1]
-  # per-token reads, dual form: W_t = decay_t·W₀ − s₀ Σ_i C[t, i] e_i a_iᵀ, layer by layer
-  hq = gelu(decay[..., None] * zq - scale["w2"] * product("nts,nse->nte", scores_q, e2, mode))
-  scores_h = product("nte,nse->nts", hq, hk, mode) * coef
-  uq = scale["w1"] * (decay[..., None] * product("nte,nde->ntd", hq, s["w1"], mode)
-                      - product("nts,nsd->ntd", scores_h, e1, mode))
-  o = rows[:, nk:] + layer_norm(uq, ln, mem.ln_eps)[0]
-  # the chunk end: S = B_c S₀ − Σ_i (η_i B_c / B_i) e_i a_iᵀ, then the retention's chunk-end map
-  end_w = end_coef[..., None]  # zero, with end_decay one, for a chunk that is not complete: the state stays
-  new = ret.close({"w2": end_decay[:, None, None] * s["w2"] - product("nce,nci->nei", e2 * end_w, k, mode),
-                   "w1": end_decay[:, None, None] * s["w1"] - product("ncd,nce->nde", e1 * end_w, hk, mode)})
+  # per-token reads, dual form: W_t = decay_t ⊙ W₀ − s₀ Σ_i C[t, i] ⊙ e_i a_iᵀ, layer by layer
+  hq = gelu(zq - scale["w2"] * product("nts,nse->nte", scores_q, e2, mode))
+  scores_h = product("nte,nse->nts", hq, hk, mode)
+  if decay.shape[-1] == 1:
+    mixed = product("nts,nsd->ntd", scores_h * w1_coef, e1, mode)
+  else:  # per-channel coefficients on W1's output axis, formed element-wise in float32 (exponents ≤ 0)
+    coef = jax.vmap(functools.partial(coefficients, spec))(*w1_coef)["coef"]  # [N, c, c, d]
+    mixed = jnp.einsum("nts,ntso,nso->nto", scores_h, coef, e1, precision=jax.lax.Precision.HIGHEST)
+  uq = scale["w1"] * (decay * product("nte,nde->ntd", hq, s["w1"], mode) - mixed)
+  o = q + layer_norm(uq, ln, mem.ln_eps)[0]
+  # the chunk end: S = B_c ⊙ S₀ − Σ_i (η_i B_c / B_i) ⊙ e_i a_iᵀ, then the retention's chunk-end map; the gates
+  # are zero (step) and one (decay) for a chunk that is not complete, so its state stays
+  new = ret.close({"w2": along(end_decay, "in") * s["w2"] - product("nce,nci->nei", e2, k * end_coef, mode),
+                   "w1": along(end_decay, "out") * s["w1"] - product("ncd,nce->nde", e1 * end_coef, hk, mode)})
   if type(ret).close is not Decay.close:  # a chunk-end map that is not the identity (elastic net's threshold)
     new = {name: jnp.where(complete[:, None, None], new[name], s[name]) for name in s}
   return new, (o, y[:, c] if boundary else None)
@@ -100,17 +103,23 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
   n = x.q.shape[0]
   heads = lambda a: a.reshape(n, big, *a.shape[3:])  # [n, b, h, ...] -> [n, b·h, ...]
   qc, kc, vc = heads(x.q), heads(x.k), heads(x.v)
-  per_head = jax.vmap(jax.vmap(functools.partial(coefficients, spec)))
-  co = per_head(*(heads(a) for a in (x.eta, x.log_alpha, x.log_b, x.log_p)))
-  scores_q = product("nbti,nbsi->nbts", qc, kc, spec.memory.matmul) * co["coef"][..., 0]
+  gate_chunks = tuple(heads(a) for a in (x.eta, x.log_alpha, x.log_b, x.log_p))  # [n, b·h, c, g]
+  co = jax.vmap(jax.vmap(functools.partial(coefficients, spec)))(*gate_chunks)
+  if gates.eta.shape[-1] == 1:
+    scores_q = product("nbti,nbsi->nbts", qc, kc, spec.memory.matmul) * co["coef"][..., 0]
+    w1_coef = co["coef"][..., 0]
+  else:  # channel gates act on the query/key axis of W2: Σ_i q_ti k_si C[t, s, i], in float32
+    scores_q = jnp.einsum("nbti,nbsi,nbtsi->nbts", qc, kc, co["coef"], precision=jax.lax.Precision.HIGHEST)
+    w1_coef = gate_chunks  # W1's [c, c, d] coefficients are formed inside the scan, not stored for every chunk
   complete = jnp.repeat(x.complete, h, axis=1)  # [n, b·h]
   boundary = spec.read == "post" and spec.retention.boundary_read
-  # rows through W2 per chunk: keys, the previous chunk's last query (whose read is the closed state's), queries
+  # rows through W2 per chunk: keys, the previous chunk's last query (whose read is the closed state's), and the
+  # queries scaled by their decay (W₀ decay_t q_t for channel gates on W2's input axis, decay_t W₀ q_t per head)
   q_prev = jnp.concatenate([jnp.zeros_like(qc[:1, :, -1:]), qc[:-1, :, -1:]]) if boundary else qc[:, :, :0]
-  rows = jnp.concatenate([kc, q_prev, qc], axis=2)
-  end_decay = jnp.where(complete, co["end_decay"][..., 0], 1.0)
-  end_coef = jnp.where(complete[..., None], co["end_coef"][..., 0], 0.0)
-  xs = (rows, vc, heads(x.delta), co["decay"][..., 0], co["coef"][..., 0], scores_q, end_decay, end_coef, complete)
+  rows = jnp.concatenate([kc, q_prev, qc * co["decay"]], axis=2)
+  end_decay = jnp.where(complete[..., None], co["end_decay"], 1.0)
+  end_coef = jnp.where(complete[..., None, None], co["end_coef"], 0.0)
+  xs = (rows, qc, vc, heads(x.delta), co["decay"], w1_coef, scores_q, end_decay, end_coef, complete)
   ln = ln if ln is not None else (jnp.ones((h, d)), jnp.zeros((h, d)))
   ln = tuple(jnp.broadcast_to(p[None], (b, h, d)).reshape(big, 1, d) for p in ln)
   state = {name: w.reshape(big, *w.shape[2:]) for name, w in initial_state.items()}
