@@ -33,7 +33,7 @@ def _unsupported(implementation: str, spec: MemorySpec, gates: Gates) -> str | N
   if spec.momentum and gates.eta.shape[-1] != 1:
     return "momentum needs per-head gates (eta [..., 1])"
   if implementation.startswith("xla_flat"):
-    return flat.unsupported(spec, gates)
+    return flat.unsupported(spec)
   return None
 
 

@@ -35,7 +35,7 @@ from layers.miras.retention import Decay
 from layers.miras.spec import Gates, MemorySpec, along
 
 
-def unsupported(spec: MemorySpec, gates: Gates) -> str | None:
+def unsupported(spec: MemorySpec) -> str | None:
   """Why the flat path cannot run this memory, or None if it can."""
   if not isinstance(spec.memory, MLPMemory):
     return "it covers the MLP memory only"
@@ -61,7 +61,7 @@ def _step(spec: MemorySpec, boundary: bool, ln, s: dict, xs):
   mem, ret, mode = spec.memory, spec.retention, spec.memory.matmul
   c = v.shape[1]
   nk = c + boundary  # rows that go through the plain memory: keys (and the previous chunk's last query)
-  scale = {name: x[:, None, None] for name, x in jax.vmap(ret.read_scale)(s).items()}
+  scale = {name: r[:, None, None] for name, r in jax.vmap(ret.read_scale)(s).items()}
   z, h, y, n, rstd = _forward(s, scale, rows[:, :nk], ln, mem)
   zq = product("nri,noi->nro", rows[:, nk:], s["w2"], mode) * scale["w2"]  # the rows are decay_t ⊙ q_t
   k, hk = rows[:, :c], h[:, :c]
@@ -93,7 +93,7 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
                chunk_size: int = 64, lengths=None, remat: bool = False, matmul: str = "float32"):
   """The chunked Miras memory for the memories :func:`unsupported` accepts; arguments and returns as
   :func:`chunked.miras_chunked` (``initial_momentum`` must be None)."""
-  if (why := unsupported(spec, gates)) is not None:
+  if (why := unsupported(spec)) is not None:
     raise ValueError(f"the flat Miras path cannot run this memory: {why}")
   del initial_momentum
   spec = with_matmul(spec, matmul)
@@ -126,7 +126,7 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
   step = functools.partial(_step, spec, boundary, ln)
   state, (o, reads) = jax.lax.scan(jax.checkpoint(step) if remat else step, state, xs)
   if boundary:  # the last query of chunk j reads the state closed by chunk j: row c of chunk j + 1, or after the scan
-    scale = {name: x[:, None, None] for name, x in jax.vmap(spec.retention.read_scale)(state).items()}
+    scale = {name: r[:, None, None] for name, r in jax.vmap(spec.retention.read_scale)(state).items()}
     last = _forward(state, scale, qc[-1, :, -1:], ln, spec.memory)[2][:, 0]
     reads = jnp.concatenate([reads[1:], last[None]])
     o = o.at[:, :, -1].set(jnp.where(complete[..., None], reads, o[:, :, -1]))
