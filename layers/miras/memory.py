@@ -143,17 +143,17 @@ class MLPMemory:
 
   def apply(self, w: dict, x: jax.Array, ln, matvec: Matvec | None = None) -> jax.Array:
     """x [..., d] -> x + LN(W1 gelu(W2 x)) [..., d]."""
-    matvec = matvec or self.matvec
-    h = gelu(matvec("w2", w["w2"], x))
-    return x + layer_norm(matvec("w1", w["w1"], h), ln, self.ln_eps)[0]
+    return self.forward(w, x, ln, matvec)[0]
 
   def matvec(self, name: str, w: jax.Array, a: jax.Array) -> jax.Array:
     return plain_matvec(name, w, a, self.matmul)
 
-  def forward(self, w: dict, x: jax.Array, ln) -> tuple[jax.Array, tuple]:
-    z = self.matvec("w2", w["w2"], x)
+  def forward(self, w: dict, x: jax.Array, ln, matvec: Matvec | None = None) -> tuple[jax.Array, tuple]:
+    """:meth:`apply` and what :meth:`backprop` needs: (y, (x, z = W2 x, h = gelu(z), n, 1/σ of LayerNorm))."""
+    matvec = matvec or self.matvec
+    z = matvec("w2", w["w2"], x)
     h = gelu(z)
-    y, n, rstd = layer_norm(self.matvec("w1", w["w1"], h), ln, self.ln_eps)
+    y, n, rstd = layer_norm(matvec("w1", w["w1"], h), ln, self.ln_eps)
     return x + y, (x, z, h, n, rstd)
 
   def backprop(self, w: dict, cache: tuple, g_y: jax.Array, ln) -> dict[str, tuple[jax.Array, jax.Array]]:

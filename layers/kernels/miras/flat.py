@@ -46,12 +46,16 @@ def unsupported(spec: MemorySpec) -> str | None:
   return None
 
 
+def _read_scales(ret, s: dict) -> dict:
+  """Each head's read scale s₀ per layer (the retention's per-head rule), shaped [N, 1, 1] to scale [N, r, out]."""
+  return {name: r[:, None, None] for name, r in jax.vmap(ret.read_scale)(s).items()}
+
+
 def _forward(s: dict, scale: dict, x: jax.Array, ln, mem: MLPMemory):
-  """Rows x [N, r, d] through the plain memory at W = scale·S: (z [N, r, E], h = gelu(z), y = x + LN(u), n, 1/σ)."""
-  z = product("nri,noi->nro", x, s["w2"], mem.matmul) * scale["w2"]
-  h = gelu(z)
-  y, n, rstd = layer_norm(product("nre,nde->nrd", h, s["w1"], mem.matmul) * scale["w1"], ln, mem.ln_eps)
-  return z, h, x + y, n, rstd
+  """Rows x [N, r, d] through the plain memory at W = scale·S, every head at once: ``mem.forward``'s
+  (y = x + LN(u), (x, z [N, r, E], h = gelu(z), n, 1/σ))."""
+  batched = lambda name, w, a: product("nri,noi->nro", a, w, mem.matmul) * scale[name]
+  return mem.forward(s, x, ln, matvec=batched)
 
 
 def _step(spec: MemorySpec, boundary: bool, ln, s: dict, xs):
@@ -61,8 +65,8 @@ def _step(spec: MemorySpec, boundary: bool, ln, s: dict, xs):
   mem, ret, mode = spec.memory, spec.retention, spec.memory.matmul
   c = v.shape[1]
   nk = c + boundary  # rows that go through the plain memory: keys (and the previous chunk's last query)
-  scale = {name: r[:, None, None] for name, r in jax.vmap(ret.read_scale)(s).items()}
-  z, h, y, n, rstd = _forward(s, scale, rows[:, :nk], ln, mem)
+  scale = _read_scales(ret, s)
+  y, (_, z, h, n, rstd) = _forward(s, scale, rows[:, :nk], ln, mem)
   zq = product("nri,noi->nro", rows[:, nk:], s["w2"], mode) * scale["w2"]  # the rows are decay_t ⊙ q_t
   k, hk = rows[:, :c], h[:, :c]
   e1 = layer_norm_backward(spec.bias.grad(y[:, :c], v, delta), n[:, :c], rstd[:, :c], ln[0])
@@ -126,8 +130,7 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
   step = functools.partial(_step, spec, boundary, ln)
   state, (o, reads) = jax.lax.scan(jax.checkpoint(step) if remat else step, state, xs)
   if boundary:  # the last query of chunk j reads the state closed by chunk j: row c of chunk j + 1, or after the scan
-    scale = {name: r[:, None, None] for name, r in jax.vmap(spec.retention.read_scale)(state).items()}
-    last = _forward(state, scale, qc[-1, :, -1:], ln, spec.memory)[2][:, 0]
+    last = _forward(state, _read_scales(spec.retention, state), qc[-1, :, -1:], ln, spec.memory)[0][:, 0]
     reads = jnp.concatenate([reads[1:], last[None]])
     o = o.at[:, :, -1].set(jnp.where(complete[..., None], reads, o[:, :, -1]))
   o = unchunk(o.reshape(n, b, h, c, d), t)
