@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from layers.kernels.gated_delta import reference as gdn_reference
-from layers.kernels.miras import api, chunked, flat, reference
+from layers.kernels.miras import api, chunked, flat, pallas_triton, reference
 from layers.miras import bias as biases
 from layers.miras.memory import LinearMemory, MLPMemory, matmul
 from layers.miras.retention import Decay, ElasticNet, LqNorm, SoftmaxKL
@@ -355,6 +355,76 @@ def test_flat_path_equals_the_chunked_path_values_and_grads(name, channel):
   assert max(errs) < 1e-5 and grad_err < 1e-9
 
 
+
+def test_kernel_erf_matches_lax_erf():
+  """The Pallas kernels' erf (Triton lowers no erf) against XLA's over the range where GELU's inputs live: the
+  approximation itself in float64 (bound 1.2e-7), and in float32 within the rounding XLA's own erf shows there."""
+  with jax.enable_x64(True):
+    x = jnp.linspace(-8.0, 8.0, 100_001, dtype=jnp.float64)
+    exact = jax.lax.erf(x)
+    err64 = float(jnp.max(jnp.abs(pallas_triton.erf(x) - exact)))
+    x32 = x.astype(jnp.float32)
+    err32, xla32 = (float(jnp.max(jnp.abs(f(x32).astype(jnp.float64) - exact))) for f in (pallas_triton.erf,
+                                                                                           jax.lax.erf))
+  print(f"kernel erf: max abs error {err64:.1e} (float64), {err32:.1e} in float32 (XLA's erf there: {xla32:.1e})")
+  assert err64 < 1.2e-7 and err32 < 1.5 * xla32
+
+
+@pytest.mark.parametrize("name", ["moneta", "moneta_pre", "yaad_clip", "elastic_mlp"])
+def test_pallas_kernels_equal_the_flat_path_values_and_grads(name):
+  """The Pallas kernels (one program per head walks every chunk; the backward recomputes each chunk from its
+  checkpointed start state and differentiates it inside the kernel) in Pallas interpret mode, against ``xla_flat``:
+  reads, state and the gradients of every input in float32, with an incomplete trailing chunk and a row whose
+  length ends inside an earlier chunk (boundary read, kept state, padding)."""
+  spec = SPECS.get(name) or MemorySpec(MLPMemory(), biases.L2(), ElasticNet(0.01))
+  lengths = jnp.array([40, 23])
+  runs = [functools.partial(fn, spec=spec, chunk_size=16, lengths=lengths)
+          for fn in (flat.miras_flat, functools.partial(pallas_triton.miras_pallas, interpret=True))]
+  qkv, gates, kw = _inputs(spec, 22, t=40, d=16)
+  (o_f, s_f, _), (o_p, s_p, _) = (run(*qkv, gates, **kw) for run in runs)
+  weights = jax.random.normal(jax.random.PRNGKey(8), o_f.shape)
+  g_f, g_p = (jax.grad(_loss(run, weights), argnums=(0, 1, 2))(qkv, gates, kw) for run in runs)
+  errs = _rel(o_p, o_f), _rel(s_p, s_f), _rel(g_p, g_f)
+  print(f"{name}: pallas (interpret) vs flat, max rel error reads {errs[0]:.1e}, state {errs[1]:.1e}, "
+        f"grads {errs[2]:.1e} (float32)")
+  assert max(errs) < 1e-5
+
+
+@pytest.mark.parametrize("matmul_mode", ["float32", "bfloat16"])
+def test_pallas_kernels_lower_to_triton_for_an_h100(matmul_mode):
+  """Both kernels of the fwd+bwd lower to Triton IR for an (abstract) H100 from this CPU: every primitive in them,
+  the derivative traced inside the backward kernel included, has a Triton lowering (no erf, no custom_vjp call)."""
+  spec = SPECS["moneta"]
+  qkv, gates, kw = _inputs(spec, 24, b=1, t=32, d=16)
+  run = functools.partial(pallas_triton.miras_pallas, spec=spec, chunk_size=16, matmul=matmul_mode)
+  grad = jax.jit(jax.grad(_loss(run, jnp.ones(qkv[0].shape)), argnums=(0, 1, 2)))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (qkv, gates, kw))
+  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=h100)
+  with jax.sharding.use_abstract_mesh(mesh):
+    text = grad.trace(*abstract).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("impl", ["pallas_triton", "pallas_triton_bf16"])
+def test_pallas_kernels_on_gpu_match_the_flat_path(impl):
+  """The compiled Triton kernels at the layer's head width (d = 64, E = 256, c = 64) against ``xla_flat``."""
+  spec = SPECS["moneta"]
+  qkv, gates, kw = _inputs(spec, 23, b=2, t=200, h=2, d=64)
+  lengths = jnp.array([200, 150])
+  run = lambda impl: lambda qkv, gates, kw: api.miras_memory(*qkv, gates, spec=spec, chunk_size=64, lengths=lengths,
+                                                             implementation=impl, **kw)
+  weights = jax.random.normal(jax.random.PRNGKey(9), qkv[0].shape)
+  flat_impl = "xla_flat_bf16" if impl.endswith("_bf16") else "xla_flat"
+  (o_f, s_f, _), (o_p, s_p, _) = (run(i)(qkv, gates, kw) for i in (flat_impl, impl))
+  g_f, g_p = (jax.grad(_loss(run(i), weights), argnums=(0, 1, 2))(qkv, gates, kw) for i in (flat_impl, impl))
+  errs = _rel(o_p, o_f), _rel(s_p, s_f), _rel(g_p, g_f)
+  print(f"{impl} on {jax.devices()[0].device_kind} vs {flat_impl}: max rel error reads {errs[0]:.1e}, "
+        f"state {errs[1]:.1e}, grads {errs[2]:.1e}")
+  assert max(errs) < (2e-2 if impl.endswith("_bf16") else 1e-4)
+
 def test_causality_within_and_across_chunks():
   spec = SPECS["moneta"]
   qkv, gates, kw = _inputs(spec, 12, t=16, channel=True)
@@ -435,5 +505,13 @@ def test_api_dispatch_and_errors():
   qkv, gates, kw = _inputs(titans, 14, t=6)
   with pytest.raises(ValueError, match="'xla_flat_bf16' cannot run: it has no momentum"):
     api.miras_memory(*qkv, gates, spec=titans, implementation="xla_flat_bf16", **kw)
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="'pallas_triton' cannot run: needs a GPU backend"):
+      api.miras_memory(*qkv, gates, spec=spec, implementation="pallas_triton", **kw)
+  moneta = SPECS["moneta"]
+  for channel, d, message in ((True, 16, "per-head gates"), (False, 8, "head dim must be a power of two >= 16")):
+    qkv, gates, kw = _inputs(moneta, 14, t=6, d=d, channel=channel)
+    with pytest.raises(ValueError, match=message):
+      pallas_triton.miras_pallas(*qkv, gates, spec=moneta, chunk_size=16, interpret=True, **kw)
   with pytest.raises(ValueError, match="momentum needs Decay"):
     MemorySpec(MLPMemory(), biases.L2(), LqNorm(4.0), momentum=True)

@@ -13,27 +13,36 @@ float32; returns (o [b, t, h, d] float32, state at the last chunk boundary, mome
     matmul in full float32;
   * ``"xla_chunked_bf16"``: the same with bfloat16 matmul operands and float32 accumulation (tensor cores on GPU;
     states, gates and cumulative products stay float32); chosen explicitly, by measurement (benchmarks/miras.py);
+  * ``"pallas_triton"`` / ``"pallas_triton_bf16"``: the whole chunk loop of a head in one Pallas (Triton) kernel
+    per direction (:mod:`pallas_triton`), GPU only, for MLP memories with per-head gates, no momentum or lag
+    token, and c, d, E powers of two ≥ 16; checked against ``xla_flat`` in Pallas interpret mode on the CPU, not
+    yet timed on a GPU, so it runs only when asked for;
   * ``"reference"``: the token loop with one ``jax.grad`` per token (any backend; slow).
-``None`` takes the first that applies, in that order. An explicitly requested implementation that cannot run
-raises a ValueError saying why.
+``None`` takes the first that applies, in that order (so never the Pallas kernels, listed after the reference).
+An explicitly requested implementation that cannot run raises a ValueError saying why.
 """
 
 from __future__ import annotations
 
 import jax
 
-from layers.kernels.miras import chunked, flat, reference
+from layers.kernels.miras import chunked, flat, pallas_triton, reference
 from layers.miras.spec import Gates, MemorySpec
 
-IMPLEMENTATIONS = ("xla_flat", "xla_chunked", "xla_flat_bf16", "xla_chunked_bf16", "reference")
+IMPLEMENTATIONS = ("xla_flat", "xla_chunked", "xla_flat_bf16", "xla_chunked_bf16", "reference", "pallas_triton",
+                   "pallas_triton_bf16")
 
 
-def _unsupported(implementation: str, spec: MemorySpec, gates: Gates) -> str | None:
+def _unsupported(implementation: str, spec: MemorySpec, gates: Gates, chunk_size: int, head_dim: int) -> str | None:
   """Why ``implementation`` cannot run this memory, or None if it can."""
   if spec.momentum and gates.eta.shape[-1] != 1:
     return "momentum needs per-head gates (eta [..., 1])"
   if implementation.startswith("xla_flat"):
     return flat.unsupported(spec)
+  if implementation.startswith("pallas_triton"):
+    if jax.default_backend() != "gpu":
+      return f"needs a GPU backend, this one is {jax.default_backend()!r}"
+    return pallas_triton.unsupported(spec, gates, chunk_size, head_dim)
   return None
 
 
@@ -50,19 +59,20 @@ def miras_memory(q: jax.Array, k: jax.Array, v: jax.Array, gates: Gates, *, spec
     ln: (γ, β) [h, d] for the MLP memory's LayerNorm, or None.
     chunk_size: tokens per chunk (semantic: gradients within a chunk are taken at its start).
     lengths: int [b] or None; tokens at or past ``lengths[b]`` are padding (decoding buffers).
-    remat: recompute the chunk body in the backward pass (``xla_chunked``).
+    remat: recompute the chunk body in the backward pass (the XLA paths; the Pallas kernels always do).
     implementation: one of ``IMPLEMENTATIONS`` or None (first applicable).
   """
   if implementation is None:
-    implementation = next(i for i in IMPLEMENTATIONS if _unsupported(i, spec, gates) is None)
+    implementation = next(i for i in IMPLEMENTATIONS if _unsupported(i, spec, gates, chunk_size, q.shape[-1]) is None)
   elif implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
-  elif (why := _unsupported(implementation, spec, gates)) is not None:
+  elif (why := _unsupported(implementation, spec, gates, chunk_size, q.shape[-1])) is not None:
     raise ValueError(f"miras implementation {implementation!r} cannot run: {why}")
   kwargs = dict(spec=spec, initial_state=initial_state, initial_momentum=initial_momentum, ln=ln,
                 chunk_size=chunk_size, lengths=lengths)
   if implementation == "reference":
     return reference.miras_reference(q, k, v, gates, **kwargs)
   matmul = "bfloat16" if implementation.endswith("_bf16") else "float32"
-  run = flat.miras_flat if implementation.startswith("xla_flat") else chunked.miras_chunked
+  run = {"xla_flat": flat.miras_flat, "xla_chunked": chunked.miras_chunked,
+         "pallas_triton": pallas_triton.miras_pallas}[implementation.removesuffix("_bf16")]
   return run(q, k, v, gates, remat=remat, matmul=matmul, **kwargs)

@@ -1,0 +1,271 @@
+"""Miras MLP memories as two Pallas (Triton backend, GPU) kernels: one program walks all chunks of one head.
+
+"It's All Connected" (Behrouz et al., arXiv 2504.13173, §5.4) in the chunkwise form of :mod:`chunked` (same
+semantics: the frozen-gradient loop R1 of :mod:`reference`). On an H200 the XLA paths launch ~32 (:mod:`flat`) to
+~47 (:mod:`chunked`) kernels per chunk forward and ~160 forward + backward, ~5 µs each, so a step costs what its
+kernels launch, not what they compute (docs/benchmarks.md, profile). Here the whole chunk loop is ONE kernel launch
+per direction, grid [b·h]: a program owns one head, keeps its state {W2 [E, d], W1 [d, E]} as the loop carry and
+runs every chunk step of :func:`chunk_step` in a ``fori_loop`` (as :mod:`layers.kernels.gated_delta.pallas_triton`
+does for the gated delta rule's [K, V] state):
+
+  * forward: the chunk-start state of every chunk is written out (the backward's checkpoints), then the chunk step
+    gives the reads o [c, d] and the next state;
+  * backward: a reverse ``fori_loop`` that loads chunk j's start state, recomputes the chunk step and pulls the
+    cotangents (dS of its end state, do of its reads) back through it with ``jax.vjp`` traced *inside* the kernel,
+    so the derivative is the chunk step's own (every product a 2-D matmul Triton lowers), carrying dS backwards.
+
+The chunk step is :mod:`flat`'s for one head, with what :mod:`flat` hoists out of its scan formed in the program
+from the per-token gates (the [c, c] step coefficients, the decays, the chunk end's coefficients). The chunk
+boundary read (Moneta, elastic net) reads the closed state in the same iteration. Triton has no erf, so GELU
+inside the kernels uses :func:`erf` (|error| < 1.2e-7, so |Δgelu(z)| < 6e-8·|z|).
+
+Covers the MLP memory with per-head gates, no momentum, no lag token (``unsupported`` says why otherwise); c, d and
+E must be powers of two ≥ 16 (Triton tiles). Memory: the checkpoints are n·2·E·d float32 per head (at 8 × 4096
+tokens, d = 64, E = 256, H = 16: 1 GiB). The kernels run in Pallas interpret mode on the CPU, which is how the
+tests check them. Shapes and returns as :func:`chunked.miras_chunked`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from layers.kernels.miras.chunked import chunk_sequence, unchunk, with_matmul
+from layers.miras.memory import MLPMemory, layer_norm, layer_norm_backward
+from layers.miras.memory import matmul as product
+from layers.miras.spec import Gates, MemorySpec
+
+# Numerical Recipes (Press et al., 3rd ed., §6.2.2, "erfccheb"'s predecessor erfcc): erfc(z) = t·exp(−z² + P(t)),
+# t = 1 / (1 + z/2), z ≥ 0, a Chebyshev fit with fractional error < 1.2e-7 everywhere.
+_ERFC_POLY = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807, -1.13520398, 1.48851587,
+              -0.82215223, 0.17087277)
+
+
+def erf(x: jax.Array) -> jax.Array:
+  """erf(x) from exp and arithmetic only (Triton lowers no erf); |error| < 1.2e-7 (8.3e-8 measured in float64)."""
+  z = jnp.abs(x)
+  t = 1.0 / (1.0 + 0.5 * z)
+  poly = jnp.full_like(t, _ERFC_POLY[-1])
+  for a in reversed(_ERFC_POLY[:-1]):
+    poly = a + t * poly
+  erfc = t * jnp.exp(poly - z * z)
+  return jnp.where(x >= 0, 1.0 - erfc, erfc - 1.0)
+
+
+def _gelu(z):
+  return 0.5 * z * (1.0 + erf(z / math.sqrt(2.0)))
+
+
+def _gelu_grad(z):
+  return 0.5 * (1.0 + erf(z / math.sqrt(2.0))) + z * jnp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+
+
+def unsupported(spec: MemorySpec, gates: Gates, chunk_size: int, head_dim: int) -> str | None:
+  """Why these kernels cannot run this memory, or None if they can (any backend: interpret mode runs anywhere)."""
+  if not isinstance(spec.memory, MLPMemory):
+    return "it covers the MLP memory only"
+  if spec.momentum:
+    return "it has no momentum"
+  if spec.retention.lag:
+    return "it has no lag token (Memora)"
+  if gates.eta.shape[-1] != 1:
+    return "it needs per-head gates (eta [..., 1])"
+  sizes = (("chunk_size", chunk_size), ("head dim", head_dim), ("hidden width", spec.memory.expansion * head_dim))
+  for name, n in sizes:
+    if n < 16 or n & (n - 1):
+      return f"{name} must be a power of two >= 16 (Triton tiles), got {n}"
+  return None
+
+
+def chunk_step(spec: MemorySpec, dot, s: dict, x: tuple, ln: tuple) -> tuple[dict, jax.Array]:
+  """One chunk of one head: state {w2: [E, d], w1: [d, E]} -> (state at the chunk end, reads o [c, d]).
+
+  x = (q, k, v [c, d], η, log α, log B [c] (log B the chunk-local inclusive cumulative sum of log α), δ [c],
+  complete: a scalar flag, the chunk is closed into the state); ln = (γ, β) [d]; ``dot(spec, a, b)`` a 2-D einsum.
+  The arithmetic of :func:`flat._step` for one head (see :mod:`chunked` for the steps).
+  """
+  q, k, v, eta, la, lb, delta, complete = x
+  mem, ret = spec.memory, spec.retention
+  c = q.shape[0]
+  t = jnp.arange(c)
+  post = spec.read == "post"
+  lread = lb if post else lb - la
+  mask = t[:, None] >= t[None, :] if post else t[:, None] > t[None, :]
+  coef = jnp.exp(jnp.where(mask, lread[:, None] - lb[None, :], -jnp.inf)) * eta[None, :]  # [c, c]: η_i B_t / B_i
+  last = t == c - 1
+  lend = jnp.sum(jnp.where(last, lb, 0.0))  # log B_c
+  decay = jnp.exp(lread)[:, None]
+  scale = ret.read_scale(s)
+  s2, s1, w2, w1 = scale["w2"], scale["w1"], s["w2"], s["w1"]
+  # the keys through W₀ = s₀·S₀, and every token's errors there (step 1)
+  zk = s2 * dot("ti,ei->te", k, w2)
+  hk = _gelu(zk)
+  y, n, rstd = layer_norm(s1 * dot("te,de->td", hk, w1), ln, mem.ln_eps)
+  e1 = layer_norm_backward(spec.bias.grad(k + y, v, delta), n, rstd, ln[0])
+  e2 = s1 * dot("td,de->te", e1, w1) * _gelu_grad(zk)
+  acts = spec.clip_errors({"w2": (k, e2), "w1": (hk, e1)})
+  e2, e1 = acts["w2"][1], acts["w1"][1]
+  # per-token reads, dual form (step 3): W_t = decay_t W₀ − s₀ Σ_i C[t, i] e_i a_iᵀ, layer by layer
+  hq = _gelu(s2 * (dot("ti,ei->te", q * decay, w2) - dot("ts,se->te", dot("ti,si->ts", q, k) * coef, e2)))
+  mixed = dot("ts,sd->td", dot("te,se->ts", hq, hk) * coef, e1)
+  o = q + layer_norm(s1 * (decay * dot("te,de->td", hq, w1) - mixed), ln, mem.ln_eps)[0]
+  # the chunk end (step 4): S = B_c S₀ − Σ_i (η_i B_c / B_i) e_i a_iᵀ, the retention's chunk-end map
+  end_coef, end_decay = (jnp.exp(lend - lb) * eta)[:, None], jnp.exp(lend)
+  new = ret.close({"w2": end_decay * w2 - dot("se,si->ei", e2, k * end_coef),
+                   "w1": end_decay * w1 - dot("sd,se->de", e1 * end_coef, hk)})
+  new = {name: jnp.where(complete, new[name], s[name]) for name in s}
+  if post and ret.boundary_read:  # the chunk's last token reads the closed state (one row: element-wise products)
+    q_last = jnp.sum(jnp.where(last[:, None], q, 0.0), axis=0)
+    closed = ret.read_scale(new)
+    h_last = _gelu(closed["w2"] * jnp.sum(new["w2"] * q_last[None, :], axis=1))
+    u_last = closed["w1"] * jnp.sum(new["w1"] * h_last[None, :], axis=1)
+    o_last = q_last + layer_norm(u_last, ln, mem.ln_eps)[0]
+    o = jnp.where(last[:, None] & complete, o_last[None, :], o)
+  return new, o
+
+
+def _plain_dot(mode: str):
+  """The forward kernel's products: :func:`layers.miras.memory.matmul` without its custom vjp (Triton lowers no
+  custom_vjp call; the backward kernel differentiates ``matmul`` itself, whose vjp keeps bfloat16 operands)."""
+  if mode == "bfloat16":
+    return lambda spec, a, b: jnp.einsum(spec, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                                         preferred_element_type=jnp.float32)
+  return functools.partial(product, mode="float32")
+
+
+def _load_chunk(refs, j: int, c: int) -> tuple:
+  """Chunk j's (q, k, v, η, log α, log B, δ) from per-head refs [n·c, d] / [n·c], and its complete flag."""
+  rows = pl.ds(pl.multiple_of(j * c, c), c)
+  *tokens, complete_ref = refs
+  return tuple(r[rows, :] if len(r.shape) == 2 else r[rows] for r in tokens) + (complete_ref[j] > 0,)
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, eta_ref, la_ref, lb_ref, delta_ref, complete_ref, w2_ref, w1_ref, gamma_ref,
+                beta_ref, o_ref, states2_ref, states1_ref, final2_ref, final1_ref, *, spec, n, c):
+  e, d = w2_ref.shape
+  ln = (gamma_ref[...], beta_ref[...])
+  dot = _plain_dot(spec.memory.matmul)
+  inputs = (q_ref, k_ref, v_ref, eta_ref, la_ref, lb_ref, delta_ref, complete_ref)
+
+  def body(j, s):
+    states2_ref[pl.ds(pl.multiple_of(j * e, e), e), :] = s["w2"]
+    states1_ref[pl.ds(pl.multiple_of(j * d, d), d), :] = s["w1"]
+    s, o = chunk_step(spec, dot, s, _load_chunk(inputs, j, c), ln)
+    o_ref[pl.ds(pl.multiple_of(j * c, c), c), :] = o
+    return s
+
+  final = jax.lax.fori_loop(0, n, body, {"w2": w2_ref[...], "w1": w1_ref[...]})
+  final2_ref[...], final1_ref[...] = final["w2"], final["w1"]
+
+
+def _bwd_kernel(q_ref, k_ref, v_ref, eta_ref, la_ref, lb_ref, delta_ref, complete_ref, states2_ref, states1_ref,
+                gamma_ref, beta_ref, do_ref, dfinal2_ref, dfinal1_ref,
+                dq_ref, dk_ref, dv_ref, deta_ref, dla_ref, dlb_ref, ddelta_ref, ds2_ref, ds1_ref, dgamma_ref,
+                dbeta_ref, *, spec, n, c):
+  e, d = states2_ref.shape[0] // n, states1_ref.shape[0] // n
+  dot = functools.partial(product, mode=spec.memory.matmul)
+  token_refs = (q_ref, k_ref, v_ref, eta_ref, la_ref, lb_ref, delta_ref)
+  grad_refs = (dq_ref, dk_ref, dv_ref, deta_ref, dla_ref, dlb_ref, ddelta_ref)
+
+  def body(i, carry):
+    j = n - 1 - i
+    ds, dln = carry
+    rows = pl.ds(pl.multiple_of(j * c, c), c)
+    s = {"w2": states2_ref[pl.ds(pl.multiple_of(j * e, e), e), :],
+         "w1": states1_ref[pl.ds(pl.multiple_of(j * d, d), d), :]}
+    *x, complete = _load_chunk(token_refs + (complete_ref,), j, c)
+    step = lambda s, x, ln: chunk_step(spec, dot, s, (*x, complete), ln)
+    _, pull = jax.vjp(step, s, tuple(x), (gamma_ref[...], beta_ref[...]))
+    ds, dx, dln_j = pull((ds, do_ref[rows, :]))
+    for ref, g in zip(grad_refs, dx, strict=True):
+      if len(ref.shape) == 2:
+        ref[rows, :] = g
+      else:
+        ref[rows] = g
+    return ds, (dln[0] + dln_j[0], dln[1] + dln_j[1])
+
+  zeros = jnp.zeros((d,), gamma_ref.dtype)
+  ds, dln = jax.lax.fori_loop(0, n, body, ({"w2": dfinal2_ref[...], "w1": dfinal1_ref[...]}, (zeros, zeros)))
+  ds2_ref[...], ds1_ref[...] = ds["w2"], ds["w1"]
+  dgamma_ref[...], dbeta_ref[...] = dln
+
+
+def _call(kernel, inputs, out_shapes, *, num_warps: int, interpret: bool):
+  """Grid [b·h]: every input and output [b·h, ...] is passed whole per head."""
+  spec = lambda shape: pl.BlockSpec((None, *shape[1:]), lambda i: (i,) + (0,) * (len(shape) - 1))
+  return pl.pallas_call(
+      kernel,
+      grid=(inputs[0].shape[0],),
+      in_specs=[spec(x.shape) for x in inputs],
+      out_specs=[spec(o.shape) for o in out_shapes],
+      out_shape=out_shapes,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret,
+  )(*inputs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _scan(spec, num_warps, interpret, tokens, complete, s0, ln):
+  """tokens (q, k, v [N, n·c, d], η, log α, log B, δ [N, n·c]); complete [N, n]; s0 {w2 [N, E, d], w1 [N, d, E]};
+  ln (γ, β) [N, d] -> (o [N, n·c, d], final state)."""
+  return _scan_fwd(spec, num_warps, interpret, tokens, complete, s0, ln)[0]
+
+
+def _scan_fwd(spec, num_warps, interpret, tokens, complete, s0, ln):
+  big, rows, d = tokens[0].shape
+  n, e = complete.shape[1], s0["w2"].shape[1]
+  like = lambda *shape: jax.ShapeDtypeStruct((big, *shape), tokens[0].dtype)
+  out_shapes = (like(rows, d), like(n * e, d), like(n * d, e), like(e, d), like(d, e))
+  o, states2, states1, final2, final1 = _call(
+      functools.partial(_fwd_kernel, spec=spec, n=n, c=rows // n),
+      (*tokens, complete, s0["w2"], s0["w1"], *ln), out_shapes, num_warps=num_warps, interpret=interpret)
+  return (o, {"w2": final2, "w1": final1}), (tokens, complete, states2, states1, ln)
+
+
+def _scan_bwd(spec, num_warps, interpret, residuals, cotangents):
+  tokens, complete, states2, states1, ln = residuals
+  do, dfinal = cotangents
+  big, rows, d = tokens[0].shape
+  n, e = complete.shape[1], states2.shape[1] // complete.shape[1]
+  out_shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in tokens) + tuple(
+      jax.ShapeDtypeStruct((big, *shape), tokens[0].dtype) for shape in ((e, d), (d, e), (d,), (d,)))
+  *dtokens, ds2, ds1, dgamma, dbeta = _call(
+      functools.partial(_bwd_kernel, spec=spec, n=n, c=rows // n),
+      (*tokens, complete, states2, states1, *ln, do, dfinal["w2"], dfinal["w1"]), out_shapes,
+      num_warps=num_warps, interpret=interpret)
+  return tuple(dtokens), jnp.zeros_like(complete), {"w2": ds2, "w1": ds1}, (dgamma, dbeta)
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat", "matmul", "num_warps", "interpret"))
+def miras_pallas(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, initial_momentum=None, ln=None,
+                 chunk_size: int = 64, lengths=None, remat: bool = True, matmul: str = "float32",
+                 num_warps: int = 4, interpret: bool = False):
+  """The chunked Miras memory for the memories :func:`unsupported` accepts; arguments and returns as
+  :func:`chunked.miras_chunked` (``initial_momentum`` must be None). The backward always recomputes each chunk
+  from its checkpointed start state (``remat`` is implied). ``interpret`` runs the kernels in Pallas interpret mode
+  (any backend)."""
+  b, t, h, d = q.shape
+  if (why := unsupported(spec, gates, chunk_size, d)) is not None:
+    raise ValueError(f"the Pallas Miras kernels cannot run this memory: {why}")
+  del initial_momentum, remat
+  spec = with_matmul(spec, matmul)
+  x = chunk_sequence(q, k, v, gates, spec, chunk_size, lengths)
+  n, big = x.q.shape[0], b * h
+  per_head = lambda a: jnp.moveaxis(a, 0, 2).reshape(big, n * chunk_size, *a.shape[4:])  # [n, b, h, c, ..]
+  tokens = tuple(per_head(a) for a in (x.q, x.k, x.v)) + tuple(
+      per_head(a[..., 0]) for a in (x.eta, x.log_alpha, x.log_b)) + (per_head(x.delta),)
+  complete = jnp.repeat(x.complete.T, h, axis=0).astype(x.q.dtype)  # [b·h, n], 1 where the chunk is closed
+  ln = ln if ln is not None else (jnp.ones((h, d)), jnp.zeros((h, d)))
+  ln = tuple(jnp.broadcast_to(p[None].astype(x.q.dtype), (b, h, d)).reshape(big, d) for p in ln)
+  s0 = {name: w.reshape(big, *w.shape[2:]).astype(x.q.dtype) for name, w in initial_state.items()}
+  o, state = _scan(spec, num_warps, interpret, tokens, complete, s0, ln)
+  o = unchunk(jnp.moveaxis(o.reshape(b, h, n, chunk_size, d), 2, 0), t)
+  return o, {name: w.reshape(b, h, *w.shape[1:]) for name, w in state.items()}, None
