@@ -10,7 +10,9 @@ of the compiled fwd+bwd; the achieved fraction of the device's dense bf16 peak i
 overrides the table below). Each variant's output is also compared with the token-loop reference on a short
 sequence (f32) before it is timed, so a fast-but-wrong variant shows up in the same table.
 
-``--stages B`` times one chunk of B × H heads through each stage of the chunk step alone (gradients, reads, close),
+``--warps 4,8`` times the memory op alone for every ``pallas_triton*`` variant at each Triton ``num_warps``, next
+to ``xla_flat`` (per-head gates), with compile time and the largest error against the flat path. ``--stages B``
+times one chunk of B × H heads through each stage of the chunk step alone (gradients, reads, close),
 to show where a chunk's time goes. ``--decode BxT`` adds spec §11.7: one-token decode latency after a T-token
 prefill, and the decode cache's bytes per head, for GDN, attention (KV cache) and every variant; ``--fla`` adds
 fla's ``chunk_gla`` kernel and ``--lucid`` lucidrains' ``NeuralMemory`` (spec §11.2, ``benchmarks/lucid_memory.py``),
@@ -293,6 +295,56 @@ def run_stages(b: int, variants: list[Variant]) -> list[dict]:
   return rows
 
 
+
+def run_memory_op(shapes, variants: list[Variant], warps: list[int]) -> list[dict]:
+  """The memory op alone (``miras_memory`` on random q, k, v and per-head gates at B × T × H × d_h, no layer
+  around it): every Pallas variant at each Triton ``num_warps``, next to the XLA flat path with the same matmul
+  precision, fwd and fwd+bwd, with the Pallas reads' and gradients' largest error relative to that flat path."""
+  import jax
+  import jax.numpy as jnp
+
+  from benchmarks.linear_attention import _median_ms
+  from layers.kernels.miras import flat, pallas_triton
+  from layers.miras.spec import Gates
+  from research.models.registry import MIXERS
+
+  device = jax.devices()[0].device_kind
+  rows = []
+  for (b, t), v in itertools.product(shapes, [v for v in variants if v.impl.startswith("pallas_triton")]):
+    spec = MIXERS.config_class(v.model)(memory=v.memory, gates="head", chunk_size=v.chunk).memory_spec()
+    mode = "bfloat16" if v.impl.endswith("_bf16") else "float32"
+    ks = iter(jax.random.split(jax.random.PRNGKey(6), 8))
+    normal = lambda *shape: jax.random.normal(next(ks), shape)
+    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    q, k, v_ = unit(normal(b, t, HEADS, HEAD_DIM)), unit(normal(b, t, HEADS, HEAD_DIM)), normal(b, t, HEADS, HEAD_DIM)
+    gates = Gates(eta=0.1 * jax.nn.sigmoid(normal(b, t, HEADS, 1)),
+                  log_alpha=jax.nn.log_sigmoid(3.0 + normal(b, t, HEADS, 1)), delta=None)
+    state = {n: normal(b, HEADS, *shape) / shape[1] ** 0.5 for n, shape in spec.memory.shapes(HEAD_DIM).items()}
+    kw = dict(spec=spec, initial_state=state, chunk_size=v.chunk, matmul=mode)
+    runs = {f"xla_flat{'_bf16' * (mode == 'bfloat16')}": functools.partial(flat.miras_flat, remat=True, **kw)}
+    runs |= {f"{v.impl}[warps {w}]": functools.partial(pallas_triton.miras_pallas, num_warps=w, **kw) for w in warps}
+    outs = {}
+    for name, fn in runs.items():
+      row = {"kind": "memory_op", "op": f"{v.model}:{name}", "B": b, "T": t, "device": device}
+      try:
+        loss = lambda q, k, v_, fn=fn: jnp.sum(fn(q, k, v_, gates)[0] ** 2)
+        fwd, fwd_bwd = jax.jit(lambda q, k, v_, fn=fn: fn(q, k, v_, gates)[0]), jax.jit(jax.grad(loss, (0, 1, 2)))
+        start = time.perf_counter()
+        outs[name] = (fwd(q, k, v_), fwd_bwd(q, k, v_))
+        row["compile_and_first_s"] = time.perf_counter() - start
+        if len(outs) > 1:
+          base = outs[next(iter(runs))]
+          row["max_rel_vs_flat"] = max(float(jnp.max(jnp.abs(x - y)) / jnp.max(jnp.abs(y)))
+                                       for x, y in zip(jax.tree.leaves(outs[name]), jax.tree.leaves(base)))
+        row["fwd_ms"] = _median_ms(functools.partial(fwd, q, k, v_))
+        row["fwd_bwd_ms"] = _median_ms(functools.partial(fwd_bwd, q, k, v_))
+        row["fwd_bwd_ktok_s"] = b * t / row["fwd_bwd_ms"]
+      except Exception as e:  # noqa: BLE001 - report and continue with the other settings
+        row["error"] = repr(e)[:400]
+      print("memory_op", json.dumps(row), flush=True)
+      rows.append(row)
+  return rows
+
 def run(shapes, variants: list[Variant], peak_override: float | None, dtype: str) -> list[dict]:
   import jax
 
@@ -319,13 +371,15 @@ def run(shapes, variants: list[Variant], peak_override: float | None, dtype: str
 COLUMNS = (  # (header, row key, format); a missing key prints "-"
     ("op", "op", "{}"), ("device", "device", "{}"), ("B", "B", "{}"), ("T", "T", "{}"),
     ("GFLOP fwd+bwd", "fwd_bwd_gflop", "{:.0f}"), ("XLA GFLOP", "xla_fwd_bwd_gflop", "{:.0f}"),
+    ("compile s", "compile_and_first_s", "{:.1f}"),
     ("fwd ms", "fwd_ms", "{:.2f}"), ("fwd+bwd ms", "fwd_bwd_ms", "{:.2f}"),
     ("fwd+bwd ktok/s", "fwd_bwd_ktok_s", "{:.0f}"),
     ("TFLOP/s", "fwd_bwd_tflop_s", "{:.1f}"), ("peak fraction", "fwd_bwd_peak_frac", "{:.3f}"),
     ("× GDN", "vs_gdn_fwd_bwd", "{:.2f}"), ("temp GiB", "fwd_bwd_temp_gib", "{:.2f}"),
     ("torch peak GiB", "torch_peak_gib", "{:.2f}"), ("grads finite", "grad_finite", "{}"),
     ("max |grad|", "grad_max_abs", "{:.1e}"),
-    ("check: max rel vs reference", "max_rel", "{:.1e}"), ("decode ms/token", "decode_ms_per_token", "{:.3f}"),
+    ("check: max rel vs reference", "max_rel", "{:.1e}"), ("max rel vs flat", "max_rel_vs_flat", "{:.1e}"),
+    ("decode ms/token", "decode_ms_per_token", "{:.3f}"),
     ("decode cache KiB/head", "cache_kib_per_head", "{:.1f}"), ("error", "error", "{:.80}"))
 
 
@@ -333,7 +387,7 @@ def _table(rows: list[dict]) -> str:
   cell = lambda r, key, fmt: fmt.format(r[key]) if key in r else "-"
   out = ["| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "-|" * len(COLUMNS)]
   out += ["| " + " | ".join(cell(r, key, fmt) for _, key, fmt in COLUMNS) + " |"
-          for r in rows if r.get("kind") in ("time", "check", "decode", "stage", "error")]
+          for r in rows if r.get("kind") in ("time", "check", "decode", "stage", "memory_op", "error")]
   return "\n".join(out)
 
 
@@ -362,6 +416,8 @@ def main() -> None:
                       "its wheels, see benchmarks/lucid_memory.py)")
   parser.add_argument("--stages", type=int, default=0, help="B: also time one chunk of B × H heads through each "
                       "stage of the chunk step alone (gradients, reads, close), fwd and fwd+bwd")
+  parser.add_argument("--warps", default="", help="comma list of Triton num_warps: also time the memory op alone "
+                      "(no layer) for every pallas_triton* variant at each, next to xla_flat (per-head gates)")
   parser.add_argument("--hlo-dir", default="", help="write each timed op's compiled fwd+bwd HLO text here")
   parser.add_argument("--profile", action="store_true", help="also list each timed op's GPU kernels (count, time) "
                       "from JAX's profiler trace, fwd and fwd+bwd")
@@ -376,6 +432,7 @@ def main() -> None:
       split(args.models), split(args.memories), split(args.gates), split(args.chunks), split(args.remat),
       split(args.impls)) if not (m == "titans" and g == "channel")]
   rows = run(shapes, variants, args.peak_tflops, args.dtype) if shapes else []
+  rows += run_memory_op(shapes, variants, [int(w) for w in split(args.warps)]) if args.warps else []
   rows += run_stages(args.stages, variants) if args.stages else []
   rows += run_decode([tuple(int(n) for n in s.split("x")) for s in split(args.decode)], variants, args.dtype)
   peers = []
