@@ -11,7 +11,7 @@ overrides the table below). Each variant's output is also compared with the toke
 sequence (f32) before it is timed, so a fast-but-wrong variant shows up in the same table.
 
 ``--warps 4,8`` times the memory op alone for every ``pallas_triton*`` variant at each Triton ``num_warps``, next
-to ``xla_flat`` (per-head gates), with compile time and the largest error against the flat path. ``--stages B``
+to ``xla_flat`` (same gates), with compile time and the largest error against the flat path. ``--stages B``
 times one chunk of B × H heads through each stage of the chunk step alone (gradients, reads, close),
 to show where a chunk's time goes. ``--decode BxT`` adds spec §11.7: one-token decode latency after a T-token
 prefill, and the decode cache's bytes per head, for GDN, attention (KV cache) and every variant; ``--fla`` adds
@@ -297,7 +297,7 @@ def run_stages(b: int, variants: list[Variant]) -> list[dict]:
 
 
 def run_memory_op(shapes, variants: list[Variant], warps: list[int]) -> list[dict]:
-  """The memory op alone (``miras_memory`` on random q, k, v and per-head gates at B × T × H × d_h, no layer
+  """The memory op alone (``miras_memory`` on random q, k, v and the variant's gates at B × T × H × d_h, no layer
   around it): every Pallas variant at each Triton ``num_warps``, next to the XLA flat path with the same matmul
   precision, fwd and fwd+bwd, with the Pallas reads' and gradients' largest error relative to that flat path."""
   import jax
@@ -311,21 +311,22 @@ def run_memory_op(shapes, variants: list[Variant], warps: list[int]) -> list[dic
   device = jax.devices()[0].device_kind
   rows = []
   for (b, t), v in itertools.product(shapes, [v for v in variants if v.impl.startswith("pallas_triton")]):
-    spec = MIXERS.config_class(v.model)(memory=v.memory, gates="head", chunk_size=v.chunk).memory_spec()
+    spec = MIXERS.config_class(v.model)(memory=v.memory, gates=v.gates, chunk_size=v.chunk).memory_spec()
+    g = HEAD_DIM if v.gates == "channel" else 1
     mode = "bfloat16" if v.impl.endswith("_bf16") else "float32"
     ks = iter(jax.random.split(jax.random.PRNGKey(6), 8))
     normal = lambda *shape: jax.random.normal(next(ks), shape)
     unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
     q, k, v_ = unit(normal(b, t, HEADS, HEAD_DIM)), unit(normal(b, t, HEADS, HEAD_DIM)), normal(b, t, HEADS, HEAD_DIM)
-    gates = Gates(eta=0.1 * jax.nn.sigmoid(normal(b, t, HEADS, 1)),
-                  log_alpha=jax.nn.log_sigmoid(3.0 + normal(b, t, HEADS, 1)), delta=None)
+    gates = Gates(eta=0.1 * jax.nn.sigmoid(normal(b, t, HEADS, g)),
+                  log_alpha=jax.nn.log_sigmoid(3.0 + normal(b, t, HEADS, g)), delta=None)
     state = {n: normal(b, HEADS, *shape) / shape[1] ** 0.5 for n, shape in spec.memory.shapes(HEAD_DIM).items()}
     kw = dict(spec=spec, initial_state=state, chunk_size=v.chunk, matmul=mode)
     runs = {f"xla_flat{'_bf16' * (mode == 'bfloat16')}": functools.partial(flat.miras_flat, remat=True, **kw)}
     runs |= {f"{v.impl}[warps {w}]": functools.partial(pallas_triton.miras_pallas, num_warps=w, **kw) for w in warps}
     outs = {}
     for name, fn in runs.items():
-      row = {"kind": "memory_op", "op": f"{v.model}:{name}", "B": b, "T": t, "device": device}
+      row = {"kind": "memory_op", "op": f"{v.model}[{v.gates}]:{name}", "B": b, "T": t, "device": device}
       try:
         loss = lambda q, k, v_, fn=fn: jnp.sum(fn(q, k, v_, gates)[0] ** 2)
         fwd, fwd_bwd = jax.jit(lambda q, k, v_, fn=fn: fn(q, k, v_, gates)[0]), jax.jit(jax.grad(loss, (0, 1, 2)))
@@ -417,7 +418,7 @@ def main() -> None:
   parser.add_argument("--stages", type=int, default=0, help="B: also time one chunk of B × H heads through each "
                       "stage of the chunk step alone (gradients, reads, close), fwd and fwd+bwd")
   parser.add_argument("--warps", default="", help="comma list of Triton num_warps: also time the memory op alone "
-                      "(no layer) for every pallas_triton* variant at each, next to xla_flat (per-head gates)")
+                      "(no layer) for every pallas_triton* variant at each, next to xla_flat")
   parser.add_argument("--hlo-dir", default="", help="write each timed op's compiled fwd+bwd HLO text here")
   parser.add_argument("--profile", action="store_true", help="also list each timed op's GPU kernels (count, time) "
                       "from JAX's profiler trace, fwd and fwd+bwd")

@@ -370,33 +370,58 @@ def test_kernel_erf_matches_lax_erf():
   assert err64 < 1.2e-7 and err32 < 1.5 * xla32
 
 
-@pytest.mark.parametrize("name", ["moneta", "moneta_pre", "yaad_clip", "elastic_mlp"])
-def test_pallas_kernels_equal_the_flat_path_values_and_grads(name):
+@pytest.mark.parametrize(("name", "channel"), [("moneta", False), ("yaad_clip", False), ("elastic_mlp", False),
+                                             ("moneta", True), ("moneta_pre", True)])
+def test_pallas_kernels_equal_the_flat_path_values_and_grads(name, channel):
   """The Pallas kernels (one program per head walks every chunk; the backward recomputes each chunk from its
   checkpointed start state and differentiates it inside the kernel) in Pallas interpret mode, against ``xla_flat``:
   reads, state and the gradients of every input in float32, with an incomplete trailing chunk and a row whose
-  length ends inside an earlier chunk (boundary read, kept state, padding)."""
+  length ends inside an earlier chunk (boundary read, kept state, padding). Channel gates run chunks of 32 in two
+  sub-blocks of 16, so the factored coefficients between sub-blocks are exercised."""
   spec = SPECS.get(name) or MemorySpec(MLPMemory(), biases.L2(), ElasticNet(0.01))
-  lengths = jnp.array([40, 23])
-  runs = [functools.partial(fn, spec=spec, chunk_size=16, lengths=lengths)
+  c = 32 if channel else 16
+  lengths = jnp.array([5 * c // 2, 3 * c // 2 - 3])
+  runs = [functools.partial(fn, spec=spec, chunk_size=c, lengths=lengths)
           for fn in (flat.miras_flat, functools.partial(pallas_triton.miras_pallas, interpret=True))]
-  qkv, gates, kw = _inputs(spec, 22, t=40, d=16)
+  qkv, gates, kw = _inputs(spec, 22, t=5 * c // 2, d=16, channel=channel)
   (o_f, s_f, _), (o_p, s_p, _) = (run(*qkv, gates, **kw) for run in runs)
   weights = jax.random.normal(jax.random.PRNGKey(8), o_f.shape)
   g_f, g_p = (jax.grad(_loss(run, weights), argnums=(0, 1, 2))(qkv, gates, kw) for run in runs)
   errs = _rel(o_p, o_f), _rel(s_p, s_f), _rel(g_p, g_f)
-  print(f"{name}: pallas (interpret) vs flat, max rel error reads {errs[0]:.1e}, state {errs[1]:.1e}, "
-        f"grads {errs[2]:.1e} (float32)")
+  print(f"{name} {'channel' if channel else 'head'} gates: pallas (interpret) vs flat, max rel error reads "
+        f"{errs[0]:.1e}, state {errs[1]:.1e}, grads {errs[2]:.1e} (float32)")
   assert max(errs) < 1e-5
 
 
-@pytest.mark.parametrize("matmul_mode", ["float32", "bfloat16"])
-def test_pallas_kernels_lower_to_triton_for_an_h100(matmul_mode):
-  """Both kernels of the fwd+bwd lower to Triton IR for an (abstract) H100 from this CPU: every primitive in them,
-  the derivative traced inside the backward kernel included, has a Triton lowering (no erf, no custom_vjp call)."""
+def test_pallas_channel_gates_stay_finite_and_accurate_under_strong_decay():
+  """Channel gates with a cumulative log-decay near −200 per chunk of 64 (α ≈ 0.05 a token): factored through the
+  start of the chunk, B_t / B_s would overflow float32; through each sub-block's end every exponent is ≤ 0. The
+  kernels' reads stay as close to the float64 answer as ``xla_flat``'s in float32, and their gradients finite."""
   spec = SPECS["moneta"]
-  qkv, gates, kw = _inputs(spec, 24, b=1, t=32, d=16)
-  run = functools.partial(pallas_triton.miras_pallas, spec=spec, chunk_size=16, matmul=matmul_mode)
+  qkv, gates, kw = _inputs(spec, 3, t=128, d=16, channel=True)
+  gates = gates._replace(log_alpha=jax.nn.log_sigmoid(-3.0 + jax.random.normal(jax.random.PRNGKey(1),
+                                                                                gates.log_alpha.shape)))
+  assert float(jnp.min(jnp.sum(gates.log_alpha.reshape(2, 2, 64, 2, 16), axis=2))) < -150
+  run = functools.partial(pallas_triton.miras_pallas, spec=spec, chunk_size=64, interpret=True)
+  o_p = run(*qkv, gates, **kw)[0]
+  o_f = flat.miras_flat(*qkv, gates, spec=spec, chunk_size=64, **kw)[0]
+  with jax.enable_x64(True):
+    f64 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float64), tree)
+    exact = flat.miras_flat(*f64(qkv), f64(gates), spec=spec, chunk_size=64, **f64(kw))[0]
+    errs = _rel(o_p, exact), _rel(o_f, exact)
+  grads = jax.grad(lambda q: jnp.sum(run(q, *qkv[1:], gates, **kw)[0] ** 2))(qkv[0])
+  print(f"strong decay: pallas vs float64 {errs[0]:.1e}, xla_flat (float32) vs float64 {errs[1]:.1e}")
+  assert errs[0] < max(2 * errs[1], 1e-5) and bool(jnp.all(jnp.isfinite(grads)))
+
+
+@pytest.mark.parametrize(("matmul_mode", "channel"), [("float32", False), ("bfloat16", False), ("bfloat16", True)])
+def test_pallas_kernels_lower_to_triton_for_an_h100(matmul_mode, channel):
+  """Both kernels of the fwd+bwd lower to Triton IR for an (abstract) H100 from this CPU: every primitive in them,
+  the derivative traced inside the backward kernel included, has a Triton lowering (no erf, no custom_vjp call,
+  no slicing of values: channel gates' sub-blocks are loaded from the refs one by one)."""
+  spec = SPECS["moneta"]
+  qkv, gates, kw = _inputs(spec, 24, b=1, t=64, d=16, channel=channel)
+  run = functools.partial(pallas_triton.miras_pallas, spec=spec, chunk_size=32, matmul=matmul_mode)
   grad = jax.jit(jax.grad(_loss(run, jnp.ones(qkv[0].shape)), argnums=(0, 1, 2)))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (qkv, gates, kw))
   h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
@@ -408,11 +433,12 @@ def test_pallas_kernels_lower_to_triton_for_an_h100(matmul_mode):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-@pytest.mark.parametrize("impl", ["pallas_triton", "pallas_triton_bf16"])
-def test_pallas_kernels_on_gpu_match_the_flat_path(impl):
+@pytest.mark.parametrize(("impl", "channel"), [("pallas_triton", False), ("pallas_triton_bf16", False),
+                                              ("pallas_triton_bf16", True)])
+def test_pallas_kernels_on_gpu_match_the_flat_path(impl, channel):
   """The compiled Triton kernels at the layer's head width (d = 64, E = 256, c = 64) against ``xla_flat``."""
   spec = SPECS["moneta"]
-  qkv, gates, kw = _inputs(spec, 23, b=2, t=200, h=2, d=64)
+  qkv, gates, kw = _inputs(spec, 23, b=2, t=200, h=2, d=64, channel=channel)
   lengths = jnp.array([200, 150])
   run = lambda impl: lambda qkv, gates, kw: api.miras_memory(*qkv, gates, spec=spec, chunk_size=64, lengths=lengths,
                                                              implementation=impl, **kw)
@@ -421,7 +447,8 @@ def test_pallas_kernels_on_gpu_match_the_flat_path(impl):
   (o_f, s_f, _), (o_p, s_p, _) = (run(i)(qkv, gates, kw) for i in (flat_impl, impl))
   g_f, g_p = (jax.grad(_loss(run(i), weights), argnums=(0, 1, 2))(qkv, gates, kw) for i in (flat_impl, impl))
   errs = _rel(o_p, o_f), _rel(s_p, s_f), _rel(g_p, g_f)
-  print(f"{impl} on {jax.devices()[0].device_kind} vs {flat_impl}: max rel error reads {errs[0]:.1e}, "
+  print(f"{impl}, {'channel' if channel else 'head'} gates, on {jax.devices()[0].device_kind} vs {flat_impl}: "
+        f"max rel error reads {errs[0]:.1e}, "
         f"state {errs[1]:.1e}, grads {errs[2]:.1e}")
   assert max(errs) < (2e-2 if impl.endswith("_bf16") else 1e-4)
 
@@ -509,9 +536,8 @@ def test_api_dispatch_and_errors():
     with pytest.raises(ValueError, match="'pallas_triton' cannot run: needs a GPU backend"):
       api.miras_memory(*qkv, gates, spec=spec, implementation="pallas_triton", **kw)
   moneta = SPECS["moneta"]
-  for channel, d, message in ((True, 16, "per-head gates"), (False, 8, "head dim must be a power of two >= 16")):
-    qkv, gates, kw = _inputs(moneta, 14, t=6, d=d, channel=channel)
-    with pytest.raises(ValueError, match=message):
-      pallas_triton.miras_pallas(*qkv, gates, spec=moneta, chunk_size=16, interpret=True, **kw)
+  qkv, gates, kw = _inputs(moneta, 14, t=6, d=8)
+  with pytest.raises(ValueError, match="head dim must be a power of two >= 16"):
+    pallas_triton.miras_pallas(*qkv, gates, spec=moneta, chunk_size=16, interpret=True, **kw)
   with pytest.raises(ValueError, match="momentum needs Decay"):
     MemorySpec(MLPMemory(), biases.L2(), LqNorm(4.0), momentum=True)

@@ -14,9 +14,9 @@ float32; returns (o [b, t, h, d] float32, state at the last chunk boundary, mome
   * ``"xla_chunked_bf16"``: the same with bfloat16 matmul operands and float32 accumulation (tensor cores on GPU;
     states, gates and cumulative products stay float32); chosen explicitly, by measurement (benchmarks/miras.py);
   * ``"pallas_triton"`` / ``"pallas_triton_bf16"``: the whole chunk loop of a head in one Pallas (Triton) kernel
-    per direction (:mod:`pallas_triton`), GPU only, for MLP memories with per-head gates, no momentum or lag
-    token, and c, d, E powers of two ≥ 16; checked against ``xla_flat`` in Pallas interpret mode on the CPU, not
-    yet timed on a GPU, so it runs only when asked for;
+    per direction (:mod:`pallas_triton`), GPU only, for MLP memories without momentum or lag token (per-head or
+    channel gates), c, d, E powers of two ≥ 16; checked against ``xla_flat`` in Pallas interpret mode on the CPU,
+    not yet timed on a GPU, so it runs only when asked for;
   * ``"reference"``: the token loop with one ``jax.grad`` per token (any backend; slow).
 ``None`` takes the first that applies, in that order (so never the Pallas kernels, listed after the reference).
 An explicitly requested implementation that cannot run raises a ValueError saying why.
@@ -42,7 +42,7 @@ def _unsupported(implementation: str, spec: MemorySpec, gates: Gates, chunk_size
   if implementation.startswith("pallas_triton"):
     if jax.default_backend() != "gpu":
       return f"needs a GPU backend, this one is {jax.default_backend()!r}"
-    return pallas_triton.unsupported(spec, gates, chunk_size, head_dim)
+    return pallas_triton.unsupported(spec, chunk_size, head_dim)
   return None
 
 

@@ -15,14 +15,19 @@ does for the gated delta rule's [K, V] state):
     so the derivative is the chunk step's own (every product a 2-D matmul Triton lowers), carrying dS backwards.
 
 The chunk step is :mod:`flat`'s for one head, with what :mod:`flat` hoists out of its scan formed in the program
-from the per-token gates (the [c, c] step coefficients, the decays, the chunk end's coefficients). The chunk
-boundary read (Moneta, elastic net) reads the closed state in the same iteration. Triton has no erf, so GELU
+from the per-token gates (the step coefficients, the decays, the chunk end's coefficients). Per-head gates take
+the chunk as one block of rows. Channel gates need the [c, c, d] coefficients C[t, s, i] = η_si B_ti / B_si, which
+are not one matmul: the chunk is cut into sub-blocks of 16 rows (GLA's secondary chunking, spec mom §2.4); a
+sub-block with itself is formed element-wise ([16, 16, d], exponents masked before the exp), and with an earlier one
+factors through B at the last row of the sub-block before, q ⊙ B_t/B_ref and k ⊙ η B_ref/B_s, both ≤ 1, so it is a
+matmul that cannot overflow. Sub-blocks are loaded from the refs one by one (Triton cannot slice a value). The
+chunk boundary read (Moneta, elastic net) reads the closed state in the same iteration. Triton has no erf, so GELU
 inside the kernels uses :func:`erf` (|error| < 1.2e-7, so |Δgelu(z)| < 6e-8·|z|).
 
-Covers the MLP memory with per-head gates, no momentum, no lag token (``unsupported`` says why otherwise); c, d and
-E must be powers of two ≥ 16 (Triton tiles). Memory: the checkpoints are n·2·E·d float32 per head (at 8 × 4096
-tokens, d = 64, E = 256, H = 16: 1 GiB). The kernels run in Pallas interpret mode on the CPU, which is how the
-tests check them. Shapes and returns as :func:`chunked.miras_chunked`.
+Covers the MLP memory with no momentum and no lag token (``unsupported`` says why otherwise); c, d and E must be
+powers of two ≥ 16 (Triton tiles). Memory: the checkpoints are n·2·E·d float32 per head (at 8 × 4096 tokens,
+d = 64, E = 256, H = 16: 1 GiB). The kernels run in Pallas interpret mode on the CPU, which is how the tests check
+them. Shapes and returns as :func:`chunked.miras_chunked`.
 """
 
 from __future__ import annotations
@@ -65,7 +70,10 @@ def _gelu_grad(z):
   return 0.5 * (1.0 + erf(z / math.sqrt(2.0))) + z * jnp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
 
 
-def unsupported(spec: MemorySpec, gates: Gates, chunk_size: int, head_dim: int) -> str | None:
+SUB_BLOCK = 16  # rows of a chunk's sub-blocks with channel gates (secondary chunking; Triton's smallest tile)
+
+
+def unsupported(spec: MemorySpec, chunk_size: int, head_dim: int) -> str | None:
   """Why these kernels cannot run this memory, or None if they can (any backend: interpret mode runs anywhere)."""
   if not isinstance(spec.memory, MLPMemory):
     return "it covers the MLP memory only"
@@ -73,8 +81,6 @@ def unsupported(spec: MemorySpec, gates: Gates, chunk_size: int, head_dim: int) 
     return "it has no momentum"
   if spec.retention.lag:
     return "it has no lag token (Memora)"
-  if gates.eta.shape[-1] != 1:
-    return "it needs per-head gates (eta [..., 1])"
   sizes = (("chunk_size", chunk_size), ("head dim", head_dim), ("hidden width", spec.memory.expansion * head_dim))
   for name, n in sizes:
     if n < 16 or n & (n - 1):
@@ -82,51 +88,80 @@ def unsupported(spec: MemorySpec, gates: Gates, chunk_size: int, head_dim: int) 
   return None
 
 
-def chunk_step(spec: MemorySpec, dot, s: dict, x: tuple, ln: tuple) -> tuple[dict, jax.Array]:
-  """One chunk of one head: state {w2: [E, d], w1: [d, E]} -> (state at the chunk end, reads o [c, d]).
+def _gated_scores(dot, q, k, coef):
+  """Σ_i q_ti k_si C[t, s, i] [r, r] for coefficients C [r, r, g]: one matmul per head (g = 1), element-wise in
+  float32 per channel (g = d)."""
+  if coef.shape[-1] == 1:
+    return dot("ti,si->ts", q, k) * coef.reshape(coef.shape[:2])
+  return jnp.sum(q[:, None, :] * k[None, :, :] * coef, axis=-1)
 
-  x = (q, k, v [c, d], η, log α, log B [c] (log B the chunk-local inclusive cumulative sum of log α), δ [c],
-  complete: a scalar flag, the chunk is closed into the state); ln = (γ, β) [d]; ``dot(spec, a, b)`` a 2-D einsum.
-  The arithmetic of :func:`flat._step` for one head (see :mod:`chunked` for the steps).
+
+def _gated_mix(dot, scores, coef, e):
+  """Σ_s scores[t, s] C[t, s, o] e_so [r, d] for coefficients C [r, r, g] (g = 1 or d, as :func:`_gated_scores`)."""
+  if coef.shape[-1] == 1:
+    return dot("ts,sd->td", scores * coef.reshape(coef.shape[:2]), e)
+  return jnp.sum(scores[:, :, None] * coef * e[None, :, :], axis=1)
+
+
+def chunk_step(spec: MemorySpec, dot, s: dict, blocks: tuple, complete, ln: tuple) -> tuple[dict, tuple]:
+  """One chunk of one head: state {w2: [E, d], w1: [d, E]} -> (state at the chunk end, reads o [r, d] per block).
+
+  ``blocks``: the chunk's rows in consecutive blocks of r, each (q, k, v [r, d], η, log α, log B [r, g], δ [r]),
+  log B the chunk-local inclusive cumulative sum of log α, g = 1 (per-head gates) or d (per channel: on W2's input
+  axis and W1's output axis); ``complete``: a scalar flag, the chunk is closed into the state; ln = (γ, β) [d];
+  ``dot(spec, a, b)`` a 2-D einsum. The arithmetic of :func:`flat._step` for one head (see :mod:`chunked` for the
+  steps), block by block: the step coefficients C[t, s] = η_s B_t / B_s of a block with itself are formed
+  element-wise with every exponent masked before the exp; with an earlier block they factor through B at the last
+  row of the block before (GLA's secondary chunking: both factors ≤ 1), so they are matmuls.
   """
-  q, k, v, eta, la, lb, delta, complete = x
   mem, ret = spec.memory, spec.retention
-  c = q.shape[0]
-  t = jnp.arange(c)
   post = spec.read == "post"
-  lread = lb if post else lb - la
-  mask = t[:, None] >= t[None, :] if post else t[:, None] > t[None, :]
-  coef = jnp.exp(jnp.where(mask, lread[:, None] - lb[None, :], -jnp.inf)) * eta[None, :]  # [c, c]: η_i B_t / B_i
-  last = t == c - 1
-  lend = jnp.sum(jnp.where(last, lb, 0.0))  # log B_c
-  decay = jnp.exp(lread)[:, None]
+  t = jnp.arange(blocks[0][0].shape[0])
+  mask = (t[:, None] >= t[None, :] if post else t[:, None] > t[None, :])[..., None]
+  at_last_row = lambda x: jnp.sum(jnp.where((t == t.shape[0] - 1)[:, None], x, 0.0), axis=0)  # [r, m] -> [m]
   scale = ret.read_scale(s)
   s2, s1, w2, w1 = scale["w2"], scale["w1"], s["w2"], s["w1"]
-  # the keys through W₀ = s₀·S₀, and every token's errors there (step 1)
-  zk = s2 * dot("ti,ei->te", k, w2)
-  hk = _gelu(zk)
-  y, n, rstd = layer_norm(s1 * dot("te,de->td", hk, w1), ln, mem.ln_eps)
-  e1 = layer_norm_backward(spec.bias.grad(k + y, v, delta), n, rstd, ln[0])
-  e2 = s1 * dot("td,de->te", e1, w1) * _gelu_grad(zk)
-  acts = spec.clip_errors({"w2": (k, e2), "w1": (hk, e1)})
-  e2, e1 = acts["w2"][1], acts["w1"][1]
-  # per-token reads, dual form (step 3): W_t = decay_t W₀ − s₀ Σ_i C[t, i] e_i a_iᵀ, layer by layer
-  hq = _gelu(s2 * (dot("ti,ei->te", q * decay, w2) - dot("ts,se->te", dot("ti,si->ts", q, k) * coef, e2)))
-  mixed = dot("ts,sd->td", dot("te,se->ts", hq, hk) * coef, e1)
-  o = q + layer_norm(s1 * (decay * dot("te,de->td", hq, w1) - mixed), ln, mem.ln_eps)[0]
-  # the chunk end (step 4): S = B_c S₀ − Σ_i (η_i B_c / B_i) e_i a_iᵀ, the retention's chunk-end map
-  end_coef, end_decay = (jnp.exp(lend - lb) * eta)[:, None], jnp.exp(lend)
-  new = ret.close({"w2": end_decay * w2 - dot("se,si->ei", e2, k * end_coef),
-                   "w1": end_decay * w1 - dot("sd,se->de", e1 * end_coef, hk)})
-  new = {name: jnp.where(complete, new[name], s[name]) for name in s}
+  keys = []  # per block: (h, e2, e1) of its keys at the chunk-start weights W₀ = s₀·S₀ (step 1)
+  for _, k, v, _, _, _, delta in blocks:
+    zk = s2 * dot("ti,ei->te", k, w2)
+    y, n, rstd = layer_norm(s1 * dot("te,de->td", _gelu(zk), w1), ln, mem.ln_eps)
+    e1 = layer_norm_backward(spec.bias.grad(k + y, v, delta), n, rstd, ln[0])
+    acts = spec.clip_errors({"w2": (k, s1 * dot("td,de->te", e1, w1) * _gelu_grad(zk)), "w1": (_gelu(zk), e1)})
+    keys.append((acts["w1"][0], acts["w2"][1], acts["w1"][1]))
+  ends = [at_last_row(block[5]) for block in blocks]  # log B at each block's last row [g]
+  # an earlier block j's keys (or errors) scaled by η_s B_ref / B_s, ref the last row of the block before this one
+  earlier = lambda j, x, ref: x * blocks[j][3] * jnp.exp(ref - blocks[j][5])
+  reads = []
+  for i, (q, _, _, eta, la, lb, _) in enumerate(blocks):  # per-token reads, dual form (step 3), layer by layer
+    lread = lb if post else lb - la
+    coef = jnp.exp(jnp.where(mask, lread[:, None, :] - lb[None, :, :], -jnp.inf)) * eta[None]  # [r, r, g]
+    hk, e2, e1 = keys[i]
+    z = dot("ti,ei->te", q * jnp.exp(lread), w2) - dot("ts,se->te", _gated_scores(dot, q, blocks[i][1], coef), e2)
+    ref = ends[i - 1] if i else None
+    for j in range(i):
+      z = z - dot("ts,se->te", dot("ti,si->ts", q * jnp.exp(lread - ref), earlier(j, blocks[j][1], ref)), keys[j][1])
+    hq = _gelu(s2 * z)
+    mixed = _gated_mix(dot, dot("te,se->ts", hq, hk), coef, e1)
+    for j in range(i):
+      mixed = mixed + jnp.exp(lread - ref) * dot("ts,sd->td", dot("te,se->ts", hq, keys[j][0]),
+                                                 earlier(j, keys[j][2], ref))
+    reads.append(q + layer_norm(s1 * (jnp.exp(lread) * dot("te,de->td", hq, w1) - mixed), ln, mem.ln_eps)[0])
+  # the chunk end (step 4): S = B_c ⊙ S₀ − Σ_i (η_i B_c / B_i) ⊙ e_i a_iᵀ, then the retention's chunk-end map
+  lend = ends[-1]
+  new = {"w2": jnp.exp(lend)[None, :] * w2, "w1": jnp.exp(lend)[:, None] * w1}
+  for j, (_, k, *_) in enumerate(blocks):
+    hk, e2, e1 = keys[j]
+    new = {"w2": new["w2"] - dot("se,si->ei", e2, earlier(j, k, lend)),
+           "w1": new["w1"] - dot("sd,se->de", earlier(j, e1, lend), hk)}
+  new = {name: jnp.where(complete, w, s[name]) for name, w in ret.close(new).items()}
   if post and ret.boundary_read:  # the chunk's last token reads the closed state (one row: element-wise products)
-    q_last = jnp.sum(jnp.where(last[:, None], q, 0.0), axis=0)
+    q_last = at_last_row(blocks[-1][0])
     closed = ret.read_scale(new)
     h_last = _gelu(closed["w2"] * jnp.sum(new["w2"] * q_last[None, :], axis=1))
     u_last = closed["w1"] * jnp.sum(new["w1"] * h_last[None, :], axis=1)
     o_last = q_last + layer_norm(u_last, ln, mem.ln_eps)[0]
-    o = jnp.where(last[:, None] & complete, o_last[None, :], o)
-  return new, o
+    reads[-1] = jnp.where((t == t.shape[0] - 1)[:, None] & complete, o_last[None, :], reads[-1])
+  return new, tuple(reads)
 
 
 def _plain_dot(mode: str):
@@ -138,25 +173,30 @@ def _plain_dot(mode: str):
   return functools.partial(product, mode="float32")
 
 
-def _load_chunk(refs, j: int, c: int) -> tuple:
-  """Chunk j's (q, k, v, η, log α, log B, δ) from per-head refs [n·c, d] / [n·c], and its complete flag."""
-  rows = pl.ds(pl.multiple_of(j * c, c), c)
-  *tokens, complete_ref = refs
-  return tuple(r[rows, :] if len(r.shape) == 2 else r[rows] for r in tokens) + (complete_ref[j] > 0,)
+def _block_rows(j, c: int, r: int) -> list:
+  """Row slices of chunk j's blocks of r in per-head arrays [n·c, ...]."""
+  return [pl.ds(pl.multiple_of(j * c + b * r, r), r) for b in range(c // r)]
+
+
+def _load_blocks(token_refs, j, c: int, r: int) -> tuple:
+  """Chunk j's blocks of (q, k, v, η, log α, log B, δ) from per-head refs [n·c, d] / [n·c, g] / [n·c]."""
+  return tuple(tuple(ref[rows, :] if len(ref.shape) == 2 else ref[rows] for ref in token_refs)
+               for rows in _block_rows(j, c, r))
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, eta_ref, la_ref, lb_ref, delta_ref, complete_ref, w2_ref, w1_ref, gamma_ref,
-                beta_ref, o_ref, states2_ref, states1_ref, final2_ref, final1_ref, *, spec, n, c):
+                beta_ref, o_ref, states2_ref, states1_ref, final2_ref, final1_ref, *, spec, n, c, r):
   e, d = w2_ref.shape
   ln = (gamma_ref[...], beta_ref[...])
   dot = _plain_dot(spec.memory.matmul)
-  inputs = (q_ref, k_ref, v_ref, eta_ref, la_ref, lb_ref, delta_ref, complete_ref)
+  token_refs = (q_ref, k_ref, v_ref, eta_ref, la_ref, lb_ref, delta_ref)
 
   def body(j, s):
     states2_ref[pl.ds(pl.multiple_of(j * e, e), e), :] = s["w2"]
     states1_ref[pl.ds(pl.multiple_of(j * d, d), d), :] = s["w1"]
-    s, o = chunk_step(spec, dot, s, _load_chunk(inputs, j, c), ln)
-    o_ref[pl.ds(pl.multiple_of(j * c, c), c), :] = o
+    s, reads = chunk_step(spec, dot, s, _load_blocks(token_refs, j, c, r), complete_ref[j] > 0, ln)
+    for rows, o in zip(_block_rows(j, c, r), reads, strict=True):
+      o_ref[rows, :] = o
     return s
 
   final = jax.lax.fori_loop(0, n, body, {"w2": w2_ref[...], "w1": w1_ref[...]})
@@ -166,7 +206,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, eta_ref, la_ref, lb_ref, delta_ref, complet
 def _bwd_kernel(q_ref, k_ref, v_ref, eta_ref, la_ref, lb_ref, delta_ref, complete_ref, states2_ref, states1_ref,
                 gamma_ref, beta_ref, do_ref, dfinal2_ref, dfinal1_ref,
                 dq_ref, dk_ref, dv_ref, deta_ref, dla_ref, dlb_ref, ddelta_ref, ds2_ref, ds1_ref, dgamma_ref,
-                dbeta_ref, *, spec, n, c):
+                dbeta_ref, *, spec, n, c, r):
   e, d = states2_ref.shape[0] // n, states1_ref.shape[0] // n
   dot = functools.partial(product, mode=spec.memory.matmul)
   token_refs = (q_ref, k_ref, v_ref, eta_ref, la_ref, lb_ref, delta_ref)
@@ -175,18 +215,19 @@ def _bwd_kernel(q_ref, k_ref, v_ref, eta_ref, la_ref, lb_ref, delta_ref, complet
   def body(i, carry):
     j = n - 1 - i
     ds, dln = carry
-    rows = pl.ds(pl.multiple_of(j * c, c), c)
     s = {"w2": states2_ref[pl.ds(pl.multiple_of(j * e, e), e), :],
          "w1": states1_ref[pl.ds(pl.multiple_of(j * d, d), d), :]}
-    *x, complete = _load_chunk(token_refs + (complete_ref,), j, c)
-    step = lambda s, x, ln: chunk_step(spec, dot, s, (*x, complete), ln)
-    _, pull = jax.vjp(step, s, tuple(x), (gamma_ref[...], beta_ref[...]))
-    ds, dx, dln_j = pull((ds, do_ref[rows, :]))
-    for ref, g in zip(grad_refs, dx, strict=True):
-      if len(ref.shape) == 2:
-        ref[rows, :] = g
-      else:
-        ref[rows] = g
+    complete = complete_ref[j] > 0
+    step = lambda s, blocks, ln: chunk_step(spec, dot, s, blocks, complete, ln)
+    _, pull = jax.vjp(step, s, _load_blocks(token_refs, j, c, r), (gamma_ref[...], beta_ref[...]))
+    rows = _block_rows(j, c, r)
+    ds, dblocks, dln_j = pull((ds, tuple(do_ref[block, :] for block in rows)))
+    for block, grads in zip(rows, dblocks, strict=True):
+      for ref, g in zip(grad_refs, grads, strict=True):
+        if len(ref.shape) == 2:
+          ref[block, :] = g
+        else:
+          ref[block] = g
     return ds, (dln[0] + dln_j[0], dln[1] + dln_j[1])
 
   zeros = jnp.zeros((d,), gamma_ref.dtype)
@@ -209,9 +250,15 @@ def _call(kernel, inputs, out_shapes, *, num_warps: int, interpret: bool):
   )(*inputs)
 
 
+def _rows_per_block(c: int, eta: jax.Array) -> int:
+  """The whole chunk with per-head gates (η [N, n·c, 1]); blocks of :data:`SUB_BLOCK` rows with channel gates."""
+  return c if eta.shape[-1] == 1 else min(c, SUB_BLOCK)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _scan(spec, num_warps, interpret, tokens, complete, s0, ln):
-  """tokens (q, k, v [N, n·c, d], η, log α, log B, δ [N, n·c]); complete [N, n]; s0 {w2 [N, E, d], w1 [N, d, E]};
+  """tokens (q, k, v [N, n·c, d], η, log α, log B [N, n·c, g], δ [N, n·c]); complete [N, n]; s0 {w2 [N, E, d],
+  w1 [N, d, E]};
   ln (γ, β) [N, d] -> (o [N, n·c, d], final state)."""
   return _scan_fwd(spec, num_warps, interpret, tokens, complete, s0, ln)[0]
 
@@ -222,7 +269,7 @@ def _scan_fwd(spec, num_warps, interpret, tokens, complete, s0, ln):
   like = lambda *shape: jax.ShapeDtypeStruct((big, *shape), tokens[0].dtype)
   out_shapes = (like(rows, d), like(n * e, d), like(n * d, e), like(e, d), like(d, e))
   o, states2, states1, final2, final1 = _call(
-      functools.partial(_fwd_kernel, spec=spec, n=n, c=rows // n),
+      functools.partial(_fwd_kernel, spec=spec, n=n, c=rows // n, r=_rows_per_block(rows // n, tokens[3])),
       (*tokens, complete, s0["w2"], s0["w1"], *ln), out_shapes, num_warps=num_warps, interpret=interpret)
   return (o, {"w2": final2, "w1": final1}), (tokens, complete, states2, states1, ln)
 
@@ -235,7 +282,7 @@ def _scan_bwd(spec, num_warps, interpret, residuals, cotangents):
   out_shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in tokens) + tuple(
       jax.ShapeDtypeStruct((big, *shape), tokens[0].dtype) for shape in ((e, d), (d, e), (d,), (d,)))
   *dtokens, ds2, ds1, dgamma, dbeta = _call(
-      functools.partial(_bwd_kernel, spec=spec, n=n, c=rows // n),
+      functools.partial(_bwd_kernel, spec=spec, n=n, c=rows // n, r=_rows_per_block(rows // n, tokens[3])),
       (*tokens, complete, states2, states1, *ln, do, dfinal["w2"], dfinal["w1"]), out_shapes,
       num_warps=num_warps, interpret=interpret)
   return tuple(dtokens), jnp.zeros_like(complete), {"w2": ds2, "w1": ds1}, (dgamma, dbeta)
@@ -253,15 +300,14 @@ def miras_pallas(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict
   from its checkpointed start state (``remat`` is implied). ``interpret`` runs the kernels in Pallas interpret mode
   (any backend)."""
   b, t, h, d = q.shape
-  if (why := unsupported(spec, gates, chunk_size, d)) is not None:
+  if (why := unsupported(spec, chunk_size, d)) is not None:
     raise ValueError(f"the Pallas Miras kernels cannot run this memory: {why}")
   del initial_momentum, remat
   spec = with_matmul(spec, matmul)
   x = chunk_sequence(q, k, v, gates, spec, chunk_size, lengths)
   n, big = x.q.shape[0], b * h
   per_head = lambda a: jnp.moveaxis(a, 0, 2).reshape(big, n * chunk_size, *a.shape[4:])  # [n, b, h, c, ..]
-  tokens = tuple(per_head(a) for a in (x.q, x.k, x.v)) + tuple(
-      per_head(a[..., 0]) for a in (x.eta, x.log_alpha, x.log_b)) + (per_head(x.delta),)
+  tokens = tuple(per_head(a) for a in (x.q, x.k, x.v, x.eta, x.log_alpha, x.log_b, x.delta))
   complete = jnp.repeat(x.complete.T, h, axis=0).astype(x.q.dtype)  # [b·h, n], 1 where the chunk is closed
   ln = ln if ln is not None else (jnp.ones((h, d)), jnp.zeros((h, d)))
   ln = tuple(jnp.broadcast_to(p[None].astype(x.q.dtype), (b, h, d)).reshape(big, d) for p in ln)
