@@ -10,8 +10,8 @@ of the compiled fwd+bwd; the achieved fraction of the device's dense bf16 peak i
 overrides the table below). Each variant's output is also compared with the token-loop reference on a short
 sequence (f32) before it is timed, so a fast-but-wrong variant shows up in the same table.
 
-``--warps 4,8`` times the memory op alone for every ``pallas_triton*`` variant at each Triton ``num_warps``, next
-to ``xla_flat`` (same gates), with compile time and the largest error against the flat path. ``--stages B``
+``--warps 4,8 --hidden-tiles 1,4`` times the memory op alone for every ``pallas_triton*`` variant at each Triton
+launch setting, next to ``xla_flat`` (same gates), with compile time and the largest error against the flat path. ``--stages B``
 times one chunk of B × H heads through each stage of the chunk step alone (gradients, reads, close),
 to show where a chunk's time goes. ``--decode BxT`` adds spec §11.7: one-token decode latency after a T-token
 prefill, and the decode cache's bytes per head, for GDN, attention (KV cache) and every variant; ``--fla`` adds
@@ -296,10 +296,11 @@ def run_stages(b: int, variants: list[Variant]) -> list[dict]:
 
 
 
-def run_memory_op(shapes, variants: list[Variant], warps: list[int]) -> list[dict]:
+def run_memory_op(shapes, variants: list[Variant], tunings: list) -> list[dict]:
   """The memory op alone (``miras_memory`` on random q, k, v and the variant's gates at B × T × H × d_h, no layer
-  around it): every Pallas variant at each Triton ``num_warps``, next to the XLA flat path with the same matmul
-  precision, fwd and fwd+bwd, with the Pallas reads' and gradients' largest error relative to that flat path."""
+  around it): every Pallas variant at each launch setting (``pallas_triton.Tuning``), next to the XLA flat path with
+  the same matmul precision, fwd and fwd+bwd, with the Pallas reads' and gradients' largest error relative to that
+  flat path."""
   import jax
   import jax.numpy as jnp
 
@@ -323,7 +324,8 @@ def run_memory_op(shapes, variants: list[Variant], warps: list[int]) -> list[dic
     state = {n: normal(b, HEADS, *shape) / shape[1] ** 0.5 for n, shape in spec.memory.shapes(HEAD_DIM).items()}
     kw = dict(spec=spec, initial_state=state, chunk_size=v.chunk, matmul=mode)
     runs = {f"xla_flat{'_bf16' * (mode == 'bfloat16')}": functools.partial(flat.miras_flat, remat=True, **kw)}
-    runs |= {f"{v.impl}[warps {w}]": functools.partial(pallas_triton.miras_pallas, num_warps=w, **kw) for w in warps}
+    runs |= {f"{v.impl}[warps {u.num_warps}, {u.hidden_tiles} E-tiles]":
+             functools.partial(pallas_triton.miras_pallas, tuning=u, **kw) for u in tunings}
     outs = {}
     for name, fn in runs.items():
       row = {"kind": "memory_op", "op": f"{v.model}[{v.gates}]:{name}", "B": b, "T": t, "device": device}
@@ -418,7 +420,9 @@ def main() -> None:
   parser.add_argument("--stages", type=int, default=0, help="B: also time one chunk of B × H heads through each "
                       "stage of the chunk step alone (gradients, reads, close), fwd and fwd+bwd")
   parser.add_argument("--warps", default="", help="comma list of Triton num_warps: also time the memory op alone "
-                      "(no layer) for every pallas_triton* variant at each, next to xla_flat")
+                      "(no layer) for every pallas_triton* variant at each (× --hidden-tiles), next to xla_flat")
+  parser.add_argument("--hidden-tiles", default="1", help="comma list: tiles along the memory's hidden axis E for "
+                      "the --warps sweep (layers.kernels.miras.pallas_triton.Tuning.hidden_tiles)")
   parser.add_argument("--hlo-dir", default="", help="write each timed op's compiled fwd+bwd HLO text here")
   parser.add_argument("--profile", action="store_true", help="also list each timed op's GPU kernels (count, time) "
                       "from JAX's profiler trace, fwd and fwd+bwd")
@@ -433,7 +437,10 @@ def main() -> None:
       split(args.models), split(args.memories), split(args.gates), split(args.chunks), split(args.remat),
       split(args.impls)) if not (m == "titans" and g == "channel")]
   rows = run(shapes, variants, args.peak_tflops, args.dtype) if shapes else []
-  rows += run_memory_op(shapes, variants, [int(w) for w in split(args.warps)]) if args.warps else []
+  if args.warps:
+    from layers.kernels.miras.pallas_triton import Tuning
+    tunings = [Tuning(int(w), int(m)) for w in split(args.warps) for m in split(args.hidden_tiles)]
+    rows += run_memory_op(shapes, variants, tunings)
   rows += run_stages(args.stages, variants) if args.stages else []
   rows += run_decode([tuple(int(n) for n in s.split("x")) for s in split(args.decode)], variants, args.dtype)
   peers = []

@@ -33,6 +33,11 @@ import jax
 import jax.numpy as jnp
 
 
+def _blocks(w) -> tuple:
+  """A layer's weight as a tuple of blocks (one block unless it is already a tuple)."""
+  return w if isinstance(w, tuple) else (w,)
+
+
 def _tree_map(fn, *trees: dict) -> dict:
   return {name: fn(*(t[name] for t in trees)) for name in trees[0]}
 
@@ -48,7 +53,8 @@ class Decay:
     return s
 
   def read_scale(self, s: dict) -> dict:
-    return {name: jnp.ones((), w.dtype) for name, w in s.items()}
+    """Each layer's s₀ with W = s₀·S; a layer may be a tuple of blocks (the Pallas kernels tile the hidden axis)."""
+    return {name: jnp.ones((), _blocks(w)[0].dtype) for name, w in s.items()}
 
   def close(self, s: dict) -> dict:
     return s
@@ -64,7 +70,8 @@ class LqNorm(Decay):
   def read_scale(self, s: dict) -> dict:
     # ‖A‖_q^{−(q−2)} = (Σ|a|^q)^{−(q−2)/q}; an integer q is a product of multiplies, not exp(q·log|a|) per entry
     power = (lambda a: jax.lax.integer_pow(a, int(self.q))) if float(self.q).is_integer() else (lambda a: a ** self.q)
-    return {name: jnp.exp(-(self.q - 2.0) / self.q * jnp.log(jnp.sum(power(jnp.abs(a))))) for name, a in s.items()}
+    total = lambda w: sum(jnp.sum(power(jnp.abs(a))) for a in _blocks(w))
+    return {name: jnp.exp(-(self.q - 2.0) / self.q * jnp.log(total(w))) for name, w in s.items()}
 
   def gradient_point(self, s: dict) -> dict:
     return _tree_map(lambda a, c: a * c, s, self.read_scale(s))

@@ -94,12 +94,15 @@ class MemorySpec:
 
   def clip_errors(self, acts: dict) -> dict:
     """Per-token (inputs a_i [c, in], errors e_i [c, out]) with ∇ℓ_i = Σ_layers e_i a_iᵀ rescaled to norm ≤ τ: the
-    norm of a rank-1 e aᵀ is ‖e‖‖a‖, so the errors are scaled, never the outer products formed."""
+    norm of a rank-1 e aᵀ is ‖e‖‖a‖, so the errors are scaled, never the outer products formed. An a or e may be a
+    tuple of column blocks (the Pallas kernels tile the hidden axis); the result keeps its form."""
     if self.inner_clip is None:
       return acts
-    squared = sum(jnp.sum(a * a, axis=-1) * jnp.sum(e * e, axis=-1) for a, e in acts.values())
-    scale = self._clip_scale(squared)[..., None]
-    return {name: (a, e * scale) for name, (a, e) in acts.items()}
+    parts = lambda x: x if isinstance(x, tuple) else (x,)
+    squared_norm = lambda x: sum(jnp.sum(b * b, axis=-1) for b in parts(x))
+    scale = self._clip_scale(sum(squared_norm(a) * squared_norm(e) for a, e in acts.values()))[..., None]
+    scaled = lambda e: tuple(b * scale for b in e) if isinstance(e, tuple) else e * scale
+    return {name: (a, scaled(e)) for name, (a, e) in acts.items()}
 
 
 def along(gate: jax.Array, axis: str) -> jax.Array:

@@ -32,6 +32,7 @@ them. Shapes and returns as :func:`chunked.miras_chunked`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -73,7 +74,18 @@ def _gelu_grad(z):
 SUB_BLOCK = 16  # rows of a chunk's sub-blocks with channel gates (secondary chunking; Triton's smallest tile)
 
 
-def unsupported(spec: MemorySpec, chunk_size: int, head_dim: int) -> str | None:
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+  """Triton launch settings, read when the kernels are traced (static): ``num_warps`` per program (one program per
+  head); ``hidden_tiles``: the state and every [·, E] activation are cut into this many tiles along E, so each
+  matmul and each live tile is smaller (fewer registers and less shared memory at once) at the price of more,
+  smaller matmuls. Chosen on the GPU by ``benchmarks/miras.py --warps ... --hidden-tiles ...``."""
+
+  num_warps: int = 4
+  hidden_tiles: int = 1
+
+
+def unsupported(spec: MemorySpec, chunk_size: int, head_dim: int, tuning: Tuning = Tuning()) -> str | None:
   """Why these kernels cannot run this memory, or None if they can (any backend: interpret mode runs anywhere)."""
   if not isinstance(spec.memory, MLPMemory):
     return "it covers the MLP memory only"
@@ -81,10 +93,14 @@ def unsupported(spec: MemorySpec, chunk_size: int, head_dim: int) -> str | None:
     return "it has no momentum"
   if spec.retention.lag:
     return "it has no lag token (Memora)"
-  sizes = (("chunk_size", chunk_size), ("head dim", head_dim), ("hidden width", spec.memory.expansion * head_dim))
+  hidden = spec.memory.expansion * head_dim
+  sizes = (("chunk_size", chunk_size), ("head dim", head_dim), ("hidden width", hidden),
+           ("hidden tile (hidden width / tuning.hidden_tiles)", hidden // tuning.hidden_tiles))
   for name, n in sizes:
     if n < 16 or n & (n - 1):
       return f"{name} must be a power of two >= 16 (Triton tiles), got {n}"
+  if hidden % tuning.hidden_tiles:
+    return f"tuning.hidden_tiles must divide the hidden width {hidden}, got {tuning.hidden_tiles}"
   return None
 
 
@@ -104,15 +120,17 @@ def _gated_mix(dot, scores, coef, e):
 
 
 def chunk_step(spec: MemorySpec, dot, s: dict, blocks: tuple, complete, ln: tuple) -> tuple[dict, tuple]:
-  """One chunk of one head: state {w2: [E, d], w1: [d, E]} -> (state at the chunk end, reads o [r, d] per block).
+  """One chunk of one head: state -> (state at the chunk end, reads o [r, d] per row block).
 
-  ``blocks``: the chunk's rows in consecutive blocks of r, each (q, k, v [r, d], η, log α, log B [r, g], δ [r]),
-  log B the chunk-local inclusive cumulative sum of log α, g = 1 (per-head gates) or d (per channel: on W2's input
-  axis and W1's output axis); ``complete``: a scalar flag, the chunk is closed into the state; ln = (γ, β) [d];
-  ``dot(spec, a, b)`` a 2-D einsum. The arithmetic of :func:`flat._step` for one head (see :mod:`chunked` for the
-  steps), block by block: the step coefficients C[t, s] = η_s B_t / B_s of a block with itself are formed
-  element-wise with every exponent masked before the exp; with an earlier block they factor through B at the last
-  row of the block before (GLA's secondary chunking: both factors ≤ 1), so they are matmuls.
+  The state is tiled along the hidden axis E: {w2: tuple of [E/m, d], w1: tuple of [d, E/m]} for m hidden blocks
+  (every [·, E] activation is then a tuple of m tiles, the sums over E run over the tiles). ``blocks``: the chunk's
+  rows in consecutive blocks of r, each (q, k, v [r, d], η, log α, log B [r, g], δ [r]), log B the chunk-local
+  inclusive cumulative sum of log α, g = 1 (per-head gates) or d (per channel: on W2's input axis and W1's output
+  axis); ``complete``: a scalar flag, the chunk is closed into the state; ln = (γ, β) [d]; ``dot(spec, a, b)`` a
+  2-D einsum. The arithmetic of :func:`flat._step` for one head (see :mod:`chunked` for the steps), block by
+  block: the step coefficients C[t, s] = η_s B_t / B_s of a row block with itself are formed element-wise with
+  every exponent masked before the exp; with an earlier block they factor through B at the last row of the block
+  before (GLA's secondary chunking: both factors ≤ 1), so they are matmuls. The chunk-end map is element-wise.
   """
   mem, ret = spec.memory, spec.retention
   post = spec.read == "post"
@@ -120,45 +138,54 @@ def chunk_step(spec: MemorySpec, dot, s: dict, blocks: tuple, complete, ln: tupl
   mask = (t[:, None] >= t[None, :] if post else t[:, None] > t[None, :])[..., None]
   at_last_row = lambda x: jnp.sum(jnp.where((t == t.shape[0] - 1)[:, None], x, 0.0), axis=0)  # [r, m] -> [m]
   scale = ret.read_scale(s)
-  s2, s1, w2, w1 = scale["w2"], scale["w1"], s["w2"], s["w1"]
-  keys = []  # per block: (h, e2, e1) of its keys at the chunk-start weights W₀ = s₀·S₀ (step 1)
+  s2, s1, w2s, w1s = scale["w2"], scale["w1"], s["w2"], s["w1"]
+  through_w2 = lambda x: [dot("ti,ei->te", x, w2) for w2 in w2s]  # x W2ᵀ, tile by tile
+  through_w1 = lambda hs: sum(dot("te,de->td", h, w1) for h, w1 in zip(hs, w1s, strict=True))  # Σ_tiles h W1ᵀ
+  hidden_scores = lambda hs, gs: sum(dot("te,se->ts", h, g) for h, g in zip(hs, gs, strict=True))  # Σ_E h_t g_s
+  keys = []  # per row block: (h, e2, e1) of its keys at the chunk-start weights W₀ = s₀·S₀ (step 1)
   for _, k, v, _, _, _, delta in blocks:
-    zk = s2 * dot("ti,ei->te", k, w2)
-    y, n, rstd = layer_norm(s1 * dot("te,de->td", _gelu(zk), w1), ln, mem.ln_eps)
+    zk = [s2 * z for z in through_w2(k)]
+    hk = tuple(_gelu(z) for z in zk)
+    y, n, rstd = layer_norm(s1 * through_w1(hk), ln, mem.ln_eps)
     e1 = layer_norm_backward(spec.bias.grad(k + y, v, delta), n, rstd, ln[0])
-    acts = spec.clip_errors({"w2": (k, s1 * dot("td,de->te", e1, w1) * _gelu_grad(zk)), "w1": (_gelu(zk), e1)})
-    keys.append((acts["w1"][0], acts["w2"][1], acts["w1"][1]))
-  ends = [at_last_row(block[5]) for block in blocks]  # log B at each block's last row [g]
+    e2 = tuple(s1 * dot("td,de->te", e1, w1) * _gelu_grad(z) for z, w1 in zip(zk, w1s, strict=True))
+    acts = spec.clip_errors({"w2": (k, e2), "w1": (hk, e1)})
+    keys.append((hk, acts["w2"][1], acts["w1"][1]))
+  ends = [at_last_row(block[5]) for block in blocks]  # log B at each row block's last row [g]
   # an earlier block j's keys (or errors) scaled by η_s B_ref / B_s, ref the last row of the block before this one
   earlier = lambda j, x, ref: x * blocks[j][3] * jnp.exp(ref - blocks[j][5])
   reads = []
-  for i, (q, _, _, eta, la, lb, _) in enumerate(blocks):  # per-token reads, dual form (step 3), layer by layer
+  for i, (q, k, _, eta, la, lb, _) in enumerate(blocks):  # per-token reads, dual form (step 3), layer by layer
     lread = lb if post else lb - la
     coef = jnp.exp(jnp.where(mask, lread[:, None, :] - lb[None, :, :], -jnp.inf)) * eta[None]  # [r, r, g]
     hk, e2, e1 = keys[i]
-    z = dot("ti,ei->te", q * jnp.exp(lread), w2) - dot("ts,se->te", _gated_scores(dot, q, blocks[i][1], coef), e2)
     ref = ends[i - 1] if i else None
+    scores = [(_gated_scores(dot, q, k, coef), i)] + [
+        (dot("ti,si->ts", q * jnp.exp(lread - ref), earlier(j, blocks[j][1], ref)), j) for j in range(i)]
+    z = [zq - sum(dot("ts,se->te", p, keys[j][1][m]) for p, j in scores)
+         for m, zq in enumerate(through_w2(q * jnp.exp(lread)))]
+    hq = tuple(_gelu(s2 * zm) for zm in z)
+    mixed = _gated_mix(dot, hidden_scores(hq, hk), coef, e1)
     for j in range(i):
-      z = z - dot("ts,se->te", dot("ti,si->ts", q * jnp.exp(lread - ref), earlier(j, blocks[j][1], ref)), keys[j][1])
-    hq = _gelu(s2 * z)
-    mixed = _gated_mix(dot, dot("te,se->ts", hq, hk), coef, e1)
-    for j in range(i):
-      mixed = mixed + jnp.exp(lread - ref) * dot("ts,sd->td", dot("te,se->ts", hq, keys[j][0]),
+      mixed = mixed + jnp.exp(lread - ref) * dot("ts,sd->td", hidden_scores(hq, keys[j][0]),
                                                  earlier(j, keys[j][2], ref))
-    reads.append(q + layer_norm(s1 * (jnp.exp(lread) * dot("te,de->td", hq, w1) - mixed), ln, mem.ln_eps)[0])
+    reads.append(q + layer_norm(s1 * (jnp.exp(lread) * through_w1(hq) - mixed), ln, mem.ln_eps)[0])
   # the chunk end (step 4): S = B_c ⊙ S₀ − Σ_i (η_i B_c / B_i) ⊙ e_i a_iᵀ, then the retention's chunk-end map
   lend = ends[-1]
-  new = {"w2": jnp.exp(lend)[None, :] * w2, "w1": jnp.exp(lend)[:, None] * w1}
-  for j, (_, k, *_) in enumerate(blocks):
-    hk, e2, e1 = keys[j]
-    new = {"w2": new["w2"] - dot("se,si->ei", e2, earlier(j, k, lend)),
-           "w1": new["w1"] - dot("sd,se->de", earlier(j, e1, lend), hk)}
-  new = {name: jnp.where(complete, w, s[name]) for name, w in ret.close(new).items()}
+  rows = [(earlier(j, blocks[j][1], lend), earlier(j, keys[j][2], lend)) for j in range(len(blocks))]
+  w2_end = [jnp.exp(lend)[None, :] * w2 - sum(dot("se,si->ei", keys[j][1][m], kj) for j, (kj, _) in enumerate(rows))
+            for m, w2 in enumerate(w2s)]
+  w1_end = [jnp.exp(lend)[:, None] * w1 - sum(dot("sd,se->de", ej, keys[j][0][m]) for j, (_, ej) in enumerate(rows))
+            for m, w1 in enumerate(w1s)]
+  closed = {"w2": tuple(ret.close({"w2": w})["w2"] for w in w2_end),
+            "w1": tuple(ret.close({"w1": w})["w1"] for w in w1_end)}
+  new = {name: tuple(jnp.where(complete, w, w0) for w, w0 in zip(closed[name], s[name], strict=True))
+         for name in s}
   if post and ret.boundary_read:  # the chunk's last token reads the closed state (one row: element-wise products)
     q_last = at_last_row(blocks[-1][0])
-    closed = ret.read_scale(new)
-    h_last = _gelu(closed["w2"] * jnp.sum(new["w2"] * q_last[None, :], axis=1))
-    u_last = closed["w1"] * jnp.sum(new["w1"] * h_last[None, :], axis=1)
+    scale = ret.read_scale(new)
+    h_last = [_gelu(scale["w2"] * jnp.sum(w2 * q_last[None, :], axis=1)) for w2 in new["w2"]]
+    u_last = scale["w1"] * sum(jnp.sum(w1 * h[None, :], axis=1) for w1, h in zip(new["w1"], h_last, strict=True))
     o_last = q_last + layer_norm(u_last, ln, mem.ln_eps)[0]
     reads[-1] = jnp.where((t == t.shape[0] - 1)[:, None] & complete, o_last[None, :], reads[-1])
   return new, tuple(reads)
@@ -184,30 +211,51 @@ def _load_blocks(token_refs, j, c: int, r: int) -> tuple:
                for rows in _block_rows(j, c, r))
 
 
+def _state_slices(e: int, d: int, m: int, j) -> dict:
+  """Ref indices of chunk j's state in m tiles along E: W2 rows of [n·E, d], W1 columns of [n·d, E] (j = 0 and
+  n = 1 for a single state)."""
+  tile = e // m
+  w2 = [(pl.ds(_aligned(j * e + b * tile, tile), tile), slice(None)) for b in range(m)]
+  w1 = [(pl.ds(_aligned(j * d, d), d), pl.ds(b * tile, tile)) for b in range(m)]
+  return {"w2": w2, "w1": w1}
+
+
+def _aligned(start, multiple: int):
+  return start if isinstance(start, int) else pl.multiple_of(start, multiple)
+
+
+def _load_state(w2_ref, w1_ref, m: int, j=0) -> dict:
+  index = _state_slices(w1_ref.shape[-1], w2_ref.shape[-1], m, j)
+  return {"w2": tuple(w2_ref[i] for i in index["w2"]), "w1": tuple(w1_ref[i] for i in index["w1"])}
+
+
+def _store_state(w2_ref, w1_ref, state: dict, j=0) -> None:
+  index = _state_slices(w1_ref.shape[-1], w2_ref.shape[-1], len(state["w2"]), j)
+  for ref, name in ((w2_ref, "w2"), (w1_ref, "w1")):
+    for i, w in zip(index[name], state[name], strict=True):
+      ref[i] = w
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, eta_ref, la_ref, lb_ref, delta_ref, complete_ref, w2_ref, w1_ref, gamma_ref,
-                beta_ref, o_ref, states2_ref, states1_ref, final2_ref, final1_ref, *, spec, n, c, r):
-  e, d = w2_ref.shape
+                beta_ref, o_ref, states2_ref, states1_ref, final2_ref, final1_ref, *, spec, n, c, r, m):
   ln = (gamma_ref[...], beta_ref[...])
   dot = _plain_dot(spec.memory.matmul)
   token_refs = (q_ref, k_ref, v_ref, eta_ref, la_ref, lb_ref, delta_ref)
 
   def body(j, s):
-    states2_ref[pl.ds(pl.multiple_of(j * e, e), e), :] = s["w2"]
-    states1_ref[pl.ds(pl.multiple_of(j * d, d), d), :] = s["w1"]
+    _store_state(states2_ref, states1_ref, s, j)
     s, reads = chunk_step(spec, dot, s, _load_blocks(token_refs, j, c, r), complete_ref[j] > 0, ln)
     for rows, o in zip(_block_rows(j, c, r), reads, strict=True):
       o_ref[rows, :] = o
     return s
 
-  final = jax.lax.fori_loop(0, n, body, {"w2": w2_ref[...], "w1": w1_ref[...]})
-  final2_ref[...], final1_ref[...] = final["w2"], final["w1"]
+  _store_state(final2_ref, final1_ref, jax.lax.fori_loop(0, n, body, _load_state(w2_ref, w1_ref, m)))
 
 
 def _bwd_kernel(q_ref, k_ref, v_ref, eta_ref, la_ref, lb_ref, delta_ref, complete_ref, states2_ref, states1_ref,
                 gamma_ref, beta_ref, do_ref, dfinal2_ref, dfinal1_ref,
                 dq_ref, dk_ref, dv_ref, deta_ref, dla_ref, dlb_ref, ddelta_ref, ds2_ref, ds1_ref, dgamma_ref,
-                dbeta_ref, *, spec, n, c, r):
-  e, d = states2_ref.shape[0] // n, states1_ref.shape[0] // n
+                dbeta_ref, *, spec, n, c, r, m):
   dot = functools.partial(product, mode=spec.memory.matmul)
   token_refs = (q_ref, k_ref, v_ref, eta_ref, la_ref, lb_ref, delta_ref)
   grad_refs = (dq_ref, dk_ref, dv_ref, deta_ref, dla_ref, dlb_ref, ddelta_ref)
@@ -215,11 +263,10 @@ def _bwd_kernel(q_ref, k_ref, v_ref, eta_ref, la_ref, lb_ref, delta_ref, complet
   def body(i, carry):
     j = n - 1 - i
     ds, dln = carry
-    s = {"w2": states2_ref[pl.ds(pl.multiple_of(j * e, e), e), :],
-         "w1": states1_ref[pl.ds(pl.multiple_of(j * d, d), d), :]}
     complete = complete_ref[j] > 0
     step = lambda s, blocks, ln: chunk_step(spec, dot, s, blocks, complete, ln)
-    _, pull = jax.vjp(step, s, _load_blocks(token_refs, j, c, r), (gamma_ref[...], beta_ref[...]))
+    _, pull = jax.vjp(step, _load_state(states2_ref, states1_ref, m, j), _load_blocks(token_refs, j, c, r),
+                      (gamma_ref[...], beta_ref[...]))
     rows = _block_rows(j, c, r)
     ds, dblocks, dln_j = pull((ds, tuple(do_ref[block, :] for block in rows)))
     for block, grads in zip(rows, dblocks, strict=True):
@@ -230,9 +277,9 @@ def _bwd_kernel(q_ref, k_ref, v_ref, eta_ref, la_ref, lb_ref, delta_ref, complet
           ref[block] = g
     return ds, (dln[0] + dln_j[0], dln[1] + dln_j[1])
 
-  zeros = jnp.zeros((d,), gamma_ref.dtype)
-  ds, dln = jax.lax.fori_loop(0, n, body, ({"w2": dfinal2_ref[...], "w1": dfinal1_ref[...]}, (zeros, zeros)))
-  ds2_ref[...], ds1_ref[...] = ds["w2"], ds["w1"]
+  zeros = jnp.zeros(gamma_ref.shape, gamma_ref.dtype)
+  ds, dln = jax.lax.fori_loop(0, n, body, (_load_state(dfinal2_ref, dfinal1_ref, m), (zeros, zeros)))
+  _store_state(ds2_ref, ds1_ref, ds)
   dgamma_ref[...], dbeta_ref[...] = dln
 
 
@@ -256,25 +303,26 @@ def _rows_per_block(c: int, eta: jax.Array) -> int:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _scan(spec, num_warps, interpret, tokens, complete, s0, ln):
+def _scan(spec, tuning, interpret, tokens, complete, s0, ln):
   """tokens (q, k, v [N, n·c, d], η, log α, log B [N, n·c, g], δ [N, n·c]); complete [N, n]; s0 {w2 [N, E, d],
   w1 [N, d, E]};
   ln (γ, β) [N, d] -> (o [N, n·c, d], final state)."""
-  return _scan_fwd(spec, num_warps, interpret, tokens, complete, s0, ln)[0]
+  return _scan_fwd(spec, tuning, interpret, tokens, complete, s0, ln)[0]
 
 
-def _scan_fwd(spec, num_warps, interpret, tokens, complete, s0, ln):
+def _scan_fwd(spec, tuning, interpret, tokens, complete, s0, ln):
   big, rows, d = tokens[0].shape
   n, e = complete.shape[1], s0["w2"].shape[1]
   like = lambda *shape: jax.ShapeDtypeStruct((big, *shape), tokens[0].dtype)
   out_shapes = (like(rows, d), like(n * e, d), like(n * d, e), like(e, d), like(d, e))
   o, states2, states1, final2, final1 = _call(
-      functools.partial(_fwd_kernel, spec=spec, n=n, c=rows // n, r=_rows_per_block(rows // n, tokens[3])),
-      (*tokens, complete, s0["w2"], s0["w1"], *ln), out_shapes, num_warps=num_warps, interpret=interpret)
+      functools.partial(_fwd_kernel, spec=spec, n=n, c=rows // n, r=_rows_per_block(rows // n, tokens[3]),
+                        m=tuning.hidden_tiles),
+      (*tokens, complete, s0["w2"], s0["w1"], *ln), out_shapes, num_warps=tuning.num_warps, interpret=interpret)
   return (o, {"w2": final2, "w1": final1}), (tokens, complete, states2, states1, ln)
 
 
-def _scan_bwd(spec, num_warps, interpret, residuals, cotangents):
+def _scan_bwd(spec, tuning, interpret, residuals, cotangents):
   tokens, complete, states2, states1, ln = residuals
   do, dfinal = cotangents
   big, rows, d = tokens[0].shape
@@ -282,25 +330,26 @@ def _scan_bwd(spec, num_warps, interpret, residuals, cotangents):
   out_shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in tokens) + tuple(
       jax.ShapeDtypeStruct((big, *shape), tokens[0].dtype) for shape in ((e, d), (d, e), (d,), (d,)))
   *dtokens, ds2, ds1, dgamma, dbeta = _call(
-      functools.partial(_bwd_kernel, spec=spec, n=n, c=rows // n, r=_rows_per_block(rows // n, tokens[3])),
+      functools.partial(_bwd_kernel, spec=spec, n=n, c=rows // n, r=_rows_per_block(rows // n, tokens[3]),
+                        m=tuning.hidden_tiles),
       (*tokens, complete, states2, states1, *ln, do, dfinal["w2"], dfinal["w1"]), out_shapes,
-      num_warps=num_warps, interpret=interpret)
+      num_warps=tuning.num_warps, interpret=interpret)
   return tuple(dtokens), jnp.zeros_like(complete), {"w2": ds2, "w1": ds1}, (dgamma, dbeta)
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat", "matmul", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat", "matmul", "tuning", "interpret"))
 def miras_pallas(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, initial_momentum=None, ln=None,
                  chunk_size: int = 64, lengths=None, remat: bool = True, matmul: str = "float32",
-                 num_warps: int = 4, interpret: bool = False):
+                 tuning: Tuning = Tuning(), interpret: bool = False):
   """The chunked Miras memory for the memories :func:`unsupported` accepts; arguments and returns as
   :func:`chunked.miras_chunked` (``initial_momentum`` must be None). The backward always recomputes each chunk
   from its checkpointed start state (``remat`` is implied). ``interpret`` runs the kernels in Pallas interpret mode
-  (any backend)."""
+  (any backend); ``tuning`` the launch settings (:class:`Tuning`)."""
   b, t, h, d = q.shape
-  if (why := unsupported(spec, chunk_size, d)) is not None:
+  if (why := unsupported(spec, chunk_size, d, tuning)) is not None:
     raise ValueError(f"the Pallas Miras kernels cannot run this memory: {why}")
   del initial_momentum, remat
   spec = with_matmul(spec, matmul)
@@ -312,6 +361,6 @@ def miras_pallas(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict
   ln = ln if ln is not None else (jnp.ones((h, d)), jnp.zeros((h, d)))
   ln = tuple(jnp.broadcast_to(p[None].astype(x.q.dtype), (b, h, d)).reshape(big, d) for p in ln)
   s0 = {name: w.reshape(big, *w.shape[2:]).astype(x.q.dtype) for name, w in initial_state.items()}
-  o, state = _scan(spec, num_warps, interpret, tokens, complete, s0, ln)
+  o, state = _scan(spec, tuning, interpret, tokens, complete, s0, ln)
   o = unchunk(jnp.moveaxis(o.reshape(b, h, n, chunk_size, d), 2, 0), t)
   return o, {name: w.reshape(b, h, *w.shape[1:]) for name, w in state.items()}, None
