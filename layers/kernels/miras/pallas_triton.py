@@ -4,15 +4,19 @@
 semantics: the frozen-gradient loop R1 of :mod:`reference`). On an H200 the XLA paths launch ~32 (:mod:`flat`) to
 ~47 (:mod:`chunked`) kernels per chunk forward and ~160 forward + backward, ~5 µs each, so a step costs what its
 kernels launch, not what they compute (docs/benchmarks.md, profile). Here the whole chunk loop is ONE kernel launch
-per direction, grid [b·h]: a program owns one head, keeps its state {W2 [E, d], W1 [d, E]} as the loop carry and
-runs every chunk step of :func:`chunk_step` in a ``fori_loop`` (as :mod:`layers.kernels.gated_delta.pallas_triton`
-does for the gated delta rule's [K, V] state):
+per direction, grid [b·h]: a program owns one head and runs every chunk step of :func:`chunk_step` in a
+``fori_loop`` (as :mod:`layers.kernels.gated_delta.pallas_triton` does for the gated delta rule's [K, V] state).
+The head's state {W2 [E, d], W1 [d, E]} (2·E·d float32, every register of 128 threads) lives in global memory
+between chunks, behind a barrier:
 
-  * forward: the chunk-start state of every chunk is written out (the backward's checkpoints), then the chunk step
-    gives the reads o [c, d] and the next state;
+  * forward: chunk j reads its start state from slot j of the checkpoints and writes its end state to slot j + 1
+    (n + 1 slots; the last is the final state), and writes the reads o [c, d];
   * backward: a reverse ``fori_loop`` that loads chunk j's start state, recomputes the chunk step and pulls the
     cotangents (dS of its end state, do of its reads) back through it with ``jax.vjp`` traced *inside* the kernel,
-    so the derivative is the chunk step's own (every product a 2-D matmul Triton lowers), carrying dS backwards.
+    so the derivative is the chunk step's own (every product a 2-D matmul Triton lowers); dS lives in the dS₀
+    output between chunks. The pull-back runs in two parts, reads and chunk end first, then the keys' errors
+    recomputed from fresh loads, so the two parts' intermediates are never live together (with E = 256, d = 64
+    the whole step's were: > 227 KiB of shared memory at compile time, docs/benchmarks.md).
 
 The chunk step is :mod:`flat`'s for one head, with what :mod:`flat` hoists out of its scan formed in the program
 from the per-token gates (the step coefficients, the decays, the chunk end's coefficients). Per-head gates take
@@ -25,7 +29,7 @@ chunk boundary read (Moneta, elastic net) reads the closed state in the same ite
 inside the kernels uses :func:`erf` (|error| < 1.2e-7, so |Δgelu(z)| < 6e-8·|z|).
 
 Covers the MLP memory with no momentum and no lag token (``unsupported`` says why otherwise); c, d and E must be
-powers of two ≥ 16 (Triton tiles). Memory: the checkpoints are n·2·E·d float32 per head (at 8 × 4096 tokens,
+powers of two ≥ 16 (Triton tiles). Memory: the checkpoints are (n + 1)·2·E·d float32 per head (8 × 4096 tokens,
 d = 64, E = 256, H = 16: 1 GiB). The kernels run in Pallas interpret mode on the CPU, which is how the tests check
 them. Shapes and returns as :func:`chunked.miras_chunked`.
 """
@@ -119,6 +123,39 @@ def _gated_mix(dot, scores, coef, e):
   return jnp.sum(scores[:, :, None] * coef * e[None, :, :], axis=1)
 
 
+def _through_w2(dot, w2s: tuple, x):
+  """x W2ᵀ, tile by tile along E: [r, d] -> tuple of [r, E/m]."""
+  return [dot("ti,ei->te", x, w2) for w2 in w2s]
+
+
+def _through_w1(dot, w1s: tuple, hs):
+  """Σ_tiles h W1ᵀ: tuple of [r, E/m] -> [r, d]."""
+  return sum(dot("te,de->td", h, w1) for h, w1 in zip(hs, w1s, strict=True))
+
+
+def _hidden_scores(dot, hs, gs):
+  """Σ_E h_t g_s over the tiles: [r, r]."""
+  return sum(dot("te,se->ts", h, g) for h, g in zip(hs, gs, strict=True))
+
+
+def key_errors(spec: MemorySpec, dot, s: dict, blocks: tuple, ln: tuple) -> tuple:
+  """Step 1 of :func:`chunk_step`: per row block, (h, e2, e1) of its keys at the chunk-start weights W₀ = s₀·S₀ (h
+  and e2 tuples of E-tiles [r, E/m], e1 [r, d]), the errors clipped as ``spec.inner_clip`` says."""
+  mem = spec.memory
+  scale = spec.retention.read_scale(s)
+  s2, s1, w1s = scale["w2"], scale["w1"], s["w1"]
+  keys = []
+  for _, k, v, _, _, _, delta in blocks:
+    zk = [s2 * z for z in _through_w2(dot, s["w2"], k)]
+    hk = tuple(_gelu(z) for z in zk)
+    y, n, rstd = layer_norm(s1 * _through_w1(dot, w1s, hk), ln, mem.ln_eps)
+    e1 = layer_norm_backward(spec.bias.grad(k + y, v, delta), n, rstd, ln[0])
+    e2 = tuple(s1 * dot("td,de->te", e1, w1) * _gelu_grad(z) for z, w1 in zip(zk, w1s, strict=True))
+    acts = spec.clip_errors({"w2": (k, e2), "w1": (hk, e1)})
+    keys.append((hk, acts["w2"][1], acts["w1"][1]))
+  return tuple(keys)
+
+
 def chunk_step(spec: MemorySpec, dot, s: dict, blocks: tuple, complete, ln: tuple) -> tuple[dict, tuple]:
   """One chunk of one head: state -> (state at the chunk end, reads o [r, d] per row block).
 
@@ -127,11 +164,17 @@ def chunk_step(spec: MemorySpec, dot, s: dict, blocks: tuple, complete, ln: tupl
   rows in consecutive blocks of r, each (q, k, v [r, d], η, log α, log B [r, g], δ [r]), log B the chunk-local
   inclusive cumulative sum of log α, g = 1 (per-head gates) or d (per channel: on W2's input axis and W1's output
   axis); ``complete``: a scalar flag, the chunk is closed into the state; ln = (γ, β) [d]; ``dot(spec, a, b)`` a
-  2-D einsum. The arithmetic of :func:`flat._step` for one head (see :mod:`chunked` for the steps), block by
-  block: the step coefficients C[t, s] = η_s B_t / B_s of a row block with itself are formed element-wise with
-  every exponent masked before the exp; with an earlier block they factor through B at the last row of the block
-  before (GLA's secondary chunking: both factors ≤ 1), so they are matmuls. The chunk-end map is element-wise.
+  2-D einsum. The arithmetic of :func:`flat._step` for one head (see :mod:`chunked` for the steps): the keys'
+  errors (:func:`key_errors`), then the reads and the chunk end (:func:`reads_and_close`).
   """
+  return reads_and_close(spec, dot, s, blocks, key_errors(spec, dot, s, blocks, ln), complete, ln)
+
+
+def reads_and_close(spec: MemorySpec, dot, s: dict, blocks: tuple, keys: tuple, complete, ln: tuple):
+  """Steps 3 and 4 of :func:`chunk_step` from the keys' errors, block by block: the step coefficients
+  C[t, s] = η_s B_t / B_s of a row block with itself are formed element-wise with every exponent masked before the
+  exp; with an earlier block they factor through B at the last row of the block before (GLA's secondary chunking:
+  both factors ≤ 1), so they are matmuls. The chunk-end map is element-wise."""
   mem, ret = spec.memory, spec.retention
   post = spec.read == "post"
   t = jnp.arange(blocks[0][0].shape[0])
@@ -139,18 +182,6 @@ def chunk_step(spec: MemorySpec, dot, s: dict, blocks: tuple, complete, ln: tupl
   at_last_row = lambda x: jnp.sum(jnp.where((t == t.shape[0] - 1)[:, None], x, 0.0), axis=0)  # [r, m] -> [m]
   scale = ret.read_scale(s)
   s2, s1, w2s, w1s = scale["w2"], scale["w1"], s["w2"], s["w1"]
-  through_w2 = lambda x: [dot("ti,ei->te", x, w2) for w2 in w2s]  # x W2ᵀ, tile by tile
-  through_w1 = lambda hs: sum(dot("te,de->td", h, w1) for h, w1 in zip(hs, w1s, strict=True))  # Σ_tiles h W1ᵀ
-  hidden_scores = lambda hs, gs: sum(dot("te,se->ts", h, g) for h, g in zip(hs, gs, strict=True))  # Σ_E h_t g_s
-  keys = []  # per row block: (h, e2, e1) of its keys at the chunk-start weights W₀ = s₀·S₀ (step 1)
-  for _, k, v, _, _, _, delta in blocks:
-    zk = [s2 * z for z in through_w2(k)]
-    hk = tuple(_gelu(z) for z in zk)
-    y, n, rstd = layer_norm(s1 * through_w1(hk), ln, mem.ln_eps)
-    e1 = layer_norm_backward(spec.bias.grad(k + y, v, delta), n, rstd, ln[0])
-    e2 = tuple(s1 * dot("td,de->te", e1, w1) * _gelu_grad(z) for z, w1 in zip(zk, w1s, strict=True))
-    acts = spec.clip_errors({"w2": (k, e2), "w1": (hk, e1)})
-    keys.append((hk, acts["w2"][1], acts["w1"][1]))
   ends = [at_last_row(block[5]) for block in blocks]  # log B at each row block's last row [g]
   # an earlier block j's keys (or errors) scaled by η_s B_ref / B_s, ref the last row of the block before this one
   earlier = lambda j, x, ref: x * blocks[j][3] * jnp.exp(ref - blocks[j][5])
@@ -163,13 +194,13 @@ def chunk_step(spec: MemorySpec, dot, s: dict, blocks: tuple, complete, ln: tupl
     scores = [(_gated_scores(dot, q, k, coef), i)] + [
         (dot("ti,si->ts", q * jnp.exp(lread - ref), earlier(j, blocks[j][1], ref)), j) for j in range(i)]
     z = [zq - sum(dot("ts,se->te", p, keys[j][1][m]) for p, j in scores)
-         for m, zq in enumerate(through_w2(q * jnp.exp(lread)))]
+         for m, zq in enumerate(_through_w2(dot, w2s, q * jnp.exp(lread)))]
     hq = tuple(_gelu(s2 * zm) for zm in z)
-    mixed = _gated_mix(dot, hidden_scores(hq, hk), coef, e1)
+    mixed = _gated_mix(dot, _hidden_scores(dot, hq, hk), coef, e1)
     for j in range(i):
-      mixed = mixed + jnp.exp(lread - ref) * dot("ts,sd->td", hidden_scores(hq, keys[j][0]),
+      mixed = mixed + jnp.exp(lread - ref) * dot("ts,sd->td", _hidden_scores(dot, hq, keys[j][0]),
                                                  earlier(j, keys[j][2], ref))
-    reads.append(q + layer_norm(s1 * (jnp.exp(lread) * through_w1(hq) - mixed), ln, mem.ln_eps)[0])
+    reads.append(q + layer_norm(s1 * (jnp.exp(lread) * _through_w1(dot, w1s, hq) - mixed), ln, mem.ln_eps)[0])
   # the chunk end (step 4): S = B_c ⊙ S₀ − Σ_i (η_i B_c / B_i) ⊙ e_i a_iᵀ, then the retention's chunk-end map
   lend = ends[-1]
   rows = [(earlier(j, blocks[j][1], lend), earlier(j, keys[j][2], lend)) for j in range(len(blocks))]
@@ -236,51 +267,69 @@ def _store_state(w2_ref, w1_ref, state: dict, j=0) -> None:
       ref[i] = w
 
 
+def _sync(interpret: bool) -> None:
+  """Every thread of the program waits here, and sees the others' earlier stores (a no-op when interpreted, which
+  runs sequentially). The state lives in global memory between chunks: its 2·E·d float32 would take every register
+  of 128 threads."""
+  if not interpret:
+    plgpu.debug_barrier()
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, eta_ref, la_ref, lb_ref, delta_ref, complete_ref, w2_ref, w1_ref, gamma_ref,
-                beta_ref, o_ref, states2_ref, states1_ref, final2_ref, final1_ref, *, spec, n, c, r, m):
+                beta_ref, o_ref, states2_ref, states1_ref, *, spec, n, c, r, m, interpret):
   ln = (gamma_ref[...], beta_ref[...])
   dot = _plain_dot(spec.memory.matmul)
   token_refs = (q_ref, k_ref, v_ref, eta_ref, la_ref, lb_ref, delta_ref)
+  _store_state(states2_ref, states1_ref, _load_state(w2_ref, w1_ref, m), 0)
 
-  def body(j, s):
-    _store_state(states2_ref, states1_ref, s, j)
-    s, reads = chunk_step(spec, dot, s, _load_blocks(token_refs, j, c, r), complete_ref[j] > 0, ln)
+  def body(j, carry):
+    _sync(interpret)  # chunk j's start state, stored by every thread, is complete
+    s, reads = chunk_step(spec, dot, _load_state(states2_ref, states1_ref, m, j), _load_blocks(token_refs, j, c, r),
+                          complete_ref[j] > 0, ln)
     for rows, o in zip(_block_rows(j, c, r), reads, strict=True):
       o_ref[rows, :] = o
-    return s
+    _store_state(states2_ref, states1_ref, s, j + 1)
+    return carry
 
-  _store_state(final2_ref, final1_ref, jax.lax.fori_loop(0, n, body, _load_state(w2_ref, w1_ref, m)))
+  jax.lax.fori_loop(0, n, body, 0)
 
 
 def _bwd_kernel(q_ref, k_ref, v_ref, eta_ref, la_ref, lb_ref, delta_ref, complete_ref, states2_ref, states1_ref,
                 gamma_ref, beta_ref, do_ref, dfinal2_ref, dfinal1_ref,
                 dq_ref, dk_ref, dv_ref, deta_ref, dla_ref, dlb_ref, ddelta_ref, ds2_ref, ds1_ref, dgamma_ref,
-                dbeta_ref, *, spec, n, c, r, m):
+                dbeta_ref, *, spec, n, c, r, m, interpret):
   dot = functools.partial(product, mode=spec.memory.matmul)
   token_refs = (q_ref, k_ref, v_ref, eta_ref, la_ref, lb_ref, delta_ref)
   grad_refs = (dq_ref, dk_ref, dv_ref, deta_ref, dla_ref, dlb_ref, ddelta_ref)
+  _store_state(ds2_ref, ds1_ref, _load_state(dfinal2_ref, dfinal1_ref, m))  # dS lives in ds2/ds1 between chunks
 
-  def body(i, carry):
+  def body(i, dln):
     j = n - 1 - i
-    ds, dln = carry
-    complete = complete_ref[j] > 0
-    step = lambda s, blocks, ln: chunk_step(spec, dot, s, blocks, complete, ln)
-    _, pull = jax.vjp(step, _load_state(states2_ref, states1_ref, m, j), _load_blocks(token_refs, j, c, r),
-                      (gamma_ref[...], beta_ref[...]))
     rows = _block_rows(j, c, r)
-    ds, dblocks, dln_j = pull((ds, tuple(do_ref[block, :] for block in rows)))
+    inputs = lambda: (_load_state(states2_ref, states1_ref, m, j), _load_blocks(token_refs, j, c, r),
+                      (gamma_ref[...], beta_ref[...]))
+    s, blocks, ln = inputs()
+    _, pull = jax.vjp(lambda s, blocks, keys, ln: reads_and_close(spec, dot, s, blocks, keys, complete_ref[j] > 0, ln),
+                      s, blocks, key_errors(spec, _plain_dot(spec.memory.matmul), s, blocks, ln), ln)
+    _sync(interpret)  # dS of chunk j's end, stored by every thread, is complete
+    ds, dblocks, dkeys, dln_j = pull((_load_state(ds2_ref, ds1_ref, m), tuple(do_ref[block, :] for block in rows)))
+    # the keys' errors are recomputed for their own derivative from fresh loads after a barrier, so the two
+    # computations stay apart and the first one's intermediates are dead during the second's pull-back
+    _sync(interpret)
+    grads = jax.vjp(functools.partial(key_errors, spec, dot), *inputs())[1](dkeys)
+    ds, dblocks, dln_j = jax.tree.map(jnp.add, (ds, dblocks, dln_j), grads)
     for block, grads in zip(rows, dblocks, strict=True):
       for ref, g in zip(grad_refs, grads, strict=True):
         if len(ref.shape) == 2:
           ref[block, :] = g
         else:
           ref[block] = g
-    return ds, (dln[0] + dln_j[0], dln[1] + dln_j[1])
+    _sync(interpret)  # every thread has read dS before any overwrites it
+    _store_state(ds2_ref, ds1_ref, ds)
+    return dln[0] + dln_j[0], dln[1] + dln_j[1]
 
   zeros = jnp.zeros(gamma_ref.shape, gamma_ref.dtype)
-  ds, dln = jax.lax.fori_loop(0, n, body, (_load_state(dfinal2_ref, dfinal1_ref, m), (zeros, zeros)))
-  _store_state(ds2_ref, ds1_ref, ds)
-  dgamma_ref[...], dbeta_ref[...] = dln
+  dgamma_ref[...], dbeta_ref[...] = jax.lax.fori_loop(0, n, body, (zeros, zeros))
 
 
 def _call(kernel, inputs, out_shapes, *, num_warps: int, interpret: bool):
@@ -314,24 +363,26 @@ def _scan_fwd(spec, tuning, interpret, tokens, complete, s0, ln):
   big, rows, d = tokens[0].shape
   n, e = complete.shape[1], s0["w2"].shape[1]
   like = lambda *shape: jax.ShapeDtypeStruct((big, *shape), tokens[0].dtype)
-  out_shapes = (like(rows, d), like(n * e, d), like(n * d, e), like(e, d), like(d, e))
-  o, states2, states1, final2, final1 = _call(
-      functools.partial(_fwd_kernel, spec=spec, n=n, c=rows // n, r=_rows_per_block(rows // n, tokens[3]),
-                        m=tuning.hidden_tiles),
-      (*tokens, complete, s0["w2"], s0["w1"], *ln), out_shapes, num_warps=tuning.num_warps, interpret=interpret)
-  return (o, {"w2": final2, "w1": final1}), (tokens, complete, states2, states1, ln)
+  launch = dict(spec=spec, n=n, c=rows // n, r=_rows_per_block(rows // n, tokens[3]), m=tuning.hidden_tiles,
+                interpret=interpret)
+  o, states2, states1 = _call(  # states: the start of every chunk and the end of the last, n + 1 slots
+      functools.partial(_fwd_kernel, **launch), (*tokens, complete, s0["w2"], s0["w1"], *ln),
+      (like(rows, d), like((n + 1) * e, d), like((n + 1) * d, e)), num_warps=tuning.num_warps, interpret=interpret)
+  final = {"w2": states2[:, n * e:], "w1": states1[:, n * d:]}
+  return (o, final), (tokens, complete, states2, states1, ln)
 
 
 def _scan_bwd(spec, tuning, interpret, residuals, cotangents):
   tokens, complete, states2, states1, ln = residuals
   do, dfinal = cotangents
   big, rows, d = tokens[0].shape
-  n, e = complete.shape[1], states2.shape[1] // complete.shape[1]
+  n, e = complete.shape[1], states1.shape[2]
   out_shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in tokens) + tuple(
       jax.ShapeDtypeStruct((big, *shape), tokens[0].dtype) for shape in ((e, d), (d, e), (d,), (d,)))
+  launch = dict(spec=spec, n=n, c=rows // n, r=_rows_per_block(rows // n, tokens[3]), m=tuning.hidden_tiles,
+                interpret=interpret)
   *dtokens, ds2, ds1, dgamma, dbeta = _call(
-      functools.partial(_bwd_kernel, spec=spec, n=n, c=rows // n, r=_rows_per_block(rows // n, tokens[3]),
-                        m=tuning.hidden_tiles),
+      functools.partial(_bwd_kernel, **launch),
       (*tokens, complete, states2, states1, *ln, do, dfinal["w2"], dfinal["w1"]), out_shapes,
       num_warps=tuning.num_warps, interpret=interpret)
   return tuple(dtokens), jnp.zeros_like(complete), {"w2": ds2, "w1": ds1}, (dgamma, dbeta)
