@@ -16,10 +16,16 @@ Hence two gates, checked once per process:
 
 On any other JAX, :func:`cudnn_attention_problem` says why, one warning is logged, and ``api.attention`` falls back
 to the Pallas kernel. To admit a new JAX: run the GPU parity test on it, then add its signature below.
+
+One developer tool reads private API too, and only it: :func:`triton_modules` hands out the Triton IR of every
+Pallas-Triton kernel JAX lowers (``jax._src.pallas.triton.pallas_call_registration``), so the kernels can be
+compiled for an H100 with the ``triton`` package on a machine without a GPU (``benchmarks/triton_compile.py``).
+Nothing that runs a model uses it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -105,3 +111,24 @@ def cudnn_window_backward(q, k, v, o, lse, do, *, window: int, scale: float):
   grads = fa._dot_product_attention_bwd_p_wrapper.bind(*positional, **{n: params[n] for n in signature
                                                                          if n in _PARAMS})
   return tuple(grads[:3])
+
+
+@contextlib.contextmanager
+def triton_modules():
+  """While active, every Pallas-Triton kernel that JAX lowers appends its Triton IR (MLIR text, no locations) to the
+  yielded list (lower for ``lowering_platforms=("cuda",)`` under an abstract GPU mesh to lower without a GPU)."""
+  from jax._src.pallas.triton import pallas_call_registration as registration  # private: developer tool only
+
+  lower = registration.lowering.lower_jaxpr_to_triton_module
+  modules: list[str] = []
+
+  def capture(*args, **kwargs):
+    result = lower(*args, **kwargs)
+    modules.append(result.module.operation.get_asm(enable_debug_info=False))
+    return result
+
+  registration.lowering.lower_jaxpr_to_triton_module = capture
+  try:
+    yield modules
+  finally:
+    registration.lowering.lower_jaxpr_to_triton_module = lower

@@ -1,0 +1,140 @@
+"""Compile the Miras Pallas (Triton) kernels for an H100 on a machine without a GPU: shared memory, registers, time.
+
+The kernels (``layers/kernels/miras/pallas_triton.py``) are lowered for an abstract H100 to Triton IR
+(``layers.kernels.jax_compat.triton_modules``), and each IR module is compiled to a cubin for sm_90a by the
+``triton`` package (OpenAI's compiler, which is what XLA runs on that IR too; its bundled ptxas). Reported per
+kernel (forward, backward) and launch setting: the shared memory the kernel needs, against the 227 KiB a block may
+use on H100/H200 (a kernel above it fails at launch), the compile time, and with ``--ptxas-info`` ptxas's registers
+per thread and spill bytes. This is what a GPU would say before it says anything about time.
+
+Needs ``pip install triton`` (not a memlab dependency; CPU-only is fine). Example:
+  PYTHONPATH=. python benchmarks/triton_compile.py --gates head,channel --hidden-tiles 1,4 --warps 4,8 \\
+      --json triton_compile.json --ptxas-info
+Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+H100_SHARED_BYTES = 232_448  # 227 KiB: the most dynamic shared memory one block may opt into on sm_90
+
+
+def triton_ir(spec, gates: str, chunk: int, head_dim: int, tuning, matmul: str) -> dict[str, str]:
+  """{"forward": IR, "backward": IR} of the kernels of one fwd+bwd, lowered for an abstract H100."""
+  import jax
+  import jax.numpy as jnp
+
+  from layers.kernels.jax_compat import triton_modules
+  from layers.kernels.miras import pallas_triton
+  from layers.miras.spec import Gates
+
+  g = head_dim if gates == "channel" else 1
+  shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  x = shape(1, 2 * chunk, 1, head_dim)
+  gate = Gates(eta=shape(1, 2 * chunk, 1, g), log_alpha=shape(1, 2 * chunk, 1, g), delta=None)
+  state = {n: shape(1, 1, *s) for n, s in spec.memory.shapes(head_dim).items()}
+  run = functools.partial(pallas_triton.miras_pallas, spec=spec, chunk_size=chunk, matmul=matmul, tuning=tuning)
+  loss = lambda q, k, v, gate, state: jnp.sum(run(q, k, v, gate, initial_state=state)[0])
+  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=h100)
+  with triton_modules() as modules, jax.sharding.use_abstract_mesh(mesh):
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(x, x, x, gate, state).lower(lowering_platforms=("cuda",))
+  if len(modules) != 2:
+    raise RuntimeError(f"expected the forward and backward kernels, lowered {len(modules)} Triton modules")
+  return dict(zip(("forward", "backward"), modules, strict=True))
+
+
+def compile_ir(ir: str, num_warps: int, ptxas_info: bool) -> dict:
+  """Compile one Triton IR module for sm_90a: shared bytes, seconds, and ptxas's registers and spills if asked."""
+  import triton
+  from triton.backends.compiler import GPUTarget
+
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "kernel.ttir")
+    with open(path, "w") as f:
+      f.write(ir)
+    start = time.perf_counter()
+    kernel = triton.compile(path, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 1})
+    row = {"compile_s": time.perf_counter() - start, "shared_bytes": kernel.metadata.shared,
+           "wgmma": kernel.asm["ptx"].count("wgmma.mma_async")}
+    if ptxas_info:
+      row |= _ptxas_info(kernel.asm["ptx"], tmp)
+  row["fits_h100"] = row["shared_bytes"] <= H100_SHARED_BYTES
+  return row
+
+
+def _ptxas_info(ptx: str, tmp: str) -> dict:
+  """Registers per thread, spill bytes and stack frame from ``ptxas -v`` (the newest ptxas triton bundles)."""
+  import triton
+
+  bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+  ptxas = max((os.path.join(bin_dir, n) for n in os.listdir(bin_dir) if n.startswith("ptxas")),
+              key=lambda p: subprocess.run([p, "--version"], capture_output=True, text=True).stdout.split()[-1])
+  path = os.path.join(tmp, "kernel.ptx")
+  with open(path, "w") as f:
+    f.write(ptx)
+  log = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.devnull], capture_output=True, text=True).stderr
+  number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, log)) else None
+  return {"registers": number(r"Used (\d+) registers"), "spill_store_bytes": number(r"(\d+) bytes spill stores"),
+          "spill_load_bytes": number(r"(\d+) bytes spill loads"),
+          "stack_frame_bytes": number(r"(\d+) bytes stack frame")}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", default="moneta", help="a Miras mixer (moneta, yaad)")
+  parser.add_argument("--gates", default="head,channel", help="comma list of head, channel")
+  parser.add_argument("--hidden-tiles", default="1,4", help="comma list (pallas_triton.Tuning.hidden_tiles)")
+  parser.add_argument("--warps", default="4", help="comma list of Triton num_warps")
+  parser.add_argument("--matmul", default="bfloat16", choices=("bfloat16", "float32"))
+  parser.add_argument("--chunk", type=int, default=64)
+  parser.add_argument("--head-dim", type=int, default=64)
+  parser.add_argument("--kernels", default="forward,backward", help="comma list of forward, backward")
+  parser.add_argument("--ptxas-info", action="store_true", help="also run ptxas -v for registers and spills")
+  parser.add_argument("--json", default="triton_compile.json")
+  args = parser.parse_args()
+  try:
+    import triton  # noqa: F401
+  except ImportError:
+    sys.exit("benchmarks/triton_compile.py needs the triton package: pip install triton")
+  from layers.kernels.miras.pallas_triton import Tuning
+  from research.models.registry import MIXERS
+
+  split = lambda s: [x for x in s.split(",") if x]
+  rows = []
+  for gates in split(args.gates):
+    spec = MIXERS.config_class(args.model)(gates=gates, chunk_size=args.chunk).memory_spec()
+    for tiles in (int(m) for m in split(args.hidden_tiles)):
+      modules = triton_ir(spec, gates, args.chunk, args.head_dim, Tuning(hidden_tiles=tiles), args.matmul)
+      for kernel in split(args.kernels):
+        for warps in (int(w) for w in split(args.warps)):
+          row = {"model": args.model, "gates": gates, "kernel": kernel, **dataclasses.asdict(Tuning(warps, tiles)),
+                 "matmul": args.matmul, "chunk": args.chunk, "head_dim": args.head_dim, "target": "sm_90a"}
+          try:
+            row |= compile_ir(modules[kernel], warps, args.ptxas_info)
+          except Exception as e:  # noqa: BLE001 - report and go on with the other settings
+            row["error"] = repr(e)[:400]
+          print(json.dumps(row), flush=True)
+          rows.append(row)
+  with open(args.json, "w") as f:
+    json.dump({"argv": sys.argv, "h100_shared_bytes": H100_SHARED_BYTES, "rows": rows}, f, indent=1)
+  keys = ("gates", "kernel", "num_warps", "hidden_tiles", "shared_bytes", "fits_h100", "compile_s", "registers",
+          "spill_store_bytes", "stack_frame_bytes", "error")
+  print("| " + " | ".join(keys) + " |\n|" + "-|" * len(keys))
+  for row in rows:
+    print("| " + " | ".join(f"{row[k]:.0f}" if isinstance(row.get(k), float) else str(row.get(k, "-"))
+                            for k in keys) + " |")
+
+
+if __name__ == "__main__":
+  main()
