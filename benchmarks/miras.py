@@ -10,9 +10,9 @@ of the compiled fwd+bwd; the achieved fraction of the device's dense bf16 peak i
 overrides the table below). Each variant's output is also compared with the token-loop reference on a short
 sequence (f32) before it is timed, so a fast-but-wrong variant shows up in the same table.
 
-``--warps 4,8 --hidden-tiles 1,4`` times the memory op alone for every ``pallas_triton*`` variant at each Triton
-launch setting, next to ``xla_flat`` (same gates), with compile time and the largest error against the flat path. ``--stages B``
-times one chunk of B × H heads through each stage of the chunk step alone (gradients, reads, close),
+``--warps 4,8 --hidden-tile 64,32`` times the memory op alone for every ``pallas_triton*`` variant at each Triton
+launch setting, next to ``xla_flat`` (same gates), with compile time and the largest error against the flat path.
+``--stages B`` times one chunk of B × H heads through each stage of the chunk step alone (gradients, reads, close),
 to show where a chunk's time goes. ``--decode BxT`` adds spec §11.7: one-token decode latency after a T-token
 prefill, and the decode cache's bytes per head, for GDN, attention (KV cache) and every variant; ``--fla`` adds
 fla's ``chunk_gla`` kernel and ``--lucid`` lucidrains' ``NeuralMemory`` (spec §11.2, ``benchmarks/lucid_memory.py``),
@@ -324,7 +324,7 @@ def run_memory_op(shapes, variants: list[Variant], tunings: list) -> list[dict]:
     state = {n: normal(b, HEADS, *shape) / shape[1] ** 0.5 for n, shape in spec.memory.shapes(HEAD_DIM).items()}
     kw = dict(spec=spec, initial_state=state, chunk_size=v.chunk, matmul=mode)
     runs = {f"xla_flat{'_bf16' * (mode == 'bfloat16')}": functools.partial(flat.miras_flat, remat=True, **kw)}
-    runs |= {f"{v.impl}[warps {u.num_warps}, {u.hidden_tiles} E-tiles]":
+    runs |= {f"{v.impl}[warps {u.num_warps}, E-tile {u.hidden_tile}]":
              functools.partial(pallas_triton.miras_pallas, tuning=u, **kw) for u in tunings}
     outs = {}
     for name, fn in runs.items():
@@ -420,9 +420,9 @@ def main() -> None:
   parser.add_argument("--stages", type=int, default=0, help="B: also time one chunk of B × H heads through each "
                       "stage of the chunk step alone (gradients, reads, close), fwd and fwd+bwd")
   parser.add_argument("--warps", default="", help="comma list of Triton num_warps: also time the memory op alone "
-                      "(no layer) for every pallas_triton* variant at each (× --hidden-tiles), next to xla_flat")
-  parser.add_argument("--hidden-tiles", default="1", help="comma list: tiles along the memory's hidden axis E for "
-                      "the --warps sweep (layers.kernels.miras.pallas_triton.Tuning.hidden_tiles)")
+                      "(no layer) for every pallas_triton* variant at each (× --hidden-tile), next to xla_flat")
+  parser.add_argument("--hidden-tile", default="64", help="comma list: columns of the memory's hidden axis E per "
+                      "tile for the --warps sweep (layers.kernels.miras.pallas_triton.Tuning.hidden_tile)")
   parser.add_argument("--hlo-dir", default="", help="write each timed op's compiled fwd+bwd HLO text here")
   parser.add_argument("--profile", action="store_true", help="also list each timed op's GPU kernels (count, time) "
                       "from JAX's profiler trace, fwd and fwd+bwd")
@@ -439,7 +439,7 @@ def main() -> None:
   rows = run(shapes, variants, args.peak_tflops, args.dtype) if shapes else []
   if args.warps:
     from layers.kernels.miras.pallas_triton import Tuning
-    tunings = [Tuning(int(w), int(m)) for w in split(args.warps) for m in split(args.hidden_tiles)]
+    tunings = [Tuning(int(w), int(m)) for w in split(args.warps) for m in split(args.hidden_tile)]
     rows += run_memory_op(shapes, variants, tunings)
   rows += run_stages(args.stages, variants) if args.stages else []
   rows += run_decode([tuple(int(n) for n in s.split("x")) for s in split(args.decode)], variants, args.dtype)

@@ -8,7 +8,7 @@ use on H100/H200 (a kernel above it fails at launch), the compile time, and with
 per thread and spill bytes. This is what a GPU would say before it says anything about time.
 
 Needs ``pip install triton`` (not a memlab dependency; CPU-only is fine). Example:
-  PYTHONPATH=. python benchmarks/triton_compile.py --gates head,channel --hidden-tiles 1,4 --warps 4,8 \\
+  PYTHONPATH=. python benchmarks/triton_compile.py --gates head,channel --hidden-tile 256,64 --warps 4,8 \\
       --json triton_compile.json --ptxas-info
 Prints a table and writes JSON.
 """
@@ -94,7 +94,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="moneta", help="a Miras mixer (moneta, yaad)")
   parser.add_argument("--gates", default="head,channel", help="comma list of head, channel")
-  parser.add_argument("--hidden-tiles", default="1,4", help="comma list (pallas_triton.Tuning.hidden_tiles)")
+  parser.add_argument("--hidden-tile", default="256,64", help="comma list (pallas_triton.Tuning.hidden_tile)")
   parser.add_argument("--warps", default="4", help="comma list of Triton num_warps")
   parser.add_argument("--matmul", default="bfloat16", choices=("bfloat16", "float32"))
   parser.add_argument("--chunk", type=int, default=64)
@@ -114,11 +114,11 @@ def main() -> None:
   rows = []
   for gates in split(args.gates):
     spec = MIXERS.config_class(args.model)(gates=gates, chunk_size=args.chunk).memory_spec()
-    for tiles in (int(m) for m in split(args.hidden_tiles)):
-      modules = triton_ir(spec, gates, args.chunk, args.head_dim, Tuning(hidden_tiles=tiles), args.matmul)
+    for tile in (int(m) for m in split(args.hidden_tile)):
+      modules = triton_ir(spec, gates, args.chunk, args.head_dim, Tuning(hidden_tile=tile), args.matmul)
       for kernel in split(args.kernels):
         for warps in (int(w) for w in split(args.warps)):
-          row = {"model": args.model, "gates": gates, "kernel": kernel, **dataclasses.asdict(Tuning(warps, tiles)),
+          row = {"model": args.model, "gates": gates, "kernel": kernel, **dataclasses.asdict(Tuning(warps, tile)),
                  "matmul": args.matmul, "chunk": args.chunk, "head_dim": args.head_dim, "target": "sm_90a"}
           try:
             row |= compile_ir(modules[kernel], warps, args.ptxas_info)
@@ -128,7 +128,7 @@ def main() -> None:
           rows.append(row)
   with open(args.json, "w") as f:
     json.dump({"argv": sys.argv, "h100_shared_bytes": H100_SHARED_BYTES, "rows": rows}, f, indent=1)
-  keys = ("gates", "kernel", "num_warps", "hidden_tiles", "shared_bytes", "fits_h100", "compile_s", "registers",
+  keys = ("gates", "kernel", "num_warps", "hidden_tile", "shared_bytes", "fits_h100", "compile_s", "registers",
           "spill_store_bytes", "stack_frame_bytes", "error")
   print("| " + " | ".join(keys) + " |\n|" + "-|" * len(keys))
   for row in rows:

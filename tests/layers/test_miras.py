@@ -375,28 +375,29 @@ def test_kernel_erf_matches_lax_erf():
   assert err64 < 1.2e-7 and err32 < 1.5 * xla32
 
 
-@pytest.mark.parametrize(("name", "channel", "hidden_tiles"), [
-    ("moneta", False, 1), ("yaad_clip", False, 1), ("elastic_mlp", False, 1), ("moneta_clip", False, 2),
-    ("moneta", True, 2), ("moneta_pre", True, 1)])
-def test_pallas_kernels_equal_the_flat_path_values_and_grads(name, channel, hidden_tiles):
+@pytest.mark.parametrize(("name", "channel", "hidden_tile"), [
+    ("moneta", False, 64), ("yaad_clip", False, 64), ("elastic_mlp", False, 64), ("moneta_clip", False, 32),
+    ("moneta", True, 32), ("moneta_pre", True, 64)])
+def test_pallas_kernels_equal_the_flat_path_values_and_grads(name, channel, hidden_tile):
   """The Pallas kernels (one program per head walks every chunk; the backward recomputes each chunk from its
   checkpointed start state and differentiates it inside the kernel) in Pallas interpret mode, against ``xla_flat``:
   reads, state and the gradients of every input in float32, with an incomplete trailing chunk and a row whose
   length ends inside an earlier chunk (boundary read, kept state, padding). Channel gates run chunks of 32 in two
-  sub-blocks of 16, so the factored coefficients between sub-blocks are exercised; ``hidden_tiles`` 2 cuts the
-  state and activations along E (clip norms, Moneta's read scale and the boundary read summed over tiles)."""
+  sub-blocks of 16, so the factored coefficients between sub-blocks are exercised; ``hidden_tile`` 32 cuts the
+  state and activations (E = 64) in two along E (clip norms, Moneta's read scale and the boundary read summed over
+  tiles)."""
   spec = SPECS.get(name) or FAST_PATH_SPECS[name]
   c = 32 if channel else 16
   lengths = jnp.array([5 * c // 2, 3 * c // 2 - 3])
   runs = [functools.partial(fn, spec=spec, chunk_size=c, lengths=lengths)
           for fn in (flat.miras_flat, functools.partial(pallas_triton.miras_pallas, interpret=True,
-                                                        tuning=pallas_triton.Tuning(hidden_tiles=hidden_tiles)))]
+                                                        tuning=pallas_triton.Tuning(hidden_tile=hidden_tile)))]
   qkv, gates, kw = _inputs(spec, 22, t=5 * c // 2, d=16, channel=channel)
   (o_f, s_f, _), (o_p, s_p, _) = (run(*qkv, gates, **kw) for run in runs)
   weights = jax.random.normal(jax.random.PRNGKey(8), o_f.shape)
   g_f, g_p = (jax.grad(_loss(run, weights), argnums=(0, 1, 2))(qkv, gates, kw) for run in runs)
   errs = _rel(o_p, o_f), _rel(s_p, s_f), _rel(g_p, g_f)
-  print(f"{name} {'channel' if channel else 'head'} gates, {hidden_tiles} hidden tiles: pallas (interpret) vs flat, "
+  print(f"{name} {'channel' if channel else 'head'} gates, E-tile {hidden_tile}: pallas (interpret) vs flat, "
         f"max rel error reads "
         f"{errs[0]:.1e}, state {errs[1]:.1e}, grads {errs[2]:.1e} (float32)")
   assert max(errs) < 1e-5
@@ -423,16 +424,16 @@ def test_pallas_channel_gates_stay_finite_and_accurate_under_strong_decay():
   assert errs[0] < max(2 * errs[1], 1e-5) and bool(jnp.all(jnp.isfinite(grads)))
 
 
-@pytest.mark.parametrize(("matmul_mode", "channel", "hidden_tiles"), [("float32", False, 1), ("bfloat16", False, 4),
-                                                                     ("bfloat16", True, 2)])
-def test_pallas_kernels_lower_to_triton_for_an_h100(matmul_mode, channel, hidden_tiles):
+@pytest.mark.parametrize(("matmul_mode", "channel", "hidden_tile"), [("float32", False, 64), ("bfloat16", False, 16),
+                                                                    ("bfloat16", True, 32)])
+def test_pallas_kernels_lower_to_triton_for_an_h100(matmul_mode, channel, hidden_tile):
   """Both kernels of the fwd+bwd lower to Triton IR for an (abstract) H100 from this CPU: every primitive in them,
   the derivative traced inside the backward kernel included, has a Triton lowering (no erf, no custom_vjp call,
   no slicing of values: channel gates' sub-blocks are loaded from the refs one by one)."""
   spec = SPECS["moneta"]
   qkv, gates, kw = _inputs(spec, 24, b=1, t=64, d=16, channel=channel)
   run = functools.partial(pallas_triton.miras_pallas, spec=spec, chunk_size=32, matmul=matmul_mode,
-                          tuning=pallas_triton.Tuning(hidden_tiles=hidden_tiles))
+                          tuning=pallas_triton.Tuning(hidden_tile=hidden_tile))
   grad = jax.jit(jax.grad(_loss(run, jnp.ones(qkv[0].shape)), argnums=(0, 1, 2)))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (qkv, gates, kw))
   h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
@@ -551,8 +552,8 @@ def test_api_dispatch_and_errors():
   with pytest.raises(ValueError, match="head dim must be a power of two >= 16"):
     pallas_triton.miras_pallas(*qkv, gates, spec=moneta, chunk_size=16, interpret=True, **kw)
   qkv, gates, kw = _inputs(moneta, 14, t=6, d=16)
-  with pytest.raises(ValueError, match=r"hidden tile \(hidden width / tuning.hidden_tiles\) must be a power of two"):
+  with pytest.raises(ValueError, match=r"tuning.hidden_tile must be a power of two >= 16 \(Triton tiles\), got 8"):
     pallas_triton.miras_pallas(*qkv, gates, spec=moneta, chunk_size=16, interpret=True,
-                               tuning=pallas_triton.Tuning(hidden_tiles=8), **kw)
+                               tuning=pallas_triton.Tuning(hidden_tile=8), **kw)
   with pytest.raises(ValueError, match="momentum needs Decay"):
     MemorySpec(MLPMemory(), biases.L2(), LqNorm(4.0), momentum=True)

@@ -81,12 +81,19 @@ SUB_BLOCK = 16  # rows of a chunk's sub-blocks with channel gates (secondary chu
 @dataclasses.dataclass(frozen=True)
 class Tuning:
   """Triton launch settings, read when the kernels are traced (static): ``num_warps`` per program (one program per
-  head); ``hidden_tiles``: the state and every [·, E] activation are cut into this many tiles along E, so each
+  head); ``hidden_tile``: the state and every [·, E] activation are cut into tiles of this many columns of E (E
+  if it is smaller), so each
   matmul and each live tile is smaller (fewer registers and less shared memory at once) at the price of more,
-  smaller matmuls. Chosen on the GPU by ``benchmarks/miras.py --warps ... --hidden-tiles ...``."""
+  smaller matmuls. With E = 256, d = 64, whole-E tiles need 256 KiB of shared memory in the backward kernel,
+  more than a block may use (227 KiB); 64 needs 208 KiB (``benchmarks/triton_compile.py``). Timed on the GPU by
+  ``benchmarks/miras.py --warps ... --hidden-tile ...``."""
 
   num_warps: int = 4
-  hidden_tiles: int = 1
+  hidden_tile: int = 64
+
+  def tiles(self, hidden: int) -> int:
+    """How many tiles cut a hidden width E."""
+    return max(1, hidden // self.hidden_tile)
 
 
 def unsupported(spec: MemorySpec, chunk_size: int, head_dim: int, tuning: Tuning = Tuning()) -> str | None:
@@ -99,12 +106,10 @@ def unsupported(spec: MemorySpec, chunk_size: int, head_dim: int, tuning: Tuning
     return "it has no lag token (Memora)"
   hidden = spec.memory.expansion * head_dim
   sizes = (("chunk_size", chunk_size), ("head dim", head_dim), ("hidden width", hidden),
-           ("hidden tile (hidden width / tuning.hidden_tiles)", hidden // tuning.hidden_tiles))
+           ("tuning.hidden_tile", min(hidden, tuning.hidden_tile)))
   for name, n in sizes:
     if n < 16 or n & (n - 1):
       return f"{name} must be a power of two >= 16 (Triton tiles), got {n}"
-  if hidden % tuning.hidden_tiles:
-    return f"tuning.hidden_tiles must divide the hidden width {hidden}, got {tuning.hidden_tiles}"
   return None
 
 
@@ -363,7 +368,7 @@ def _scan_fwd(spec, tuning, interpret, tokens, complete, s0, ln):
   big, rows, d = tokens[0].shape
   n, e = complete.shape[1], s0["w2"].shape[1]
   like = lambda *shape: jax.ShapeDtypeStruct((big, *shape), tokens[0].dtype)
-  launch = dict(spec=spec, n=n, c=rows // n, r=_rows_per_block(rows // n, tokens[3]), m=tuning.hidden_tiles,
+  launch = dict(spec=spec, n=n, c=rows // n, r=_rows_per_block(rows // n, tokens[3]), m=tuning.tiles(e),
                 interpret=interpret)
   o, states2, states1 = _call(  # states: the start of every chunk and the end of the last, n + 1 slots
       functools.partial(_fwd_kernel, **launch), (*tokens, complete, s0["w2"], s0["w1"], *ln),
@@ -379,7 +384,7 @@ def _scan_bwd(spec, tuning, interpret, residuals, cotangents):
   n, e = complete.shape[1], states1.shape[2]
   out_shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in tokens) + tuple(
       jax.ShapeDtypeStruct((big, *shape), tokens[0].dtype) for shape in ((e, d), (d, e), (d,), (d,)))
-  launch = dict(spec=spec, n=n, c=rows // n, r=_rows_per_block(rows // n, tokens[3]), m=tuning.hidden_tiles,
+  launch = dict(spec=spec, n=n, c=rows // n, r=_rows_per_block(rows // n, tokens[3]), m=tuning.tiles(e),
                 interpret=interpret)
   *dtokens, ds2, ds1, dgamma, dbeta = _call(
       functools.partial(_bwd_kernel, **launch),
