@@ -421,6 +421,8 @@ def main() -> None:
                       "stage of the chunk step alone (gradients, reads, close), fwd and fwd+bwd")
   parser.add_argument("--warps", default="", help="comma list of Triton num_warps: also time the memory op alone "
                       "(no layer) for every pallas_triton* variant at each (× --hidden-tile), next to xla_flat")
+  parser.add_argument("--memory-op-only", action="store_true", help="with --warps: skip the layer timings (each "
+                      "Pallas compile of the backward takes minutes, docs/benchmarks.md)")
   parser.add_argument("--hidden-tile", default="64", help="comma list: columns of the memory's hidden axis E per "
                       "tile for the --warps sweep (layers.kernels.miras.pallas_triton.Tuning.hidden_tile)")
   parser.add_argument("--hlo-dir", default="", help="write each timed op's compiled fwd+bwd HLO text here")
@@ -436,7 +438,7 @@ def main() -> None:
   variants = [Variant(m, mem, g, int(c), bool(int(r)), i) for m, mem, g, c, r, i in itertools.product(
       split(args.models), split(args.memories), split(args.gates), split(args.chunks), split(args.remat),
       split(args.impls)) if not (m == "titans" and g == "channel")]
-  rows = run(shapes, variants, args.peak_tflops, args.dtype) if shapes else []
+  rows = run(shapes, variants, args.peak_tflops, args.dtype) if shapes and not args.memory_op_only else []
   if args.warps:
     from layers.kernels.miras.pallas_triton import Tuning
     tunings = [Tuning(int(w), int(m)) for w in split(args.warps) for m in split(args.hidden_tile)]
