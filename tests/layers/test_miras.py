@@ -445,10 +445,10 @@ def test_pallas_kernels_lower_to_triton_for_an_h100(matmul_mode, channel, hidden
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-@pytest.mark.parametrize(("impl", "channel"), [("pallas_triton", False), ("pallas_triton_bf16", False),
-                                              ("pallas_triton_bf16", True)])
+@pytest.mark.parametrize(("impl", "channel"), [("pallas_triton_bf16", True)])
 def test_pallas_kernels_on_gpu_match_the_flat_path(impl, channel):
-  """The compiled Triton kernels at the layer's head width (d = 64, E = 256, c = 64) against ``xla_flat``."""
+  """The compiled Triton kernels at the layer's head width (d = 64, E = 256, c = 64) against ``xla_flat``. One
+  setting only: the backward kernel takes minutes to compile (docs/benchmarks.md)."""
   spec = SPECS["moneta"]
   qkv, gates, kw = _inputs(spec, 23, b=2, t=200, h=2, d=64, channel=channel)
   lengths = jnp.array([200, 150])
