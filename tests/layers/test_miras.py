@@ -445,7 +445,7 @@ def test_pallas_kernels_lower_to_triton_for_an_h100(matmul_mode, channel, hidden
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-@pytest.mark.parametrize(("impl", "channel"), [("pallas_triton_bf16", True)])
+@pytest.mark.parametrize(("impl", "channel"), [("pallas_triton_bf16", False)])
 def test_pallas_kernels_on_gpu_match_the_flat_path(impl, channel):
   """The compiled Triton kernels at the layer's head width (d = 64, E = 256, c = 64) against ``xla_flat``. One
   setting only: the backward kernel takes minutes to compile (docs/benchmarks.md)."""
