@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 
 import jax
@@ -52,7 +53,9 @@ from layers.miras.memory import MLPMemory, layer_norm, layer_norm_backward
 from layers.miras.memory import matmul as product
 from layers.miras.spec import Gates, MemorySpec
 
-# Numerical Recipes (Press et al., 3rd ed., §6.2.2, "erfccheb"'s predecessor erfcc): erfc(z) = t·exp(−z² + P(t)),
+log = logging.getLogger("memlab")
+
+# Numerical Recipes in C, 2nd ed. (Press et al., 1992), §6.2, routine erfcc: erfc(z) = t·exp(−z² + P(t)),
 # t = 1 / (1 + z/2), z ≥ 0, a Chebyshev fit with fractional error < 1.2e-7 everywhere.
 _ERFC_POLY = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807, -1.13520398, 1.48851587,
               -0.82215223, 0.17087277)
@@ -410,6 +413,9 @@ def miras_pallas(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict
   if (why := unsupported(spec, chunk_size, d, tuning)) is not None:
     raise ValueError(f"the Pallas Miras kernels cannot run this memory: {why}")
   del initial_momentum, remat
+  if gates.eta.shape[-1] != 1 and not interpret:
+    log.warning("Miras Pallas kernels with channel gates: the backward kernel takes tens of minutes to compile "
+                "(docs/benchmarks.md); per-head gates compile in minutes")
   spec = with_matmul(spec, matmul)
   x = chunk_sequence(q, k, v, gates, spec, chunk_size, lengths)
   n, big = x.q.shape[0], b * h
