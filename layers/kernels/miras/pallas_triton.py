@@ -31,7 +31,7 @@ inside the kernels uses :func:`erf` (|error| < 1.2e-7, so |Δgelu(z)| < 6e-8·|z
 Covers the MLP memory with no momentum and no lag token (``unsupported`` says why otherwise); c, d and E must be
 powers of two ≥ 16 (Triton tiles). Memory: the checkpoints are (n + 1)·2·E·d float32 per head (8 × 4096 tokens,
 d = 64, E = 256, H = 16: 1 GiB). Compiling the backward kernel takes minutes (the chunk step and its derivative are
-unrolled: 4–8 minutes per-head on a 2-core CPU, over 25 with channel gates; ``benchmarks/triton_compile.py``). The
+unrolled: 4–8 minutes per-head on a 2-core CPU, over 35 with channel gates; ``benchmarks/triton_compile.py``). The
 kernels run in Pallas interpret mode on the CPU, which is how the tests check them. Shapes and returns as
 :func:`chunked.miras_chunked`.
 """
