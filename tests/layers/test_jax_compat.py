@@ -36,3 +36,19 @@ def test_a_changed_private_signature_is_refused_not_bound(monkeypatch):
 def test_recorded_versions_have_the_recorded_operand_order():
   for version, signature in jax_compat.CUDNN_BACKWARD_SIGNATURES.items():
     assert signature[:len(jax_compat._OPERANDS)] == jax_compat._OPERANDS, version
+
+
+def test_triton_modules_hands_out_the_miras_kernels_ir():
+  """The developer tool's private hook (benchmarks/triton_compile.py): lowering one fwd+bwd of the Miras Pallas
+  kernels for an abstract H100 yields the forward and the backward kernel's Triton IR, and the hook is undone."""
+  from benchmarks.triton_compile import triton_ir
+  from jax._src.pallas.triton import pallas_call_registration as registration
+  from layers.kernels.miras.pallas_triton import Tuning
+  from research.models.registry import MIXERS
+
+  lower = registration.lowering.lower_jaxpr_to_triton_module
+  spec = MIXERS.config_class("moneta")(gates="head", chunk_size=16).memory_spec()
+  modules = triton_ir(spec, "head", 16, 16, Tuning(), "bfloat16")
+  assert [m.split("{")[0].strip() for m in modules.values()] == ["module @_fwd_kernel", "module @_bwd_kernel"]
+  assert all("tt.dot" in m and "gpu.barrier" in m for m in modules.values())
+  assert registration.lowering.lower_jaxpr_to_triton_module is lower
