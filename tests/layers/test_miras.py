@@ -445,6 +445,8 @@ def test_pallas_kernels_lower_to_triton_for_an_h100(matmul_mode, channel, hidden
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.xfail(reason="on an H100 the forward's reads differ from xla_flat's by 1.9 (relative), 2026-12-05",
+                   strict=True)
 @pytest.mark.parametrize(("impl", "channel"), [("pallas_triton_bf16", False)])
 def test_pallas_kernels_on_gpu_match_the_flat_path(impl, channel):
   """The compiled Triton kernels at the layer's head width (d = 64, E = 256, c = 64) against ``xla_flat``. One
@@ -452,8 +454,11 @@ def test_pallas_kernels_on_gpu_match_the_flat_path(impl, channel):
   spec = SPECS["moneta"]
   qkv, gates, kw = _inputs(spec, 23, b=2, t=200, h=2, d=64, channel=channel)
   lengths = jnp.array([200, 150])
-  run = lambda impl: lambda qkv, gates, kw: api.miras_memory(*qkv, gates, spec=spec, chunk_size=64, lengths=lengths,
-                                                             implementation=impl, **kw)
+  mode = "bfloat16" if impl.endswith("_bf16") else "float32"
+  kernels = functools.partial(pallas_triton.miras_pallas, spec=spec, chunk_size=64, lengths=lengths, matmul=mode)
+  run = lambda impl: (lambda qkv, gates, kw: kernels(*qkv, gates, **kw)) if impl.startswith("pallas") else (
+      lambda qkv, gates, kw: api.miras_memory(*qkv, gates, spec=spec, chunk_size=64, lengths=lengths,
+                                              implementation=impl, **kw))
   weights = jax.random.normal(jax.random.PRNGKey(9), qkv[0].shape)
   flat_impl = "xla_flat_bf16" if impl.endswith("_bf16") else "xla_flat"
   (o_f, s_f, _), (o_p, s_p, _) = (run(i)(qkv, gates, kw) for i in (flat_impl, impl))
@@ -544,9 +549,8 @@ def test_api_dispatch_and_errors():
   qkv, gates, kw = _inputs(titans, 14, t=6)
   with pytest.raises(ValueError, match="'xla_flat_bf16' cannot run: it has no momentum"):
     api.miras_memory(*qkv, gates, spec=titans, implementation="xla_flat_bf16", **kw)
-  if jax.default_backend() != "gpu":
-    with pytest.raises(ValueError, match="'pallas_triton' cannot run: needs a GPU backend"):
-      api.miras_memory(*qkv, gates, spec=spec, implementation="pallas_triton", **kw)
+  with pytest.raises(ValueError, match="'pallas_triton' cannot run: its kernels are wrong on the GPU so far"):
+    api.miras_memory(*qkv, gates, spec=spec, implementation="pallas_triton", **kw)
   moneta = SPECS["moneta"]
   qkv, gates, kw = _inputs(moneta, 14, t=6, d=8)
   with pytest.raises(ValueError, match="head dim must be a power of two >= 16"):
