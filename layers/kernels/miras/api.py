@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import jax
 
-from layers.kernels.miras import chunked, flat, pallas_triton, reference  # noqa: F401 - pallas: refused for now
+from layers.kernels.miras import chunked, flat, pallas_triton, reference
 from layers.miras.spec import Gates, MemorySpec
 
 IMPLEMENTATIONS = ("xla_flat", "xla_chunked", "xla_flat_bf16", "xla_chunked_bf16", "reference", "pallas_triton",

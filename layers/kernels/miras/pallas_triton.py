@@ -48,8 +48,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from layers.kernels.miras import flat
 from layers.kernels.miras.chunked import chunk_sequence, unchunk, with_matmul
-from layers.miras.memory import MLPMemory, layer_norm, layer_norm_backward
+from layers.miras.memory import layer_norm, layer_norm_backward
 from layers.miras.memory import matmul as product
 from layers.miras.spec import Gates, MemorySpec
 
@@ -102,13 +103,10 @@ class Tuning:
 
 
 def unsupported(spec: MemorySpec, chunk_size: int, head_dim: int, tuning: Tuning = Tuning()) -> str | None:
-  """Why these kernels cannot run this memory, or None if they can (any backend: interpret mode runs anywhere)."""
-  if not isinstance(spec.memory, MLPMemory):
-    return "it covers the MLP memory only"
-  if spec.momentum:
-    return "it has no momentum"
-  if spec.retention.lag:
-    return "it has no lag token (Memora)"
+  """Why these kernels cannot run this memory, or None if they can (any backend: interpret mode runs anywhere): the
+  memories :mod:`flat` covers, at Triton's tile sizes."""
+  if (why := flat.unsupported(spec)) is not None:
+    return why
   hidden = spec.memory.expansion * head_dim
   sizes = (("chunk_size", chunk_size), ("head dim", head_dim), ("hidden width", hidden),
            ("tuning.hidden_tile", min(hidden, tuning.hidden_tile)))
