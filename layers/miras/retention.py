@@ -52,9 +52,19 @@ class Decay:
   def gradient_point(self, s: dict) -> dict:
     return s
 
+  scaled = False  # whether read_scale depends on the state
+
   def read_scale(self, s: dict) -> dict:
     """Each layer's s₀ with W = s₀·S; a layer may be a tuple of blocks (the Pallas kernels tile the hidden axis)."""
-    return {name: jnp.ones((), _blocks(w)[0].dtype) for name, w in s.items()}
+    return {name: self.scale_from(sum(self.scale_terms(a) for a in _blocks(w))) for name, w in s.items()}
+
+  def scale_terms(self, block: jax.Array) -> jax.Array:
+    """One block's share of the sum that sets a layer's s₀ (kernels that walk a state block by block add them)."""
+    return jnp.zeros((), block.dtype)
+
+  def scale_from(self, total: jax.Array) -> jax.Array:
+    """s₀ from the summed :meth:`scale_terms` of a layer's blocks."""
+    return jnp.ones_like(total)
 
   def close(self, s: dict) -> dict:
     return s
@@ -67,11 +77,16 @@ class LqNorm(Decay):
   q: float = 4.0
   boundary_read = True
 
-  def read_scale(self, s: dict) -> dict:
-    # ‖A‖_q^{−(q−2)} = (Σ|a|^q)^{−(q−2)/q}; an integer q is a product of multiplies, not exp(q·log|a|) per entry
-    power = (lambda a: jax.lax.integer_pow(a, int(self.q))) if float(self.q).is_integer() else (lambda a: a ** self.q)
-    total = lambda w: sum(jnp.sum(power(jnp.abs(a))) for a in _blocks(w))
-    return {name: jnp.exp(-(self.q - 2.0) / self.q * jnp.log(total(w))) for name, w in s.items()}
+  scaled = True
+
+  def scale_terms(self, block: jax.Array) -> jax.Array:
+    # s₀ = ‖A‖_q^{−(q−2)} = (Σ|a|^q)^{−(q−2)/q}; an integer q is a product of multiplies, not exp(q·log|a|) per entry
+    if float(self.q).is_integer():
+      return jnp.sum(jax.lax.integer_pow(jnp.abs(block), int(self.q)))
+    return jnp.sum(jnp.abs(block) ** self.q)
+
+  def scale_from(self, total: jax.Array) -> jax.Array:
+    return jnp.exp(-(self.q - 2.0) / self.q * jnp.log(total))
 
   def gradient_point(self, s: dict) -> dict:
     return _tree_map(lambda a, c: a * c, s, self.read_scale(s))

@@ -24,6 +24,7 @@ returns as :func:`chunked.miras_chunked`.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +93,58 @@ def _step(spec: MemorySpec, boundary: bool, ln, s: dict, xs):
   return new, (o, y[:, c] if boundary else None)
 
 
+class ChunkInputs(NamedTuple):
+  """What a chunk step needs besides the state, for every chunk and head ([n, b·h, ...], gates [.., g], g = 1 or d):
+  q, k, v [n, N, c, d], δ [n, N, c]; ``decay`` [n, N, c, g] (B_t, or B_{t−1} for pre reads); ``w1_coef``: W1's
+  step coefficients C[t, s] [n, N, c, c] (per-head gates) or the chunk's log-gates (channel gates, formed in the
+  scan); ``scores_q`` [n, N, c, c]: the first layer's dual-form scores Σ_i q_ti k_si C[t, s, i]; ``end_decay``
+  [n, N, g] and ``end_coef`` [n, N, c, g]: the chunk end's B_c and η_i B_c / B_i (1 and 0 for a chunk that is not
+  complete); ``complete`` [n, N] bool."""
+
+  q: jax.Array
+  k: jax.Array
+  v: jax.Array
+  delta: jax.Array
+  decay: jax.Array
+  w1_coef: jax.Array | tuple
+  scores_q: jax.Array
+  end_decay: jax.Array
+  end_coef: jax.Array
+  complete: jax.Array
+
+
+def chunk_inputs(spec: MemorySpec, q, k, v, gates: Gates, chunk_size: int, lengths) -> ChunkInputs:
+  """The state-independent part of every chunk step, for all chunks at once (before any scan)."""
+  b, t, h, d = q.shape
+  x = chunk_sequence(q, k, v, gates, spec, chunk_size, lengths)
+  n = x.q.shape[0]
+  heads = lambda a: a.reshape(n, b * h, *a.shape[3:])  # [n, b, h, ...] -> [n, b·h, ...]
+  qc, kc = heads(x.q), heads(x.k)
+  gate_chunks = tuple(heads(a) for a in (x.eta, x.log_alpha, x.log_b, x.log_p))  # [n, b·h, c, g]
+  co = jax.vmap(jax.vmap(functools.partial(coefficients, spec)))(*gate_chunks)
+  if gates.eta.shape[-1] == 1:
+    scores_q = product("nbti,nbsi->nbts", qc, kc, spec.memory.matmul) * co["coef"][..., 0]
+    w1_coef = co["coef"][..., 0]
+  else:  # channel gates act on the query/key axis of W2: Σ_i q_ti k_si C[t, s, i], in float32
+    scores_q = jnp.einsum("nbti,nbsi,nbtsi->nbts", qc, kc, co["coef"], precision=jax.lax.Precision.HIGHEST)
+    w1_coef = gate_chunks  # W1's [c, c, d] coefficients are formed inside the scan, not stored for every chunk
+  complete = jnp.repeat(x.complete, h, axis=1)  # [n, b·h]
+  return ChunkInputs(qc, kc, heads(x.v), heads(x.delta), co["decay"], w1_coef, scores_q,
+                     jnp.where(complete[..., None], co["end_decay"], 1.0),
+                     jnp.where(complete[..., None, None], co["end_coef"], 0.0), complete)
+
+
+def read_rows(spec: MemorySpec, state: dict, x: jax.Array, ln) -> jax.Array:
+  """Rows x [N, r, d] read through each head's weights W = s₀·S of ``state`` {w2 [N, E, d], w1 [N, d, E]}."""
+  return _forward(state, _read_scales(spec.retention, state), x, ln, spec.memory)[0]
+
+
+def layer_norm_params(ln, b: int, h: int, d: int) -> tuple:
+  """(γ, β) [h, d] (or None: the identity LayerNorm) per head of every batch row, [b·h, 1, d]."""
+  ln = ln if ln is not None else (jnp.ones((h, d)), jnp.zeros((h, d)))
+  return tuple(jnp.broadcast_to(p[None], (b, h, d)).reshape(b * h, 1, d) for p in ln)
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat", "matmul"))
 def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, initial_momentum=None, ln=None,
                chunk_size: int = 64, lengths=None, remat: bool = False, matmul: str = "float32"):
@@ -102,36 +155,19 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
   del initial_momentum
   spec = with_matmul(spec, matmul)
   b, t, h, d = q.shape
-  c, big = chunk_size, b * h
-  x = chunk_sequence(q, k, v, gates, spec, c, lengths)
-  n = x.q.shape[0]
-  heads = lambda a: a.reshape(n, big, *a.shape[3:])  # [n, b, h, ...] -> [n, b·h, ...]
-  qc, kc, vc = heads(x.q), heads(x.k), heads(x.v)
-  gate_chunks = tuple(heads(a) for a in (x.eta, x.log_alpha, x.log_b, x.log_p))  # [n, b·h, c, g]
-  co = jax.vmap(jax.vmap(functools.partial(coefficients, spec)))(*gate_chunks)
-  if gates.eta.shape[-1] == 1:
-    scores_q = product("nbti,nbsi->nbts", qc, kc, spec.memory.matmul) * co["coef"][..., 0]
-    w1_coef = co["coef"][..., 0]
-  else:  # channel gates act on the query/key axis of W2: Σ_i q_ti k_si C[t, s, i], in float32
-    scores_q = jnp.einsum("nbti,nbsi,nbtsi->nbts", qc, kc, co["coef"], precision=jax.lax.Precision.HIGHEST)
-    w1_coef = gate_chunks  # W1's [c, c, d] coefficients are formed inside the scan, not stored for every chunk
-  complete = jnp.repeat(x.complete, h, axis=1)  # [n, b·h]
+  x = chunk_inputs(spec, q, k, v, gates, chunk_size, lengths)
   boundary = spec.read == "post" and spec.retention.boundary_read
   # rows through W2 per chunk: keys, the previous chunk's last query (whose read is the closed state's), and the
   # queries scaled by their decay (W₀ decay_t q_t for channel gates on W2's input axis, decay_t W₀ q_t per head)
-  q_prev = jnp.concatenate([jnp.zeros_like(qc[:1, :, -1:]), qc[:-1, :, -1:]]) if boundary else qc[:, :, :0]
-  rows = jnp.concatenate([kc, q_prev, qc * co["decay"]], axis=2)
-  end_decay = jnp.where(complete[..., None], co["end_decay"], 1.0)
-  end_coef = jnp.where(complete[..., None, None], co["end_coef"], 0.0)
-  xs = (rows, qc, vc, heads(x.delta), co["decay"], w1_coef, scores_q, end_decay, end_coef, complete)
-  ln = ln if ln is not None else (jnp.ones((h, d)), jnp.zeros((h, d)))
-  ln = tuple(jnp.broadcast_to(p[None], (b, h, d)).reshape(big, 1, d) for p in ln)
-  state = {name: w.reshape(big, *w.shape[2:]) for name, w in initial_state.items()}
+  q_prev = jnp.concatenate([jnp.zeros_like(x.q[:1, :, -1:]), x.q[:-1, :, -1:]]) if boundary else x.q[:, :, :0]
+  rows = jnp.concatenate([x.k, q_prev, x.q * x.decay], axis=2)
+  xs = (rows, *x[:1], *x[2:])
+  ln = layer_norm_params(ln, b, h, d)
+  state = {name: w.reshape(b * h, *w.shape[2:]) for name, w in initial_state.items()}
   step = functools.partial(_step, spec, boundary, ln)
   state, (o, reads) = jax.lax.scan(jax.checkpoint(step) if remat else step, state, xs)
   if boundary:  # the last query of chunk j reads the state closed by chunk j: row c of chunk j + 1, or after the scan
-    last = _forward(state, _read_scales(spec.retention, state), qc[-1, :, -1:], ln, spec.memory)[0][:, 0]
-    reads = jnp.concatenate([reads[1:], last[None]])
-    o = o.at[:, :, -1].set(jnp.where(complete[..., None], reads, o[:, :, -1]))
-  o = unchunk(o.reshape(n, b, h, c, d), t)
+    reads = jnp.concatenate([reads[1:], read_rows(spec, state, x.q[-1, :, -1:], ln)[:, 0][None]])
+    o = o.at[:, :, -1].set(jnp.where(x.complete[..., None], reads, o[:, :, -1]))
+  o = unchunk(o.reshape(-1, b, h, chunk_size, d), t)
   return o, {name: w.reshape(b, h, *w.shape[1:]) for name, w in state.items()}, None
