@@ -40,10 +40,9 @@ def _unsupported(implementation: str, spec: MemorySpec, gates: Gates, chunk_size
   if implementation.startswith("xla_flat"):
     return flat.unsupported(spec)
   if implementation.startswith("pallas_triton"):
-    # first run on an H100 (2026-12-05, docs/benchmarks.md): the forward's reads differ from xla_flat's (max rel
-    # error 1.9) although interpret mode matches, and XLA's Triton asks 248 KiB of shared memory for the backward
-    return ("its kernels are wrong on the GPU so far (forward reads off by 1.9 relative to xla_flat on an H100) and "
-            "the backward exceeds shared memory; see docs/benchmarks.md")
+    if jax.default_backend() != "gpu":
+      return "its kernels need a GPU (Triton); elsewhere they run only in Pallas interpret mode (the tests)"
+    return pallas_triton.unsupported(spec, chunk_size, head_dim, gates.eta.shape[-1] != 1)
   return None
 
 
