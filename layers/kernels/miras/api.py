@@ -14,9 +14,9 @@ float32; returns (o [b, t, h, d] float32, state at the last chunk boundary, mome
   * ``"xla_chunked_bf16"``: the same with bfloat16 matmul operands and float32 accumulation (tensor cores on GPU;
     states, gates and cumulative products stay float32); chosen explicitly, by measurement (benchmarks/miras.py);
   * ``"pallas_triton"`` / ``"pallas_triton_bf16"``: the whole chunk loop of a head in one Pallas (Triton) kernel
-    per direction (:mod:`pallas_triton`), GPU only, for MLP memories without momentum or lag token (per-head or
-    channel gates), c, d, E powers of two ≥ 16; equal to ``xla_flat`` in Pallas interpret mode on the CPU, but
-    wrong on an H100 so far (docs/benchmarks.md), so the API refuses it until that is fixed;
+    per direction, walking the hidden axis in tiles, with a hand-written backward (:mod:`pallas_triton`); GPU only,
+    for MLP memories with per-head gates, no momentum, lag token, inner clip or chunk-end map (Moneta), c, d, E
+    powers of two ≥ 16; equal to ``xla_flat`` (interpret mode on the CPU, tests);
   * ``"reference"``: the token loop with one ``jax.grad`` per token (any backend; slow).
 ``None`` takes the first that applies, in that order (so never the Pallas kernels, listed after the reference).
 An explicitly requested implementation that cannot run raises a ValueError saying why.

@@ -172,14 +172,29 @@ class _Tiles:
 
 @dataclasses.dataclass(frozen=True)
 class _Chunk:
-  """One chunk of one head as both kernels see it: its start state (``slot`` of ``states``) and its rows."""
+  """One chunk of one head as both kernels see it: its start state (``slot`` of ``states``) and its ``rows`` of the
+  keys K [c, d], the queries scaled by their decay Q̃ [c, d] and the first layer's dual-form scores S_q [c, c],
+  loaded afresh wherever they are used (a value live through a tile loop costs registers; a load hits L1/L2)."""
 
   spec: MemorySpec
   states: _Tiles
   slot: object
-  k: jax.Array  # [c, d]
-  qd: jax.Array  # the queries scaled by their decay [c, d]
-  scores: jax.Array  # the first layer's dual-form scores S_q [c, c]
+  rows: object
+  k_ref: object
+  qd_ref: object
+  scores_ref: object
+
+  @property
+  def k(self):
+    return self.k_ref[self.rows, :]
+
+  @property
+  def qd(self):
+    return self.qd_ref[self.rows, :]
+
+  @property
+  def scores(self):
+    return self.scores_ref[self.rows, :]
 
   def dot(self, spec, a, b):
     return _dot(self.spec.memory.matmul)(spec, a, b)
@@ -187,7 +202,7 @@ class _Chunk:
   def scales(self):
     """(s₂, s₁) of the start state, and the vjp of the map from the summed scale terms to them."""
     ret = self.spec.retention
-    zero = jnp.zeros((), self.k.dtype)
+    zero = jnp.zeros((), self.k_ref.dtype)
     add = lambda i, totals: tuple(t + ret.scale_terms(w)
                                   for t, w in zip(totals, self.states.load(self.slot, i), strict=True))
     totals = self.states.loop(add, (zero, zero)) if ret.scaled else (zero, zero)
@@ -199,7 +214,7 @@ class _Chunk:
       w2, w1 = self.states.load(self.slot, i)
       return u + self.dot("ce,de->cd", _gelu(s2 * self.dot("ci,ei->ce", self.k, w2)), w1)
 
-    return self.states.loop(body, jnp.zeros_like(self.k))
+    return self.states.loop(body, jnp.zeros((self.scores_ref.shape[1], self.k_ref.shape[1]), self.k_ref.dtype))
 
   def acts(self, i, s2, s1, e1) -> dict:
     """Tile i's weights and activations: the keys' z = s₂ zraw, h, praw = e1 W1, e2 = s₁ praw ⊙ gelu'(z); the
@@ -215,17 +230,17 @@ class _Chunk:
   def read_sums(self, s2, s1, e1, end=None):
     """Pass 2 over the tiles: hq hᵀ [c, c] and hq W1ᵀ [c, d]; with ``end`` = (slot, decay, kc, e1c) each tile of
     the chunk end A' = B_c A − (errors ⊙ coefficients)ᵀ inputs is written to that slot on the way."""
-    c, d = self.k.shape
+    c, d = self.scores_ref.shape[1], self.k_ref.shape[1]
 
     def body(i, sums):
       a = self.acts(i, s2, s1, e1)
       if end is not None:
-        slot, decay, kc, e1c = end
-        self.states.store(slot, i, decay * a["w2"] - self.dot("ce,ci->ei", a["e2"], kc),
-                          decay * a["w1"] - self.dot("cd,ce->de", e1c, a["h"]))
+        slot, decay, coef = end
+        self.states.store(slot, i, decay * a["w2"] - self.dot("ce,ci->ei", a["e2"], self.k * coef),
+                          decay * a["w1"] - self.dot("cd,ce->de", e1 * coef, a["h"]))
       return sums[0] + self.dot("te,se->ts", a["hq"], a["h"]), sums[1] + self.dot("te,de->td", a["hq"], a["w1"])
 
-    return self.states.loop(body, (jnp.zeros((c, c), self.k.dtype), jnp.zeros_like(self.k)))
+    return self.states.loop(body, (jnp.zeros((c, c), e1.dtype), jnp.zeros((c, d), e1.dtype)))
 
 
 def _keys_errors(spec: MemorySpec, u, k, v, delta, ln):
@@ -251,12 +266,10 @@ def _fwd_kernel(k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, coef_ref, sco
   def chunk(j, _):
     _sync(interpret)  # chunk j's start state, stored by every thread, is complete
     rows = pl.ds(pl.multiple_of(j * c, c), c)
-    k = k_ref[rows, :]
-    at = _Chunk(spec, states, j, k, qd_ref[rows, :], scores_ref[rows, :])
+    at = _Chunk(spec, states, j, rows, k_ref, qd_ref, scores_ref)
     (s2, s1), _ = at.scales()
-    e1, _ = _keys_errors(spec, s1 * at.keys_forward(s2), k, v_ref[rows, :], delta_ref[rows], ln)
-    end_decay, end_coef = end_decay_ref[j], end_coef_ref[rows][:, None]
-    hh, t1 = at.read_sums(s2, s1, e1, end=(j + 1, end_decay, k * end_coef, e1 * end_coef))
+    e1, _ = _keys_errors(spec, s1 * at.keys_forward(s2), at.k, v_ref[rows, :], delta_ref[rows], ln)
+    hh, t1 = at.read_sums(s2, s1, e1, end=(j + 1, end_decay_ref[j], end_coef_ref[rows][:, None]))
     uq = s1 * (decay_ref[rows][:, None] * t1 - at.dot("ts,sd->td", hh * coef_ref[rows, :], e1))
     o_ref[rows, :] = q_ref[rows, :] + layer_norm(uq, ln, spec.memory.ln_eps)[0]
     return 0
@@ -288,15 +301,14 @@ def _bwd_kernel(k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, coef_ref, sco
     j = n - 1 - r
     _sync(interpret)  # the cotangent of chunk j's end state, stored by every thread, is complete
     rows = pl.ds(pl.multiple_of(j * c, c), c)
-    k, qd, scores, v, delta = k_ref[rows, :], qd_ref[rows, :], scores_ref[rows, :], v_ref[rows, :], delta_ref[rows]
     decay, coef, do = decay_ref[rows][:, None], coef_ref[rows, :], do_ref[rows, :]
     end_decay, end_coef = end_decay_ref[j], end_coef_ref[rows][:, None]
-    at = _Chunk(spec, states, j, k, qd, scores)
+    at = _Chunk(spec, states, j, rows, k_ref, qd_ref, scores_ref)
     dot = at.dot
     # ---- recompute the forward (pass 1, the keys' errors, pass 2's sums) ----
     (s2, s1), scale_vjp = at.scales()
     uraw = at.keys_forward(s2)
-    e1, (ln_vjp, bias_vjp, lnb_vjp) = _keys_errors(spec, s1 * uraw, k, v, delta, ln)
+    e1, _ = _keys_errors(spec, s1 * uraw, at.k, v_ref[rows, :], delta_ref[rows], ln)
     hh, t1 = at.read_sums(s2, s1, e1)
     sh = hh * coef
     t2 = dot("ts,sd->td", sh, e1)
@@ -308,10 +320,13 @@ def _bwd_kernel(k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, coef_ref, sco
     d_sh = dot("td,sd->ts", d_t2, e1)
     d_e1 = dot("ts,td->sd", sh, d_t2)
     d_hh = d_sh * coef
-    kc, e1c = k * end_coef, e1 * end_coef
+    ddecay_ref[rows], dcoef_ref[rows, :] = d_decay, d_sh * hh  # stored now: fewer values live through the loops
+    dqd_ref[rows, :], dscores_ref[rows, :] = jnp.zeros_like(do), jnp.zeros_like(coef)  # summed over the tiles
+    _sync(interpret)
 
     def reads_and_end(i, carry):  # B1: back through the reads and the chunk end, tile by tile
-      d_kc, d_e1c, d_qd, d_scores, d_e1, d_s1, d_s2, d_end_decay = carry
+      d_kc, d_e1c, d_e1, d_s1, d_s2, d_end_decay = carry
+      kc, e1c = at.k * end_coef, e1 * end_coef
       a = at.acts(i, s2, s1, e1)
       p2, p1 = ds.load(0, i)  # the end state's cotangent
       d_end_decay = d_end_decay + jnp.sum(p2 * a["w2"]) + jnp.sum(p1 * a["w1"])
@@ -323,10 +338,10 @@ def _bwd_kernel(k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, coef_ref, sco
       da1 = dot("td,te->de", d_t1, a["hq"])
       d_zq = d_hq * _gelu_grad(s2 * a["zq"])
       d_s2 = d_s2 + jnp.sum(d_zq * a["zq"])
-      d_qd = d_qd + s2 * dot("te,ei->ti", d_zq, a["w2"])
-      da2 = s2 * dot("te,ti->ei", d_zq, qd)
-      d_scores = d_scores - s2 * dot("te,se->ts", d_zq, a["e2"])
-      d_e2 = d_e2 - s2 * dot("ts,te->se", scores, d_zq)
+      dqd_ref[rows, :] += s2 * dot("te,ei->ti", d_zq, a["w2"])
+      dscores_ref[rows, :] -= s2 * dot("te,se->ts", d_zq, a["e2"])
+      da2 = s2 * dot("te,ti->ei", d_zq, at.qd)
+      d_e2 = d_e2 - s2 * dot("ts,te->se", at.scores, d_zq)
       d_p = d_e2 * _gelu_grad(a["z"])
       d_z = s1 * a["praw"] * d_e2 * _gelu_grad2(a["z"])  # through gelu'(z) in e2
       d_s1 = d_s1 + jnp.sum(d_p * a["praw"])
@@ -334,14 +349,17 @@ def _bwd_kernel(k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, coef_ref, sco
       da1 = da1 + s1 * dot("cd,ce->de", e1, d_p)
       dz_ref[columns(i)], dh_ref[columns(i)] = d_z, d_hk
       start2, start1 = dstates.load(j, i)  # the start state's own cotangent (the boundary read of chunk j − 1)
-      _sync(interpret)  # every thread has read this tile of the end state's cotangent
+      _sync(interpret)  # every thread has read this tile of the end state's cotangent (and stored dQ̃, dS_q)
       ds.store(0, i, end_decay * p2 + da2 + start2, end_decay * p1 + da1 + start1)
-      return d_kc, d_e1c, d_qd, d_scores, d_e1, d_s1, d_s2, d_end_decay
+      return d_kc, d_e1c, d_e1, d_s1, d_s2, d_end_decay
 
-    zeros_cd, zeros_cc = jnp.zeros_like(k), jnp.zeros_like(scores)
-    d_kc, d_e1c, d_qd, d_scores, d_e1, d_s1, d_s2, d_end_decay = states.loop(
-        reads_and_end, (zeros_cd, zeros_cd, zeros_cd, zeros_cc, d_e1, d_s1, zero, zero))
-    # ---- back through the keys' errors, row-wise ----
+    d_kc, d_e1c, d_e1, d_s1, d_s2, d_end_decay = states.loop(
+        reads_and_end, (jnp.zeros_like(do), jnp.zeros_like(do), d_e1, d_s1, zero, zero))
+    # ---- back through the keys' errors, row-wise (recomputed from fresh loads: nothing of the first computation
+    # but u stays live through B1) ----
+    dend_decay_ref[j] = d_end_decay
+    dend_coef_ref[rows] = jnp.sum(d_kc * at.k, axis=1) + jnp.sum(d_e1c * e1, axis=1)
+    _, (ln_vjp, bias_vjp, lnb_vjp) = _keys_errors(spec, s1 * uraw, at.k, v_ref[rows, :], delta_ref[rows], ln)
     d_g, d_nrm, d_rstd, dg_e = lnb_vjp(d_e1 + d_e1c * end_coef)
     d_y, d_v, d_delta = bias_vjp(d_g)
     d_u, dg_y, db_y = ln_vjp((d_y, d_nrm, d_rstd))
@@ -351,12 +369,12 @@ def _bwd_kernel(k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, coef_ref, sco
     def keys(i, carry):  # B2: back through the keys' forward z = s₂ K W2ᵀ, u = s₁ gelu(z) W1ᵀ
       d_k, d_s2 = carry
       w2, w1 = states.load(j, i)
-      zraw = dot("ci,ei->ce", k, w2)
+      zraw = dot("ci,ei->ce", at.k, w2)
       z = s2 * zraw
       d_zk, d_hk = dz_ref[columns(i)], dh_ref[columns(i)]
       da1 = s1 * dot("cd,ce->de", d_u, _gelu(z))
       d_z = (s1 * dot("cd,de->ce", d_u, w1) + d_hk) * _gelu_grad(z) + d_zk
-      da2 = s2 * dot("ce,ci->ei", d_z, k)
+      da2 = s2 * dot("ce,ci->ei", d_z, at.k)
       g2, g1 = ds.load(0, i)
       ds.store(0, i, g2 + da2, g1 + da1)
       return d_k + s2 * dot("ce,ei->ci", d_z, w2), d_s2 + jnp.sum(d_z * zraw)
@@ -373,10 +391,7 @@ def _bwd_kernel(k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, coef_ref, sco
         return 0
 
       states.loop(scale_terms, 0)
-    dk_ref[rows, :], dqd_ref[rows, :], dv_ref[rows, :], ddelta_ref[rows] = d_k, d_qd, d_v, d_delta
-    ddecay_ref[rows], dcoef_ref[rows, :], dscores_ref[rows, :] = d_decay, d_sh * hh, d_scores
-    dend_decay_ref[j] = d_end_decay
-    dend_coef_ref[rows] = jnp.sum(d_kc * k, axis=1) + jnp.sum(d_e1c * e1, axis=1)
+    dk_ref[rows, :], dv_ref[rows, :], ddelta_ref[rows] = d_k, d_v, d_delta
     return dln[0] + dg_o + dg_e + dg_y, dln[1] + db_o + db_y
 
   zeros_d = jnp.zeros(gamma_ref.shape, gamma_ref.dtype)
