@@ -8,7 +8,7 @@ use on H100/H200 (a kernel above it fails at launch), the compile time, and with
 per thread and spill bytes. This is what a GPU would say before it says anything about time.
 
 Needs ``pip install triton`` (not a memlab dependency; CPU-only is fine). Example:
-  PYTHONPATH=. python benchmarks/triton_compile.py --hidden-tile 64,32 --warps 4,8 \\
+  PYTHONPATH=. python benchmarks/triton_compile.py --gates head,channel --hidden-tile 64,32 --warps 4,8 \\
       --json triton_compile.json --ptxas-info
 Prints a table and writes JSON.
 """
@@ -29,7 +29,7 @@ import time
 H100_SHARED_BYTES = 232_448  # 227 KiB: the most dynamic shared memory one block may opt into on sm_90
 
 
-def triton_ir(spec, chunk: int, head_dim: int, tuning, matmul: str) -> dict[str, str]:
+def triton_ir(spec, gates: str, chunk: int, head_dim: int, tuning, matmul: str) -> dict[str, str]:
   """{"forward": IR, "backward": IR} of the kernels of one fwd+bwd, lowered for an abstract H100."""
   import jax
   import jax.numpy as jnp
@@ -38,9 +38,10 @@ def triton_ir(spec, chunk: int, head_dim: int, tuning, matmul: str) -> dict[str,
   from layers.kernels.miras import pallas_triton
   from layers.miras.spec import Gates
 
+  g = head_dim if gates == "channel" else 1
   shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
   x = shape(1, 2 * chunk, 1, head_dim)
-  gate = Gates(eta=shape(1, 2 * chunk, 1, 1), log_alpha=shape(1, 2 * chunk, 1, 1), delta=None)  # per-head gates
+  gate = Gates(eta=shape(1, 2 * chunk, 1, g), log_alpha=shape(1, 2 * chunk, 1, g), delta=None)
   state = {n: shape(1, 1, *s) for n, s in spec.memory.shapes(head_dim).items()}
   run = functools.partial(pallas_triton.miras_pallas, spec=spec, chunk_size=chunk, matmul=matmul, tuning=tuning)
   loss = lambda q, k, v, gate, state: jnp.sum(run(q, k, v, gate, initial_state=state)[0])
@@ -92,6 +93,7 @@ def _ptxas_info(ptx: str, tmp: str) -> dict:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="moneta", help="a Miras mixer (moneta, yaad)")
+  parser.add_argument("--gates", default="head,channel", help="comma list of head, channel")
   parser.add_argument("--hidden-tile", default="64", help="comma list (pallas_triton.Tuning.hidden_tile)")
   parser.add_argument("--warps", default="4", help="comma list of Triton num_warps")
   parser.add_argument("--matmul", default="bfloat16", choices=("bfloat16", "float32"))
@@ -110,22 +112,23 @@ def main() -> None:
 
   split = lambda s: [x for x in s.split(",") if x]
   rows = []
-  spec = MIXERS.config_class(args.model)(gates="head", chunk_size=args.chunk).memory_spec()
-  for tile in (int(m) for m in split(args.hidden_tile)):
-    modules = triton_ir(spec, args.chunk, args.head_dim, Tuning(hidden_tile=tile), args.matmul)
-    for kernel in split(args.kernels):
-      for warps in (int(w) for w in split(args.warps)):
-        row = {"model": args.model, "gates": "head", "kernel": kernel, **dataclasses.asdict(Tuning(warps, tile)),
-               "matmul": args.matmul, "chunk": args.chunk, "head_dim": args.head_dim, "target": "sm_90a"}
-        try:
-          row |= compile_ir(modules[kernel], warps, args.ptxas_info)
-        except Exception as e:  # noqa: BLE001 - report and go on with the other settings
-          row["error"] = repr(e)[:400]
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+  for gates in split(args.gates):
+    spec = MIXERS.config_class(args.model)(gates=gates, chunk_size=args.chunk).memory_spec()
+    for tile in (int(m) for m in split(args.hidden_tile)):
+      modules = triton_ir(spec, gates, args.chunk, args.head_dim, Tuning(hidden_tile=tile), args.matmul)
+      for kernel in split(args.kernels):
+        for warps in (int(w) for w in split(args.warps)):
+          row = {"model": args.model, "gates": gates, "kernel": kernel, **dataclasses.asdict(Tuning(warps, tile)),
+                 "matmul": args.matmul, "chunk": args.chunk, "head_dim": args.head_dim, "target": "sm_90a"}
+          try:
+            row |= compile_ir(modules[kernel], warps, args.ptxas_info)
+          except Exception as e:  # noqa: BLE001 - report and go on with the other settings
+            row["error"] = repr(e)[:400]
+          print(json.dumps(row), flush=True)
+          rows.append(row)
   with open(args.json, "w") as f:
     json.dump({"argv": sys.argv, "h100_shared_bytes": H100_SHARED_BYTES, "rows": rows}, f, indent=1)
-  keys = ("kernel", "num_warps", "hidden_tile", "shared_bytes", "fits_h100", "compile_s", "registers",
+  keys = ("gates", "kernel", "num_warps", "hidden_tile", "shared_bytes", "fits_h100", "compile_s", "registers",
           "spill_store_bytes", "stack_frame_bytes", "error")
   print("| " + " | ".join(keys) + " |\n|" + "-|" * len(keys))
   for row in rows:

@@ -375,19 +375,21 @@ def test_kernel_erf_matches_lax_erf():
   assert err64 < 1.2e-7 and err32 < 1.5 * xla32
 
 
-@pytest.mark.parametrize(("name", "hidden_tile", "bits"), [("moneta", 64, 32), ("moneta", 16, 64),
-                                                          ("moneta_pre", 32, 64), ("yaad", 32, 64)])
-def test_pallas_kernels_equal_the_flat_path_values_and_grads(name, hidden_tile, bits, monkeypatch):
+@pytest.mark.parametrize(("name", "channel", "hidden_tile", "bits"), [
+    ("moneta", False, 64, 32), ("moneta", True, 32, 32), ("moneta", False, 16, 64), ("moneta", True, 64, 64),
+    ("moneta_pre", True, 32, 64), ("yaad", False, 32, 64), ("yaad", True, 16, 64)])
+def test_pallas_kernels_equal_the_flat_path_values_and_grads(name, channel, hidden_tile, bits, monkeypatch):
   """The Pallas kernels (one program per head walks every chunk tile by tile along E; the backward recomputes each
   chunk from its checkpointed start state and pulls the cotangents back by hand) in Pallas interpret mode, against
   ``xla_flat``: reads, state and the gradients of every input, with an incomplete trailing chunk and a row whose
   length ends inside an earlier chunk (boundary read, kept state, padding). In float32 with the kernels' own erf
   (which differs from XLA's by up to 1.2e-7), and in float64 with XLA's erf swapped in, where the hand-written
   backward must equal autodiff of the flat path to rounding. ``hidden_tile`` 16 and 32 cut the state and
-  activations (E = 64) in four and two tiles (Moneta's read scale summed over tiles); Yaad's Huber threshold δ gets
-  its gradient through the kernel's bias-gradient pull-back."""
+  activations (E = 64) in four and two tiles (Moneta's read scale summed over tiles); channel gates run chunks of 32
+  in two row blocks of 16, so W1's factored coefficients between blocks and their gate cotangents are exercised;
+  Yaad's Huber threshold δ gets its gradient through the kernel's bias-gradient pull-back."""
   spec = SPECS[name]
-  c = 16
+  c = 32 if channel else 16
   lengths = jnp.array([5 * c // 2, 3 * c // 2 - 3])
   runs = [functools.partial(fn, spec=spec, chunk_size=c, lengths=lengths)
           for fn in (flat.miras_flat, functools.partial(pallas_triton.miras_pallas, interpret=True,
@@ -395,22 +397,46 @@ def test_pallas_kernels_equal_the_flat_path_values_and_grads(name, hidden_tile, 
   if bits == 64:
     monkeypatch.setattr(pallas_triton, "erf", jax.lax.erf)
   with jax.enable_x64(bits == 64):
-    qkv, gates, kw = _inputs(spec, 22, t=5 * c // 2, d=16, dtype=jnp.float64 if bits == 64 else jnp.float32)
+    qkv, gates, kw = _inputs(spec, 22, t=5 * c // 2, d=16, channel=channel,
+                             dtype=jnp.float64 if bits == 64 else jnp.float32)
     (o_f, s_f, _), (o_p, s_p, _) = (run(*qkv, gates, **kw) for run in runs)
     weights = jax.random.normal(jax.random.PRNGKey(8), o_f.shape, o_f.dtype)
     g_f, g_p = (jax.grad(_loss(run, weights), argnums=(0, 1, 2))(qkv, gates, kw) for run in runs)
     errs = _rel(o_p, o_f), _rel(s_p, s_f), _rel(g_p, g_f)
-  print(f"{name}, E-tile {hidden_tile}: pallas (interpret) vs flat, max rel error reads {errs[0]:.1e}, "
+  print(f"{name}, {'channel' if channel else 'head'} gates, E-tile {hidden_tile}: pallas (interpret) vs flat, "
+        f"max rel error reads {errs[0]:.1e}, "
         f"state {errs[1]:.1e}, grads {errs[2]:.1e} (float{bits})")
   assert max(errs) < (1e-5 if bits == 32 else 1e-12)
 
 
-@pytest.mark.parametrize(("matmul_mode", "hidden_tile"), [("float32", 64), ("bfloat16", 16)])
-def test_pallas_kernels_lower_to_triton_for_an_h100(matmul_mode, hidden_tile):
+def test_pallas_channel_gates_stay_finite_and_accurate_under_strong_decay():
+  """Channel gates with a cumulative log-decay near −200 per chunk of 64 (α ≈ 0.05 a token): factored through the
+  start of the chunk, B_t / B_s would overflow float32; through each row block's end every exponent is ≤ 0. The
+  kernels' reads stay as close to the float64 answer as ``xla_flat``'s in float32, and their gradients finite."""
+  spec = SPECS["moneta"]
+  qkv, gates, kw = _inputs(spec, 3, t=128, d=16, channel=True)
+  gates = gates._replace(log_alpha=jax.nn.log_sigmoid(-3.0 + jax.random.normal(jax.random.PRNGKey(1),
+                                                                                gates.log_alpha.shape)))
+  assert float(jnp.min(jnp.sum(gates.log_alpha.reshape(2, 2, 64, 2, 16), axis=2))) < -150
+  run = functools.partial(pallas_triton.miras_pallas, spec=spec, chunk_size=64, interpret=True)
+  o_p = run(*qkv, gates, **kw)[0]
+  o_f = flat.miras_flat(*qkv, gates, spec=spec, chunk_size=64, **kw)[0]
+  with jax.enable_x64(True):
+    f64 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float64), tree)
+    exact = flat.miras_flat(*f64(qkv), f64(gates), spec=spec, chunk_size=64, **f64(kw))[0]
+    errs = _rel(o_p, exact), _rel(o_f, exact)
+  grads = jax.grad(lambda q, gates: jnp.sum(run(q, *qkv[1:], gates, **kw)[0] ** 2), argnums=(0, 1))(qkv[0], gates)
+  print(f"strong decay: pallas vs float64 {errs[0]:.1e}, xla_flat (float32) vs float64 {errs[1]:.1e}")
+  assert errs[0] < max(2 * errs[1], 1e-5) and all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize(("matmul_mode", "channel", "hidden_tile"), [("float32", False, 64), ("bfloat16", False, 16),
+                                                                    ("bfloat16", True, 32)])
+def test_pallas_kernels_lower_to_triton_for_an_h100(matmul_mode, channel, hidden_tile):
   """Both kernels of the fwd+bwd lower to Triton IR for an (abstract) H100 from this CPU: every primitive in them
   has a Triton lowering (no erf, no custom_vjp call, no slicing of values: tiles are loaded from the refs)."""
   spec = SPECS["moneta"]
-  qkv, gates, kw = _inputs(spec, 24, b=1, t=64, d=16)
+  qkv, gates, kw = _inputs(spec, 24, b=1, t=64, d=16, channel=channel)
   run = functools.partial(pallas_triton.miras_pallas, spec=spec, chunk_size=32, matmul=matmul_mode,
                           tuning=pallas_triton.Tuning(hidden_tile=hidden_tile))
   grad = jax.jit(jax.grad(_loss(run, jnp.ones(qkv[0].shape)), argnums=(0, 1, 2)))
@@ -424,12 +450,13 @@ def test_pallas_kernels_lower_to_triton_for_an_h100(matmul_mode, hidden_tile):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-@pytest.mark.parametrize("impl", ["pallas_triton", "pallas_triton_bf16"])
-def test_pallas_kernels_on_gpu_match_the_flat_path(impl):
+@pytest.mark.parametrize(("impl", "channel"), [("pallas_triton", False), ("pallas_triton_bf16", False),
+                                             ("pallas_triton_bf16", True)])
+def test_pallas_kernels_on_gpu_match_the_flat_path(impl, channel):
   """The compiled Triton kernels at the layer's head width (d = 64, E = 256, c = 64) against ``xla_flat`` in the
   same matmul precision, through the API: reads, state and the gradients of every input."""
   spec = SPECS["moneta"]
-  qkv, gates, kw = _inputs(spec, 23, b=2, t=200, h=2, d=64)
+  qkv, gates, kw = _inputs(spec, 23, b=2, t=200, h=2, d=64, channel=channel)
   flat_impl = "xla_flat_bf16" if impl.endswith("_bf16") else "xla_flat"
   run = lambda impl: functools.partial(api.miras_memory, spec=spec, chunk_size=64, lengths=jnp.array([200, 150]),
                                        implementation=impl)
@@ -437,7 +464,8 @@ def test_pallas_kernels_on_gpu_match_the_flat_path(impl):
   (o_f, s_f, _), (o_p, s_p, _) = (run(i)(*qkv, gates, **kw) for i in (flat_impl, impl))
   g_f, g_p = (jax.grad(_loss(run(i), weights), argnums=(0, 1, 2))(qkv, gates, kw) for i in (flat_impl, impl))
   errs = _rel(o_p, o_f), _rel(s_p, s_f), _rel(g_p, g_f)
-  print(f"{impl} on {jax.devices()[0].device_kind} vs {flat_impl}: max rel error reads {errs[0]:.1e}, "
+  print(f"{impl}, {'channel' if channel else 'head'} gates, on {jax.devices()[0].device_kind} vs {flat_impl}: "
+        f"max rel error reads {errs[0]:.1e}, "
         f"state {errs[1]:.1e}, grads {errs[2]:.1e}")
   assert max(errs) < (2e-2 if impl.endswith("_bf16") else 1e-4)
 
@@ -533,10 +561,10 @@ def test_api_dispatch_and_errors():
   qkv, gates, kw = _inputs(moneta, 14, t=6, d=16)
   with pytest.raises(ValueError, match=r"tuning.hidden_tile must be a power of two >= 16 \(Triton tiles\), got 8"):
     kernels(*qkv, gates, spec=moneta, tuning=pallas_triton.Tuning(hidden_tile=8), **kw)
-  for spec, channel, why in ((moneta, True, "per-head gates only"), (SPECS["yaad_clip"], False, "no inner clip"),
-                             (FAST_PATH_SPECS["elastic_mlp"], False, r"no chunk-end map \(ElasticNet\)")):
-    qkv, gates, kw = _inputs(spec, 14, t=6, d=16, channel=channel)
-    with pytest.raises(ValueError, match=f"the Pallas Miras kernels cannot run this memory: they (take|have) {why}"):
+  for spec, why in ((SPECS["yaad_clip"], "no inner clip"),
+                    (FAST_PATH_SPECS["elastic_mlp"], r"no chunk-end map \(ElasticNet\)")):
+    qkv, gates, kw = _inputs(spec, 14, t=6, d=16)
+    with pytest.raises(ValueError, match=f"the Pallas Miras kernels cannot run this memory: they have {why}"):
       kernels(*qkv, gates, spec=spec, **kw)
   with pytest.raises(ValueError, match="momentum needs Decay"):
     MemorySpec(MLPMemory(), biases.L2(), LqNorm(4.0), momentum=True)

@@ -42,7 +42,7 @@ def _unsupported(implementation: str, spec: MemorySpec, gates: Gates, chunk_size
   if implementation.startswith("pallas_triton"):
     if jax.default_backend() != "gpu":
       return "its kernels need a GPU (Triton); elsewhere they run only in Pallas interpret mode (the tests)"
-    return pallas_triton.unsupported(spec, chunk_size, head_dim, gates.eta.shape[-1] != 1)
+    return pallas_triton.unsupported(spec, chunk_size, head_dim)
   return None
 
 

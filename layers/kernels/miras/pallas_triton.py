@@ -78,14 +78,6 @@ def _gelu_grad(z):
   return 0.5 * (1.0 + erf(z / math.sqrt(2.0))) + z * jnp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
 
 
-def _gelu(z):
-  return 0.5 * z * (1.0 + erf(z / math.sqrt(2.0)))
-
-
-def _gelu_grad(z):
-  return 0.5 * (1.0 + erf(z / math.sqrt(2.0))) + z * jnp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
-
-
 def _gelu_grad2(z):
   """d²GELU/dz² = φ(z)·(2 − z²)."""
   return (2.0 - z * z) * jnp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
@@ -104,13 +96,10 @@ class Tuning:
     return min(hidden, self.hidden_tile)
 
 
-def unsupported(spec: MemorySpec, chunk_size: int, head_dim: int, channel_gates: bool = False,
-                tuning: Tuning = Tuning()) -> str | None:
+def unsupported(spec: MemorySpec, chunk_size: int, head_dim: int, tuning: Tuning = Tuning()) -> str | None:
   """Why these kernels cannot run this memory, or None if they can (any backend: interpret mode runs anywhere)."""
   if (why := flat.unsupported(spec)) is not None:
     return why
-  if channel_gates:
-    return "they take per-head gates only (eta [..., 1])"
   if spec.inner_clip is not None:
     return "they have no inner clip"
   if type(spec.retention).close is not Decay.close:
@@ -228,8 +217,9 @@ class _Chunk:
     return dict(w2=w2, w1=w1, zraw=zraw, z=z, h=_gelu(z), praw=praw, e2=e2, zq=zq, hq=_gelu(s2 * zq))
 
   def read_sums(self, s2, s1, e1, end=None):
-    """Pass 2 over the tiles: hq hᵀ [c, c] and hq W1ᵀ [c, d]; with ``end`` = (slot, decay, kc, e1c) each tile of
-    the chunk end A' = B_c A − (errors ⊙ coefficients)ᵀ inputs is written to that slot on the way."""
+    """Pass 2 over the tiles: hq hᵀ [c, c] and hq W1ᵀ [c, d]; with ``end`` = (slot, B_c [1, g], coefficients
+    [c, g]) each tile of the chunk end A' = B_c ⊙ A − (errors ⊙ coefficients)ᵀ inputs is written to that slot on the
+    way (the gates act on W2's input axis and W1's output axis)."""
     c, d = self.scores_ref.shape[1], self.k_ref.shape[1]
 
     def body(i, sums):
@@ -237,7 +227,7 @@ class _Chunk:
       if end is not None:
         slot, decay, coef = end
         self.states.store(slot, i, decay * a["w2"] - self.dot("ce,ci->ei", a["e2"], self.k * coef),
-                          decay * a["w1"] - self.dot("cd,ce->de", e1 * coef, a["h"]))
+                          decay.T * a["w1"] - self.dot("cd,ce->de", e1 * coef, a["h"]))
       return sums[0] + self.dot("te,se->ts", a["hq"], a["h"]), sums[1] + self.dot("te,de->td", a["hq"], a["w1"])
 
     return self.states.loop(body, (jnp.zeros((c, c), e1.dtype), jnp.zeros((c, d), e1.dtype)))
@@ -251,11 +241,134 @@ def _keys_errors(spec: MemorySpec, u, k, v, delta, ln):
   return e1, (ln_vjp, bias_vjp, lnb_vjp)
 
 
-def _fwd_kernel(k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, coef_ref, scores_ref, end_decay_ref, end_coef_ref,
-                w2_ref, w1_ref, gamma_ref, beta_ref, o_ref, states2_ref, states1_ref, *, spec, n, c, tile, interpret):
+SUB_BLOCK = 16  # rows of a chunk's blocks for channel gates' mixing (secondary chunking; Triton's smallest tile)
+
+
+def _gate_sum(x: jax.Array, g: int) -> jax.Array:
+  """A cotangent [.., d] of something broadcast from gates [.., g]: summed over d for per-head gates (g = 1)."""
+  return x if g > 1 else jnp.sum(x, axis=-1, keepdims=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _HeadMixing:
+  """W1's dual-form mixing Σ_s (hq_t·h_s) C[t, s] e1_s with per-head gates: one [c, c] matrix C per chunk (``coef``
+  [n·c, c], formed outside the kernels, with its cotangent)."""
+
+  coef: object
+
+  def forward(self, dot, rows, hh, e1):
+    return dot("ts,sd->td", hh * self.coef[rows, :], e1)
+
+  def backward(self, dot, rows, hh, e1, d_mixed, mixed, grads) -> tuple:
+    """(d hh, d e1) of the mixing; C's cotangent is stored in ``grads[0]``."""
+    del mixed
+    coef = self.coef[rows, :]
+    d_sh = dot("td,sd->ts", d_mixed, e1)
+    grads[0][rows, :] = d_sh * hh
+    return d_sh * coef, dot("ts,td->sd", hh * coef, d_mixed)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChannelMixing:
+  """The same mixing with channel gates on W1's output axis: C[t, s, o] = η_so B_to / B_so (s ≤ t; B_{t−1} for pre
+  reads) is [c, c, d], not one matmul. The chunk is cut into row blocks of :data:`SUB_BLOCK` (GLA's secondary
+  chunking, spec mom §2.4): a block with itself is formed element-wise ([r, r, d], exponents masked before the
+  exp); with an earlier block it factors through B at the last row of the block before, B_t / B_ref and
+  η_s B_ref / B_s, both ≤ 1, so it is a matmul that cannot overflow. Blocks of values are loaded from scratch refs
+  (Triton cannot slice a value). Its cotangents go to the per-token gates themselves: with G[t, s, o] the summand
+  d_t2[t, o] (hh ⊙ C ⊙ e1)[t, s, o], Σ_s G = d_mixed ⊙ mixed is log B_read's and Σ_t G (= e1 ⊙ η ⊙ M', M' the
+  e1-cotangent without η) is −log B's and η's (divided by η, taken from M' so that η = 0 is safe)."""
+
+  eta: object  # refs [n·c, d]: η, log B_read, log B
+  lread: object
+  lb: object
+  hh: object  # scratch refs [c, c], [c, d], [c, d], [c, d], [c, c]
+  e1: object
+  dt2: object
+  out: object
+  dhh: object
+  post: bool
+  interpret: bool
+
+  def _blocks(self, base):
+    c = self.hh.shape[0]
+    r = min(c, SUB_BLOCK)
+    t = jnp.arange(r)
+    mask = (t[:, None] >= t[None, :] if self.post else t[:, None] > t[None, :])[..., None]
+    local = [pl.ds(i * r, r) for i in range(c // r)]
+    rows = [pl.ds(_aligned(base + i * r, r), r) for i in range(c // r)]
+    ref = [None] + [self.lb[pl.ds(base + i * r - 1, 1), :] for i in range(1, c // r)]  # log B before block i
+    return local, rows, ref, mask
+
+  def _diag(self, row, mask):
+    """C of a row block with itself [r, r, d], and the same without η."""
+    plain = jnp.exp(jnp.where(mask, self.lread[row, :][:, None, :] - self.lb[row, :][None, :, :], -jnp.inf))
+    return plain * self.eta[row, :][None], plain
+
+  def forward(self, dot, rows, hh, e1):
+    local, rows, ref, mask = self._blocks(rows.start)
+    self.hh[...], self.e1[...] = hh, e1
+    _sync(self.interpret)
+    for i, (li, ri) in enumerate(zip(local, rows, strict=True)):
+      acc = jnp.sum(self.hh[li, li][:, :, None] * self._diag(ri, mask)[0] * self.e1[li, :][None], axis=1)
+      if i:
+        inner = sum(dot("ts,sd->td", self.hh[li, lj], self.e1[lj, :] * self.eta[rj, :] * jnp.exp(ref[i] - self.lb[rj, :]))
+                    for lj, rj in zip(local[:i], rows[:i], strict=True))
+        acc = acc + jnp.exp(self.lread[ri, :] - ref[i]) * inner
+      self.out[li, :] = acc
+    _sync(self.interpret)
+    return self.out[...]
+
+  def backward(self, dot, rows, hh, e1, d_mixed, mixed, grads) -> tuple:
+    span = rows
+    local, rows, ref, mask = self._blocks(rows.start)
+    self.hh[...], self.e1[...], self.dt2[...] = hh, e1, d_mixed
+    _sync(self.interpret)
+    down = [self.dt2[li, :] * jnp.exp(self.lread[ri, :] - ref[i]) if i else None
+            for i, (li, ri) in enumerate(zip(local, rows, strict=True))]  # d_t2 ⊙ B_t / B_ref per block
+    up = lambda i, j: self.e1[local[j], :] * self.eta[rows[j], :] * jnp.exp(ref[i] - self.lb[rows[j], :])
+    for i, (li, ri) in enumerate(zip(local, rows, strict=True)):  # d hh, block by block
+      for j, lj in enumerate(local):
+        if j < i:
+          self.dhh[li, lj] = dot("td,sd->ts", down[i], up(i, j))
+        elif j == i:
+          coef = self._diag(ri, mask)[0]
+          self.dhh[li, li] = jnp.sum(self.dt2[li, :][:, None, :] * coef * self.e1[li, :][None], axis=2)
+        else:
+          self.dhh[li, lj] = jnp.zeros((li.size, lj.size), hh.dtype)
+    for j, (lj, rj) in enumerate(zip(local, rows, strict=True)):  # M' = the e1-cotangent without η, block by block
+      plain = self._diag(rj, mask)[1]
+      acc = jnp.sum(self.dt2[lj, :][:, None, :] * self.hh[lj, lj][:, :, None] * plain, axis=0)
+      for i in range(j + 1, len(local)):
+        acc = acc + jnp.exp(ref[i] - self.lb[rj, :]) * dot("ts,td->sd", self.hh[local[i], lj], down[i])
+      self.out[lj, :] = acc
+    _sync(self.interpret)
+    m_prime, eta = self.out[...], self.eta[span, :]
+    d_eta, d_lread, d_lb = grads
+    d_eta[span, :], d_lread[span, :], d_lb[span, :] = e1 * m_prime, d_mixed * mixed, -eta * e1 * m_prime
+    return self.dhh[...], eta * m_prime
+
+
+def _mixing(spec, refs, scratch, interpret):
+  """The W1 mixing for the gate kind the inputs carry: one ref (C [n·c, c]) per head, three (η, log B_read, log B)
+  per channel."""
+  if len(refs) == 1:
+    return _HeadMixing(*refs)
+  return _ChannelMixing(*refs, *scratch, post=spec.read == "post", interpret=interpret)
+
+
+_COMMON = 9  # k, Q̃, q, v, δ, decay, S_q, B_c, chunk-end coefficients
+
+
+def _fwd_kernel(*refs, spec, n, c, tile, mixing, interpret):
+  (k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, scores_ref, end_decay_ref, end_coef_ref), rest = (
+      refs[:_COMMON], refs[_COMMON:])
+  mix_refs, (w2_ref, w1_ref, gamma_ref, beta_ref, o_ref, states2_ref, states1_ref), scratch = (
+      rest[:mixing], rest[mixing:mixing + 7], rest[mixing + 7:])
   e, d = w2_ref.shape
   ln = (gamma_ref[...], beta_ref[...])
   initial, states = _Tiles(w2_ref, w1_ref, e, d, tile), _Tiles(states2_ref, states1_ref, e, d, tile)
+  mix = _mixing(spec, mix_refs, scratch, interpret)
 
   def copy(i, _):  # slot 0: the initial state
     states.store(0, i, *initial.load(0, i))
@@ -269,25 +382,32 @@ def _fwd_kernel(k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, coef_ref, sco
     at = _Chunk(spec, states, j, rows, k_ref, qd_ref, scores_ref)
     (s2, s1), _ = at.scales()
     e1, _ = _keys_errors(spec, s1 * at.keys_forward(s2), at.k, v_ref[rows, :], delta_ref[rows], ln)
-    hh, t1 = at.read_sums(s2, s1, e1, end=(j + 1, end_decay_ref[j], end_coef_ref[rows][:, None]))
-    uq = s1 * (decay_ref[rows][:, None] * t1 - at.dot("ts,sd->td", hh * coef_ref[rows, :], e1))
+    hh, t1 = at.read_sums(s2, s1, e1, end=(j + 1, end_decay_ref[pl.ds(j, 1), :], end_coef_ref[rows, :]))
+    uq = s1 * (decay_ref[rows, :] * t1 - mix.forward(at.dot, rows, hh, e1))
     o_ref[rows, :] = q_ref[rows, :] + layer_norm(uq, ln, spec.memory.ln_eps)[0]
     return 0
 
   jax.lax.fori_loop(0, n, chunk, 0)
 
 
-def _bwd_kernel(k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, coef_ref, scores_ref, end_decay_ref, end_coef_ref,
-                states2_ref, states1_ref, gamma_ref, beta_ref, do_ref, dstates2_ref, dstates1_ref,
-                dk_ref, dqd_ref, dv_ref, ddelta_ref, ddecay_ref, dcoef_ref, dscores_ref, dend_decay_ref,
-                dend_coef_ref, ds2_ref, ds1_ref, dgamma_ref, dbeta_ref, dh_ref, dz_ref, *, spec, n, c, tile,
-                interpret):
+def _bwd_kernel(*refs, spec, n, c, tile, mixing, interpret):
   """Reverse over the chunks; ds2/ds1 hold the cotangent of the current chunk's end state (then of its start)."""
+  (k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, scores_ref, end_decay_ref, end_coef_ref), rest = (
+      refs[:_COMMON], refs[_COMMON:])
+  mix_refs, rest = rest[:mixing], rest[mixing:]
+  (states2_ref, states1_ref, gamma_ref, beta_ref, do_ref, dstates2_ref, dstates1_ref), rest = rest[:7], rest[7:]
+  (dk_ref, dqd_ref, dv_ref, ddelta_ref, ddecay_ref, dscores_ref, dend_decay_ref, dend_coef_ref), rest = (
+      rest[:8], rest[8:])
+  dmix_refs, (ds2_ref, ds1_ref, dgamma_ref, dbeta_ref, dh_ref, dz_ref), scratch = (
+      rest[:mixing], rest[mixing:mixing + 6], rest[mixing + 6:])
+  del q_ref
   e, d = ds2_ref.shape
+  g = decay_ref.shape[-1]
   ln = (gamma_ref[...], beta_ref[...])
   ret, eps = spec.retention, spec.memory.ln_eps
   states, dstates = _Tiles(states2_ref, states1_ref, e, d, tile), _Tiles(dstates2_ref, dstates1_ref, e, d, tile)
   ds = _Tiles(ds2_ref, ds1_ref, e, d, tile)
+  mix = _mixing(spec, mix_refs, scratch, interpret)
   columns = lambda i: (slice(None), pl.ds(_aligned(i * tile, tile), tile))  # of the scratch [c, E]
 
   def final(i, _):  # the final state's cotangent
@@ -301,8 +421,8 @@ def _bwd_kernel(k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, coef_ref, sco
     j = n - 1 - r
     _sync(interpret)  # the cotangent of chunk j's end state, stored by every thread, is complete
     rows = pl.ds(pl.multiple_of(j * c, c), c)
-    decay, coef, do = decay_ref[rows][:, None], coef_ref[rows, :], do_ref[rows, :]
-    end_decay, end_coef = end_decay_ref[j], end_coef_ref[rows][:, None]
+    decay, do = decay_ref[rows, :], do_ref[rows, :]
+    end_decay, end_coef = end_decay_ref[pl.ds(j, 1), :], end_coef_ref[rows, :]
     at = _Chunk(spec, states, j, rows, k_ref, qd_ref, scores_ref)
     dot = at.dot
     # ---- recompute the forward (pass 1, the keys' errors, pass 2's sums) ----
@@ -310,18 +430,14 @@ def _bwd_kernel(k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, coef_ref, sco
     uraw = at.keys_forward(s2)
     e1, _ = _keys_errors(spec, s1 * uraw, at.k, v_ref[rows, :], delta_ref[rows], ln)
     hh, t1 = at.read_sums(s2, s1, e1)
-    sh = hh * coef
-    t2 = dot("ts,sd->td", sh, e1)
-    # ---- the reads: O = Q + LN(Uq), Uq = s₁ (decay ⊙ T1 − T2), T2 = (HH ⊙ C) E1 ----
+    t2 = mix.forward(dot, rows, hh, e1)
+    # ---- the reads: O = Q + LN(Uq), Uq = s₁ (decay ⊙ T1 − T2), T2 = the W1 mixing of HH and E1 ----
     (d_uq, dg_o, db_o) = jax.vjp(lambda u, g, b: layer_norm(u, (g, b), eps)[0], s1 * (decay * t1 - t2), *ln)[1](do)
     d_s1 = jnp.sum(d_uq * (decay * t1 - t2))
-    d_t1, d_t2 = s1 * decay * d_uq, -s1 * d_uq
-    d_decay = jnp.sum(s1 * d_uq * t1, axis=1)
-    d_sh = dot("td,sd->ts", d_t2, e1)
-    d_e1 = dot("ts,td->sd", sh, d_t2)
-    d_hh = d_sh * coef
-    ddecay_ref[rows], dcoef_ref[rows, :] = d_decay, d_sh * hh  # stored now: fewer values live through the loops
-    dqd_ref[rows, :], dscores_ref[rows, :] = jnp.zeros_like(do), jnp.zeros_like(coef)  # summed over the tiles
+    d_t1 = s1 * decay * d_uq
+    ddecay_ref[rows, :] = _gate_sum(s1 * d_uq * t1, g)  # stored now: fewer values live through the loops
+    d_hh, d_e1 = mix.backward(dot, rows, hh, e1, -s1 * d_uq, t2, dmix_refs)
+    dqd_ref[rows, :], dscores_ref[rows, :] = jnp.zeros_like(do), jnp.zeros((c, c), do.dtype)  # summed over tiles
     _sync(interpret)
 
     def reads_and_end(i, carry):  # B1: back through the reads and the chunk end, tile by tile
@@ -329,7 +445,8 @@ def _bwd_kernel(k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, coef_ref, sco
       kc, e1c = at.k * end_coef, e1 * end_coef
       a = at.acts(i, s2, s1, e1)
       p2, p1 = ds.load(0, i)  # the end state's cotangent
-      d_end_decay = d_end_decay + jnp.sum(p2 * a["w2"]) + jnp.sum(p1 * a["w1"])
+      d_end_decay = (d_end_decay + jnp.sum(p2 * a["w2"], axis=0, keepdims=True)
+                     + jnp.sum(p1 * a["w1"], axis=1, keepdims=True).T)
       d_e2 = -dot("ci,ei->ce", kc, p2)
       d_kc = d_kc - dot("ce,ei->ci", a["e2"], p2)
       d_e1c = d_e1c - dot("ce,de->cd", a["h"], p1)
@@ -350,15 +467,15 @@ def _bwd_kernel(k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, coef_ref, sco
       dz_ref[columns(i)], dh_ref[columns(i)] = d_z, d_hk
       start2, start1 = dstates.load(j, i)  # the start state's own cotangent (the boundary read of chunk j − 1)
       _sync(interpret)  # every thread has read this tile of the end state's cotangent (and stored dQ̃, dS_q)
-      ds.store(0, i, end_decay * p2 + da2 + start2, end_decay * p1 + da1 + start1)
+      ds.store(0, i, end_decay * p2 + da2 + start2, end_decay.T * p1 + da1 + start1)
       return d_kc, d_e1c, d_e1, d_s1, d_s2, d_end_decay
 
     d_kc, d_e1c, d_e1, d_s1, d_s2, d_end_decay = states.loop(
-        reads_and_end, (jnp.zeros_like(do), jnp.zeros_like(do), d_e1, d_s1, zero, zero))
+        reads_and_end, (jnp.zeros_like(do), jnp.zeros_like(do), d_e1, d_s1, zero, jnp.zeros((1, d), do.dtype)))
+    dend_decay_ref[pl.ds(j, 1), :] = _gate_sum(d_end_decay, g)
+    dend_coef_ref[rows, :] = _gate_sum(d_kc * at.k + d_e1c * e1, g)
     # ---- back through the keys' errors, row-wise (recomputed from fresh loads: nothing of the first computation
     # but u stays live through B1) ----
-    dend_decay_ref[j] = d_end_decay
-    dend_coef_ref[rows] = jnp.sum(d_kc * at.k, axis=1) + jnp.sum(d_e1c * e1, axis=1)
     _, (ln_vjp, bias_vjp, lnb_vjp) = _keys_errors(spec, s1 * uraw, at.k, v_ref[rows, :], delta_ref[rows], ln)
     d_g, d_nrm, d_rstd, dg_e = lnb_vjp(d_e1 + d_e1c * end_coef)
     d_y, d_v, d_delta = bias_vjp(d_g)
@@ -414,15 +531,22 @@ def _call(kernel, inputs, out_shapes, *, num_warps: int, interpret: bool):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _scan(spec, tuning, interpret, rows, s0, ln):
-  """rows: per head (K, Q̃, Q, V [N, n·c, d], δ, decay [N, n·c], C, S_q [N, n·c, c], B_c [N, n], chunk-end
-  coefficients [N, n·c]); s0 (W2 [N, E, d], W1 [N, d, E]); ln (γ, β) [N, d] -> (o [N, n·c, d], the state at every
-  chunk boundary: W2 [N, (n + 1)·E, d], W1 [N, (n + 1)·d, E])."""
+  """rows: per head (K, Q̃, Q, V [N, n·c, d], δ [N, n·c], decay [N, n·c, g], S_q [N, n·c, c], B_c [N, n, g], chunk-end
+  coefficients [N, n·c, g], then W1's mixing: C [N, n·c, c] (g = 1) or η, log B_read, log B [N, n·c, d]); s0 (W2
+  [N, E, d], W1 [N, d, E]); ln (γ, β) [N, d] -> (o [N, n·c, d], the state at every chunk boundary: W2
+  [N, (n + 1)·E, d], W1 [N, (n + 1)·d, E])."""
   return _scan_fwd(spec, tuning, interpret, rows, s0, ln)[0]
 
 
 def _launch(spec, tuning, interpret, rows, e: int) -> dict:
-  n = rows[8].shape[1]
-  return dict(spec=spec, n=n, c=rows[0].shape[1] // n, tile=tuning.tile(e), interpret=interpret)
+  n = rows[7].shape[1]
+  return dict(spec=spec, n=n, c=rows[0].shape[1] // n, tile=tuning.tile(e), mixing=len(rows) - _COMMON,
+              interpret=interpret)
+
+
+def _scratch(like, c: int, d: int) -> tuple:
+  """The channel mixing's per-head scratch (hh, e1, d_t2, out, d hh), allocated for either gate kind."""
+  return like(c, c), like(c, d), like(c, d), like(c, d), like(c, c)
 
 
 def _scan_fwd(spec, tuning, interpret, rows, s0, ln):
@@ -430,10 +554,10 @@ def _scan_fwd(spec, tuning, interpret, rows, s0, ln):
   e = s0[0].shape[1]
   launch = _launch(spec, tuning, interpret, rows, e)
   slots = launch["n"] + 1
-  f32 = lambda *shape: jax.ShapeDtypeStruct((big, *shape), rows[0].dtype)  # float32 (float64 in tests)
+  like = lambda *shape: jax.ShapeDtypeStruct((big, *shape), rows[0].dtype)  # float32 (float64 in tests)
   out = _call(functools.partial(_fwd_kernel, **launch), (*rows, *s0, *ln),
-              (f32(length, d), f32(slots * e, d), f32(slots * d, e)), num_warps=tuning.num_warps,
-              interpret=interpret)
+              (like(length, d), like(slots * e, d), like(slots * d, e), *_scratch(like, launch["c"], d)),
+              num_warps=tuning.num_warps, interpret=interpret)[:3]
   return out, (rows, out[1:], ln)
 
 
@@ -443,12 +567,12 @@ def _scan_bwd(spec, tuning, interpret, residuals, cotangents):
   big, _, d = rows[0].shape
   e = states[1].shape[2]
   launch = _launch(spec, tuning, interpret, rows, e)
-  f32 = lambda *shape: jax.ShapeDtypeStruct((big, *shape), rows[0].dtype)
+  like = lambda *shape: jax.ShapeDtypeStruct((big, *shape), rows[0].dtype)
   shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for i, x in enumerate(rows) if i != 2)
-  shapes += (f32(e, d), f32(d, e), f32(d), f32(d), f32(launch["c"], e), f32(launch["c"], e))
-  *drows, ds2, ds1, dgamma, dbeta, _, _ = _call(
-      functools.partial(_bwd_kernel, **launch), (*rows, *states, *ln, do, *dstates), shapes,
-      num_warps=tuning.num_warps, interpret=interpret)
+  shapes += (like(e, d), like(d, e), like(d), like(d), like(launch["c"], e), like(launch["c"], e))
+  out = _call(functools.partial(_bwd_kernel, **launch), (*rows, *states, *ln, do, *dstates),
+              shapes + _scratch(like, launch["c"], d), num_warps=tuning.num_warps, interpret=interpret)
+  drows, (ds2, ds1, dgamma, dbeta) = out[:len(rows) - 1], out[len(rows) - 1:len(rows) + 3]
   return (*drows[:2], do, *drows[2:]), (ds2, ds1), (dgamma, dbeta)
 
 
@@ -464,15 +588,20 @@ def miras_pallas(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict
   from its checkpointed start state (``remat`` is implied). ``interpret`` runs the kernels in Pallas interpret mode
   (any backend); ``tuning`` the launch settings (:class:`Tuning`)."""
   b, t, h, d = q.shape
-  if (why := unsupported(spec, chunk_size, d, gates.eta.shape[-1] != 1, tuning)) is not None:
+  if (why := unsupported(spec, chunk_size, d, tuning)) is not None:
     raise ValueError(f"the Pallas Miras kernels cannot run this memory: {why}")
   del initial_momentum, remat
   spec = with_matmul(spec, matmul)
   x = flat.chunk_inputs(spec, q, k, v, gates, chunk_size, lengths)
   n, big = x.q.shape[0], b * h
   per_head = lambda a: jnp.moveaxis(a, 0, 1).reshape(big, n * chunk_size, *a.shape[3:])  # [n, N, c, ..]
-  rows = tuple(per_head(a) for a in (x.k, x.q * x.decay, x.q, x.v, x.delta, x.decay[..., 0], x.w1_coef,
-                                     x.scores_q)) + (x.end_decay[..., 0].T, per_head(x.end_coef[..., 0]))
+  rows = tuple(per_head(a) for a in (x.k, x.q * x.decay, x.q, x.v, x.delta, x.decay, x.scores_q))
+  rows += (jnp.moveaxis(x.end_decay, 0, 1), per_head(x.end_coef))
+  if gates.eta.shape[-1] == 1:
+    rows += (per_head(x.w1_coef),)
+  else:  # channel gates: W1's coefficients are formed in the kernels from η, log B_read and log B
+    eta, log_alpha, log_b, _ = x.w1_coef
+    rows += tuple(per_head(a) for a in (eta, log_b if spec.read == "post" else log_b - log_alpha, log_b))
   ln = flat.layer_norm_params(ln, b, h, d)
   s0 = tuple(initial_state[name].reshape(big, *initial_state[name].shape[2:]) for name in ("w2", "w1"))
   o, states2, states1 = _scan(spec, tuning, interpret, rows, s0, tuple(p[:, 0] for p in ln))
