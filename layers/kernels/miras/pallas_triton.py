@@ -305,6 +305,10 @@ class _ChannelMixing:
     plain = jnp.exp(jnp.where(mask, self.lread[row, :][:, None, :] - self.lb[row, :][None, :, :], -jnp.inf))
     return plain * self.eta[row, :][None], plain
 
+  def _earlier(self, lj, rj, ref):
+    """An earlier row block's e1 ⊙ η B_ref / B_s [r, d] (every factor ≤ 1)."""
+    return self.e1[lj, :] * self.eta[rj, :] * jnp.exp(ref - self.lb[rj, :])
+
   def forward(self, dot, rows, hh, e1):
     local, rows, ref, mask = self._blocks(rows.start)
     self.hh[...], self.e1[...] = hh, e1
@@ -312,7 +316,7 @@ class _ChannelMixing:
     for i, (li, ri) in enumerate(zip(local, rows, strict=True)):
       acc = jnp.sum(self.hh[li, li][:, :, None] * self._diag(ri, mask)[0] * self.e1[li, :][None], axis=1)
       if i:
-        inner = sum(dot("ts,sd->td", self.hh[li, lj], self.e1[lj, :] * self.eta[rj, :] * jnp.exp(ref[i] - self.lb[rj, :]))
+        inner = sum(dot("ts,sd->td", self.hh[li, lj], self._earlier(lj, rj, ref[i]))
                     for lj, rj in zip(local[:i], rows[:i], strict=True))
         acc = acc + jnp.exp(self.lread[ri, :] - ref[i]) * inner
       self.out[li, :] = acc
@@ -326,11 +330,10 @@ class _ChannelMixing:
     _sync(self.interpret)
     down = [self.dt2[li, :] * jnp.exp(self.lread[ri, :] - ref[i]) if i else None
             for i, (li, ri) in enumerate(zip(local, rows, strict=True))]  # d_t2 ⊙ B_t / B_ref per block
-    up = lambda i, j: self.e1[local[j], :] * self.eta[rows[j], :] * jnp.exp(ref[i] - self.lb[rows[j], :])
     for i, (li, ri) in enumerate(zip(local, rows, strict=True)):  # d hh, block by block
       for j, lj in enumerate(local):
         if j < i:
-          self.dhh[li, lj] = dot("td,sd->ts", down[i], up(i, j))
+          self.dhh[li, lj] = dot("td,sd->ts", down[i], self._earlier(lj, rows[j], ref[i]))
         elif j == i:
           coef = self._diag(ri, mask)[0]
           self.dhh[li, li] = jnp.sum(self.dt2[li, :][:, None, :] * coef * self.e1[li, :][None], axis=2)
