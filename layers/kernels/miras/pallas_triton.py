@@ -155,6 +155,12 @@ class _Tiles:
     i2, i1 = self.index(slot, i)
     self.w2[i2], self.w1[i1] = w2, w1
 
+  def add(self, slot, i, x2, x1, interpret: bool) -> None:
+    """Adds (x2, x1) to tile i of ``slot`` (every thread loads the tile before any stores it)."""
+    w2, w1 = self.load(slot, i)
+    _sync(interpret)
+    self.store(slot, i, w2 + x2, w1 + x1)
+
   def loop(self, body, init):
     return jax.lax.fori_loop(0, self.e // self.tile, body, init)
 
@@ -360,11 +366,64 @@ def _mixing(spec, refs, scratch, interpret):
   return _ChannelMixing(*refs, *scratch, post=spec.read == "post", interpret=interpret)
 
 
-_COMMON = 9  # k, Q̃, q, v, δ, decay, S_q, B_c, chunk-end coefficients
+_COMMON = 10  # k, Q̃, q, v, δ, decay, S_q, B_c, chunk-end coefficients, complete
+
+
+def _add_scale_cotangent(ret, states: _Tiles, slot, ds: _Tiles, scale_vjp, d_s2, d_s1, interpret) -> None:
+  """The read scales' share of a state's cotangent, ∂s/∂A through the summed scale terms, added tile by tile."""
+  if not ret.scaled:
+    return
+  d_t2, d_t1 = scale_vjp((d_s2, d_s1))
+  _sync(interpret)
+
+  def body(i, _):
+    w2, w1 = states.load(slot, i)
+    ds.add(0, i, jax.vjp(ret.scale_terms, w2)[1](d_t2)[0], jax.vjp(ret.scale_terms, w1)[1](d_t1)[0], interpret)
+    return 0
+
+  states.loop(body, 0)
+
+
+def _closed_read(spec, at_end: _Chunk, q_last):
+  """Pass over the closed state (``at_end.slot``): the chunk's last query's u = Σ_tiles gelu(s₂ W2 q) W1ᵀ [1, d]
+  (before s₁), row by row (a [1, d] query is no matmul), with (s₂, s₁) and their vjp."""
+  (s2, s1), scale_vjp = at_end.scales()
+
+  def body(i, u):
+    w2, w1 = at_end.states.load(at_end.slot, i)
+    h = _gelu(s2 * jnp.sum(w2 * q_last, axis=1, keepdims=True))  # [tile, 1]
+    return u + jnp.sum(w1 * h.T, axis=1, keepdims=True).T
+
+  return at_end.states.loop(body, jnp.zeros_like(q_last)), (s2, s1), scale_vjp
+
+
+def _closed_read_backward(spec, at_end: _Chunk, q_last, d_o, ds: _Tiles, ln, interpret):
+  """The pull-back of :func:`_closed_read` (o = q + LN(s₁ u)) from d_o [1, d]: the closed state's cotangent is added
+  to ``ds`` tile by tile; returns (d q [1, d], dγ, dβ)."""
+  u, (s2, s1), scale_vjp = _closed_read(spec, at_end, q_last)
+  d_su, dg, db = jax.vjp(lambda u, g, b: layer_norm(u, (g, b), spec.memory.ln_eps)[0], s1 * u, *ln)[1](d_o)
+  d_u = s1 * d_su
+
+  def body(i, carry):
+    d_q, d_s2 = carry
+    w2, w1 = at_end.states.load(at_end.slot, i)
+    zraw = jnp.sum(w2 * q_last, axis=1, keepdims=True)  # [tile, 1]
+    d_z = jnp.sum(w1 * d_u.T, axis=0, keepdims=True).T * _gelu_grad(s2 * zraw)
+    ds.add(0, i, s2 * d_z * q_last, d_u.T * _gelu(s2 * zraw).T, interpret)
+    return d_q + s2 * jnp.sum(w2 * d_z, axis=0, keepdims=True), d_s2 + jnp.sum(d_z * zraw)
+
+  d_q, d_s2 = at_end.states.loop(body, (jnp.zeros_like(q_last), jnp.zeros((), q_last.dtype)))
+  _add_scale_cotangent(spec.retention, at_end.states, at_end.slot, ds, scale_vjp, d_s2, jnp.sum(d_su * u), interpret)
+  return d_q, dg, db
+
+
+def _last_row(c: int, complete):
+  """[c, 1] mask of the chunk's last row where the chunk is complete (its read is the closed state's)."""
+  return (jnp.arange(c) == c - 1)[:, None] & (complete > 0)
 
 
 def _fwd_kernel(*refs, spec, n, c, tile, mixing, interpret):
-  (k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, scores_ref, end_decay_ref, end_coef_ref), rest = (
+  (k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, scores_ref, end_decay_ref, end_coef_ref, complete_ref), rest = (
       refs[:_COMMON], refs[_COMMON:])
   mix_refs, (w2_ref, w1_ref, gamma_ref, beta_ref, o_ref, states2_ref, states1_ref), scratch = (
       rest[:mixing], rest[mixing:mixing + 7], rest[mixing + 7:])
@@ -372,6 +431,7 @@ def _fwd_kernel(*refs, spec, n, c, tile, mixing, interpret):
   ln = (gamma_ref[...], beta_ref[...])
   initial, states = _Tiles(w2_ref, w1_ref, e, d, tile), _Tiles(states2_ref, states1_ref, e, d, tile)
   mix = _mixing(spec, mix_refs, scratch, interpret)
+  boundary = spec.read == "post" and spec.retention.boundary_read
 
   def copy(i, _):  # slot 0: the initial state
     states.store(0, i, *initial.load(0, i))
@@ -387,7 +447,14 @@ def _fwd_kernel(*refs, spec, n, c, tile, mixing, interpret):
     e1, _ = _keys_errors(spec, s1 * at.keys_forward(s2), at.k, v_ref[rows, :], delta_ref[rows], ln)
     hh, t1 = at.read_sums(s2, s1, e1, end=(j + 1, end_decay_ref[pl.ds(j, 1), :], end_coef_ref[rows, :]))
     uq = s1 * (decay_ref[rows, :] * t1 - mix.forward(at.dot, rows, hh, e1))
-    o_ref[rows, :] = q_ref[rows, :] + layer_norm(uq, ln, spec.memory.ln_eps)[0]
+    o = q_ref[rows, :] + layer_norm(uq, ln, spec.memory.ln_eps)[0]
+    if boundary:  # the chunk's last query reads the state it closed
+      _sync(interpret)
+      q_last = q_ref[pl.ds(j * c + c - 1, 1), :]
+      u, (_, s1), _ = _closed_read(spec, _Chunk(spec, states, j + 1, rows, k_ref, qd_ref, scores_ref), q_last)
+      o_last = q_last + layer_norm(s1 * u, ln, spec.memory.ln_eps)[0]
+      o = jnp.where(_last_row(c, complete_ref[pl.ds(j, 1), :]), o_last, o)
+    o_ref[rows, :] = o
     return 0
 
   jax.lax.fori_loop(0, n, chunk, 0)
@@ -395,26 +462,26 @@ def _fwd_kernel(*refs, spec, n, c, tile, mixing, interpret):
 
 def _bwd_kernel(*refs, spec, n, c, tile, mixing, interpret):
   """Reverse over the chunks; ds2/ds1 hold the cotangent of the current chunk's end state (then of its start)."""
-  (k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, scores_ref, end_decay_ref, end_coef_ref), rest = (
+  (k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, scores_ref, end_decay_ref, end_coef_ref, complete_ref), rest = (
       refs[:_COMMON], refs[_COMMON:])
   mix_refs, rest = rest[:mixing], rest[mixing:]
-  (states2_ref, states1_ref, gamma_ref, beta_ref, do_ref, dstates2_ref, dstates1_ref), rest = rest[:7], rest[7:]
-  (dk_ref, dqd_ref, dv_ref, ddelta_ref, ddecay_ref, dscores_ref, dend_decay_ref, dend_coef_ref), rest = (
-      rest[:8], rest[8:])
+  (states2_ref, states1_ref, gamma_ref, beta_ref, do_ref, dfinal2_ref, dfinal1_ref), rest = rest[:7], rest[7:]
+  (dk_ref, dqd_ref, dq_ref, dv_ref, ddelta_ref, ddecay_ref, dscores_ref, dend_decay_ref, dend_coef_ref), rest = (
+      rest[:9], rest[9:])
   dmix_refs, (ds2_ref, ds1_ref, dgamma_ref, dbeta_ref, dh_ref, dz_ref), scratch = (
       rest[:mixing], rest[mixing:mixing + 6], rest[mixing + 6:])
-  del q_ref
   e, d = ds2_ref.shape
   g = decay_ref.shape[-1]
   ln = (gamma_ref[...], beta_ref[...])
   ret, eps = spec.retention, spec.memory.ln_eps
-  states, dstates = _Tiles(states2_ref, states1_ref, e, d, tile), _Tiles(dstates2_ref, dstates1_ref, e, d, tile)
+  states, dfinal = _Tiles(states2_ref, states1_ref, e, d, tile), _Tiles(dfinal2_ref, dfinal1_ref, e, d, tile)
   ds = _Tiles(ds2_ref, ds1_ref, e, d, tile)
   mix = _mixing(spec, mix_refs, scratch, interpret)
+  boundary = spec.read == "post" and spec.retention.boundary_read
   columns = lambda i: (slice(None), pl.ds(_aligned(i * tile, tile), tile))  # of the scratch [c, E]
 
   def final(i, _):  # the final state's cotangent
-    ds.store(0, i, *dstates.load(n, i))
+    ds.store(0, i, *dfinal.load(0, i))
     return 0
 
   ds.loop(final, 0)
@@ -428,6 +495,15 @@ def _bwd_kernel(*refs, spec, n, c, tile, mixing, interpret):
     end_decay, end_coef = end_decay_ref[pl.ds(j, 1), :], end_coef_ref[rows, :]
     at = _Chunk(spec, states, j, rows, k_ref, qd_ref, scores_ref)
     dot = at.dot
+    dq, dg_b, db_b = do, 0.0, 0.0
+    if boundary:  # the chunk's last query read the state it closed: that read's cotangent joins the end state's
+      last = _last_row(c, complete_ref[pl.ds(j, 1), :])
+      d_q_last, dg_b, db_b = _closed_read_backward(
+          spec, _Chunk(spec, states, j + 1, rows, k_ref, qd_ref, scores_ref), q_ref[pl.ds(j * c + c - 1, 1), :],
+          jnp.sum(jnp.where(last, do, 0.0), axis=0, keepdims=True), ds, ln, interpret)
+      dq = do + jnp.where((jnp.arange(c) == c - 1)[:, None], d_q_last, 0.0)
+      do = jnp.where(last, 0.0, do)
+    dq_ref[rows, :] = dq
     # ---- recompute the forward (pass 1, the keys' errors, pass 2's sums) ----
     (s2, s1), scale_vjp = at.scales()
     uraw = at.keys_forward(s2)
@@ -468,9 +544,8 @@ def _bwd_kernel(*refs, spec, n, c, tile, mixing, interpret):
       d_e1 = d_e1 + s1 * dot("ce,de->cd", d_p, a["w1"])
       da1 = da1 + s1 * dot("cd,ce->de", e1, d_p)
       dz_ref[columns(i)], dh_ref[columns(i)] = d_z, d_hk
-      start2, start1 = dstates.load(j, i)  # the start state's own cotangent (the boundary read of chunk j − 1)
       _sync(interpret)  # every thread has read this tile of the end state's cotangent (and stored dQ̃, dS_q)
-      ds.store(0, i, end_decay * p2 + da2 + start2, end_decay.T * p1 + da1 + start1)
+      ds.store(0, i, end_decay * p2 + da2, end_decay.T * p1 + da1)
       return d_kc, d_e1c, d_e1, d_s1, d_s2, d_end_decay
 
     d_kc, d_e1c, d_e1, d_s1, d_s2, d_end_decay = states.loop(
@@ -495,24 +570,13 @@ def _bwd_kernel(*refs, spec, n, c, tile, mixing, interpret):
       da1 = s1 * dot("cd,ce->de", d_u, _gelu(z))
       d_z = (s1 * dot("cd,de->ce", d_u, w1) + d_hk) * _gelu_grad(z) + d_zk
       da2 = s2 * dot("ce,ci->ei", d_z, at.k)
-      g2, g1 = ds.load(0, i)
-      ds.store(0, i, g2 + da2, g1 + da1)
+      ds.add(0, i, da2, da1, interpret)
       return d_k + s2 * dot("ce,ei->ci", d_z, w2), d_s2 + jnp.sum(d_z * zraw)
 
     d_k, d_s2 = states.loop(keys, (d_y + d_kc * end_coef, d_s2))
-    if ret.scaled:  # B3: the read scales' share, ∂s/∂A through the summed scale terms
-      d_t2, d_t1 = scale_vjp((d_s2, d_s1))
-      _sync(interpret)
-
-      def scale_terms(i, _):
-        w2, w1 = states.load(j, i)
-        g2, g1 = ds.load(0, i)
-        ds.store(0, i, g2 + jax.vjp(ret.scale_terms, w2)[1](d_t2)[0], g1 + jax.vjp(ret.scale_terms, w1)[1](d_t1)[0])
-        return 0
-
-      states.loop(scale_terms, 0)
+    _add_scale_cotangent(ret, states, j, ds, scale_vjp, d_s2, d_s1, interpret)  # B3
     dk_ref[rows, :], dv_ref[rows, :], ddelta_ref[rows] = d_k, d_v, d_delta
-    return dln[0] + dg_o + dg_e + dg_y, dln[1] + db_o + db_y
+    return dln[0] + dg_o + dg_e + dg_y + dg_b, dln[1] + db_o + db_y + db_b
 
   zeros_d = jnp.zeros(gamma_ref.shape, gamma_ref.dtype)
   dgamma_ref[...], dbeta_ref[...] = jax.lax.fori_loop(0, n, chunk, (zeros_d, zeros_d))
@@ -535,9 +599,9 @@ def _call(kernel, inputs, out_shapes, *, num_warps: int, interpret: bool):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _scan(spec, tuning, interpret, rows, s0, ln):
   """rows: per head (K, Q̃, Q, V [N, n·c, d], δ [N, n·c], decay [N, n·c, g], S_q [N, n·c, c], B_c [N, n, g], chunk-end
-  coefficients [N, n·c, g], then W1's mixing: C [N, n·c, c] (g = 1) or η, log B_read, log B [N, n·c, d]); s0 (W2
-  [N, E, d], W1 [N, d, E]); ln (γ, β) [N, d] -> (o [N, n·c, d], the state at every chunk boundary: W2
-  [N, (n + 1)·E, d], W1 [N, (n + 1)·d, E])."""
+  coefficients [N, n·c, g], complete [N, n, 1] (1.0 where the chunk is closed), then W1's mixing: C [N, n·c, c]
+  (g = 1) or η, log B_read, log B [N, n·c, d]); s0 (W2 [N, E, d], W1 [N, d, E]); ln (γ, β) [N, d] -> (o
+  [N, n·c, d], the final state W2 [N, E, d], W1 [N, d, E])."""
   return _scan_fwd(spec, tuning, interpret, rows, s0, ln)[0]
 
 
@@ -556,27 +620,30 @@ def _scan_fwd(spec, tuning, interpret, rows, s0, ln):
   big, length, d = rows[0].shape
   e = s0[0].shape[1]
   launch = _launch(spec, tuning, interpret, rows, e)
-  slots = launch["n"] + 1
+  n = launch["n"]
   like = lambda *shape: jax.ShapeDtypeStruct((big, *shape), rows[0].dtype)  # float32 (float64 in tests)
-  out = _call(functools.partial(_fwd_kernel, **launch), (*rows, *s0, *ln),
-              (like(length, d), like(slots * e, d), like(slots * d, e), *_scratch(like, launch["c"], d)),
-              num_warps=tuning.num_warps, interpret=interpret)[:3]
-  return out, (rows, out[1:], ln)
+  o, states2, states1, *_ = _call(  # states: the start of every chunk and the end of the last, n + 1 slots
+      functools.partial(_fwd_kernel, **launch), (*rows, *s0, *ln),
+      (like(length, d), like((n + 1) * e, d), like((n + 1) * d, e), *_scratch(like, launch["c"], d)),
+      num_warps=tuning.num_warps, interpret=interpret)
+  return (o, (states2[:, n * e:], states1[:, n * d:])), (rows, (states2, states1), ln)
 
 
 def _scan_bwd(spec, tuning, interpret, residuals, cotangents):
   rows, states, ln = residuals
-  do, *dstates = cotangents
+  do, dfinal = cotangents
   big, _, d = rows[0].shape
   e = states[1].shape[2]
   launch = _launch(spec, tuning, interpret, rows, e)
   like = lambda *shape: jax.ShapeDtypeStruct((big, *shape), rows[0].dtype)
-  shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for i, x in enumerate(rows) if i != 2)
+  grads = rows[:_COMMON - 1] + rows[_COMMON:]  # every row input but ``complete``
+  shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in grads)
   shapes += (like(e, d), like(d, e), like(d), like(d), like(launch["c"], e), like(launch["c"], e))
-  out = _call(functools.partial(_bwd_kernel, **launch), (*rows, *states, *ln, do, *dstates),
+  out = _call(functools.partial(_bwd_kernel, **launch), (*rows, *states, *ln, do, *dfinal),
               shapes + _scratch(like, launch["c"], d), num_warps=tuning.num_warps, interpret=interpret)
-  drows, (ds2, ds1, dgamma, dbeta) = out[:len(rows) - 1], out[len(rows) - 1:len(rows) + 3]
-  return (*drows[:2], do, *drows[2:]), (ds2, ds1), (dgamma, dbeta)
+  drows, (ds2, ds1, dgamma, dbeta) = out[:len(grads)], out[len(grads):len(grads) + 4]
+  drows = (*drows[:_COMMON - 1], jnp.zeros_like(rows[_COMMON - 1]), *drows[_COMMON - 1:])
+  return drows, (ds2, ds1), (dgamma, dbeta)
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
@@ -599,7 +666,7 @@ def miras_pallas(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict
   n, big = x.q.shape[0], b * h
   per_head = lambda a: jnp.moveaxis(a, 0, 1).reshape(big, n * chunk_size, *a.shape[3:])  # [n, N, c, ..]
   rows = tuple(per_head(a) for a in (x.k, x.q * x.decay, x.q, x.v, x.delta, x.decay, x.scores_q))
-  rows += (jnp.moveaxis(x.end_decay, 0, 1), per_head(x.end_coef))
+  rows += (jnp.moveaxis(x.end_decay, 0, 1), per_head(x.end_coef), x.complete.T[..., None].astype(x.q.dtype))
   if gates.eta.shape[-1] == 1:
     rows += (per_head(x.w1_coef),)
   else:  # channel gates: W1's coefficients are formed in the kernels from η, log B_read and log B
@@ -607,14 +674,6 @@ def miras_pallas(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict
     rows += tuple(per_head(a) for a in (eta, log_b if spec.read == "post" else log_b - log_alpha, log_b))
   ln = flat.layer_norm_params(ln, b, h, d)
   s0 = tuple(initial_state[name].reshape(big, *initial_state[name].shape[2:]) for name in ("w2", "w1"))
-  o, states2, states1 = _scan(spec, tuning, interpret, rows, s0, tuple(p[:, 0] for p in ln))
-  e = s0[0].shape[1]
-  states = {"w2": states2.reshape(big, n + 1, e, d), "w1": states1.reshape(big, n + 1, d, e)}
-  o = jnp.moveaxis(o.reshape(big, n, chunk_size, d), 1, 0)  # [n, N, c, d]
-  if spec.read == "post" and spec.retention.boundary_read:  # chunk j's last query reads the state it closed
-    closed = {name: jnp.moveaxis(w[:, 1:], 1, 0).reshape(n * big, *w.shape[2:]) for name, w in states.items()}
-    reads = flat.read_rows(spec, closed, x.q[:, :, -1:].reshape(n * big, 1, d),
-                           tuple(jnp.tile(p, (n, 1, 1)) for p in ln))[:, 0].reshape(n, big, d)
-    o = o.at[:, :, -1].set(jnp.where(x.complete[..., None], reads, o[:, :, -1]))
-  o = unchunk(o.reshape(n, b, h, chunk_size, d), t)
-  return o, {name: w[:, n].reshape(b, h, *w.shape[2:]) for name, w in states.items()}, None
+  o, final = _scan(spec, tuning, interpret, rows, s0, tuple(p[:, 0] for p in ln))
+  o = unchunk(jnp.moveaxis(o.reshape(b, h, n, chunk_size, d), 2, 0), t)
+  return o, {name: w.reshape(b, h, *w.shape[1:]) for name, w in zip(("w2", "w1"), final, strict=True)}, None
