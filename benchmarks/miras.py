@@ -10,8 +10,9 @@ of the compiled fwd+bwd; the achieved fraction of the device's dense bf16 peak i
 overrides the table below). Each variant's output is also compared with the token-loop reference on a short
 sequence (f32) before it is timed, so a fast-but-wrong variant shows up in the same table.
 
-``--warps 4,8 --hidden-tile 64,32`` times the memory op alone for every ``pallas_triton*`` variant at each Triton
-launch setting, next to ``xla_flat`` (same gates), with compile time and the largest error against the flat path.
+``--warps 4,8 --hidden-tile 64,32 --pipeline 1,2`` times the memory op alone for every ``pallas_triton*`` variant at
+each Triton launch setting, next to ``xla_flat`` (same gates), with compile time and the largest error against the
+flat path.
 ``--stages B`` times one chunk of B × H heads through each stage of the chunk step alone (gradients, reads, close),
 to show where a chunk's time goes. ``--decode BxT`` adds spec §11.7: one-token decode latency after a T-token
 prefill, and the decode cache's bytes per head, for GDN, attention (KV cache) and every variant; ``--fla`` adds
@@ -324,7 +325,7 @@ def run_memory_op(shapes, variants: list[Variant], tunings: list) -> list[dict]:
     state = {n: normal(b, HEADS, *shape) / shape[1] ** 0.5 for n, shape in spec.memory.shapes(HEAD_DIM).items()}
     kw = dict(spec=spec, initial_state=state, chunk_size=v.chunk, matmul=mode)
     runs = {f"xla_flat{'_bf16' * (mode == 'bfloat16')}": functools.partial(flat.miras_flat, remat=True, **kw)}
-    runs |= {f"{v.impl}[warps {u.num_warps}, E-tile {u.hidden_tile}]":
+    runs |= {f"{v.impl}[warps {u.num_warps}, E-tile {u.hidden_tile}, stages {u.num_stages}]":
              functools.partial(pallas_triton.miras_pallas, tuning=u, **kw) for u in tunings}
     outs = {}
     rel = lambda x, y: float(jnp.max(jnp.abs(x - y)) / jnp.max(jnp.abs(y)))
@@ -432,6 +433,8 @@ def main() -> None:
                       "Pallas compile of the backward takes minutes, docs/benchmarks.md)")
   parser.add_argument("--hidden-tile", default="64", help="comma list: columns of the memory's hidden axis E per "
                       "tile for the --warps sweep (layers.kernels.miras.pallas_triton.Tuning.hidden_tile)")
+  parser.add_argument("--pipeline", default="1", help="comma list of Triton num_stages for the --warps sweep "
+                      "(layers.kernels.miras.pallas_triton.Tuning.num_stages)")
   parser.add_argument("--hlo-dir", default="", help="write each timed op's compiled fwd+bwd HLO text here")
   parser.add_argument("--profile", action="store_true", help="also list each timed op's GPU kernels (count, time) "
                       "from JAX's profiler trace, fwd and fwd+bwd")
@@ -448,7 +451,8 @@ def main() -> None:
   rows = run(shapes, variants, args.peak_tflops, args.dtype) if shapes and not args.memory_op_only else []
   if args.warps:
     from layers.kernels.miras.pallas_triton import Tuning
-    tunings = [Tuning(int(w), int(m)) for w in split(args.warps) for m in split(args.hidden_tile)]
+    tunings = [Tuning(int(w), int(m), int(p)) for w in split(args.warps) for m in split(args.hidden_tile)
+               for p in split(args.pipeline)]
     rows += run_memory_op(shapes, variants, tunings)
   rows += run_stages(args.stages, variants) if args.stages else []
   rows += run_decode([tuple(int(n) for n in s.split("x")) for s in split(args.decode)], variants, args.dtype)

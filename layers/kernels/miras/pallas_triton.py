@@ -86,11 +86,13 @@ def _gelu_grad2(z):
 @dataclasses.dataclass(frozen=True)
 class Tuning:
   """Triton launch settings, read when the kernels are traced (static): ``num_warps`` per program (one program per
-  head); ``hidden_tile``: columns of E per tile of the state and of every [c, E] activation (E if it is smaller).
-  Timed on the GPU by ``benchmarks/miras.py --warps ... --hidden-tile ...``."""
+  head); ``hidden_tile``: columns of E per tile of the state and of every [c, E] activation (E if it is smaller);
+  ``num_stages``: Triton's software pipelining of the tile loops (2 loads the next tile during this one's work, at
+  the price of shared memory). Timed on the GPU by ``benchmarks/miras.py --warps ... --hidden-tile ... --stages``."""
 
   num_warps: int = 4
   hidden_tile: int = 64
+  num_stages: int = 1
 
   def tile(self, hidden: int) -> int:
     return min(hidden, self.hidden_tile)
@@ -582,7 +584,7 @@ def _bwd_kernel(*refs, spec, n, c, tile, mixing, interpret):
   dgamma_ref[...], dbeta_ref[...] = jax.lax.fori_loop(0, n, chunk, (zeros_d, zeros_d))
 
 
-def _call(kernel, inputs, out_shapes, *, num_warps: int, interpret: bool):
+def _call(kernel, inputs, out_shapes, *, tuning: Tuning, interpret: bool):
   """Grid [b·h]: every input and output [b·h, ...] is passed whole per head."""
   spec = lambda shape: pl.BlockSpec((None, *shape[1:]), lambda i: (i,) + (0,) * (len(shape) - 1))
   return pl.pallas_call(
@@ -591,7 +593,7 @@ def _call(kernel, inputs, out_shapes, *, num_warps: int, interpret: bool):
       in_specs=[spec(x.shape) for x in inputs],
       out_specs=[spec(o.shape) for o in out_shapes],
       out_shape=out_shapes,
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+      compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages),
       interpret=interpret,
   )(*inputs)
 
@@ -625,7 +627,7 @@ def _scan_fwd(spec, tuning, interpret, rows, s0, ln):
   o, states2, states1, *_ = _call(  # states: the start of every chunk and the end of the last, n + 1 slots
       functools.partial(_fwd_kernel, **launch), (*rows, *s0, *ln),
       (like(length, d), like((n + 1) * e, d), like((n + 1) * d, e), *_scratch(like, launch["c"], d)),
-      num_warps=tuning.num_warps, interpret=interpret)
+      tuning=tuning, interpret=interpret)
   return (o, (states2[:, n * e:], states1[:, n * d:])), (rows, (states2, states1), ln)
 
 
@@ -640,7 +642,7 @@ def _scan_bwd(spec, tuning, interpret, residuals, cotangents):
   shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in grads)
   shapes += (like(e, d), like(d, e), like(d), like(d), like(launch["c"], e), like(launch["c"], e))
   out = _call(functools.partial(_bwd_kernel, **launch), (*rows, *states, *ln, do, *dfinal),
-              shapes + _scratch(like, launch["c"], d), num_warps=tuning.num_warps, interpret=interpret)
+              shapes + _scratch(like, launch["c"], d), tuning=tuning, interpret=interpret)
   drows, (ds2, ds1, dgamma, dbeta) = out[:len(grads)], out[len(grads):len(grads) + 4]
   drows = (*drows[:_COMMON - 1], jnp.zeros_like(rows[_COMMON - 1]), *drows[_COMMON - 1:])
   return drows, (ds2, ds1), (dgamma, dbeta)
