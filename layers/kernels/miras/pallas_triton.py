@@ -196,13 +196,9 @@ class _Chunk:
   def dot(self, spec, a, b):
     return _dot(self.spec.memory.matmul)(spec, a, b)
 
-  def scales(self):
-    """(s₂, s₁) of the start state, and the vjp of the map from the summed scale terms to them."""
+  def scales(self, totals):
+    """(s₂, s₁) of the start state from its summed scale terms (t₂, t₁), and the vjp of that map."""
     ret = self.spec.retention
-    zero = jnp.zeros((), self.k_ref.dtype)
-    add = lambda i, totals: tuple(t + ret.scale_terms(w)
-                                  for t, w in zip(totals, self.states.load(self.slot, i), strict=True))
-    totals = self.states.loop(add, (zero, zero)) if ret.scaled else (zero, zero)
     return jax.vjp(lambda t2, t1: (ret.scale_from(t2), ret.scale_from(t1)), *totals)
 
   def keys_forward(self, s2):
@@ -225,20 +221,26 @@ class _Chunk:
     return dict(w2=w2, w1=w1, zraw=zraw, z=z, h=_gelu(z), praw=praw, e2=e2, zq=zq, hq=_gelu(s2 * zq))
 
   def read_sums(self, s2, s1, e1, end=None):
-    """Pass 2 over the tiles: hq hᵀ [c, c] and hq W1ᵀ [c, d]; with ``end`` = (slot, B_c [1, g], coefficients
-    [c, g]) each tile of the chunk end A' = B_c ⊙ A − (errors ⊙ coefficients)ᵀ inputs is written to that slot on the
-    way (the gates act on W2's input axis and W1's output axis)."""
+    """Pass 2 over the tiles: hq hᵀ [c, c], hq W1ᵀ [c, d] and the scale terms (t₂, t₁) of the chunk end; with
+    ``end`` = (slot, B_c [1, g], coefficients [c, g]) each tile of the chunk end A' = B_c ⊙ A − (errors ⊙
+    coefficients)ᵀ inputs is written to that slot on the way (the gates act on W2's input axis and W1's output
+    axis), and its scale terms summed."""
     c, d = self.scores_ref.shape[1], self.k_ref.shape[1]
+    ret = self.spec.retention
 
     def body(i, sums):
+      hh, t1, terms = sums
       a = self.acts(i, s2, s1, e1)
       if end is not None:
         slot, decay, coef = end
-        self.states.store(slot, i, decay * a["w2"] - self.dot("ce,ci->ei", a["e2"], self.k * coef),
-                          decay.T * a["w1"] - self.dot("cd,ce->de", e1 * coef, a["h"]))
-      return sums[0] + self.dot("te,se->ts", a["hq"], a["h"]), sums[1] + self.dot("te,de->td", a["hq"], a["w1"])
+        new = (decay * a["w2"] - self.dot("ce,ci->ei", a["e2"], self.k * coef),
+               decay.T * a["w1"] - self.dot("cd,ce->de", e1 * coef, a["h"]))
+        self.states.store(slot, i, *new)
+        terms = tuple(t + ret.scale_terms(w) for t, w in zip(terms, new, strict=True))
+      return hh + self.dot("te,se->ts", a["hq"], a["h"]), t1 + self.dot("te,de->td", a["hq"], a["w1"]), terms
 
-    return self.states.loop(body, (jnp.zeros((c, c), e1.dtype), jnp.zeros((c, d), e1.dtype)))
+    zero = jnp.zeros((), e1.dtype)
+    return self.states.loop(body, (jnp.zeros((c, c), e1.dtype), jnp.zeros((c, d), e1.dtype), (zero, zero)))
 
 
 def _keys_errors(spec: MemorySpec, u, k, v, delta, ln):
@@ -386,10 +388,11 @@ def _add_scale_cotangent(ret, states: _Tiles, slot, ds: _Tiles, scale_vjp, d_s2,
   states.loop(body, 0)
 
 
-def _closed_read(spec, at_end: _Chunk, q_last):
-  """Pass over the closed state (``at_end.slot``): the chunk's last query's u = Σ_tiles gelu(s₂ W2 q) W1ᵀ [1, d]
-  (before s₁), row by row (a [1, d] query is no matmul), with (s₂, s₁) and their vjp."""
-  (s2, s1), scale_vjp = at_end.scales()
+def _closed_read(spec, at_end: _Chunk, q_last, totals):
+  """Pass over the closed state (``at_end.slot``, scale terms ``totals``): the chunk's last query's
+  u = Σ_tiles gelu(s₂ W2 q) W1ᵀ [1, d] (before s₁), row by row (a [1, d] query is no matmul), with (s₂, s₁) and
+  their vjp."""
+  (s2, s1), scale_vjp = at_end.scales(totals)
 
   def body(i, u):
     w2, w1 = at_end.states.load(at_end.slot, i)
@@ -399,10 +402,10 @@ def _closed_read(spec, at_end: _Chunk, q_last):
   return at_end.states.loop(body, jnp.zeros_like(q_last)), (s2, s1), scale_vjp
 
 
-def _closed_read_backward(spec, at_end: _Chunk, q_last, d_o, ds: _Tiles, ln, interpret):
+def _closed_read_backward(spec, at_end: _Chunk, q_last, totals, d_o, ds: _Tiles, ln, interpret):
   """The pull-back of :func:`_closed_read` (o = q + LN(s₁ u)) from d_o [1, d]: the closed state's cotangent is added
   to ``ds`` tile by tile; returns (d q [1, d], dγ, dβ)."""
-  u, (s2, s1), scale_vjp = _closed_read(spec, at_end, q_last)
+  u, (s2, s1), scale_vjp = _closed_read(spec, at_end, q_last, totals)
   d_su, dg, db = jax.vjp(lambda u, g, b: layer_norm(u, (g, b), spec.memory.ln_eps)[0], s1 * u, *ln)[1](d_o)
   d_u = s1 * d_su
 
@@ -419,6 +422,16 @@ def _closed_read_backward(spec, at_end: _Chunk, q_last, d_o, ds: _Tiles, ln, int
   return d_q, dg, db
 
 
+def _store_totals(ref, slot, totals) -> None:
+  """A slot's scale terms (t₂, t₁) into row ``slot`` of ``ref`` [n + 1, 2]."""
+  ref[pl.ds(slot, 1), :] = jnp.where(jnp.arange(2)[None, :] == 0, totals[0], totals[1])
+
+
+def _load_totals(ref, slot) -> tuple:
+  row = ref[pl.ds(slot, 1), :]
+  return tuple(jnp.sum(jnp.where(jnp.arange(2)[None, :] == i, row, 0.0)) for i in range(2))
+
+
 def _last_row(c: int, complete):
   """[c, 1] mask of the chunk's last row where the chunk is complete (its read is the closed state's)."""
   return (jnp.arange(c) == c - 1)[:, None] & (complete > 0)
@@ -427,39 +440,45 @@ def _last_row(c: int, complete):
 def _fwd_kernel(*refs, spec, n, c, tile, mixing, interpret):
   (k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, scores_ref, end_decay_ref, end_coef_ref, complete_ref), rest = (
       refs[:_COMMON], refs[_COMMON:])
-  mix_refs, (w2_ref, w1_ref, gamma_ref, beta_ref, o_ref, states2_ref, states1_ref), scratch = (
-      rest[:mixing], rest[mixing:mixing + 7], rest[mixing + 7:])
+  mix_refs, (w2_ref, w1_ref, gamma_ref, beta_ref, o_ref, states2_ref, states1_ref, totals_ref), scratch = (
+      rest[:mixing], rest[mixing:mixing + 8], rest[mixing + 8:])
   e, d = w2_ref.shape
   ln = (gamma_ref[...], beta_ref[...])
   initial, states = _Tiles(w2_ref, w1_ref, e, d, tile), _Tiles(states2_ref, states1_ref, e, d, tile)
   mix = _mixing(spec, mix_refs, scratch, interpret)
   boundary = spec.read == "post" and spec.retention.boundary_read
+  ret = spec.retention
 
-  def copy(i, _):  # slot 0: the initial state
-    states.store(0, i, *initial.load(0, i))
-    return 0
+  def copy(i, terms):  # slot 0: the initial state
+    w = initial.load(0, i)
+    states.store(0, i, *w)
+    return tuple(t + ret.scale_terms(x) for t, x in zip(terms, w, strict=True))
 
-  states.loop(copy, 0)
+  zero = jnp.zeros((), w2_ref.dtype)
+  totals = states.loop(copy, (zero, zero))
+  _store_totals(totals_ref, 0, totals)
 
-  def chunk(j, _):
+  def chunk(j, totals):  # totals: the scale terms of chunk j's start state
     _sync(interpret)  # chunk j's start state, stored by every thread, is complete
     rows = pl.ds(pl.multiple_of(j * c, c), c)
     at = _Chunk(spec, states, j, rows, k_ref, qd_ref, scores_ref)
-    (s2, s1), _ = at.scales()
+    (s2, s1), _ = at.scales(totals)
     e1, _ = _keys_errors(spec, s1 * at.keys_forward(s2), at.k, v_ref[rows, :], delta_ref[rows], ln)
-    hh, t1 = at.read_sums(s2, s1, e1, end=(j + 1, end_decay_ref[pl.ds(j, 1), :], end_coef_ref[rows, :]))
+    hh, t1, totals = at.read_sums(s2, s1, e1, end=(j + 1, end_decay_ref[pl.ds(j, 1), :], end_coef_ref[rows, :]))
+    _store_totals(totals_ref, j + 1, totals)
     uq = s1 * (decay_ref[rows, :] * t1 - mix.forward(at.dot, rows, hh, e1))
     o = q_ref[rows, :] + layer_norm(uq, ln, spec.memory.ln_eps)[0]
     if boundary:  # the chunk's last query reads the state it closed
       _sync(interpret)
       q_last = q_ref[pl.ds(j * c + c - 1, 1), :]
-      u, (_, s1), _ = _closed_read(spec, _Chunk(spec, states, j + 1, rows, k_ref, qd_ref, scores_ref), q_last)
+      u, (_, s1), _ = _closed_read(spec, _Chunk(spec, states, j + 1, rows, k_ref, qd_ref, scores_ref), q_last,
+                                   totals)
       o_last = q_last + layer_norm(s1 * u, ln, spec.memory.ln_eps)[0]
       o = jnp.where(_last_row(c, complete_ref[pl.ds(j, 1), :]), o_last, o)
     o_ref[rows, :] = o
-    return 0
+    return totals
 
-  jax.lax.fori_loop(0, n, chunk, 0)
+  jax.lax.fori_loop(0, n, chunk, totals)
 
 
 def _bwd_kernel(*refs, spec, n, c, tile, mixing, interpret):
@@ -467,7 +486,8 @@ def _bwd_kernel(*refs, spec, n, c, tile, mixing, interpret):
   (k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, scores_ref, end_decay_ref, end_coef_ref, complete_ref), rest = (
       refs[:_COMMON], refs[_COMMON:])
   mix_refs, rest = rest[:mixing], rest[mixing:]
-  (states2_ref, states1_ref, gamma_ref, beta_ref, do_ref, dfinal2_ref, dfinal1_ref), rest = rest[:7], rest[7:]
+  (states2_ref, states1_ref, totals_ref, gamma_ref, beta_ref, do_ref, dfinal2_ref, dfinal1_ref), rest = (
+      rest[:8], rest[8:])
   (dk_ref, dqd_ref, dq_ref, dv_ref, ddelta_ref, ddecay_ref, dscores_ref, dend_decay_ref, dend_coef_ref), rest = (
       rest[:9], rest[9:])
   dmix_refs, (ds2_ref, ds1_ref, dgamma_ref, dbeta_ref, dh_ref, dz_ref), scratch = (
@@ -502,15 +522,16 @@ def _bwd_kernel(*refs, spec, n, c, tile, mixing, interpret):
       last = _last_row(c, complete_ref[pl.ds(j, 1), :])
       d_q_last, dg_b, db_b = _closed_read_backward(
           spec, _Chunk(spec, states, j + 1, rows, k_ref, qd_ref, scores_ref), q_ref[pl.ds(j * c + c - 1, 1), :],
-          jnp.sum(jnp.where(last, do, 0.0), axis=0, keepdims=True), ds, ln, interpret)
+          _load_totals(totals_ref, j + 1), jnp.sum(jnp.where(last, do, 0.0), axis=0, keepdims=True), ds, ln,
+          interpret)
       dq = do + jnp.where((jnp.arange(c) == c - 1)[:, None], d_q_last, 0.0)
       do = jnp.where(last, 0.0, do)
     dq_ref[rows, :] = dq
     # ---- recompute the forward (pass 1, the keys' errors, pass 2's sums) ----
-    (s2, s1), scale_vjp = at.scales()
+    (s2, s1), scale_vjp = at.scales(_load_totals(totals_ref, j))
     uraw = at.keys_forward(s2)
     e1, _ = _keys_errors(spec, s1 * uraw, at.k, v_ref[rows, :], delta_ref[rows], ln)
-    hh, t1 = at.read_sums(s2, s1, e1)
+    hh, t1, _ = at.read_sums(s2, s1, e1)
     t2 = mix.forward(dot, rows, hh, e1)
     # ---- the reads: O = Q + LN(Uq), Uq = s₁ (decay ⊙ T1 − T2), T2 = the W1 mixing of HH and E1 ----
     (d_uq, dg_o, db_o) = jax.vjp(lambda u, g, b: layer_norm(u, (g, b), eps)[0], s1 * (decay * t1 - t2), *ln)[1](do)
@@ -624,11 +645,11 @@ def _scan_fwd(spec, tuning, interpret, rows, s0, ln):
   launch = _launch(spec, tuning, interpret, rows, e)
   n = launch["n"]
   like = lambda *shape: jax.ShapeDtypeStruct((big, *shape), rows[0].dtype)  # float32 (float64 in tests)
-  o, states2, states1, *_ = _call(  # states: the start of every chunk and the end of the last, n + 1 slots
+  o, states2, states1, totals, *_ = _call(  # the start of every chunk and the end of the last, n + 1 slots
       functools.partial(_fwd_kernel, **launch), (*rows, *s0, *ln),
-      (like(length, d), like((n + 1) * e, d), like((n + 1) * d, e), *_scratch(like, launch["c"], d)),
+      (like(length, d), like((n + 1) * e, d), like((n + 1) * d, e), like(n + 1, 2), *_scratch(like, launch["c"], d)),
       tuning=tuning, interpret=interpret)
-  return (o, (states2[:, n * e:], states1[:, n * d:])), (rows, (states2, states1), ln)
+  return (o, (states2[:, n * e:], states1[:, n * d:])), (rows, (states2, states1, totals), ln)
 
 
 def _scan_bwd(spec, tuning, interpret, residuals, cotangents):
