@@ -90,7 +90,7 @@ class Tuning:
   ``num_stages``: Triton's software pipelining of the tile loops (2 loads the next tile during this one's work, at
   the price of shared memory). Timed on the GPU by ``benchmarks/miras.py --warps ... --hidden-tile ... --stages``."""
 
-  num_warps: int = 4
+  num_warps: int = 8  # fewer spills than 4 when compiled for sm_90a (docs/benchmarks.md)
   hidden_tile: int = 64
   num_stages: int = 1
 
