@@ -170,8 +170,9 @@ class _Tiles:
 @dataclasses.dataclass(frozen=True)
 class _Chunk:
   """One chunk of one head as both kernels see it: its start state (``slot`` of ``states``) and its ``rows`` of the
-  keys K [c, d], the queries scaled by their decay Q̃ [c, d] and the first layer's dual-form scores S_q [c, c],
-  loaded afresh wherever they are used (a value live through a tile loop costs registers; a load hits L1/L2)."""
+  keys K [c, d], the queries scaled by their decay Q̃ [c, d] and (``scores_rows`` of ``scores_ref``) the first
+  layer's dual-form scores S_q [c, c], loaded afresh wherever they are used (a value live through a tile loop costs
+  registers; a load hits L1/L2)."""
 
   spec: MemorySpec
   states: _Tiles
@@ -180,6 +181,7 @@ class _Chunk:
   k_ref: object
   qd_ref: object
   scores_ref: object
+  scores_rows: object
 
   @property
   def k(self):
@@ -191,7 +193,7 @@ class _Chunk:
 
   @property
   def scores(self):
-    return self.scores_ref[self.rows, :]
+    return self.scores_ref[self.scores_rows, :]
 
   def dot(self, spec, a, b):
     return _dot(self.spec.memory.matmul)(spec, a, b)
@@ -260,16 +262,29 @@ def _gate_sum(x: jax.Array, g: int) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class _HeadMixing:
-  """W1's dual-form mixing Σ_s (hq_t·h_s) C[t, s] e1_s with per-head gates: one [c, c] matrix C per chunk (``coef``
-  [n·c, c], formed outside the kernels, with its cotangent)."""
+class _HeadGates:
+  """Per-head gates: the chunk's step coefficients C [c, c] (W1's dual-form mixing Σ_s (hq_t·h_s) C[t, s] e1_s) and
+  the first layer's dual-form scores S_q [c, c] are formed outside the kernels (refs [n·c, c]); the kernels return
+  their cotangents and XLA takes them to the gates."""
 
   coef: object
+  scores_ref: object
 
-  def forward(self, dot, rows, hh, e1):
+  def scores(self, dot, rows, q_ref, k_ref) -> tuple:
+    """(ref, index) of the chunk's S_q."""
+    return self.scores_ref, rows
+
+  def dscores(self, rows, grads) -> tuple:
+    """(ref, index) where the chunk's cotangent of S_q is summed."""
+    return grads[1], rows
+
+  def scores_backward(self, dot, rows, q_ref, k_ref, grads):
+    return None  # S_q's cotangent is already in its output
+
+  def mix(self, dot, rows, hh, e1):
     return dot("ts,sd->td", hh * self.coef[rows, :], e1)
 
-  def backward(self, dot, rows, hh, e1, d_mixed, mixed, grads) -> tuple:
+  def mix_backward(self, dot, rows, hh, e1, d_mixed, mixed, grads) -> tuple:
     """(d hh, d e1) of the mixing; C's cotangent is stored in ``grads[0]``."""
     del mixed
     coef = self.coef[rows, :]
@@ -279,29 +294,34 @@ class _HeadMixing:
 
 
 @dataclasses.dataclass(frozen=True)
-class _ChannelMixing:
-  """The same mixing with channel gates on W1's output axis: C[t, s, o] = η_so B_to / B_so (s ≤ t; B_{t−1} for pre
-  reads) is [c, c, d], not one matmul. The chunk is cut into row blocks of :data:`SUB_BLOCK` (GLA's secondary
-  chunking, spec mom §2.4): a block with itself is formed element-wise ([r, r, d], exponents masked before the
-  exp); with an earlier block it factors through B at the last row of the block before, B_t / B_ref and
-  η_s B_ref / B_s, both ≤ 1, so it is a matmul that cannot overflow. Blocks of values are loaded from scratch refs
-  (Triton cannot slice a value). Its cotangents go to the per-token gates themselves: with G[t, s, o] the summand
-  d_t2[t, o] (hh ⊙ C ⊙ e1)[t, s, o], Σ_s G = d_mixed ⊙ mixed is log B_read's and Σ_t G (= e1 ⊙ η ⊙ M', M' the
-  e1-cotangent without η) is −log B's and η's (divided by η, taken from M' so that η = 0 is safe)."""
+class _ChannelGates:
+  """Channel gates: C[t, s, i] = η_si B_ti / B_si (s ≤ t; B_{t−1} for pre reads) is [c, c, d], on W2's input axis
+  (the scores S_q[t, s] = Σ_i q_ti C[t, s, i] k_si) and W1's output axis (the mixing Σ_s (hq_t·h_s) C[t, s, o] e1_so),
+  so neither is one matmul; both are formed here from η, log B_read and log B [n·c, d]. The chunk is cut into row
+  blocks of :data:`SUB_BLOCK` (GLA's secondary chunking, spec mom §2.4): a block with itself is formed element-wise
+  ([r, r, d], exponents masked before the exp); with an earlier block it factors through B at the last row of the
+  block before, B_t / B_ref and η_s B_ref / B_s, both ≤ 1, so it is a matmul that cannot overflow. Blocks of values
+  are loaded from scratch refs (Triton cannot slice a value). Three bilinear forms cover the forward and backward:
+  ``_mix`` Σ_s a[t, s] C[t, s, o] x[s, o], ``_pair`` Σ_o y[t, o] C[t, s, o] x[s, o] and ``_mix_t`` Σ_t y[t, o] a[t, s]
+  C[t, s, o] / η[s, o]. The gate cotangents come from the same products: for a form's summand G[t, s, o], Σ_s G is
+  log B_read's and Σ_t G is −log B's and (without η) η's."""
 
   eta: object  # refs [n·c, d]: η, log B_read, log B
   lread: object
   lb: object
-  hh: object  # scratch refs [c, c], [c, d], [c, d], [c, d], [c, c]
-  e1: object
-  dt2: object
+  a: object  # scratch refs [c, c], [c, d] × 4, [c, c] × 3
+  x: object
+  y: object
   out: object
-  dhh: object
+  out2: object
+  pairs: object
+  sq: object
+  dsq: object
   post: bool
   interpret: bool
 
   def _blocks(self, base):
-    c = self.hh.shape[0]
+    c = self.a.shape[0]
     r = min(c, SUB_BLOCK)
     t = jnp.arange(r)
     mask = (t[:, None] >= t[None, :] if self.post else t[:, None] > t[None, :])[..., None]
@@ -315,62 +335,94 @@ class _ChannelMixing:
     plain = jnp.exp(jnp.where(mask, self.lread[row, :][:, None, :] - self.lb[row, :][None, :, :], -jnp.inf))
     return plain * self.eta[row, :][None], plain
 
-  def _earlier(self, lj, rj, ref):
-    """An earlier row block's e1 ⊙ η B_ref / B_s [r, d] (every factor ≤ 1)."""
-    return self.e1[lj, :] * self.eta[rj, :] * jnp.exp(ref - self.lb[rj, :])
-
-  def forward(self, dot, rows, hh, e1):
-    local, rows, ref, mask = self._blocks(rows.start)
-    self.hh[...], self.e1[...] = hh, e1
-    _sync(self.interpret)
+  def _mix(self, dot, blocks, a, x, out) -> None:
+    local, rows, ref, mask = blocks
     for i, (li, ri) in enumerate(zip(local, rows, strict=True)):
-      acc = jnp.sum(self.hh[li, li][:, :, None] * self._diag(ri, mask)[0] * self.e1[li, :][None], axis=1)
+      acc = jnp.sum(a[li, li][:, :, None] * self._diag(ri, mask)[0] * x[li, :][None], axis=1)
       if i:
-        inner = sum(dot("ts,sd->td", self.hh[li, lj], self._earlier(lj, rj, ref[i]))
+        inner = sum(dot("ts,sd->td", a[li, lj], x[lj, :] * self.eta[rj, :] * jnp.exp(ref[i] - self.lb[rj, :]))
                     for lj, rj in zip(local[:i], rows[:i], strict=True))
         acc = acc + jnp.exp(self.lread[ri, :] - ref[i]) * inner
-      self.out[li, :] = acc
+      out[li, :] = acc
+
+  def _pair(self, dot, blocks, y, x, out) -> None:
+    local, rows, ref, mask = blocks
+    for i, (li, ri) in enumerate(zip(local, rows, strict=True)):
+      for j, (lj, rj) in enumerate(zip(local, rows, strict=True)):
+        if j < i:
+          out[li, lj] = dot("td,sd->ts", y[li, :] * jnp.exp(self.lread[ri, :] - ref[i]),
+                            x[lj, :] * self.eta[rj, :] * jnp.exp(ref[i] - self.lb[rj, :]))
+        elif j == i:
+          out[li, li] = jnp.sum(y[li, :][:, None, :] * self._diag(ri, mask)[0] * x[li, :][None], axis=2)
+        else:
+          out[li, lj] = jnp.zeros((li.size, lj.size), out.dtype)
+
+  def _mix_t(self, dot, blocks, a, y, out) -> None:
+    local, rows, ref, mask = blocks
+    for j, (lj, rj) in enumerate(zip(local, rows, strict=True)):
+      acc = jnp.sum(y[lj, :][:, None, :] * a[lj, lj][:, :, None] * self._diag(rj, mask)[1], axis=0)
+      for i in range(j + 1, len(local)):
+        li, ri = local[i], rows[i]
+        acc = acc + jnp.exp(ref[i] - self.lb[rj, :]) * dot(
+            "ts,td->sd", a[li, lj], y[li, :] * jnp.exp(self.lread[ri, :] - ref[i]))
+      out[lj, :] = acc
+
+  def scores(self, dot, rows, q_ref, k_ref) -> tuple:
+    self.y[...], self.x[...] = q_ref[rows, :], k_ref[rows, :]
+    _sync(self.interpret)
+    self._pair(dot, self._blocks(rows.start), self.y, self.x, self.sq)
+    _sync(self.interpret)
+    return self.sq, pl.ds(0, self.sq.shape[0])
+
+  def dscores(self, rows, grads) -> tuple:
+    return self.dsq, pl.ds(0, self.dsq.shape[0])
+
+  def scores_backward(self, dot, rows, q_ref, k_ref, grads) -> tuple:
+    """(d q, d k) [c, d] from the summed cotangent of S_q; the gates' shares are added to ``grads``."""
+    blocks = self._blocks(rows.start)
+    q, k, eta = q_ref[rows, :], k_ref[rows, :], self.eta[rows, :]
+    self.y[...], self.x[...] = q, k
+    _sync(self.interpret)
+    self._mix(dot, blocks, self.dsq, self.x, self.out)
+    self._mix_t(dot, blocks, self.dsq, self.y, self.out2)
+    _sync(self.interpret)
+    d_q, d_k = self.out[...], self.out2[...]
+    d_eta, d_lread, d_lb = grads
+    d_eta[rows, :] += k * d_k
+    d_lread[rows, :] += q * d_q
+    d_lb[rows, :] -= eta * k * d_k
+    return d_q, eta * d_k
+
+  def mix(self, dot, rows, hh, e1):
+    self.a[...], self.x[...] = hh, e1
+    _sync(self.interpret)
+    self._mix(dot, self._blocks(rows.start), self.a, self.x, self.out)
     _sync(self.interpret)
     return self.out[...]
 
-  def backward(self, dot, rows, hh, e1, d_mixed, mixed, grads) -> tuple:
-    span = rows
-    local, rows, ref, mask = self._blocks(rows.start)
-    self.hh[...], self.e1[...], self.dt2[...] = hh, e1, d_mixed
+  def mix_backward(self, dot, rows, hh, e1, d_mixed, mixed, grads) -> tuple:
+    """(d hh, d e1) of the mixing; the gates' cotangents are stored in ``grads``."""
+    blocks = self._blocks(rows.start)
+    self.a[...], self.x[...], self.y[...] = hh, e1, d_mixed
     _sync(self.interpret)
-    down = [self.dt2[li, :] * jnp.exp(self.lread[ri, :] - ref[i]) if i else None
-            for i, (li, ri) in enumerate(zip(local, rows, strict=True))]  # d_t2 ⊙ B_t / B_ref per block
-    for i, (li, ri) in enumerate(zip(local, rows, strict=True)):  # d hh, block by block
-      for j, lj in enumerate(local):
-        if j < i:
-          self.dhh[li, lj] = dot("td,sd->ts", down[i], self._earlier(lj, rows[j], ref[i]))
-        elif j == i:
-          coef = self._diag(ri, mask)[0]
-          self.dhh[li, li] = jnp.sum(self.dt2[li, :][:, None, :] * coef * self.e1[li, :][None], axis=2)
-        else:
-          self.dhh[li, lj] = jnp.zeros((li.size, lj.size), hh.dtype)
-    for j, (lj, rj) in enumerate(zip(local, rows, strict=True)):  # M' = the e1-cotangent without η, block by block
-      plain = self._diag(rj, mask)[1]
-      acc = jnp.sum(self.dt2[lj, :][:, None, :] * self.hh[lj, lj][:, :, None] * plain, axis=0)
-      for i in range(j + 1, len(local)):
-        acc = acc + jnp.exp(ref[i] - self.lb[rj, :]) * dot("ts,td->sd", self.hh[local[i], lj], down[i])
-      self.out[lj, :] = acc
+    self._pair(dot, blocks, self.y, self.x, self.pairs)
+    self._mix_t(dot, blocks, self.a, self.y, self.out)
     _sync(self.interpret)
-    m_prime, eta = self.out[...], self.eta[span, :]
+    m_prime, eta = self.out[...], self.eta[rows, :]
     d_eta, d_lread, d_lb = grads
-    d_eta[span, :], d_lread[span, :], d_lb[span, :] = e1 * m_prime, d_mixed * mixed, -eta * e1 * m_prime
-    return self.dhh[...], eta * m_prime
+    d_eta[rows, :], d_lread[rows, :], d_lb[rows, :] = e1 * m_prime, d_mixed * mixed, -eta * e1 * m_prime
+    return self.pairs[...], eta * m_prime
 
 
-def _mixing(spec, refs, scratch, interpret):
-  """The W1 mixing for the gate kind the inputs carry: one ref (C [n·c, c]) per head, three (η, log B_read, log B)
-  per channel."""
-  if len(refs) == 1:
-    return _HeadMixing(*refs)
-  return _ChannelMixing(*refs, *scratch, post=spec.read == "post", interpret=interpret)
+def _gates(spec, refs, scratch, interpret):
+  """The gate kind the inputs carry: two refs (C, S_q [n·c, c]) per head, three (η, log B_read, log B) per
+  channel."""
+  if len(refs) == 2:
+    return _HeadGates(*refs)
+  return _ChannelGates(*refs, *scratch, post=spec.read == "post", interpret=interpret)
 
 
-_COMMON = 10  # k, Q̃, q, v, δ, decay, S_q, B_c, chunk-end coefficients, complete
+_COMMON = 9  # k, Q̃, q, v, δ, decay, B_c, chunk-end coefficients, complete
 
 
 def _add_scale_cotangent(ret, states: _Tiles, slot, ds: _Tiles, scale_vjp, d_s2, d_s1, interpret) -> None:
@@ -437,17 +489,17 @@ def _last_row(c: int, complete):
   return (jnp.arange(c) == c - 1)[:, None] & (complete > 0)
 
 
-def _fwd_kernel(*refs, spec, n, c, tile, mixing, interpret):
-  (k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, scores_ref, end_decay_ref, end_coef_ref, complete_ref), rest = (
+def _fwd_kernel(*refs, spec, n, c, tile, gates, interpret):
+  (k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, end_decay_ref, end_coef_ref, complete_ref), rest = (
       refs[:_COMMON], refs[_COMMON:])
-  mix_refs, (w2_ref, w1_ref, gamma_ref, beta_ref, o_ref, states2_ref, states1_ref, totals_ref), scratch = (
-      rest[:mixing], rest[mixing:mixing + 8], rest[mixing + 8:])
+  gate_refs, (w2_ref, w1_ref, gamma_ref, beta_ref, o_ref, states2_ref, states1_ref, totals_ref), scratch = (
+      rest[:gates], rest[gates:gates + 8], rest[gates + 8:])
   e, d = w2_ref.shape
   ln = (gamma_ref[...], beta_ref[...])
   initial, states = _Tiles(w2_ref, w1_ref, e, d, tile), _Tiles(states2_ref, states1_ref, e, d, tile)
-  mix = _mixing(spec, mix_refs, scratch, interpret)
+  gate = _gates(spec, gate_refs, scratch, interpret)
   boundary = spec.read == "post" and spec.retention.boundary_read
-  ret = spec.retention
+  ret, dot = spec.retention, _dot(spec.memory.matmul)
 
   def copy(i, terms):  # slot 0: the initial state
     w = initial.load(0, i)
@@ -461,18 +513,18 @@ def _fwd_kernel(*refs, spec, n, c, tile, mixing, interpret):
   def chunk(j, totals):  # totals: the scale terms of chunk j's start state
     _sync(interpret)  # chunk j's start state, stored by every thread, is complete
     rows = pl.ds(pl.multiple_of(j * c, c), c)
-    at = _Chunk(spec, states, j, rows, k_ref, qd_ref, scores_ref)
+    scores = gate.scores(dot, rows, q_ref, k_ref)
+    at = _Chunk(spec, states, j, rows, k_ref, qd_ref, *scores)
     (s2, s1), _ = at.scales(totals)
     e1, _ = _keys_errors(spec, s1 * at.keys_forward(s2), at.k, v_ref[rows, :], delta_ref[rows], ln)
     hh, t1, totals = at.read_sums(s2, s1, e1, end=(j + 1, end_decay_ref[pl.ds(j, 1), :], end_coef_ref[rows, :]))
     _store_totals(totals_ref, j + 1, totals)
-    uq = s1 * (decay_ref[rows, :] * t1 - mix.forward(at.dot, rows, hh, e1))
+    uq = s1 * (decay_ref[rows, :] * t1 - gate.mix(dot, rows, hh, e1))
     o = q_ref[rows, :] + layer_norm(uq, ln, spec.memory.ln_eps)[0]
     if boundary:  # the chunk's last query reads the state it closed
       _sync(interpret)
       q_last = q_ref[pl.ds(j * c + c - 1, 1), :]
-      u, (_, s1), _ = _closed_read(spec, _Chunk(spec, states, j + 1, rows, k_ref, qd_ref, scores_ref), q_last,
-                                   totals)
+      u, (_, s1), _ = _closed_read(spec, _Chunk(spec, states, j + 1, rows, k_ref, qd_ref, *scores), q_last, totals)
       o_last = q_last + layer_norm(s1 * u, ln, spec.memory.ln_eps)[0]
       o = jnp.where(_last_row(c, complete_ref[pl.ds(j, 1), :]), o_last, o)
     o_ref[rows, :] = o
@@ -481,24 +533,23 @@ def _fwd_kernel(*refs, spec, n, c, tile, mixing, interpret):
   jax.lax.fori_loop(0, n, chunk, totals)
 
 
-def _bwd_kernel(*refs, spec, n, c, tile, mixing, interpret):
+def _bwd_kernel(*refs, spec, n, c, tile, gates, interpret):
   """Reverse over the chunks; ds2/ds1 hold the cotangent of the current chunk's end state (then of its start)."""
-  (k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, scores_ref, end_decay_ref, end_coef_ref, complete_ref), rest = (
+  (k_ref, qd_ref, q_ref, v_ref, delta_ref, decay_ref, end_decay_ref, end_coef_ref, complete_ref), rest = (
       refs[:_COMMON], refs[_COMMON:])
-  mix_refs, rest = rest[:mixing], rest[mixing:]
+  gate_refs, rest = rest[:gates], rest[gates:]
   (states2_ref, states1_ref, totals_ref, gamma_ref, beta_ref, do_ref, dfinal2_ref, dfinal1_ref), rest = (
       rest[:8], rest[8:])
-  (dk_ref, dqd_ref, dq_ref, dv_ref, ddelta_ref, ddecay_ref, dscores_ref, dend_decay_ref, dend_coef_ref), rest = (
-      rest[:9], rest[9:])
-  dmix_refs, (ds2_ref, ds1_ref, dgamma_ref, dbeta_ref, dh_ref, dz_ref), scratch = (
-      rest[:mixing], rest[mixing:mixing + 6], rest[mixing + 6:])
+  (dk_ref, dqd_ref, dq_ref, dv_ref, ddelta_ref, ddecay_ref, dend_decay_ref, dend_coef_ref), rest = rest[:8], rest[8:]
+  dgate_refs, (ds2_ref, ds1_ref, dgamma_ref, dbeta_ref, dh_ref, dz_ref), scratch = (
+      rest[:gates], rest[gates:gates + 6], rest[gates + 6:])
   e, d = ds2_ref.shape
   g = decay_ref.shape[-1]
   ln = (gamma_ref[...], beta_ref[...])
   ret, eps = spec.retention, spec.memory.ln_eps
   states, dfinal = _Tiles(states2_ref, states1_ref, e, d, tile), _Tiles(dfinal2_ref, dfinal1_ref, e, d, tile)
   ds = _Tiles(ds2_ref, ds1_ref, e, d, tile)
-  mix = _mixing(spec, mix_refs, scratch, interpret)
+  gate = _gates(spec, gate_refs, scratch, interpret)
   boundary = spec.read == "post" and spec.retention.boundary_read
   columns = lambda i: (slice(None), pl.ds(_aligned(i * tile, tile), tile))  # of the scratch [c, E]
 
@@ -515,13 +566,14 @@ def _bwd_kernel(*refs, spec, n, c, tile, mixing, interpret):
     rows = pl.ds(pl.multiple_of(j * c, c), c)
     decay, do = decay_ref[rows, :], do_ref[rows, :]
     end_decay, end_coef = end_decay_ref[pl.ds(j, 1), :], end_coef_ref[rows, :]
-    at = _Chunk(spec, states, j, rows, k_ref, qd_ref, scores_ref)
-    dot = at.dot
+    dot = _dot(spec.memory.matmul)
+    scores = gate.scores(dot, rows, q_ref, k_ref)
+    at = _Chunk(spec, states, j, rows, k_ref, qd_ref, *scores)
     dq, dg_b, db_b = do, 0.0, 0.0
     if boundary:  # the chunk's last query read the state it closed: that read's cotangent joins the end state's
       last = _last_row(c, complete_ref[pl.ds(j, 1), :])
       d_q_last, dg_b, db_b = _closed_read_backward(
-          spec, _Chunk(spec, states, j + 1, rows, k_ref, qd_ref, scores_ref), q_ref[pl.ds(j * c + c - 1, 1), :],
+          spec, _Chunk(spec, states, j + 1, rows, k_ref, qd_ref, *scores), q_ref[pl.ds(j * c + c - 1, 1), :],
           _load_totals(totals_ref, j + 1), jnp.sum(jnp.where(last, do, 0.0), axis=0, keepdims=True), ds, ln,
           interpret)
       dq = do + jnp.where((jnp.arange(c) == c - 1)[:, None], d_q_last, 0.0)
@@ -532,14 +584,15 @@ def _bwd_kernel(*refs, spec, n, c, tile, mixing, interpret):
     uraw = at.keys_forward(s2)
     e1, _ = _keys_errors(spec, s1 * uraw, at.k, v_ref[rows, :], delta_ref[rows], ln)
     hh, t1, _ = at.read_sums(s2, s1, e1)
-    t2 = mix.forward(dot, rows, hh, e1)
+    t2 = gate.mix(dot, rows, hh, e1)
     # ---- the reads: O = Q + LN(Uq), Uq = s₁ (decay ⊙ T1 − T2), T2 = the W1 mixing of HH and E1 ----
     (d_uq, dg_o, db_o) = jax.vjp(lambda u, g, b: layer_norm(u, (g, b), eps)[0], s1 * (decay * t1 - t2), *ln)[1](do)
     d_s1 = jnp.sum(d_uq * (decay * t1 - t2))
     d_t1 = s1 * decay * d_uq
     ddecay_ref[rows, :] = _gate_sum(s1 * d_uq * t1, g)  # stored now: fewer values live through the loops
-    d_hh, d_e1 = mix.backward(dot, rows, hh, e1, -s1 * d_uq, t2, dmix_refs)
-    dqd_ref[rows, :], dscores_ref[rows, :] = jnp.zeros_like(do), jnp.zeros((c, c), do.dtype)  # summed over tiles
+    d_hh, d_e1 = gate.mix_backward(dot, rows, hh, e1, -s1 * d_uq, t2, dgate_refs)
+    dscores_ref, dscores_rows = gate.dscores(rows, dgate_refs)
+    dqd_ref[rows, :], dscores_ref[dscores_rows, :] = jnp.zeros_like(do), jnp.zeros((c, c), do.dtype)  # tile sums
     _sync(interpret)
 
     def reads_and_end(i, carry):  # B1: back through the reads and the chunk end, tile by tile
@@ -558,7 +611,7 @@ def _bwd_kernel(*refs, spec, n, c, tile, mixing, interpret):
       d_zq = d_hq * _gelu_grad(s2 * a["zq"])
       d_s2 = d_s2 + jnp.sum(d_zq * a["zq"])
       dqd_ref[rows, :] += s2 * dot("te,ei->ti", d_zq, a["w2"])
-      dscores_ref[rows, :] -= s2 * dot("te,se->ts", d_zq, a["e2"])
+      dscores_ref[dscores_rows, :] -= s2 * dot("te,se->ts", d_zq, a["e2"])
       da2 = s2 * dot("te,ti->ei", d_zq, at.qd)
       d_e2 = d_e2 - s2 * dot("ts,te->se", at.scores, d_zq)
       d_p = d_e2 * _gelu_grad(a["z"])
@@ -573,6 +626,10 @@ def _bwd_kernel(*refs, spec, n, c, tile, mixing, interpret):
 
     d_kc, d_e1c, d_e1, d_s1, d_s2, d_end_decay = states.loop(
         reads_and_end, (jnp.zeros_like(do), jnp.zeros_like(do), d_e1, d_s1, zero, jnp.zeros((1, d), do.dtype)))
+    d_k = d_kc * end_coef
+    if (through_scores := gate.scores_backward(dot, rows, q_ref, k_ref, dgate_refs)) is not None:
+      dq_ref[rows, :] += through_scores[0]
+      d_k = d_k + through_scores[1]
     dend_decay_ref[pl.ds(j, 1), :] = _gate_sum(d_end_decay, g)
     dend_coef_ref[rows, :] = _gate_sum(d_kc * at.k + d_e1c * e1, g)
     # ---- back through the keys' errors, row-wise (recomputed from fresh loads: nothing of the first computation
@@ -596,7 +653,7 @@ def _bwd_kernel(*refs, spec, n, c, tile, mixing, interpret):
       ds.add(0, i, da2, da1, interpret)
       return d_k + s2 * dot("ce,ei->ci", d_z, w2), d_s2 + jnp.sum(d_z * zraw)
 
-    d_k, d_s2 = states.loop(keys, (d_y + d_kc * end_coef, d_s2))
+    d_k, d_s2 = states.loop(keys, (d_y + d_k, d_s2))
     _add_scale_cotangent(ret, states, j, ds, scale_vjp, d_s2, d_s1, interpret)  # B3
     dk_ref[rows, :], dv_ref[rows, :], ddelta_ref[rows] = d_k, d_v, d_delta
     return dln[0] + dg_o + dg_e + dg_y + dg_b, dln[1] + db_o + db_y + db_b
@@ -629,14 +686,14 @@ def _scan(spec, tuning, interpret, rows, s0, ln):
 
 
 def _launch(spec, tuning, interpret, rows, e: int) -> dict:
-  n = rows[7].shape[1]
-  return dict(spec=spec, n=n, c=rows[0].shape[1] // n, tile=tuning.tile(e), mixing=len(rows) - _COMMON,
+  n = rows[6].shape[1]
+  return dict(spec=spec, n=n, c=rows[0].shape[1] // n, tile=tuning.tile(e), gates=len(rows) - _COMMON,
               interpret=interpret)
 
 
 def _scratch(like, c: int, d: int) -> tuple:
-  """The channel mixing's per-head scratch (hh, e1, d_t2, out, d hh), allocated for either gate kind."""
-  return like(c, c), like(c, d), like(c, d), like(c, d), like(c, c)
+  """Channel gates' per-head scratch (:class:`_ChannelGates`), allocated for either gate kind."""
+  return like(c, c), like(c, d), like(c, d), like(c, d), like(c, d), like(c, c), like(c, c), like(c, c)
 
 
 def _scan_fwd(spec, tuning, interpret, rows, s0, ln):
@@ -688,10 +745,10 @@ def miras_pallas(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict
   x = flat.chunk_inputs(spec, q, k, v, gates, chunk_size, lengths)
   n, big = x.q.shape[0], b * h
   per_head = lambda a: jnp.moveaxis(a, 0, 1).reshape(big, n * chunk_size, *a.shape[3:])  # [n, N, c, ..]
-  rows = tuple(per_head(a) for a in (x.k, x.q * x.decay, x.q, x.v, x.delta, x.decay, x.scores_q))
+  rows = tuple(per_head(a) for a in (x.k, x.q * x.decay, x.q, x.v, x.delta, x.decay))
   rows += (jnp.moveaxis(x.end_decay, 0, 1), per_head(x.end_coef), x.complete.T[..., None].astype(x.q.dtype))
   if gates.eta.shape[-1] == 1:
-    rows += (per_head(x.w1_coef),)
+    rows += (per_head(x.w1_coef), per_head(x.scores_q))
   else:  # channel gates: W1's coefficients are formed in the kernels from η, log B_read and log B
     eta, log_alpha, log_b, _ = x.w1_coef
     rows += tuple(per_head(a) for a in (eta, log_b if spec.read == "post" else log_b - log_alpha, log_b))
