@@ -15,8 +15,8 @@ float32; returns (o [b, t, h, d] float32, state at the last chunk boundary, mome
     states, gates and cumulative products stay float32); chosen explicitly, by measurement (benchmarks/miras.py);
   * ``"pallas_triton"`` / ``"pallas_triton_bf16"``: the whole chunk loop of a head in one Pallas (Triton) kernel
     per direction, walking the hidden axis in tiles, with a hand-written backward (:mod:`pallas_triton`); GPU only,
-    for MLP memories with per-head gates, no momentum, lag token, inner clip or chunk-end map (Moneta), c, d, E
-    powers of two ≥ 16; equal to ``xla_flat`` (interpret mode on the CPU, tests);
+    for MLP memories (per-head or channel gates) with no momentum, lag token, inner clip or chunk-end map (Moneta),
+    c, d, E powers of two ≥ 16; equal to ``xla_flat`` (interpret mode on the CPU, tests), not yet timed on a GPU;
   * ``"reference"``: the token loop with one ``jax.grad`` per token (any backend; slow).
 ``None`` takes the first that applies, in that order (so never the Pallas kernels, listed after the reference).
 An explicitly requested implementation that cannot run raises a ValueError saying why.

@@ -10,30 +10,34 @@ The head's state {W2 [E, d], W1 [d, E]} (2·E·d float32: 128 KiB at d = 64, E =
 program's registers, so it lives in global memory (L2-resident) and every pass over it walks the hidden axis E
 in tiles of ``Tuning.hidden_tile`` columns with ``fori_loop``, keeping only [c, tile] activations and [c, d] / [c, c]
 accumulators live. Chunk j reads its start state from slot j of the checkpoints and writes its end state to slot
-j + 1 (n + 1 slots, behind a barrier). Per chunk (:mod:`flat`'s step, per-head gates; s₂, s₁ the read scales):
+j + 1 (n + 1 slots, behind a barrier). Per chunk (:mod:`flat`'s step; s₂, s₁ the read scales):
 
   * forward, two passes over the tiles: (1) u = s₁ Σ_tiles gelu(s₂ K W2ᵀ) W1ᵀ, then the row-wise LayerNorm, bias
     gradient and LayerNorm backward give the keys' errors e1 [c, d]; (2) per tile the keys' second-layer errors
     e2 = s₁ (e1 W1) ⊙ gelu'(z), the queries' hidden reads hq = gelu(s₂ (Q̃ W2ᵀ − S_q e2)), the sums
-    hq hᵀ [c, c] and hq W1ᵀ [c, d], and the closed tile of the end state, written to slot j + 1;
+    hq hᵀ [c, c] and hq W1ᵀ [c, d], and the closed tile of the end state, written to slot j + 1 while its read-scale
+    sums are taken (kept per slot for the backward); then the chunk's last query reads the closed state
+    (``boundary_read``: Moneta), one more pass;
   * backward, a reverse loop that recomputes the chunk from its checkpointed start state and pulls the cotangents
-    back by hand (the order of operations of ``flat``'s step run backwards): the read scales' sums, the two forward
-    passes, the row-wise and [c, c] pieces of the reads, then (B1) per tile the pull-back through the reads and the
-    chunk end, writing the start state's cotangent tile and the keys' partial cotangents [c, tile] to scratch,
-    the row-wise pull-back through the keys' errors (``jax.vjp`` of LayerNorm, bias gradient and LayerNorm
-    backward, element-wise and per row), then (B2) per tile the pull-back through the keys' forward, and (B3) the
-    read scale's share of the state's cotangent (Moneta).
+    back by hand (the order of operations of ``flat``'s step run backwards): the closed-state read's pull-back into
+    the end state's cotangent, the two forward passes, the row-wise and [c, c] pieces of the reads, then (B1) per
+    tile the pull-back through the reads and the chunk end, writing the start state's cotangent tile and the keys'
+    partial cotangents [c, tile] to scratch, the row-wise pull-back through the keys' errors (``jax.vjp`` of
+    LayerNorm, bias gradient and LayerNorm backward, element-wise and per row), then (B2) per tile the pull-back
+    through the keys' forward, and (B3) the read scale's share of the state's cotangent (Moneta).
 
-The chunk-end read of the closed state (``boundary_read``: Moneta) and everything state-independent (decays, step
-coefficients, dual-form scores: :func:`flat.chunk_inputs`) are plain XLA outside the kernels, batched over every
-chunk at once; their gradients reach the kernels as cotangents of the inputs and of the checkpointed states.
+Gates: per head, the chunk's [c, c] step coefficients C and first-layer dual-form scores S_q come from XLA
+(:func:`flat.chunk_inputs`, with the decays) and the kernels return their cotangents; per channel, C is [c, c, d]
+and both layers' uses of it are formed in the kernels in row blocks (:class:`_ChannelGates`), which return the
+per-token gates' cotangents directly. Nothing state-sized runs in XLA.
 
-Covers the MLP memory with per-head gates, no momentum, no lag token, no inner clip and a retention without a
-chunk-end map (decay, ℓq normalisation: Moneta; ``unsupported`` says why otherwise); c, d and the tile must be
-powers of two ≥ 16 (Triton tiles). Memory: the checkpoints are (n + 1)·2·E·d float32 per head (8 × 4096 tokens,
-d = 64, E = 256, H = 16: 1 GiB), and the backward's scratch 2·c·E float32 per head. The kernels run in Pallas
-interpret mode on the CPU, which is how the tests check them. Triton has no erf, so GELU inside the kernels uses
-:func:`erf` (|error| < 1.2e-7, so |Δgelu(z)| < 6e-8·|z|). Shapes and returns as :func:`chunked.miras_chunked`.
+Covers the MLP memory with no momentum, no lag token, no inner clip and a retention without a chunk-end map
+(decay, ℓq normalisation: Moneta; ``unsupported`` says why otherwise); c, d and the tile must be powers of two
+≥ 16 (Triton tiles). Memory: the checkpoints are (n + 1)·2·E·d float32 per head (8 × 4096 tokens, d = 64,
+E = 256, H = 16: 1 GiB), and the backward's scratch 2·c·E float32 per head. The kernels run in Pallas interpret
+mode on the CPU, which is how the tests check them (against autodiff of :mod:`flat`, to 1e-15 in float64). Triton
+has no erf, so GELU inside the kernels uses :func:`erf` (|error| < 1.2e-7, so |Δgelu(z)| < 6e-8·|z|). Shapes and
+returns as :func:`chunked.miras_chunked`.
 """
 
 from __future__ import annotations
@@ -253,7 +257,7 @@ def _keys_errors(spec: MemorySpec, u, k, v, delta, ln):
   return e1, (ln_vjp, bias_vjp, lnb_vjp)
 
 
-SUB_BLOCK = 16  # rows of a chunk's blocks for channel gates' mixing (secondary chunking; Triton's smallest tile)
+SUB_BLOCK = 16  # rows of a chunk's blocks for channel gates' coefficients (secondary chunking; Triton's smallest tile)
 
 
 def _gate_sum(x: jax.Array, g: int) -> jax.Array:
