@@ -38,6 +38,13 @@ def matmul(spec: str, a: jax.Array, b: jax.Array, mode: str = "float32") -> jax.
   (``mode="bfloat16"``; its derivatives are bfloat16 matmuls too, see :func:`_bf16_einsum`)."""
   if mode == "bfloat16":
     return _bf16_einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32))
+  return plain_matmul(spec, a, b, mode)
+
+
+def plain_matmul(spec: str, a: jax.Array, b: jax.Array, mode: str = "float32") -> jax.Array:
+  """:func:`matmul`'s product without its custom vjp (for kernels that cannot lower one, e.g. Pallas on Triton)."""
+  if mode == "bfloat16":
+    return _bf16(spec, a, b)
   return jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST)
 
 
@@ -76,14 +83,14 @@ def plain_matvec(name: str, w: jax.Array, a: jax.Array, mode: str = "float32") -
   return matmul("...i,oi->...o", a, w, mode)
 
 
-def gelu(z: jax.Array) -> jax.Array:
-  """Exact GELU z·Φ(z)."""
-  return 0.5 * z * (1.0 + jax.lax.erf(z / math.sqrt(2.0)))
+def gelu(z: jax.Array, erf=jax.lax.erf) -> jax.Array:
+  """Exact GELU z·Φ(z) (``erf``: the error function; kernels that cannot lower ``lax.erf`` pass their own)."""
+  return 0.5 * z * (1.0 + erf(z / math.sqrt(2.0)))
 
 
-def gelu_grad(z: jax.Array) -> jax.Array:
-  """dGELU/dz = Φ(z) + z·φ(z)."""
-  return 0.5 * (1.0 + jax.lax.erf(z / math.sqrt(2.0))) + z * jnp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+def gelu_grad(z: jax.Array, erf=jax.lax.erf) -> jax.Array:
+  """dGELU/dz = Φ(z) + z·φ(z) (``erf`` as for :func:`gelu`)."""
+  return 0.5 * (1.0 + erf(z / math.sqrt(2.0))) + z * jnp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
 
 
 def layer_norm(u: jax.Array, ln: tuple[jax.Array, jax.Array], eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:

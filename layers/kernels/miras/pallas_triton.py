@@ -53,7 +53,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from layers.kernels.miras import flat
 from layers.kernels.miras.chunked import unchunk, with_matmul
-from layers.miras.memory import layer_norm, layer_norm_backward
+from layers.miras.memory import gelu, gelu_grad, layer_norm, layer_norm_backward, plain_matmul
 from layers.miras.retention import Decay
 from layers.miras.spec import Gates, MemorySpec
 
@@ -75,11 +75,11 @@ def erf(x: jax.Array) -> jax.Array:
 
 
 def _gelu(z):
-  return 0.5 * z * (1.0 + erf(z / math.sqrt(2.0)))
+  return gelu(z, erf)  # the module's erf looked up at each call, so tests can swap in XLA's
 
 
 def _gelu_grad(z):
-  return 0.5 * (1.0 + erf(z / math.sqrt(2.0))) + z * jnp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+  return gelu_grad(z, erf)
 
 
 def _gelu_grad2(z):
@@ -92,7 +92,7 @@ class Tuning:
   """Triton launch settings, read when the kernels are traced (static): ``num_warps`` per program (one program per
   head); ``hidden_tile``: columns of E per tile of the state and of every [c, E] activation (E if it is smaller);
   ``num_stages``: Triton's software pipelining of the tile loops (2 loads the next tile during this one's work, at
-  the price of shared memory). Timed on the GPU by ``benchmarks/miras.py --warps ... --hidden-tile ... --stages``."""
+  the price of shared memory). Timed on the GPU by ``benchmarks/miras.py --warps ... --hidden-tile ... --pipeline``."""
 
   num_warps: int = 8  # fewer spills than 4 when compiled for sm_90a (docs/benchmarks.md)
   hidden_tile: int = 64
@@ -121,10 +121,7 @@ def unsupported(spec: MemorySpec, chunk_size: int, head_dim: int, tuning: Tuning
 
 def _dot(mode: str):
   """2-D einsums in the memory's matmul mode (bfloat16 operands with float32 accumulation, or full float32)."""
-  if mode == "bfloat16":
-    return lambda spec, a, b: jnp.einsum(spec, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
-                                         preferred_element_type=jnp.float32)
-  return lambda spec, a, b: jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST)
+  return functools.partial(plain_matmul, mode=mode)
 
 
 def _aligned(start, multiple: int):
