@@ -75,6 +75,12 @@ class MemorySpec:
     if self.momentum and type(self.retention) is not Decay:
       raise ValueError(f"momentum needs Decay retention (got {type(self.retention).__name__})")
 
+  @property
+  def reads_closed_state(self) -> bool:
+    """Whether a chunk's last token reads the state after the chunk-end map (post reads of a retention with
+    ``boundary_read``: Moneta's ℓq normalisation, elastic net), not the chunk's linear sum."""
+    return self.read == "post" and self.retention.boundary_read
+
   def token_loss(self, w: dict, k: jax.Array, v: jax.Array, delta: jax.Array | None, ln) -> jax.Array:
     """ℓ(W; k, v) for one token (k, v [d]; delta a scalar or None): the objective the inner loop descends."""
     return self.bias.loss(self.memory.apply(w, k, ln), v, delta)

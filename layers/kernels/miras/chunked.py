@@ -160,7 +160,7 @@ def stage_close(spec: MemorySpec, s, m, acts, o, q, k, v, eta, la, lb, lp, delta
     s_new = ret.lag_step(s_prev, grad1, gates_along(mem, jnp.exp(la[-1])), gates_along(mem, eta[-1]))
   else:
     s_new = ret.close(s_lin)
-  if spec.read == "post" and ret.boundary_read:  # the chunk's last token reads the closed state
+  if spec.reads_closed_state:  # the chunk's last token reads the closed state
     last = mem.apply(ret.gradient_point(s_new), q[-1:], ln)
     o = o.at[-1:].set(jnp.where(complete, last, o[-1:]))
   keep = lambda new, old: jax.tree.map(lambda x, y: jnp.where(complete, x, y), new, old)

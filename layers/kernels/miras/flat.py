@@ -156,7 +156,7 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
   spec = with_matmul(spec, matmul)
   b, t, h, d = q.shape
   x = chunk_inputs(spec, q, k, v, gates, chunk_size, lengths)
-  boundary = spec.read == "post" and spec.retention.boundary_read
+  boundary = spec.reads_closed_state
   # rows through W2 per chunk: keys, the previous chunk's last query (whose read is the closed state's), and the
   # queries scaled by their decay (W₀ decay_t q_t for channel gates on W2's input axis, decay_t W₀ q_t per head)
   q_prev = jnp.concatenate([jnp.zeros_like(x.q[:1, :, -1:]), x.q[:-1, :, -1:]]) if boundary else x.q[:, :, :0]

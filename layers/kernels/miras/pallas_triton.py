@@ -499,7 +499,7 @@ def _fwd_kernel(*refs, spec, n, c, tile, gates, interpret):
   ln = (gamma_ref[...], beta_ref[...])
   initial, states = _Tiles(w2_ref, w1_ref, e, d, tile), _Tiles(states2_ref, states1_ref, e, d, tile)
   gate = _gates(spec, gate_refs, scratch, interpret)
-  boundary = spec.read == "post" and spec.retention.boundary_read
+  boundary = spec.reads_closed_state
   ret, dot = spec.retention, _dot(spec.memory.matmul)
 
   def copy(i, terms):  # slot 0: the initial state
@@ -551,7 +551,7 @@ def _bwd_kernel(*refs, spec, n, c, tile, gates, interpret):
   states, dfinal = _Tiles(states2_ref, states1_ref, e, d, tile), _Tiles(dfinal2_ref, dfinal1_ref, e, d, tile)
   ds = _Tiles(ds2_ref, ds1_ref, e, d, tile)
   gate = _gates(spec, gate_refs, scratch, interpret)
-  boundary = spec.read == "post" and spec.retention.boundary_read
+  boundary = spec.reads_closed_state
   columns = lambda i: (slice(None), pl.ds(_aligned(i * tile, tile), tile))  # of the scratch [c, E]
 
   def final(i, _):  # the final state's cotangent
