@@ -53,15 +53,35 @@ def chunked_gdn_flops(b: int, t: int, h: int, dk: int, dv: int, c: int = CHUNK) 
   return {"fwd": float(fwd), "fwd_bwd": 3.0 * fwd}
 
 
+TIMING_LOCK = ""  # --timing-lock: a file every timing holds an exclusive lock on
+
+
+@contextlib.contextmanager
+def _alone_on_the_gpu():
+  """With :data:`TIMING_LOCK` set, holds an exclusive ``flock`` on it: benchmark processes that share one GPU then
+  compile in parallel (compiling is CPU work; a Pallas backward takes minutes) and time one at a time."""
+  if not TIMING_LOCK:
+    yield
+    return
+  import fcntl
+  with open(TIMING_LOCK, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _median_ms(fn, *, warmup: int = 3, iters: int = 10) -> float:
   import jax
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  samples = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    samples.append((time.perf_counter() - t0) * 1e3)
+  with _alone_on_the_gpu():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+    samples = []
+    for _ in range(iters):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      samples.append((time.perf_counter() - t0) * 1e3)
   return statistics.median(samples)
 
 

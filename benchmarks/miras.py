@@ -435,11 +435,16 @@ def main() -> None:
                       "tile for the --warps sweep (layers.kernels.miras.pallas_triton.Tuning.hidden_tile)")
   parser.add_argument("--pipeline", default="1", help="comma list of Triton num_stages for the --warps sweep "
                       "(layers.kernels.miras.pallas_triton.Tuning.num_stages)")
+  parser.add_argument("--timing-lock", default="", help="a file to hold an exclusive lock on while timing: several "
+                      "runs on one GPU (say --gates head and --gates channel) then compile in parallel and time one "
+                      "at a time")
   parser.add_argument("--hlo-dir", default="", help="write each timed op's compiled fwd+bwd HLO text here")
   parser.add_argument("--profile", action="store_true", help="also list each timed op's GPU kernels (count, time) "
                       "from JAX's profiler trace, fwd and fwd+bwd")
   args = parser.parse_args()
   HLO_DIR, PROFILE = args.hlo_dir, args.profile
+  from benchmarks import linear_attention
+  linear_attention.TIMING_LOCK = args.timing_lock
   if HLO_DIR:
     os.makedirs(HLO_DIR, exist_ok=True)
   D_MODEL, HEADS, HEAD_DIM = (int(n) for n in args.width.split("x"))
