@@ -57,9 +57,10 @@ TIMING_LOCK = ""  # --timing-lock: a file every timing holds an exclusive lock o
 
 
 @contextlib.contextmanager
-def _alone_on_the_gpu():
+def alone_on_the_gpu():
   """With :data:`TIMING_LOCK` set, holds an exclusive ``flock`` on it: benchmark processes that share one GPU then
-  compile in parallel (compiling is CPU work; a Pallas backward takes minutes) and time one at a time."""
+  compile in parallel (compiling is CPU work; a Pallas backward takes minutes) and time one at a time. Held around
+  every timing here and around a whole peer child process (:func:`benchmarks.child.rows_from_child`)."""
   if not TIMING_LOCK:
     yield
     return
@@ -74,7 +75,7 @@ def _alone_on_the_gpu():
 
 def _median_ms(fn, *, warmup: int = 3, iters: int = 10) -> float:
   import jax
-  with _alone_on_the_gpu():
+  with alone_on_the_gpu():
     for _ in range(warmup):
       jax.block_until_ready(fn())
     samples = []
