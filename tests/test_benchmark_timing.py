@@ -34,7 +34,8 @@ def test_without_a_lock_the_timer_runs_at_once(monkeypatch):
 def test_a_peer_child_process_waits_for_the_lock(tmp_path, monkeypatch):
   lock, child_json = tmp_path / "gpu.lock", tmp_path / "child.json"
   monkeypatch.setattr(linear_attention, "TIMING_LOCK", str(lock))
-  cmd = [sys.executable, "-c", f"import json; json.dump({{'rows': [{{'op': 'peer'}}]}}, open({str(child_json)!r}, 'w'))"]
+  write = f"import json; json.dump({{'rows': [{{'op': 'peer'}}]}}, open({str(child_json)!r}, 'w'))"
+  cmd = [sys.executable, "-c", write]
   result = {}
   child = threading.Thread(target=lambda: result.setdefault("rows", rows_from_child(cmd, str(child_json), "peer")))
   with open(lock, "a") as other:
