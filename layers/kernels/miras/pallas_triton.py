@@ -441,7 +441,7 @@ def _add_scale_cotangent(ret, states: _Tiles, slot, ds: _Tiles, scale_vjp, d_s2,
   states.loop(body, 0)
 
 
-def _closed_read(spec, at_end: _Chunk, q_last, totals):
+def _closed_read(at_end: _Chunk, q_last, totals):
   """Pass over the closed state (``at_end.slot``, scale terms ``totals``): the chunk's last query's
   u = Σ_tiles gelu(s₂ W2 q) W1ᵀ [1, d] (before s₁), row by row (a [1, d] query is no matmul), with (s₂, s₁) and
   their vjp."""
@@ -458,7 +458,7 @@ def _closed_read(spec, at_end: _Chunk, q_last, totals):
 def _closed_read_backward(spec, at_end: _Chunk, q_last, totals, d_o, ds: _Tiles, ln, interpret):
   """The pull-back of :func:`_closed_read` (o = q + LN(s₁ u)) from d_o [1, d]: the closed state's cotangent is added
   to ``ds`` tile by tile; returns (d q [1, d], dγ, dβ)."""
-  u, (s2, s1), scale_vjp = _closed_read(spec, at_end, q_last, totals)
+  u, (s2, s1), scale_vjp = _closed_read(at_end, q_last, totals)
   d_su, dg, db = jax.vjp(lambda u, g, b: layer_norm(u, (g, b), spec.memory.ln_eps)[0], s1 * u, *ln)[1](d_o)
   d_u = s1 * d_su
 
@@ -525,7 +525,7 @@ def _fwd_kernel(*refs, spec, n, c, tile, gates, interpret):
     if boundary:  # the chunk's last query reads the state it closed
       _sync(interpret)
       q_last = q_ref[pl.ds(j * c + c - 1, 1), :]
-      u, (_, s1), _ = _closed_read(spec, _Chunk(spec, states, j + 1, rows, k_ref, qd_ref, *scores), q_last, totals)
+      u, (_, s1), _ = _closed_read(_Chunk(spec, states, j + 1, rows, k_ref, qd_ref, *scores), q_last, totals)
       o_last = q_last + layer_norm(s1 * u, ln, spec.memory.ln_eps)[0]
       o = jnp.where(_last_row(c, complete_ref[pl.ds(j, 1), :]), o_last, o)
     o_ref[rows, :] = o
