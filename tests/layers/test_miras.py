@@ -339,14 +339,19 @@ def test_long_random_sequences_stay_finite_and_clipped_memories_forget(case):
 
 @pytest.mark.parametrize("name,channel", [("moneta", False), ("moneta", True), ("moneta_pre", True),
                                           ("yaad_clip", False), ("elastic_mlp", True)])
-def test_flat_path_equals_the_chunked_path_values_and_grads(name, channel):
+@pytest.mark.parametrize("split", [False, True])
+def test_flat_path_equals_the_chunked_path_values_and_grads(name, channel, split):
   """``xla_flat`` (all heads at once, hoisted scores, the boundary read as the next chunk's extra row) against
   ``xla_chunked``: every read and the state in float32, gradients of all inputs in float64, with a padded trailing
-  chunk and a row whose length ends inside a chunk (so the boundary read and the kept state are both exercised)."""
+  chunk and a row whose length ends inside a chunk (so the boundary read and the kept state are both exercised).
+  ``split`` (``xla_split``): the reads after the keys' scan, three chunks at a time (4 chunks: a batch and a rest)."""
   spec = SPECS.get(name) or FAST_PATH_SPECS[name]
   lengths = jnp.array([13, 9])
+  d, hidden = 8, 8 * spec.memory.expansion
+  per_chunk = 4 * 4 * 4 * max(hidden, 4 * d if channel else 0)  # [b·h, c, max(E, c·d)] float32, b·h = 4, c = 4
+  split_kw = dict(split=True, read_batch_bytes=3 * per_chunk) if split else {}
   runs = [functools.partial(fn, spec=spec, chunk_size=4, lengths=lengths)
-          for fn in (chunked.miras_chunked, flat.miras_flat)]
+          for fn in (chunked.miras_chunked, functools.partial(flat.miras_flat, **split_kw))]
   qkv, gates, kw = _inputs(spec, 21, t=13, channel=channel)
   (o_c, s_c, _), (o_f, s_f, _) = (run(*qkv, gates, **kw) for run in runs)
   errs = _rel(o_f, o_c), _rel(s_f, s_c)
@@ -355,7 +360,8 @@ def test_flat_path_equals_the_chunked_path_values_and_grads(name, channel):
     weights = jax.random.normal(jax.random.PRNGKey(7), o_c.shape, jnp.float64)
     g_c, g_f = (jax.grad(_loss(run, weights), argnums=(0, 1, 2))(qkv, gates, kw) for run in runs)
     grad_err = _rel(g_f, g_c)
-  print(f"{name} {'channel' if channel else 'head'} gates: flat vs chunked, max rel error reads {errs[0]:.1e}, "
+  print(f"{name} {'channel' if channel else 'head'} gates: {'split' if split else 'flat'} vs chunked, max rel error "
+        f"reads {errs[0]:.1e}, "
         f"state {errs[1]:.1e} (float32), grads {grad_err:.1e} (float64)")
   assert max(errs) < 1e-5 and grad_err < 1e-9
 

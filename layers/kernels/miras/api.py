@@ -9,6 +9,9 @@ float32; returns (o [b, t, h, d] float32, state at the last chunk boundary, mome
   * ``"xla_flat"`` / ``"xla_flat_bf16"``: the chunk step of ``xla_chunked`` laid out for a GPU (all heads at once,
     the state-independent work hoisted out of the scan; :mod:`flat`), for MLP memories without momentum or lag
     token: 1.3× faster fwd+bwd and 1.45× forward than ``xla_chunked`` for Moneta (per-head gates) on an H200;
+  * ``"xla_split"`` / ``"xla_split_bf16"``: ``xla_flat`` with the scan over chunks reduced to the keys (the state's
+    recurrence), every chunk's per-token reads then taken at once from its start state (``miras_flat(split=True)``):
+    the same memories, fewer kernels per chunk inside the scan, the chunks' start states kept for the reads;
   * ``"xla_chunked"``: closed-form chunk gradients, dual-form reads, ``lax.scan`` over chunks (any backend), every
     matmul in full float32;
   * ``"xla_chunked_bf16"``: the same with bfloat16 matmul operands and float32 accumulation (tensor cores on GPU;
@@ -18,26 +21,28 @@ float32; returns (o [b, t, h, d] float32, state at the last chunk boundary, mome
     for MLP memories (per-head or channel gates) with no momentum, lag token, inner clip or chunk-end map (Moneta),
     c, d, E powers of two ≥ 16; equal to ``xla_flat`` (interpret mode on the CPU, tests), not yet timed on a GPU;
   * ``"reference"``: the token loop with one ``jax.grad`` per token (any backend; slow).
-``None`` takes the first that applies, in that order (so never the Pallas kernels, listed after the reference).
+``None`` takes the first that applies, in that order (so never those listed after the reference).
 An explicitly requested implementation that cannot run raises a ValueError saying why.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 
 from layers.kernels.miras import chunked, flat, pallas_triton, reference
 from layers.miras.spec import Gates, MemorySpec
 
-IMPLEMENTATIONS = ("xla_flat", "xla_chunked", "xla_flat_bf16", "xla_chunked_bf16", "reference", "pallas_triton",
-                   "pallas_triton_bf16")
+IMPLEMENTATIONS = ("xla_flat", "xla_chunked", "xla_flat_bf16", "xla_chunked_bf16", "reference", "xla_split",
+                   "xla_split_bf16", "pallas_triton", "pallas_triton_bf16")
 
 
 def _unsupported(implementation: str, spec: MemorySpec, gates: Gates, chunk_size: int, head_dim: int) -> str | None:
   """Why ``implementation`` cannot run this memory, or None if it can."""
   if spec.momentum and gates.eta.shape[-1] != 1:
     return "momentum needs per-head gates (eta [..., 1])"
-  if implementation.startswith("xla_flat"):
+  if implementation.startswith(("xla_flat", "xla_split")):
     return flat.unsupported(spec)
   if implementation.startswith("pallas_triton"):
     if jax.default_backend() != "gpu":
@@ -73,6 +78,6 @@ def miras_memory(q: jax.Array, k: jax.Array, v: jax.Array, gates: Gates, *, spec
   if implementation == "reference":
     return reference.miras_reference(q, k, v, gates, **kwargs)
   matmul = "bfloat16" if implementation.endswith("_bf16") else "float32"
-  run = {"xla_flat": flat.miras_flat, "xla_chunked": chunked.miras_chunked,
-         "pallas_triton": pallas_triton.miras_pallas}[implementation.removesuffix("_bf16")]
-  return run(q, k, v, gates, remat=remat, matmul=matmul, **kwargs)
+  run = {"xla_flat": flat.miras_flat, "xla_split": functools.partial(flat.miras_flat, split=True),
+         "xla_chunked": chunked.miras_chunked, "pallas_triton": pallas_triton.miras_pallas}
+  return run[implementation.removesuffix("_bf16")](q, k, v, gates, remat=remat, matmul=matmul, **kwargs)

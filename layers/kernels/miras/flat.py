@@ -59,38 +59,64 @@ def _forward(s: dict, scale: dict, x: jax.Array, ln, mem: MLPMemory):
   return mem.forward(s, x, ln, matvec=batched)
 
 
-def _step(spec: MemorySpec, boundary: bool, ln, s: dict, xs):
-  """One chunk of every head: state {w2: [N, E, d], w1: [N, d, E]} -> (next state, (o [N, c, d], boundary read
-  [N, d] of the previous chunk's last query at this chunk's start state)). Gates [.., g], g = 1 or d."""
-  rows, q, v, delta, decay, w1_coef, scores_q, end_decay, end_coef, complete = xs
+class KeyPass(NamedTuple):
+  """What a chunk's keys leave for its queries' reads, every head at once: the start state's read scales
+  {layer: [N, 1, 1]}, the keys' errors e1 [N, c, d] and e2 [N, c, E] and hidden activations hk [N, c, E]."""
+
+  scale: dict
+  e1: jax.Array
+  e2: jax.Array
+  hk: jax.Array
+
+
+def _keys(spec: MemorySpec, ln, s: dict, rows, v, delta, end_decay, end_coef, complete):
+  """A chunk's keys through its start state s {w2: [N, E, d], w1: [N, d, E]}: (the closed state, ``KeyPass``,
+  the plain reads y [N, r − c, d] of the rows after the c keys: the previous chunk's last query, if any)."""
   mem, ret, mode = spec.memory, spec.retention, spec.memory.matmul
   c = v.shape[1]
-  nk = c + boundary  # rows that go through the plain memory: keys (and the previous chunk's last query)
   scale = _read_scales(ret, s)
-  y, (_, z, h, n, rstd) = _forward(s, scale, rows[:, :nk], ln, mem)
-  zq = product("nri,noi->nro", rows[:, nk:], s["w2"], mode) * scale["w2"]  # the rows are decay_t ⊙ q_t
+  y, (_, z, h, n, rstd) = _forward(s, scale, rows, ln, mem)
   k, hk = rows[:, :c], h[:, :c]
   e1 = layer_norm_backward(spec.bias.grad(y[:, :c], v, delta), n[:, :c], rstd[:, :c], ln[0])
   e2 = product("nco,noi->nci", e1, s["w1"], mode) * scale["w1"] * gelu_grad(z[:, :c])
   acts = spec.clip_errors({"w2": (k, e2), "w1": (hk, e1)})
   e2, e1 = acts["w2"][1], acts["w1"][1]
-  # per-token reads, dual form: W_t = decay_t ⊙ W₀ − s₀ Σ_i C[t, i] ⊙ e_i a_iᵀ, layer by layer
-  hq = gelu(zq - scale["w2"] * product("nts,nse->nte", scores_q, e2, mode))
-  scores_h = product("nte,nse->nts", hq, hk, mode)
-  if decay.shape[-1] == 1:
-    mixed = product("nts,nsd->ntd", scores_h * w1_coef, e1, mode)
-  else:  # per-channel coefficients on W1's output axis, formed element-wise in float32 (exponents ≤ 0)
-    coef = jax.vmap(functools.partial(coefficients, spec))(*w1_coef)["coef"]  # [N, c, c, d]
-    mixed = jnp.einsum("nts,ntso,nso->nto", scores_h, coef, e1, precision=jax.lax.Precision.HIGHEST)
-  uq = scale["w1"] * (decay * product("nte,nde->ntd", hq, s["w1"], mode) - mixed)
-  o = q + layer_norm(uq, ln, mem.ln_eps)[0]
   # the chunk end: S = B_c ⊙ S₀ − Σ_i (η_i B_c / B_i) ⊙ e_i a_iᵀ, then the retention's chunk-end map; the gates
   # are zero (step) and one (decay) for a chunk that is not complete, so its state stays
   new = ret.close({"w2": along(end_decay, "in") * s["w2"] - product("nce,nci->nei", e2, k * end_coef, mode),
                    "w1": along(end_decay, "out") * s["w1"] - product("ncd,nce->nde", e1 * end_coef, hk, mode)})
   if type(ret).close is not Decay.close:  # a chunk-end map that is not the identity (elastic net's threshold)
     new = {name: jnp.where(complete[:, None, None], new[name], s[name]) for name in s}
-  return new, (o, y[:, c] if boundary else None)
+  return new, KeyPass(scale, e1, e2, hk), y[:, c:]
+
+
+def _reads(spec: MemorySpec, ln, s: dict, keys: KeyPass, rows, q, decay, w1_coef, scores_q) -> jax.Array:
+  """A chunk's per-token reads o [N, c, d] from its start state s and its keys' ``KeyPass``, in the dual form
+  W_t = decay_t ⊙ W₀ − s₀ Σ_i C[t, i] ⊙ e_i a_iᵀ, layer by layer; rows [N, c, d] are decay_t ⊙ q_t (W2's input)."""
+  mem, mode, scale = spec.memory, spec.memory.matmul, keys.scale
+  zq = product("nri,noi->nro", rows, s["w2"], mode) * scale["w2"]
+  hq = gelu(zq - scale["w2"] * product("nts,nse->nte", scores_q, keys.e2, mode))
+  scores_h = product("nte,nse->nts", hq, keys.hk, mode)
+  if decay.shape[-1] == 1:
+    mixed = product("nts,nsd->ntd", scores_h * w1_coef, keys.e1, mode)
+  else:  # per-channel coefficients on W1's output axis, formed element-wise in float32 (exponents ≤ 0)
+    coef = jax.vmap(functools.partial(coefficients, spec))(*w1_coef)["coef"]  # [N, c, c, d]
+    mixed = jnp.einsum("nts,ntso,nso->nto", scores_h, coef, keys.e1, precision=jax.lax.Precision.HIGHEST)
+  uq = scale["w1"] * (decay * product("nte,nde->ntd", hq, s["w1"], mode) - mixed)
+  return q + layer_norm(uq, ln, mem.ln_eps)[0]
+
+
+def _step(spec: MemorySpec, ln, s: dict, xs):
+  """One chunk of every head, keys then reads: state -> (closed state, (o [N, c, d], ``_keys``' plain reads))."""
+  key_xs, read_xs = xs
+  new, keys, y = _keys(spec, ln, s, *key_xs)
+  return new, (_reads(spec, ln, s, keys, *read_xs), y)
+
+
+def _key_step(spec: MemorySpec, ln, s: dict, xs):
+  """A chunk's keys alone: state -> (closed state, (start state, ``KeyPass``, ``_keys``' plain reads))."""
+  new, keys, y = _keys(spec, ln, s, *xs)
+  return new, (s, keys, y)
 
 
 class ChunkInputs(NamedTuple):
@@ -134,6 +160,15 @@ def chunk_inputs(spec: MemorySpec, q, k, v, gates: Gates, chunk_size: int, lengt
                      jnp.where(complete[..., None, None], co["end_coef"], 0.0), complete)
 
 
+def _chunks_per_read_batch(x: ChunkInputs, hidden: int, budget: int) -> int:
+  """How many chunks' reads run at once in the split path: their largest float32 activation (a [N, c, E] hidden
+  read, or with per-channel gates W1's [N, c, c, d] coefficients) totals at most ``budget`` bytes (one chunk if
+  even that exceeds it)."""
+  n, heads, c, d = x.q.shape
+  per_chunk = 4 * heads * c * max(hidden, c * d if x.decay.shape[-1] > 1 else 0)
+  return max(1, min(n, budget // per_chunk))
+
+
 def read_rows(spec: MemorySpec, state: dict, x: jax.Array, ln) -> jax.Array:
   """Rows x [N, r, d] read through each head's weights W = s₀·S of ``state`` {w2 [N, E, d], w1 [N, d, E]}."""
   return _forward(state, _read_scales(spec.retention, state), x, ln, spec.memory)[0]
@@ -145,11 +180,14 @@ def layer_norm_params(ln, b: int, h: int, d: int) -> tuple:
   return tuple(jnp.broadcast_to(p[None], (b, h, d)).reshape(b * h, 1, d) for p in ln)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat", "matmul"))
+@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat", "matmul", "split", "read_batch_bytes"))
 def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, initial_momentum=None, ln=None,
-               chunk_size: int = 64, lengths=None, remat: bool = False, matmul: str = "float32"):
+               chunk_size: int = 64, lengths=None, remat: bool = False, matmul: str = "float32", split: bool = False,
+               read_batch_bytes: int = 1 << 30):
   """The chunked Miras memory for the memories :func:`unsupported` accepts; arguments and returns as
-  :func:`chunked.miras_chunked` (``initial_momentum`` must be None)."""
+  :func:`chunked.miras_chunked` (``initial_momentum`` must be None). ``split``: scan over the chunks' keys alone
+  (the state's recurrence), then take every chunk's reads from its start state at once, in batches of chunks
+  whose largest activation stays under ``read_batch_bytes``; ``remat`` recomputes both in the backward."""
   if (why := unsupported(spec)) is not None:
     raise ValueError(f"the flat Miras path cannot run this memory: {why}")
   del initial_momentum
@@ -157,17 +195,25 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
   b, t, h, d = q.shape
   x = chunk_inputs(spec, q, k, v, gates, chunk_size, lengths)
   boundary = spec.reads_closed_state
-  # rows through W2 per chunk: keys, the previous chunk's last query (whose read is the closed state's), and the
-  # queries scaled by their decay (W₀ decay_t q_t for channel gates on W2's input axis, decay_t W₀ q_t per head)
+  # rows through W2 per chunk: keys and the previous chunk's last query (whose read is the closed state's), then
+  # the queries scaled by their decay (W₀ decay_t q_t for channel gates on W2's input axis, decay_t W₀ q_t per head)
   q_prev = jnp.concatenate([jnp.zeros_like(x.q[:1, :, -1:]), x.q[:-1, :, -1:]]) if boundary else x.q[:, :, :0]
-  rows = jnp.concatenate([x.k, q_prev, x.q * x.decay], axis=2)
-  xs = (rows, *x[:1], *x[2:])
+  key_rows, query_rows = jnp.concatenate([x.k, q_prev], axis=2), x.q * x.decay
+  key_xs = (key_rows, x.v, x.delta, x.end_decay, x.end_coef, x.complete)
+  read_xs = (query_rows, x.q, x.decay, x.w1_coef, x.scores_q)
   ln = layer_norm_params(ln, b, h, d)
   state = {name: w.reshape(b * h, *w.shape[2:]) for name, w in initial_state.items()}
-  step = functools.partial(_step, spec, boundary, ln)
-  state, (o, reads) = jax.lax.scan(jax.checkpoint(step) if remat else step, state, xs)
+  remat_if = lambda f: jax.checkpoint(f) if remat else f
+  if split:
+    state, (starts, keys, reads) = jax.lax.scan(remat_if(functools.partial(_key_step, spec, ln)), state, key_xs)
+    read = remat_if(lambda xs: _reads(spec, ln, *xs))
+    batch = _chunks_per_read_batch(x, d * spec.memory.expansion, read_batch_bytes)
+    o = jax.lax.map(read, (starts, keys, *read_xs), batch_size=batch)
+  else:
+    step = remat_if(functools.partial(_step, spec, ln))
+    state, (o, reads) = jax.lax.scan(step, state, (key_xs, read_xs))
   if boundary:  # the last query of chunk j reads the state closed by chunk j: row c of chunk j + 1, or after the scan
-    reads = jnp.concatenate([reads[1:], read_rows(spec, state, x.q[-1, :, -1:], ln)[:, 0][None]])
+    reads = jnp.concatenate([reads[1:, :, 0], read_rows(spec, state, x.q[-1, :, -1:], ln)[:, 0][None]])
     o = o.at[:, :, -1].set(jnp.where(x.complete[..., None], reads, o[:, :, -1]))
   o = unchunk(o.reshape(-1, b, h, chunk_size, d), t)
   return o, {name: w.reshape(b, h, *w.shape[1:]) for name, w in state.items()}, None
