@@ -10,9 +10,9 @@ of the compiled fwd+bwd; the achieved fraction of the device's dense bf16 peak i
 overrides the table below). Each variant's output is also compared with the token-loop reference on a short
 sequence (f32) before it is timed, so a fast-but-wrong variant shows up in the same table.
 
-``--warps 4,8 --hidden-tile 64,32 --pipeline 1,2`` times the memory op alone for every ``pallas_triton*`` variant at
-each Triton launch setting, next to ``xla_flat`` (same gates), with compile time and the largest error against the
-flat path.
+``--memory-op`` times the memory op alone for every variant, next to ``xla_flat`` (same gates, precision and remat),
+with compile time and the largest error against the flat path; ``pallas_triton*`` variants at each Triton launch
+setting of ``--warps 4,8 --hidden-tile 64,32 --pipeline 1,2``.
 ``--stages B`` times one chunk of B × H heads through each stage of the chunk step alone (gradients, reads, close),
 to show where a chunk's time goes. ``--decode BxT`` adds spec §11.7: one-token decode latency after a T-token
 prefill, and the decode cache's bytes per head, for GDN, attention (KV cache) and every variant; ``--fla`` adds
@@ -297,25 +297,30 @@ def run_stages(b: int, variants: list[Variant]) -> list[dict]:
 
 
 
+CHECK_CHUNKS = 4  # the memory op's error against xla_flat is taken on the first 4 chunks: see run_memory_op
+
+
 def run_memory_op(shapes, variants: list[Variant], tunings: list) -> list[dict]:
   """The memory op alone (``miras_memory`` on random q, k, v and the variant's gates at B × T × H × d_h, no layer
-  around it): every Pallas variant at each launch setting (``pallas_triton.Tuning``), next to the XLA flat path with
-  the same matmul precision, fwd and fwd+bwd, with the Pallas reads' and gradients' largest error relative to that
-  flat path."""
+  around it), fwd and fwd+bwd (gradients of q, k, v): every variant's implementation (the Pallas kernels at each
+  launch setting, ``pallas_triton.Tuning``) next to the XLA flat path with the same matmul precision and remat, with
+  each one's largest error relative to that flat path, of the reads and of the gradients. The errors are taken on
+  the first ``CHECK_CHUNKS`` chunks: Moneta's normalised memory is chaotic at these gates, so over 4096 tokens two
+  correct paths drift apart (a 1e-6 relative change of v moves the float32 reads by 1.8 relative, max |o| ≈ 7)."""
   import jax
   import jax.numpy as jnp
 
   from benchmarks.linear_attention import _median_ms
-  from layers.kernels.miras import flat, pallas_triton
+  from layers.kernels.miras import api, pallas_triton
   from layers.miras.spec import Gates
   from research.models.registry import MIXERS
 
   device = jax.devices()[0].device_kind
-  rows = []
-  for (b, t), v in itertools.product(shapes, [v for v in variants if v.impl.startswith("pallas_triton")]):
+  rows, baselines = [], {}  # the flat path's checked outputs per shape and variant group, timed once
+  for (b, t), v in itertools.product(shapes, variants):
     spec = MIXERS.config_class(v.model)(memory=v.memory, gates=v.gates, chunk_size=v.chunk).memory_spec()
     g = HEAD_DIM if v.gates == "channel" else 1
-    mode = "bfloat16" if v.impl.endswith("_bf16") else "float32"
+    mode = "_bf16" if v.impl.endswith("_bf16") else ""
     ks = iter(jax.random.split(jax.random.PRNGKey(6), 8))
     normal = lambda *shape: jax.random.normal(next(ks), shape)
     unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
@@ -323,32 +328,45 @@ def run_memory_op(shapes, variants: list[Variant], tunings: list) -> list[dict]:
     gates = Gates(eta=0.1 * jax.nn.sigmoid(normal(b, t, HEADS, g)),
                   log_alpha=jax.nn.log_sigmoid(3.0 + normal(b, t, HEADS, g)), delta=None)
     state = {n: normal(b, HEADS, *shape) / shape[1] ** 0.5 for n, shape in spec.memory.shapes(HEAD_DIM).items()}
-    kw = dict(spec=spec, initial_state=state, chunk_size=v.chunk, matmul=mode)
-    runs = {f"xla_flat{'_bf16' * (mode == 'bfloat16')}": functools.partial(flat.miras_flat, remat=True, **kw)}
-    runs |= {f"{v.impl}[warps {u.num_warps}, E-tile {u.hidden_tile}, stages {u.num_stages}]":
-             functools.partial(pallas_triton.miras_pallas, tuning=u, **kw) for u in tunings}
-    outs = {}
+    kw = dict(spec=spec, initial_state=state, chunk_size=v.chunk)
+    flat = f"xla_flat{mode}"
+    runs = {flat: functools.partial(api.miras_memory, implementation=flat, remat=v.remat, **kw)}
+    if v.impl.startswith("pallas_triton"):
+      runs |= {f"{v.impl}[warps {u.num_warps}, E-tile {u.hidden_tile}, stages {u.num_stages}]":
+               functools.partial(pallas_triton.miras_pallas, tuning=u, matmul="bfloat16" if mode else "float32", **kw)
+               for u in tunings}
+    else:
+      runs[v.impl] = functools.partial(api.miras_memory, implementation=v.impl, remat=v.remat, **kw)
+    check = slice(0, min(t, CHECK_CHUNKS * v.chunk))
+    group = (b, t, v.model, v.memory, v.gates, v.chunk, v.remat, flat)
+    checked = {}  # name -> (reads, gradients) on the first chunks
+    if group in baselines:
+      checked[flat] = baselines[group]
+      del runs[flat]
     rel = lambda x, y: float(jnp.max(jnp.abs(x - y)) / jnp.max(jnp.abs(y)))
     for name, fn in runs.items():
-      row = {"kind": "memory_op", "op": f"{v.model}[{v.gates}]:{name}", "B": b, "T": t, "device": device}
-      base = outs.get(next(iter(runs)))
+      row = {"kind": "memory_op", "op": f"{v.model}[{v.gates}{',remat' * v.remat}]:{name}", "B": b, "T": t,
+             "device": device}
+      base = checked.get(flat)
       try:  # the forward first, on its own: a backward that fails to compile or launch leaves its numbers
         fwd = jax.jit(lambda q, k, v_, fn=fn: fn(q, k, v_, gates)[0])
         start = time.perf_counter()
-        outs[name] = [fwd(q, k, v_)]
+        fwd(q, k, v_).block_until_ready()
         row["fwd_compile_and_first_s"] = time.perf_counter() - start
-        if base is not None:
-          row["fwd_max_rel_vs_flat"] = rel(outs[name][0], base[0])
         row["fwd_ms"] = _median_ms(functools.partial(fwd, q, k, v_))
-        loss = lambda q, k, v_, fn=fn: jnp.sum(fn(q, k, v_, gates)[0] ** 2)
+        loss = lambda q, k, v_, gates, fn=fn: jnp.sum(fn(q, k, v_, gates)[0] ** 2)
         fwd_bwd = jax.jit(jax.grad(loss, (0, 1, 2)))
         start = time.perf_counter()
-        outs[name].append(fwd_bwd(q, k, v_))
+        jax.block_until_ready(fwd_bwd(q, k, v_, gates))
         row["compile_and_first_s"] = time.perf_counter() - start
-        if base is not None and len(base) == 2:
-          row["max_rel_vs_flat"] = max(rel(x, y) for x, y in zip(jax.tree.leaves(outs[name]), jax.tree.leaves(base)))
-        row["fwd_bwd_ms"] = _median_ms(functools.partial(fwd_bwd, q, k, v_))
+        row["fwd_bwd_ms"] = _median_ms(functools.partial(fwd_bwd, q, k, v_, gates))
         row["fwd_bwd_ktok_s"] = b * t / row["fwd_bwd_ms"]
+        head = [x[:, check] for x in (q, k, v_)] + [jax.tree.map(lambda x: x[:, check], gates)]
+        checked[name] = (fwd(*head[:3]), fwd_bwd(*head))
+        baselines.setdefault(group, checked[flat])
+        if base is not None:
+          row["fwd_max_rel_vs_flat"] = rel(checked[name][0], base[0])
+          row["max_rel_vs_flat"] = max(rel(x, y) for x, y in zip(jax.tree.leaves(checked[name]), jax.tree.leaves(base)))
       except Exception as e:  # noqa: BLE001 - report and continue with the other settings
         row["error"] = repr(e)[:400]
       print("memory_op", json.dumps(row), flush=True)
@@ -427,13 +445,15 @@ def main() -> None:
                       "its wheels, see benchmarks/lucid_memory.py)")
   parser.add_argument("--stages", type=int, default=0, help="B: also time one chunk of B × H heads through each "
                       "stage of the chunk step alone (gradients, reads, close), fwd and fwd+bwd")
-  parser.add_argument("--warps", default="", help="comma list of Triton num_warps: also time the memory op alone "
-                      "(no layer) for every pallas_triton* variant at each (× --hidden-tile), next to xla_flat")
-  parser.add_argument("--memory-op-only", action="store_true", help="with --warps: skip the layer timings (each "
+  parser.add_argument("--memory-op", action="store_true", help="also time the memory op alone (no layer) for "
+                      "every variant, next to xla_flat; pallas_triton* at each --warps × --hidden-tile × --pipeline")
+  parser.add_argument("--memory-op-only", action="store_true", help="--memory-op and skip the layer timings (each "
                       "Pallas compile of the backward takes minutes, docs/benchmarks.md)")
+  parser.add_argument("--warps", default="8", help="comma list of Triton num_warps for --memory-op "
+                      "(layers.kernels.miras.pallas_triton.Tuning.num_warps)")
   parser.add_argument("--hidden-tile", default="64", help="comma list: columns of the memory's hidden axis E per "
-                      "tile for the --warps sweep (layers.kernels.miras.pallas_triton.Tuning.hidden_tile)")
-  parser.add_argument("--pipeline", default="1", help="comma list of Triton num_stages for the --warps sweep "
+                      "tile for --memory-op (layers.kernels.miras.pallas_triton.Tuning.hidden_tile)")
+  parser.add_argument("--pipeline", default="1", help="comma list of Triton num_stages for --memory-op "
                       "(layers.kernels.miras.pallas_triton.Tuning.num_stages)")
   parser.add_argument("--timing-lock", default="", help="a file to hold an exclusive lock on while timing: several "
                       "runs on one GPU (say --gates head and --gates channel) then compile in parallel and time one "
@@ -454,7 +474,7 @@ def main() -> None:
       split(args.models), split(args.memories), split(args.gates), split(args.chunks), split(args.remat),
       split(args.impls)) if not (m == "titans" and g == "channel")]
   rows = run(shapes, variants, args.peak_tflops, args.dtype) if shapes and not args.memory_op_only else []
-  if args.warps:
+  if args.memory_op or args.memory_op_only:
     from layers.kernels.miras.pallas_triton import Tuning
     tunings = [Tuning(int(w), int(m), int(p)) for w in split(args.warps) for m in split(args.hidden_tile)
                for p in split(args.pipeline)]
