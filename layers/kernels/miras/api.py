@@ -11,7 +11,8 @@ float32; returns (o [b, t, h, d] float32, state at the last chunk boundary, mome
     token: 1.3× faster fwd+bwd and 1.45× forward than ``xla_chunked`` for Moneta (per-head gates) on an H200;
   * ``"xla_split"`` / ``"xla_split_bf16"``: ``xla_flat`` with the scan over chunks reduced to the keys (the state's
     recurrence), every chunk's per-token reads then taken at once from its start state (``miras_flat(split=True)``):
-    the same memories, fewer kernels per chunk inside the scan, the chunks' start states kept for the reads;
+    98 instead of 129 kernels per chunk fwd+bwd, a Moneta layer (per-head gates, bf16, remat) 8% faster than
+    ``xla_flat_bf16`` on an H200 (38.7 vs 42.2 ms at 8 × 4096), with 1.6× its temporary memory (the start states);
   * ``"xla_chunked"``: closed-form chunk gradients, dual-form reads, ``lax.scan`` over chunks (any backend), every
     matmul in full float32;
   * ``"xla_chunked_bf16"``: the same with bfloat16 matmul operands and float32 accumulation (tensor cores on GPU;
@@ -19,7 +20,9 @@ float32; returns (o [b, t, h, d] float32, state at the last chunk boundary, mome
   * ``"pallas_triton"`` / ``"pallas_triton_bf16"``: the whole chunk loop of a head in one Pallas (Triton) kernel
     per direction, walking the hidden axis in tiles, with a hand-written backward (:mod:`pallas_triton`); GPU only,
     for MLP memories (per-head or channel gates) with no momentum, lag token, inner clip or chunk-end map (Moneta),
-    c, d, E powers of two ≥ 16; equal to ``xla_flat`` (interpret mode on the CPU, tests), not yet timed on a GPU;
+    c, d, E powers of two ≥ 16. On an H100 (Moneta layer, bf16, remat, 8 × 4096): with channel gates 4.1× faster
+    than ``xla_flat_bf16`` (87.6 vs 355 ms fwd+bwd) in a seventh of its temporary memory, so the one to pick there;
+    with per-head gates 10% slower (56.9 vs 51.8 ms);
   * ``"reference"``: the token loop with one ``jax.grad`` per token (any backend; slow).
 ``None`` takes the first that applies, in that order (so never those listed after the reference).
 An explicitly requested implementation that cannot run raises a ValueError saying why.
