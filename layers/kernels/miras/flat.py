@@ -139,8 +139,30 @@ class ChunkInputs(NamedTuple):
   complete: jax.Array
 
 
-def chunk_inputs(spec: MemorySpec, q, k, v, gates: Gates, chunk_size: int, lengths) -> ChunkInputs:
-  """The state-independent part of every chunk step, for all chunks at once (before any scan)."""
+def _chunk_batch(n: int, per_chunk_bytes: int, budget: int) -> int:
+  """Chunks per batch for work mapped over the chunks outside the scan, so that its largest array takes at most
+  ``budget`` bytes (one chunk if even that exceeds it)."""
+  return max(1, min(n, budget // per_chunk_bytes))
+
+
+def _channel_scores(spec: MemorySpec, qc, kc, gate_chunks, budget: int) -> jax.Array:
+  """The first layer's dual-form scores Σ_i q_ti k_si C[t, s, i] [n, N, c, c] with per-channel coefficients C
+  [N, c, c, d] formed (in float32) one batch of chunks at a time, and again in the backward: never for all chunks."""
+
+  def scores(xs):
+    q, k, *g = xs
+    coef = jax.vmap(functools.partial(coefficients, spec))(*g)["coef"]
+    return jnp.einsum("bti,bsi,btsi->bts", q, k, coef, precision=jax.lax.Precision.HIGHEST)
+
+  n, heads, c, d = qc.shape
+  return jax.lax.map(jax.checkpoint(scores), (qc, kc, *gate_chunks), batch_size=_chunk_batch(n, 4 * heads * c * c * d,
+                                                                                               budget))
+
+
+def chunk_inputs(spec: MemorySpec, q, k, v, gates: Gates, chunk_size: int, lengths,
+                 batch_bytes: int = 1 << 30) -> ChunkInputs:
+  """The state-independent part of every chunk step, for all chunks at once (before any scan); ``batch_bytes``
+  bounds the per-channel coefficients held at once (``_channel_scores``)."""
   b, t, h, d = q.shape
   x = chunk_sequence(q, k, v, gates, spec, chunk_size, lengths)
   n = x.q.shape[0]
@@ -151,22 +173,13 @@ def chunk_inputs(spec: MemorySpec, q, k, v, gates: Gates, chunk_size: int, lengt
   if gates.eta.shape[-1] == 1:
     scores_q = product("nbti,nbsi->nbts", qc, kc, spec.memory.matmul) * co["coef"][..., 0]
     w1_coef = co["coef"][..., 0]
-  else:  # channel gates act on the query/key axis of W2: Σ_i q_ti k_si C[t, s, i], in float32
-    scores_q = jnp.einsum("nbti,nbsi,nbtsi->nbts", qc, kc, co["coef"], precision=jax.lax.Precision.HIGHEST)
+  else:  # channel gates act on the query/key axis of W2 (co["coef"] is unused, so never computed)
+    scores_q = _channel_scores(spec, qc, kc, gate_chunks, batch_bytes)
     w1_coef = gate_chunks  # W1's [c, c, d] coefficients are formed inside the scan, not stored for every chunk
   complete = jnp.repeat(x.complete, h, axis=1)  # [n, b·h]
   return ChunkInputs(qc, kc, heads(x.v), heads(x.delta), co["decay"], w1_coef, scores_q,
                      jnp.where(complete[..., None], co["end_decay"], 1.0),
                      jnp.where(complete[..., None, None], co["end_coef"], 0.0), complete)
-
-
-def _chunks_per_read_batch(x: ChunkInputs, hidden: int, budget: int) -> int:
-  """How many chunks' reads run at once in the split path: their largest float32 activation (a [N, c, E] hidden
-  read, or with per-channel gates W1's [N, c, c, d] coefficients) totals at most ``budget`` bytes (one chunk if
-  even that exceeds it)."""
-  n, heads, c, d = x.q.shape
-  per_chunk = 4 * heads * c * max(hidden, c * d if x.decay.shape[-1] > 1 else 0)
-  return max(1, min(n, budget // per_chunk))
 
 
 def read_rows(spec: MemorySpec, state: dict, x: jax.Array, ln) -> jax.Array:
@@ -180,20 +193,21 @@ def layer_norm_params(ln, b: int, h: int, d: int) -> tuple:
   return tuple(jnp.broadcast_to(p[None], (b, h, d)).reshape(b * h, 1, d) for p in ln)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat", "matmul", "split", "read_batch_bytes"))
+@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat", "matmul", "split", "batch_bytes"))
 def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, initial_momentum=None, ln=None,
                chunk_size: int = 64, lengths=None, remat: bool = False, matmul: str = "float32", split: bool = False,
-               read_batch_bytes: int = 1 << 30):
+               batch_bytes: int = 1 << 30):
   """The chunked Miras memory for the memories :func:`unsupported` accepts; arguments and returns as
   :func:`chunked.miras_chunked` (``initial_momentum`` must be None). ``split``: scan over the chunks' keys alone
-  (the state's recurrence), then take every chunk's reads from its start state at once, in batches of chunks
-  whose largest activation stays under ``read_batch_bytes``; ``remat`` recomputes both in the backward."""
+  (the state's recurrence), then take every chunk's reads from its start state at once; ``remat`` recomputes both
+  in the backward. Work mapped over the chunks outside the scan (the split reads; with per-channel gates the first
+  layer's scores) runs in batches of chunks whose largest float32 array stays under ``batch_bytes``."""
   if (why := unsupported(spec)) is not None:
     raise ValueError(f"the flat Miras path cannot run this memory: {why}")
   del initial_momentum
   spec = with_matmul(spec, matmul)
   b, t, h, d = q.shape
-  x = chunk_inputs(spec, q, k, v, gates, chunk_size, lengths)
+  x = chunk_inputs(spec, q, k, v, gates, chunk_size, lengths, batch_bytes)
   boundary = spec.reads_closed_state
   # rows through W2 per chunk: keys and the previous chunk's last query (whose read is the closed state's), then
   # the queries scaled by their decay (W₀ decay_t q_t for channel gates on W2's input axis, decay_t W₀ q_t per head)
@@ -207,8 +221,9 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
   if split:
     state, (starts, keys, reads) = jax.lax.scan(remat_if(functools.partial(_key_step, spec, ln)), state, key_xs)
     read = remat_if(lambda xs: _reads(spec, ln, *xs))
-    batch = _chunks_per_read_batch(x, d * spec.memory.expansion, read_batch_bytes)
-    o = jax.lax.map(read, (starts, keys, *read_xs), batch_size=batch)
+    n, heads, c, _ = x.q.shape  # the largest of a chunk's reads: [N, c, E] or per-channel coefficients [N, c, c, d]
+    per_chunk = 4 * heads * c * max(d * spec.memory.expansion, c * d if x.decay.shape[-1] > 1 else 0)
+    o = jax.lax.map(read, (starts, keys, *read_xs), batch_size=_chunk_batch(n, per_chunk, batch_bytes))
   else:
     step = remat_if(functools.partial(_step, spec, ln))
     state, (o, reads) = jax.lax.scan(step, state, (key_xs, read_xs))
