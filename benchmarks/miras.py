@@ -430,7 +430,7 @@ def main() -> None:
   parser.add_argument("--gates", default="channel,head", help="comma list of channel, head")
   parser.add_argument("--chunks", default="64", help="comma list of chunk sizes")
   parser.add_argument("--remat", default="1", help="comma list of 0/1: jax.checkpoint of the chunk body (default 1)")
-  parser.add_argument("--impls", default="xla_chunked,xla_chunked_bf16",
+  parser.add_argument("--impls", default="xla_flat_bf16,xla_split_bf16,pallas_triton_bf16",
                       help="comma list of layers.kernels.miras.IMPLEMENTATIONS")
   parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   parser.add_argument("--peak-tflops", type=float, default=None, help="dense peak of this device (TFLOP/s)")
