@@ -182,11 +182,6 @@ def chunk_inputs(spec: MemorySpec, q, k, v, gates: Gates, chunk_size: int, lengt
                      jnp.where(complete[..., None, None], co["end_coef"], 0.0), complete)
 
 
-def read_rows(spec: MemorySpec, state: dict, x: jax.Array, ln) -> jax.Array:
-  """Rows x [N, r, d] read through each head's weights W = s₀·S of ``state`` {w2 [N, E, d], w1 [N, d, E]}."""
-  return _forward(state, _read_scales(spec.retention, state), x, ln, spec.memory)[0]
-
-
 def layer_norm_params(ln, b: int, h: int, d: int) -> tuple:
   """(γ, β) [h, d] (or None: the identity LayerNorm) per head of every batch row, [b·h, 1, d]."""
   ln = ln if ln is not None else (jnp.ones((h, d)), jnp.zeros((h, d)))
@@ -228,7 +223,8 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
     step = remat_if(functools.partial(_step, spec, ln))
     state, (o, reads) = jax.lax.scan(step, state, (key_xs, read_xs))
   if boundary:  # the last query of chunk j reads the state closed by chunk j: row c of chunk j + 1, or after the scan
-    reads = jnp.concatenate([reads[1:, :, 0], read_rows(spec, state, x.q[-1, :, -1:], ln)[:, 0][None]])
+    last = _forward(state, _read_scales(spec.retention, state), x.q[-1, :, -1:], ln, spec.memory)[0]
+    reads = jnp.concatenate([reads[1:, :, 0], last[:, 0][None]])
     o = o.at[:, :, -1].set(jnp.where(x.complete[..., None], reads, o[:, :, -1]))
   o = unchunk(o.reshape(-1, b, h, chunk_size, d), t)
   return o, {name: w.reshape(b, h, *w.shape[1:]) for name, w in state.items()}, None

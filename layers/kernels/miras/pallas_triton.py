@@ -92,10 +92,11 @@ class Tuning:
   """Triton launch settings, read when the kernels are traced (static): ``num_warps`` per program (one program per
   head); ``hidden_tile``: columns of E per tile of the state and of every [c, E] activation (E if it is smaller);
   ``num_stages``: Triton's software pipelining of the tile loops (2 loads the next tile during this one's work, at
-  the price of shared memory). Timed on the GPU by ``benchmarks/miras.py --warps ... --hidden-tile ... --pipeline``."""
+  the price of shared memory). Timed on the GPU by ``benchmarks/miras.py --memory-op --warps ... --hidden-tile ...
+  --pipeline``."""
 
   num_warps: int = 8  # fewer spills than 4 when compiled for sm_90a (docs/benchmarks.md)
-  hidden_tile: int = 64
+  hidden_tile: int = 32  # H100, Moneta, 8 × 4096: fwd 6.9 vs 9.9 ms, fwd+bwd 50.3 vs 53.3 ms at 64 columns
   num_stages: int = 1
 
   def tile(self, hidden: int) -> int:
