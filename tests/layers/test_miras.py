@@ -574,6 +574,12 @@ def test_api_dispatch_and_errors():
   qkv, gates, kw = _inputs(titans, 14, t=6)
   with pytest.raises(ValueError, match="'xla_flat_bf16' cannot run: it has no momentum"):
     api.miras_memory(*qkv, gates, spec=titans, implementation="xla_flat_bf16", **kw)
+  with pytest.raises(ValueError, match="'xla_split' cannot run: it has no momentum"):
+    api.miras_memory(*qkv, gates, spec=titans, implementation="xla_split", **kw)
+  qkv, gates, kw = _inputs(SPECS["moneta"], 14, t=10, channel=True)
+  split, flat_ = (api.miras_memory(*qkv, gates, spec=SPECS["moneta"], chunk_size=4, implementation=i, **kw)[0]
+                  for i in ("xla_split", "xla_flat"))
+  assert _rel(split, flat_) < 1e-6
   if jax.default_backend() != "gpu":
     with pytest.raises(ValueError, match="'pallas_triton' cannot run: its kernels need a GPU"):
       api.miras_memory(*qkv, gates, spec=spec, implementation="pallas_triton", **kw)
