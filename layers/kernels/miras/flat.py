@@ -5,16 +5,18 @@ semantics: the frozen-gradient loop R1 of :mod:`reference`). On an H200 the chun
 chunk forward and ~160 forward + backward (docs/benchmarks.md, profile), so a step costs what its kernels launch,
 not what they compute. This path computes the same chunk step with fewer kernels inside the scan:
 
-  * everything that does not depend on the state is computed for all chunks at once, before the scan: the decays
-    and step coefficients C[t, i] (:func:`chunked.coefficients`) and the first layer's dual-form scores
-    Σ_i q_ti k_si C[t, s, i] (with per-channel gates the second layer's [c, c, d] coefficients stay in the scan:
-    stored for every chunk they would outweigh the sequence);
-  * one matmul takes the chunk's keys, its decayed queries and the previous chunk's last query through W2 = s₂·A2;
-  * the chunk-end read of the closed state (``boundary_read``: Moneta, elastic net) is an extra row of the *next*
-    chunk's forward through its start weights, which are that closed state; the last chunk's is one apply after the
-    scan;
+  * everything that does not depend on the state is computed for all chunks before the scan: the decays and step
+    coefficients C[t, i] (:func:`chunked.coefficients`) and the first layer's dual-form scores
+    Σ_i q_ti k_si C[t, s, i] (with per-channel gates their [c, c, d] coefficients are formed a batch of chunks at a
+    time, and the second layer's stay in the scan: stored for every chunk they would outweigh the sequence);
+  * one matmul takes the chunk's keys and the previous chunk's last query through W2 = s₂·A2: that query's read is
+    the chunk-end read of the closed state (``boundary_read``: Moneta, elastic net), which is the *next* chunk's
+    start state; the last chunk's is one apply after the scan;
   * the read scale s₀ (Moneta's ‖A‖_q^{−(q−2)}) multiplies matmul outputs, never the state;
-  * states are [b·h, out, in] arrays and every product is one batched matmul over b·h (no vmap of per-head code).
+  * states are [b·h, out, in] arrays and every product is one batched matmul over b·h (no vmap of per-head code);
+  * ``split=True`` (``xla_split``): the scan carries only the keys' recurrence (:func:`_keys`), and every chunk's
+    per-token reads (:func:`_reads`) and the previous chunk's last query's read are taken afterwards from the stacked
+    start states, a batch of chunks at a time (fewer kernels per chunk inside the scan, the start states kept).
 
 Covers the MLP memory with per-head or per-channel gates and no momentum, with retentions whose weights are s₀·S
 (decay, ℓq normalisation, elastic net); everything else is :mod:`chunked`'s (``unsupported`` says why). Shapes and
@@ -114,9 +116,17 @@ def _step(spec: MemorySpec, ln, s: dict, xs):
 
 
 def _key_step(spec: MemorySpec, ln, s: dict, xs):
-  """A chunk's keys alone: state -> (closed state, (start state, ``KeyPass``, ``_keys``' plain reads))."""
-  new, keys, y = _keys(spec, ln, s, *xs)
-  return new, (s, keys, y)
+  """A chunk's keys alone: state -> (closed state, (start state, ``KeyPass``))."""
+  new, keys, _ = _keys(spec, ln, s, *xs)
+  return new, (s, keys)
+
+
+def _split_reads(spec: MemorySpec, ln, xs):
+  """A chunk's reads from its start state in the split path: (o [N, c, d], the plain read [N, 1, d] of the previous
+  chunk's last query ``q_prev``, whose read is of this start state; None where ``q_prev`` is None)."""
+  s, keys, q_prev, *read_xs = xs
+  plain = None if q_prev is None else _forward(s, keys.scale, q_prev, ln, spec.memory)[0]
+  return _reads(spec, ln, s, keys, *read_xs), plain
 
 
 class ChunkInputs(NamedTuple):
@@ -207,21 +217,22 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
   # rows through W2 per chunk: keys and the previous chunk's last query (whose read is the closed state's), then
   # the queries scaled by their decay (W₀ decay_t q_t for channel gates on W2's input axis, decay_t W₀ q_t per head)
   q_prev = jnp.concatenate([jnp.zeros_like(x.q[:1, :, -1:]), x.q[:-1, :, -1:]]) if boundary else x.q[:, :, :0]
-  key_rows, query_rows = jnp.concatenate([x.k, q_prev], axis=2), x.q * x.decay
-  key_xs = (key_rows, x.v, x.delta, x.end_decay, x.end_coef, x.complete)
+  query_rows = x.q * x.decay
+  key_xs = (x.k, x.v, x.delta, x.end_decay, x.end_coef, x.complete)
   read_xs = (query_rows, x.q, x.decay, x.w1_coef, x.scores_q)
   ln = layer_norm_params(ln, b, h, d)
   state = {name: w.reshape(b * h, *w.shape[2:]) for name, w in initial_state.items()}
   remat_if = lambda f: jax.checkpoint(f) if remat else f
   if split:
-    state, (starts, keys, reads) = jax.lax.scan(remat_if(functools.partial(_key_step, spec, ln)), state, key_xs)
-    read = remat_if(lambda xs: _reads(spec, ln, *xs))
+    state, (starts, keys) = jax.lax.scan(remat_if(functools.partial(_key_step, spec, ln)), state, key_xs)
     n, heads, c, _ = x.q.shape  # the largest of a chunk's reads: [N, c, E] or per-channel coefficients [N, c, c, d]
     per_chunk = 4 * heads * c * max(d * spec.memory.expansion, c * d if x.decay.shape[-1] > 1 else 0)
-    o = jax.lax.map(read, (starts, keys, *read_xs), batch_size=_chunk_batch(n, per_chunk, batch_bytes))
-  else:
-    step = remat_if(functools.partial(_step, spec, ln))
-    state, (o, reads) = jax.lax.scan(step, state, (key_xs, read_xs))
+    o, reads = jax.lax.map(remat_if(functools.partial(_split_reads, spec, ln)),
+                           (starts, keys, q_prev if boundary else None, *read_xs),
+                           batch_size=_chunk_batch(n, per_chunk, batch_bytes))
+  else:  # the previous chunk's last query rides with the keys through the start state (one matmul)
+    key_xs = (jnp.concatenate([x.k, q_prev], axis=2), *key_xs[1:])
+    state, (o, reads) = jax.lax.scan(remat_if(functools.partial(_step, spec, ln)), state, (key_xs, read_xs))
   if boundary:  # the last query of chunk j reads the state closed by chunk j: row c of chunk j + 1, or after the scan
     last = _forward(state, _read_scales(spec.retention, state), x.q[-1, :, -1:], ln, spec.memory)[0]
     reads = jnp.concatenate([reads[1:, :, 0], last[:, 0][None]])
