@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from layers.kernels.gated_delta import reference as gdn_reference
-from layers.kernels.miras import api, chunked, flat, pallas_triton, reference
+from layers.kernels.miras import api, channel_gates, chunked, flat, pallas_triton, reference
 from layers.miras import bias as biases
 from layers.miras.memory import LinearMemory, MLPMemory, matmul
 from layers.miras.retention import Decay, ElasticNet, LqNorm, SoftmaxKL
@@ -364,6 +364,44 @@ def test_flat_path_equals_the_chunked_path_values_and_grads(name, channel, split
         f"reads {errs[0]:.1e}, state {errs[1]:.1e} (float32), grads {grad_err:.1e} (float64)")
   assert max(errs) < 1e-5 and grad_err < 1e-9
 
+
+
+@pytest.mark.parametrize("post", [True, False])
+def test_channel_gate_sub_blocks_equal_the_elementwise_coefficients(post):
+  """``channel_gates.scores`` / ``mix`` (4 sub-blocks of 4 rows, the earlier blocks factored through each block's
+  first read decay) against the [c, c, d] coefficients of ``chunked.coefficients`` formed element-wise: values and
+  gradients of every input in float64, and in float32 with decays of up to e^-40 a token (e^-200 over the chunk)."""
+  c, d = 16, 8
+  with jax.enable_x64(True):
+    ks = jax.random.split(jax.random.PRNGKey(11), 6)
+    x, y, e = (jax.random.normal(kk, (c, d), jnp.float64) for kk in ks[:3])
+    a = jax.random.normal(ks[3], (c, c), jnp.float64)
+    eta = jax.nn.sigmoid(jax.random.normal(ks[4], (c, d), jnp.float64))
+    la = -40.0 * jax.random.uniform(ks[5], (c, d), jnp.float64) ** 2
+    spec = dataclasses.replace(SPECS["moneta"], read="post" if post else "pre")
+
+    def dense(x, y, a, e, eta, la):
+      coef = chunked.coefficients(spec, eta, la, jnp.cumsum(la, axis=0), jnp.zeros_like(la))["coef"]
+      return jnp.einsum("ti,si,tsi->ts", x, y, coef), jnp.einsum("ts,tso,so->to", a, coef, e)
+
+    def blocks(x, y, a, e, eta, la):
+      lb = jnp.cumsum(la, axis=0)
+      kw = dict(block=4, post=post)
+      lr = lb if post else lb - la
+      return (channel_gates.scores(x, y, lr, lb, eta, **kw), channel_gates.mix(a, e, lr, lb, eta, **kw))
+
+    args = (x, y, a, e, eta, la)
+    values = [f(*args) for f in (dense, blocks)]
+    w = [jax.random.normal(jax.random.PRNGKey(i), v.shape, jnp.float64) for i, v in enumerate(values[0])]
+    loss = lambda f: lambda *args: sum(jnp.sum(o * wi) for o, wi in zip(f(*args), w))
+    grads = [jax.grad(loss(f), argnums=tuple(range(6)))(*args) for f in (dense, blocks)]
+    err = max(_rel(values[1], values[0]), _rel(grads[1], grads[0]))
+    finite = all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads[1]))
+    # float32, where exp(−Σ log α) over a chunk (up to e^200 here) would overflow if factored through the chunk start
+    err32 = _rel(blocks(*(v.astype(jnp.float32) for v in args)), values[0])
+  print(f"channel sub-blocks ({'post' if post else 'pre'} reads) vs element-wise coefficients: max rel error {err:.1e} "
+        f"(float64), {err32:.1e} (float32)")
+  assert err < 1e-12 and finite and err32 < 1e-5
 
 
 def test_flat_path_never_holds_every_chunks_channel_coefficients():

@@ -7,8 +7,8 @@ not what they compute. This path computes the same chunk step with fewer kernels
 
   * everything that does not depend on the state is computed for all chunks before the scan: the decays and step
     coefficients C[t, i] (:func:`chunked.coefficients`) and the first layer's dual-form scores
-    Σ_i q_ti k_si C[t, s, i] (with per-channel gates their [c, c, d] coefficients are formed a batch of chunks at a
-    time, and the second layer's stay in the scan: stored for every chunk they would outweigh the sequence);
+    Σ_i q_ti k_si C[t, s, i] (with per-channel gates a batch of chunks at a time, and the second layer's mixing
+    stays in the scan; both in sub-blocks that never form a chunk's [c, c, d] coefficients, :mod:`channel_gates`);
   * one matmul takes the chunk's keys and the previous chunk's last query through W2 = s₂·A2: that query's read is
     the chunk-end read of the closed state (``boundary_read``: Moneta, elastic net), which is the *next* chunk's
     start state; the last chunk's is one apply after the scan;
@@ -31,6 +31,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from layers.kernels.miras import channel_gates
 from layers.kernels.miras.chunked import chunk_sequence, coefficients, unchunk, with_matmul
 from layers.miras.memory import MLPMemory, gelu, gelu_grad, layer_norm, layer_norm_backward
 from layers.miras.memory import matmul as product
@@ -101,9 +102,8 @@ def _reads(spec: MemorySpec, ln, s: dict, keys: KeyPass, rows, q, decay, w1_coef
   scores_h = product("nte,nse->nts", hq, keys.hk, mode)
   if decay.shape[-1] == 1:
     mixed = product("nts,nsd->ntd", scores_h * w1_coef, keys.e1, mode)
-  else:  # per-channel coefficients on W1's output axis, formed element-wise in float32 (exponents ≤ 0)
-    coef = jax.vmap(functools.partial(coefficients, spec))(*w1_coef)["coef"]  # [N, c, c, d]
-    mixed = jnp.einsum("nts,ntso,nso->nto", scores_h, coef, keys.e1, precision=jax.lax.Precision.HIGHEST)
+  else:  # per-channel coefficients on W1's output axis, in float32 sub-blocks
+    mixed = _channel_product(spec, channel_gates.mix, scores_h, keys.e1, w1_coef)
   uq = scale["w1"] * (decay * product("nte,nde->ntd", hq, s["w1"], mode) - mixed)
   return q + layer_norm(uq, ln, mem.ln_eps)[0]
 
@@ -155,18 +155,22 @@ def _chunk_batch(n: int, per_chunk_bytes: int, budget: int) -> int:
   return max(1, min(n, budget // per_chunk_bytes))
 
 
+def _channel_product(spec: MemorySpec, product, u, w, gates) -> jax.Array:
+  """``channel_gates.scores`` or ``channel_gates.mix`` of one chunk of every head: u, w [N, ...]; gates (η, log α,
+  log B, log P) [N, c, d]."""
+  eta, log_alpha, log_b, _ = gates
+  post = spec.read == "post"
+  fn = functools.partial(product, block=channel_gates.block_size(eta.shape[-2]), post=post)
+  return jax.vmap(fn)(u, w, log_b if post else log_b - log_alpha, log_b, eta)
+
+
 def _channel_scores(spec: MemorySpec, qc, kc, gate_chunks, budget: int) -> jax.Array:
-  """The first layer's dual-form scores Σ_i q_ti k_si C[t, s, i] [n, N, c, c] with per-channel coefficients C
-  [N, c, c, d] formed (in float32) one batch of chunks at a time, and again in the backward: never for all chunks."""
-
-  def scores(xs):
-    q, k, *g = xs
-    coef = jax.vmap(functools.partial(coefficients, spec))(*g)["coef"]
-    return jnp.einsum("bti,bsi,btsi->bts", q, k, coef, precision=jax.lax.Precision.HIGHEST)
-
+  """The first layer's dual-form scores Σ_i q_ti k_si C[t, s, i] [n, N, c, c] with per-channel coefficients C,
+  in float32 sub-blocks (:mod:`channel_gates`), a batch of chunks at a time and again in the backward."""
   n, heads, c, d = qc.shape
-  return jax.lax.map(jax.checkpoint(scores), (qc, kc, *gate_chunks), batch_size=_chunk_batch(n, 4 * heads * c * c * d,
-                                                                                               budget))
+  scores = jax.checkpoint(lambda xs: _channel_product(spec, channel_gates.scores, *xs[:2], xs[2:]))
+  per_chunk = 4 * heads * channel_gates.coefficient_elements(c, d)
+  return jax.lax.map(scores, (qc, kc, *gate_chunks), batch_size=_chunk_batch(n, per_chunk, budget))
 
 
 def chunk_inputs(spec: MemorySpec, q, k, v, gates: Gates, chunk_size: int, lengths,
@@ -185,7 +189,7 @@ def chunk_inputs(spec: MemorySpec, q, k, v, gates: Gates, chunk_size: int, lengt
     w1_coef = co["coef"][..., 0]
   else:  # channel gates act on the query/key axis of W2 (co["coef"] is unused, so never computed)
     scores_q = _channel_scores(spec, qc, kc, gate_chunks, batch_bytes)
-    w1_coef = gate_chunks  # W1's [c, c, d] coefficients are formed inside the scan, not stored for every chunk
+    w1_coef = gate_chunks  # W1's per-channel mixing is formed from the gates inside the scan
   complete = jnp.repeat(x.complete, h, axis=1)  # [n, b·h]
   return ChunkInputs(qc, kc, heads(x.v), heads(x.delta), co["decay"], w1_coef, scores_q,
                      jnp.where(complete[..., None], co["end_decay"], 1.0),
@@ -225,8 +229,9 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
   remat_if = lambda f: jax.checkpoint(f) if remat else f
   if split:
     state, (starts, keys) = jax.lax.scan(remat_if(functools.partial(_key_step, spec, ln)), state, key_xs)
-    n, heads, c, _ = x.q.shape  # the largest of a chunk's reads: [N, c, E] or per-channel coefficients [N, c, c, d]
-    per_chunk = 4 * heads * c * max(d * spec.memory.expansion, c * d if x.decay.shape[-1] > 1 else 0)
+    n, heads, c, _ = x.q.shape  # the largest of a chunk's reads: [N, c, E] or per-channel coefficients
+    channel = channel_gates.coefficient_elements(c, d) if x.decay.shape[-1] > 1 else 0
+    per_chunk = 4 * heads * max(c * d * spec.memory.expansion, channel)
     o, reads = jax.lax.map(remat_if(functools.partial(_split_reads, spec, ln)),
                            (starts, keys, q_prev if boundary else None, *read_xs),
                            batch_size=_chunk_batch(n, per_chunk, batch_bytes))
