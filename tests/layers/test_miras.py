@@ -405,13 +405,14 @@ def test_channel_gate_sub_blocks_equal_the_elementwise_coefficients(post):
 
 
 def test_flat_path_never_holds_every_chunks_channel_coefficients():
-  """With per-channel gates the first layer's scores need [b·h, c, c, d] coefficients per chunk; the flat path forms
-  them a batch of chunks at a time (``batch_bytes``): in XLA's own accounting, one chunk at a time saves more
-  temporaries in the fwd+bwd than those coefficients take for all 32 chunks (at the 340M layer shape, B = 8,
-  the temporaries went from 41.5 to 7.4 GiB on the CPU)."""
+  """With per-channel gates the first layer's scores need coefficient arrays per chunk (:mod:`channel_gates`; at
+  c = 16, one sub-block, about [b·h, c, c, d]); the flat path forms them a batch of chunks at a time
+  (``batch_bytes``): in XLA's own accounting, one chunk at a time saves more temporaries in the fwd+bwd than
+  [b·h, c, c, d] for all 32 chunks (at the 340M layer shape, B = 8, the batching took the temporaries from 41.5 to
+  7.4 GiB on the CPU)."""
   spec = SPECS["moneta"]
   (q, k, v), gates, kw = _inputs(spec, 3, b=1, t=512, h=4, d=16, channel=True)
-  per_chunk = 4 * 4 * 16 * 16 * 16  # [b·h, c, c, d] float32, c = 16
+  per_chunk = 4 * 4 * 16 * 16 * 16  # [b·h, c, c, d] float32, c = 16: below one chunk's arrays, so one at a time
   temps = {}
   for budget in (per_chunk, 1 << 40):
     run = functools.partial(flat.miras_flat, spec=spec, chunk_size=16, remat=True, batch_bytes=budget, **kw)
