@@ -18,6 +18,7 @@ Shapes: one head's chunk (vmap for more); gates [c, d]. Equal to the element-wis
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -88,3 +89,19 @@ def mix(a, e, lr, lb, eta, *, block: int, post: bool) -> jax.Array:
   within = jnp.einsum("bts,btsd,bsd->btd", a_within, _within(lr, lb, eta, block, post), e.reshape(nb, block, d),
                       precision=_HIGHEST)
   return (earlier + within).reshape(c, d)
+
+
+class Coefficients(NamedTuple):
+  """One head's chunk of per-channel step coefficients kept as their logs: C[t, s, i] = exp(lr_ti − lb_si) η_si
+  for s ≤ t (``post``; s < t otherwise); lr, lb, η [c, d]. Its products are :func:`scores` and :func:`mix`."""
+
+  lr: jax.Array
+  lb: jax.Array
+  eta: jax.Array
+  post: bool
+
+  def scores(self, x: jax.Array, y: jax.Array) -> jax.Array:
+    return scores(x, y, self.lr, self.lb, self.eta, block=block_size(self.lr.shape[0]), post=self.post)
+
+  def mix(self, a: jax.Array, e: jax.Array) -> jax.Array:
+    return mix(a, e, self.lr, self.lb, self.eta, block=block_size(self.lr.shape[0]), post=self.post)

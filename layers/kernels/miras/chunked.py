@@ -38,10 +38,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from layers.kernels.miras import channel_gates
 from layers.miras.memory import MATMULS, matmul
 from layers.miras.spec import Gates, MemorySpec, along, gates_along
-
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _ratios(log_b_rows: jax.Array, log_b: jax.Array, mask: jax.Array) -> jax.Array:
@@ -53,21 +52,21 @@ def _ratios(log_b_rows: jax.Array, log_b: jax.Array, mask: jax.Array) -> jax.Arr
 def _layer_read(x, w0, a, e, axis, decay, coef, scale, mode, m0=None, c_mom=None):
   """Rows x_t [c, in] through per-token weights W_t = decay_t ⊙ W₀ − scale·Σ_i coef[t, i] ⊙ e_i a_iᵀ [c, out].
 
-  decay [c, g]; coef [c, c, g] (g = 1: per head; g = d: per channel along ``axis``); momentum adds c_mom[t]·M₀.
-  ``mode``: matmul operands (``layers.miras.memory.MATMULS``).
+  decay [c, g]; coef: per head [c, c, 1], or per channel along ``axis`` (g = d) ``channel_gates.Coefficients``,
+  whose products never form [c, c, d]; momentum adds c_mom[t]·M₀. ``mode``: matmul operands
+  (``layers.miras.memory.MATMULS``).
   """
   _dot = functools.partial(_mode_dot, mode=mode)
-  if coef.shape[-1] == 1:
+  if not isinstance(coef, channel_gates.Coefficients):
     base = decay * _dot("ti,oi->to", x, w0)
     out = base - scale * _dot("ts,so->to", _dot("ti,si->ts", x, a) * coef[..., 0], e)
     if m0 is not None:
       out = out + c_mom * _dot("ti,oi->to", x, m0)
     return out
   if axis == "in":  # W_t = W₀ diag(B_t) − Σ_i e_i (a_i ⊙ coef_ti)ᵀ
-    scores = jnp.einsum("ti,si,tsi->ts", x, a, coef, precision=_HIGHEST)
-    return _dot("ti,oi->to", x * decay, w0) - scale * _dot("ts,so->to", scores, e)
+    return _dot("ti,oi->to", x * decay, w0) - scale * _dot("ts,so->to", coef.scores(x, a), e)
   scores = _dot("ti,si->ts", x, a)  # W_t = diag(B_t) W₀ − Σ_i (coef_ti ⊙ e_i) a_iᵀ
-  return decay * _dot("ti,oi->to", x, w0) - scale * jnp.einsum("ts,tso,so->to", scores, coef, e, precision=_HIGHEST)
+  return decay * _dot("ti,oi->to", x, w0) - scale * coef.mix(scores, e)
 
 
 def _mode_dot(spec: str, a: jax.Array, b: jax.Array, mode: str) -> jax.Array:
@@ -124,10 +123,12 @@ def stage_reads(spec: MemorySpec, s, m, acts, q, eta, la, lb, lp, ln) -> jax.Arr
   mem, ret = spec.memory, spec.retention
   co = coefficients(spec, eta, la, lb, lp)
   s0 = ret.read_scale(s)
+  post = spec.read == "post"  # per-channel gates: the coefficients' logs (their [c, c, d] array goes unused)
+  coef = co["coef"] if eta.shape[-1] == 1 else channel_gates.Coefficients(lb if post else lb - la, lb, eta, post)
 
   def matvec(name, w, x):
     a, e = acts[name]
-    return _layer_read(x, w, a, e, mem.gate_axes[name], co["decay"], co["coef"], s0[name], mem.matmul,
+    return _layer_read(x, w, a, e, mem.gate_axes[name], co["decay"], coef, s0[name], mem.matmul,
                        m[name] if spec.momentum else None, co["c_read"])
 
   return mem.apply(ret.gradient_point(s), q, ln, matvec=matvec)
