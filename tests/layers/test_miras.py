@@ -372,9 +372,10 @@ def test_flat_path_equals_the_chunked_path_values_and_grads(name, channel, split
 
 @pytest.mark.parametrize("post", [True, False])
 def test_channel_gate_sub_blocks_equal_the_elementwise_coefficients(post):
-  """``channel_gates.scores`` / ``mix`` (4 sub-blocks of 4 rows, the earlier blocks factored through each block's
-  first read decay) against the [c, c, d] coefficients of ``chunked.coefficients`` formed element-wise: values and
-  gradients of every input in float64, and in float32 with decays of up to e^-40 a token (e^-200 over the chunk)."""
+  """``channel_gates.Coefficients`` scores and mix (4 sub-blocks of 4 rows, the earlier blocks factored through each
+  block's first read decay) against the [c, c, d] coefficients of ``chunked.coefficients`` formed element-wise:
+  values and gradients of every input in float64, and in float32 with decays of up to e^-40 a token (e^-200 over
+  the chunk)."""
   c, d = 16, 8
   with jax.enable_x64(True):
     ks = jax.random.split(jax.random.PRNGKey(11), 6)
@@ -389,10 +390,8 @@ def test_channel_gate_sub_blocks_equal_the_elementwise_coefficients(post):
       return jnp.einsum("ti,si,tsi->ts", x, y, coef), jnp.einsum("ts,tso,so->to", a, coef, e)
 
     def blocks(x, y, a, e, eta, la):
-      lb = jnp.cumsum(la, axis=0)
-      kw = dict(block=4, post=post)
-      lr = lb if post else lb - la
-      return (channel_gates.scores(x, y, lr, lb, eta, **kw), channel_gates.mix(a, e, lr, lb, eta, **kw))
+      coef = channel_gates.Coefficients.from_gates(eta, la, jnp.cumsum(la, axis=0), post=post, block=4)
+      return coef.scores(x, y), coef.mix(a, e)
 
     args = (x, y, a, e, eta, la)
     values = [f(*args) for f in (dense, blocks)]

@@ -4,8 +4,8 @@
 C[t, s, i] = exp(lr_t,i − lb_s,i) η_s,i where s ≤ t (post reads; s < t for pre reads), lb the cumulative log-decay
 and lr the reads' (lb, or lb − log α for pre reads). Two products of the chunk step need them:
 
-  * the first layer's scores  S[t, s] = Σ_i x_ti y_si C[t, s, i]   [c, c]  (``scores``);
-  * the second layer's mixing M[t, o] = Σ_s a_ts C[t, s, o] e_so    [c, d]  (``mix``).
+  * the first layer's scores  S[t, s] = Σ_i x_ti y_si C[t, s, i]   [c, c]  (``Coefficients.scores``);
+  * the second layer's mixing M[t, o] = Σ_s a_ts C[t, s, o] e_so    [c, d]  (``Coefficients.mix``).
 
 Formed as written they cost a [c, c, d] array per chunk and head (an XLA reduction, slow to compile on the GPU). Here
 the chunk is cut into blocks of ``block`` rows, as the secondary chunking of Gated Linear Attention (Yang et al.,
@@ -68,40 +68,36 @@ def _block_diagonal(blocks: jax.Array) -> jax.Array:
   return jnp.einsum("ab,atp->atbp", eye, blocks).reshape(nb * p, nb * p)
 
 
-def scores(x, y, lr, lb, eta, *, block: int, post: bool) -> jax.Array:
-  """S[t, s] = Σ_i x_ti y_si C[t, s, i]: x, y [c, d] -> [c, c] (float32 products)."""
-  c, d = x.shape
-  nb = c // block
-  rows, cols = _factors(lr, lb, eta, block)
-  earlier = jnp.einsum("btd,bsd->bts", x.reshape(nb, block, d) * rows, y[None] * cols, precision=_HIGHEST)
-  xb, yb = x.reshape(nb, block, d), y.reshape(nb, block, d)
-  within = jnp.einsum("btd,bsd,btsd->bts", xb, yb, _within(lr, lb, eta, block, post), precision=_HIGHEST)
-  return earlier.reshape(c, c) + _block_diagonal(within)
-
-
-def mix(a, e, lr, lb, eta, *, block: int, post: bool) -> jax.Array:
-  """M[t, o] = Σ_s a_ts C[t, s, o] e_so: a [c, c], e [c, d] -> [c, d] (float32 products)."""
-  c, d = e.shape
-  nb = c // block
-  rows, cols = _factors(lr, lb, eta, block)
-  earlier = rows * jnp.einsum("bts,bsd->btd", a.reshape(nb, block, c), e[None] * cols, precision=_HIGHEST)
-  a_within = jnp.moveaxis(jnp.diagonal(a.reshape(nb, block, nb, block), axis1=0, axis2=2), -1, 0)  # [nb, p, p]
-  within = jnp.einsum("bts,btsd,bsd->btd", a_within, _within(lr, lb, eta, block, post), e.reshape(nb, block, d),
-                      precision=_HIGHEST)
-  return (earlier + within).reshape(c, d)
-
-
 class Coefficients(NamedTuple):
-  """One head's chunk of per-channel step coefficients kept as their logs: C[t, s, i] = exp(lr_ti − lb_si) η_si
-  for s ≤ t (``post``; s < t otherwise); lr, lb, η [c, d]. Its products are :func:`scores` and :func:`mix`."""
+  """One head's chunk of per-channel step coefficients C[t, s, i] = exp(lr_ti − lb_si) η_si (s ≤ t for post reads,
+  s < t for pre), held as the factors of its sub-blocks (formed once, shared by both products): ``rows`` exp(lr_t − R_b)
+  [nb, p, d], ``cols`` exp(R_b − lb_s) η_s [nb, c, d] (zero from block b on), ``within`` [nb, p, p, d]."""
 
-  lr: jax.Array
-  lb: jax.Array
-  eta: jax.Array
-  post: bool
+  rows: jax.Array
+  cols: jax.Array
+  within: jax.Array
+
+  @classmethod
+  def from_gates(cls, eta, log_alpha, log_b, *, post: bool, block: int | None = None) -> Coefficients:
+    """From the chunk's η, log α and cumulative log-decay [c, d]; ``block`` rows per sub-block (``block_size``)."""
+    block = block or block_size(eta.shape[0])
+    lr = log_b if post else log_b - log_alpha
+    return cls(*_factors(lr, log_b, eta, block), _within(lr, log_b, eta, block, post))
 
   def scores(self, x: jax.Array, y: jax.Array) -> jax.Array:
-    return scores(x, y, self.lr, self.lb, self.eta, block=block_size(self.lr.shape[0]), post=self.post)
+    """S[t, s] = Σ_i x_ti y_si C[t, s, i]: x, y [c, d] -> [c, c] (float32 products)."""
+    c, d = x.shape
+    nb, p = self.rows.shape[:2]
+    earlier = jnp.einsum("btd,bsd->bts", x.reshape(nb, p, d) * self.rows, y[None] * self.cols, precision=_HIGHEST)
+    within = jnp.einsum("btd,bsd,btsd->bts", x.reshape(nb, p, d), y.reshape(nb, p, d), self.within,
+                        precision=_HIGHEST)
+    return earlier.reshape(c, c) + _block_diagonal(within)
 
   def mix(self, a: jax.Array, e: jax.Array) -> jax.Array:
-    return mix(a, e, self.lr, self.lb, self.eta, block=block_size(self.lr.shape[0]), post=self.post)
+    """M[t, o] = Σ_s a_ts C[t, s, o] e_so: a [c, c], e [c, d] -> [c, d] (float32 products)."""
+    c, d = e.shape
+    nb, p = self.rows.shape[:2]
+    earlier = self.rows * jnp.einsum("bts,bsd->btd", a.reshape(nb, p, c), e[None] * self.cols, precision=_HIGHEST)
+    a_within = jnp.moveaxis(jnp.diagonal(a.reshape(nb, p, nb, p), axis1=0, axis2=2), -1, 0)  # [nb, p, p]
+    within = jnp.einsum("bts,btsd,bsd->btd", a_within, self.within, e.reshape(nb, p, d), precision=_HIGHEST)
+    return (earlier + within).reshape(c, d)

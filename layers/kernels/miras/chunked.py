@@ -123,8 +123,8 @@ def stage_reads(spec: MemorySpec, s, m, acts, q, eta, la, lb, lp, ln) -> jax.Arr
   mem, ret = spec.memory, spec.retention
   co = coefficients(spec, eta, la, lb, lp)
   s0 = ret.read_scale(s)
-  post = spec.read == "post"  # per-channel gates: the coefficients' logs (their [c, c, d] array goes unused)
-  coef = co["coef"] if eta.shape[-1] == 1 else channel_gates.Coefficients(lb if post else lb - la, lb, eta, post)
+  coef = co["coef"] if eta.shape[-1] == 1 else channel_gates.Coefficients.from_gates(  # ([c, c, d] goes unused)
+      eta, la, lb, post=spec.read == "post")
 
   def matvec(name, w, x):
     a, e = acts[name]

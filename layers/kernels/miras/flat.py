@@ -103,7 +103,7 @@ def _reads(spec: MemorySpec, ln, s: dict, keys: KeyPass, rows, q, decay, w1_coef
   if decay.shape[-1] == 1:
     mixed = product("nts,nsd->ntd", scores_h * w1_coef, keys.e1, mode)
   else:  # per-channel coefficients on W1's output axis, in float32 sub-blocks
-    mixed = _channel_product(spec, channel_gates.mix, scores_h, keys.e1, w1_coef)
+    mixed = _channel_product(spec, channel_gates.Coefficients.mix, scores_h, keys.e1, w1_coef)
   uq = scale["w1"] * (decay * product("nte,nde->ntd", hq, s["w1"], mode) - mixed)
   return q + layer_norm(uq, ln, mem.ln_eps)[0]
 
@@ -156,19 +156,17 @@ def _chunk_batch(n: int, per_chunk_bytes: int, budget: int) -> int:
 
 
 def _channel_product(spec: MemorySpec, product, u, w, gates) -> jax.Array:
-  """``channel_gates.scores`` or ``channel_gates.mix`` of one chunk of every head: u, w [N, ...]; gates (η, log α,
+  """``channel_gates.Coefficients.scores`` or ``.mix`` of one chunk of every head: u, w [N, ...]; gates (η, log α,
   log B, log P) [N, c, d]."""
-  eta, log_alpha, log_b, _ = gates
-  post = spec.read == "post"
-  fn = functools.partial(product, block=channel_gates.block_size(eta.shape[-2]), post=post)
-  return jax.vmap(fn)(u, w, log_b if post else log_b - log_alpha, log_b, eta)
+  coefficients = functools.partial(channel_gates.Coefficients.from_gates, post=spec.read == "post")
+  return jax.vmap(lambda u, w, *g: product(coefficients(*g), u, w))(u, w, *gates[:3])
 
 
 def _channel_scores(spec: MemorySpec, qc, kc, gate_chunks, budget: int) -> jax.Array:
   """The first layer's dual-form scores Σ_i q_ti k_si C[t, s, i] [n, N, c, c] with per-channel coefficients C,
   in float32 sub-blocks (:mod:`channel_gates`), a batch of chunks at a time and again in the backward."""
   n, heads, c, d = qc.shape
-  scores = jax.checkpoint(lambda xs: _channel_product(spec, channel_gates.scores, *xs[:2], xs[2:]))
+  scores = jax.checkpoint(lambda xs: _channel_product(spec, channel_gates.Coefficients.scores, *xs[:2], xs[2:]))
   per_chunk = 4 * heads * channel_gates.coefficient_elements(c, d)
   return jax.lax.map(scores, (qc, kc, *gate_chunks), batch_size=_chunk_batch(n, per_chunk, budget))
 
