@@ -63,8 +63,9 @@ class MirasConfig(Config, abc.ABC):
       layer shape it is both faster (54 vs 79 ms fwd+bwd, per-head gates) and 7× smaller in temporaries
       (docs/benchmarks.md), so it is the default.
     implementation: memory kernel (``layers.kernels.miras.IMPLEMENTATIONS``), None for the first that applies
-      (float32 matmuls). On a GPU the fastest measured are ``pallas_triton_bf16`` with channel gates (4.1× faster
-      than ``xla_flat_bf16`` on an H100) and ``xla_split_bf16`` with per-head gates (docs/benchmarks.md).
+      (float32 matmuls). On a GPU the fastest measured Moneta layers are ``xla_flat_bf16`` with channel gates
+      (79 ms fwd+bwd at 8 × 4096 on an H100, ``pallas_triton_bf16`` 87 ms) and ``xla_split_bf16`` with per-head
+      gates (docs/benchmarks.md).
   """
 
   memory: str = option("mlp", choices=MEMORIES)

@@ -20,9 +20,9 @@ float32; returns (o [b, t, h, d] float32, state at the last chunk boundary, mome
   * ``"pallas_triton"`` / ``"pallas_triton_bf16"``: the whole chunk loop of a head in one Pallas (Triton) kernel
     per direction, walking the hidden axis in tiles, with a hand-written backward (:mod:`pallas_triton`); GPU only,
     for MLP memories (per-head or channel gates) with no momentum, lag token, inner clip or chunk-end map (Moneta),
-    c, d, E powers of two ≥ 16. On an H100 (Moneta layer, bf16, remat, 8 × 4096): with channel gates 4.1× faster
-    than ``xla_flat_bf16`` (87.6 vs 355 ms fwd+bwd) in a seventh of its temporary memory, so the one to pick there;
-    with per-head gates 10% slower (56.9 vs 51.8 ms);
+    c, d, E powers of two ≥ 16. On an H100 (Moneta layer, bf16, remat, 8 × 4096): with channel gates 10% slower
+    than ``xla_flat_bf16`` (87.5 vs 79.1 ms fwd+bwd) in two thirds of its temporary memory (3.9 vs 6.0 GiB); with
+    per-head gates 20% slower than ``xla_split_bf16`` (53.3 vs 44.4 ms); its forward is the fastest measured;
   * ``"reference"``: the token loop with one ``jax.grad`` per token (any backend; slow).
 ``None`` takes the first that applies, in that order (so never those listed after the reference).
 An explicitly requested implementation that cannot run raises a ValueError saying why.
