@@ -78,15 +78,29 @@ def _loss(fn, weights):
   return loss
 
 
+def _chunk_one_and_exact(spec: MemorySpec, inputs) -> tuple:
+  """(chunked at chunk size 1, the exact recurrence): each (outputs, state)."""
+  qkv, gates, kw = inputs
+  run = lambda fn, **extra: fn(*qkv, gates, spec=spec, **kw, **extra)[:2]
+  return run(chunked.miras_chunked, chunk_size=1), run(reference.exact_recurrence)
+
+
 @pytest.mark.parametrize("name", list(SPECS))
 def test_chunk_size_one_equals_the_exact_recurrence(name):
+  """Equal in float64 (the algorithm is exact); in float32 the chunked path is as close to the float64 truth as the
+  exact recurrence itself is (some of these 13-token recurrences amplify rounding ~100×, so the two float32 paths
+  can differ by more than either differs from the truth: Yaad at seed 1 by 1.7e-5, each ~1e-5 from the truth)."""
   spec = SPECS[name]
-  qkv, gates, kw = _inputs(spec, 1, channel=not spec.momentum)
-  o0, s0, m0 = reference.exact_recurrence(*qkv, gates, spec=spec, **kw)
-  o1, s1, m1 = chunked.miras_chunked(*qkv, gates, spec=spec, chunk_size=1, **kw)
-  errs = _rel(o1, o0), _rel(s1, s0)
-  print(f"{name}: chunk 1 vs exact recurrence: max rel error outputs {errs[0]:.1e}, state {errs[1]:.1e}")
-  assert max(errs) < 1e-5
+  inputs = _inputs(spec, 1, channel=not spec.momentum)
+  chunk32, exact32 = _chunk_one_and_exact(spec, inputs)
+  with jax.enable_x64(True):  # the same float32 inputs, exactly, in float64
+    chunk64, exact64 = _chunk_one_and_exact(spec, jax.tree.map(lambda x: x.astype(jnp.float64), inputs))
+    err64 = _rel(chunk64, exact64)
+    err32, exact_err32 = _rel(chunk32, exact64), _rel(exact32, exact64)
+  print(f"{name}: chunk 1 vs exact recurrence: max rel error {err64:.1e} (float64); against the float64 truth, "
+        f"chunked {err32:.1e}, exact recurrence {exact_err32:.1e} (float32)")
+  assert err64 < 1e-12
+  assert err32 < max(1e-5, 2.0 * exact_err32)
 
 
 @pytest.mark.parametrize("name", list(SPECS))
