@@ -125,7 +125,10 @@ class YaadConfig(MirasConfig):
   """Yaad (``yaad``): ‖r‖² where ‖r‖ ≤ δ_t, else δ_t·ℓ1 (Huber mixture), multiplicative decay.
 
   Attributes:
-    eps: smoothing of the ℓ1 branch, |r| ≈ sqrt(r² + eps).
+    eps: smoothing of the ℓ1 branch, |r| ≈ sqrt(r² + eps). At 1e-6 (spec §9) the branch writes a sign pattern
+      whose derivative in the values is ~eps/|r|³, so the memory passes the value projection almost no gradient:
+      Yaad stays at chance on MQAR; eps = 1 with ``inner_clip`` none (or 0.3) learns it, at the price of the
+      T = 4096 stability that the default clip buys (docs/results.md, "Gates and Yaad's smoothing").
     inner_clip: 0.1 by default: unclipped, outer gradients overflow at T = 4096 (docs/results.md); ``none`` for the
       paper's update.
   """
