@@ -186,9 +186,9 @@ def test_yaad_l1_writes_pass_the_values_a_gradient_only_with_enough_smoothing():
   sign = jnp.where(jax.random.bernoulli(ks[1], 0.5, (32, 8)), 1.0, -1.0)
   r = sign * jax.random.uniform(ks[2], (32, 8), minval=1.0, maxval=3.0)
   v, delta = y - r, jnp.full((32,), 0.5)  # 1 ≤ |r_i| ≤ 3, ‖r‖ ≫ δ: the ℓ1 branch
+  assert bool(jnp.all(jnp.linalg.norm(r, axis=-1) > delta))
   for eps, low, high in ((1e-6, 0.0, 1e-6), (1.0, 0.02, 0.4)):
     bias = biases.YaadHuber(eps)
-    assert bool(jnp.all(jnp.linalg.norm(y - v, axis=-1) > delta))
     dgrad_dv = jax.vmap(jax.jacfwd(bias.grad, argnums=1))(y, v, delta)  # [32, 8, 8], diagonal
     diag = jnp.abs(jnp.diagonal(dgrad_dv, axis1=-2, axis2=-1)) / delta[:, None]
     print(f"YaadHuber(eps={eps}): |∂g/∂v| / δ in [{float(diag.min()):.1e}, {float(diag.max()):.1e}]")
