@@ -677,13 +677,20 @@ def test_api_dispatch_and_errors():
     api.miras_memory(*qkv, gates, spec=titans, implementation="xla_flat_bf16", **kw)
   with pytest.raises(ValueError, match="'xla_split' cannot run: it has no momentum"):
     api.miras_memory(*qkv, gates, spec=titans, implementation="xla_split", **kw)
+  with pytest.raises(ValueError, match="'xla_adjoint' cannot run: it has no momentum"):
+    api.miras_memory(*qkv, gates, spec=titans, implementation="xla_adjoint", **kw)
   qkv, gates, kw = _inputs(SPECS["moneta"], 14, t=10, channel=True)
-  split, flat_ = (api.miras_memory(*qkv, gates, spec=SPECS["moneta"], chunk_size=4, implementation=i, **kw)[0]
-                  for i in ("xla_split", "xla_flat"))
-  assert _rel(split, flat_) < 1e-6
+  split, adjoint, flat_ = (api.miras_memory(*qkv, gates, spec=SPECS["moneta"], chunk_size=4, implementation=i,
+                                            **kw)[0] for i in ("xla_split", "xla_adjoint", "xla_flat"))
+  assert max(_rel(split, flat_), _rel(adjoint, flat_)) < 1e-6
+  with pytest.raises(ValueError, match="adjoint=True is a backward of the split path"):
+    flat.miras_flat(*qkv, gates, spec=SPECS["moneta"], chunk_size=4, adjoint=True, **kw)
+  with pytest.raises(ValueError, match="known states replace the keys' scan of the adjoint path"):
+    flat.miras_flat(*qkv, gates, spec=SPECS["moneta"], chunk_size=4, split=True, states=({}, {}), **kw)
   if jax.default_backend() != "gpu":
-    with pytest.raises(ValueError, match="'pallas_triton' cannot run: its kernels need a GPU"):
-      api.miras_memory(*qkv, gates, spec=spec, implementation="pallas_triton", **kw)
+    for implementation in ("pallas_triton", "pallas_adjoint"):
+      with pytest.raises(ValueError, match=f"'{implementation}' cannot run: its kernels need a GPU"):
+        api.miras_memory(*qkv, gates, spec=spec, implementation=implementation, **kw)
   moneta = SPECS["moneta"]
   kernels = functools.partial(pallas_triton.miras_pallas, chunk_size=16, interpret=True)
   qkv, gates, kw = _inputs(moneta, 14, t=6, d=8)
