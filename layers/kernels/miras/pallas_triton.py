@@ -25,6 +25,8 @@ j + 1 (n + 1 slots, behind a barrier). Per chunk (:mod:`flat`'s step; s₂, s₁
     partial cotangents [c, tile] to scratch, the row-wise pull-back through the keys' errors (``jax.vjp`` of
     LayerNorm, bias gradient and LayerNorm backward, element-wise and per row), then (B2) per tile the pull-back
     through the keys' forward, and (B3) the read scale's share of the state's cotangent (Moneta).
+    :func:`miras_pallas_adjoint` keeps the forward kernel and replaces this one by XLA's adjoint scan
+    (:func:`flat.miras_flat` with ``adjoint``) taken at the forward's checkpoints.
 
 Gates: per head, the chunk's [c, c] step coefficients C and first-layer dual-form scores S_q come from XLA
 (:func:`flat.chunk_inputs`, with the decays) and the kernels return their cotangents; per channel, C is [c, c, d]
@@ -756,6 +758,7 @@ def _memory_outputs(o, final, b: int, h: int, t: int, chunk_size: int) -> tuple:
 
 
 def _check(spec, chunk_size: int, head_dim: int, tuning: Tuning) -> None:
+  """Raises a ValueError saying why the kernels cannot run this memory, if they cannot."""
   if (why := unsupported(spec, chunk_size, head_dim, tuning)) is not None:
     raise ValueError(f"the Pallas Miras kernels cannot run this memory: {why}")
 
