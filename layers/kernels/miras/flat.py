@@ -115,9 +115,14 @@ def _step(spec: MemorySpec, ln, s: dict, xs):
   return new, (_reads(spec, ln, s, keys, *read_xs), y)
 
 
+def _chunk_keys(spec: MemorySpec, ln, s: dict, xs):
+  """A chunk's keys as a map of its start state: state -> (closed state, ``KeyPass``)."""
+  return _keys(spec, ln, s, *xs)[:2]
+
+
 def _key_step(spec: MemorySpec, ln, s: dict, xs):
   """A chunk's keys alone: state -> (closed state, (start state, ``KeyPass``))."""
-  new, keys, _ = _keys(spec, ln, s, *xs)
+  new, keys = _chunk_keys(spec, ln, s, xs)
   return new, (s, keys)
 
 
@@ -146,7 +151,7 @@ def _key_recurrence_bwd(spec, batch, residuals, cotangents):
   g_end, (g_starts, g_keys) = cotangents
   # the linearisation keeps the matmuls' outputs only; the element-wise work is redone inside the scan, where it
   # fuses into the pull-back's own kernels (a quarter of the residual bytes of keeping everything)
-  chunk = jax.checkpoint(lambda s, ln, x: _keys(spec, ln, s, *x)[:2], policy=jax.checkpoint_policies.dots_saveable)
+  chunk = jax.checkpoint(lambda s, ln, x: _chunk_keys(spec, ln, s, x), policy=jax.checkpoint_policies.dots_saveable)
   pullbacks = jax.vmap(lambda s, x: jax.vjp(lambda s: chunk(s, ln, x), s)[1])(starts, xs)
 
   def back(g, inputs):
@@ -168,7 +173,7 @@ def _keys_at_states(spec: MemorySpec, state: dict, ln, xs, batch: int, states: t
   closed state, from another forward of the same recurrence, e.g. the Pallas kernels'): the ``KeyPass``es are taken
   from them all chunks at once, and the backward is the same scan over the adjoint (nothing flows into ``states``)."""
   starts, closed = states
-  keys = jax.lax.map(lambda a: _keys(spec, ln, a[0], *a[1:])[1], (starts, *xs), batch_size=batch)
+  keys = jax.lax.map(lambda a: _chunk_keys(spec, ln, a[0], a[1:])[1], (starts, *xs), batch_size=batch)
   return closed, (starts, keys)
 
 
