@@ -375,21 +375,18 @@ def test_long_random_sequences_stay_finite_and_clipped_memories_forget(case):
 
 @pytest.mark.parametrize("name,channel", [("moneta", False), ("moneta", True), ("moneta_pre", True),
                                           ("yaad_clip", False), ("elastic_mlp", True)])
-@pytest.mark.parametrize("layout", ["flat", "split", "adjoint"])
-def test_flat_path_equals_the_chunked_path_values_and_grads(name, channel, layout):
+@pytest.mark.parametrize("split", [False, True])
+def test_flat_path_equals_the_chunked_path_values_and_grads(name, channel, split):
   """``xla_flat`` (all heads at once, hoisted scores, the boundary read as the next chunk's extra row) against
   ``xla_chunked``: every read and the state in float32, gradients of all inputs in float64, with a padded trailing
   chunk and a row whose length ends inside a chunk (so the boundary read and the kept state are both exercised).
-  ``split`` (``xla_split``): the reads after the keys' scan; ``adjoint`` (``xla_adjoint``): that scan with the
-  hand-made backward (linearised chunks, the scan over the state's adjoint). Work mapped over chunks outside the
-  scan (the split reads, the linearisations, the channel gates' scores) runs three chunks at a time: 4 chunks make
-  a batch and a rest."""
+  ``split`` (``xla_split``): the reads after the keys' scan. Work mapped over chunks outside the scan (the split
+  reads, the channel gates' scores) runs three chunks at a time: 4 chunks make a batch and a rest."""
   spec = SPECS.get(name) or FAST_PATH_SPECS[name]
   lengths = jnp.array([13, 9])
   d, hidden = 8, 8 * spec.memory.expansion
   per_chunk = 4 * 4 * 4 * max(hidden, 4 * d if channel else 0)  # [b·h, c, max(E, c·d)] float32, b·h = 4, c = 4
-  fast = functools.partial(flat.miras_flat, split=layout != "flat", adjoint=layout == "adjoint",
-                           batch_bytes=3 * per_chunk)
+  fast = functools.partial(flat.miras_flat, split=split, batch_bytes=3 * per_chunk)
   runs = [functools.partial(fn, spec=spec, chunk_size=4, lengths=lengths) for fn in (chunked.miras_chunked, fast)]
   qkv, gates, kw = _inputs(spec, 21, t=13, channel=channel)
   (o_c, s_c, _), (o_f, s_f, _) = (run(*qkv, gates, **kw) for run in runs)
@@ -399,7 +396,7 @@ def test_flat_path_equals_the_chunked_path_values_and_grads(name, channel, layou
     weights = jax.random.normal(jax.random.PRNGKey(7), o_c.shape, jnp.float64)
     g_c, g_f = (jax.grad(_loss(run, weights), argnums=(0, 1, 2))(qkv, gates, kw) for run in runs)
     grad_err = _rel(g_f, g_c)
-  print(f"{name} {'channel' if channel else 'head'} gates: {layout} vs chunked, max rel error "
+  print(f"{name} {'channel' if channel else 'head'} gates: {'split' if split else 'flat'} vs chunked, max rel error "
         f"reads {errs[0]:.1e}, state {errs[1]:.1e} (float32), grads {grad_err:.1e} (float64)")
   assert max(errs) < 1e-5 and grad_err < 1e-9
 
@@ -508,30 +505,6 @@ def test_pallas_kernels_equal_the_flat_path_values_and_grads(name, channel, hidd
         f"max rel error reads {errs[0]:.1e}, "
         f"state {errs[1]:.1e}, grads {errs[2]:.1e} (float{bits})")
   assert max(errs) < (1e-5 if bits == 32 else 1e-12)
-
-
-@pytest.mark.parametrize(("name", "channel"), [("moneta", False), ("yaad", True)])
-def test_pallas_forward_with_the_xla_adjoint_backward_equals_the_flat_path(name, channel, monkeypatch):
-  """``pallas_adjoint``: the Pallas forward kernel (interpret mode) for the values, XLA's scan over the state's
-  adjoint, linearised at the kernel's checkpointed start states, for the gradients. In float64 with XLA's erf in
-  the kernel, reads, state and the gradients of every input equal ``xla_flat``'s to rounding (with a padded
-  trailing chunk and a length ending inside an earlier chunk), so the kernel's checkpoints are the start states
-  the adjoint expects, slot for slot."""
-  spec = SPECS[name]
-  c = 32 if channel else 16
-  lengths = jnp.array([5 * c // 2, 3 * c // 2 - 3])
-  runs = [functools.partial(fn, spec=spec, chunk_size=c, lengths=lengths)
-          for fn in (flat.miras_flat, functools.partial(pallas_triton.miras_pallas_adjoint, interpret=True))]
-  monkeypatch.setattr(pallas_triton, "erf", jax.lax.erf)
-  with jax.enable_x64(True):
-    qkv, gates, kw = _inputs(spec, 23, t=5 * c // 2, d=16, channel=channel, dtype=jnp.float64)
-    (o_f, s_f, _), (o_p, s_p, _) = (run(*qkv, gates, **kw) for run in runs)
-    weights = jax.random.normal(jax.random.PRNGKey(9), o_f.shape, o_f.dtype)
-    g_f, g_p = (jax.grad(_loss(run, weights), argnums=(0, 1, 2))(qkv, gates, kw) for run in runs)
-    errs = _rel(o_p, o_f), _rel(s_p, s_f), _rel(g_p, g_f)
-  print(f"{name}, {'channel' if channel else 'head'} gates: pallas forward + xla adjoint vs flat, max rel error "
-        f"reads {errs[0]:.1e}, state {errs[1]:.1e}, grads {errs[2]:.1e} (float64)")
-  assert max(errs) < 1e-12
 
 
 def test_pallas_channel_gates_stay_finite_and_accurate_under_strong_decay():
@@ -677,20 +650,13 @@ def test_api_dispatch_and_errors():
     api.miras_memory(*qkv, gates, spec=titans, implementation="xla_flat_bf16", **kw)
   with pytest.raises(ValueError, match="'xla_split' cannot run: it has no momentum"):
     api.miras_memory(*qkv, gates, spec=titans, implementation="xla_split", **kw)
-  with pytest.raises(ValueError, match="'xla_adjoint' cannot run: it has no momentum"):
-    api.miras_memory(*qkv, gates, spec=titans, implementation="xla_adjoint", **kw)
   qkv, gates, kw = _inputs(SPECS["moneta"], 14, t=10, channel=True)
-  split, adjoint, flat_ = (api.miras_memory(*qkv, gates, spec=SPECS["moneta"], chunk_size=4, implementation=i,
-                                            **kw)[0] for i in ("xla_split", "xla_adjoint", "xla_flat"))
-  assert max(_rel(split, flat_), _rel(adjoint, flat_)) < 1e-6
-  with pytest.raises(ValueError, match="adjoint=True is a backward of the split path"):
-    flat.miras_flat(*qkv, gates, spec=SPECS["moneta"], chunk_size=4, adjoint=True, **kw)
-  with pytest.raises(ValueError, match="known states replace the keys' scan of the adjoint path"):
-    flat.miras_flat(*qkv, gates, spec=SPECS["moneta"], chunk_size=4, split=True, states=({}, {}), **kw)
+  split, flat_ = (api.miras_memory(*qkv, gates, spec=SPECS["moneta"], chunk_size=4, implementation=i, **kw)[0]
+                  for i in ("xla_split", "xla_flat"))
+  assert _rel(split, flat_) < 1e-6
   if jax.default_backend() != "gpu":
-    for implementation in ("pallas_triton", "pallas_adjoint"):
-      with pytest.raises(ValueError, match=f"'{implementation}' cannot run: its kernels need a GPU"):
-        api.miras_memory(*qkv, gates, spec=spec, implementation=implementation, **kw)
+    with pytest.raises(ValueError, match="'pallas_triton' cannot run: its kernels need a GPU"):
+      api.miras_memory(*qkv, gates, spec=spec, implementation="pallas_triton", **kw)
   moneta = SPECS["moneta"]
   kernels = functools.partial(pallas_triton.miras_pallas, chunk_size=16, interpret=True)
   qkv, gates, kw = _inputs(moneta, 14, t=6, d=8)

@@ -13,14 +13,6 @@ float32; returns (o [b, t, h, d] float32, state at the last chunk boundary, mome
     recurrence), every chunk's per-token reads then taken at once from its start state (``miras_flat(split=True)``):
     98 instead of 129 kernels per chunk fwd+bwd, a Moneta layer (per-head gates, bf16, remat) 8% faster than
     ``xla_flat_bf16`` on an H200 (38.7 vs 42.2 ms at 8 × 4096), with 1.6× its temporary memory (the start states);
-  * ``"xla_adjoint"`` / ``"xla_adjoint_bf16"``: ``xla_split`` with a hand-made backward of the keys' scan
-    (``miras_flat(adjoint=True)``): every chunk linearised at its stored start state, all chunks at once, then a
-    scan over the state's cotangent alone (the chunk's pull-back, nothing recomputed inside it); on an H100
-    (Moneta layer, per-head gates, bf16, remat, 8 × 4096) 13% slower than ``xla_split_bf16`` (51.1 vs 45.1 ms
-    fwd+bwd) in 28% more memory;
-  * ``"pallas_adjoint"`` / ``"pallas_adjoint_bf16"``: the Pallas forward kernel of ``pallas_triton`` with the
-    ``xla_adjoint`` backward taken at the kernel's checkpointed start states (same limits as ``pallas_triton``): the
-    fastest forward (7.7 vs 11.9 ms for that layer), 8% slower than ``xla_split_bf16`` fwd+bwd (48.6 ms);
   * ``"xla_chunked"``: closed-form chunk gradients, dual-form reads, ``lax.scan`` over chunks (any backend), every
     matmul in full float32;
   * ``"xla_chunked_bf16"``: the same with bfloat16 matmul operands and float32 accumulation (tensor cores on GPU;
@@ -46,17 +38,16 @@ from layers.kernels.miras import chunked, flat, pallas_triton, reference
 from layers.miras.spec import Gates, MemorySpec
 
 IMPLEMENTATIONS = ("xla_flat", "xla_chunked", "xla_flat_bf16", "xla_chunked_bf16", "reference", "xla_split",
-                   "xla_split_bf16", "xla_adjoint", "xla_adjoint_bf16", "pallas_triton", "pallas_triton_bf16",
-                   "pallas_adjoint", "pallas_adjoint_bf16")
+                   "xla_split_bf16", "pallas_triton", "pallas_triton_bf16")
 
 
 def _unsupported(implementation: str, spec: MemorySpec, gates: Gates, chunk_size: int, head_dim: int) -> str | None:
   """Why ``implementation`` cannot run this memory, or None if it can."""
   if spec.momentum and gates.eta.shape[-1] != 1:
     return "momentum needs per-head gates (eta [..., 1])"
-  if implementation.startswith(("xla_flat", "xla_split", "xla_adjoint")):
+  if implementation.startswith(("xla_flat", "xla_split")):
     return flat.unsupported(spec)
-  if implementation.startswith("pallas"):
+  if implementation.startswith("pallas_triton"):
     if jax.default_backend() != "gpu":
       return "its kernels need a GPU (Triton); elsewhere they run only in Pallas interpret mode (the tests)"
     return pallas_triton.unsupported(spec, chunk_size, head_dim)
@@ -91,7 +82,5 @@ def miras_memory(q: jax.Array, k: jax.Array, v: jax.Array, gates: Gates, *, spec
     return reference.miras_reference(q, k, v, gates, **kwargs)
   matmul = "bfloat16" if implementation.endswith("_bf16") else "float32"
   run = {"xla_flat": flat.miras_flat, "xla_split": functools.partial(flat.miras_flat, split=True),
-         "xla_adjoint": functools.partial(flat.miras_flat, split=True, adjoint=True),
-         "xla_chunked": chunked.miras_chunked, "pallas_triton": pallas_triton.miras_pallas,
-         "pallas_adjoint": pallas_triton.miras_pallas_adjoint}
+         "xla_chunked": chunked.miras_chunked, "pallas_triton": pallas_triton.miras_pallas}
   return run[implementation.removesuffix("_bf16")](q, k, v, gates, remat=remat, matmul=matmul, **kwargs)

@@ -115,78 +115,10 @@ def _step(spec: MemorySpec, ln, s: dict, xs):
   return new, (_reads(spec, ln, s, keys, *read_xs), y)
 
 
-def _chunk_keys(spec: MemorySpec, ln, s: dict, xs):
-  """A chunk's keys as a map of its start state: state -> (closed state, ``KeyPass``)."""
-  return _keys(spec, ln, s, *xs)[:2]
-
-
 def _key_step(spec: MemorySpec, ln, s: dict, xs):
   """A chunk's keys alone: state -> (closed state, (start state, ``KeyPass``))."""
-  new, keys = _chunk_keys(spec, ln, s, xs)
+  new, keys, _ = _keys(spec, ln, s, *xs)
   return new, (s, keys)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
-def _key_recurrence(spec: MemorySpec, state: dict, ln, xs, batch: int):
-  """The split path's scan over the chunks' keys, (closed state, (start states, ``KeyPass``es) stacked over
-  chunks), with a backward that scans the state's adjoint alone (:func:`_key_recurrence_bwd`). ``batch``: chunks
-  per batch for the backward's work mapped over chunks."""
-  del batch
-  return jax.lax.scan(functools.partial(_key_step, spec, ln), state, xs)
-
-
-def _key_recurrence_fwd(spec, state, ln, xs, batch):
-  out = _key_recurrence(spec, state, ln, xs, batch)
-  return out, (ln, xs, out[1][0])
-
-
-def _key_recurrence_bwd(spec, batch, residuals, cotangents):
-  """The adjoint of the keys' recurrence S_{j+1} = f_j(S_j). Its only sequential part is the linear map
-  G_j = (∂f_j/∂S_j)ᵀ G_{j+1} + (the start state's own cotangent from the reads): every chunk's f_j is first
-  linearised at its stored start state, all chunks at once (the activations the pull-back needs, computed
-  outside the scan), the reverse scan then applies each chunk's pull-back (matmuls of the state's cotangent
-  with those activations, nothing recomputed), and the cotangents of the chunks' inputs come afterwards, again
-  all chunks at once, from each chunk's output cotangents."""
-  ln, xs, starts = residuals
-  g_end, (g_starts, g_keys) = cotangents
-  # the linearisation keeps the matmuls' outputs only; the element-wise work is redone inside the scan, where it
-  # fuses into the pull-back's own kernels (a quarter of the residual bytes of keeping everything)
-  chunk = jax.checkpoint(lambda s, ln, x: _chunk_keys(spec, ln, s, x), policy=jax.checkpoint_policies.dots_saveable)
-  pullbacks = jax.vmap(lambda s, x: jax.vjp(lambda s: chunk(s, ln, x), s)[1])(starts, xs)
-
-  def back(g, inputs):
-    pullback, g_start, g_key = inputs
-    return jax.tree.map(jnp.add, pullback((g, g_key))[0], g_start), g
-
-  g_state, g_closed = jax.lax.scan(back, g_end, (pullbacks, g_starts, g_keys), reverse=True)
-  inputs = lambda s, x, g, g_key: jax.vjp(lambda ln, x: chunk(s, ln, x), ln, x)[1]((g, g_key))
-  g_ln, g_xs = jax.lax.map(lambda a: inputs(*a), (starts, xs, g_closed, g_keys), batch_size=batch)
-  return g_state, jax.tree.map(lambda g: jnp.sum(g, axis=0), g_ln), g_xs
-
-
-_key_recurrence.defvjp(_key_recurrence_fwd, _key_recurrence_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
-def _keys_at_states(spec: MemorySpec, state: dict, ln, xs, batch: int, states: tuple):
-  """:func:`_key_recurrence` where its states are known (``states``: the start states stacked over chunks and the
-  closed state, from another forward of the same recurrence, e.g. the Pallas kernels'): the ``KeyPass``es are taken
-  from them all chunks at once, and the backward is the same scan over the adjoint (nothing flows into ``states``)."""
-  starts, closed = states
-  keys = jax.lax.map(lambda a: _chunk_keys(spec, ln, a[0], a[1:])[1], (starts, *xs), batch_size=batch)
-  return closed, (starts, keys)
-
-
-def _keys_at_states_fwd(spec, state, ln, xs, batch, states):
-  return _keys_at_states(spec, state, ln, xs, batch, states), (ln, xs, states)
-
-
-def _keys_at_states_bwd(spec, batch, residuals, cotangents):
-  ln, xs, states = residuals
-  return *_key_recurrence_bwd(spec, batch, (ln, xs, states[0]), cotangents), jax.tree.map(jnp.zeros_like, states)
-
-
-_keys_at_states.defvjp(_keys_at_states_fwd, _keys_at_states_bwd)
 
 
 def _split_reads(spec: MemorySpec, ln, xs):
@@ -268,26 +200,17 @@ def layer_norm_params(ln, b: int, h: int, d: int) -> tuple:
   return tuple(jnp.broadcast_to(p[None], (b, h, d)).reshape(b * h, 1, d) for p in ln)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat", "matmul", "split", "adjoint",
-                                             "batch_bytes"))
+@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat", "matmul", "split", "batch_bytes"))
 def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, initial_momentum=None, ln=None,
                chunk_size: int = 64, lengths=None, remat: bool = False, matmul: str = "float32", split: bool = False,
-               adjoint: bool = False, states: tuple | None = None, batch_bytes: int = 1 << 30):
+               batch_bytes: int = 1 << 30):
   """The chunked Miras memory for the memories :func:`unsupported` accepts; arguments and returns as
   :func:`chunked.miras_chunked` (``initial_momentum`` must be None). ``split``: scan over the chunks' keys alone
   (the state's recurrence), then take every chunk's reads from its start state at once; ``remat`` recomputes both
-  in the backward. ``adjoint`` (with ``split``): the keys' scan gets the backward of :func:`_key_recurrence_bwd`
-  (the scan over the state's adjoint alone; ``remat`` then applies to the reads); ``states`` (with ``adjoint``):
-  the recurrence's states from another forward ({layer: [n, b·h, out, in]} at each chunk's start, {layer:
-  [b·h, out, in]} closed by the last), so no scan runs forward (:func:`_keys_at_states`). Work mapped over the chunks
-  outside the scan (the split reads, the adjoint's linearisations; with per-channel gates the first layer's scores)
-  runs in batches of chunks whose largest float32 array stays under ``batch_bytes``."""
+  in the backward. Work mapped over the chunks outside the scan (the split reads; with per-channel gates the first
+  layer's scores) runs in batches of chunks whose largest float32 array stays under ``batch_bytes``."""
   if (why := unsupported(spec)) is not None:
     raise ValueError(f"the flat Miras path cannot run this memory: {why}")
-  if adjoint and not split:
-    raise ValueError("adjoint=True is a backward of the split path's keys' scan: it needs split=True")
-  if states is not None and not adjoint:
-    raise ValueError("known states replace the keys' scan of the adjoint path: they need adjoint=True")
   del initial_momentum
   spec = with_matmul(spec, matmul)
   b, t, h, d = q.shape
@@ -303,17 +226,13 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
   state = {name: w.reshape(b * h, *w.shape[2:]) for name, w in initial_state.items()}
   remat_if = lambda f: jax.checkpoint(f) if remat else f
   if split:
+    state, (starts, keys) = jax.lax.scan(remat_if(functools.partial(_key_step, spec, ln)), state, key_xs)
     n, heads, c, _ = x.q.shape  # the largest of a chunk's reads: [N, c, E] or per-channel coefficients
     channel = channel_gates.coefficient_elements(c, d) if x.decay.shape[-1] > 1 else 0
-    batch = _chunk_batch(n, 4 * heads * max(c * d * spec.memory.expansion, channel), batch_bytes)
-    if states is not None:
-      state, (starts, keys) = _keys_at_states(spec, state, ln, key_xs, batch, states)
-    elif adjoint:
-      state, (starts, keys) = _key_recurrence(spec, state, ln, key_xs, batch)
-    else:
-      state, (starts, keys) = jax.lax.scan(remat_if(functools.partial(_key_step, spec, ln)), state, key_xs)
+    per_chunk = 4 * heads * max(c * d * spec.memory.expansion, channel)
     o, reads = jax.lax.map(remat_if(functools.partial(_split_reads, spec, ln)),
-                           (starts, keys, q_prev if boundary else None, *read_xs), batch_size=batch)
+                           (starts, keys, q_prev if boundary else None, *read_xs),
+                           batch_size=_chunk_batch(n, per_chunk, batch_bytes))
   else:  # the previous chunk's last query rides with the keys through the start state (one matmul)
     key_xs = (jnp.concatenate([x.k, q_prev], axis=2), *key_xs[1:])
     state, (o, reads) = jax.lax.scan(remat_if(functools.partial(_step, spec, ln)), state, (key_xs, read_xs))

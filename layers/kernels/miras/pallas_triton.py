@@ -25,8 +25,6 @@ j + 1 (n + 1 slots, behind a barrier). Per chunk (:mod:`flat`'s step; s₂, s₁
     partial cotangents [c, tile] to scratch, the row-wise pull-back through the keys' errors (``jax.vjp`` of
     LayerNorm, bias gradient and LayerNorm backward, element-wise and per row), then (B2) per tile the pull-back
     through the keys' forward, and (B3) the read scale's share of the state's cotangent (Moneta).
-    :func:`miras_pallas_adjoint` keeps the forward kernel and replaces this one by XLA's adjoint scan
-    (:func:`flat.miras_flat` with ``adjoint``) taken at the forward's checkpoints.
 
 Gates: per head, the chunk's [c, c] step coefficients C and first-layer dual-form scores S_q come from XLA
 (:func:`flat.chunk_inputs`, with the decays) and the kernels return their cotangents; per channel, C is [c, c, d]
@@ -733,9 +731,19 @@ def _scan_bwd(spec, tuning, interpret, residuals, cotangents):
 _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
-def _kernel_inputs(spec, q, k, v, gates: Gates, initial_state: dict, ln, chunk_size: int, lengths) -> tuple:
-  """``_scan``'s arguments (rows, s0, ln per head) from the memory op's."""
+@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat", "matmul", "tuning", "interpret"))
+def miras_pallas(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, initial_momentum=None, ln=None,
+                 chunk_size: int = 64, lengths=None, remat: bool = True, matmul: str = "float32",
+                 tuning: Tuning = Tuning(), interpret: bool = False):
+  """The chunked Miras memory for the memories :func:`unsupported` accepts; arguments and returns as
+  :func:`chunked.miras_chunked` (``initial_momentum`` must be None). The backward always recomputes each chunk
+  from its checkpointed start state (``remat`` is implied). ``interpret`` runs the kernels in Pallas interpret mode
+  (any backend); ``tuning`` the launch settings (:class:`Tuning`)."""
   b, t, h, d = q.shape
+  if (why := unsupported(spec, chunk_size, d, tuning)) is not None:
+    raise ValueError(f"the Pallas Miras kernels cannot run this memory: {why}")
+  del initial_momentum, remat
+  spec = with_matmul(spec, matmul)
   x = flat.chunk_inputs(spec, q, k, v, gates, chunk_size, lengths)
   n, big = x.q.shape[0], b * h
   per_head = lambda a: jnp.moveaxis(a, 0, 1).reshape(big, n * chunk_size, *a.shape[3:])  # [n, N, c, ..]
@@ -748,73 +756,6 @@ def _kernel_inputs(spec, q, k, v, gates: Gates, initial_state: dict, ln, chunk_s
     rows += tuple(per_head(a) for a in (eta, log_b if spec.read == "post" else log_b - log_alpha, log_b))
   ln = flat.layer_norm_params(ln, b, h, d)
   s0 = tuple(initial_state[name].reshape(big, *initial_state[name].shape[2:]) for name in ("w2", "w1"))
-  return rows, s0, tuple(p[:, 0] for p in ln)
-
-
-def _memory_outputs(o, final, b: int, h: int, t: int, chunk_size: int) -> tuple:
-  """The kernels' reads o [b·h, n·c, d] and final (W2, W1) [b·h, ...] as the memory op's o [b, t, h, d] and state."""
-  o = unchunk(jnp.moveaxis(o.reshape(b, h, -1, chunk_size, o.shape[-1]), 2, 0), t)
-  return o, {name: w.reshape(b, h, *w.shape[1:]) for name, w in zip(("w2", "w1"), final, strict=True)}
-
-
-def _check(spec, chunk_size: int, head_dim: int, tuning: Tuning) -> None:
-  """Raises a ValueError saying why the kernels cannot run this memory, if they cannot."""
-  if (why := unsupported(spec, chunk_size, head_dim, tuning)) is not None:
-    raise ValueError(f"the Pallas Miras kernels cannot run this memory: {why}")
-
-
-@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat", "matmul", "tuning", "interpret"))
-def miras_pallas(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, initial_momentum=None, ln=None,
-                 chunk_size: int = 64, lengths=None, remat: bool = True, matmul: str = "float32",
-                 tuning: Tuning = Tuning(), interpret: bool = False):
-  """The chunked Miras memory for the memories :func:`unsupported` accepts; arguments and returns as
-  :func:`chunked.miras_chunked` (``initial_momentum`` must be None). The backward always recomputes each chunk
-  from its checkpointed start state (``remat`` is implied). ``interpret`` runs the kernels in Pallas interpret mode
-  (any backend); ``tuning`` the launch settings (:class:`Tuning`)."""
-  b, t, h, d = q.shape
-  _check(spec, chunk_size, d, tuning)
-  del initial_momentum, remat
-  spec = with_matmul(spec, matmul)
-  o, final = _scan(spec, tuning, interpret, *_kernel_inputs(spec, q, k, v, gates, initial_state, ln, chunk_size,
-                                                            lengths))
-  return *_memory_outputs(o, final, b, h, t, chunk_size), None
-
-
-@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat", "matmul", "tuning", "interpret"))
-def miras_pallas_adjoint(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, initial_momentum=None,
-                         ln=None, chunk_size: int = 64, lengths=None, remat: bool = True, matmul: str = "float32",
-                         tuning: Tuning = Tuning(), interpret: bool = False):
-  """:func:`miras_pallas`'s forward kernel with XLA's backward: the values are the kernel's, the gradients those of
-  ``flat.miras_flat(split=True, adjoint=True)`` at the kernel's checkpointed start states (the trajectory the
-  forward took), so the hand-written backward kernel never runs. ``remat`` applies to the XLA reads' backward."""
-  b, t, h, d = q.shape
-  _check(spec, chunk_size, d, tuning)
-  del initial_momentum
-  xla = functools.partial(flat.miras_flat, spec=spec, chunk_size=chunk_size, remat=remat, matmul=matmul, split=True,
-                          adjoint=True)
-
-  def forward(q, k, v, gates, initial_state, ln, lengths):
-    mspec = with_matmul(spec, matmul)
-    rows, s0, ln_rows = _kernel_inputs(mspec, q, k, v, gates, initial_state, ln, chunk_size, lengths)
-    (o, final), (_, (states2, states1, _), _) = _scan_fwd(mspec, tuning, interpret, rows, s0, ln_rows)
-    n = o.shape[1] // chunk_size  # checkpoint slot j is chunk j's start state: [N, (n + 1)·r, ·] -> [n, N, r, ·]
-    slots = lambda w: jnp.moveaxis(w.reshape(b * h, n + 1, -1, w.shape[-1])[:, :n], 1, 0)
-    states = {"w2": slots(states2), "w1": slots(states1)}, {"w2": final[0], "w1": final[1]}
-    return _memory_outputs(o, final, b, h, t, chunk_size), states
-
-  @jax.custom_vjp
-  def run(q, k, v, gates, initial_state, ln, lengths):
-    return forward(q, k, v, gates, initial_state, ln, lengths)[0]
-
-  def run_fwd(*args):
-    out, states = forward(*args)
-    return out, (args, states)
-
-  def run_bwd(residuals, cotangents):
-    args, states = residuals
-    values = lambda q, k, v, gates, initial_state, ln, lengths: xla(
-        q, k, v, gates, initial_state=initial_state, ln=ln, lengths=lengths, states=states)[:2]
-    return jax.vjp(values, *args)[1](cotangents)
-
-  run.defvjp(run_fwd, run_bwd)
-  return *run(q, k, v, gates, initial_state, ln, lengths), None
+  o, final = _scan(spec, tuning, interpret, rows, s0, tuple(p[:, 0] for p in ln))
+  o = unchunk(jnp.moveaxis(o.reshape(b, h, n, chunk_size, d), 2, 0), t)
+  return o, {name: w.reshape(b, h, *w.shape[1:]) for name, w in zip(("w2", "w1"), final, strict=True)}, None
