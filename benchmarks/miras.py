@@ -303,15 +303,16 @@ CHECK_CHUNKS = 4  # the memory op's error against xla_flat is taken on the first
 def run_memory_op(shapes, variants: list[Variant], tunings: list) -> list[dict]:
   """The memory op alone (``miras_memory`` on random q, k, v and the variant's gates at B × T × H × d_h, no layer
   around it), fwd and fwd+bwd (gradients of q, k, v): every variant's implementation (the Pallas kernels at each
-  launch setting, ``pallas_triton.Tuning``) next to the XLA flat path with the same matmul precision and remat, with
-  each one's largest error relative to that flat path, of the reads and of the gradients. The errors are taken on
-  the first ``CHECK_CHUNKS`` chunks: Moneta's normalised memory is chaotic at these gates, so over 4096 tokens two
-  correct paths drift apart (a 1e-6 relative change of v moves the float32 reads by 1.8 relative, max |o| ≈ 7)."""
+  launch setting, ``pallas_triton.Tuning``, read as ``pallas_tiles.Tiling`` for those kernels) next to the XLA flat
+  path with the same matmul precision and remat, with each one's largest error relative to that flat path, of the
+  reads and of the gradients. The errors are taken on the first ``CHECK_CHUNKS`` chunks: Moneta's normalised memory
+  is chaotic at these gates, so over 4096 tokens two correct paths drift apart (a 1e-6 relative change of v moves
+  the float32 reads by 1.8 relative, max |o| ≈ 7)."""
   import jax
   import jax.numpy as jnp
 
   from benchmarks.linear_attention import _median_ms
-  from layers.kernels.miras import api, pallas_triton
+  from layers.kernels.miras import api, pallas_tiles, pallas_triton
   from layers.miras.spec import Gates
   from research.models.registry import MIXERS
 
@@ -331,10 +332,15 @@ def run_memory_op(shapes, variants: list[Variant], tunings: list) -> list[dict]:
     kw = dict(spec=spec, initial_state=state, chunk_size=v.chunk)
     flat = f"xla_flat{mode}"
     runs = {flat: functools.partial(api.miras_memory, implementation=flat, remat=v.remat, **kw)}
+    matmul = "bfloat16" if mode else "float32"
     if v.impl.startswith("pallas_triton"):
       runs |= {f"{v.impl}[warps {u.num_warps}, E-tile {u.hidden_tile}, stages {u.num_stages}]":
-               functools.partial(pallas_triton.miras_pallas, tuning=u, matmul="bfloat16" if mode else "float32", **kw)
-               for u in tunings}
+               functools.partial(pallas_triton.miras_pallas, tuning=u, matmul=matmul, **kw) for u in tunings}
+    elif v.impl.startswith("pallas_tiles"):
+      runs |= {f"{v.impl}[warps {u.num_warps}, E-tile {u.hidden_tile}, stages {u.num_stages}]":
+               functools.partial(pallas_tiles.miras_tiles, tiling=pallas_tiles.Tiling(u.hidden_tile, u.num_warps,
+                                                                                      u.num_stages),
+                                 matmul=matmul, remat=v.remat, **kw) for u in tunings}
     else:
       runs[v.impl] = functools.partial(api.miras_memory, implementation=v.impl, remat=v.remat, **kw)
     check = slice(0, min(t, CHECK_CHUNKS * v.chunk))
@@ -450,7 +456,7 @@ def main() -> None:
   parser.add_argument("--memory-op-only", action="store_true", help="--memory-op and skip the layer timings (each "
                       "Pallas compile of the backward takes minutes, docs/benchmarks.md)")
   parser.add_argument("--warps", default="8", help="comma list of Triton num_warps for --memory-op "
-                      "(layers.kernels.miras.pallas_triton.Tuning.num_warps)")
+                      "(layers.kernels.miras.pallas_triton.Tuning.num_warps, pallas_tiles.Tiling.num_warps)")
   parser.add_argument("--hidden-tile", default="64", help="comma list: columns of the memory's hidden axis E per "
                       "tile for --memory-op (layers.kernels.miras.pallas_triton.Tuning.hidden_tile)")
   parser.add_argument("--pipeline", default="1", help="comma list of Triton num_stages for --memory-op "

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from layers.kernels.gated_delta import reference as gdn_reference
-from layers.kernels.miras import api, channel_gates, chunked, flat, pallas_triton, reference
+from layers.kernels.miras import api, channel_gates, chunked, flat, pallas_tiles, pallas_triton, reference
 from layers.miras import bias as biases
 from layers.miras.memory import LinearMemory, MLPMemory, matmul
 from layers.miras.retention import Decay, ElasticNet, LqNorm, SoftmaxKL
@@ -507,6 +507,44 @@ def test_pallas_kernels_equal_the_flat_path_values_and_grads(name, channel, hidd
   assert max(errs) < (1e-5 if bits == 32 else 1e-12)
 
 
+@pytest.mark.parametrize(("name", "channel", "hidden_tile", "bits"), [
+    ("moneta", False, 16, 64), ("yaad", True, 16, 64), ("moneta", True, 32, 32)])
+def test_tiled_pallas_recurrence_equals_the_flat_path(name, channel, hidden_tile, bits, monkeypatch):
+  """``pallas_tiles``: the keys' recurrence as kernels of one program per head and tile of E (interpret mode), two
+  per chunk forward and two per chunk backward with a hand-written pull-back, the reads and the inputs' cotangents
+  from XLA. Against ``xla_flat``: reads, state and the gradients of every input, with a padded trailing chunk and a
+  length ending inside an earlier chunk; in float64 with XLA's erf in the kernels the pull-back must equal autodiff
+  to rounding (Moneta's read scales summed over four tiles; Yaad's δ and channel gates along each layer's axis)."""
+  spec = SPECS[name]
+  c = 32 if channel else 16
+  lengths = jnp.array([5 * c // 2, 3 * c // 2 - 3])
+  tiling = pallas_tiles.Tiling(hidden_tile=hidden_tile, interpret=True)
+  runs = [functools.partial(fn, spec=spec, chunk_size=c, lengths=lengths)
+          for fn in (flat.miras_flat, functools.partial(pallas_tiles.miras_tiles, tiling=tiling))]
+  if bits == 64:
+    monkeypatch.setattr(pallas_triton, "erf", jax.lax.erf)
+  with jax.enable_x64(bits == 64):
+    qkv, gates, kw = _inputs(spec, 25, t=5 * c // 2, d=16, channel=channel,
+                             dtype=jnp.float64 if bits == 64 else jnp.float32)
+    (o_f, s_f, _), (o_p, s_p, _) = (run(*qkv, gates, **kw) for run in runs)
+    weights = jax.random.normal(jax.random.PRNGKey(10), o_f.shape, o_f.dtype)
+    g_f, g_p = (jax.grad(_loss(run, weights), argnums=(0, 1, 2))(qkv, gates, kw) for run in runs)
+    errs = _rel(o_p, o_f), _rel(s_p, s_f), _rel(g_p, g_f)
+  print(f"{name}, {'channel' if channel else 'head'} gates, E-tile {hidden_tile}: tiled pallas (interpret) vs flat, "
+        f"max rel error reads {errs[0]:.1e}, state {errs[1]:.1e}, grads {errs[2]:.1e} (float{bits})")
+  assert max(errs) < (1e-5 if bits == 32 else 1e-12)
+
+
+def test_tiled_pallas_kernels_lower_to_triton_for_an_h100():
+  """The four kernels of ``pallas_tiles``' fwd+bwd (bf16 matmuls, channel gates, two tiles) lower to Triton IR for
+  an (abstract) H100 from this CPU."""
+  spec = SPECS["moneta"]
+  qkv, gates, kw = _inputs(spec, 24, b=1, t=64, d=16, channel=True)
+  run = functools.partial(pallas_tiles.miras_tiles, spec=spec, chunk_size=32, matmul="bfloat16",
+                          tiling=pallas_tiles.Tiling(hidden_tile=32))
+  assert _triton_calls(run, qkv, gates, kw) == 4
+
+
 def test_pallas_channel_gates_stay_finite_and_accurate_under_strong_decay():
   """Channel gates with a cumulative log-decay near −200 per chunk of 64 (α ≈ 0.05 a token): factored through the
   start of the chunk, B_t / B_s would overflow float32; through each row block's end every exponent is ≤ 0. The
@@ -537,22 +575,28 @@ def test_pallas_kernels_lower_to_triton_for_an_h100(matmul_mode, channel, hidden
   qkv, gates, kw = _inputs(spec, 24, b=1, t=64, d=16, channel=channel)
   run = functools.partial(pallas_triton.miras_pallas, spec=spec, chunk_size=32, matmul=matmul_mode,
                           tuning=pallas_triton.Tuning(hidden_tile=hidden_tile))
+  assert _triton_calls(run, qkv, gates, kw) == 2
+
+
+def _triton_calls(run, qkv, gates, kw) -> int:
+  """Triton kernels in ``run``'s fwd+bwd lowered for an (abstract) H100 from this CPU."""
   grad = jax.jit(jax.grad(_loss(run, jnp.ones(qkv[0].shape)), argnums=(0, 1, 2)))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (qkv, gates, kw))
   h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
   mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=h100)
   with jax.sharding.use_abstract_mesh(mesh):
-    text = grad.trace(*abstract).lower(lowering_platforms=("cuda",)).as_text()
-  assert text.count("__gpu$xla.gpu.triton") == 2
+    return grad.trace(*abstract).lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 @pytest.mark.parametrize(("impl", "channel"), [("pallas_triton", False), ("pallas_triton_bf16", False),
-                                             ("pallas_triton_bf16", True)])
+                                             ("pallas_triton_bf16", True), ("pallas_tiles", False),
+                                             ("pallas_tiles_bf16", True)])
 def test_pallas_kernels_on_gpu_match_the_flat_path(impl, channel):
-  """The compiled Triton kernels at the layer's head width (d = 64, E = 256, c = 64) against ``xla_flat`` in the
-  same matmul precision, through the API: reads, state and the gradients of every input."""
+  """The compiled Triton kernels (``pallas_triton``'s and ``pallas_tiles``') at the layer's head width (d = 64,
+  E = 256, c = 64) against ``xla_flat`` in the same matmul precision, through the API: reads, state and the
+  gradients of every input."""
   spec = SPECS["moneta"]
   qkv, gates, kw = _inputs(spec, 23, b=2, t=200, h=2, d=64, channel=channel)
   flat_impl = "xla_flat_bf16" if impl.endswith("_bf16") else "xla_flat"
@@ -654,17 +698,23 @@ def test_api_dispatch_and_errors():
   split, flat_ = (api.miras_memory(*qkv, gates, spec=SPECS["moneta"], chunk_size=4, implementation=i, **kw)[0]
                   for i in ("xla_split", "xla_flat"))
   assert _rel(split, flat_) < 1e-6
+  with pytest.raises(ValueError, match="key_scan replaces the split path's keys' scan"):
+    flat.miras_flat(*qkv, gates, spec=SPECS["moneta"], chunk_size=4, key_scan=pallas_tiles.KeyScan(), **kw)
   if jax.default_backend() != "gpu":
-    with pytest.raises(ValueError, match="'pallas_triton' cannot run: its kernels need a GPU"):
-      api.miras_memory(*qkv, gates, spec=spec, implementation="pallas_triton", **kw)
+    for implementation in ("pallas_triton", "pallas_tiles"):
+      with pytest.raises(ValueError, match=f"'{implementation}' cannot run: its kernels need a GPU"):
+        api.miras_memory(*qkv, gates, spec=spec, implementation=implementation, **kw)
   moneta = SPECS["moneta"]
   kernels = functools.partial(pallas_triton.miras_pallas, chunk_size=16, interpret=True)
   qkv, gates, kw = _inputs(moneta, 14, t=6, d=8)
   with pytest.raises(ValueError, match="head dim must be a power of two >= 16"):
     kernels(*qkv, gates, spec=moneta, **kw)
   qkv, gates, kw = _inputs(moneta, 14, t=6, d=16)
-  with pytest.raises(ValueError, match=r"tuning.hidden_tile must be a power of two >= 16 \(Triton tiles\), got 8"):
+  with pytest.raises(ValueError, match=r"hidden_tile must be a power of two >= 16 \(Triton tiles\), got 8"):
     kernels(*qkv, gates, spec=moneta, tuning=pallas_triton.Tuning(hidden_tile=8), **kw)
+  with pytest.raises(ValueError, match="the tiled Pallas Miras kernels cannot run this memory: hidden_tile must"):
+    pallas_tiles.miras_tiles(*qkv, gates, spec=moneta, chunk_size=16,
+                             tiling=pallas_tiles.Tiling(hidden_tile=8, interpret=True), **kw)
   for spec, why in ((SPECS["yaad_clip"], "no inner clip"),
                     (FAST_PATH_SPECS["elastic_mlp"], r"no chunk-end map \(ElasticNet\)")):
     qkv, gates, kw = _inputs(spec, 14, t=6, d=16)

@@ -13,6 +13,12 @@ float32; returns (o [b, t, h, d] float32, state at the last chunk boundary, mome
     recurrence), every chunk's per-token reads then taken at once from its start state (``miras_flat(split=True)``):
     98 instead of 129 kernels per chunk fwd+bwd, a Moneta layer (per-head gates, bf16, remat) 8% faster than
     ``xla_flat_bf16`` on an H200 (38.7 vs 42.2 ms at 8 × 4096), with 1.6× its temporary memory (the start states);
+  * ``"pallas_tiles"`` / ``"pallas_tiles_bf16"``: ``xla_split`` with the keys' recurrence as Pallas kernels
+    whose programs each own one tile of the hidden axis of one head, two per chunk forward and two backward, which
+    also return the inputs' cotangents (:mod:`pallas_tiles`; same limits as ``pallas_triton``). Its first version,
+    which XLA fed copies of each chunk's slices, was slower than ``xla_split_bf16`` on an H100 (Moneta layer,
+    per-head gates, bf16, remat, 8 × 4096: 56.4 vs 45.1 ms fwd+bwd); this one is not timed yet
+    (docs/benchmarks.md);
   * ``"xla_chunked"``: closed-form chunk gradients, dual-form reads, ``lax.scan`` over chunks (any backend), every
     matmul in full float32;
   * ``"xla_chunked_bf16"``: the same with bfloat16 matmul operands and float32 accumulation (tensor cores on GPU;
@@ -34,11 +40,11 @@ import functools
 
 import jax
 
-from layers.kernels.miras import chunked, flat, pallas_triton, reference
+from layers.kernels.miras import chunked, flat, pallas_tiles, pallas_triton, reference
 from layers.miras.spec import Gates, MemorySpec
 
 IMPLEMENTATIONS = ("xla_flat", "xla_chunked", "xla_flat_bf16", "xla_chunked_bf16", "reference", "xla_split",
-                   "xla_split_bf16", "pallas_triton", "pallas_triton_bf16")
+                   "xla_split_bf16", "pallas_triton", "pallas_triton_bf16", "pallas_tiles", "pallas_tiles_bf16")
 
 
 def _unsupported(implementation: str, spec: MemorySpec, gates: Gates, chunk_size: int, head_dim: int) -> str | None:
@@ -47,7 +53,7 @@ def _unsupported(implementation: str, spec: MemorySpec, gates: Gates, chunk_size
     return "momentum needs per-head gates (eta [..., 1])"
   if implementation.startswith(("xla_flat", "xla_split")):
     return flat.unsupported(spec)
-  if implementation.startswith("pallas_triton"):
+  if implementation.startswith("pallas"):
     if jax.default_backend() != "gpu":
       return "its kernels need a GPU (Triton); elsewhere they run only in Pallas interpret mode (the tests)"
     return pallas_triton.unsupported(spec, chunk_size, head_dim)
@@ -82,5 +88,6 @@ def miras_memory(q: jax.Array, k: jax.Array, v: jax.Array, gates: Gates, *, spec
     return reference.miras_reference(q, k, v, gates, **kwargs)
   matmul = "bfloat16" if implementation.endswith("_bf16") else "float32"
   run = {"xla_flat": flat.miras_flat, "xla_split": functools.partial(flat.miras_flat, split=True),
-         "xla_chunked": chunked.miras_chunked, "pallas_triton": pallas_triton.miras_pallas}
+         "xla_chunked": chunked.miras_chunked, "pallas_triton": pallas_triton.miras_pallas,
+         "pallas_tiles": pallas_tiles.miras_tiles}
   return run[implementation.removesuffix("_bf16")](q, k, v, gates, remat=remat, matmul=matmul, **kwargs)

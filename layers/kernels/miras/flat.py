@@ -200,17 +200,23 @@ def layer_norm_params(ln, b: int, h: int, d: int) -> tuple:
   return tuple(jnp.broadcast_to(p[None], (b, h, d)).reshape(b * h, 1, d) for p in ln)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat", "matmul", "split", "batch_bytes"))
+@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat", "matmul", "split", "key_scan",
+                                             "batch_bytes"))
 def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, initial_momentum=None, ln=None,
                chunk_size: int = 64, lengths=None, remat: bool = False, matmul: str = "float32", split: bool = False,
-               batch_bytes: int = 1 << 30):
+               key_scan=None, batch_bytes: int = 1 << 30):
   """The chunked Miras memory for the memories :func:`unsupported` accepts; arguments and returns as
   :func:`chunked.miras_chunked` (``initial_momentum`` must be None). ``split``: scan over the chunks' keys alone
   (the state's recurrence), then take every chunk's reads from its start state at once; ``remat`` recomputes both
-  in the backward. Work mapped over the chunks outside the scan (the split reads; with per-channel gates the first
-  layer's scores) runs in batches of chunks whose largest float32 array stays under ``batch_bytes``."""
+  in the backward. ``key_scan`` (with ``split``): another implementation of that recurrence with its own backward,
+  (spec, state, ln, xs) -> (closed state, (start states, ``KeyPass``es stacked over chunks)), e.g.
+  ``pallas_tiles.KeyScan``; ``remat`` then applies to the reads. Work mapped over the chunks outside the scan (the
+  split reads; with per-channel gates the first layer's scores) runs in batches of chunks whose largest float32
+  array stays under ``batch_bytes``."""
   if (why := unsupported(spec)) is not None:
     raise ValueError(f"the flat Miras path cannot run this memory: {why}")
+  if key_scan is not None and not split:
+    raise ValueError("key_scan replaces the split path's keys' scan: it needs split=True")
   del initial_momentum
   spec = with_matmul(spec, matmul)
   b, t, h, d = q.shape
@@ -226,7 +232,10 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
   state = {name: w.reshape(b * h, *w.shape[2:]) for name, w in initial_state.items()}
   remat_if = lambda f: jax.checkpoint(f) if remat else f
   if split:
-    state, (starts, keys) = jax.lax.scan(remat_if(functools.partial(_key_step, spec, ln)), state, key_xs)
+    if key_scan is not None:
+      state, (starts, keys) = key_scan(spec, state, ln, key_xs)
+    else:
+      state, (starts, keys) = jax.lax.scan(remat_if(functools.partial(_key_step, spec, ln)), state, key_xs)
     n, heads, c, _ = x.q.shape  # the largest of a chunk's reads: [N, c, E] or per-channel coefficients
     channel = channel_gates.coefficient_elements(c, d) if x.decay.shape[-1] > 1 else 0
     per_chunk = 4 * heads * max(c * d * spec.memory.expansion, channel)

@@ -74,15 +74,15 @@ def erf(x: jax.Array) -> jax.Array:
   return jnp.where(x >= 0, 1.0 - erfc, erfc - 1.0)
 
 
-def _gelu(z):
+def kernel_gelu(z):
   return gelu(z, erf)  # the module's erf looked up at each call, so tests can swap in XLA's
 
 
-def _gelu_grad(z):
+def kernel_gelu_grad(z):
   return gelu_grad(z, erf)
 
 
-def _gelu_grad2(z):
+def gelu_grad2(z):
   """d²GELU/dz² = φ(z)·(2 − z²)."""
   return (2.0 - z * z) * jnp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
 
@@ -113,14 +113,14 @@ def unsupported(spec: MemorySpec, chunk_size: int, head_dim: int, tuning: Tuning
     return f"they have no chunk-end map ({type(spec.retention).__name__})"
   hidden = spec.memory.expansion * head_dim
   sizes = (("chunk_size", chunk_size), ("head dim", head_dim), ("hidden width", hidden),
-           ("tuning.hidden_tile", tuning.tile(hidden)))
+           ("hidden_tile", tuning.tile(hidden)))
   for name, n in sizes:
     if n < 16 or n & (n - 1):
       return f"{name} must be a power of two >= 16 (Triton tiles), got {n}"
   return None
 
 
-def _dot(mode: str):
+def kernel_dot(mode: str):
   """2-D einsums in the memory's matmul mode (bfloat16 operands with float32 accumulation, or full float32)."""
   return functools.partial(plain_matmul, mode=mode)
 
@@ -198,7 +198,7 @@ class _Chunk:
     return self.scores_ref[self.scores_rows, :]
 
   def dot(self, spec, a, b):
-    return _dot(self.spec.memory.matmul)(spec, a, b)
+    return kernel_dot(self.spec.memory.matmul)(spec, a, b)
 
   def scales(self, totals):
     """(s₂, s₁) of the start state from its summed scale terms (t₂, t₁), and the vjp of that map."""
@@ -209,7 +209,7 @@ class _Chunk:
     """Pass 1 over the tiles: Σ_tiles gelu(s₂ K W2ᵀ) W1ᵀ [c, d] (u before s₁)."""
     def body(i, u):
       w2, w1 = self.states.load(self.slot, i)
-      return u + self.dot("ce,de->cd", _gelu(s2 * self.dot("ci,ei->ce", self.k, w2)), w1)
+      return u + self.dot("ce,de->cd", kernel_gelu(s2 * self.dot("ci,ei->ce", self.k, w2)), w1)
 
     return self.states.loop(body, jnp.zeros((self.scores_ref.shape[1], self.k_ref.shape[1]), self.k_ref.dtype))
 
@@ -220,9 +220,9 @@ class _Chunk:
     zraw = self.dot("ci,ei->ce", self.k, w2)
     z = s2 * zraw
     praw = self.dot("cd,de->ce", e1, w1)
-    e2 = s1 * praw * _gelu_grad(z)
+    e2 = s1 * praw * kernel_gelu_grad(z)
     zq = self.dot("ti,ei->te", self.qd, w2) - self.dot("ts,se->te", self.scores, e2)
-    return dict(w2=w2, w1=w1, zraw=zraw, z=z, h=_gelu(z), praw=praw, e2=e2, zq=zq, hq=_gelu(s2 * zq))
+    return dict(w2=w2, w1=w1, zraw=zraw, z=z, h=kernel_gelu(z), praw=praw, e2=e2, zq=zq, hq=kernel_gelu(s2 * zq))
 
   def read_sums(self, s2, s1, e1, end=None):
     """Pass 2 over the tiles: hq hᵀ [c, c], hq W1ᵀ [c, d] and the scale terms (t₂, t₁) of the chunk end; with
@@ -247,7 +247,7 @@ class _Chunk:
     return self.states.loop(body, (jnp.zeros((c, c), e1.dtype), jnp.zeros((c, d), e1.dtype), (zero, zero)))
 
 
-def _keys_errors(spec: MemorySpec, u, k, v, delta, ln):
+def keys_errors(spec: MemorySpec, u, k, v, delta, ln):
   """Row-wise: the keys' errors e1 = ∂ℓ/∂u from u = s₁ Σ h W1ᵀ (y = k + LN(u)), and the vjps of the pieces."""
   (yn, nrm, rstd), ln_vjp = jax.vjp(lambda u, g, b: layer_norm(u, (g, b), spec.memory.ln_eps), u, *ln)
   g, bias_vjp = jax.vjp(spec.bias.grad, k + yn, v, delta)
@@ -450,7 +450,7 @@ def _closed_read(at_end: _Chunk, q_last, totals):
 
   def body(i, u):
     w2, w1 = at_end.states.load(at_end.slot, i)
-    h = _gelu(s2 * jnp.sum(w2 * q_last, axis=1, keepdims=True))  # [tile, 1]
+    h = kernel_gelu(s2 * jnp.sum(w2 * q_last, axis=1, keepdims=True))  # [tile, 1]
     return u + jnp.sum(w1 * h.T, axis=1, keepdims=True).T
 
   return at_end.states.loop(body, jnp.zeros_like(q_last)), (s2, s1), scale_vjp
@@ -467,8 +467,8 @@ def _closed_read_backward(spec, at_end: _Chunk, q_last, totals, d_o, ds: _Tiles,
     d_q, d_s2 = carry
     w2, w1 = at_end.states.load(at_end.slot, i)
     zraw = jnp.sum(w2 * q_last, axis=1, keepdims=True)  # [tile, 1]
-    d_z = jnp.sum(w1 * d_u.T, axis=0, keepdims=True).T * _gelu_grad(s2 * zraw)
-    ds.add(0, i, s2 * d_z * q_last, d_u.T * _gelu(s2 * zraw).T, interpret)
+    d_z = jnp.sum(w1 * d_u.T, axis=0, keepdims=True).T * kernel_gelu_grad(s2 * zraw)
+    ds.add(0, i, s2 * d_z * q_last, d_u.T * kernel_gelu(s2 * zraw).T, interpret)
     return d_q + s2 * jnp.sum(w2 * d_z, axis=0, keepdims=True), d_s2 + jnp.sum(d_z * zraw)
 
   d_q, d_s2 = at_end.states.loop(body, (jnp.zeros_like(q_last), jnp.zeros((), q_last.dtype)))
@@ -501,7 +501,7 @@ def _fwd_kernel(*refs, spec, n, c, tile, gates, interpret):
   initial, states = _Tiles(w2_ref, w1_ref, e, d, tile), _Tiles(states2_ref, states1_ref, e, d, tile)
   gate = _gates(spec, gate_refs, scratch, interpret)
   boundary = spec.reads_closed_state
-  ret, dot = spec.retention, _dot(spec.memory.matmul)
+  ret, dot = spec.retention, kernel_dot(spec.memory.matmul)
 
   def copy(i, terms):  # slot 0: the initial state
     w = initial.load(0, i)
@@ -518,7 +518,7 @@ def _fwd_kernel(*refs, spec, n, c, tile, gates, interpret):
     scores = gate.scores(dot, rows, q_ref, k_ref)
     at = _Chunk(spec, states, j, rows, k_ref, qd_ref, *scores)
     (s2, s1), _ = at.scales(totals)
-    e1, _ = _keys_errors(spec, s1 * at.keys_forward(s2), at.k, v_ref[rows, :], delta_ref[rows], ln)
+    e1, _ = keys_errors(spec, s1 * at.keys_forward(s2), at.k, v_ref[rows, :], delta_ref[rows], ln)
     hh, t1, totals = at.read_sums(s2, s1, e1, end=(j + 1, end_decay_ref[pl.ds(j, 1), :], end_coef_ref[rows, :]))
     _store_totals(totals_ref, j + 1, totals)
     uq = s1 * (decay_ref[rows, :] * t1 - gate.mix(dot, rows, hh, e1))
@@ -568,7 +568,7 @@ def _bwd_kernel(*refs, spec, n, c, tile, gates, interpret):
     rows = pl.ds(pl.multiple_of(j * c, c), c)
     decay, do = decay_ref[rows, :], do_ref[rows, :]
     end_decay, end_coef = end_decay_ref[pl.ds(j, 1), :], end_coef_ref[rows, :]
-    dot = _dot(spec.memory.matmul)
+    dot = kernel_dot(spec.memory.matmul)
     scores = gate.scores(dot, rows, q_ref, k_ref)
     at = _Chunk(spec, states, j, rows, k_ref, qd_ref, *scores)
     dq, dg_b, db_b = do, 0.0, 0.0
@@ -584,7 +584,7 @@ def _bwd_kernel(*refs, spec, n, c, tile, gates, interpret):
     # ---- recompute the forward (pass 1, the keys' errors, pass 2's sums) ----
     (s2, s1), scale_vjp = at.scales(_load_totals(totals_ref, j))
     uraw = at.keys_forward(s2)
-    e1, _ = _keys_errors(spec, s1 * uraw, at.k, v_ref[rows, :], delta_ref[rows], ln)
+    e1, _ = keys_errors(spec, s1 * uraw, at.k, v_ref[rows, :], delta_ref[rows], ln)
     hh, t1, _ = at.read_sums(s2, s1, e1)
     t2 = gate.mix(dot, rows, hh, e1)
     # ---- the reads: O = Q + LN(Uq), Uq = s₁ (decay ⊙ T1 − T2), T2 = the W1 mixing of HH and E1 ----
@@ -610,14 +610,14 @@ def _bwd_kernel(*refs, spec, n, c, tile, gates, interpret):
       d_hk = dot("ts,te->se", d_hh, a["hq"]) - dot("cd,de->ce", e1c, p1)
       d_hq = dot("td,de->te", d_t1, a["w1"]) + dot("ts,se->te", d_hh, a["h"])
       da1 = dot("td,te->de", d_t1, a["hq"])
-      d_zq = d_hq * _gelu_grad(s2 * a["zq"])
+      d_zq = d_hq * kernel_gelu_grad(s2 * a["zq"])
       d_s2 = d_s2 + jnp.sum(d_zq * a["zq"])
       dqd_ref[rows, :] += s2 * dot("te,ei->ti", d_zq, a["w2"])
       dscores_ref[dscores_rows, :] -= s2 * dot("te,se->ts", d_zq, a["e2"])
       da2 = s2 * dot("te,ti->ei", d_zq, at.qd)
       d_e2 = d_e2 - s2 * dot("ts,te->se", at.scores, d_zq)
-      d_p = d_e2 * _gelu_grad(a["z"])
-      d_z = s1 * a["praw"] * d_e2 * _gelu_grad2(a["z"])  # through gelu'(z) in e2
+      d_p = d_e2 * kernel_gelu_grad(a["z"])
+      d_z = s1 * a["praw"] * d_e2 * gelu_grad2(a["z"])  # through gelu'(z) in e2
       d_s1 = d_s1 + jnp.sum(d_p * a["praw"])
       d_e1 = d_e1 + s1 * dot("ce,de->cd", d_p, a["w1"])
       da1 = da1 + s1 * dot("cd,ce->de", e1, d_p)
@@ -636,7 +636,7 @@ def _bwd_kernel(*refs, spec, n, c, tile, gates, interpret):
     dend_coef_ref[rows, :] = _gate_sum(d_kc * at.k + d_e1c * e1, g)
     # ---- back through the keys' errors, row-wise (recomputed from fresh loads: nothing of the first computation
     # but u stays live through B1) ----
-    _, (ln_vjp, bias_vjp, lnb_vjp) = _keys_errors(spec, s1 * uraw, at.k, v_ref[rows, :], delta_ref[rows], ln)
+    _, (ln_vjp, bias_vjp, lnb_vjp) = keys_errors(spec, s1 * uraw, at.k, v_ref[rows, :], delta_ref[rows], ln)
     d_g, d_nrm, d_rstd, dg_e = lnb_vjp(d_e1 + d_e1c * end_coef)
     d_y, d_v, d_delta = bias_vjp(d_g)
     d_u, dg_y, db_y = ln_vjp((d_y, d_nrm, d_rstd))
@@ -649,8 +649,8 @@ def _bwd_kernel(*refs, spec, n, c, tile, gates, interpret):
       zraw = dot("ci,ei->ce", at.k, w2)
       z = s2 * zraw
       d_zk, d_hk = dz_ref[columns(i)], dh_ref[columns(i)]
-      da1 = s1 * dot("cd,ce->de", d_u, _gelu(z))
-      d_z = (s1 * dot("cd,de->ce", d_u, w1) + d_hk) * _gelu_grad(z) + d_zk
+      da1 = s1 * dot("cd,ce->de", d_u, kernel_gelu(z))
+      d_z = (s1 * dot("cd,de->ce", d_u, w1) + d_hk) * kernel_gelu_grad(z) + d_zk
       da2 = s2 * dot("ce,ci->ei", d_z, at.k)
       ds.add(0, i, da2, da1, interpret)
       return d_k + s2 * dot("ce,ei->ci", d_z, w2), d_s2 + jnp.sum(d_z * zraw)

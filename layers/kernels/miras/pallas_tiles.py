@@ -1,0 +1,367 @@
+"""Miras MLP memories: the keys' recurrence as Pallas (Triton) kernels whose programs each own one tile of one head.
+
+"It's All Connected" (Behrouz et al., arXiv 2504.13173, §5.4) in the split form of :mod:`flat` (``xla_split``):
+the only sequential work of a chunkwise MLP memory is its keys' recurrence S_{j+1} = f_j(S_j); the reads are taken
+from the stacked start states all chunks at once. Both :mod:`flat`'s XLA scan (~30
+kernels a chunk, each moving an [b·h, c, E] activation or a state-sized array through HBM) and
+:mod:`pallas_triton`'s one-program-per-head loop (its ~100 µs a chunk are the latency of one program walking every
+tile in turn) are slow where this module's scan keeps the chunk loop in XLA and makes each pass over the state ONE
+kernel of grid [b·h, E / tile], a program per head and tile of the hidden axis E, so every [c, tile] activation is
+made and used on chip and only [c, d] partial sums cross between tiles (through XLA's row-wise work in between):
+
+  * forward, per chunk: (F1) u_i = gelu(s₂ K W2_iᵀ) W1_iᵀ per tile i; XLA sums them, u = s₁ Σ_i u_i, and takes the
+    keys' errors e1 row-wise (LayerNorm, bias gradient, LayerNorm backward); (F2) per tile the keys' second-layer
+    errors e2 = s₁ (e1 W1) ⊙ gelu'(z), the closed tile W2' = B ⊙ W2 − e2ᵀ (K ⊙ η B/B_i), W1' = B ⊙ W1 −
+    (e1 ⊙ η B/B_i)ᵀ h, and its read-scale terms (Moneta's Σ|w|^q); the chunk's ``flat.KeyPass`` (e1, e2, h) is
+    what the reads need;
+  * backward, per chunk in reverse, the pull-back of f_j at its start state S_j from the end state's cotangent G
+    and the reads' cotangents of the ``KeyPass``: (B1) per tile e1's cotangent from the chunk end and from e2,
+    Σ_i [(s₁ ĝ_e2 ⊙ gelu'(z)) W1_iᵀ − η B/B_i ⊙ (h G1_iᵀ)], and the shares of the chunk-end factors' cotangents
+    (K ⊙ η B/B_i: −e2 G2; B: Σ G ⊙ W); XLA pulls e1's back row-wise to u's and to the keys', values', δ's and
+    LayerNorm's; (B2) per tile the start state's cotangent, B ⊙ G + s₂ g_zᵀ K (W2) and B ⊙ G1 + e1ᵀ g_praw +
+    s₁ g_uᵀ h (W1), plus the reads' own, and the keys' share s₂ g_z W2; XLA adds the read scales' share (Moneta).
+    So every input's cotangent comes out of the scan, chunk by chunk, and nothing is recomputed after it.
+
+Every array stacked over chunks ([n, b·h, ...]: the start states, e2 and h, the reads' cotangents, the chunk inputs)
+is passed to the kernels whole, and a kernel indexes chunk j itself: handing it chunk j's slice made XLA copy the
+slice into a fresh buffer, 21 copies a chunk and 16% of the profiled kernel time on an H100 in the first version
+(docs/benchmarks.md). The kernels write the stacked states, activations and state cotangents in place
+(``input_output_aliases``). Covers what :func:`pallas_triton.unsupported` accepts (either gate kind: the gates enter
+the recurrence only through B and η B/B_i); GELU inside the kernels uses :func:`pallas_triton.erf`. Shapes and
+returns as :func:`chunked.miras_chunked`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from layers.kernels.miras import flat, pallas_triton
+from layers.kernels.miras.pallas_triton import gelu_grad2, kernel_dot, kernel_gelu, kernel_gelu_grad, keys_errors
+from layers.miras.spec import Gates, MemorySpec, along
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """Launch settings (static): ``hidden_tile`` columns of E per program, Triton's ``num_warps`` per program and
+  ``num_stages`` (software pipelining of the loads), and ``interpret`` (Pallas interpret mode: any backend)."""
+
+  hidden_tile: int = 64
+  num_warps: int = 4
+  num_stages: int = 1
+  interpret: bool = False
+
+  def tile(self, hidden: int) -> int:
+    return min(hidden, self.hidden_tile)
+
+
+def _pair(a, b, kind):
+  """(a, b) as a [2] row (Triton blocks hold no lone scalars); ``kind`` only for the dtype."""
+  return jnp.where(jnp.arange(2) == 0, a, b).astype(kind.dtype)
+
+
+def _scalars(row) -> tuple:
+  return tuple(jnp.sum(jnp.where(jnp.arange(2) == i, row, 0.0)) for i in range(2))
+
+
+def _block(x, head: int, tiled: int | None = None, tile: int = 0) -> pl.BlockSpec:
+  """What a program (h, i) of grid [b·h, E / tile] sees of x: head h of axis ``head`` (squeezed), tile i of axis
+  ``tiled`` (if any), every other axis whole (e.g. every chunk of a stacked input, indexed in the kernel)."""
+  shape = tuple(None if a == head else (tile if a == tiled else n) for a, n in enumerate(x.shape))
+  return pl.BlockSpec(shape, lambda h, i: tuple(h if a == head else (i if a == tiled else 0) for a in range(x.ndim)))
+
+
+class _Blocks:
+  """BlockSpec makers for one tile width: ``head`` [N, ...], ``stacked`` [n, N, ...] (every chunk of the head),
+  ``w2`` / ``cols``: this tile of E on W2's row axis [.., E, d] or on the last axis [.., r, E] (W1, e2, h), of a
+  head array or (``stack=True``) of a stacked one; ``per_tile`` [N, tiles, ...]."""
+
+  def __init__(self, tile: int):
+    self.tile = tile
+
+  head = staticmethod(lambda x: _block(x, 0))
+  stacked = staticmethod(lambda x: _block(x, 1))
+
+  @staticmethod
+  def per_tile(x):
+    return pl.BlockSpec((None, None, *x.shape[2:]), lambda h, i: (h, i) + (0,) * (x.ndim - 2))
+
+  def w2(self, x, stack: bool = False):
+    return _block(x, int(stack), x.ndim - 2, self.tile)
+
+  def cols(self, x, stack: bool = False):
+    return _block(x, int(stack), x.ndim - 1, self.tile)
+
+
+def _call(kernel, tiling: Tiling, grid: tuple, inputs, outputs, aliases=None):
+  """``kernel`` on ``grid``; ``inputs`` are (array, BlockSpec) pairs and ``outputs`` (ShapeDtypeStruct, BlockSpec)
+  pairs; ``aliases`` {input index: output index} (buffers updated in place)."""
+  return pl.pallas_call(
+      kernel,
+      grid=grid,
+      in_specs=[spec for _, spec in inputs],
+      out_specs=[spec for _, spec in outputs],
+      out_shape=[o for o, _ in outputs],
+      input_output_aliases=aliases or {},
+      compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+      interpret=tiling.interpret,
+  )(*(x for x, _ in inputs))
+
+
+def _keys_in(j, k_ref, scales, w2_ref, w1_ref, mode):
+  """Chunk j's keys' forward on this tile of its start state (slot j of the stacked states): (dot, s₂, s₁, K,
+  W2 tile, W1 tile, zraw = K W2ᵀ, z = s₂ zraw); ``scales`` the row (s₂, s₁)."""
+  dot = kernel_dot(mode)
+  s2, s1 = _scalars(scales)
+  k, w2, w1 = k_ref[j], w2_ref[j], w1_ref[j]
+  zraw = dot("ci,ei->ce", k, w2)
+  return dot, s2, s1, k, w2, w1, zraw, s2 * zraw
+
+
+def _hidden_sum_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, u_ref, *, mode):
+  """F1: this tile's share of chunk j's keys' u before s₁, gelu(s₂ K W2ᵀ) W1ᵀ [c, d]."""
+  dot, _, _, _, _, w1, _, z = _keys_in(j_ref[0], k_ref, scales_ref[...], w2_ref, w1_ref, mode)
+  u_ref[...] = dot("ce,de->cd", kernel_gelu(z), w1)
+
+
+def _close_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, kc_ref, coef_ref, dec2_ref, dec1_ref, end2_ref,
+                  end1_ref, e2_ref, h_ref, w2_out, w1_out, end2_out, end1_out, e2_out, h_out, terms_ref, *, mode, ret):
+  """F2: chunk j's e2 [c, tile] and h [c, tile] into slot j of theirs, its closed tile (W2 [tile, d], W1 [d, tile])
+  into slot j + 1 of the states (the end state's for the last chunk) and the closed tile's scale terms. The outputs
+  but the terms alias the stacked inputs (updated in place)."""
+  del end2_ref, end1_ref, e2_ref, h_ref  # written only, through their aliased outputs
+  j = j_ref[0]
+  dot, _, s1, _, w2, w1, _, z = _keys_in(j, k_ref, scales_ref[...], w2_ref, w1_ref, mode)
+  h, e1 = kernel_gelu(z), e1_ref[...]
+  e2 = s1 * dot("cd,de->ce", e1, w1) * kernel_gelu_grad(z)
+  new2 = dec2_ref[j] * w2 - dot("ce,ci->ei", e2, kc_ref[j])
+  new1 = dec1_ref[j] * w1 - dot("cd,ce->de", e1 * coef_ref[j], h)
+  e2_out[j], h_out[j] = e2, h
+  last = w2_ref.shape[0] - 1
+
+  @pl.when(j < last)
+  def _():
+    w2_out[j + 1], w1_out[j + 1] = new2, new1
+
+  @pl.when(j == last)
+  def _():
+    end2_out[...], end1_out[...] = new2, new1
+
+  terms_ref[...] = _pair(ret.scale_terms(new2), ret.scale_terms(new1), new2)
+
+
+def _pullback_terms(dot, j, w1, z, e1, kc_ref, g2, ge2_ref):
+  """What both backward kernels need of a tile: gelu'(z), e1 W1 (praw) and e2's cotangent ĝ_e2 = g_e2 − (K ⊙ c) G2ᵀ."""
+  return kernel_gelu_grad(z), dot("cd,de->ce", e1, w1), ge2_ref[j] - dot("cd,ed->ce", kc_ref[j], g2)
+
+
+def _errors_cotangent_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, kc_ref, g2_ref, g1_ref, ge2_ref,
+                             via_e2_out, via_end_out, kc_out, dec2_out, dec1_out, sums_out, *, mode):
+  """B1: this tile's shares of chunk j's cotangents that need every tile summed before the row-wise pull-back: e1's
+  through e2, s₁ (ĝ_e2 ⊙ gelu'(z)) W1ᵀ, and through the chunk end, −h G1ᵀ (before the coefficients c), [c, d]
+  each; K ⊙ c's, −e2 G2 [c, d]; B_c's on each layer (Σ G ⊙ W, [1, d] and [d, 1]); and s₁'s. The end state's
+  cotangent is slot j + 1 of ``g2_ref`` / ``g1_ref``."""
+  j = j_ref[0]
+  dot, _, s1, _, w2, w1, _, z = _keys_in(j, k_ref, scales_ref[j], w2_ref, w1_ref, mode)
+  g2, g1, e1 = g2_ref[j + 1], g1_ref[j + 1], e1_ref[j]
+  slope, praw, ge2 = _pullback_terms(dot, j, w1, z, e1, kc_ref, g2, ge2_ref)
+  via_e2_out[...] = s1 * dot("ce,de->cd", ge2 * slope, w1)
+  via_end_out[...] = -dot("ce,de->cd", kernel_gelu(z), g1)
+  kc_out[...] = -dot("ce,ed->cd", s1 * praw * slope, g2)
+  dec2_out[...] = jnp.sum(g2 * w2, axis=0, keepdims=True)
+  dec1_out[...] = jnp.sum(g1 * w1, axis=1, keepdims=True)
+  sums_out[...] = _pair(0.0, jnp.sum(ge2 * praw * slope), g2)
+
+
+def _state_cotangent_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, kc_ref, coef_ref, dec2_ref, dec1_ref,
+                            g2_ref, g1_ref, ge2_ref, gh_ref, gu_ref, gs2_ref, gs1_ref, g2_out, g1_out, k_out,
+                            sums_out, *, mode):
+  """B2: this tile of chunk j's start-state cotangent (W2 [tile, d], W1 [d, tile]) with the reads' own (gs) added,
+  into slot j of the stacked cotangents (aliased: slot j + 1 is read), and its shares of K's cotangent through
+  z = s₂ K W2ᵀ [c, d] and of s₂'s; ``gu_ref``: s₁ times u's cotangent [c, d]."""
+  j = j_ref[0]
+  dot, s2, s1, k, w2, w1, zraw, z = _keys_in(j, k_ref, scales_ref[j], w2_ref, w1_ref, mode)
+  g2, g1, e1, gu = g2_ref[j + 1], g1_ref[j + 1], e1_ref[j], gu_ref[...]
+  slope, praw, ge2 = _pullback_terms(dot, j, w1, z, e1, kc_ref, g2, ge2_ref)
+  h = kernel_gelu(z)
+  gh = gh_ref[j] - dot("cd,de->ce", e1 * coef_ref[j], g1) + dot("cd,de->ce", gu, w1)
+  gz = s1 * ge2 * praw * gelu_grad2(z) + gh * slope
+  g2_out[j] = dec2_ref[j] * g2 + s2 * dot("ce,ci->ei", gz, k) + gs2_ref[j]
+  k_out[...] = s2 * dot("ce,ei->ci", gz, w2)
+  g1_out[j] = dec1_ref[j] * g1 + s1 * dot("cd,ce->de", e1, ge2 * slope) + dot("cd,ce->de", gu, h) + gs1_ref[j]
+  sums_out[...] = _pair(jnp.sum(gz * zraw), 0.0, g2)
+
+
+class _Factors(NamedTuple):
+  """What the kernels take of a chunk's inputs besides the state, for every head ([..., N, ...], all chunks at once
+  before a scan): keys K, values, δ; the chunk-end coefficients c = η_i B_c / B_i broadcast to [.., c, d], K ⊙ c,
+  e1's factor, and B_c along W2's input axis [.., 1, d] and W1's output axis [.., d, 1]."""
+
+  k: jax.Array
+  v: jax.Array
+  delta: jax.Array
+  coef: jax.Array
+  kc: jax.Array
+  dec2: jax.Array
+  dec1: jax.Array
+
+  @classmethod
+  def of(cls, xs) -> _Factors:
+    k, v, delta, end_decay, end_coef, _ = xs
+    d = k.shape[-1]
+    coef = jnp.broadcast_to(end_coef, k.shape)
+    lead = k.shape[:-2]
+    return cls(k, v, delta, coef, k * coef, jnp.broadcast_to(along(end_decay, "in"), (*lead, 1, d)),
+               jnp.broadcast_to(along(end_decay, "out"), (*lead, d, 1)))
+
+
+def _grid(state2, tiling: Tiling) -> tuple:
+  """(grid [b·h, E / tile], ``_Blocks``, a ShapeDtypeStruct maker) for stacked W2 states [n, N, E, d]."""
+  big, e = state2.shape[1:3]
+  tile = tiling.tile(e)
+  return (big, e // tile), _Blocks(tile), lambda *shape: jax.ShapeDtypeStruct(shape, state2.dtype)
+
+
+def _forward_step(spec: MemorySpec, tiling: Tiling, ln, x: _Factors, carry, j):
+  """Chunk j of the keys' recurrence on every head. ``carry``: the stacked states (W2 [n, N, E, d], W1 [n, N, d, E];
+  slot j holds chunk j's start state, the kernels write slot j + 1), the end state (W2, W1), the stacked e2 and h
+  [n, N, c, E] of the ``KeyPass``es, and the start state's scales (s₂, s₁) [N, 2]; all but the scales are updated
+  in place. Returns the carry and (the scales, e1 [N, c, d], u [N, c, d]) of chunk j."""
+  *buffers, scales = carry
+  mode, ret = spec.memory.matmul, spec.retention
+  grid, blocks, like = _grid(buffers[0], tiling)
+  (big, tiles), (c, d) = grid, x.k.shape[-2:]
+  index = (j[None], pl.BlockSpec((1,), lambda h, i: (0,)))
+  base = [index, (x.k, blocks.stacked(x.k)), (scales, blocks.head(scales)), (buffers[0], blocks.w2(buffers[0], True)),
+          (buffers[1], blocks.cols(buffers[1], True))]
+  parts = like(big, tiles, c, d)
+  (parts,) = _call(functools.partial(_hidden_sum_kernel, mode=mode), tiling, grid, base,
+                   [(parts, blocks.per_tile(parts))])
+  s2, s1 = (scales[:, i, None, None] for i in range(2))
+  u = s1 * jnp.sum(parts, axis=1)
+  at = lambda a: jax.lax.dynamic_index_in_dim(a, j, keepdims=False)
+  e1 = keys_errors(spec, u, at(x.k), at(x.v), at(x.delta), ln)[0]
+  specs = (blocks.w2, blocks.cols, blocks.w2, blocks.cols, blocks.cols, blocks.cols)
+  stacked = (True, True, False, False, True, True)
+  inout = [(b, spec(b, st)) for b, spec, st in zip(buffers, specs, stacked, strict=True)]
+  terms = like(big, tiles, 2)
+  *buffers, terms = _call(
+      functools.partial(_close_kernel, mode=mode, ret=ret), tiling, grid,
+      base + [(e1, blocks.head(e1))] + [(a, blocks.stacked(a)) for a in (x.kc, x.coef, x.dec2, x.dec1)] + inout[2:],
+      [(jax.ShapeDtypeStruct(b.shape, b.dtype), spec) for b, spec in inout] + [(terms, blocks.per_tile(terms))],
+      aliases={3: 0, 4: 1, 10: 2, 11: 3, 12: 4, 13: 5})
+  return (*buffers, ret.scale_from(jnp.sum(terms, axis=1))), (scales, e1, u)
+
+
+def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> tuple:
+  """Chunk j's pull-back: from slot j + 1 of the stacked state cotangents (W2 [n + 1, N, E, d], W1) to slot j (in
+  place), with the reads' cotangents of the start state (``g_starts``, stacked) and of the ``KeyPass`` (``g_key``: e2,
+  h stacked; e1 and the scales of chunk j in ``inputs``); returns the carry (the stacked cotangents and the LayerNorm
+  parameters' summed cotangent) and chunk j's ``_Factors`` cotangents. ``stacks``: (``_Factors``, start states, e1,
+  scales [n, N, 2], g_starts, g_key) of every chunk."""
+  (x, starts, e1s, scales, g_starts, g_key), ln = stacks
+  gstack, g_ln = carry
+  j, u, g_e1, g_scale2, g_scale1 = inputs
+  mode, ret = spec.memory.matmul, spec.retention
+  grid, blocks, like = _grid(starts["w2"], tiling)
+  (big, tiles), (c, d) = grid, x.k.shape[-2:]
+  st = lambda a: (a, blocks.stacked(a))
+  base = [(j[None], pl.BlockSpec((1,), lambda h, i: (0,))), st(x.k), st(scales),
+          (starts["w2"], blocks.w2(starts["w2"], True)), (starts["w1"], blocks.cols(starts["w1"], True)), st(e1s),
+          st(x.kc)]
+  ends = [(gstack[0], blocks.w2(gstack[0], True)), (gstack[1], blocks.cols(gstack[1], True)),
+          (g_key.e2, blocks.cols(g_key.e2, True))]
+  per_tile = lambda *shape: (like(big, tiles, *shape), blocks.per_tile(like(big, tiles, *shape)))
+  via_e2, via_end, g_kc, g_dec2, g_dec1, sums1 = (
+      jnp.sum(a, axis=1) for a in _call(functools.partial(_errors_cotangent_kernel, mode=mode), tiling, grid,
+                                        base + ends, [per_tile(c, d)] * 3 + [per_tile(1, d), per_tile(d, 1),
+                                                                             per_tile(2)]))
+  at = lambda a: jax.lax.dynamic_index_in_dim(a, j, keepdims=False)
+  coef, e1, s1 = at(x.coef), at(e1s), at(scales)[:, 1, None, None]
+  errors = lambda u, k, v, delta, ln: keys_errors(spec, u, k, v, delta, ln)[0]
+  g_u, g_k, g_v, g_delta, g_ln_j = jax.vjp(errors, u, at(x.k), at(x.v), at(x.delta), ln)[1](
+      g_e1 + via_e2 + coef * via_end)
+  gu = s1 * g_u
+  *gstack, g_k_z, sums2 = _call(
+      functools.partial(_state_cotangent_kernel, mode=mode), tiling, grid,
+      base + [st(x.coef), st(x.dec2), st(x.dec1)] + ends
+      + [(g_key.hk, blocks.cols(g_key.hk, True)), (gu, blocks.head(gu)),
+         (g_starts["w2"], blocks.w2(g_starts["w2"], True)), (g_starts["w1"], blocks.cols(g_starts["w1"], True))],
+      [(jax.ShapeDtypeStruct(g.shape, g.dtype), spec) for g, spec in ends[:2]] + [per_tile(c, d), per_tile(2)],
+      aliases={10: 0, 11: 1})
+  if ret.scaled:  # the read scales' share, ∂(s₂, s₁)/∂S_j, added to slot j in place
+    g_s = {"w2": jnp.sum(sums2[..., 0], axis=1) + g_scale2,
+           "w1": sums1[..., 1] + jnp.sum(g_u * u, axis=(1, 2)) / s1[:, 0, 0] + g_scale1}
+    share = jax.vjp(jax.vmap(ret.read_scale), {name: at(w) for name, w in starts.items()})[1](g_s)[0]
+    gstack = [jax.lax.dynamic_update_index_in_dim(g, at(g) + share[name], j, 0)
+              for g, name in zip(gstack, ("w2", "w1"), strict=True)]
+  g_x = _Factors(g_k + jnp.sum(g_k_z, axis=1), g_v, g_delta, e1 * via_end, g_kc, g_dec2, g_dec1)
+  return (tuple(gstack), jax.tree.map(jnp.add, g_ln, g_ln_j)), g_x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _recurrence(spec: MemorySpec, tiling: Tiling, state: dict, ln, xs):
+  return _recurrence_fwd(spec, tiling, state, ln, xs)[0]
+
+
+def _recurrence_fwd(spec, tiling, state, ln, xs):
+  x = _Factors.of(xs)
+  n, (big, c, d), e = x.k.shape[0], x.k.shape[1:], state["w2"].shape[1]
+  scales = jax.vmap(spec.retention.read_scale)(state)
+  stack = lambda w: jnp.zeros((n, *w.shape), w.dtype).at[0].set(w)
+  acts = jnp.zeros((n, big, c, e), x.k.dtype)
+  carry = (stack(state["w2"]), stack(state["w1"]), state["w2"], state["w1"], acts, acts,
+           jnp.stack([scales["w2"], scales["w1"]], axis=-1))
+  (starts2, starts1, end2, end1, e2, h, _), (scales, e1, u) = jax.lax.scan(
+      functools.partial(_forward_step, spec, tiling, ln, x), carry, jnp.arange(n))
+  starts = {"w2": starts2, "w1": starts1}
+  keys = flat.KeyPass({"w2": scales[..., 0, None, None], "w1": scales[..., 1, None, None]}, e1, e2, h)
+  return ({"w2": end2, "w1": end1}, (starts, keys)), (ln, xs, starts, keys, u, scales)
+
+
+def _recurrence_bwd(spec, tiling, residuals, cotangents):
+  ln, xs, starts, keys, u, scales = residuals
+  g_end, (g_starts, g_keys) = cotangents
+  n = u.shape[0]
+  gstack = tuple(jnp.zeros((n + 1, *g_end[name].shape), g_end[name].dtype).at[n].set(g_end[name])
+                 for name in ("w2", "w1"))
+  x, factors_vjp = jax.vjp(_Factors.of, xs)
+  stacks = (x, starts, keys.e1, scales, g_starts, g_keys), ln
+  (gstack, g_ln), g_x = jax.lax.scan(
+      functools.partial(_pullback_step, spec, tiling, stacks), (gstack, jax.tree.map(jnp.zeros_like, ln)),
+      (jnp.arange(n), u, g_keys.e1, g_keys.scale["w2"][:, :, 0, 0], g_keys.scale["w1"][:, :, 0, 0]), reverse=True)
+  return {"w2": gstack[0][0], "w1": gstack[1][0]}, g_ln, factors_vjp(g_x)[0]
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyScan:
+  """``flat.miras_flat``'s ``key_scan``: (spec, state, ln, xs) -> (closed state, (start states, ``KeyPass``es))
+  with this module's kernels, forward and backward."""
+
+  tiling: Tiling = Tiling()
+
+  def __call__(self, spec: MemorySpec, state: dict, ln, xs):
+    return _recurrence(spec, self.tiling, state, ln, xs)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat", "matmul", "tiling"))
+def miras_tiles(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, initial_momentum=None, ln=None,
+                chunk_size: int = 64, lengths=None, remat: bool = True, matmul: str = "float32",
+                tiling: Tiling = Tiling()):
+  """The chunked Miras memory (arguments and returns as :func:`chunked.miras_chunked`; ``initial_momentum`` must be
+  None) as ``flat.miras_flat(split=True)`` with this module's keys' recurrence; ``remat`` applies to the reads."""
+  d = q.shape[-1]
+  if (why := pallas_triton.unsupported(spec, chunk_size, d, pallas_triton.Tuning(hidden_tile=tiling.hidden_tile))):
+    raise ValueError(f"the tiled Pallas Miras kernels cannot run this memory: {why}")
+  return flat.miras_flat(q, k, v, gates, spec=spec, initial_state=initial_state, initial_momentum=initial_momentum,
+                         ln=ln, chunk_size=chunk_size, lengths=lengths, remat=remat, matmul=matmul, split=True,
+                         key_scan=KeyScan(tiling))
