@@ -473,6 +473,24 @@ def test_kernel_erf_matches_lax_erf():
   assert err64 < 1.2e-7 and err32 < 1.5 * xla32
 
 
+def _kernels_vs_flat(kernels, spec, channel: bool, bits: int, seed: int, weight_seed: int, monkeypatch) -> tuple:
+  """Max relative errors (reads, state, gradients of every input) of a Pallas path in interpret mode against
+  ``xla_flat``, with a padded trailing chunk and a length ending inside an earlier chunk (chunks of 32 with channel
+  gates, else 16; d = 16); in float64 with XLA's erf swapped into the kernels, else float32 with their own."""
+  c = 32 if channel else 16
+  lengths = jnp.array([5 * c // 2, 3 * c // 2 - 3])
+  runs = [functools.partial(fn, spec=spec, chunk_size=c, lengths=lengths) for fn in (flat.miras_flat, kernels)]
+  if bits == 64:
+    monkeypatch.setattr(pallas_triton, "erf", jax.lax.erf)
+  with jax.enable_x64(bits == 64):
+    qkv, gates, kw = _inputs(spec, seed, t=5 * c // 2, d=16, channel=channel,
+                             dtype=jnp.float64 if bits == 64 else jnp.float32)
+    (o_f, s_f, _), (o_p, s_p, _) = (run(*qkv, gates, **kw) for run in runs)
+    weights = jax.random.normal(jax.random.PRNGKey(weight_seed), o_f.shape, o_f.dtype)
+    g_f, g_p = (jax.grad(_loss(run, weights), argnums=(0, 1, 2))(qkv, gates, kw) for run in runs)
+    return _rel(o_p, o_f), _rel(s_p, s_f), _rel(g_p, g_f)
+
+
 @pytest.mark.parametrize(("name", "channel", "hidden_tile", "bits"), [
     ("moneta", False, 64, 32), ("moneta", True, 32, 32), ("moneta", False, 16, 64), ("moneta", True, 64, 64),
     ("moneta_pre", True, 32, 64), ("yaad", False, 32, 64), ("yaad", True, 16, 64)])
@@ -486,21 +504,9 @@ def test_pallas_kernels_equal_the_flat_path_values_and_grads(name, channel, hidd
   activations (E = 64) in four and two tiles (Moneta's read scale summed over tiles); channel gates run chunks of 32
   in two row blocks of 16, so W1's factored coefficients between blocks and their gate cotangents are exercised;
   Yaad's Huber threshold δ gets its gradient through the kernel's bias-gradient pull-back."""
-  spec = SPECS[name]
-  c = 32 if channel else 16
-  lengths = jnp.array([5 * c // 2, 3 * c // 2 - 3])
-  runs = [functools.partial(fn, spec=spec, chunk_size=c, lengths=lengths)
-          for fn in (flat.miras_flat, functools.partial(pallas_triton.miras_pallas, interpret=True,
-                                                        tuning=pallas_triton.Tuning(hidden_tile=hidden_tile)))]
-  if bits == 64:
-    monkeypatch.setattr(pallas_triton, "erf", jax.lax.erf)
-  with jax.enable_x64(bits == 64):
-    qkv, gates, kw = _inputs(spec, 22, t=5 * c // 2, d=16, channel=channel,
-                             dtype=jnp.float64 if bits == 64 else jnp.float32)
-    (o_f, s_f, _), (o_p, s_p, _) = (run(*qkv, gates, **kw) for run in runs)
-    weights = jax.random.normal(jax.random.PRNGKey(8), o_f.shape, o_f.dtype)
-    g_f, g_p = (jax.grad(_loss(run, weights), argnums=(0, 1, 2))(qkv, gates, kw) for run in runs)
-    errs = _rel(o_p, o_f), _rel(s_p, s_f), _rel(g_p, g_f)
+  kernels = functools.partial(pallas_triton.miras_pallas, interpret=True,
+                              tuning=pallas_triton.Tuning(hidden_tile=hidden_tile))
+  errs = _kernels_vs_flat(kernels, SPECS[name], channel, bits, 22, 8, monkeypatch)
   print(f"{name}, {'channel' if channel else 'head'} gates, E-tile {hidden_tile}: pallas (interpret) vs flat, "
         f"max rel error reads {errs[0]:.1e}, "
         f"state {errs[1]:.1e}, grads {errs[2]:.1e} (float{bits})")
@@ -515,21 +521,9 @@ def test_tiled_pallas_recurrence_equals_the_flat_path(name, channel, hidden_tile
   from XLA. Against ``xla_flat``: reads, state and the gradients of every input, with a padded trailing chunk and a
   length ending inside an earlier chunk; in float64 with XLA's erf in the kernels the pull-back must equal autodiff
   to rounding (Moneta's read scales summed over four tiles; Yaad's δ and channel gates along each layer's axis)."""
-  spec = SPECS[name]
-  c = 32 if channel else 16
-  lengths = jnp.array([5 * c // 2, 3 * c // 2 - 3])
-  tiling = pallas_tiles.Tiling(hidden_tile=hidden_tile, interpret=True)
-  runs = [functools.partial(fn, spec=spec, chunk_size=c, lengths=lengths)
-          for fn in (flat.miras_flat, functools.partial(pallas_tiles.miras_tiles, tiling=tiling))]
-  if bits == 64:
-    monkeypatch.setattr(pallas_triton, "erf", jax.lax.erf)
-  with jax.enable_x64(bits == 64):
-    qkv, gates, kw = _inputs(spec, 25, t=5 * c // 2, d=16, channel=channel,
-                             dtype=jnp.float64 if bits == 64 else jnp.float32)
-    (o_f, s_f, _), (o_p, s_p, _) = (run(*qkv, gates, **kw) for run in runs)
-    weights = jax.random.normal(jax.random.PRNGKey(10), o_f.shape, o_f.dtype)
-    g_f, g_p = (jax.grad(_loss(run, weights), argnums=(0, 1, 2))(qkv, gates, kw) for run in runs)
-    errs = _rel(o_p, o_f), _rel(s_p, s_f), _rel(g_p, g_f)
+  kernels = functools.partial(pallas_tiles.miras_tiles,
+                              tiling=pallas_tiles.Tiling(hidden_tile=hidden_tile, interpret=True))
+  errs = _kernels_vs_flat(kernels, SPECS[name], channel, bits, 25, 10, monkeypatch)
   print(f"{name}, {'channel' if channel else 'head'} gates, E-tile {hidden_tile}: tiled pallas (interpret) vs flat, "
         f"max rel error reads {errs[0]:.1e}, state {errs[1]:.1e}, grads {errs[2]:.1e} (float{bits})")
   assert max(errs) < (1e-5 if bits == 32 else 1e-12)
