@@ -98,6 +98,20 @@ class _Blocks:
   def cols(self, x, stack: bool = False):
     return _block(x, int(stack), x.ndim - 1, self.tile)
 
+  def state(self, w2, w1, stack: bool = True) -> list:
+    """(array, BlockSpec) of this tile of a state or cotangent (W2 [.., E, d], W1 [.., d, E]), stacked or not."""
+    return [(w2, self.w2(w2, stack)), (w1, self.cols(w1, stack))]
+
+
+def _chunk_index(j) -> tuple:
+  """Chunk j as the kernels' ``j_ref`` (a [1] int32 input, the same for every program)."""
+  return j[None], pl.BlockSpec((1,), lambda h, i: (0,))
+
+
+def _at(a, j):
+  """Chunk j of an array stacked over chunks."""
+  return jax.lax.dynamic_index_in_dim(a, j, keepdims=False)
+
 
 def _call(kernel, tiling: Tiling, grid: tuple, inputs, outputs, aliases=None):
   """``kernel`` on ``grid``; ``inputs`` are (array, BlockSpec) pairs and ``outputs`` (ShapeDtypeStruct, BlockSpec)
@@ -237,19 +251,15 @@ def _forward_step(spec: MemorySpec, tiling: Tiling, ln, x: _Factors, carry, j):
   mode, ret = spec.memory.matmul, spec.retention
   grid, blocks, like = _grid(buffers[0], tiling)
   (big, tiles), (c, d) = grid, x.k.shape[-2:]
-  index = (j[None], pl.BlockSpec((1,), lambda h, i: (0,)))
-  base = [index, (x.k, blocks.stacked(x.k)), (scales, blocks.head(scales)), (buffers[0], blocks.w2(buffers[0], True)),
-          (buffers[1], blocks.cols(buffers[1], True))]
+  base = [_chunk_index(j), (x.k, blocks.stacked(x.k)), (scales, blocks.head(scales)), *blocks.state(*buffers[:2])]
   parts = like(big, tiles, c, d)
   (parts,) = _call(functools.partial(_hidden_sum_kernel, mode=mode), tiling, grid, base,
                    [(parts, blocks.per_tile(parts))])
   s2, s1 = (scales[:, i, None, None] for i in range(2))
   u = s1 * jnp.sum(parts, axis=1)
-  at = lambda a: jax.lax.dynamic_index_in_dim(a, j, keepdims=False)
-  e1 = keys_errors(spec, u, at(x.k), at(x.v), at(x.delta), ln)[0]
-  specs = (blocks.w2, blocks.cols, blocks.w2, blocks.cols, blocks.cols, blocks.cols)
-  stacked = (True, True, False, False, True, True)
-  inout = [(b, spec(b, st)) for b, spec, st in zip(buffers, specs, stacked, strict=True)]
+  e1 = keys_errors(spec, u, _at(x.k, j), _at(x.v, j), _at(x.delta, j), ln)[0]
+  inout = (blocks.state(*buffers[:2]) + blocks.state(*buffers[2:4], stack=False)
+           + [(b, blocks.cols(b, True)) for b in buffers[4:]])
   terms = like(big, tiles, 2)
   *buffers, terms = _call(
       functools.partial(_close_kernel, mode=mode, ret=ret), tiling, grid,
@@ -272,17 +282,14 @@ def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> t
   grid, blocks, like = _grid(starts["w2"], tiling)
   (big, tiles), (c, d) = grid, x.k.shape[-2:]
   st = lambda a: (a, blocks.stacked(a))
-  base = [(j[None], pl.BlockSpec((1,), lambda h, i: (0,))), st(x.k), st(scales),
-          (starts["w2"], blocks.w2(starts["w2"], True)), (starts["w1"], blocks.cols(starts["w1"], True)), st(e1s),
-          st(x.kc)]
-  ends = [(gstack[0], blocks.w2(gstack[0], True)), (gstack[1], blocks.cols(gstack[1], True)),
-          (g_key.e2, blocks.cols(g_key.e2, True))]
+  base = [_chunk_index(j), st(x.k), st(scales), *blocks.state(starts["w2"], starts["w1"]), st(e1s), st(x.kc)]
+  ends = [*blocks.state(*gstack), (g_key.e2, blocks.cols(g_key.e2, True))]
   per_tile = lambda *shape: (like(big, tiles, *shape), blocks.per_tile(like(big, tiles, *shape)))
   via_e2, via_end, g_kc, g_dec2, g_dec1, sums1 = (
       jnp.sum(a, axis=1) for a in _call(functools.partial(_errors_cotangent_kernel, mode=mode), tiling, grid,
                                         base + ends, [per_tile(c, d)] * 3 + [per_tile(1, d), per_tile(d, 1),
                                                                              per_tile(2)]))
-  at = lambda a: jax.lax.dynamic_index_in_dim(a, j, keepdims=False)
+  at = functools.partial(_at, j=j)
   coef, e1, s1 = at(x.coef), at(e1s), at(scales)[:, 1, None, None]
   errors = lambda u, k, v, delta, ln: keys_errors(spec, u, k, v, delta, ln)[0]
   g_u, g_k, g_v, g_delta, g_ln_j = jax.vjp(errors, u, at(x.k), at(x.v), at(x.delta), ln)[1](
@@ -291,8 +298,7 @@ def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> t
   *gstack, g_k_z, sums2 = _call(
       functools.partial(_state_cotangent_kernel, mode=mode), tiling, grid,
       base + [st(x.coef), st(x.dec2), st(x.dec1)] + ends
-      + [(g_key.hk, blocks.cols(g_key.hk, True)), (gu, blocks.head(gu)),
-         (g_starts["w2"], blocks.w2(g_starts["w2"], True)), (g_starts["w1"], blocks.cols(g_starts["w1"], True))],
+      + [(g_key.hk, blocks.cols(g_key.hk, True)), (gu, blocks.head(gu)), *blocks.state(g_starts["w2"], g_starts["w1"])],
       [(jax.ShapeDtypeStruct(g.shape, g.dtype), spec) for g, spec in ends[:2]] + [per_tile(c, d), per_tile(2)],
       aliases={10: 0, 11: 1})
   if ret.scaled:  # the read scales' share, ∂(s₂, s₁)/∂S_j, added to slot j in place
