@@ -332,15 +332,13 @@ def run_memory_op(shapes, variants: list[Variant], tunings: list) -> list[dict]:
     kw = dict(spec=spec, initial_state=state, chunk_size=v.chunk)
     flat = f"xla_flat{mode}"
     runs = {flat: functools.partial(api.miras_memory, implementation=flat, remat=v.remat, **kw)}
-    matmul = "bfloat16" if mode else "float32"
-    if v.impl.startswith("pallas_triton"):
+    tuned = {"pallas_triton": lambda u: functools.partial(pallas_triton.miras_pallas, tuning=u),
+             "pallas_tiles": lambda u: functools.partial(
+                 pallas_tiles.miras_tiles, remat=v.remat,
+                 tiling=pallas_tiles.Tiling(u.hidden_tile, u.num_warps, u.num_stages))}
+    if (kernels := tuned.get(v.impl.removesuffix("_bf16"))) is not None:
       runs |= {f"{v.impl}[warps {u.num_warps}, E-tile {u.hidden_tile}, stages {u.num_stages}]":
-               functools.partial(pallas_triton.miras_pallas, tuning=u, matmul=matmul, **kw) for u in tunings}
-    elif v.impl.startswith("pallas_tiles"):
-      runs |= {f"{v.impl}[warps {u.num_warps}, E-tile {u.hidden_tile}, stages {u.num_stages}]":
-               functools.partial(pallas_tiles.miras_tiles, tiling=pallas_tiles.Tiling(u.hidden_tile, u.num_warps,
-                                                                                      u.num_stages),
-                                 matmul=matmul, remat=v.remat, **kw) for u in tunings}
+               functools.partial(kernels(u), matmul="bfloat16" if mode else "float32", **kw) for u in tunings}
     else:
       runs[v.impl] = functools.partial(api.miras_memory, implementation=v.impl, remat=v.remat, **kw)
     check = slice(0, min(t, CHECK_CHUNKS * v.chunk))
