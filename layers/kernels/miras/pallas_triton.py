@@ -125,6 +125,16 @@ def kernel_dot(mode: str):
   return functools.partial(plain_matmul, mode=mode)
 
 
+def pair_row(a, b, kind):
+  """(a, b) as a [2] row (Triton blocks hold no lone scalars); ``kind`` only for the dtype."""
+  return jnp.where(jnp.arange(2) == 0, a, b).astype(kind.dtype)
+
+
+def row_scalars(row) -> tuple:
+  """The two scalars of a [2] row (:func:`pair_row`)."""
+  return tuple(jnp.sum(jnp.where(jnp.arange(2) == i, row, 0.0)) for i in range(2))
+
+
 def _aligned(start, multiple: int):
   return start if isinstance(start, int) else pl.multiple_of(start, multiple)
 
