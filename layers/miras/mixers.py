@@ -64,8 +64,8 @@ class MirasConfig(Config, abc.ABC):
       (docs/benchmarks.md), so it is the default.
     implementation: memory kernel (``layers.kernels.miras.IMPLEMENTATIONS``), None for the first that applies
       (float32 matmuls). On a GPU the fastest measured Moneta layers are ``xla_flat_bf16`` with channel gates
-      (79 ms fwd+bwd at 8 × 4096 on an H100, ``pallas_triton_bf16`` 87 ms) and ``xla_split_bf16`` with per-head
-      gates (docs/benchmarks.md).
+      (79 ms fwd+bwd at 8 × 4096 on an H100, ``pallas_triton_bf16`` 87 ms) and ``pallas_tiles_bf16`` with per-head
+      gates (37 ms; ``xla_split_bf16`` 45 ms; docs/benchmarks.md).
   """
 
   memory: str = option("mlp", choices=MEMORIES)

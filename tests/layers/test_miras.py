@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from layers.kernels.gated_delta import reference as gdn_reference
-from layers.kernels.miras import api, channel_gates, chunked, flat, pallas_tiles, pallas_triton, reference
+from layers.kernels.miras import api, channel_gates, chunked, flat, pallas_reads, pallas_tiles, pallas_triton, reference
 from layers.miras import bias as biases
 from layers.miras.memory import LinearMemory, MLPMemory, matmul
 from layers.miras.retention import Decay, ElasticNet, LqNorm, SoftmaxKL
@@ -529,14 +529,47 @@ def test_tiled_pallas_recurrence_equals_the_flat_path(name, channel, hidden_tile
   assert max(errs) < (1e-5 if bits == 32 else 1e-12)
 
 
-def test_tiled_pallas_kernels_lower_to_triton_for_an_h100():
-  """The four kernels of ``pallas_tiles``' fwd+bwd (bf16 matmuls, channel gates, two tiles) lower to Triton IR for
-  an (abstract) H100 from this CPU."""
+@pytest.mark.parametrize(("channel", "kernels"), [(True, 4), (False, 6)])
+def test_tiled_pallas_kernels_lower_to_triton_for_an_h100(channel, kernels):
+  """The kernels of ``pallas_tiles``' fwd+bwd (bf16 matmuls, two tiles) lower to Triton IR for an (abstract) H100
+  from this CPU: the keys' recurrence's four, and with per-head gates the reads' two."""
   spec = SPECS["moneta"]
-  qkv, gates, kw = _inputs(spec, 24, b=1, t=64, d=16, channel=True)
+  qkv, gates, kw = _inputs(spec, 24, b=1, t=64, d=16, channel=channel)
   run = functools.partial(pallas_tiles.miras_tiles, spec=spec, chunk_size=32, matmul="bfloat16",
                           tiling=pallas_tiles.Tiling(hidden_tile=32))
-  assert _triton_calls(run, qkv, gates, kw) == 4
+  assert _triton_calls(run, qkv, gates, kw) == kernels
+
+
+@pytest.mark.parametrize(("bits", "hidden_tile"), [(64, 16), (32, 64)])
+def test_pallas_reads_equal_the_flat_reads_values_and_grads(bits, hidden_tile, monkeypatch):
+  """``pallas_reads``: every chunk's per-token reads (before their LayerNorm) as one kernel per direction, a
+  program per chunk and head, against ``flat.read_u`` mapped over the chunks on fresh random start states,
+  ``KeyPass``es, rows, decays, coefficients and scores (interpret mode; four tiles of E at ``hidden_tile`` 16):
+  u and the gradient of every input, each leaf to its own scale; in float64 with XLA's erf in the kernel the
+  hand-written backward must equal autodiff to rounding."""
+  if bits == 64:
+    monkeypatch.setattr(pallas_triton, "erf", jax.lax.erf)
+  spec = SPECS["moneta"]
+  n, heads, c, d, e = 3, 2, 16, 16, 64
+  with jax.enable_x64(bits == 64):
+    dtype = jnp.float64 if bits == 64 else jnp.float32
+    key = iter(jax.random.split(jax.random.PRNGKey(31), 12))
+    normal = lambda *shape: jax.random.normal(next(key), shape, dtype)
+    scale = lambda: 0.5 + jnp.abs(normal(n, heads, 1, 1))
+    starts = {"w2": 0.3 * normal(n, heads, e, d), "w1": 0.3 * normal(n, heads, d, e)}
+    keys = flat.KeyPass({"w2": scale(), "w1": scale()}, normal(n, heads, c, d), normal(n, heads, c, e),
+                        normal(n, heads, c, e))
+    args = (starts, keys, normal(n, heads, c, d), jax.nn.sigmoid(normal(n, heads, c, 1)), normal(n, heads, c, c),
+            normal(n, heads, c, c))
+    kernels = pallas_reads.ChunkReads(pallas_reads.ReadTiling(hidden_tile=hidden_tile, interpret=True))
+    runs = (lambda *a: jax.vmap(functools.partial(flat.read_u, spec))(*a), lambda *a: kernels(spec, *a))
+    weights = normal(n, heads, c, d)
+    u_f, u_p = (run(*args) for run in runs)
+    g_f, g_p = (jax.grad(lambda a, run=run: jnp.sum(run(*a) * weights))(args) for run in runs)
+    errs = [_rel(u_p, u_f)] + [_rel(p, f) for p, f in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_f), strict=True)]
+  print(f"pallas reads (interpret, E-tile {hidden_tile}) vs flat.read_u, float{bits}: max rel error u {errs[0]:.1e}, "
+        f"gradients (largest over inputs) {max(errs[1:]):.1e}")
+  assert max(errs) < (1e-5 if bits == 32 else 1e-13)
 
 
 def test_pallas_channel_gates_stay_finite_and_accurate_under_strong_decay():
@@ -692,8 +725,11 @@ def test_api_dispatch_and_errors():
   split, flat_ = (api.miras_memory(*qkv, gates, spec=SPECS["moneta"], chunk_size=4, implementation=i, **kw)[0]
                   for i in ("xla_split", "xla_flat"))
   assert _rel(split, flat_) < 1e-6
-  with pytest.raises(ValueError, match="key_scan replaces the split path's keys' scan"):
+  with pytest.raises(ValueError, match="key_scan and chunk_reads replace parts of the split path"):
     flat.miras_flat(*qkv, gates, spec=SPECS["moneta"], chunk_size=4, key_scan=pallas_tiles.KeyScan(), **kw)
+  with pytest.raises(ValueError, match=r"chunk_reads covers per-head gates \(eta \[\.\.\., 1\]\) only"):
+    flat.miras_flat(*qkv, gates, spec=SPECS["moneta"], chunk_size=4, split=True,
+                    chunk_reads=pallas_reads.ChunkReads(), **kw)
   if jax.default_backend() != "gpu":
     for implementation in ("pallas_triton", "pallas_tiles"):
       with pytest.raises(ValueError, match=f"'{implementation}' cannot run: its kernels need a GPU"):

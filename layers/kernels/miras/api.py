@@ -15,10 +15,10 @@ float32; returns (o [b, t, h, d] float32, state at the last chunk boundary, mome
     ``xla_flat_bf16`` on an H200 (38.7 vs 42.2 ms at 8 × 4096), with 1.6× its temporary memory (the start states);
   * ``"pallas_tiles"`` / ``"pallas_tiles_bf16"``: ``xla_split`` with the keys' recurrence as Pallas kernels
     whose programs each own one tile of the hidden axis of one head, two per chunk forward and two backward, which
-    also return the inputs' cotangents (:mod:`pallas_tiles`; same limits as ``pallas_triton``). Its first version,
-    which XLA fed copies of each chunk's slices, was slower than ``xla_split_bf16`` on an H100 (Moneta layer,
-    per-head gates, bf16, remat, 8 × 4096: 56.4 vs 45.1 ms fwd+bwd); this one is not timed yet
-    (docs/benchmarks.md);
+    also return the inputs' cotangents, and with per-head gates every chunk's reads as one kernel per direction
+    (:mod:`pallas_tiles`, :mod:`pallas_reads`; same limits as ``pallas_triton``). The fastest Moneta layer with
+    per-head gates on an H100 (bf16, remat, 8 × 4096: 36.9 vs 44.5 ms fwd+bwd for ``xla_split_bf16``, same run;
+    docs/benchmarks.md);
   * ``"xla_chunked"``: closed-form chunk gradients, dual-form reads, ``lax.scan`` over chunks (any backend), every
     matmul in full float32;
   * ``"xla_chunked_bf16"``: the same with bfloat16 matmul operands and float32 accumulation (tensor cores on GPU;

@@ -93,10 +93,11 @@ def _keys(spec: MemorySpec, ln, s: dict, rows, v, delta, end_decay, end_coef, co
   return new, KeyPass(scale, e1, e2, hk), y[:, c:]
 
 
-def _reads(spec: MemorySpec, ln, s: dict, keys: KeyPass, rows, q, decay, w1_coef, scores_q) -> jax.Array:
-  """A chunk's per-token reads o [N, c, d] from its start state s and its keys' ``KeyPass``, in the dual form
-  W_t = decay_t ⊙ W₀ − s₀ Σ_i C[t, i] ⊙ e_i a_iᵀ, layer by layer; rows [N, c, d] are decay_t ⊙ q_t (W2's input)."""
-  mem, mode, scale = spec.memory, spec.memory.matmul, keys.scale
+def read_u(spec: MemorySpec, s: dict, keys: KeyPass, rows, decay, w1_coef, scores_q) -> jax.Array:
+  """A chunk's per-token reads before their LayerNorm, u [N, c, d], from its start state s and its keys'
+  ``KeyPass``, in the dual form W_t = decay_t ⊙ W₀ − s₀ Σ_i C[t, i] ⊙ e_i a_iᵀ, layer by layer; rows [N, c, d]
+  are decay_t ⊙ q_t (W2's input)."""
+  mode, scale = spec.memory.matmul, keys.scale
   zq = product("nri,noi->nro", rows, s["w2"], mode) * scale["w2"]
   hq = gelu(zq - scale["w2"] * product("nts,nse->nte", scores_q, keys.e2, mode))
   scores_h = product("nte,nse->nts", hq, keys.hk, mode)
@@ -104,8 +105,12 @@ def _reads(spec: MemorySpec, ln, s: dict, keys: KeyPass, rows, q, decay, w1_coef
     mixed = product("nts,nsd->ntd", scores_h * w1_coef, keys.e1, mode)
   else:  # per-channel coefficients on W1's output axis, in float32 sub-blocks
     mixed = _channel_product(spec, channel_gates.Coefficients.mix, scores_h, keys.e1, w1_coef)
-  uq = scale["w1"] * (decay * product("nte,nde->ntd", hq, s["w1"], mode) - mixed)
-  return q + layer_norm(uq, ln, mem.ln_eps)[0]
+  return scale["w1"] * (decay * product("nte,nde->ntd", hq, s["w1"], mode) - mixed)
+
+
+def _reads(spec: MemorySpec, ln, s: dict, keys: KeyPass, rows, q, decay, w1_coef, scores_q) -> jax.Array:
+  """A chunk's per-token reads o [N, c, d] (:func:`read_u`, then the memory's LayerNorm and residual)."""
+  return q + layer_norm(read_u(spec, s, keys, rows, decay, w1_coef, scores_q), ln, spec.memory.ln_eps)[0]
 
 
 def _step(spec: MemorySpec, ln, s: dict, xs):
@@ -125,8 +130,13 @@ def _split_reads(spec: MemorySpec, ln, xs):
   """A chunk's reads from its start state in the split path: (o [N, c, d], the plain read [N, 1, d] of the previous
   chunk's last query ``q_prev``, whose read is of this start state; None where ``q_prev`` is None)."""
   s, keys, q_prev, *read_xs = xs
-  plain = None if q_prev is None else _forward(s, keys.scale, q_prev, ln, spec.memory)[0]
+  plain = None if q_prev is None else _plain_read(spec, ln, (s, keys.scale, q_prev))
   return _reads(spec, ln, s, keys, *read_xs), plain
+
+
+def _plain_read(spec: MemorySpec, ln, xs) -> jax.Array:
+  """Rows x [N, r, d] through the plain memory of a start state s at its read scales: xs = (s, scales, x)."""
+  return _forward(*xs, ln, spec.memory)[0]
 
 
 class ChunkInputs(NamedTuple):
@@ -201,22 +211,27 @@ def layer_norm_params(ln, b: int, h: int, d: int) -> tuple:
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat", "matmul", "split", "key_scan",
-                                             "batch_bytes"))
+                                             "chunk_reads", "batch_bytes"))
 def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, initial_momentum=None, ln=None,
                chunk_size: int = 64, lengths=None, remat: bool = False, matmul: str = "float32", split: bool = False,
-               key_scan=None, batch_bytes: int = 1 << 30):
+               key_scan=None, chunk_reads=None, batch_bytes: int = 1 << 30):
   """The chunked Miras memory for the memories :func:`unsupported` accepts; arguments and returns as
   :func:`chunked.miras_chunked` (``initial_momentum`` must be None). ``split``: scan over the chunks' keys alone
   (the state's recurrence), then take every chunk's reads from its start state at once; ``remat`` recomputes both
   in the backward. ``key_scan`` (with ``split``): another implementation of that recurrence with its own backward,
   (spec, state, ln, xs) -> (closed state, (start states, ``KeyPass``es stacked over chunks)), e.g.
-  ``pallas_tiles.KeyScan``; ``remat`` then applies to the reads. Work mapped over the chunks outside the scan (the
-  split reads; with per-channel gates the first layer's scores) runs in batches of chunks whose largest float32
-  array stays under ``batch_bytes``."""
+  ``pallas_tiles.KeyScan``; ``remat`` then applies to the reads. ``chunk_reads`` (with ``split``, per-head gates):
+  another implementation of every chunk's :func:`read_u` at once with its own backward, (spec, start states,
+  ``KeyPass``es, rows, decay, W1's coefficients, first-layer scores, all stacked over chunks) -> u [n, b·h, c, d],
+  e.g. ``pallas_reads.ChunkReads``; ``remat`` then applies to the plain reads of the boundary queries. Work mapped
+  over the chunks outside the scan (the split reads; with per-channel gates the first layer's scores) runs in batches
+  of chunks whose largest float32 array stays under ``batch_bytes``."""
   if (why := unsupported(spec)) is not None:
     raise ValueError(f"the flat Miras path cannot run this memory: {why}")
-  if key_scan is not None and not split:
-    raise ValueError("key_scan replaces the split path's keys' scan: it needs split=True")
+  if (key_scan is not None or chunk_reads is not None) and not split:
+    raise ValueError("key_scan and chunk_reads replace parts of the split path: they need split=True")
+  if chunk_reads is not None and gates.eta.shape[-1] != 1:
+    raise ValueError("chunk_reads covers per-head gates (eta [..., 1]) only")
   del initial_momentum
   spec = with_matmul(spec, matmul)
   b, t, h, d = q.shape
@@ -239,9 +254,15 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
     n, heads, c, _ = x.q.shape  # the largest of a chunk's reads: [N, c, E] or per-channel coefficients
     channel = channel_gates.coefficient_elements(c, d) if x.decay.shape[-1] > 1 else 0
     per_chunk = 4 * heads * max(c * d * spec.memory.expansion, channel)
-    o, reads = jax.lax.map(remat_if(functools.partial(_split_reads, spec, ln)),
-                           (starts, keys, q_prev if boundary else None, *read_xs),
-                           batch_size=_chunk_batch(n, per_chunk, batch_bytes))
+    batch = _chunk_batch(n, per_chunk, batch_bytes)
+    if chunk_reads is not None:
+      u = chunk_reads(spec, starts, keys, query_rows, x.decay, x.w1_coef, x.scores_q)
+      o = x.q + layer_norm(u, ln, spec.memory.ln_eps)[0]
+      reads = (jax.lax.map(remat_if(functools.partial(_plain_read, spec, ln)), (starts, keys.scale, q_prev),
+                           batch_size=batch) if boundary else None)
+    else:
+      o, reads = jax.lax.map(remat_if(functools.partial(_split_reads, spec, ln)),
+                             (starts, keys, q_prev if boundary else None, *read_xs), batch_size=batch)
   else:  # the previous chunk's last query rides with the keys through the start state (one matmul)
     key_xs = (jnp.concatenate([x.k, q_prev], axis=2), *key_xs[1:])
     state, (o, reads) = jax.lax.scan(remat_if(functools.partial(_step, spec, ln)), state, (key_xs, read_xs))

@@ -25,10 +25,11 @@ made and used on chip and only [c, d] partial sums cross between tiles (through 
 Every array stacked over chunks ([n, b·h, ...]: the start states, e2 and h, the reads' cotangents, the chunk inputs)
 is passed to the kernels whole, and a kernel indexes chunk j itself: handing it chunk j's slice made XLA copy the
 slice into a fresh buffer, 21 copies a chunk and 16% of the profiled kernel time on an H100 in the first version
-(docs/benchmarks.md). The kernels write the stacked states, activations and state cotangents in place
-(``input_output_aliases``). Covers what :func:`pallas_triton.unsupported` accepts (either gate kind: the gates enter
-the recurrence only through B and η B/B_i); GELU inside the kernels uses :func:`pallas_triton.erf`. Shapes and
-returns as :func:`chunked.miras_chunked`.
+(docs/benchmarks.md). The kernels write the stacked states and activations, and the state's cotangent (one
+[b·h, ...] buffer carried through the backward scan), in place (``input_output_aliases``). With per-head gates the
+reads are kernels too (:mod:`pallas_reads`, a program per chunk and head). Covers what
+:func:`pallas_triton.unsupported` accepts (either gate kind: the gates enter the recurrence only through B and
+η B/B_i); GELU inside the kernels uses :func:`pallas_triton.erf`. Shapes and returns as :func:`chunked.miras_chunked`.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from layers.kernels.miras import flat, pallas_triton
-from layers.kernels.miras.pallas_triton import gelu_grad2, kernel_dot, kernel_gelu, kernel_gelu_grad, keys_errors
+from layers.kernels.miras import flat, pallas_reads, pallas_triton
+from layers.kernels.miras.pallas_triton import (gelu_grad2, kernel_dot, kernel_gelu, kernel_gelu_grad, keys_errors,
+                                               pair_row, row_scalars)
 from layers.miras.spec import Gates, MemorySpec, along
 
 
@@ -59,15 +61,6 @@ class Tiling:
 
   def tile(self, hidden: int) -> int:
     return min(hidden, self.hidden_tile)
-
-
-def _pair(a, b, kind):
-  """(a, b) as a [2] row (Triton blocks hold no lone scalars); ``kind`` only for the dtype."""
-  return jnp.where(jnp.arange(2) == 0, a, b).astype(kind.dtype)
-
-
-def _scalars(row) -> tuple:
-  return tuple(jnp.sum(jnp.where(jnp.arange(2) == i, row, 0.0)) for i in range(2))
 
 
 def _block(x, head: int, tiled: int | None = None, tile: int = 0) -> pl.BlockSpec:
@@ -132,7 +125,7 @@ def _keys_in(j, k_ref, scales, w2_ref, w1_ref, mode):
   """Chunk j's keys' forward on this tile of its start state (slot j of the stacked states): (dot, s₂, s₁, K,
   W2 tile, W1 tile, zraw = K W2ᵀ, z = s₂ zraw); ``scales`` the row (s₂, s₁)."""
   dot = kernel_dot(mode)
-  s2, s1 = _scalars(scales)
+  s2, s1 = row_scalars(scales)
   k, w2, w1 = k_ref[j], w2_ref[j], w1_ref[j]
   zraw = dot("ci,ei->ce", k, w2)
   return dot, s2, s1, k, w2, w1, zraw, s2 * zraw
@@ -167,7 +160,7 @@ def _close_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, kc_ref, coef
   def _():
     end2_out[...], end1_out[...] = new2, new1
 
-  terms_ref[...] = _pair(ret.scale_terms(new2), ret.scale_terms(new1), new2)
+  terms_ref[...] = pair_row(ret.scale_terms(new2), ret.scale_terms(new1), new2)
 
 
 def _pullback_terms(dot, j, w1, z, e1, kc_ref, g2, ge2_ref):
@@ -180,36 +173,36 @@ def _errors_cotangent_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, k
   """B1: this tile's shares of chunk j's cotangents that need every tile summed before the row-wise pull-back: e1's
   through e2, s₁ (ĝ_e2 ⊙ gelu'(z)) W1ᵀ, and through the chunk end, −h G1ᵀ (before the coefficients c), [c, d]
   each; K ⊙ c's, −e2 G2 [c, d]; B_c's on each layer (Σ G ⊙ W, [1, d] and [d, 1]); and s₁'s. The end state's
-  cotangent is slot j + 1 of ``g2_ref`` / ``g1_ref``."""
+  cotangent is ``g2_ref`` / ``g1_ref``."""
   j = j_ref[0]
   dot, _, s1, _, w2, w1, _, z = _keys_in(j, k_ref, scales_ref[j], w2_ref, w1_ref, mode)
-  g2, g1, e1 = g2_ref[j + 1], g1_ref[j + 1], e1_ref[j]
+  g2, g1, e1 = g2_ref[...], g1_ref[...], e1_ref[j]
   slope, praw, ge2 = _pullback_terms(dot, j, w1, z, e1, kc_ref, g2, ge2_ref)
   via_e2_out[...] = s1 * dot("ce,de->cd", ge2 * slope, w1)
   via_end_out[...] = -dot("ce,de->cd", kernel_gelu(z), g1)
   kc_out[...] = -dot("ce,ed->cd", s1 * praw * slope, g2)
   dec2_out[...] = jnp.sum(g2 * w2, axis=0, keepdims=True)
   dec1_out[...] = jnp.sum(g1 * w1, axis=1, keepdims=True)
-  sums_out[...] = _pair(0.0, jnp.sum(ge2 * praw * slope), g2)
+  sums_out[...] = pair_row(0.0, jnp.sum(ge2 * praw * slope), g2)
 
 
 def _state_cotangent_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, kc_ref, coef_ref, dec2_ref, dec1_ref,
                             g2_ref, g1_ref, ge2_ref, gh_ref, gu_ref, gs2_ref, gs1_ref, g2_out, g1_out, k_out,
                             sums_out, *, mode):
   """B2: this tile of chunk j's start-state cotangent (W2 [tile, d], W1 [d, tile]) with the reads' own (gs) added,
-  into slot j of the stacked cotangents (aliased: slot j + 1 is read), and its shares of K's cotangent through
+  in place of the end state's (aliased), and its shares of K's cotangent through
   z = s₂ K W2ᵀ [c, d] and of s₂'s; ``gu_ref``: s₁ times u's cotangent [c, d]."""
   j = j_ref[0]
   dot, s2, s1, k, w2, w1, zraw, z = _keys_in(j, k_ref, scales_ref[j], w2_ref, w1_ref, mode)
-  g2, g1, e1, gu = g2_ref[j + 1], g1_ref[j + 1], e1_ref[j], gu_ref[...]
+  g2, g1, e1, gu = g2_ref[...], g1_ref[...], e1_ref[j], gu_ref[...]
   slope, praw, ge2 = _pullback_terms(dot, j, w1, z, e1, kc_ref, g2, ge2_ref)
   h = kernel_gelu(z)
   gh = gh_ref[j] - dot("cd,de->ce", e1 * coef_ref[j], g1) + dot("cd,de->ce", gu, w1)
   gz = s1 * ge2 * praw * gelu_grad2(z) + gh * slope
-  g2_out[j] = dec2_ref[j] * g2 + s2 * dot("ce,ci->ei", gz, k) + gs2_ref[j]
+  g2_out[...] = dec2_ref[j] * g2 + s2 * dot("ce,ci->ei", gz, k) + gs2_ref[j]
   k_out[...] = s2 * dot("ce,ei->ci", gz, w2)
-  g1_out[j] = dec1_ref[j] * g1 + s1 * dot("cd,ce->de", e1, ge2 * slope) + dot("cd,ce->de", gu, h) + gs1_ref[j]
-  sums_out[...] = _pair(jnp.sum(gz * zraw), 0.0, g2)
+  g1_out[...] = dec1_ref[j] * g1 + s1 * dot("cd,ce->de", e1, ge2 * slope) + dot("cd,ce->de", gu, h) + gs1_ref[j]
+  sums_out[...] = pair_row(jnp.sum(gz * zraw), 0.0, g2)
 
 
 class _Factors(NamedTuple):
@@ -270,20 +263,20 @@ def _forward_step(spec: MemorySpec, tiling: Tiling, ln, x: _Factors, carry, j):
 
 
 def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> tuple:
-  """Chunk j's pull-back: from slot j + 1 of the stacked state cotangents (W2 [n + 1, N, E, d], W1) to slot j (in
+  """Chunk j's pull-back: from its end state's cotangent (W2 [N, E, d], W1 [N, d, E]) to its start state's (in
   place), with the reads' cotangents of the start state (``g_starts``, stacked) and of the ``KeyPass`` (``g_key``: e2,
-  h stacked; e1 and the scales of chunk j in ``inputs``); returns the carry (the stacked cotangents and the LayerNorm
+  h stacked; e1 and the scales of chunk j in ``inputs``); returns the carry (the state's cotangent and the LayerNorm
   parameters' summed cotangent) and chunk j's ``_Factors`` cotangents. ``stacks``: (``_Factors``, start states, e1,
   scales [n, N, 2], g_starts, g_key) of every chunk."""
   (x, starts, e1s, scales, g_starts, g_key), ln = stacks
-  gstack, g_ln = carry
+  g_state, g_ln = carry
   j, u, g_e1, g_scale2, g_scale1 = inputs
   mode, ret = spec.memory.matmul, spec.retention
   grid, blocks, like = _grid(starts["w2"], tiling)
   (big, tiles), (c, d) = grid, x.k.shape[-2:]
   st = lambda a: (a, blocks.stacked(a))
   base = [_chunk_index(j), st(x.k), st(scales), *blocks.state(starts["w2"], starts["w1"]), st(e1s), st(x.kc)]
-  ends = [*blocks.state(*gstack), (g_key.e2, blocks.cols(g_key.e2, True))]
+  ends = [*blocks.state(*g_state, stack=False), (g_key.e2, blocks.cols(g_key.e2, True))]
   per_tile = lambda *shape: (like(big, tiles, *shape), blocks.per_tile(like(big, tiles, *shape)))
   via_e2, via_end, g_kc, g_dec2, g_dec1, sums1 = (
       jnp.sum(a, axis=1) for a in _call(functools.partial(_errors_cotangent_kernel, mode=mode), tiling, grid,
@@ -295,20 +288,19 @@ def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> t
   g_u, g_k, g_v, g_delta, g_ln_j = jax.vjp(errors, u, at(x.k), at(x.v), at(x.delta), ln)[1](
       g_e1 + via_e2 + coef * via_end)
   gu = s1 * g_u
-  *gstack, g_k_z, sums2 = _call(
+  *g_state, g_k_z, sums2 = _call(
       functools.partial(_state_cotangent_kernel, mode=mode), tiling, grid,
       base + [st(x.coef), st(x.dec2), st(x.dec1)] + ends
       + [(g_key.hk, blocks.cols(g_key.hk, True)), (gu, blocks.head(gu)), *blocks.state(g_starts["w2"], g_starts["w1"])],
       [(jax.ShapeDtypeStruct(g.shape, g.dtype), spec) for g, spec in ends[:2]] + [per_tile(c, d), per_tile(2)],
       aliases={10: 0, 11: 1})
-  if ret.scaled:  # the read scales' share, ∂(s₂, s₁)/∂S_j, added to slot j in place
+  if ret.scaled:  # the read scales' share, ∂(s₂, s₁)/∂S_j, added to the start state's cotangent
     g_s = {"w2": jnp.sum(sums2[..., 0], axis=1) + g_scale2,
            "w1": sums1[..., 1] + jnp.sum(g_u * u, axis=(1, 2)) / s1[:, 0, 0] + g_scale1}
     share = jax.vjp(jax.vmap(ret.read_scale), {name: at(w) for name, w in starts.items()})[1](g_s)[0]
-    gstack = [jax.lax.dynamic_update_index_in_dim(g, at(g) + share[name], j, 0)
-              for g, name in zip(gstack, ("w2", "w1"), strict=True)]
+    g_state = [g + share[name] for g, name in zip(g_state, ("w2", "w1"), strict=True)]
   g_x = _Factors(g_k + jnp.sum(g_k_z, axis=1), g_v, g_delta, e1 * via_end, g_kc, g_dec2, g_dec1)
-  return (tuple(gstack), jax.tree.map(jnp.add, g_ln, g_ln_j)), g_x
+  return (tuple(g_state), jax.tree.map(jnp.add, g_ln, g_ln_j)), g_x
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -335,14 +327,13 @@ def _recurrence_bwd(spec, tiling, residuals, cotangents):
   ln, xs, starts, keys, u, scales = residuals
   g_end, (g_starts, g_keys) = cotangents
   n = u.shape[0]
-  gstack = tuple(jnp.zeros((n + 1, *g_end[name].shape), g_end[name].dtype).at[n].set(g_end[name])
-                 for name in ("w2", "w1"))
+  g_state = (g_end["w2"], g_end["w1"])
   x, factors_vjp = jax.vjp(_Factors.of, xs)
   stacks = (x, starts, keys.e1, scales, g_starts, g_keys), ln
-  (gstack, g_ln), g_x = jax.lax.scan(
-      functools.partial(_pullback_step, spec, tiling, stacks), (gstack, jax.tree.map(jnp.zeros_like, ln)),
+  (g_state, g_ln), g_x = jax.lax.scan(
+      functools.partial(_pullback_step, spec, tiling, stacks), (g_state, jax.tree.map(jnp.zeros_like, ln)),
       (jnp.arange(n), u, g_keys.e1, g_keys.scale["w2"][:, :, 0, 0], g_keys.scale["w1"][:, :, 0, 0]), reverse=True)
-  return {"w2": gstack[0][0], "w1": gstack[1][0]}, g_ln, factors_vjp(g_x)[0]
+  return {"w2": g_state[0], "w1": g_state[1]}, g_ln, factors_vjp(g_x)[0]
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
@@ -368,6 +359,9 @@ def miras_tiles(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict,
   d = q.shape[-1]
   if (why := pallas_triton.unsupported(spec, chunk_size, d, pallas_triton.Tuning(hidden_tile=tiling.hidden_tile))):
     raise ValueError(f"the tiled Pallas Miras kernels cannot run this memory: {why}")
+  reads = None
+  if gates.eta.shape[-1] == 1:  # per-head gates: the reads as kernels too
+    reads = pallas_reads.ChunkReads(pallas_reads.ReadTiling(tiling.hidden_tile, tiling.num_warps, tiling.interpret))
   return flat.miras_flat(q, k, v, gates, spec=spec, initial_state=initial_state, initial_momentum=initial_momentum,
                          ln=ln, chunk_size=chunk_size, lengths=lengths, remat=remat, matmul=matmul, split=True,
-                         key_scan=KeyScan(tiling))
+                         key_scan=KeyScan(tiling), chunk_reads=reads)

@@ -1,0 +1,169 @@
+"""Miras MLP memories: every chunk's per-token reads as ONE Pallas (Triton) kernel per direction, a program per chunk
+and head.
+
+"It's All Connected" (Behrouz et al., arXiv 2504.13173, §5.4) in the split form of :mod:`flat` (``xla_split``):
+once the keys' recurrence has left every chunk's start state S_j and its ``flat.KeyPass`` (e1, e2, h), the reads
+of all chunks are independent. In XLA they are batched matmuls over [n·b·h, c, E] float32 activations, each
+written to and read back from HBM several times forward and again in the backward (the largest share of the
+``pallas_tiles`` layer's time after its scan kernels, docs/benchmarks.md). Here one program owns one chunk of one
+head (grid [n, b·h], ~8k programs at 8 × 4096 tokens: a full GPU, unlike the scan's 128 heads) and walks the hidden
+axis E in tiles, so the [c, tile] activations never leave the chip; per-head gates only (:func:`flat.read_u`'s
+per-head form):
+
+  * forward, one pass over the tiles: z = s₂ (Q̃ W2ᵀ − S_q e2), hq = gelu(z), summing hq hᵀ [c, c] and hq W1ᵀ
+    [c, d]; then u = s₁ (decay ⊙ hq W1ᵀ − ((hq hᵀ) ⊙ C) e1) [c, d];
+  * backward from u's cotangent: the same pass recomputes the two sums, the [c, c] / [c, d] pieces are pulled back,
+    and a second pass over the tiles writes each tile's cotangents of W2, W1, e2, h and sums those of Q̃ and S_q.
+
+The kernels return what XLA would (the start states' cotangents are float32 [n, b·h, E, d] and [n, b·h, d, E]),
+so the keys' recurrence pulls back through them unchanged. GELU inside the kernels uses :func:`pallas_triton.erf`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from layers.kernels.miras.flat import KeyPass
+from layers.kernels.miras.pallas_triton import kernel_dot, kernel_gelu, kernel_gelu_grad, pair_row, row_scalars
+from layers.miras.spec import MemorySpec
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadTiling:
+  """Launch settings (static): ``hidden_tile`` columns of E per step of a program's tile loop, Triton's
+  ``num_warps`` per program, and ``interpret`` (Pallas interpret mode: any backend)."""
+
+  hidden_tile: int = 64
+  num_warps: int = 4
+  interpret: bool = False
+
+
+def _block(x) -> pl.BlockSpec:
+  """Chunk j of head b of an array stacked [n, b·h, ...]: what program (j, b) sees."""
+  return pl.BlockSpec((None, None, *x.shape[2:]), lambda j, b: (j, b) + (0,) * (x.ndim - 2))
+
+
+def _acc(x):
+  """The accumulators' dtype for inputs like x: float32, or float64 for float64 inputs (tests)."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _tile_sums(dot, tile: int, s2, refs):
+  """The forward's pass over E: (hq hᵀ [c, c], hq W1ᵀ [c, d]) from refs (W2 [E, d], W1 [d, E], Q̃ [c, d],
+  e2 [c, E], h [c, E], S_q [c, c])."""
+  w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref = refs
+  c, d = rows_ref.shape
+
+  def body(i, sums):
+    hh, p = sums
+    cols = pl.ds(pl.multiple_of(i * tile, tile), tile)
+    hq = kernel_gelu(s2 * (dot("ti,ei->te", rows_ref[...], w2_ref[cols, :])
+                           - dot("ts,se->te", sq_ref[...], e2_ref[:, cols])))
+    return hh + dot("te,se->ts", hq, h_ref[:, cols]), p + dot("te,de->td", hq, w1_ref[:, cols])
+
+  zeros = jnp.zeros((c, c), _acc(rows_ref)), jnp.zeros((c, d), _acc(rows_ref))
+  return jax.lax.fori_loop(0, w2_ref.shape[0] // tile, body, zeros)
+
+
+def _read_kernel(w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref, coef_ref, decay_ref, e1_ref, scales_ref, u_ref, *,
+                 mode, tile):
+  """Forward: this chunk's u = s₁ (decay ⊙ hq W1ᵀ − ((hq hᵀ) ⊙ C) e1) [c, d]."""
+  dot = kernel_dot(mode)
+  s2, s1 = row_scalars(scales_ref[...])
+  hh, p = _tile_sums(dot, tile, s2, (w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref))
+  mixed = dot("ts,sd->td", hh * coef_ref[...], e1_ref[...])
+  u_ref[...] = (s1 * (decay_ref[...] * p - mixed)).astype(u_ref.dtype)
+
+
+def _read_grad_kernel(w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref, coef_ref, decay_ref, e1_ref, scales_ref,
+                      gu_ref, gw2_ref, gw1_ref, grows_ref, ge2_ref, gh_ref, gsq_ref, gcoef_ref, gdecay_ref, ge1_ref,
+                      gscales_ref, *, mode, tile):
+  """Backward: from u's cotangent ĝ [c, d], the cotangents of every input of :func:`_read_kernel`."""
+  dot = kernel_dot(mode)
+  s2, s1 = row_scalars(scales_ref[...])
+  refs = (w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref)
+  hh, p = _tile_sums(dot, tile, s2, refs)
+  coef, e1, decay, gu = coef_ref[...], e1_ref[...], decay_ref[...], gu_ref[...]
+  weighted = hh * coef
+  a = s1 * gu  # the cotangent of decay ⊙ p − mixed
+  g_weighted = -dot("td,sd->ts", a, e1)
+  gcoef_ref[...] = (g_weighted * hh).astype(gcoef_ref.dtype)
+  ge1_ref[...] = (-dot("ts,td->sd", weighted, a)).astype(ge1_ref.dtype)
+  gdecay_ref[...] = jnp.sum(a * p, axis=1, keepdims=True).astype(gdecay_ref.dtype)
+  gs1 = jnp.sum(gu * (decay * p - dot("ts,sd->td", weighted, e1)))
+  gp, ghh = a * decay, g_weighted * coef
+  rows, sq = rows_ref[...], sq_ref[...]
+  c, d = rows.shape
+
+  def body(i, sums):
+    grows, gsq, gs2 = sums
+    cols = pl.ds(pl.multiple_of(i * tile, tile), tile)
+    w2, w1, e2, h = w2_ref[cols, :], w1_ref[:, cols], e2_ref[:, cols], h_ref[:, cols]
+    zraw = dot("ti,ei->te", rows, w2) - dot("ts,se->te", sq, e2)
+    z = s2 * zraw
+    hq = kernel_gelu(z)
+    gw1_ref[:, cols] = dot("td,te->de", gp, hq).astype(gw1_ref.dtype)
+    gh_ref[:, cols] = dot("ts,te->se", ghh, hq).astype(gh_ref.dtype)
+    gz = (dot("td,de->te", gp, w1) + dot("ts,se->te", ghh, h)) * kernel_gelu_grad(z)
+    gzs = s2 * gz
+    gw2_ref[cols, :] = dot("te,ti->ei", gzs, rows).astype(gw2_ref.dtype)
+    ge2_ref[:, cols] = (-dot("ts,te->se", sq, gzs)).astype(ge2_ref.dtype)
+    return grows + dot("te,ei->ti", gzs, w2), gsq - dot("te,se->ts", gzs, e2), gs2 + jnp.sum(gz * zraw)
+
+  zeros = jnp.zeros((c, d), _acc(rows_ref)), jnp.zeros((c, c), _acc(rows_ref)), jnp.zeros((), _acc(rows_ref))
+  grows, gsq, gs2 = jax.lax.fori_loop(0, w2_ref.shape[0] // tile, body, zeros)
+  grows_ref[...] = grows.astype(grows_ref.dtype)
+  gsq_ref[...] = gsq.astype(gsq_ref.dtype)
+  gscales_ref[...] = pair_row(gs2, gs1, gscales_ref)
+
+
+def _call(kernel, mode: str, tiling: ReadTiling, inputs, outputs):
+  """``kernel`` on grid [n, b·h] over stacked ``inputs``, returning stacked arrays like ``outputs``."""
+  n, heads = inputs[0].shape[:2]
+  tile = min(tiling.hidden_tile, inputs[0].shape[2])
+  return pl.pallas_call(
+      functools.partial(kernel, mode=mode, tile=tile),
+      grid=(n, heads),
+      in_specs=[_block(x) for x in inputs],
+      out_specs=[_block(x) for x in outputs],
+      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outputs],
+      compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=1),
+      interpret=tiling.interpret,
+  )(*inputs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _reads(mode: str, tiling: ReadTiling, *inputs):
+  """u [n, b·h, c, d] of every chunk from the stacked inputs (W2, W1, Q̃, e2, h, S_q, C, decay, e1, (s₂, s₁))."""
+  rows = inputs[2]
+  return _call(_read_kernel, mode, tiling, inputs, [jax.ShapeDtypeStruct(rows.shape, _acc(rows))])[0]
+
+
+def _reads_fwd(mode, tiling, *inputs):
+  return _reads(mode, tiling, *inputs), inputs
+
+
+def _reads_bwd(mode, tiling, inputs, g_u):
+  return tuple(_call(_read_grad_kernel, mode, tiling, (*inputs, g_u), inputs))
+
+
+_reads.defvjp(_reads_fwd, _reads_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkReads:
+  """``flat.miras_flat``'s ``chunk_reads``: (spec, start states, ``KeyPass``es, Q̃, decay, C, S_q) stacked over
+  chunks -> u [n, b·h, c, d] (:func:`flat.read_u` of every chunk) with this module's kernels."""
+
+  tiling: ReadTiling = ReadTiling()
+
+  def __call__(self, spec: MemorySpec, starts: dict, keys: KeyPass, rows, decay, w1_coef, scores_q):
+    scales = jnp.concatenate([keys.scale["w2"][..., 0], keys.scale["w1"][..., 0]], axis=-1)  # [n, b·h, 2]
+    return _reads(spec.memory.matmul, self.tiling, starts["w2"], starts["w1"], rows, keys.e2, keys.hk, scores_q,
+                  w1_coef, decay, keys.e1, scales)
