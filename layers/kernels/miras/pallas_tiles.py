@@ -149,7 +149,7 @@ def _close_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, kc_ref, coef
   e2 = s1 * dot("cd,de->ce", e1, w1) * kernel_gelu_grad(z)
   new2 = dec2_ref[j] * w2 - dot("ce,ci->ei", e2, kc_ref[j])
   new1 = dec1_ref[j] * w1 - dot("cd,ce->de", e1 * coef_ref[j], h)
-  e2_out[j], h_out[j] = e2, h
+  e2_out[j], h_out[j] = e2.astype(e2_out.dtype), h.astype(h_out.dtype)
   last = w2_ref.shape[0] - 1
 
   @pl.when(j < last)
@@ -313,7 +313,8 @@ def _recurrence_fwd(spec, tiling, state, ln, xs):
   n, (big, c, d), e = x.k.shape[0], x.k.shape[1:], state["w2"].shape[1]
   scales = jax.vmap(spec.retention.read_scale)(state)
   stack = lambda w: jnp.zeros((n, *w.shape), w.dtype).at[0].set(w)
-  acts = jnp.zeros((n, big, c, e), x.k.dtype)
+  # e2 and h enter every later product only as matmul operands, so with bf16 operands they are stored in bf16
+  acts = jnp.zeros((n, big, c, e), jnp.bfloat16 if spec.memory.matmul == "bfloat16" else x.k.dtype)
   carry = (stack(state["w2"]), stack(state["w1"]), state["w2"], state["w1"], acts, acts,
            jnp.stack([scales["w2"], scales["w1"]], axis=-1))
   (starts2, starts1, end2, end1, e2, h, _), (scales, e1, u) = jax.lax.scan(
