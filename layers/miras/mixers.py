@@ -63,9 +63,9 @@ class MirasConfig(Config, abc.ABC):
       layer shape it is both faster (54 vs 79 ms fwd+bwd, per-head gates) and 7× smaller in temporaries
       (docs/benchmarks.md), so it is the default.
     implementation: memory kernel (``layers.kernels.miras.IMPLEMENTATIONS``), None for the first that applies
-      (float32 matmuls). On a GPU the fastest measured Moneta layers are ``xla_flat_bf16`` with channel gates
-      (79 ms fwd+bwd at 8 × 4096 on an H100, ``pallas_triton_bf16`` 87 ms) and ``pallas_tiles_bf16`` with per-head
-      gates (37 ms; ``xla_split_bf16`` 45 ms; docs/benchmarks.md).
+      (float32 matmuls). On a GPU the fastest measured Moneta layer is ``pallas_tiles_bf16``: 73 ms fwd+bwd at
+      8 × 4096 on an H100 with channel gates (``xla_flat_bf16`` 79 ms), 34 ms with per-head gates (``xla_split_bf16``
+      45 ms; docs/benchmarks.md).
   """
 
   memory: str = option("mlp", choices=MEMORIES)

@@ -16,9 +16,9 @@ float32; returns (o [b, t, h, d] float32, state at the last chunk boundary, mome
   * ``"pallas_tiles"`` / ``"pallas_tiles_bf16"``: ``xla_split`` with the keys' recurrence as Pallas kernels
     whose programs each own one tile of the hidden axis of one head, two per chunk forward and two backward, which
     also return the inputs' cotangents, and with per-head gates every chunk's reads as one kernel per direction
-    (:mod:`pallas_tiles`, :mod:`pallas_reads`; same limits as ``pallas_triton``). The fastest Moneta layer with
-    per-head gates on an H100 (bf16, remat, 8 × 4096: 36.9 vs 44.5 ms fwd+bwd for ``xla_split_bf16``, same run;
-    docs/benchmarks.md);
+    (:mod:`pallas_tiles`, :mod:`pallas_reads`; same limits as ``pallas_triton``). The fastest Moneta layer
+    measured on an H100 (bf16, remat, 8 × 4096, fwd+bwd, same run): per-head gates 34.4 vs 44.8 ms for
+    ``xla_split_bf16``, channel gates 73.3 vs 79.2 ms for ``xla_flat_bf16`` (docs/benchmarks.md);
   * ``"xla_chunked"``: closed-form chunk gradients, dual-form reads, ``lax.scan`` over chunks (any backend), every
     matmul in full float32;
   * ``"xla_chunked_bf16"``: the same with bfloat16 matmul operands and float32 accumulation (tensor cores on GPU;
