@@ -300,11 +300,10 @@ def run_stages(b: int, variants: list[Variant]) -> list[dict]:
 CHECK_CHUNKS = 4  # the memory op's error against xla_flat is taken on the first 4 chunks: see run_memory_op
 
 
-def run_memory_op(shapes, variants: list[Variant], tunings: list, read_warps: int | None = None) -> list[dict]:
+def run_memory_op(shapes, variants: list[Variant], tunings: list) -> list[dict]:
   """The memory op alone (``miras_memory`` on random q, k, v and the variant's gates at B × T × H × d_h, no layer
   around it), fwd and fwd+bwd (gradients of q, k, v): every variant's implementation (the Pallas kernels at each
-  launch setting, ``pallas_triton.Tuning``, read as ``pallas_tiles.Tiling`` for those kernels, whose read kernels
-  run at ``read_warps`` if given) next to the XLA flat
+  launch setting, ``pallas_triton.Tuning``, read as ``pallas_tiles.Tiling`` for those kernels) next to the XLA flat
   path with the same matmul precision and remat, with each one's largest error relative to that flat path, of the
   reads and of the gradients. The errors are taken on the first ``CHECK_CHUNKS`` chunks: Moneta's normalised memory
   is chaotic at these gates, so over 4096 tokens two correct paths drift apart (a 1e-6 relative change of v moves
@@ -336,10 +335,9 @@ def run_memory_op(shapes, variants: list[Variant], tunings: list, read_warps: in
     tuned = {"pallas_triton": lambda u: functools.partial(pallas_triton.miras_pallas, tuning=u),
              "pallas_tiles": lambda u: functools.partial(
                  pallas_tiles.miras_tiles, remat=v.remat,
-                 tiling=pallas_tiles.Tiling(u.hidden_tile, u.num_warps, u.num_stages, read_warps=read_warps))}
+                 tiling=pallas_tiles.Tiling(u.hidden_tile, u.num_warps, u.num_stages))}
     if (kernels := tuned.get(v.impl.removesuffix("_bf16"))) is not None:
-      reads = f", read warps {read_warps}" if read_warps and v.impl.startswith("pallas_tiles") else ""
-      runs |= {f"{v.impl}[warps {u.num_warps}, E-tile {u.hidden_tile}, stages {u.num_stages}{reads}]":
+      runs |= {f"{v.impl}[warps {u.num_warps}, E-tile {u.hidden_tile}, stages {u.num_stages}]":
                functools.partial(kernels(u), matmul="bfloat16" if mode else "float32", **kw) for u in tunings}
     else:
       runs[v.impl] = functools.partial(api.miras_memory, implementation=v.impl, remat=v.remat, **kw)
@@ -459,8 +457,6 @@ def main() -> None:
                       "(layers.kernels.miras.pallas_triton.Tuning.num_warps, pallas_tiles.Tiling.num_warps)")
   parser.add_argument("--hidden-tile", default="64", help="comma list: columns of the memory's hidden axis E per "
                       "tile for --memory-op (layers.kernels.miras.pallas_triton.Tuning.hidden_tile)")
-  parser.add_argument("--read-warps", type=int, default=None, help="Triton num_warps of pallas_tiles' read "
-                      "kernels for --memory-op (layers.kernels.miras.pallas_tiles.Tiling.read_warps; default: --warps)")
   parser.add_argument("--pipeline", default="1", help="comma list of Triton num_stages for --memory-op "
                       "(layers.kernels.miras.pallas_triton.Tuning.num_stages)")
   parser.add_argument("--timing-lock", default="", help="a file to hold an exclusive lock on while timing: several "
@@ -486,7 +482,7 @@ def main() -> None:
     from layers.kernels.miras.pallas_triton import Tuning
     tunings = [Tuning(int(w), int(m), int(p)) for w in split(args.warps) for m in split(args.hidden_tile)
                for p in split(args.pipeline)]
-    rows += run_memory_op(shapes, variants, tunings, args.read_warps)
+    rows += run_memory_op(shapes, variants, tunings)
   rows += run_stages(args.stages, variants) if args.stages else []
   rows += run_decode([tuple(int(n) for n in s.split("x")) for s in split(args.decode)], variants, args.dtype)
   peers = []

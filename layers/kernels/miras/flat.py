@@ -130,8 +130,13 @@ def _split_reads(spec: MemorySpec, ln, xs):
   """A chunk's reads from its start state in the split path: (o [N, c, d], the plain read [N, 1, d] of the previous
   chunk's last query ``q_prev``, whose read is of this start state; None where ``q_prev`` is None)."""
   s, keys, q_prev, *read_xs = xs
-  plain = None if q_prev is None else _forward(s, keys.scale, q_prev, ln, spec.memory)[0]
+  plain = None if q_prev is None else _plain_read(spec, ln, (s, keys.scale, q_prev))
   return _reads(spec, ln, s, keys, *read_xs), plain
+
+
+def _plain_read(spec: MemorySpec, ln, xs) -> jax.Array:
+  """Rows x [N, r, d] through the plain memory of a start state s at its read scales: xs = (s, scales, x)."""
+  return _forward(*xs, ln, spec.memory)[0]
 
 
 class ChunkInputs(NamedTuple):
@@ -217,9 +222,8 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
   (spec, state, ln, xs) -> (closed state, (start states, ``KeyPass``es stacked over chunks)), e.g.
   ``pallas_tiles.KeyScan``; ``remat`` then applies to the reads. ``chunk_reads`` (with ``split``, per-head gates):
   another implementation of every chunk's :func:`read_u` at once with its own backward, (spec, start states,
-  ``KeyPass``es, rows, decay, W1's coefficients, first-layer scores, the boundary queries [n, b·h, 1, d] or None,
-  all stacked over chunks) -> (u [n, b·h, c, d], the boundary queries' plain reads before the LayerNorm or None),
-  e.g. ``pallas_reads.ChunkReads``. Work mapped
+  ``KeyPass``es, rows, decay, W1's coefficients, first-layer scores, all stacked over chunks) -> u [n, b·h, c, d],
+  e.g. ``pallas_reads.ChunkReads``; ``remat`` then applies to the plain reads of the boundary queries. Work mapped
   over the chunks outside the scan (the split reads; with per-channel gates the first layer's scores) runs in batches
   of chunks whose largest float32 array stays under ``batch_bytes``."""
   if (why := unsupported(spec)) is not None:
@@ -252,10 +256,10 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
     per_chunk = 4 * heads * max(c * d * spec.memory.expansion, channel)
     batch = _chunk_batch(n, per_chunk, batch_bytes)
     if chunk_reads is not None:
-      u, u_prev = chunk_reads(spec, starts, keys, query_rows, x.decay, x.w1_coef, x.scores_q,
-                              q_prev if boundary else None)
+      u = chunk_reads(spec, starts, keys, query_rows, x.decay, x.w1_coef, x.scores_q)
       o = x.q + layer_norm(u, ln, spec.memory.ln_eps)[0]
-      reads = q_prev + layer_norm(u_prev, ln, spec.memory.ln_eps)[0] if boundary else None
+      reads = (jax.lax.map(remat_if(functools.partial(_plain_read, spec, ln)), (starts, keys.scale, q_prev),
+                           batch_size=batch) if boundary else None)
     else:
       o, reads = jax.lax.map(remat_if(functools.partial(_split_reads, spec, ln)),
                              (starts, keys, q_prev if boundary else None, *read_xs), batch_size=batch)

@@ -54,62 +54,41 @@ def _acc(x):
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
-PLAIN_ROWS = 16  # rows of the plain-read block (the boundary query and zero rows: Triton's smallest dot)
-
-
-def _tile_sums(dot, tile: int, s2, refs, qp_ref=None):
-  """The forward's pass over E: (hq hᵀ [c, c], hq W1ᵀ [c, d], and with ``qp_ref`` [16, d] the plain rows'
-  gelu(s₂ qp W2ᵀ) W1ᵀ [16, d], else None) from refs (W2 [E, d], W1 [d, E], Q̃ [c, d], e2 [c, E], h [c, E],
-  S_q [c, c])."""
+def _tile_sums(dot, tile: int, s2, refs):
+  """The forward's pass over E: (hq hᵀ [c, c], hq W1ᵀ [c, d]) from refs (W2 [E, d], W1 [d, E], Q̃ [c, d],
+  e2 [c, E], h [c, E], S_q [c, c])."""
   w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref = refs
   c, d = rows_ref.shape
 
   def body(i, sums):
-    hh, p, pp = sums
+    hh, p = sums
     cols = pl.ds(pl.multiple_of(i * tile, tile), tile)
-    w2, w1 = w2_ref[cols, :], w1_ref[:, cols]
-    hq = kernel_gelu(s2 * (dot("ti,ei->te", rows_ref[...], w2) - dot("ts,se->te", sq_ref[...], e2_ref[:, cols])))
-    if qp_ref is not None:
-      pp = pp + dot("pe,de->pd", kernel_gelu(s2 * dot("pi,ei->pe", qp_ref[...], w2)), w1)
-    return hh + dot("te,se->ts", hq, h_ref[:, cols]), p + dot("te,de->td", hq, w1), pp
+    hq = kernel_gelu(s2 * (dot("ti,ei->te", rows_ref[...], w2_ref[cols, :])
+                           - dot("ts,se->te", sq_ref[...], e2_ref[:, cols])))
+    return hh + dot("te,se->ts", hq, h_ref[:, cols]), p + dot("te,de->td", hq, w1_ref[:, cols])
 
-  acc = _acc(rows_ref)
-  plain = None if qp_ref is None else jnp.zeros((PLAIN_ROWS, d), acc)
-  return jax.lax.fori_loop(0, w2_ref.shape[0] // tile, body,
-                           (jnp.zeros((c, c), acc), jnp.zeros((c, d), acc), plain))
+  zeros = jnp.zeros((c, c), _acc(rows_ref)), jnp.zeros((c, d), _acc(rows_ref))
+  return jax.lax.fori_loop(0, w2_ref.shape[0] // tile, body, zeros)
 
 
-def _split(refs) -> tuple:
-  """A kernel's refs as (the ten inputs every read kernel takes, the rest)."""
-  return refs[:10], refs[10:]
-
-
-def _read_kernel(*refs, mode, tile, plain):
-  """Forward: this chunk's u = s₁ (decay ⊙ hq W1ᵀ − ((hq hᵀ) ⊙ C) e1) [c, d] and, with ``plain``, the plain rows'
-  s₁ gelu(s₂ qp W2ᵀ) W1ᵀ [16, d]."""
-  (w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref, coef_ref, decay_ref, e1_ref, scales_ref), rest = _split(refs)
-  qp_ref, (u_ref, *up_ref) = (rest[0], rest[1:]) if plain else (None, rest)
+def _read_kernel(w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref, coef_ref, decay_ref, e1_ref, scales_ref, u_ref, *,
+                 mode, tile):
+  """Forward: this chunk's u = s₁ (decay ⊙ hq W1ᵀ − ((hq hᵀ) ⊙ C) e1) [c, d]."""
   dot = kernel_dot(mode)
   s2, s1 = row_scalars(scales_ref[...])
-  hh, p, pp = _tile_sums(dot, tile, s2, (w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref), qp_ref)
+  hh, p = _tile_sums(dot, tile, s2, (w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref))
   mixed = dot("ts,sd->td", hh * coef_ref[...], e1_ref[...])
   u_ref[...] = (s1 * (decay_ref[...] * p - mixed)).astype(u_ref.dtype)
-  if plain:
-    up_ref[0][...] = (s1 * pp).astype(up_ref[0].dtype)
 
 
-def _read_grad_kernel(*refs, mode, tile, plain):
-  """Backward: from u's cotangent ĝ [c, d] (and with ``plain`` the plain rows' [16, d]), the cotangents of every
-  input of :func:`_read_kernel`."""
-  (w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref, coef_ref, decay_ref, e1_ref, scales_ref), rest = _split(refs)
-  if plain:
-    qp_ref, gu_ref, gup_ref, *rest = rest
-  else:
-    (qp_ref, gup_ref), (gu_ref, *rest) = (None, None), rest
-  gw2_ref, gw1_ref, grows_ref, ge2_ref, gh_ref, gsq_ref, gcoef_ref, gdecay_ref, ge1_ref, gscales_ref, *gqp_ref = rest
+def _read_grad_kernel(w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref, coef_ref, decay_ref, e1_ref, scales_ref,
+                      gu_ref, gw2_ref, gw1_ref, grows_ref, ge2_ref, gh_ref, gsq_ref, gcoef_ref, gdecay_ref, ge1_ref,
+                      gscales_ref, *, mode, tile):
+  """Backward: from u's cotangent ĝ [c, d], the cotangents of every input of :func:`_read_kernel`."""
   dot = kernel_dot(mode)
   s2, s1 = row_scalars(scales_ref[...])
-  hh, p, pp = _tile_sums(dot, tile, s2, (w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref), qp_ref)
+  refs = (w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref)
+  hh, p = _tile_sums(dot, tile, s2, refs)
   coef, e1, decay, gu = coef_ref[...], e1_ref[...], decay_ref[...], gu_ref[...]
   weighted = hh * coef
   a = s1 * gu  # the cotangent of decay ⊙ p − mixed
@@ -121,52 +100,35 @@ def _read_grad_kernel(*refs, mode, tile, plain):
   gp, ghh = a * decay, g_weighted * coef
   rows, sq = rows_ref[...], sq_ref[...]
   c, d = rows.shape
-  if plain:
-    qp, gup = qp_ref[...], gup_ref[...]
-    gs1 += jnp.sum(gup * pp)
-    gpp = s1 * gup  # the cotangent of the plain rows' Σ gelu(zp) W1ᵀ
 
   def body(i, sums):
-    grows, gsq, gs2, gqp = sums
+    grows, gsq, gs2 = sums
     cols = pl.ds(pl.multiple_of(i * tile, tile), tile)
     w2, w1, e2, h = w2_ref[cols, :], w1_ref[:, cols], e2_ref[:, cols], h_ref[:, cols]
     zraw = dot("ti,ei->te", rows, w2) - dot("ts,se->te", sq, e2)
     z = s2 * zraw
     hq = kernel_gelu(z)
-    gw1 = dot("td,te->de", gp, hq)
+    gw1_ref[:, cols] = dot("td,te->de", gp, hq).astype(gw1_ref.dtype)
     gh_ref[:, cols] = dot("ts,te->se", ghh, hq).astype(gh_ref.dtype)
     gz = (dot("td,de->te", gp, w1) + dot("ts,se->te", ghh, h)) * kernel_gelu_grad(z)
     gzs = s2 * gz
-    gw2 = dot("te,ti->ei", gzs, rows)
+    gw2_ref[cols, :] = dot("te,ti->ei", gzs, rows).astype(gw2_ref.dtype)
     ge2_ref[:, cols] = (-dot("ts,te->se", sq, gzs)).astype(ge2_ref.dtype)
-    grows, gsq, gs2 = grows + dot("te,ei->ti", gzs, w2), gsq - dot("te,se->ts", gzs, e2), gs2 + jnp.sum(gz * zraw)
-    if plain:  # the plain rows: up = s₁ gelu(s₂ qp W2ᵀ) W1ᵀ
-      zp_raw = dot("pi,ei->pe", qp, w2)
-      zp = s2 * zp_raw
-      gw1 += dot("pd,pe->de", gpp, kernel_gelu(zp))
-      gzp = dot("pd,de->pe", gpp, w1) * kernel_gelu_grad(zp)
-      gw2 += dot("pe,pi->ei", s2 * gzp, qp)
-      gqp, gs2 = gqp + dot("pe,ei->pi", s2 * gzp, w2), gs2 + jnp.sum(gzp * zp_raw)
-    gw1_ref[:, cols], gw2_ref[cols, :] = gw1.astype(gw1_ref.dtype), gw2.astype(gw2_ref.dtype)
-    return grows, gsq, gs2, gqp
+    return grows + dot("te,ei->ti", gzs, w2), gsq - dot("te,se->ts", gzs, e2), gs2 + jnp.sum(gz * zraw)
 
-  acc = _acc(rows_ref)
-  zeros = (jnp.zeros((c, d), acc), jnp.zeros((c, c), acc), jnp.zeros((), acc),
-           jnp.zeros((PLAIN_ROWS, d), acc) if plain else None)
-  grows, gsq, gs2, gqp = jax.lax.fori_loop(0, w2_ref.shape[0] // tile, body, zeros)
+  zeros = jnp.zeros((c, d), _acc(rows_ref)), jnp.zeros((c, c), _acc(rows_ref)), jnp.zeros((), _acc(rows_ref))
+  grows, gsq, gs2 = jax.lax.fori_loop(0, w2_ref.shape[0] // tile, body, zeros)
   grows_ref[...] = grows.astype(grows_ref.dtype)
   gsq_ref[...] = gsq.astype(gsq_ref.dtype)
   gscales_ref[...] = pair_row(gs2, gs1, gscales_ref)
-  if plain:
-    gqp_ref[0][...] = gqp.astype(gqp_ref[0].dtype)
 
 
-def _call(kernel, mode: str, tiling: ReadTiling, inputs, outputs, plain: bool):
+def _call(kernel, mode: str, tiling: ReadTiling, inputs, outputs):
   """``kernel`` on grid [n, b·h] over stacked ``inputs``, returning stacked arrays like ``outputs``."""
   n, heads = inputs[0].shape[:2]
   tile = min(tiling.hidden_tile, inputs[0].shape[2])
   return pl.pallas_call(
-      functools.partial(kernel, mode=mode, tile=tile, plain=plain),
+      functools.partial(kernel, mode=mode, tile=tile),
       grid=(n, heads),
       in_specs=[_block(x) for x in inputs],
       out_specs=[_block(x) for x in outputs],
@@ -178,21 +140,17 @@ def _call(kernel, mode: str, tiling: ReadTiling, inputs, outputs, plain: bool):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _reads(mode: str, tiling: ReadTiling, *inputs):
-  """(u [n, b·h, c, d],) of every chunk from the stacked inputs (W2, W1, Q̃, e2, h, S_q, C, decay, e1, (s₂, s₁)),
-  and with an 11th, the plain rows qp [n, b·h, 16, d], their reads before the LayerNorm too."""
-  rows, plain = inputs[2], len(inputs) > 10
-  like = lambda x: jax.ShapeDtypeStruct(x.shape, _acc(rows))
-  return tuple(_call(_read_kernel, mode, tiling, inputs, [like(rows)] + [like(inputs[10])] * plain, plain))
+  """u [n, b·h, c, d] of every chunk from the stacked inputs (W2, W1, Q̃, e2, h, S_q, C, decay, e1, (s₂, s₁))."""
+  rows = inputs[2]
+  return _call(_read_kernel, mode, tiling, inputs, [jax.ShapeDtypeStruct(rows.shape, _acc(rows))])[0]
 
 
 def _reads_fwd(mode, tiling, *inputs):
   return _reads(mode, tiling, *inputs), inputs
 
 
-def _reads_bwd(mode, tiling, inputs, g_outs):
-  plain = len(inputs) > 10
-  grads = _call(_read_grad_kernel, mode, tiling, (*inputs, *g_outs), inputs, plain)
-  return tuple(grads)
+def _reads_bwd(mode, tiling, inputs, g_u):
+  return tuple(_call(_read_grad_kernel, mode, tiling, (*inputs, g_u), inputs))
 
 
 _reads.defvjp(_reads_fwd, _reads_bwd)
@@ -200,15 +158,12 @@ _reads.defvjp(_reads_fwd, _reads_bwd)
 
 @dataclasses.dataclass(frozen=True)
 class ChunkReads:
-  """``flat.miras_flat``'s ``chunk_reads``: (spec, start states, ``KeyPass``es, Q̃, decay, C, S_q, boundary queries
-  [n, b·h, 1, d] or None) stacked over chunks -> (u [n, b·h, c, d] (:func:`flat.read_u` of every chunk), the
-  boundary queries' plain reads before their LayerNorm [n, b·h, 1, d] or None) with this module's kernels."""
+  """``flat.miras_flat``'s ``chunk_reads``: (spec, start states, ``KeyPass``es, Q̃, decay, C, S_q) stacked over
+  chunks -> u [n, b·h, c, d] (:func:`flat.read_u` of every chunk) with this module's kernels."""
 
   tiling: ReadTiling = ReadTiling()
 
-  def __call__(self, spec: MemorySpec, starts: dict, keys: KeyPass, rows, decay, w1_coef, scores_q, q_prev=None):
+  def __call__(self, spec: MemorySpec, starts: dict, keys: KeyPass, rows, decay, w1_coef, scores_q):
     scales = jnp.concatenate([keys.scale["w2"][..., 0], keys.scale["w1"][..., 0]], axis=-1)  # [n, b·h, 2]
-    plain = () if q_prev is None else (jnp.pad(q_prev, ((0, 0), (0, 0), (0, PLAIN_ROWS - 1), (0, 0))),)
-    u, *up = _reads(spec.memory.matmul, self.tiling, starts["w2"], starts["w1"], rows, keys.e2, keys.hk, scores_q,
-                    w1_coef, decay, keys.e1, scales, *plain)
-    return u, (up[0][:, :, :1] if up else None)
+    return _reads(spec.memory.matmul, self.tiling, starts["w2"], starts["w1"], rows, keys.e2, keys.hk, scores_q,
+                  w1_coef, decay, keys.e1, scales)

@@ -52,14 +52,12 @@ from layers.miras.spec import Gates, MemorySpec, along
 @dataclasses.dataclass(frozen=True)
 class Tiling:
   """Launch settings (static): ``hidden_tile`` columns of E per program, Triton's ``num_warps`` per program and
-  ``num_stages`` (software pipelining of the loads), ``interpret`` (Pallas interpret mode: any backend), and
-  ``read_warps``: ``num_warps`` of the reads' kernels (:mod:`pallas_reads`; None: ``num_warps``)."""
+  ``num_stages`` (software pipelining of the loads), and ``interpret`` (Pallas interpret mode: any backend)."""
 
   hidden_tile: int = 64
   num_warps: int = 4
   num_stages: int = 1
   interpret: bool = False
-  read_warps: int | None = None
 
   def tile(self, hidden: int) -> int:
     return min(hidden, self.hidden_tile)
@@ -364,8 +362,7 @@ def miras_tiles(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict,
     raise ValueError(f"the tiled Pallas Miras kernels cannot run this memory: {why}")
   reads = None
   if gates.eta.shape[-1] == 1:  # per-head gates: the reads as kernels too
-    reads = pallas_reads.ChunkReads(pallas_reads.ReadTiling(tiling.hidden_tile, tiling.read_warps or tiling.num_warps,
-                                                            tiling.interpret))
+    reads = pallas_reads.ChunkReads(pallas_reads.ReadTiling(tiling.hidden_tile, tiling.num_warps, tiling.interpret))
   return flat.miras_flat(q, k, v, gates, spec=spec, initial_state=initial_state, initial_momentum=initial_momentum,
                          ln=ln, chunk_size=chunk_size, lengths=lengths, remat=remat, matmul=matmul, split=True,
                          key_scan=KeyScan(tiling), chunk_reads=reads)
