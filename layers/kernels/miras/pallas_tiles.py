@@ -238,9 +238,10 @@ def _grid(state2, tiling: Tiling) -> tuple:
 def _forward_step(spec: MemorySpec, tiling: Tiling, ln, x: _Factors, carry, j):
   """Chunk j of the keys' recurrence on every head. ``carry``: the stacked states (W2 [n, N, E, d], W1 [n, N, d, E];
   slot j holds chunk j's start state, the kernels write slot j + 1), the end state (W2, W1), the stacked e2 and h
-  [n, N, c, E] of the ``KeyPass``es, and the start state's scales (s₂, s₁) [N, 2]; all but the scales are updated
-  in place. Returns the carry and (the scales, e1 [N, c, d], u [N, c, d]) of chunk j."""
-  *buffers, scales = carry
+  [n, N, c, E] of the ``KeyPass``es, and the start state's scales (s₂, s₁) and summed scale terms (t₂, t₁), [N, 2]
+  each; all but the last two are updated in place. Returns the carry and (the scales, the terms, e1 [N, c, d],
+  u [N, c, d]) of chunk j."""
+  *buffers, scales, totals = carry
   mode, ret = spec.memory.matmul, spec.retention
   grid, blocks, like = _grid(buffers[0], tiling)
   (big, tiles), (c, d) = grid, x.k.shape[-2:]
@@ -259,7 +260,8 @@ def _forward_step(spec: MemorySpec, tiling: Tiling, ln, x: _Factors, carry, j):
       base + [(e1, blocks.head(e1))] + [(a, blocks.stacked(a)) for a in (x.kc, x.coef, x.dec2, x.dec1)] + inout[2:],
       [(jax.ShapeDtypeStruct(b.shape, b.dtype), spec) for b, spec in inout] + [(terms, blocks.per_tile(terms))],
       aliases={3: 0, 4: 1, 10: 2, 11: 3, 12: 4, 13: 5})
-  return (*buffers, ret.scale_from(jnp.sum(terms, axis=1))), (scales, e1, u)
+  new_totals = jnp.sum(terms, axis=1)
+  return (*buffers, ret.scale_from(new_totals), new_totals), (scales, totals, e1, u)
 
 
 def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> tuple:
@@ -270,7 +272,7 @@ def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> t
   scales [n, N, 2], g_starts, g_key) of every chunk."""
   (x, starts, e1s, scales, g_starts, g_key), ln = stacks
   g_state, g_ln = carry
-  j, u, g_e1, g_scale2, g_scale1 = inputs
+  j, u, totals, g_e1, g_scale2, g_scale1 = inputs
   mode, ret = spec.memory.matmul, spec.retention
   grid, blocks, like = _grid(starts["w2"], tiling)
   (big, tiles), (c, d) = grid, x.k.shape[-2:]
@@ -297,8 +299,10 @@ def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> t
   if ret.scaled:  # the read scales' share, ∂(s₂, s₁)/∂S_j, added to the start state's cotangent
     g_s = {"w2": jnp.sum(sums2[..., 0], axis=1) + g_scale2,
            "w1": sums1[..., 1] + jnp.sum(g_u * u, axis=(1, 2)) / s1[:, 0, 0] + g_scale1}
-    share = jax.vjp(jax.vmap(ret.read_scale), {name: at(w) for name, w in starts.items()})[1](g_s)[0]
-    g_state = [g + share[name] for g, name in zip(g_state, ("w2", "w1"), strict=True)]
+    # through s = scale_from(t) at the forward's summed terms t, then t = Σ scale_terms(S_j) (element-wise)
+    g_t = jax.vjp(ret.scale_from, totals)[1](jnp.stack([g_s["w2"], g_s["w1"]], axis=-1))[0]
+    g_state = [g + jax.vjp(jax.vmap(ret.scale_terms), at(starts[name]))[1](g_t[:, i])[0]
+               for i, (g, name) in enumerate(zip(g_state, ("w2", "w1"), strict=True))]
   g_x = _Factors(g_k + jnp.sum(g_k_z, axis=1), g_v, g_delta, e1 * via_end, g_kc, g_dec2, g_dec1)
   return (tuple(g_state), jax.tree.map(jnp.add, g_ln, g_ln_j)), g_x
 
@@ -311,21 +315,22 @@ def _recurrence(spec: MemorySpec, tiling: Tiling, state: dict, ln, xs):
 def _recurrence_fwd(spec, tiling, state, ln, xs):
   x = _Factors.of(xs)
   n, (big, c, d), e = x.k.shape[0], x.k.shape[1:], state["w2"].shape[1]
-  scales = jax.vmap(spec.retention.read_scale)(state)
+  ret = spec.retention
+  totals = jnp.stack([jax.vmap(ret.scale_terms)(state[name]) for name in ("w2", "w1")], axis=-1)  # [N, 2]
   stack = lambda w: jnp.zeros((n, *w.shape), w.dtype).at[0].set(w)
   # e2 and h enter every later product only as matmul operands, so with bf16 operands they are stored in bf16
   acts = jnp.zeros((n, big, c, e), jnp.bfloat16 if spec.memory.matmul == "bfloat16" else x.k.dtype)
-  carry = (stack(state["w2"]), stack(state["w1"]), state["w2"], state["w1"], acts, acts,
-           jnp.stack([scales["w2"], scales["w1"]], axis=-1))
-  (starts2, starts1, end2, end1, e2, h, _), (scales, e1, u) = jax.lax.scan(
+  carry = (stack(state["w2"]), stack(state["w1"]), state["w2"], state["w1"], acts, acts, ret.scale_from(totals),
+           totals)
+  (starts2, starts1, end2, end1, e2, h, _, _), (scales, totals, e1, u) = jax.lax.scan(
       functools.partial(_forward_step, spec, tiling, ln, x), carry, jnp.arange(n))
   starts = {"w2": starts2, "w1": starts1}
   keys = flat.KeyPass({"w2": scales[..., 0, None, None], "w1": scales[..., 1, None, None]}, e1, e2, h)
-  return ({"w2": end2, "w1": end1}, (starts, keys)), (ln, xs, starts, keys, u, scales)
+  return ({"w2": end2, "w1": end1}, (starts, keys)), (ln, xs, starts, keys, u, scales, totals)
 
 
 def _recurrence_bwd(spec, tiling, residuals, cotangents):
-  ln, xs, starts, keys, u, scales = residuals
+  ln, xs, starts, keys, u, scales, totals = residuals
   g_end, (g_starts, g_keys) = cotangents
   n = u.shape[0]
   g_state = (g_end["w2"], g_end["w1"])
@@ -333,7 +338,8 @@ def _recurrence_bwd(spec, tiling, residuals, cotangents):
   stacks = (x, starts, keys.e1, scales, g_starts, g_keys), ln
   (g_state, g_ln), g_x = jax.lax.scan(
       functools.partial(_pullback_step, spec, tiling, stacks), (g_state, jax.tree.map(jnp.zeros_like, ln)),
-      (jnp.arange(n), u, g_keys.e1, g_keys.scale["w2"][:, :, 0, 0], g_keys.scale["w1"][:, :, 0, 0]), reverse=True)
+      (jnp.arange(n), u, totals, g_keys.e1, g_keys.scale["w2"][:, :, 0, 0], g_keys.scale["w1"][:, :, 0, 0]),
+      reverse=True)
   return {"w2": g_state[0], "w1": g_state[1]}, g_ln, factors_vjp(g_x)[0]
 
 
