@@ -7,20 +7,22 @@ kernels a chunk, each moving an [b·h, c, E] activation or a state-sized array t
 :mod:`pallas_triton`'s one-program-per-head loop (its ~100 µs a chunk are the latency of one program walking every
 tile in turn) are slow where this module's scan keeps the chunk loop in XLA and makes each pass over the state ONE
 kernel of grid [b·h, E / tile], a program per head and tile of the hidden axis E, so every [c, tile] activation is
-made and used on chip and only [c, d] partial sums cross between tiles (through XLA's row-wise work in between):
+made and used on chip and only [c, d] partial sums cross between tiles, through a row-wise kernel of one program
+per head in between:
 
-  * forward, per chunk: (F1) u_i = gelu(s₂ K W2_iᵀ) W1_iᵀ per tile i; XLA sums them, u = s₁ Σ_i u_i, and takes the
-    keys' errors e1 row-wise (LayerNorm, bias gradient, LayerNorm backward); (F2) per tile the keys' second-layer
-    errors e2 = s₁ (e1 W1) ⊙ gelu'(z), the closed tile W2' = B ⊙ W2 − e2ᵀ (K ⊙ η B/B_i), W1' = B ⊙ W1 −
+  * forward, per chunk: (F1) u_i = gelu(s₂ K W2_iᵀ) W1_iᵀ per tile i; (E) u = s₁ Σ_i u_i and the keys' errors e1
+    row-wise (LayerNorm, bias gradient, LayerNorm backward); (F2) per tile the keys' second-layer errors
+    e2 = s₁ (e1 W1) ⊙ gelu'(z), the closed tile W2' = B ⊙ W2 − e2ᵀ (K ⊙ η B/B_i), W1' = B ⊙ W1 −
     (e1 ⊙ η B/B_i)ᵀ h, and its read-scale terms (Moneta's Σ|w|^q); the chunk's ``flat.KeyPass`` (e1, e2, h) is
     what the reads need;
   * backward, per chunk in reverse, the pull-back of f_j at its start state S_j from the end state's cotangent G
     and the reads' cotangents of the ``KeyPass``: (B1) per tile e1's cotangent from the chunk end and from e2,
     Σ_i [(s₁ ĝ_e2 ⊙ gelu'(z)) W1_iᵀ − η B/B_i ⊙ (h G1_iᵀ)], and the shares of the chunk-end factors' cotangents
-    (K ⊙ η B/B_i: −e2 G2; B: Σ G ⊙ W); XLA pulls e1's back row-wise to u's and to the keys', values', δ's and
-    LayerNorm's; (B2) per tile the start state's cotangent, B ⊙ G + s₂ g_zᵀ K (W2) and B ⊙ G1 + e1ᵀ g_praw +
-    s₁ g_uᵀ h (W1), plus the reads' own, and the keys' share s₂ g_z W2; XLA adds the read scales' share (Moneta).
-    So every input's cotangent comes out of the scan, chunk by chunk, and nothing is recomputed after it.
+    (K ⊙ η B/B_i: −e2 G2; B: Σ G ⊙ W); (R) those shares summed and e1's cotangent pulled back row-wise to u's and
+    to the keys', values', δ's and LayerNorm's; (B2) per tile the start state's cotangent, B ⊙ G + s₂ g_zᵀ K (W2)
+    and B ⊙ G1 + e1ᵀ g_praw + s₁ g_uᵀ h (W1), plus the reads' own, and the keys' share s₂ g_z W2; XLA adds the
+    read scales' share (Moneta), through the forward's summed scale terms. So every input's cotangent comes out of
+    the scan, chunk by chunk, and nothing is recomputed after it.
 
 Every array stacked over chunks ([n, b·h, ...]: the start states, e2 and h, the reads' cotangents, the chunk inputs)
 is passed to the kernels whole, and a kernel indexes chunk j itself: handing it chunk j's slice made XLA copy the
@@ -61,6 +63,11 @@ class Tiling:
 
   def tile(self, hidden: int) -> int:
     return min(hidden, self.hidden_tile)
+
+  def row_wise(self) -> Tiling:
+    """The settings of the row-wise kernels (one program per head holding several [c, d] arrays): 8 warps, at which
+    the backward's compiles for sm_90a without spills (at c = d = 64; 1.4 KB a thread at 4)."""
+    return dataclasses.replace(self, num_warps=8)
 
 
 def _block(x, head: int, tiled: int | None = None, tile: int = 0) -> pl.BlockSpec:
@@ -137,6 +144,15 @@ def _hidden_sum_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, u_ref, *, mode)
   u_ref[...] = dot("ce,de->cd", kernel_gelu(z), w1)
 
 
+def _errors_kernel(j_ref, k_ref, v_ref, delta_ref, scales_ref, parts_ref, gamma_ref, beta_ref, e1_ref, u_ref, *, spec):
+  """E: chunk j's u = s₁ Σ_tiles F1's shares [c, d] and the keys' errors e1 from it, row-wise (LayerNorm, bias
+  gradient, LayerNorm backward), in one program per head."""
+  j = j_ref[0]
+  u = row_scalars(scales_ref[...])[1] * jnp.sum(parts_ref[...], axis=0)
+  e1_ref[...] = keys_errors(spec, u, k_ref[j], v_ref[j], delta_ref[j], (gamma_ref[...], beta_ref[...]))[0]
+  u_ref[...] = u
+
+
 def _close_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, kc_ref, coef_ref, dec2_ref, dec1_ref, end2_ref,
                   end1_ref, e2_ref, h_ref, w2_out, w1_out, end2_out, end1_out, e2_out, h_out, terms_ref, *, mode, ret):
   """F2: chunk j's e2 [c, tile] and h [c, tile] into slot j of theirs, its closed tile (W2 [tile, d], W1 [d, tile])
@@ -184,6 +200,26 @@ def _errors_cotangent_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, k
   dec2_out[...] = jnp.sum(g2 * w2, axis=0, keepdims=True)
   dec1_out[...] = jnp.sum(g1 * w1, axis=1, keepdims=True)
   sums_out[...] = pair_row(0.0, jnp.sum(ge2 * praw * slope), g2)
+
+
+def _errors_pullback_kernel(j_ref, k_ref, v_ref, delta_ref, scales_ref, u_ref, e1_ref, coef_ref, ge1_ref, gamma_ref,
+                            beta_ref, via_e2_ref, via_end_ref, kc_ref, dec2_ref, dec1_ref, sums_ref, gu_out, gk_out,
+                            gv_out, gdelta_out, gcoef_out, gkc_out, gdec2_out, gdec1_out, gln_out, gs1_out, *, spec):
+  """R: B1's per-tile shares summed, and the row-wise pull-back through the keys' errors e1(u, K, V, δ, LayerNorm)
+  from e1's cotangent (the reads' own, plus through e2 and the chunk end), in one program per head: s₁ times u's
+  cotangent [c, d] for B2, the cotangents of K, V, δ, c (= e1 ⊙ via the end), K ⊙ c, B_c and the LayerNorm's
+  (γ, β) [2, d], and s₁'s share Σ ĝ_u ⊙ u / s₁ + B1's."""
+  j = j_ref[0]
+  s1 = row_scalars(scales_ref[j])[1]
+  u, coef, via_end = u_ref[j], coef_ref[j], jnp.sum(via_end_ref[...], axis=0)
+  errors = lambda u, k, v, delta, gamma, beta: keys_errors(spec, u, k, v, delta, (gamma, beta))[0]
+  _, pullback = jax.vjp(errors, u, k_ref[j], v_ref[j], delta_ref[j], gamma_ref[...], beta_ref[...])
+  g_u, g_k, g_v, g_delta, g_gamma, g_beta = pullback(ge1_ref[j] + jnp.sum(via_e2_ref[...], axis=0) + coef * via_end)
+  gu_out[...], gk_out[...], gv_out[...], gdelta_out[...] = s1 * g_u, g_k, g_v, g_delta.astype(gdelta_out.dtype)
+  gcoef_out[...], gkc_out[...] = e1_ref[j] * via_end, jnp.sum(kc_ref[...], axis=0)
+  gdec2_out[...], gdec1_out[...] = jnp.sum(dec2_ref[...], axis=0), jnp.sum(dec1_ref[...], axis=0)
+  gln_out[...] = jnp.where(jnp.arange(2)[:, None] == 0, g_gamma, g_beta)
+  gs1_out[...] = pair_row(0.0, row_scalars(jnp.sum(sums_ref[...], axis=0))[1] + jnp.sum(g_u * u) / s1, gu_out)
 
 
 def _state_cotangent_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, kc_ref, coef_ref, dec2_ref, dec1_ref,
@@ -249,9 +285,10 @@ def _forward_step(spec: MemorySpec, tiling: Tiling, ln, x: _Factors, carry, j):
   parts = like(big, tiles, c, d)
   (parts,) = _call(functools.partial(_hidden_sum_kernel, mode=mode), tiling, grid, base,
                    [(parts, blocks.per_tile(parts))])
-  s2, s1 = (scales[:, i, None, None] for i in range(2))
-  u = s1 * jnp.sum(parts, axis=1)
-  e1 = keys_errors(spec, u, _at(x.k, j), _at(x.v, j), _at(x.delta, j), ln)[0]
+  rows = like(big, c, d)
+  e1, u = _call(functools.partial(_errors_kernel, spec=spec), tiling.row_wise(), (big, 1),
+                [base[0]] + [(a, blocks.stacked(a)) for a in (x.k, x.v, x.delta)]
+                + [(a, blocks.head(a)) for a in (scales, parts, *ln)], [(rows, blocks.head(rows))] * 2)
   inout = (blocks.state(*buffers[:2]) + blocks.state(*buffers[2:4], stack=False)
            + [(b, blocks.cols(b, True)) for b in buffers[4:]])
   terms = like(big, tiles, 2)
@@ -266,13 +303,13 @@ def _forward_step(spec: MemorySpec, tiling: Tiling, ln, x: _Factors, carry, j):
 
 def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> tuple:
   """Chunk j's pull-back: from its end state's cotangent (W2 [N, E, d], W1 [N, d, E]) to its start state's (in
-  place), with the reads' cotangents of the start state (``g_starts``, stacked) and of the ``KeyPass`` (``g_key``: e2,
-  h stacked; e1 and the scales of chunk j in ``inputs``); returns the carry (the state's cotangent and the LayerNorm
-  parameters' summed cotangent) and chunk j's ``_Factors`` cotangents. ``stacks``: (``_Factors``, start states, e1,
-  scales [n, N, 2], g_starts, g_key) of every chunk."""
-  (x, starts, e1s, scales, g_starts, g_key), ln = stacks
+  place), with the reads' cotangents of the start state (``g_starts``) and of the ``KeyPass`` (``g_key``: e1, e2, h,
+  and the scales' in ``inputs`` with the summed scale terms); returns the carry (the state's cotangent and the
+  LayerNorm parameters' summed cotangent) and chunk j's ``_Factors`` cotangents. ``stacks``: (``_Factors``, start
+  states, e1, u, scales [n, N, 2], g_starts, g_key) of every chunk, each stacked over chunks."""
+  (x, starts, e1s, us, scales, g_starts, g_key), ln = stacks
   g_state, g_ln = carry
-  j, u, totals, g_e1, g_scale2, g_scale1 = inputs
+  j, totals, g_scale2, g_scale1 = inputs
   mode, ret = spec.memory.matmul, spec.retention
   grid, blocks, like = _grid(starts["w2"], tiling)
   (big, tiles), (c, d) = grid, x.k.shape[-2:]
@@ -280,16 +317,16 @@ def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> t
   base = [_chunk_index(j), st(x.k), st(scales), *blocks.state(starts["w2"], starts["w1"]), st(e1s), st(x.kc)]
   ends = [*blocks.state(*g_state, stack=False), (g_key.e2, blocks.cols(g_key.e2, True))]
   per_tile = lambda *shape: (like(big, tiles, *shape), blocks.per_tile(like(big, tiles, *shape)))
-  via_e2, via_end, g_kc, g_dec2, g_dec1, sums1 = (
-      jnp.sum(a, axis=1) for a in _call(functools.partial(_errors_cotangent_kernel, mode=mode), tiling, grid,
-                                        base + ends, [per_tile(c, d)] * 3 + [per_tile(1, d), per_tile(d, 1),
-                                                                             per_tile(2)]))
-  at = functools.partial(_at, j=j)
-  coef, e1, s1 = at(x.coef), at(e1s), at(scales)[:, 1, None, None]
-  errors = lambda u, k, v, delta, ln: keys_errors(spec, u, k, v, delta, ln)[0]
-  g_u, g_k, g_v, g_delta, g_ln_j = jax.vjp(errors, u, at(x.k), at(x.v), at(x.delta), ln)[1](
-      g_e1 + via_e2 + coef * via_end)
-  gu = s1 * g_u
+  shares = _call(functools.partial(_errors_cotangent_kernel, mode=mode), tiling, grid, base + ends,
+                 [per_tile(c, d)] * 3 + [per_tile(1, d), per_tile(d, 1), per_tile(2)])
+  head = lambda *shape, dtype=starts["w2"].dtype: (jax.ShapeDtypeStruct((big, *shape), dtype),
+                                                   blocks.head(like(big, *shape)))
+  gu, g_k, g_v, g_delta, g_coef, g_kc, g_dec2, g_dec1, g_ln_j, g_s1 = _call(
+      functools.partial(_errors_pullback_kernel, spec=spec), tiling.row_wise(), (big, 1),
+      [base[0]] + [st(a) for a in (x.k, x.v, x.delta, scales, us, e1s, x.coef, g_key.e1)]
+      + [(a, blocks.head(a)) for a in (*ln, *shares)],
+      [head(c, d)] * 3 + [head(c, dtype=x.delta.dtype)] + [head(c, d)] * 2 + [head(1, d), head(d, 1), head(2, d),
+                                                                               head(2)])
   *g_state, g_k_z, sums2 = _call(
       functools.partial(_state_cotangent_kernel, mode=mode), tiling, grid,
       base + [st(x.coef), st(x.dec2), st(x.dec1)] + ends
@@ -297,14 +334,13 @@ def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> t
       [(jax.ShapeDtypeStruct(g.shape, g.dtype), spec) for g, spec in ends[:2]] + [per_tile(c, d), per_tile(2)],
       aliases={10: 0, 11: 1})
   if ret.scaled:  # the read scales' share, ∂(s₂, s₁)/∂S_j, added to the start state's cotangent
-    g_s = {"w2": jnp.sum(sums2[..., 0], axis=1) + g_scale2,
-           "w1": sums1[..., 1] + jnp.sum(g_u * u, axis=(1, 2)) / s1[:, 0, 0] + g_scale1}
+    g_s = {"w2": jnp.sum(sums2[..., 0], axis=1) + g_scale2, "w1": g_s1[:, 1] + g_scale1}
     # through s = scale_from(t) at the forward's summed terms t, then t = Σ scale_terms(S_j) (element-wise)
     g_t = jax.vjp(ret.scale_from, totals)[1](jnp.stack([g_s["w2"], g_s["w1"]], axis=-1))[0]
-    g_state = [g + jax.vjp(jax.vmap(ret.scale_terms), at(starts[name]))[1](g_t[:, i])[0]
+    g_state = [g + jax.vjp(jax.vmap(ret.scale_terms), _at(starts[name], j))[1](g_t[:, i])[0]
                for i, (g, name) in enumerate(zip(g_state, ("w2", "w1"), strict=True))]
-  g_x = _Factors(g_k + jnp.sum(g_k_z, axis=1), g_v, g_delta, e1 * via_end, g_kc, g_dec2, g_dec1)
-  return (tuple(g_state), jax.tree.map(jnp.add, g_ln, g_ln_j)), g_x
+  g_x = _Factors(g_k + jnp.sum(g_k_z, axis=1), g_v, g_delta, g_coef, g_kc, g_dec2, g_dec1)
+  return (tuple(g_state), jax.tree.map(jnp.add, g_ln, (g_ln_j[:, :1], g_ln_j[:, 1:]))), g_x
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -335,10 +371,10 @@ def _recurrence_bwd(spec, tiling, residuals, cotangents):
   n = u.shape[0]
   g_state = (g_end["w2"], g_end["w1"])
   x, factors_vjp = jax.vjp(_Factors.of, xs)
-  stacks = (x, starts, keys.e1, scales, g_starts, g_keys), ln
+  stacks = (x, starts, keys.e1, u, scales, g_starts, g_keys), ln
   (g_state, g_ln), g_x = jax.lax.scan(
       functools.partial(_pullback_step, spec, tiling, stacks), (g_state, jax.tree.map(jnp.zeros_like, ln)),
-      (jnp.arange(n), u, totals, g_keys.e1, g_keys.scale["w2"][:, :, 0, 0], g_keys.scale["w1"][:, :, 0, 0]),
+      (jnp.arange(n), totals, g_keys.scale["w2"][:, :, 0, 0], g_keys.scale["w1"][:, :, 0, 0]),
       reverse=True)
   return {"w2": g_state[0], "w1": g_state[1]}, g_ln, factors_vjp(g_x)[0]
 
