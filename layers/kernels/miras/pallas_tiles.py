@@ -92,6 +92,11 @@ class _Blocks:
   def per_tile(x):
     return pl.BlockSpec((None, None, *x.shape[2:]), lambda h, i: (h, i) + (0,) * (x.ndim - 2))
 
+  @staticmethod
+  def per_tile_stacked(x):
+    """Every chunk's slot of this head and tile of x [n, N, tiles, ...]."""
+    return pl.BlockSpec((x.shape[0], None, None, *x.shape[3:]), lambda h, i: (0, h, i) + (0,) * (x.ndim - 3))
+
   def w2(self, x, stack: bool = False):
     return _block(x, int(stack), x.ndim - 2, self.tile)
 
@@ -144,13 +149,15 @@ def _hidden_sum_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, u_ref, *, mode)
   u_ref[...] = dot("ce,de->cd", kernel_gelu(z), w1)
 
 
-def _errors_kernel(j_ref, k_ref, v_ref, delta_ref, scales_ref, parts_ref, gamma_ref, beta_ref, e1_ref, u_ref, *, spec):
+def _errors_kernel(j_ref, k_ref, v_ref, delta_ref, scales_ref, parts_ref, gamma_ref, beta_ref, e1_ref, u_ref, e1_out,
+                   u_out, *, spec):
   """E: chunk j's u = s₁ Σ_tiles F1's shares [c, d] and the keys' errors e1 from it, row-wise (LayerNorm, bias
-  gradient, LayerNorm backward), in one program per head."""
+  gradient, LayerNorm backward), in one program per head, into slot j of the stacked e1 and u (aliased)."""
+  del e1_ref, u_ref  # written only, through their aliased outputs
   j = j_ref[0]
   u = row_scalars(scales_ref[...])[1] * jnp.sum(parts_ref[...], axis=0)
-  e1_ref[...] = keys_errors(spec, u, k_ref[j], v_ref[j], delta_ref[j], (gamma_ref[...], beta_ref[...]))[0]
-  u_ref[...] = u
+  e1_out[j] = keys_errors(spec, u, k_ref[j], v_ref[j], delta_ref[j], (gamma_ref[...], beta_ref[...]))[0]
+  u_out[j] = u
 
 
 def _close_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, kc_ref, coef_ref, dec2_ref, dec1_ref, end2_ref,
@@ -161,7 +168,7 @@ def _close_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, kc_ref, coef
   del end2_ref, end1_ref, e2_ref, h_ref  # written only, through their aliased outputs
   j = j_ref[0]
   dot, _, s1, _, w2, w1, _, z = _keys_in(j, k_ref, scales_ref[...], w2_ref, w1_ref, mode)
-  h, e1 = kernel_gelu(z), e1_ref[...]
+  h, e1 = kernel_gelu(z), e1_ref[j]
   e2 = s1 * dot("cd,de->ce", e1, w1) * kernel_gelu_grad(z)
   new2 = dec2_ref[j] * w2 - dot("ce,ci->ei", e2, kc_ref[j])
   new1 = dec1_ref[j] * w1 - dot("cd,ce->de", e1 * coef_ref[j], h)
@@ -203,31 +210,34 @@ def _errors_cotangent_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, k
 
 
 def _errors_pullback_kernel(j_ref, k_ref, v_ref, delta_ref, scales_ref, u_ref, e1_ref, coef_ref, ge1_ref, gamma_ref,
-                            beta_ref, via_e2_ref, via_end_ref, kc_ref, dec2_ref, dec1_ref, sums_ref, gu_out, gk_out,
-                            gv_out, gdelta_out, gcoef_out, gkc_out, gdec2_out, gdec1_out, gln_out, gs1_out, *, spec):
+                            beta_ref, via_e2_ref, via_end_ref, kc_ref, dec2_ref, dec1_ref, sums_ref, *refs, spec):
   """R: B1's per-tile shares summed, and the row-wise pull-back through the keys' errors e1(u, K, V, δ, LayerNorm)
-  from e1's cotangent (the reads' own, plus through e2 and the chunk end), in one program per head: s₁ times u's
-  cotangent [c, d] for B2, the cotangents of K, V, δ, c (= e1 ⊙ via the end), K ⊙ c, B_c and the LayerNorm's
-  (γ, β) [2, d], and s₁'s share Σ ĝ_u ⊙ u / s₁ + B1's."""
+  from e1's cotangent (the reads' own, plus through e2 and the chunk end), in one program per head: into slot j of
+  the stacked cotangents of K, V, δ, c (= e1 ⊙ via the end), K ⊙ c and B_c (aliased), added to the LayerNorm's
+  (γ, β) [2, d] (aliased), and s₁ times u's cotangent [c, d] for B2 and s₁'s share Σ ĝ_u ⊙ u / s₁ + B1's."""
+  g_ln_ref = refs[7]  # the other seven inputs of refs are written only, through their aliased outputs
+  gk_out, gv_out, gdelta_out, gcoef_out, gkc_out, gdec2_out, gdec1_out, gln_out, gu_out, gs1_out = refs[8:]
   j = j_ref[0]
   s1 = row_scalars(scales_ref[j])[1]
   u, coef, via_end = u_ref[j], coef_ref[j], jnp.sum(via_end_ref[...], axis=0)
   errors = lambda u, k, v, delta, gamma, beta: keys_errors(spec, u, k, v, delta, (gamma, beta))[0]
   _, pullback = jax.vjp(errors, u, k_ref[j], v_ref[j], delta_ref[j], gamma_ref[...], beta_ref[...])
   g_u, g_k, g_v, g_delta, g_gamma, g_beta = pullback(ge1_ref[j] + jnp.sum(via_e2_ref[...], axis=0) + coef * via_end)
-  gu_out[...], gk_out[...], gv_out[...], gdelta_out[...] = s1 * g_u, g_k, g_v, g_delta.astype(gdelta_out.dtype)
-  gcoef_out[...], gkc_out[...] = e1_ref[j] * via_end, jnp.sum(kc_ref[...], axis=0)
-  gdec2_out[...], gdec1_out[...] = jnp.sum(dec2_ref[...], axis=0), jnp.sum(dec1_ref[...], axis=0)
-  gln_out[...] = jnp.where(jnp.arange(2)[:, None] == 0, g_gamma, g_beta)
+  gk_out[j], gv_out[j], gdelta_out[j] = g_k, g_v, g_delta.astype(gdelta_out.dtype)
+  gcoef_out[j], gkc_out[j] = e1_ref[j] * via_end, jnp.sum(kc_ref[...], axis=0)
+  gdec2_out[j], gdec1_out[j] = jnp.sum(dec2_ref[...], axis=0), jnp.sum(dec1_ref[...], axis=0)
+  gln_out[...] = g_ln_ref[...] + jnp.where(jnp.arange(2)[:, None] == 0, g_gamma, g_beta)
+  gu_out[...] = s1 * g_u
   gs1_out[...] = pair_row(0.0, row_scalars(jnp.sum(sums_ref[...], axis=0))[1] + jnp.sum(g_u * u) / s1, gu_out)
 
 
 def _state_cotangent_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, kc_ref, coef_ref, dec2_ref, dec1_ref,
-                            g2_ref, g1_ref, ge2_ref, gh_ref, gu_ref, gs2_ref, gs1_ref, g2_out, g1_out, k_out,
+                            g2_ref, g1_ref, ge2_ref, gh_ref, gu_ref, gs2_ref, gs1_ref, kz_ref, g2_out, g1_out, kz_out,
                             sums_out, *, mode):
   """B2: this tile of chunk j's start-state cotangent (W2 [tile, d], W1 [d, tile]) with the reads' own (gs) added,
-  in place of the end state's (aliased), and its shares of K's cotangent through
-  z = s₂ K W2ᵀ [c, d] and of s₂'s; ``gu_ref``: s₁ times u's cotangent [c, d]."""
+  in place of the end state's (aliased), its share of K's cotangent through z = s₂ K W2ᵀ [c, d] into slot j of the
+  stacked per-tile shares (aliased) and its share of s₂'s; ``gu_ref``: s₁ times u's cotangent [c, d]."""
+  del kz_ref  # written only, through its aliased output
   j = j_ref[0]
   dot, s2, s1, k, w2, w1, zraw, z = _keys_in(j, k_ref, scales_ref[j], w2_ref, w1_ref, mode)
   g2, g1, e1, gu = g2_ref[...], g1_ref[...], e1_ref[j], gu_ref[...]
@@ -236,7 +246,7 @@ def _state_cotangent_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, kc
   gh = gh_ref[j] - dot("cd,de->ce", e1 * coef_ref[j], g1) + dot("cd,de->ce", gu, w1)
   gz = s1 * ge2 * praw * gelu_grad2(z) + gh * slope
   g2_out[...] = dec2_ref[j] * g2 + s2 * dot("ce,ci->ei", gz, k) + gs2_ref[j]
-  k_out[...] = s2 * dot("ce,ei->ci", gz, w2)
+  kz_out[j] = s2 * dot("ce,ei->ci", gz, w2)
   g1_out[...] = dec1_ref[j] * g1 + s1 * dot("cd,ce->de", e1, ge2 * slope) + dot("cd,ce->de", gu, h) + gs1_ref[j]
   sums_out[...] = pair_row(jnp.sum(gz * zraw), 0.0, g2)
 
@@ -274,10 +284,10 @@ def _grid(state2, tiling: Tiling) -> tuple:
 def _forward_step(spec: MemorySpec, tiling: Tiling, ln, x: _Factors, carry, j):
   """Chunk j of the keys' recurrence on every head. ``carry``: the stacked states (W2 [n, N, E, d], W1 [n, N, d, E];
   slot j holds chunk j's start state, the kernels write slot j + 1), the end state (W2, W1), the stacked e2 and h
-  [n, N, c, E] of the ``KeyPass``es, and the start state's scales (s₂, s₁) and summed scale terms (t₂, t₁), [N, 2]
-  each; all but the last two are updated in place. Returns the carry and (the scales, the terms, e1 [N, c, d],
-  u [N, c, d]) of chunk j."""
-  *buffers, scales, totals = carry
+  [n, N, c, E] of the ``KeyPass``es, the stacked e1 and u [n, N, c, d], and the start state's scales (s₂, s₁) and
+  summed scale terms (t₂, t₁), [N, 2] each; all but the last two are updated in place. Returns the carry and (the
+  scales, the terms) of chunk j."""
+  *buffers, e1s, us, scales, totals = carry
   mode, ret = spec.memory.matmul, spec.retention
   grid, blocks, like = _grid(buffers[0], tiling)
   (big, tiles), (c, d) = grid, x.k.shape[-2:]
@@ -285,30 +295,32 @@ def _forward_step(spec: MemorySpec, tiling: Tiling, ln, x: _Factors, carry, j):
   parts = like(big, tiles, c, d)
   (parts,) = _call(functools.partial(_hidden_sum_kernel, mode=mode), tiling, grid, base,
                    [(parts, blocks.per_tile(parts))])
-  rows = like(big, c, d)
-  e1, u = _call(functools.partial(_errors_kernel, spec=spec), tiling.row_wise(), (big, 1),
-                [base[0]] + [(a, blocks.stacked(a)) for a in (x.k, x.v, x.delta)]
-                + [(a, blocks.head(a)) for a in (scales, parts, *ln)], [(rows, blocks.head(rows))] * 2)
+  stacked = [(a, blocks.stacked(a)) for a in (e1s, us)]
+  e1s, us = _call(functools.partial(_errors_kernel, spec=spec), tiling.row_wise(), (big, 1),
+                  [base[0]] + [(a, blocks.stacked(a)) for a in (x.k, x.v, x.delta)]
+                  + [(a, blocks.head(a)) for a in (scales, parts, *ln)] + stacked,
+                  [(jax.ShapeDtypeStruct(a.shape, a.dtype), spec) for a, spec in stacked], aliases={8: 0, 9: 1})
   inout = (blocks.state(*buffers[:2]) + blocks.state(*buffers[2:4], stack=False)
            + [(b, blocks.cols(b, True)) for b in buffers[4:]])
   terms = like(big, tiles, 2)
   *buffers, terms = _call(
       functools.partial(_close_kernel, mode=mode, ret=ret), tiling, grid,
-      base + [(e1, blocks.head(e1))] + [(a, blocks.stacked(a)) for a in (x.kc, x.coef, x.dec2, x.dec1)] + inout[2:],
+      base + [(a, blocks.stacked(a)) for a in (e1s, x.kc, x.coef, x.dec2, x.dec1)] + inout[2:],
       [(jax.ShapeDtypeStruct(b.shape, b.dtype), spec) for b, spec in inout] + [(terms, blocks.per_tile(terms))],
       aliases={3: 0, 4: 1, 10: 2, 11: 3, 12: 4, 13: 5})
   new_totals = jnp.sum(terms, axis=1)
-  return (*buffers, ret.scale_from(new_totals), new_totals), (scales, totals, e1, u)
+  return (*buffers, e1s, us, ret.scale_from(new_totals), new_totals), (scales, totals)
 
 
 def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> tuple:
   """Chunk j's pull-back: from its end state's cotangent (W2 [N, E, d], W1 [N, d, E]) to its start state's (in
   place), with the reads' cotangents of the start state (``g_starts``) and of the ``KeyPass`` (``g_key``: e1, e2, h,
-  and the scales' in ``inputs`` with the summed scale terms); returns the carry (the state's cotangent and the
-  LayerNorm parameters' summed cotangent) and chunk j's ``_Factors`` cotangents. ``stacks``: (``_Factors``, start
-  states, e1, u, scales [n, N, 2], g_starts, g_key) of every chunk, each stacked over chunks."""
+  and the scales' in ``inputs`` with the summed scale terms). ``carry``: the state's cotangent, the ``_Factors``'
+  cotangents and K's per-tile shares through z (stacked over chunks; the kernels write slot j in place) and the
+  LayerNorm parameters' summed cotangent [N, 2, d]. ``stacks``: (``_Factors``, start states, e1, u, scales
+  [n, N, 2], g_starts, g_key) of every chunk, each stacked over chunks."""
   (x, starts, e1s, us, scales, g_starts, g_key), ln = stacks
-  g_state, g_ln = carry
+  g_state, g_x, g_kz, g_ln = carry
   j, totals, g_scale2, g_scale1 = inputs
   mode, ret = spec.memory.matmul, spec.retention
   grid, blocks, like = _grid(starts["w2"], tiling)
@@ -319,28 +331,28 @@ def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> t
   per_tile = lambda *shape: (like(big, tiles, *shape), blocks.per_tile(like(big, tiles, *shape)))
   shares = _call(functools.partial(_errors_cotangent_kernel, mode=mode), tiling, grid, base + ends,
                  [per_tile(c, d)] * 3 + [per_tile(1, d), per_tile(d, 1), per_tile(2)])
-  head = lambda *shape, dtype=starts["w2"].dtype: (jax.ShapeDtypeStruct((big, *shape), dtype),
-                                                   blocks.head(like(big, *shape)))
-  gu, g_k, g_v, g_delta, g_coef, g_kc, g_dec2, g_dec1, g_ln_j, g_s1 = _call(
-      functools.partial(_errors_pullback_kernel, spec=spec), tiling.row_wise(), (big, 1),
-      [base[0]] + [st(a) for a in (x.k, x.v, x.delta, scales, us, e1s, x.coef, g_key.e1)]
-      + [(a, blocks.head(a)) for a in (*ln, *shares)],
-      [head(c, d)] * 3 + [head(c, dtype=x.delta.dtype)] + [head(c, d)] * 2 + [head(1, d), head(d, 1), head(2, d),
-                                                                               head(2)])
-  *g_state, g_k_z, sums2 = _call(
-      functools.partial(_state_cotangent_kernel, mode=mode), tiling, grid,
-      base + [st(x.coef), st(x.dec2), st(x.dec1)] + ends
-      + [(g_key.hk, blocks.cols(g_key.hk, True)), (gu, blocks.head(gu)), *blocks.state(g_starts["w2"], g_starts["w1"])],
-      [(jax.ShapeDtypeStruct(g.shape, g.dtype), spec) for g, spec in ends[:2]] + [per_tile(c, d), per_tile(2)],
-      aliases={10: 0, 11: 1})
+  like_spec = lambda pairs: [(jax.ShapeDtypeStruct(a.shape, a.dtype), spec) for a, spec in pairs]
+  grads = [st(a) for a in g_x] + [(g_ln, blocks.head(g_ln))]
+  inputs = ([base[0]] + [st(a) for a in (x.k, x.v, x.delta, scales, us, e1s, x.coef, g_key.e1)]
+            + [(a, blocks.head(a)) for a in (*ln, *shares)] + grads)
+  *g_x, g_ln, gu, g_s1 = _call(
+      functools.partial(_errors_pullback_kernel, spec=spec), tiling.row_wise(), (big, 1), inputs,
+      like_spec(grads) + [(like(big, c, d), blocks.head(like(big, c, d))), (like(big, 2), blocks.head(like(big, 2)))],
+      aliases={len(inputs) - len(grads) + i: i for i in range(len(grads))})
+  kz = [(g_kz, blocks.per_tile_stacked(g_kz))]
+  inputs = (base + [st(x.coef), st(x.dec2), st(x.dec1)] + ends + [(g_key.hk, blocks.cols(g_key.hk, True)),
+                                                                  (gu, blocks.head(gu))]
+            + blocks.state(g_starts["w2"], g_starts["w1"]) + kz)
+  *g_state, g_kz, sums2 = _call(functools.partial(_state_cotangent_kernel, mode=mode), tiling, grid, inputs,
+                                like_spec(ends[:2] + kz) + [per_tile(2)],
+                                aliases={len(base) + 3: 0, len(base) + 4: 1, len(inputs) - 1: 2})
   if ret.scaled:  # the read scales' share, ∂(s₂, s₁)/∂S_j, added to the start state's cotangent
     g_s = {"w2": jnp.sum(sums2[..., 0], axis=1) + g_scale2, "w1": g_s1[:, 1] + g_scale1}
     # through s = scale_from(t) at the forward's summed terms t, then t = Σ scale_terms(S_j) (element-wise)
     g_t = jax.vjp(ret.scale_from, totals)[1](jnp.stack([g_s["w2"], g_s["w1"]], axis=-1))[0]
     g_state = [g + jax.vjp(jax.vmap(ret.scale_terms), _at(starts[name], j))[1](g_t[:, i])[0]
                for i, (g, name) in enumerate(zip(g_state, ("w2", "w1"), strict=True))]
-  g_x = _Factors(g_k + jnp.sum(g_k_z, axis=1), g_v, g_delta, g_coef, g_kc, g_dec2, g_dec1)
-  return (tuple(g_state), jax.tree.map(jnp.add, g_ln, (g_ln_j[:, :1], g_ln_j[:, 1:]))), g_x
+  return (tuple(g_state), _Factors(*g_x), g_kz, g_ln), None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -356,9 +368,10 @@ def _recurrence_fwd(spec, tiling, state, ln, xs):
   stack = lambda w: jnp.zeros((n, *w.shape), w.dtype).at[0].set(w)
   # e2 and h enter every later product only as matmul operands, so with bf16 operands they are stored in bf16
   acts = jnp.zeros((n, big, c, e), jnp.bfloat16 if spec.memory.matmul == "bfloat16" else x.k.dtype)
-  carry = (stack(state["w2"]), stack(state["w1"]), state["w2"], state["w1"], acts, acts, ret.scale_from(totals),
-           totals)
-  (starts2, starts1, end2, end1, e2, h, _, _), (scales, totals, e1, u) = jax.lax.scan(
+  rows = jnp.zeros(x.k.shape, x.k.dtype)
+  carry = (stack(state["w2"]), stack(state["w1"]), state["w2"], state["w1"], acts, acts, rows, rows,
+           ret.scale_from(totals), totals)
+  (starts2, starts1, end2, end1, e2, h, e1, u, _, _), (scales, totals) = jax.lax.scan(
       functools.partial(_forward_step, spec, tiling, ln, x), carry, jnp.arange(n))
   starts = {"w2": starts2, "w1": starts1}
   keys = flat.KeyPass({"w2": scales[..., 0, None, None], "w1": scales[..., 1, None, None]}, e1, e2, h)
@@ -369,14 +382,17 @@ def _recurrence_bwd(spec, tiling, residuals, cotangents):
   ln, xs, starts, keys, u, scales, totals = residuals
   g_end, (g_starts, g_keys) = cotangents
   n = u.shape[0]
-  g_state = (g_end["w2"], g_end["w1"])
   x, factors_vjp = jax.vjp(_Factors.of, xs)
+  big, (c, d), tiles = x.k.shape[1], x.k.shape[2:], starts["w2"].shape[2] // tiling.tile(starts["w2"].shape[2])
+  # the chunks' kernels write their cotangents into slot j of these in place, and add the LayerNorm's
+  carry = ((g_end["w2"], g_end["w1"]), jax.tree.map(jnp.zeros_like, x), jnp.zeros((n, big, tiles, c, d), x.k.dtype),
+           jnp.zeros((big, 2, d), ln[0].dtype))
   stacks = (x, starts, keys.e1, u, scales, g_starts, g_keys), ln
-  (g_state, g_ln), g_x = jax.lax.scan(
-      functools.partial(_pullback_step, spec, tiling, stacks), (g_state, jax.tree.map(jnp.zeros_like, ln)),
-      (jnp.arange(n), totals, g_keys.scale["w2"][:, :, 0, 0], g_keys.scale["w1"][:, :, 0, 0]),
-      reverse=True)
-  return {"w2": g_state[0], "w1": g_state[1]}, g_ln, factors_vjp(g_x)[0]
+  (g_state, g_x, g_kz, g_ln), _ = jax.lax.scan(
+      functools.partial(_pullback_step, spec, tiling, stacks), carry,
+      (jnp.arange(n), totals, g_keys.scale["w2"][:, :, 0, 0], g_keys.scale["w1"][:, :, 0, 0]), reverse=True)
+  g_x = g_x._replace(k=g_x.k + jnp.sum(g_kz, axis=2))  # K's share through z, summed over the tiles
+  return {"w2": g_state[0], "w1": g_state[1]}, (g_ln[:, None, 0], g_ln[:, None, 1]), factors_vjp(g_x)[0]
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
