@@ -118,16 +118,19 @@ def _at(a, j):
   return jax.lax.dynamic_index_in_dim(a, j, keepdims=False)
 
 
-def _call(kernel, tiling: Tiling, grid: tuple, inputs, outputs, aliases=None):
-  """``kernel`` on ``grid``; ``inputs`` are (array, BlockSpec) pairs and ``outputs`` (ShapeDtypeStruct, BlockSpec)
-  pairs; ``aliases`` {input index: output index} (buffers updated in place)."""
+def _call(kernel, tiling: Tiling, grid: tuple, inputs: list, outputs=(), updated=()):
+  """``kernel`` on ``grid``; ``inputs`` are (array, BlockSpec) pairs, ``updated`` those of them (the same pair
+  objects) that the kernel writes in place, and ``outputs`` (ShapeDtypeStruct, BlockSpec) pairs of new arrays.
+  Returns the updated arrays, then the new ones."""
+  where = [next(i for i, pair in enumerate(inputs) if pair is target) for target in updated]
+  outputs = [(jax.ShapeDtypeStruct(a.shape, a.dtype), spec) for a, spec in updated] + list(outputs)
   return pl.pallas_call(
       kernel,
       grid=grid,
       in_specs=[spec for _, spec in inputs],
       out_specs=[spec for _, spec in outputs],
       out_shape=[o for o, _ in outputs],
-      input_output_aliases=aliases or {},
+      input_output_aliases={i: o for o, i in enumerate(where)},
       compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
       interpret=tiling.interpret,
   )(*(x for x, _ in inputs))
@@ -291,23 +294,21 @@ def _forward_step(spec: MemorySpec, tiling: Tiling, ln, x: _Factors, carry, j):
   mode, ret = spec.memory.matmul, spec.retention
   grid, blocks, like = _grid(buffers[0], tiling)
   (big, tiles), (c, d) = grid, x.k.shape[-2:]
-  base = [_chunk_index(j), (x.k, blocks.stacked(x.k)), (scales, blocks.head(scales)), *blocks.state(*buffers[:2])]
+  states = blocks.state(*buffers[:2])
+  base = [_chunk_index(j), (x.k, blocks.stacked(x.k)), (scales, blocks.head(scales)), *states]
   parts = like(big, tiles, c, d)
   (parts,) = _call(functools.partial(_hidden_sum_kernel, mode=mode), tiling, grid, base,
                    [(parts, blocks.per_tile(parts))])
   stacked = [(a, blocks.stacked(a)) for a in (e1s, us)]
   e1s, us = _call(functools.partial(_errors_kernel, spec=spec), tiling.row_wise(), (big, 1),
                   [base[0]] + [(a, blocks.stacked(a)) for a in (x.k, x.v, x.delta)]
-                  + [(a, blocks.head(a)) for a in (scales, parts, *ln)] + stacked,
-                  [(jax.ShapeDtypeStruct(a.shape, a.dtype), spec) for a, spec in stacked], aliases={8: 0, 9: 1})
-  inout = (blocks.state(*buffers[:2]) + blocks.state(*buffers[2:4], stack=False)
-           + [(b, blocks.cols(b, True)) for b in buffers[4:]])
+                  + [(a, blocks.head(a)) for a in (scales, parts, *ln)] + stacked, updated=stacked)
+  written = blocks.state(*buffers[2:4], stack=False) + [(b, blocks.cols(b, True)) for b in buffers[4:]]
   terms = like(big, tiles, 2)
   *buffers, terms = _call(
       functools.partial(_close_kernel, mode=mode, ret=ret), tiling, grid,
-      base + [(a, blocks.stacked(a)) for a in (e1s, x.kc, x.coef, x.dec2, x.dec1)] + inout[2:],
-      [(jax.ShapeDtypeStruct(b.shape, b.dtype), spec) for b, spec in inout] + [(terms, blocks.per_tile(terms))],
-      aliases={3: 0, 4: 1, 10: 2, 11: 3, 12: 4, 13: 5})
+      base + [(a, blocks.stacked(a)) for a in (e1s, x.kc, x.coef, x.dec2, x.dec1)] + written,
+      [(terms, blocks.per_tile(terms))], updated=states + written)
   new_totals = jnp.sum(terms, axis=1)
   return (*buffers, e1s, us, ret.scale_from(new_totals), new_totals), (scales, totals)
 
@@ -331,21 +332,18 @@ def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> t
   per_tile = lambda *shape: (like(big, tiles, *shape), blocks.per_tile(like(big, tiles, *shape)))
   shares = _call(functools.partial(_errors_cotangent_kernel, mode=mode), tiling, grid, base + ends,
                  [per_tile(c, d)] * 3 + [per_tile(1, d), per_tile(d, 1), per_tile(2)])
-  like_spec = lambda pairs: [(jax.ShapeDtypeStruct(a.shape, a.dtype), spec) for a, spec in pairs]
   grads = [st(a) for a in g_x] + [(g_ln, blocks.head(g_ln))]
   inputs = ([base[0]] + [st(a) for a in (x.k, x.v, x.delta, scales, us, e1s, x.coef, g_key.e1)]
             + [(a, blocks.head(a)) for a in (*ln, *shares)] + grads)
   *g_x, g_ln, gu, g_s1 = _call(
       functools.partial(_errors_pullback_kernel, spec=spec), tiling.row_wise(), (big, 1), inputs,
-      like_spec(grads) + [(like(big, c, d), blocks.head(like(big, c, d))), (like(big, 2), blocks.head(like(big, 2)))],
-      aliases={len(inputs) - len(grads) + i: i for i in range(len(grads))})
+      [(like(big, c, d), blocks.head(like(big, c, d))), (like(big, 2), blocks.head(like(big, 2)))], updated=grads)
   kz = [(g_kz, blocks.per_tile_stacked(g_kz))]
   inputs = (base + [st(x.coef), st(x.dec2), st(x.dec1)] + ends + [(g_key.hk, blocks.cols(g_key.hk, True)),
                                                                   (gu, blocks.head(gu))]
             + blocks.state(g_starts["w2"], g_starts["w1"]) + kz)
   *g_state, g_kz, sums2 = _call(functools.partial(_state_cotangent_kernel, mode=mode), tiling, grid, inputs,
-                                like_spec(ends[:2] + kz) + [per_tile(2)],
-                                aliases={len(base) + 3: 0, len(base) + 4: 1, len(inputs) - 1: 2})
+                                [per_tile(2)], updated=ends[:2] + kz)
   if ret.scaled:  # the read scales' share, ∂(s₂, s₁)/∂S_j, added to the start state's cotangent
     g_s = {"w2": jnp.sum(sums2[..., 0], axis=1) + g_scale2, "w1": g_s1[:, 1] + g_scale1}
     # through s = scale_from(t) at the forward's summed terms t, then t = Σ scale_terms(S_j) (element-wise)
