@@ -510,7 +510,9 @@ def test_pallas_kernels_equal_the_flat_path_values_and_grads(name, channel, hidd
   print(f"{name}, {'channel' if channel else 'head'} gates, E-tile {hidden_tile}: pallas (interpret) vs flat, "
         f"max rel error reads {errs[0]:.1e}, "
         f"state {errs[1]:.1e}, grads {errs[2]:.1e} (float{bits})")
-  assert max(errs) < (1e-5 if bits == 32 else 1e-12)
+  # float64: Yaad's Huber map with channel gates in four tiles amplifies the summation order's rounding (6e-13 to
+  # 1.3e-12 seen, with XLA's compiled order); a wrong pull-back is off by O(1)
+  assert max(errs) < (1e-5 if bits == 32 else 1e-11)
 
 
 @pytest.mark.parametrize(("name", "channel", "hidden_tile", "bits"), [
@@ -591,7 +593,9 @@ def test_pallas_channel_gates_stay_finite_and_accurate_under_strong_decay():
     errs = _rel(o_p, exact), _rel(o_f, exact)
   grads = jax.grad(lambda q, gates: jnp.sum(run(q, *qkv[1:], gates, **kw)[0] ** 2), argnums=(0, 1))(qkv[0], gates)
   print(f"strong decay: pallas vs float64 {errs[0]:.1e}, xla_flat (float32) vs float64 {errs[1]:.1e}")
-  assert errs[0] < max(2 * errs[1], 1e-5) and all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  # both are float32 paths whose distance to float64 moves with XLA's compiled summation order (pallas 1.3e-5 to
+  # 7.6e-5, xla_flat 2.1e-5 to 1.0e-4 seen); an overflowing factorisation gives inf or O(1)
+  assert errs[0] < max(4 * errs[1], 1e-4) and all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
 @pytest.mark.parametrize(("matmul_mode", "channel", "hidden_tile"), [("float32", False, 64), ("bfloat16", False, 16),
