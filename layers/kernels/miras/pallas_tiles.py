@@ -47,7 +47,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from layers.kernels.miras import flat, pallas_reads, pallas_triton
 from layers.kernels.miras.pallas_triton import (gelu_grad2, kernel_dot, kernel_gelu, kernel_gelu_grad, keys_errors,
-                                               pair_row, row_scalars)
+                                               leading_block, pair_row, row_scalars)
 from layers.miras.spec import Gates, MemorySpec, along
 
 
@@ -88,9 +88,7 @@ class _Blocks:
   head = staticmethod(lambda x: _block(x, 0))
   stacked = staticmethod(lambda x: _block(x, 1))
 
-  @staticmethod
-  def per_tile(x):
-    return pl.BlockSpec((None, None, *x.shape[2:]), lambda h, i: (h, i) + (0,) * (x.ndim - 2))
+  per_tile = staticmethod(leading_block)
 
   @staticmethod
   def per_tile_stacked(x):

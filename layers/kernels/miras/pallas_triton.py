@@ -135,6 +135,11 @@ def row_scalars(row) -> tuple:
   return tuple(jnp.sum(jnp.where(jnp.arange(2) == i, row, 0.0)) for i in range(2))
 
 
+def leading_block(x) -> pl.BlockSpec:
+  """What program (a, b) of a 2-D grid sees of x [A, B, ...]: x[a, b], the rest whole."""
+  return pl.BlockSpec((None, None, *x.shape[2:]), lambda a, b: (a, b) + (0,) * (x.ndim - 2))
+
+
 def _aligned(start, multiple: int):
   return start if isinstance(start, int) else pl.multiple_of(start, multiple)
 
@@ -492,8 +497,7 @@ def _store_totals(ref, slot, totals) -> None:
 
 
 def _load_totals(ref, slot) -> tuple:
-  row = ref[pl.ds(slot, 1), :]
-  return tuple(jnp.sum(jnp.where(jnp.arange(2)[None, :] == i, row, 0.0)) for i in range(2))
+  return row_scalars(ref[pl.ds(slot, 1), :])
 
 
 def _last_row(c: int, complete):
