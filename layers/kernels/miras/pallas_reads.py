@@ -30,7 +30,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from layers.kernels.miras.flat import KeyPass
-from layers.kernels.miras.pallas_triton import kernel_dot, kernel_gelu, kernel_gelu_grad, pair_row, row_scalars
+from layers.kernels.miras.pallas_triton import (kernel_dot, kernel_gelu, kernel_gelu_grad, leading_block, pair_row,
+                                               row_scalars)
 from layers.miras.spec import MemorySpec
 
 
@@ -44,14 +45,14 @@ class ReadTiling:
   interpret: bool = False
 
 
-def _block(x) -> pl.BlockSpec:
-  """Chunk j of head b of an array stacked [n, b·h, ...]: what program (j, b) sees."""
-  return pl.BlockSpec((None, None, *x.shape[2:]), lambda j, b: (j, b) + (0,) * (x.ndim - 2))
-
-
 def _acc(x):
   """The accumulators' dtype for inputs like x: float32, or float64 for float64 inputs (tests)."""
   return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _query_zraw(dot, rows, w2, sq, e2):
+  """The queries' first-layer pre-activation before s₂ on one tile, Q̃ W2ᵀ − S_q e2 [c, tile]."""
+  return dot("ti,ei->te", rows, w2) - dot("ts,se->te", sq, e2)
 
 
 def _tile_sums(dot, tile: int, s2, refs):
@@ -63,8 +64,7 @@ def _tile_sums(dot, tile: int, s2, refs):
   def body(i, sums):
     hh, p = sums
     cols = pl.ds(pl.multiple_of(i * tile, tile), tile)
-    hq = kernel_gelu(s2 * (dot("ti,ei->te", rows_ref[...], w2_ref[cols, :])
-                           - dot("ts,se->te", sq_ref[...], e2_ref[:, cols])))
+    hq = kernel_gelu(s2 * _query_zraw(dot, rows_ref[...], w2_ref[cols, :], sq_ref[...], e2_ref[:, cols]))
     return hh + dot("te,se->ts", hq, h_ref[:, cols]), p + dot("te,de->td", hq, w1_ref[:, cols])
 
   zeros = jnp.zeros((c, c), _acc(rows_ref)), jnp.zeros((c, d), _acc(rows_ref))
@@ -105,7 +105,7 @@ def _read_grad_kernel(w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref, coef_ref,
     grows, gsq, gs2 = sums
     cols = pl.ds(pl.multiple_of(i * tile, tile), tile)
     w2, w1, e2, h = w2_ref[cols, :], w1_ref[:, cols], e2_ref[:, cols], h_ref[:, cols]
-    zraw = dot("ti,ei->te", rows, w2) - dot("ts,se->te", sq, e2)
+    zraw = _query_zraw(dot, rows, w2, sq, e2)
     z = s2 * zraw
     hq = kernel_gelu(z)
     gw1_ref[:, cols] = dot("td,te->de", gp, hq).astype(gw1_ref.dtype)
@@ -130,8 +130,8 @@ def _call(kernel, mode: str, tiling: ReadTiling, inputs, outputs):
   return pl.pallas_call(
       functools.partial(kernel, mode=mode, tile=tile),
       grid=(n, heads),
-      in_specs=[_block(x) for x in inputs],
-      out_specs=[_block(x) for x in outputs],
+      in_specs=[leading_block(x) for x in inputs],
+      out_specs=[leading_block(x) for x in outputs],
       out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outputs],
       compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=1),
       interpret=tiling.interpret,
