@@ -518,11 +518,13 @@ def test_pallas_kernels_equal_the_flat_path_values_and_grads(name, channel, hidd
 @pytest.mark.parametrize(("name", "channel", "hidden_tile", "bits"), [
     ("moneta", False, 16, 64), ("yaad", True, 16, 64), ("moneta", True, 32, 32)])
 def test_tiled_pallas_recurrence_equals_the_flat_path(name, channel, hidden_tile, bits, monkeypatch):
-  """``pallas_tiles``: the keys' recurrence as kernels of one program per head and tile of E (interpret mode), two
-  per chunk forward and two per chunk backward with a hand-written pull-back, the reads and the inputs' cotangents
-  from XLA. Against ``xla_flat``: reads, state and the gradients of every input, with a padded trailing chunk and a
-  length ending inside an earlier chunk; in float64 with XLA's erf in the kernels the pull-back must equal autodiff
-  to rounding (Moneta's read scales summed over four tiles; Yaad's δ and channel gates along each layer's axis)."""
+  """``pallas_tiles``: the keys' recurrence as kernels of one program per head and tile of E with a row-wise kernel
+  of one program per head between them (interpret mode), three per chunk forward and three per chunk backward with a
+  hand-written pull-back that also returns the inputs' cotangents; with per-head gates the reads are
+  ``pallas_reads``' kernels, with channel gates XLA's. Against ``xla_flat``: reads, state and the gradients of every
+  input, with a padded trailing chunk and a length ending inside an earlier chunk; in float64 with XLA's erf in the
+  kernels the pull-back must equal autodiff to rounding (Moneta's read scales summed over four tiles; Yaad's δ and
+  channel gates along each layer's axis)."""
   kernels = functools.partial(pallas_tiles.miras_tiles,
                               tiling=pallas_tiles.Tiling(hidden_tile=hidden_tile, interpret=True))
   errs = _kernels_vs_flat(kernels, SPECS[name], channel, bits, 25, 10, monkeypatch)
