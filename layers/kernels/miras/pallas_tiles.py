@@ -64,9 +64,11 @@ class Tiling:
   def tile(self, hidden: int) -> int:
     return min(hidden, self.hidden_tile)
 
-  def row_wise(self) -> Tiling:
-    """The settings of the row-wise kernels (one program per head holding several [c, d] arrays): 8 warps, at which
-    the backward's compiles for sm_90a without spills (at c = d = 64; 1.4 KB a thread at 4)."""
+  def wide(self) -> Tiling:
+    """The settings of the kernels whose live values spill at 4 warps, at 8: the row-wise kernels (one program per
+    head holding several [c, d] arrays; R spills 1.4 KB a thread at 4, none at 8, c = d = 64) and B1 (700 B a
+    thread at 4, 172 at 8; H100, Moneta 8 × 4096: memory op 26.4 vs 27.5 ms fwd+bwd). B2 still spills at 8 and
+    ran slower there (32.1 ms), so it keeps ``num_warps``."""
     return dataclasses.replace(self, num_warps=8)
 
 
@@ -298,7 +300,7 @@ def _forward_step(spec: MemorySpec, tiling: Tiling, ln, x: _Factors, carry, j):
   (parts,) = _call(functools.partial(_hidden_sum_kernel, mode=mode), tiling, grid, base,
                    [(parts, blocks.per_tile(parts))])
   stacked = [(a, blocks.stacked(a)) for a in (e1s, us)]
-  e1s, us = _call(functools.partial(_errors_kernel, spec=spec), tiling.row_wise(), (big, 1),
+  e1s, us = _call(functools.partial(_errors_kernel, spec=spec), tiling.wide(), (big, 1),
                   [base[0]] + [(a, blocks.stacked(a)) for a in (x.k, x.v, x.delta)]
                   + [(a, blocks.head(a)) for a in (scales, parts, *ln)] + stacked, updated=stacked)
   written = blocks.state(*buffers[2:4], stack=False) + [(b, blocks.cols(b, True)) for b in buffers[4:]]
@@ -328,13 +330,13 @@ def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> t
   base = [_chunk_index(j), st(x.k), st(scales), *blocks.state(starts["w2"], starts["w1"]), st(e1s), st(x.kc)]
   ends = [*blocks.state(*g_state, stack=False), (g_key.e2, blocks.cols(g_key.e2, True))]
   per_tile = lambda *shape: (like(big, tiles, *shape), blocks.per_tile(like(big, tiles, *shape)))
-  shares = _call(functools.partial(_errors_cotangent_kernel, mode=mode), tiling, grid, base + ends,
+  shares = _call(functools.partial(_errors_cotangent_kernel, mode=mode), tiling.wide(), grid, base + ends,
                  [per_tile(c, d)] * 3 + [per_tile(1, d), per_tile(d, 1), per_tile(2)])
   grads = [st(a) for a in g_x] + [(g_ln, blocks.head(g_ln))]
   inputs = ([base[0]] + [st(a) for a in (x.k, x.v, x.delta, scales, us, e1s, x.coef, g_key.e1)]
             + [(a, blocks.head(a)) for a in (*ln, *shares)] + grads)
   *g_x, g_ln, gu, g_s1 = _call(
-      functools.partial(_errors_pullback_kernel, spec=spec), tiling.row_wise(), (big, 1), inputs,
+      functools.partial(_errors_pullback_kernel, spec=spec), tiling.wide(), (big, 1), inputs,
       [(like(big, c, d), blocks.head(like(big, c, d))), (like(big, 2), blocks.head(like(big, 2)))], updated=grads)
   kz = [(g_kz, blocks.per_tile_stacked(g_kz))]
   inputs = (base + [st(x.coef), st(x.dec2), st(x.dec1)] + ends + [(g_key.hk, blocks.cols(g_key.hk, True)),
