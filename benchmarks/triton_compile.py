@@ -1,6 +1,8 @@
 """Compile the Miras Pallas (Triton) kernels for an H100 on a machine without a GPU: shared memory, registers, time.
 
-The kernels (``layers/kernels/miras/pallas_triton.py``) are lowered for an abstract H100 to Triton IR
+The kernels (``--impl pallas_triton``: ``layers/kernels/miras/pallas_triton.py``'s forward and backward;
+``--impl pallas_tiles``: ``pallas_tiles.py``'s and ``pallas_reads.py``'s, each by its name) are lowered for an
+abstract H100 to Triton IR
 (``layers.kernels.jax_compat.triton_modules``), and each IR module is compiled to a cubin for sm_90a by the
 ``triton`` package (OpenAI's compiler, which is what XLA runs on that IR too; its bundled ptxas). Reported per
 kernel (forward, backward) and launch setting: the shared memory the kernel needs, against the 227 KiB a block may
@@ -10,6 +12,7 @@ per thread and spill bytes. This is what a GPU would say before it says anything
 Needs ``pip install triton`` (not a memlab dependency; CPU-only is fine). Example:
   PYTHONPATH=. python benchmarks/triton_compile.py --gates head,channel --hidden-tile 64,32 --warps 4,8 \\
       --json triton_compile.json --ptxas-info
+  PYTHONPATH=. python benchmarks/triton_compile.py --impl pallas_tiles --gates head --warps 4,8 --ptxas-info
 Prints a table and writes JSON.
 """
 
@@ -30,12 +33,14 @@ H100_SHARED_BYTES = 232_448  # 227 KiB: the most dynamic shared memory one block
 
 
 def triton_ir(spec, gates: str, chunk: int, head_dim: int, tuning, matmul: str) -> dict[str, str]:
-  """{"forward": IR, "backward": IR} of the kernels of one fwd+bwd, lowered for an abstract H100."""
+  """The Triton IR of the kernels of one fwd+bwd, lowered for an abstract H100: {"forward": IR, "backward": IR}
+  for ``pallas_triton`` (``tuning`` a ``pallas_triton.Tuning``), {kernel name: IR} for ``pallas_tiles`` (a
+  ``pallas_tiles.Tiling``)."""
   import jax
   import jax.numpy as jnp
 
   from layers.kernels.jax_compat import triton_modules
-  from layers.kernels.miras import pallas_triton
+  from layers.kernels.miras import pallas_tiles, pallas_triton
   from layers.miras.spec import Gates
 
   g = head_dim if gates == "channel" else 1
@@ -43,12 +48,17 @@ def triton_ir(spec, gates: str, chunk: int, head_dim: int, tuning, matmul: str) 
   x = shape(1, 2 * chunk, 1, head_dim)
   gate = Gates(eta=shape(1, 2 * chunk, 1, g), log_alpha=shape(1, 2 * chunk, 1, g), delta=None)
   state = {n: shape(1, 1, *s) for n, s in spec.memory.shapes(head_dim).items()}
-  run = functools.partial(pallas_triton.miras_pallas, spec=spec, chunk_size=chunk, matmul=matmul, tuning=tuning)
+  tiled = isinstance(tuning, pallas_tiles.Tiling)
+  run = (functools.partial(pallas_tiles.miras_tiles, tiling=tuning) if tiled
+         else functools.partial(pallas_triton.miras_pallas, tuning=tuning))
+  run = functools.partial(run, spec=spec, chunk_size=chunk, matmul=matmul)
   loss = lambda q, k, v, gate, state: jnp.sum(run(q, k, v, gate, initial_state=state)[0])
   h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
   mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=h100)
   with triton_modules() as modules, jax.sharding.use_abstract_mesh(mesh):
     jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(x, x, x, gate, state).lower(lowering_platforms=("cuda",))
+  if tiled:
+    return {re.match(r"module @(\w+)", ir).group(1): ir for ir in modules}
   if len(modules) != 2:
     raise RuntimeError(f"expected the forward and backward kernels, lowered {len(modules)} Triton modules")
   return dict(zip(("forward", "backward"), modules, strict=True))
@@ -92,14 +102,16 @@ def _ptxas_info(ptx: str, tmp: str) -> dict:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--impl", default="pallas_triton", choices=("pallas_triton", "pallas_tiles"))
   parser.add_argument("--model", default="moneta", help="a Miras mixer (moneta, yaad)")
   parser.add_argument("--gates", default="head,channel", help="comma list of head, channel")
-  parser.add_argument("--hidden-tile", default="64", help="comma list (pallas_triton.Tuning.hidden_tile)")
+  parser.add_argument("--hidden-tile", default="64", help="comma list (Tuning / Tiling.hidden_tile)")
   parser.add_argument("--warps", default="4", help="comma list of Triton num_warps")
   parser.add_argument("--matmul", default="bfloat16", choices=("bfloat16", "float32"))
   parser.add_argument("--chunk", type=int, default=64)
   parser.add_argument("--head-dim", type=int, default=64)
-  parser.add_argument("--kernels", default="forward,backward", help="comma list of forward, backward")
+  parser.add_argument("--kernels", default="", help="comma list of the kernels to compile (default: all): forward, "
+                      "backward (pallas_triton); the kernels' names (pallas_tiles, e.g. _close_kernel)")
   parser.add_argument("--ptxas-info", action="store_true", help="also run ptxas -v for registers and spills")
   parser.add_argument("--json", default="triton_compile.json")
   args = parser.parse_args()
@@ -107,6 +119,7 @@ def main() -> None:
     import triton  # noqa: F401
   except ImportError:
     sys.exit("benchmarks/triton_compile.py needs the triton package: pip install triton")
+  from layers.kernels.miras.pallas_tiles import Tiling
   from layers.kernels.miras.pallas_triton import Tuning
   from research.models.registry import MIXERS
 
@@ -115,11 +128,15 @@ def main() -> None:
   for gates in split(args.gates):
     spec = MIXERS.config_class(args.model)(gates=gates, chunk_size=args.chunk).memory_spec()
     for tile in (int(m) for m in split(args.hidden_tile)):
-      modules = triton_ir(spec, gates, args.chunk, args.head_dim, Tuning(hidden_tile=tile), args.matmul)
-      for kernel in split(args.kernels):
+      settings = (Tiling if args.impl == "pallas_tiles" else Tuning)(hidden_tile=tile)
+      modules = triton_ir(spec, gates, args.chunk, args.head_dim, settings, args.matmul)
+      if unknown := set(split(args.kernels)) - set(modules):
+        sys.exit(f"no kernels {sorted(unknown)} in {args.impl}; it has {sorted(modules)}")
+      for kernel in split(args.kernels) or list(modules):
         for warps in (int(w) for w in split(args.warps)):
-          row = {"model": args.model, "gates": gates, "kernel": kernel, **dataclasses.asdict(Tuning(warps, tile)),
-                 "matmul": args.matmul, "chunk": args.chunk, "head_dim": args.head_dim, "target": "sm_90a"}
+          row = {"impl": args.impl, "model": args.model, "gates": gates, "kernel": kernel,
+                 **dataclasses.asdict(dataclasses.replace(settings, num_warps=warps)), "matmul": args.matmul,
+                 "chunk": args.chunk, "head_dim": args.head_dim, "target": "sm_90a"}
           try:
             row |= compile_ir(modules[kernel], warps, args.ptxas_info)
           except Exception as e:  # noqa: BLE001 - report and go on with the other settings

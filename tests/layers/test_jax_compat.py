@@ -52,3 +52,17 @@ def test_triton_modules_hands_out_the_miras_kernels_ir():
   assert [m.split("{")[0].strip() for m in modules.values()] == ["module @_fwd_kernel", "module @_bwd_kernel"]
   assert all("tt.dot" in m and "gpu.barrier" in m for m in modules.values())
   assert registration.lowering.lower_jaxpr_to_triton_module is lower
+
+
+def test_triton_modules_name_the_tiled_kernels():
+  """``triton_ir`` with a ``pallas_tiles.Tiling`` hands out every kernel of the tiled path's fwd+bwd by its name
+  (what ``benchmarks/triton_compile.py --impl pallas_tiles --kernels`` selects)."""
+  from benchmarks.triton_compile import triton_ir
+  from layers.kernels.miras.pallas_tiles import Tiling
+  from research.models.registry import MIXERS
+
+  spec = MIXERS.config_class("moneta")(gates="head", chunk_size=16).memory_spec()
+  modules = triton_ir(spec, "head", 16, 16, Tiling(hidden_tile=32), "bfloat16")
+  assert set(modules) == {"_hidden_sum_kernel", "_errors_kernel", "_close_kernel", "_read_kernel", "_read_grad_kernel",
+                          "_errors_cotangent_kernel", "_errors_pullback_kernel", "_state_cotangent_kernel"}
+  assert all(ir.startswith(f"module @{name}") for name, ir in modules.items())

@@ -66,7 +66,7 @@ class Tiling:
 
   def wide(self) -> Tiling:
     """The settings of the kernels whose live values spill at 4 warps, at 8: the row-wise kernels (one program per
-    head holding several [c, d] arrays; R spills 1.4 KB a thread at 4, none at 8, c = d = 64) and B1 (700 B a
+    head holding several [c, d] arrays; R spills 1.5 KB a thread at 4, 8 B at 8, c = d = 64) and B1 (700 B a
     thread at 4, 172 at 8; H100, Moneta 8 × 4096: memory op 26.4 vs 27.5 ms fwd+bwd). B2 still spills at 8 and
     ran slower there (32.1 ms), so it keeps ``num_warps``."""
     return dataclasses.replace(self, num_warps=8)
