@@ -13,12 +13,13 @@ float32; returns (o [b, t, h, d] float32, state at the last chunk boundary, mome
     recurrence), every chunk's per-token reads then taken at once from its start state (``miras_flat(split=True)``):
     98 instead of 129 kernels per chunk fwd+bwd, a Moneta layer (per-head gates, bf16, remat) 8% faster than
     ``xla_flat_bf16`` on an H200 (38.7 vs 42.2 ms at 8 × 4096), with 1.6× its temporary memory (the start states);
-  * ``"pallas_tiles"`` / ``"pallas_tiles_bf16"``: ``xla_split`` with the keys' recurrence as Pallas kernels
-    whose programs each own one tile of the hidden axis of one head, two per chunk forward and two backward, which
-    also return the inputs' cotangents, and with per-head gates every chunk's reads as one kernel per direction
-    (:mod:`pallas_tiles`, :mod:`pallas_reads`; same limits as ``pallas_triton``). The fastest Moneta layer
-    measured on an H100 (bf16, remat, 8 × 4096, fwd+bwd, same run): per-head gates 34.4 vs 44.8 ms for
-    ``xla_split_bf16``, channel gates 73.3 vs 79.2 ms for ``xla_flat_bf16`` (docs/benchmarks.md);
+  * ``"pallas_tiles"`` / ``"pallas_tiles_bf16"``: ``xla_split`` with the keys' recurrence as Pallas kernels, three
+    per chunk forward and three backward (two whose programs each own one tile of the hidden axis of one head,
+    one row-wise between them), which also return the inputs' cotangents, and with per-head gates every chunk's
+    reads as one kernel per direction (:mod:`pallas_tiles`, :mod:`pallas_reads`; same limits as
+    ``pallas_triton``). The fastest Moneta layer measured on an H100 (bf16, remat, 8 × 4096, fwd+bwd, same run):
+    per-head gates 31.7 vs 47.3 ms for ``xla_split_bf16`` (30.4 ms since, 0.25× the GDN layer), channel gates
+    73.3 vs 79.2 ms for ``xla_flat_bf16`` (docs/benchmarks.md);
   * ``"xla_chunked"``: closed-form chunk gradients, dual-form reads, ``lax.scan`` over chunks (any backend), every
     matmul in full float32;
   * ``"xla_chunked_bf16"``: the same with bfloat16 matmul operands and float32 accumulation (tensor cores on GPU;
