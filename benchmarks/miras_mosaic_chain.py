@@ -127,9 +127,10 @@ def pullback_reference(k, e1, h, ge2, gh, coef, decay, starts2, starts1, gs2, gs
 
 
 class _Steps:
-  """What both probe kernels do between their products (inside a kernel body): synchronous copies through one
-  barrier, wgmma products into a scoped accumulator, and the WGMMA layout pinned on values loaded from shared
-  memory (no layout annotations in interpret mode)."""
+  """What both probe kernels do between their products (inside a kernel body): loads waited for at once through
+  one barrier, stores issued without waiting (a later write to a staging buffer first waits until every issued
+  store has read its shared memory, and :meth:`settle` until they have landed), wgmma products into a scoped
+  accumulator, and the WGMMA layout pinned on values loaded from shared memory (not in interpret mode)."""
 
   def __init__(self, interpret: bool, barrier):
     self.interpret, self.barrier = interpret, barrier
@@ -138,6 +139,7 @@ class _Steps:
     return x if self.interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA)
 
   def load(self, src, dst):
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # dst may be an issued store's source
     plgpu.copy_gmem_to_smem(src, dst, self.barrier)
     plgpu.barrier_wait(self.barrier)
 
@@ -150,11 +152,16 @@ class _Steps:
   def store(src, dst):
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(src, dst)
-    plgpu.wait_smem_to_gmem(0)
 
   def store_value(self, x, staging, dst):
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     staging[...] = x
     self.store(staging, dst)
+
+  @staticmethod
+  def settle():
+    """Wait until every issued store has landed: before reading back what an earlier chunk stored, and at the end."""
+    plgpu.wait_smem_to_gmem(0)
 
   @staticmethod
   def product(shape, a, b):
@@ -200,6 +207,7 @@ def forward_kernel(k, v, coef, decay, w2, w1, interpret: bool = False):
 
     @pl.loop(0, n)
     def _chunk(j):
+      op.settle()  # the state tiles the previous chunk stored
       op.load(k_g.at[j, head], k_s)
       coef = op.load_value(coef_g.at[j, head], coef_s)
       kc_s[...] = (op.layout(k_s[...]).astype(jnp.float32) * coef).astype(BF16)
@@ -229,6 +237,8 @@ def forward_kernel(k, v, coef, decay, w2, w1, interpret: bool = False):
         w1b_s[:, cols] = w1.astype(BF16)
         op.store_value(w1, tile_s, end1_g.at[head, :, cols])
       plgpu.commit_smem()
+
+    op.settle()
 
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   out_type = (f32(n, heads, C, D), f32(n, heads, E, D), f32(n, heads, D, E), f32(heads, E, D), f32(heads, D, E))
@@ -275,6 +285,7 @@ def pullback_kernel(k, e1, h, ge2, gh, coef, decay, starts2, starts1, gs2, gs1, 
     @pl.loop(0, n)
     def _chunk(i):
       j = n - 1 - i
+      op.settle()  # the cotangent tiles the previous chunk stored
       op.load(k_g.at[j, head], k_s)
       coef, e1 = op.load_value(coef_g.at[j, head], tile_s), op.load_value(e1_g.at[j, head], add_s)
       kc_s[...] = (op.layout(k_s[...]).astype(jnp.float32) * coef).astype(BF16)
@@ -312,6 +323,8 @@ def pullback_kernel(k, e1, h, ge2, gh, coef, decay, starts2, starts1, gs2, gs1, 
         op.store_value(g1 + op.load_value(gs1_g.at[j, head, :, cols], add_s), tile_s, out1_g.at[head, :, cols])
         kz = kz + op.product((C, D), gzt_s, w2b_s.at[cols])
       op.store_value(kz, add_s, kz_g.at[j, head])
+
+    op.settle()
 
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   out_type = (f32(n, heads, C, D), f32(n, heads, C, D), f32(heads, E, D), f32(heads, D, E))
