@@ -23,10 +23,10 @@ backward, per chunk in reverse (as B1, R, B2), from the stacked start state S an
              the reads' own; K's share g_z W2_t,
 
 with b the chunk's per-head decay and c = η B/B_i broadcast [c, d]. The same steps in jnp (``forward_reference``,
-``pullback_reference``) are the checks. Every copy is waited for before the next step (no overlap of loads, stores
-and products yet), so the times are upper bounds for this much work. Run on the GPU it prints µs per chunk, to set
-against pallas_tiles' kernels (forward F1 + E + F2 ≈ 49 µs a chunk, backward B1 + R + B2 ≈ 190 µs on an H100,
-docs/benchmarks.md); on a CPU it checks the kernels in Mosaic GPU interpret mode (``--interpret``) or lowers them
+``pullback_reference``) are the checks. Loads are issued together where they can be and waited for at once,
+stores are not waited for, but nothing is prefetched across steps, so the times are upper bounds for this much
+work. Run on the GPU it prints µs per chunk, to set against pallas_tiles' kernels (forward F1 + E + F2 ≈ 49 µs a
+chunk, backward B1 + R + B2 ≈ 190 µs on an H100, docs/benchmarks.md); on a CPU it checks the kernels in Mosaic GPU interpret mode (``--interpret``) or lowers them
 for an abstract H100 (``--lower``: layout and wgmma-shape errors, before any device time).
 
   PYTHONPATH=. python benchmarks/miras_mosaic_chain.py --heads 128 --chunks 64 --json mosaic_chain.json
@@ -127,10 +127,10 @@ def pullback_reference(k, e1, h, ge2, gh, coef, decay, starts2, starts1, gs2, gs
 
 
 class _Steps:
-  """What both probe kernels do between their products (inside a kernel body): loads waited for at once through
-  one barrier, stores issued without waiting (a later write to a staging buffer first waits until every issued
-  store has read its shared memory, and :meth:`settle` until they have landed), wgmma products into a scoped
-  accumulator, and the WGMMA layout pinned on values loaded from shared memory (not in interpret mode)."""
+  """What both probe kernels do between their products (inside a kernel body): loads issued together (a barrier
+  each) and waited for at once, stores issued without waiting (a later write to a staging buffer first waits until
+  every issued store has read its shared memory, and :meth:`settle` until they have landed), wgmma products into a
+  scoped accumulator, and the WGMMA layout pinned on values loaded from shared memory (not in interpret mode)."""
 
   def __init__(self, interpret: bool, barrier):
     self.interpret, self.barrier = interpret, barrier
@@ -138,15 +138,18 @@ class _Steps:
   def layout(self, x):
     return x if self.interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA)
 
-  def load(self, src, dst):
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # dst may be an issued store's source
-    plgpu.copy_gmem_to_smem(src, dst, self.barrier)
-    plgpu.barrier_wait(self.barrier)
+  def load(self, *copies):
+    """(source in global memory, destination in shared memory) pairs, in flight together."""
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # a destination may be an issued store's source
+    for i, (src, dst) in enumerate(copies):
+      plgpu.copy_gmem_to_smem(src, dst, self.barrier.at[i])
+    for i in range(len(copies)):
+      plgpu.barrier_wait(self.barrier.at[i])
 
-  def load_value(self, src, staging):
-    """A float32 array from global memory, through ``staging``, in registers."""
-    self.load(src, staging)
-    return self.layout(staging[...])
+  def load_values(self, *copies):
+    """Float32 arrays from global memory, through their staging buffers, in registers."""
+    self.load(*copies)
+    return [self.layout(staging[...]) for _, staging in copies]
 
   @staticmethod
   def store(src, dst):
@@ -197,25 +200,26 @@ def forward_kernel(k, v, coef, decay, w2, w1, interpret: bool = False):
   def body(k_g, v_g, coef_g, decay_g, w2_g, w1_g, e1_g, starts2_g, starts1_g, end2_g, end1_g,
            k_s, kc_s, e1_s, e1c_s, h_s, e2_s, w2b_s, w1b_s, rows_s, coef_s, decay_s, tile_s, barrier):
     head, op = jax.lax.axis_index("head"), _Steps(interpret, barrier)
-    op.load(decay_g.at[head], decay_s)
+    op.load((decay_g.at[head], decay_s))
     for t in range(tiles):  # the end state starts as the initial one; its bf16 copy lives in shared memory
       cols = pl.ds(t * TILE, TILE)
-      w2b_s[cols] = op.load_value(w2_g.at[head, cols], tile_s).astype(BF16)
+      (w2,) = op.load_values((w2_g.at[head, cols], tile_s))
+      w2b_s[cols] = w2.astype(BF16)
       op.store(tile_s, end2_g.at[head, cols])
-      w1b_s[:, cols] = op.load_value(w1_g.at[head, :, cols], tile_s).astype(BF16)
+      (w1,) = op.load_values((w1_g.at[head, :, cols], tile_s))
+      w1b_s[:, cols] = w1.astype(BF16)
       op.store(tile_s, end1_g.at[head, :, cols])
 
     @pl.loop(0, n)
     def _chunk(j):
       op.settle()  # the state tiles the previous chunk stored
-      op.load(k_g.at[j, head], k_s)
-      coef = op.load_value(coef_g.at[j, head], coef_s)
+      coef, v = op.load_values((k_g.at[j, head], k_s), (coef_g.at[j, head], coef_s), (v_g.at[j, head], rows_s))[1:]
       kc_s[...] = (op.layout(k_s[...]).astype(jnp.float32) * coef).astype(BF16)
       for t in range(tiles):
         cols = pl.ds(t * TILE, TILE)
         h_s[:, cols] = gelu(op.product((C, TILE), k_s, w2b_s.at[cols].T)).astype(BF16)
       plgpu.commit_smem()
-      e1 = row_normalised(op.product((C, D), h_s, w1b_s.T) - op.load_value(v_g.at[j, head], rows_s))
+      e1 = row_normalised(op.product((C, D), h_s, w1b_s.T) - v)
       e1_s[...], e1c_s[...] = e1.astype(BF16), (e1 * coef).astype(BF16)
       op.store_value(e1, rows_s, e1_g.at[j, head])
       for t in range(tiles):
@@ -226,12 +230,12 @@ def forward_kernel(k, v, coef, decay, w2, w1, interpret: bool = False):
       b = decay_s[j]
       for t in range(tiles):
         cols = pl.ds(t * TILE, TILE)
-        w2 = op.load_value(end2_g.at[head, cols], tile_s)
+        (w2,) = op.load_values((end2_g.at[head, cols], tile_s))
         op.store(tile_s, starts2_g.at[j, head, cols])
         w2 = b * w2 - op.product((TILE, D), e2_s.at[:, cols].T, kc_s)
         w2b_s[cols] = w2.astype(BF16)
         op.store_value(w2, tile_s, end2_g.at[head, cols])
-        w1 = op.load_value(end1_g.at[head, :, cols], tile_s)
+        (w1,) = op.load_values((end1_g.at[head, :, cols], tile_s))
         op.store(tile_s, starts1_g.at[j, head, :, cols])
         w1 = b * w1 - op.product((D, TILE), e1c_s.T, h_s.at[:, cols])
         w1b_s[:, cols] = w1.astype(BF16)
@@ -244,7 +248,7 @@ def forward_kernel(k, v, coef, decay, w2, w1, interpret: bool = False):
   out_type = (f32(n, heads, C, D), f32(n, heads, E, D), f32(n, heads, D, E), f32(heads, E, D), f32(heads, D, E))
   scratch = [operand((C, D)), operand((C, D)), operand((C, D)), operand((C, D)), operand((C, E)), operand((C, E)),
              operand((E, D)), operand((D, E)), plgpu.SMEM((C, D), jnp.float32), plgpu.SMEM((C, D), jnp.float32),
-             plgpu.SMEM((n,), jnp.float32), plgpu.SMEM((TILE, TILE), jnp.float32), plgpu.Barrier()]
+             plgpu.SMEM((n,), jnp.float32), plgpu.SMEM((TILE, TILE), jnp.float32), plgpu.Barrier(num_barriers=5)]
   e1, starts2, starts1, end2, end1 = _launch(body, out_type, scratch, heads, interpret)(k, v, coef, decay, w2, w1)
   return e1, (starts2, starts1), (end2, end1)
 
@@ -263,20 +267,20 @@ def pullback_kernel(k, e1, h, ge2, gh, coef, decay, starts2, starts1, gs2, gs1, 
            k_s, kc_s, e1b_s, e1c_s, gub_s, w2b_s, w1b_s, ghat_slope_s, g2t_s, g1t_s, ge2t_s, ght_s, ht_s, gzt_s,
            decay_s, tile_s, add_s, barrier):
     head, op = jax.lax.axis_index("head"), _Steps(interpret, barrier)
-    op.load(decay_g.at[head], decay_s)
+    op.load((decay_g.at[head], decay_s))
     for t in range(tiles):  # the cotangent starts as the end state's and is updated in place in global memory
       cols = pl.ds(t * TILE, TILE)
-      op.load(g2_g.at[head, cols], tile_s)
+      op.load((g2_g.at[head, cols], tile_s))
       op.store(tile_s, out2_g.at[head, cols])
-      op.load(g1_g.at[head, :, cols], tile_s)
+      op.load((g1_g.at[head, :, cols], tile_s))
       op.store(tile_s, out1_g.at[head, :, cols])
 
     def tile_inputs(j, cols):
       """Tile ``cols`` of the chunk's state cotangent (bf16 operands), of h and of the reads' cotangents."""
-      g2t_s[...] = op.load_value(out2_g.at[head, cols], tile_s).astype(BF16)
-      g1t_s[...] = op.load_value(out1_g.at[head, :, cols], tile_s).astype(BF16)
-      for src, dst in ((h_g, ht_s), (ge2_g, ge2t_s), (gh_g, ght_s)):
-        op.load(src.at[j, head, :, cols], dst)
+      g2, g1 = op.load_values((out2_g.at[head, cols], tile_s), (out1_g.at[head, :, cols], add_s),
+                              *((src.at[j, head, :, cols], dst) for src, dst in ((h_g, ht_s), (ge2_g, ge2t_s),
+                                                                                  (gh_g, ght_s))))[:2]
+      g2t_s[...], g1t_s[...] = g2.astype(BF16), g1.astype(BF16)
       plgpu.commit_smem()
       z = op.product((C, TILE), k_s, w2b_s.at[cols].T)
       ghat = op.layout(ge2t_s[...]).astype(jnp.float32) - op.product((C, TILE), kc_s, g2t_s.T)
@@ -286,14 +290,13 @@ def pullback_kernel(k, e1, h, ge2, gh, coef, decay, starts2, starts1, gs2, gs1, 
     def _chunk(i):
       j = n - 1 - i
       op.settle()  # the cotangent tiles the previous chunk stored
-      op.load(k_g.at[j, head], k_s)
-      coef, e1 = op.load_value(coef_g.at[j, head], tile_s), op.load_value(e1_g.at[j, head], add_s)
+      coef, e1 = op.load_values((k_g.at[j, head], k_s), (coef_g.at[j, head], tile_s), (e1_g.at[j, head], add_s))[1:]
       kc_s[...] = (op.layout(k_s[...]).astype(jnp.float32) * coef).astype(BF16)
       e1b_s[...], e1c_s[...] = e1.astype(BF16), (e1 * coef).astype(BF16)
       for t in range(tiles):
         cols = pl.ds(t * TILE, TILE)
-        w2b_s[cols] = op.load_value(starts2_g.at[j, head, cols], tile_s).astype(BF16)
-        w1b_s[:, cols] = op.load_value(starts1_g.at[j, head, :, cols], tile_s).astype(BF16)
+        w2, w1 = op.load_values((starts2_g.at[j, head, cols], tile_s), (starts1_g.at[j, head, :, cols], add_s))
+        w2b_s[cols], w1b_s[:, cols] = w2.astype(BF16), w1.astype(BF16)
       plgpu.commit_smem()
       via_e2 = via_end = jnp.zeros((C, D), jnp.float32)
       for t in range(tiles):  # B1
@@ -316,11 +319,12 @@ def pullback_kernel(k, e1, h, ge2, gh, coef, decay, starts2, starts1, gs2, gs1, 
                + op.product((C, TILE), gub_s, w1b_s.at[:, cols]))
         gzt_s[...] = (ghat * praw * gelu_grad2(z) + g_h * gelu_grad(z)).astype(BF16)
         plgpu.commit_smem()
-        g2 = b * op.load_value(out2_g.at[head, cols], tile_s) + op.product((TILE, D), gzt_s.T, k_s)
-        op.store_value(g2 + op.load_value(gs2_g.at[j, head, cols], add_s), tile_s, out2_g.at[head, cols])
-        g1 = (b * op.load_value(out1_g.at[head, :, cols], tile_s)
-              + op.product((D, TILE), e1b_s.T, ghat_slope_s.at[:, cols]) + op.product((D, TILE), gub_s.T, ht_s))
-        op.store_value(g1 + op.load_value(gs1_g.at[j, head, :, cols], add_s), tile_s, out1_g.at[head, :, cols])
+        g2, gs2 = op.load_values((out2_g.at[head, cols], tile_s), (gs2_g.at[j, head, cols], add_s))
+        op.store_value(b * g2 + op.product((TILE, D), gzt_s.T, k_s) + gs2, tile_s, out2_g.at[head, cols])
+        g1, gs1 = op.load_values((out1_g.at[head, :, cols], tile_s), (gs1_g.at[j, head, :, cols], add_s))
+        g1 = (b * g1 + op.product((D, TILE), e1b_s.T, ghat_slope_s.at[:, cols])
+              + op.product((D, TILE), gub_s.T, ht_s) + gs1)
+        op.store_value(g1, tile_s, out1_g.at[head, :, cols])
         kz = kz + op.product((C, D), gzt_s, w2b_s.at[cols])
       op.store_value(kz, add_s, kz_g.at[j, head])
 
@@ -330,7 +334,7 @@ def pullback_kernel(k, e1, h, ge2, gh, coef, decay, starts2, starts1, gs2, gs1, 
   out_type = (f32(n, heads, C, D), f32(n, heads, C, D), f32(heads, E, D), f32(heads, D, E))
   scratch = ([operand((C, D))] * 5 + [operand((E, D)), operand((D, E)), operand((C, E))] + [operand((TILE, TILE))] * 6
              + [plgpu.SMEM((n,), jnp.float32), plgpu.SMEM((TILE, TILE), jnp.float32),
-                plgpu.SMEM((TILE, TILE), jnp.float32), plgpu.Barrier()])
+                plgpu.SMEM((TILE, TILE), jnp.float32), plgpu.Barrier(num_barriers=5)])
   run = _launch(body, out_type, scratch, heads, interpret)
   kz, gu, g2, g1 = run(k, e1, h, ge2, gh, coef, decay, starts2, starts1, gs2, gs1, g2, g1)
   return kz, gu, (g2, g1)
