@@ -26,8 +26,9 @@ with b the chunk's per-head decay and c = η B/B_i broadcast [c, d]. The same st
 ``pullback_reference``) are the checks. Loads are issued together where they can be and waited for at once,
 stores are not waited for, but nothing is prefetched across steps, so the times are upper bounds for this much
 work. Run on the GPU it prints µs per chunk, to set against pallas_tiles' kernels (forward F1 + E + F2 ≈ 49 µs a
-chunk, backward B1 + R + B2 ≈ 190 µs on an H100, docs/benchmarks.md); on a CPU it checks the kernels in Mosaic GPU interpret mode (``--interpret``) or lowers them
-for an abstract H100 (``--lower``: layout and wgmma-shape errors, before any device time).
+chunk, backward B1 + R + B2 ≈ 190 µs on an H100, docs/benchmarks.md); on a CPU it checks the kernels in Mosaic
+GPU interpret mode (``--interpret``) or lowers them for an abstract H100 (``--lower``: layout and wgmma-shape
+errors, before any device time).
 
   PYTHONPATH=. python benchmarks/miras_mosaic_chain.py --heads 128 --chunks 64 --json mosaic_chain.json
 """
