@@ -46,6 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from benchmarks.linear_attention import _median_ms
+from benchmarks.triton_compile import lowered_for_h100
 from layers.kernels.miras.pallas_triton import erf as polynomial_erf
 
 C, D, E, TILE = 64, 64, 256, 64  # chunk, head dim, hidden width (expansion 4), hidden tile
@@ -379,11 +380,7 @@ def max_relative_error(got, want) -> float:
 def lower_for_h100(direction: str, heads: int, chunks: int) -> int:
   """Lower a direction's kernel for an abstract H100 on any machine; returns the lowered module's length."""
   kernel, _, make_inputs = DIRECTIONS[direction]
-  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=h100)
-  shapes = jax.eval_shape(functools.partial(make_inputs, heads, chunks))
-  with jax.sharding.use_abstract_mesh(mesh):
-    return len(jax.jit(kernel).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text())
+  return len(lowered_for_h100(kernel, *jax.eval_shape(functools.partial(make_inputs, heads, chunks))).as_text())
 
 
 def main() -> None:

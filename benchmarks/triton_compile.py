@@ -32,6 +32,17 @@ import time
 H100_SHARED_BYTES = 232_448  # 227 KiB: the most dynamic shared memory one block may opt into on sm_90
 
 
+def lowered_for_h100(fun, *args):
+  """``fun`` jitted, traced at ``args`` (arrays or ShapeDtypeStructs) and lowered for an abstract H100, on any
+  machine: the module with every kernel as the GPU would receive it (Triton IR, Mosaic GPU)."""
+  import jax
+
+  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=h100)
+  with jax.sharding.use_abstract_mesh(mesh):
+    return jax.jit(fun).trace(*args).lower(lowering_platforms=("cuda",))
+
+
 def triton_ir(spec, gates: str, chunk: int, head_dim: int, tuning, matmul: str) -> dict[str, str]:
   """The Triton IR of the kernels of one fwd+bwd, lowered for an abstract H100: {"forward": IR, "backward": IR}
   for ``pallas_triton`` (``tuning`` a ``pallas_triton.Tuning``), {kernel name: IR} for ``pallas_tiles`` (a
@@ -53,10 +64,8 @@ def triton_ir(spec, gates: str, chunk: int, head_dim: int, tuning, matmul: str) 
          else functools.partial(pallas_triton.miras_pallas, tuning=tuning))
   run = functools.partial(run, spec=spec, chunk_size=chunk, matmul=matmul)
   loss = lambda q, k, v, gate, state: jnp.sum(run(q, k, v, gate, initial_state=state)[0])
-  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=h100)
-  with triton_modules() as modules, jax.sharding.use_abstract_mesh(mesh):
-    jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(x, x, x, gate, state).lower(lowering_platforms=("cuda",))
+  with triton_modules() as modules:
+    lowered_for_h100(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), x, x, x, gate, state)
   if tiled:
     return {re.match(r"module @(\w+)", ir).group(1): ir for ir in modules}
   if len(modules) != 2:

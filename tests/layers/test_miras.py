@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.triton_compile import lowered_for_h100
 from layers.kernels.gated_delta import reference as gdn_reference
 from layers.kernels.miras import api, channel_gates, chunked, flat, pallas_reads, pallas_tiles, pallas_triton, reference
 from layers.miras import bias as biases
@@ -614,12 +615,9 @@ def test_pallas_kernels_lower_to_triton_for_an_h100(matmul_mode, channel, hidden
 
 def _triton_calls(run, qkv, gates, kw) -> int:
   """Triton kernels in ``run``'s fwd+bwd lowered for an (abstract) H100 from this CPU."""
-  grad = jax.jit(jax.grad(_loss(run, jnp.ones(qkv[0].shape)), argnums=(0, 1, 2)))
+  grad = jax.grad(_loss(run, jnp.ones(qkv[0].shape)), argnums=(0, 1, 2))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (qkv, gates, kw))
-  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=h100)
-  with jax.sharding.use_abstract_mesh(mesh):
-    return grad.trace(*abstract).lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton")
+  return lowered_for_h100(grad, *abstract).as_text().count("__gpu$xla.gpu.triton")
 
 
 @pytest.mark.gpu
