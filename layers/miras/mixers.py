@@ -64,8 +64,8 @@ class MirasConfig(Config, abc.ABC):
       (docs/benchmarks.md), so it is the default.
     implementation: memory kernel (``layers.kernels.miras.IMPLEMENTATIONS``), None for the first that applies
       (float32 matmuls). On a GPU the fastest measured Moneta layer is ``pallas_tiles_bf16``: 73 ms fwd+bwd at
-      8 × 4096 on an H100 with channel gates (``xla_flat_bf16`` 79 ms), 34 ms with per-head gates (``xla_split_bf16``
-      45 ms; docs/benchmarks.md).
+      8 × 4096 on an H100 with channel gates (``xla_flat_bf16`` 79 ms), 31.7 ms with per-head gates (``xla_split_bf16``
+      47.3 ms in the same run; 30.4 ms since; docs/benchmarks.md).
   """
 
   memory: str = option("mlp", choices=MEMORIES)

@@ -381,7 +381,8 @@ def _recurrence_bwd(spec, tiling, residuals, cotangents):
   g_end, (g_starts, g_keys) = cotangents
   n = u.shape[0]
   x, factors_vjp = jax.vjp(_Factors.of, xs)
-  big, (c, d), tiles = x.k.shape[1], x.k.shape[2:], starts["w2"].shape[2] // tiling.tile(starts["w2"].shape[2])
+  (big, tiles), _, _ = _grid(starts["w2"], tiling)
+  c, d = x.k.shape[2:]
   # the chunks' kernels write their cotangents into slot j of these in place, and add the LayerNorm's
   carry = ((g_end["w2"], g_end["w1"]), jax.tree.map(jnp.zeros_like, x), jnp.zeros((n, big, tiles, c, d), x.k.dtype),
            jnp.zeros((big, 2, d), ln[0].dtype))
