@@ -50,9 +50,11 @@ def _acc(x):
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _query_zraw(dot, rows, w2, sq, e2):
-  """The queries' first-layer pre-activation before s₂ on one tile, Q̃ W2ᵀ − S_q e2 [c, tile]."""
-  return dot("ti,ei->te", rows, w2) - dot("ts,se->te", sq, e2)
+def _query_hidden(dot, s2, rows, w2, sq, e2):
+  """The queries' first layer on one tile: (zraw = Q̃ W2ᵀ − S_q e2, z = s₂ zraw, hq = gelu(z)), [c, tile] each."""
+  zraw = dot("ti,ei->te", rows, w2) - dot("ts,se->te", sq, e2)
+  z = s2 * zraw
+  return zraw, z, kernel_gelu(z)
 
 
 def _tile_sums(dot, tile: int, s2, refs):
@@ -64,7 +66,7 @@ def _tile_sums(dot, tile: int, s2, refs):
   def body(i, sums):
     hh, p = sums
     cols = pl.ds(pl.multiple_of(i * tile, tile), tile)
-    hq = kernel_gelu(s2 * _query_zraw(dot, rows_ref[...], w2_ref[cols, :], sq_ref[...], e2_ref[:, cols]))
+    hq = _query_hidden(dot, s2, rows_ref[...], w2_ref[cols, :], sq_ref[...], e2_ref[:, cols])[2]
     return hh + dot("te,se->ts", hq, h_ref[:, cols]), p + dot("te,de->td", hq, w1_ref[:, cols])
 
   zeros = jnp.zeros((c, c), _acc(rows_ref)), jnp.zeros((c, d), _acc(rows_ref))
@@ -105,9 +107,7 @@ def _read_grad_kernel(w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref, coef_ref,
     grows, gsq, gs2 = sums
     cols = pl.ds(pl.multiple_of(i * tile, tile), tile)
     w2, w1, e2, h = w2_ref[cols, :], w1_ref[:, cols], e2_ref[:, cols], h_ref[:, cols]
-    zraw = _query_zraw(dot, rows, w2, sq, e2)
-    z = s2 * zraw
-    hq = kernel_gelu(z)
+    zraw, z, hq = _query_hidden(dot, s2, rows, w2, sq, e2)
     gw1_ref[:, cols] = dot("td,te->de", gp, hq).astype(gw1_ref.dtype)
     gh_ref[:, cols] = dot("ts,te->se", ghh, hq).astype(gh_ref.dtype)
     gz = (dot("td,de->te", gp, w1) + dot("ts,se->te", ghh, h)) * kernel_gelu_grad(z)
