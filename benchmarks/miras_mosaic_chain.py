@@ -2,33 +2,33 @@
 
 "It's All Connected" (Behrouz et al., arXiv 2504.13173): the only sequential work of a chunkwise 2-layer MLP memory
 is its keys' recurrence. Our Triton kernels (``layers/kernels/miras/pallas_tiles.py``) run it as three
-latency-bound kernels a chunk and direction; the design that can meet the target keeps one CTA per head walking
-every chunk with the float32 state (or its cotangent) in L2 and bf16 copies in shared memory
-(docs/benchmarks.md, "Twelfth session"). Before writing those kernels in full, this script times skeletons:
-one Pallas Mosaic GPU kernel per direction, a CTA per head, a loop over the chunks doing that direction's products
-and state traffic at the real shapes (c = d = 64, E = 256), with the row-wise work (LayerNorm, the attentional
-bias' gradient and their pull-backs) reduced to a stand-in with one row reduction, n(x) = x / rms(x):
+latency-bound kernels a chunk and direction. These probes time the design meant to replace them: one Pallas Mosaic
+GPU kernel per direction, a CTA per head walking every chunk, one warpgroup per hidden tile of 64 columns holding
+its tile of the float32 state (forward) or of its cotangent (backward) in wgmma accumulators across all chunks,
+the bf16 operands in shared memory, at the real shapes (c = d = 64, E = 256: four warpgroups), with the row-wise
+work (LayerNorm, the attentional bias' gradient and their pull-backs) reduced to a stand-in with one row reduction,
+n(x) = x / rms(x):
 
 forward, per chunk (as F1, E, F2):
-  per hidden tile t of 64 columns:  z_t = K W2_tᵀ, h_t = gelu(z_t)
-  e1 = n(Σ_t h_t W1_tᵀ − V)
-  per tile:  e2_t = (e1 W1_t) ⊙ gelu'(z_t)
-  per tile:  W2_t ← b W2_t − e2_tᵀ (K ⊙ c),  W1_t ← b W1_t − (e1 ⊙ c)ᵀ h_t, each float32 tile read from and
-             written to global memory (L2) and stacked as the chunk's start state, its bf16 copy rewritten;
-backward, per chunk in reverse (as B1, R, B2), from the stacked start state S and the cotangent G (in L2):
-  per tile:  ĝ_t = g_e2,t − (K ⊙ c) G2_tᵀ; e1's cotangent from Σ_t (ĝ_t ⊙ gelu'(z_t)) W1_tᵀ and −Σ_t h_t G1_tᵀ
-  g_u = n(through e2 + c ⊙ through the chunk end)
-  per tile:  g_z = ĝ_t ⊙ (e1 W1_t) ⊙ gelu''(z_t) + (g_h,t − (e1 ⊙ c) G1_t + g_u W1_t) ⊙ gelu'(z_t);
-             G2_t ← b G2_t + g_zᵀ K + the reads' own, G1_t ← b G1_t + e1ᵀ (ĝ_t ⊙ gelu'(z_t)) + g_uᵀ h_t +
-             the reads' own; K's share g_z W2_t,
+  per tile t:  z_t = K W2_tᵀ, h_t = gelu(z_t), s_t = gelu'(z_t)                      (sync S1: every h_t, W1_t)
+  e1 = n(Σ_t h_t W1_tᵀ − V)                                                        (sync S2: h, W1 read)
+  per tile:  e2_t = (e1 W1_t) ⊙ s_t;  W2_t ← b W2_t − (e2_t ⊙ c)ᵀ K,  W1_t ← b W1_t − (e1 ⊙ c)ᵀ h_t,
+             the bf16 start state stacked for the backward;
+backward, per chunk in reverse (as B1, R, B2), from the stacked bf16 start state W and the cotangent G:
+  per tile:  ĝ_t = g_e2,t − (K ⊙ c) G2_tᵀ                                           (sync S1: every ĝ_t ⊙ s_t)
+  g_u = n(Σ_t (ĝ_t ⊙ s_t) W1_tᵀ − c ⊙ Σ_t h_t G1_tᵀ)                                (sync S2)
+  per tile:  g_z = ĝ_t ⊙ (e1 W1_t) ⊙ gelu''(z_t) + (g_h,t − (e1 ⊙ c) G1_t + g_u W1_t) ⊙ s_t;
+             G2_t ← b G2_t + g_zᵀ K + the reads' own,
+             G1_t ← b G1_t + e1ᵀ (ĝ_t ⊙ s_t) + g_uᵀ h_t + the reads' own;
+             K's share g_z W2_t (summed over the tiles after the kernel),
 
-with b the chunk's per-head decay and c = η B/B_i broadcast [c, d]. The same steps in jnp (``forward_reference``,
-``pullback_reference``) are the checks. Loads are issued together where they can be and waited for at once,
-stores are not waited for, but nothing is prefetched across steps, so the times are upper bounds for this much
-work. Run on the GPU it prints µs per chunk, to set against pallas_tiles' kernels (forward F1 + E + F2 ≈ 49 µs a
-chunk, backward B1 + R + B2 ≈ 190 µs on an H100, docs/benchmarks.md); on a CPU it checks the kernels in Mosaic
-GPU interpret mode (``--interpret``) or lowers them for an abstract H100 (``--lower``: layout and wgmma-shape
-errors, before any device time).
+with b the chunk's per-head decay and c = η B/B_i a coefficient per token. The cross-tile sums are computed by
+every warpgroup from the shared bf16 operands (no partial sums exchanged); the next chunk's shared inputs are
+prefetched by TMA after S1. The same steps in jnp (``forward_reference``, ``pullback_reference``, with the
+kernels' bf16 roundings) are the checks. Run on the GPU it prints µs per chunk, to set against pallas_tiles'
+kernels (forward F1 + E + F2 ≈ 49 µs a chunk, backward B1 + R + B2 ≈ 190 µs on an H100, docs/benchmarks.md); on a
+CPU it checks the kernels in Mosaic GPU interpret mode (``--interpret``) or lowers them for an abstract H100
+(``--lower``: layout, wgmma-shape and shared-memory errors, before any device time).
 
   PYTHONPATH=. python benchmarks/miras_mosaic_chain.py --heads 128 --chunks 64 --json mosaic_chain.json
 """
@@ -76,51 +76,61 @@ def gelu_grad2(x):
 _f32_einsum = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
 
 
+def gelu_and_slope(z, erf=polynomial_erf):
+  """(gelu(z), gelu'(z)) from one erf."""
+  cdf = 0.5 * (1.0 + erf(z * 2 ** -0.5))
+  return z * cdf, cdf + z * jnp.exp(-0.5 * z * z) * (2.0 * jnp.pi) ** -0.5
+
+
 def forward_reference(k, v, coef, decay, w2, w1):
-  """The forward probe's steps in jnp: k [n, N, c, d] bf16, v and coef [n, N, c, d], decay [N, n], w2 [N, E, d],
-  w1 [N, d, E] (float32). Returns (e1 [n, N, c, d], start states [n, N, E, d] / [n, N, d, E], end state)."""
+  """The forward probe's steps in jnp: k and v [n, N, c, d] bf16, the tokens' coefficients coef [n, N, c], decay
+  [N, n], w2 [N, E, d], w1 [N, d, E] (float32). Returns (e1 [n, N, c, d] float32, start states in bf16 [n, N, E, d] /
+  [n, N, d, E], end state in float32)."""
   f32 = _f32_einsum
 
   def step(state, xs):
     w2, w1 = state
     k, v, coef, b = xs
-    b = b[:, None, None]
-    z = f32("ncd,ned->nce", k, w2.astype(BF16))
-    h = gelu(z, jax.lax.erf).astype(BF16)
-    e1 = row_normalised(f32("nce,nde->ncd", h, w1.astype(BF16)) - v)
-    e2 = (f32("ncd,nde->nce", e1.astype(BF16), w1.astype(BF16)) * gelu_grad(z, jax.lax.erf)).astype(BF16)
-    kc, e1c = (k.astype(jnp.float32) * coef).astype(BF16), (e1 * coef).astype(BF16)
-    new = (b * w2 - f32("nce,ncd->ned", e2, kc), b * w1 - f32("ncd,nce->nde", e1c, h))
-    return new, (e1, w2, w1)
+    b, c = b[:, None, None], coef[..., None]
+    w2b, w1b = w2.astype(BF16), w1.astype(BF16)
+    h, slope = gelu_and_slope(f32("ncd,ned->nce", k, w2b), jax.lax.erf)
+    h, slope = h.astype(BF16), slope.astype(BF16)
+    e1 = row_normalised(f32("nce,nde->ncd", h, w1b) - v.astype(jnp.float32))
+    e2 = f32("ncd,nde->nce", e1.astype(BF16), w1b) * slope.astype(jnp.float32)
+    e2n, e1n = (-(e2 * c)).astype(BF16), (-(e1 * c)).astype(BF16)
+    new = (b * w2 + f32("nce,ncd->ned", e2n, k), b * w1 + f32("ncd,nce->nde", e1n, h))
+    return new, (e1, w2b, w1b)
 
   (end2, end1), (e1, starts2, starts1) = jax.lax.scan(step, (w2, w1), (k, v, coef, decay.T))
   return e1, (starts2, starts1), (end2, end1)
 
 
 def pullback_reference(k, e1, h, ge2, gh, coef, decay, starts2, starts1, gs2, gs1, g2, g1):
-  """The backward probe's steps in jnp, chunk by chunk in reverse: k [n, N, c, d] bf16, e1 and coef [n, N, c, d],
-  h and the reads' cotangents ge2, gh [n, N, c, E] bf16, decay [N, n], the start states and the reads' cotangents
-  of them [n, N, E, d] / [n, N, d, E], the end state's cotangent (g2 [N, E, d], g1 [N, d, E]) (float32). Returns
-  (K's share through z [n, N, c, d], u's cotangent [n, N, c, d], the initial state's cotangent)."""
+  """The backward probe's steps in jnp, chunk by chunk in reverse: k [n, N, c, d] bf16, e1 [n, N, c, d] float32,
+  h and the reads' cotangents ge2, gh [n, N, c, E] bf16, coef [n, N, c], decay [N, n], the start states in bf16
+  [n, N, E, d] / [n, N, d, E] and the reads' cotangents of them in float32, the end state's cotangent (g2 [N, E, d],
+  g1 [N, d, E], float32). Returns (K's share through z [n, N, c, d], u's cotangent [n, N, c, d], the initial
+  state's cotangent). The kernel keeps two [c, E] terms in bf16 registers (the slope and ĝ ⊙ p ⊙ gelu''(z)); so
+  does this."""
   f32 = _f32_einsum
 
   def step(g, xs):
     g2, g1 = g
-    k, e1, h, ge2, gh, coef, b, s2, s1, gs2, gs1 = xs
-    b = b[:, None, None]
-    w2b, w1b, g2b, g1b = (a.astype(BF16) for a in (s2, s1, g2, g1))
-    e1b, e1c, kc = e1.astype(BF16), (e1 * coef).astype(BF16), (k.astype(jnp.float32) * coef).astype(BF16)
+    k, e1, h, ge2, gh, coef, b, w2b, w1b, gs2, gs1 = xs
+    b, c = b[:, None, None], coef[..., None]
+    g2b, g1b = g2.astype(BF16), g1.astype(BF16)
+    e1b, e1n, kc = e1.astype(BF16), (-(e1 * c)).astype(BF16), (k.astype(jnp.float32) * c).astype(BF16)
     z = f32("ncd,ned->nce", k, w2b)
-    slope, praw = gelu_grad(z, jax.lax.erf), f32("ncd,nde->nce", e1b, w1b)
+    slope = gelu_grad(z, jax.lax.erf)
     ghat = ge2.astype(jnp.float32) - f32("ncd,ned->nce", kc, g2b)
     ghat_slope = (ghat * slope).astype(BF16)
-    via_e2, via_end = f32("nce,nde->ncd", ghat_slope, w1b), -f32("nce,nde->ncd", h, g1b)
-    gu = row_normalised(via_e2 + coef * via_end)
+    curvature = (ghat * f32("ncd,nde->nce", e1b, w1b) * gelu_grad2(z)).astype(BF16)
+    gu = row_normalised(f32("nce,nde->ncd", ghat_slope, w1b) - c * f32("nce,nde->ncd", h, g1b))
     gub = gu.astype(BF16)
-    g_h = gh.astype(jnp.float32) - f32("ncd,nde->nce", e1c, g1b) + f32("ncd,nde->nce", gub, w1b)
-    gz = (ghat * praw * gelu_grad2(z) + g_h * slope).astype(BF16)
-    new = (b * g2 + f32("nce,ncd->ned", gz, k) + gs2,
-           b * g1 + f32("ncd,nce->nde", e1b, ghat_slope) + f32("ncd,nce->nde", gub, h) + gs1)
+    g_h = gh.astype(jnp.float32) + f32("ncd,nde->nce", e1n, g1b) + f32("ncd,nde->nce", gub, w1b)
+    gz = (curvature.astype(jnp.float32) + g_h * slope.astype(BF16).astype(jnp.float32)).astype(BF16)
+    new = (b * g2 + gs2 + f32("nce,ncd->ned", gz, k),
+           b * g1 + gs1 + f32("ncd,nce->nde", e1b, ghat_slope) + f32("ncd,nce->nde", gub, h))
     return new, (f32("nce,ned->ncd", gz, w2b), gu)
 
   xs = (k, e1, h, ge2, gh, coef, decay.T, starts2, starts1, gs2, gs1)
@@ -128,53 +138,43 @@ def pullback_reference(k, e1, h, ge2, gh, coef, decay, starts2, starts1, gs2, gs
   return kz, gu, (g2, g1)
 
 
-class _Steps:
-  """What both probe kernels do between their products (inside a kernel body): loads issued together (a barrier
-  each) and waited for at once, stores issued without waiting (a later write to a staging buffer first waits until
-  every issued store has read its shared memory, and :meth:`settle` until they have landed), wgmma products into a
-  scoped accumulator, and the WGMMA layout pinned on values loaded from shared memory (not in interpret mode)."""
+class _Warpgroup:
+  """What both probe kernels' warpgroups do between their products: values pinned to the WGMMA layout (a [c] vector
+  to its row layout) when compiled, not in interpret mode; float32 or bf16 tiles loaded from global memory straight
+  into registers; wgmma products into a scoped accumulator, waited for."""
 
-  def __init__(self, interpret: bool, barrier):
-    self.interpret, self.barrier = interpret, barrier
+  def __init__(self, interpret: bool):
+    self.interpret = interpret
 
   def layout(self, x):
     return x if self.interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA)
 
-  def load(self, *copies):
-    """(source in global memory, destination in shared memory) pairs, in flight together."""
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # a destination may be an issued store's source
-    for i, (src, dst) in enumerate(copies):
-      plgpu.copy_gmem_to_smem(src, dst, self.barrier.at[i])
-    for i in range(len(copies)):
-      plgpu.barrier_wait(self.barrier.at[i])
+  def rows(self, ref, width):
+    """A [c] vector in shared or global memory, broadcast along the rows of a [c, width] tile."""
+    x = ref[...] if self.interpret else plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+    return jax.lax.broadcast_in_dim(x, (x.shape[0], width), (0,))
 
-  def load_values(self, *copies):
-    """Float32 arrays from global memory, through their staging buffers, in registers."""
-    self.load(*copies)
-    return [self.layout(staging[...]) for _, staging in copies]
+  def load(self, ref):
+    return self.layout(plgpu.load(ref, optimized=False)).astype(jnp.float32)
 
   @staticmethod
-  def store(src, dst):
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(src, dst)
-
-  def store_value(self, x, staging, dst):
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    staging[...] = x
-    self.store(staging, dst)
-
-  @staticmethod
-  def settle():
-    """Wait until every issued store has landed: before reading back what an earlier chunk stored, and at the end."""
-    plgpu.wait_smem_to_gmem(0)
-
-  @staticmethod
-  def product(shape, a, b):
+  def product(shape, *pairs):
+    """Σ a @ b over the (a, b) pairs, into a fresh float32 accumulator."""
     def run(acc):
-      plgpu.wgmma(acc, a, b)
+      for a, b in pairs:
+        plgpu.wgmma(acc, a, b)
       plgpu.wgmma_wait(0)
       return acc[...]
     return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+  @staticmethod
+  def accumulate(init, *pairs):
+    """init + Σ a @ b, accumulated in place."""
+    def run(acc):
+      for a, b in pairs:
+        plgpu.wgmma(acc, a, b)
+      plgpu.wgmma_wait(0)
+    return pl.run_state(run)(plgpu.ACC.init(init))
 
 
 def _operand(interpret: bool):
@@ -188,166 +188,223 @@ def _check_chunks(n: int) -> None:
 
 
 def _launch(body, out_type, scratch_types, heads: int, interpret: bool):
+  """A CTA per head of one warpgroup per hidden tile."""
   return plgpu.kernel(body, out_type=out_type, scratch_types=scratch_types, grid=(heads,), grid_names=("head",),
+                      num_threads=E // TILE, thread_name="wg",
                       interpret=plgpu.InterpretGPUParams() if interpret else None)
 
 
 def forward_kernel(k, v, coef, decay, w2, w1, interpret: bool = False):
-  """The forward probe kernel (shapes and returns as ``forward_reference``)."""
+  """The forward probe kernel (shapes and returns as ``forward_reference``): a CTA per head of one warpgroup per
+  hidden tile, each holding its tile of the float32 state in registers across all chunks. Per chunk: the bf16
+  start state's tile out by TMA; z_t, h_t and the slope gelu'(z_t) (one erf) into shared memory; sync S1; e1 from
+  every tile (every warpgroup, redundantly); warpgroup 0 writes −e1 ⊙ c for the W1 update; sync S2 (nobody reads
+  this chunk's h or W1 any more); e2_t; the state update and the new bf16 copies. Warpgroup 0 prefetches the next
+  chunk's keys, values and coefficients after S1."""
   n, heads = k.shape[:2]
   _check_chunks(n)
   tiles = E // TILE
   operand = _operand(interpret)
+  wg_ops = _Warpgroup(interpret)
 
   def body(k_g, v_g, coef_g, decay_g, w2_g, w1_g, e1_g, starts2_g, starts1_g, end2_g, end1_g,
-           k_s, kc_s, e1_s, e1c_s, h_s, e2_s, w2b_s, w1b_s, rows_s, coef_s, decay_s, tile_s, barrier):
-    head, op = jax.lax.axis_index("head"), _Steps(interpret, barrier)
-    op.load((decay_g.at[head], decay_s))
-    for t in range(tiles):  # the end state starts as the initial one; its bf16 copy lives in shared memory
-      cols = pl.ds(t * TILE, TILE)
-      (w2,) = op.load_values((w2_g.at[head, cols], tile_s))
-      w2b_s[cols] = w2.astype(BF16)
-      op.store(tile_s, end2_g.at[head, cols])
-      (w1,) = op.load_values((w1_g.at[head, :, cols], tile_s))
-      w1b_s[:, cols] = w1.astype(BF16)
-      op.store(tile_s, end1_g.at[head, :, cols])
+           k_s, v_s, coef_s, decay_s, w2b_s, w1b_s, h_s, e2n_s, e1n_s, loaded, synced):
+    head, wg = jax.lax.axis_index("head"), jax.lax.axis_index("wg")
+    cols = pl.ds(wg * TILE, TILE)
 
-    @pl.loop(0, n)
-    def _chunk(j):
-      op.settle()  # the state tiles the previous chunk stored
-      coef, v = op.load_values((k_g.at[j, head], k_s), (coef_g.at[j, head], coef_s), (v_g.at[j, head], rows_s))[1:]
-      kc_s[...] = (op.layout(k_s[...]).astype(jnp.float32) * coef).astype(BF16)
-      for t in range(tiles):
-        cols = pl.ds(t * TILE, TILE)
-        h_s[:, cols] = gelu(op.product((C, TILE), k_s, w2b_s.at[cols].T)).astype(BF16)
+    def fetch(j, slot):
+      for i, (src, dst) in enumerate(((k_g, k_s), (v_g, v_s), (coef_g, coef_s))):
+        plgpu.copy_gmem_to_smem(src.at[j, head], dst.at[slot], loaded.at[3 * slot + i])
+
+    @pl.when(wg == 0)
+    def _first():
+      plgpu.copy_gmem_to_smem(decay_g.at[head], decay_s, loaded.at[6])
+      fetch(0, 0)
+
+    w2, w1 = wg_ops.load(w2_g.at[head, cols]), wg_ops.load(w1_g.at[head, :, cols])
+    w2b_s.at[wg][...], w1b_s.at[wg][...] = w2.astype(BF16), w1.astype(BF16)
+    plgpu.commit_smem()
+    plgpu.barrier_wait(loaded.at[6])
+
+    def chunk(j, state):
+      w2, w1 = state
+      slot = j % 2
+      for i in range(3):
+        plgpu.barrier_wait(loaded.at[3 * slot + i])
+      plgpu.copy_smem_to_gmem(w2b_s.at[wg], starts2_g.at[j, head, cols])
+      plgpu.copy_smem_to_gmem(w1b_s.at[wg], starts1_g.at[j, head, :, cols])
+      h, slope = gelu_and_slope(wg_ops.product((C, TILE), (k_s.at[slot], w2b_s.at[wg].T)))
+      h_s.at[wg][...], e2n_s.at[wg][...] = h.astype(BF16), slope.astype(BF16)
       plgpu.commit_smem()
-      e1 = row_normalised(op.product((C, D), h_s, w1b_s.T) - v)
-      e1_s[...], e1c_s[...] = e1.astype(BF16), (e1 * coef).astype(BF16)
-      op.store_value(e1, rows_s, e1_g.at[j, head])
-      for t in range(tiles):
-        cols = pl.ds(t * TILE, TILE)
-        z = op.product((C, TILE), k_s, w2b_s.at[cols].T)
-        e2_s[:, cols] = (op.product((C, TILE), e1_s, w1b_s.at[:, cols]) * gelu_grad(z)).astype(BF16)
+      plgpu.barrier_arrive(synced.at[0])
+      plgpu.barrier_wait(synced.at[0])
+
+      @pl.when(jnp.logical_and(wg == 0, j + 1 < n))
+      def _prefetch():
+        fetch(j + 1, 1 - slot)
+
+      e1 = wg_ops.product((C, D), *((h_s.at[t], w1b_s.at[t].T) for t in range(tiles)))
+      e1 = row_normalised(e1 - wg_ops.layout(v_s.at[slot][...]).astype(jnp.float32))
+      e1b = e1.astype(BF16)
+
+      @pl.when(wg == 0)
+      def _rows():
+        e1_g.at[j, head][...] = e1
+        e1n_s[...] = (-(e1 * wg_ops.rows(coef_s.at[slot], D))).astype(BF16)
+        plgpu.commit_smem()
+
+      plgpu.barrier_arrive(synced.at[1])
+      slope = wg_ops.layout(e2n_s.at[wg][...]).astype(jnp.float32)
+      e2 = wg_ops.product((C, TILE), (e1b, w1b_s.at[wg])) * slope
+      e2n_s.at[wg][...] = (-(e2 * wg_ops.rows(coef_s.at[slot], TILE))).astype(BF16)
       plgpu.commit_smem()
+      plgpu.barrier_wait(synced.at[1])
       b = decay_s[j]
-      for t in range(tiles):
-        cols = pl.ds(t * TILE, TILE)
-        (w2,) = op.load_values((end2_g.at[head, cols], tile_s))
-        op.store(tile_s, starts2_g.at[j, head, cols])
-        w2 = b * w2 - op.product((TILE, D), e2_s.at[:, cols].T, kc_s)
-        w2b_s[cols] = w2.astype(BF16)
-        op.store_value(w2, tile_s, end2_g.at[head, cols])
-        (w1,) = op.load_values((end1_g.at[head, :, cols], tile_s))
-        op.store(tile_s, starts1_g.at[j, head, :, cols])
-        w1 = b * w1 - op.product((D, TILE), e1c_s.T, h_s.at[:, cols])
-        w1b_s[:, cols] = w1.astype(BF16)
-        op.store_value(w1, tile_s, end1_g.at[head, :, cols])
+      w2 = wg_ops.accumulate(b * w2, (e2n_s.at[wg].T, k_s.at[slot]))
+      w1 = wg_ops.accumulate(b * w1, (e1n_s.T, h_s.at[wg]))
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the start state's copies have been read
+      w2b_s.at[wg][...], w1b_s.at[wg][...] = w2.astype(BF16), w1.astype(BF16)
       plgpu.commit_smem()
+      return w2, w1
 
-    op.settle()
+    w2, w1 = jax.lax.fori_loop(0, n, chunk, (w2, w1))
+    end2_g.at[head, cols][...] = w2
+    end1_g.at[head, :, cols][...] = w1
+    plgpu.wait_smem_to_gmem(0)
 
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  out_type = (f32(n, heads, C, D), f32(n, heads, E, D), f32(n, heads, D, E), f32(heads, E, D), f32(heads, D, E))
-  scratch = [operand((C, D)), operand((C, D)), operand((C, D)), operand((C, D)), operand((C, E)), operand((C, E)),
-             operand((E, D)), operand((D, E)), plgpu.SMEM((C, D), jnp.float32), plgpu.SMEM((C, D), jnp.float32),
-             plgpu.SMEM((n,), jnp.float32), plgpu.SMEM((TILE, TILE), jnp.float32), plgpu.Barrier(num_barriers=5)]
+  bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, BF16)
+  out_type = (f32(n, heads, C, D), bf16(n, heads, E, D), bf16(n, heads, D, E), f32(heads, E, D), f32(heads, D, E))
+  scratch = [operand((2, C, D)), plgpu.SMEM((2, C, D), BF16), plgpu.SMEM((2, C), jnp.float32),
+             plgpu.SMEM((n,), jnp.float32), operand((tiles, TILE, D)), operand((tiles, D, TILE)),
+             operand((tiles, C, TILE)), operand((tiles, C, TILE)), operand((C, D)), plgpu.Barrier(num_barriers=7),
+             plgpu.Barrier(num_arrivals=tiles, num_barriers=2)]
   e1, starts2, starts1, end2, end1 = _launch(body, out_type, scratch, heads, interpret)(k, v, coef, decay, w2, w1)
   return e1, (starts2, starts1), (end2, end1)
 
 
 def pullback_kernel(k, e1, h, ge2, gh, coef, decay, starts2, starts1, gs2, gs1, g2, g1, interpret: bool = False):
-  """The backward probe kernel (shapes and returns as ``pullback_reference``): per chunk in reverse, the start
-  state's bf16 copy from the stacked start states, a first pass over the hidden tiles for the cotangents that need
-  every tile (B1), the row-wise step (R), and a second pass that updates the state's cotangent tile by tile (B2)."""
+  """The backward probe kernel (shapes and returns as ``pullback_reference``): a CTA per head of one warpgroup per
+  hidden tile, each holding its tile of the float32 state cotangent in registers across all chunks, walked in
+  reverse. Per chunk: z_t, the slope, ĝ_t and its bf16 ĝ_t ⊙ slope in shared memory; sync S1; u's cotangent from
+  every tile (every warpgroup, redundantly); warpgroup 0 writes it and e1 in bf16 for the W1 products; sync S2;
+  g_z, K's share per tile (summed over the tiles after the kernel), the cotangent update, the tile's next start
+  state and h by TMA. Warpgroup 0 prefetches the next chunk's keys and coefficients after S1."""
   n, heads = k.shape[:2]
   _check_chunks(n)
   tiles = E // TILE
   operand = _operand(interpret)
+  wg_ops = _Warpgroup(interpret)
 
   def body(k_g, e1_g, h_g, ge2_g, gh_g, coef_g, decay_g, starts2_g, starts1_g, gs2_g, gs1_g, g2_g, g1_g,
            kz_g, gu_g, out2_g, out1_g,
-           k_s, kc_s, e1b_s, e1c_s, gub_s, w2b_s, w1b_s, ghat_slope_s, g2t_s, g1t_s, ge2t_s, ght_s, ht_s, gzt_s,
-           decay_s, tile_s, add_s, barrier):
-    head, op = jax.lax.axis_index("head"), _Steps(interpret, barrier)
-    op.load((decay_g.at[head], decay_s))
-    for t in range(tiles):  # the cotangent starts as the end state's and is updated in place in global memory
-      cols = pl.ds(t * TILE, TILE)
-      op.load((g2_g.at[head, cols], tile_s))
-      op.store(tile_s, out2_g.at[head, cols])
-      op.load((g1_g.at[head, :, cols], tile_s))
-      op.store(tile_s, out1_g.at[head, :, cols])
+           k_s, e1b_s, gub_s, w2b_s, w1b_s, h_s, gs_s, g2b_s, g1b_s, loaded, tile_loaded, synced):
+    head, wg = jax.lax.axis_index("head"), jax.lax.axis_index("wg")
+    cols = pl.ds(wg * TILE, TILE)
+    load = wg_ops.load
 
-    def tile_inputs(j, cols):
-      """Tile ``cols`` of the chunk's state cotangent (bf16 operands), of h and of the reads' cotangents."""
-      g2, g1 = op.load_values((out2_g.at[head, cols], tile_s), (out1_g.at[head, :, cols], add_s),
-                              *((src.at[j, head, :, cols], dst) for src, dst in ((h_g, ht_s), (ge2_g, ge2t_s),
-                                                                                  (gh_g, ght_s))))[:2]
-      g2t_s[...], g1t_s[...] = g2.astype(BF16), g1.astype(BF16)
+    def fetch(j, slot):
+      plgpu.copy_gmem_to_smem(k_g.at[j, head], k_s.at[slot], loaded.at[slot])
+
+    def fetch_tile(j):
+      for src, dst in ((starts2_g.at[j, head, cols], w2b_s), (starts1_g.at[j, head, :, cols], w1b_s),
+                       (h_g.at[j, head, :, cols], h_s)):
+        plgpu.copy_gmem_to_smem(src, dst.at[wg], tile_loaded.at[wg])
+
+    @pl.when(wg == 0)
+    def _first():
+      fetch(n - 1, 0)
+
+    fetch_tile(n - 1)
+    g2, g1 = load(g2_g.at[head, cols]), load(g1_g.at[head, :, cols])
+    g2b_s.at[wg][...], g1b_s.at[wg][...] = g2.astype(BF16), g1.astype(BF16)
+    plgpu.commit_smem()
+
+    def chunk(i, cotangent):
+      g2, g1 = cotangent
+      j, slot = n - 1 - i, i % 2
+      plgpu.barrier_wait(loaded.at[slot])
+      plgpu.barrier_wait(tile_loaded.at[wg])
+      c = wg_ops.rows(coef_g.at[j, head], D)
+      kc = (wg_ops.layout(k_s.at[slot][...]).astype(jnp.float32) * c).astype(BF16)
+      z = wg_ops.product((C, TILE), (k_s.at[slot], w2b_s.at[wg].T))
+      slope = gelu_grad(z)
+      ghat = load(ge2_g.at[j, head, :, cols]) - wg_ops.product((C, TILE), (kc, g2b_s.at[wg].T))
+      gs_s.at[wg][...] = (ghat * slope).astype(BF16)
       plgpu.commit_smem()
-      z = op.product((C, TILE), k_s, w2b_s.at[cols].T)
-      ghat = op.layout(ge2t_s[...]).astype(jnp.float32) - op.product((C, TILE), kc_s, g2t_s.T)
-      return z, ghat
+      e1b = load(e1_g.at[j, head]).astype(BF16)  # e1 is read again where needed: registers are full
+      curvature = (ghat * wg_ops.product((C, TILE), (e1b, w1b_s.at[wg])) * gelu_grad2(z)).astype(BF16)
+      slope = slope.astype(BF16)
+      plgpu.barrier_arrive(synced.at[0])
+      plgpu.barrier_wait(synced.at[0])
 
-    @pl.loop(0, n)
-    def _chunk(i):
-      j = n - 1 - i
-      op.settle()  # the cotangent tiles the previous chunk stored
-      coef, e1 = op.load_values((k_g.at[j, head], k_s), (coef_g.at[j, head], tile_s), (e1_g.at[j, head], add_s))[1:]
-      kc_s[...] = (op.layout(k_s[...]).astype(jnp.float32) * coef).astype(BF16)
-      e1b_s[...], e1c_s[...] = e1.astype(BF16), (e1 * coef).astype(BF16)
-      for t in range(tiles):
-        cols = pl.ds(t * TILE, TILE)
-        w2, w1 = op.load_values((starts2_g.at[j, head, cols], tile_s), (starts1_g.at[j, head, :, cols], add_s))
-        w2b_s[cols], w1b_s[:, cols] = w2.astype(BF16), w1.astype(BF16)
+      @pl.when(wg == 0)
+      def _next():
+        e1b_s[...] = load(e1_g.at[j, head]).astype(BF16)
+
+        @pl.when(i + 1 < n)
+        def _prefetch():
+          fetch(j - 1, 1 - slot)
+
+      via_end = wg_ops.product((C, D), *((h_s.at[t], g1b_s.at[t].T) for t in range(tiles)))
+
+      def through_e2(acc):  # a loop over the tiles: run_state takes no static indices of shared memory
+        @pl.loop(0, tiles)
+        def _tile(t):
+          plgpu.wgmma(acc, gs_s.at[t], w1b_s.at[t].T)
+        plgpu.wgmma_wait(0)
+
+      gu = row_normalised(pl.run_state(through_e2)(plgpu.ACC.init(-c * via_end)))
+      gub = gu.astype(BF16)
+
+      @pl.when(wg == 0)
+      def _rows():
+        gu_g.at[j, head][...] = gu
+        gub_s[...] = gub
+        plgpu.commit_smem()
+
+      plgpu.barrier_arrive(synced.at[1])
+      e1n = (-(load(e1_g.at[j, head]) * c)).astype(BF16)
+      g_h = wg_ops.accumulate(load(gh_g.at[j, head, :, cols]), (e1n, g1b_s.at[wg]), (gub, w1b_s.at[wg]))
+      gz = (curvature.astype(jnp.float32) + g_h * slope.astype(jnp.float32)).astype(BF16)
+      kz_g.at[j, head, wg][...] = wg_ops.product((C, D), (gz, w2b_s.at[wg]))
+      b = decay_g[head, j]  # a scalar from global memory: shared memory is full
+      plgpu.barrier_wait(synced.at[1])
+      g1 = wg_ops.accumulate(b * g1 + load(gs1_g.at[j, head, :, cols]), (e1b_s.T, gs_s.at[wg]),
+                             (gub_s.T, h_s.at[wg]))
+      gs_s.at[wg][...] = gz
       plgpu.commit_smem()
-      via_e2 = via_end = jnp.zeros((C, D), jnp.float32)
-      for t in range(tiles):  # B1
-        cols = pl.ds(t * TILE, TILE)
-        z, ghat = tile_inputs(j, cols)
-        ghat_slope_s[:, cols] = (ghat * gelu_grad(z)).astype(BF16)
-        plgpu.commit_smem()
-        via_e2 = via_e2 + op.product((C, D), ghat_slope_s.at[:, cols], w1b_s.at[:, cols].T)
-        via_end = via_end - op.product((C, D), ht_s, g1t_s.T)
-      gu = row_normalised(via_e2 + coef * via_end)  # R
-      gub_s[...] = gu.astype(BF16)
-      op.store_value(gu, add_s, gu_g.at[j, head])
-      kz = jnp.zeros((C, D), jnp.float32)
-      b = decay_s[j]
-      for t in range(tiles):  # B2
-        cols = pl.ds(t * TILE, TILE)
-        z, ghat = tile_inputs(j, cols)
-        praw = op.product((C, TILE), e1b_s, w1b_s.at[:, cols])
-        g_h = (op.layout(ght_s[...]).astype(jnp.float32) - op.product((C, TILE), e1c_s, g1t_s)
-               + op.product((C, TILE), gub_s, w1b_s.at[:, cols]))
-        gzt_s[...] = (ghat * praw * gelu_grad2(z) + g_h * gelu_grad(z)).astype(BF16)
-        plgpu.commit_smem()
-        g2, gs2 = op.load_values((out2_g.at[head, cols], tile_s), (gs2_g.at[j, head, cols], add_s))
-        op.store_value(b * g2 + op.product((TILE, D), gzt_s.T, k_s) + gs2, tile_s, out2_g.at[head, cols])
-        g1, gs1 = op.load_values((out1_g.at[head, :, cols], tile_s), (gs1_g.at[j, head, :, cols], add_s))
-        g1 = (b * g1 + op.product((D, TILE), e1b_s.T, ghat_slope_s.at[:, cols])
-              + op.product((D, TILE), gub_s.T, ht_s) + gs1)
-        op.store_value(g1, tile_s, out1_g.at[head, :, cols])
-        kz = kz + op.product((C, D), gzt_s, w2b_s.at[cols])
-      op.store_value(kz, add_s, kz_g.at[j, head])
+      g2 = wg_ops.accumulate(b * g2 + load(gs2_g.at[j, head, cols]), (gs_s.at[wg].T, k_s.at[slot]))
+      g2b_s.at[wg][...], g1b_s.at[wg][...] = g2.astype(BF16), g1.astype(BF16)
+      plgpu.commit_smem()
 
-    op.settle()
+      @pl.when(i + 1 < n)
+      def _next_tile():
+        fetch_tile(j - 1)
+
+      return g2, g1
+
+    g2, g1 = jax.lax.fori_loop(0, n, chunk, (g2, g1))
+    out2_g.at[head, cols][...] = g2
+    out1_g.at[head, :, cols][...] = g1
 
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  out_type = (f32(n, heads, C, D), f32(n, heads, C, D), f32(heads, E, D), f32(heads, D, E))
-  scratch = ([operand((C, D))] * 5 + [operand((E, D)), operand((D, E)), operand((C, E))] + [operand((TILE, TILE))] * 6
-             + [plgpu.SMEM((n,), jnp.float32), plgpu.SMEM((TILE, TILE), jnp.float32),
-                plgpu.SMEM((TILE, TILE), jnp.float32), plgpu.Barrier(num_barriers=5)])
-  run = _launch(body, out_type, scratch, heads, interpret)
-  kz, gu, g2, g1 = run(k, e1, h, ge2, gh, coef, decay, starts2, starts1, gs2, gs1, g2, g1)
-  return kz, gu, (g2, g1)
+  out_type = (f32(n, heads, tiles, C, D), f32(n, heads, C, D), f32(heads, E, D), f32(heads, D, E))
+  scratch = [operand((2, C, D)), operand((C, D)), operand((C, D)), operand((tiles, TILE, D)), operand((tiles, D, TILE)),
+             operand((tiles, C, TILE)), operand((tiles, C, TILE)), operand((tiles, TILE, D)), operand((tiles, D, TILE)),
+             plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_arrivals=3, num_barriers=tiles),
+             plgpu.Barrier(num_arrivals=tiles, num_barriers=2)]
+  kz, gu, g2, g1 = _launch(body, out_type, scratch, heads, interpret)(
+      k, e1, h, ge2, gh, coef, decay, starts2, starts1, gs2, gs1, g2, g1)
+  return kz.sum(axis=2), gu, (g2, g1)
 
 
 def forward_inputs(heads: int, chunks: int, seed: int = 0):
   """Random forward probe inputs at the memory's scales (unit-RMS keys and values, decays near 1)."""
   keys = jax.random.split(jax.random.key(seed), 6)
   k = (jax.random.normal(keys[0], (chunks, heads, C, D)) / D ** 0.5).astype(BF16)
-  v = jax.random.normal(keys[1], (chunks, heads, C, D))
-  coef = 0.01 * jax.random.uniform(keys[2], (chunks, heads, C, D))
+  v = jax.random.normal(keys[1], (chunks, heads, C, D)).astype(BF16)
+  coef = 0.01 * jax.random.uniform(keys[2], (chunks, heads, C))
   decay = 1.0 - 0.01 * jax.random.uniform(keys[3], (heads, chunks))
   w2 = jax.random.normal(keys[4], (heads, E, D)) / D ** 0.5
   w1 = jax.random.normal(keys[5], (heads, D, E)) / E ** 0.5

@@ -8,9 +8,9 @@ import pytest
 
 from benchmarks import miras_mosaic_chain as chain
 
-# the same bf16 roundings in a different float32 summation order (an operand may round the other way); a wrong
-# product, tile or transpose is O(1)
-TOLERANCE = {"forward": 1e-4, "backward": 1e-2}
+# the same bf16 roundings in a different float32 summation order (an operand, or a stacked bf16 start state, may
+# round the other way: ~1e-3 measured); a wrong product, tile, transpose or sync is O(1)
+TOLERANCE = {"forward": 1e-2, "backward": 1e-2}
 
 
 @pytest.mark.parametrize("direction", sorted(chain.DIRECTIONS))
