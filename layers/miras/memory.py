@@ -93,18 +93,31 @@ def gelu_grad(z: jax.Array, erf=jax.lax.erf) -> jax.Array:
   return 0.5 * (1.0 + erf(z / math.sqrt(2.0))) + z * jnp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
 
 
-def layer_norm(u: jax.Array, ln: tuple[jax.Array, jax.Array], eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(LN(u)·γ + β, the normalised n, 1/σ) over the last axis; ln = (γ [d], β [d])."""
-  mu = jnp.mean(u, axis=-1, keepdims=True)
-  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(u - mu), axis=-1, keepdims=True) + eps)
+def row_mean(x: jax.Array) -> jax.Array:
+  """x's mean over the last axis, [..., 1]."""
+  return jnp.mean(x, axis=-1, keepdims=True)
+
+
+def broadcast_row_mean(x: jax.Array) -> jax.Array:
+  """x's mean over the last axis broadcast back to x's shape with ``broadcast_in_dim``: the form Pallas' Mosaic GPU
+  backend lowers (it takes no keepdims reduction and no [.., 1] operand) for :func:`layer_norm`'s ``mean``."""
+  return jax.lax.broadcast_in_dim(jnp.mean(x, axis=-1), x.shape, tuple(range(x.ndim - 1)))
+
+
+def layer_norm(u: jax.Array, ln: tuple[jax.Array, jax.Array], eps: float,
+               mean=row_mean) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(LN(u)·γ + β, the normalised n, 1/σ) over the last axis; ln = (γ [d], β [d]); ``mean``: the row mean
+  (:func:`row_mean`, or :func:`broadcast_row_mean` inside Mosaic GPU kernels, where 1/σ comes out [.., d])."""
+  mu = mean(u)
+  rstd = jax.lax.rsqrt(mean(jnp.square(u - mu)) + eps)
   n = (u - mu) * rstd
   return n * ln[0] + ln[1], n, rstd
 
 
-def layer_norm_backward(g: jax.Array, n: jax.Array, rstd: jax.Array, gamma: jax.Array) -> jax.Array:
-  """∂ℓ/∂u from ∂ℓ/∂(LN(u)·γ + β) = g, with n and 1/σ from :func:`layer_norm` (last axis)."""
+def layer_norm_backward(g: jax.Array, n: jax.Array, rstd: jax.Array, gamma: jax.Array, mean=row_mean) -> jax.Array:
+  """∂ℓ/∂u from ∂ℓ/∂(LN(u)·γ + β) = g, with n and 1/σ from :func:`layer_norm` (last axis; ``mean`` as there)."""
   g_n = g * gamma
-  return rstd * (g_n - jnp.mean(g_n, axis=-1, keepdims=True) - n * jnp.mean(g_n * n, axis=-1, keepdims=True))
+  return rstd * (g_n - mean(g_n) - n * mean(g_n * n))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,7 +60,11 @@ class Decay:
 
   def scale_terms(self, block: jax.Array) -> jax.Array:
     """One block's share of the sum that sets a layer's s₀ (kernels that walk a state block by block add them)."""
-    return jnp.zeros((), block.dtype)
+    return jnp.sum(self.scale_term_rows(block))
+
+  def scale_term_rows(self, block: jax.Array) -> jax.Array:
+    """:meth:`scale_terms` before the sum over the block's rows, [rows] (kernels that sum the rows themselves)."""
+    return jnp.zeros(block.shape[:-1], block.dtype)
 
   def scale_from(self, total: jax.Array) -> jax.Array:
     """s₀ from the summed :meth:`scale_terms` of a layer's blocks."""
@@ -79,11 +83,10 @@ class LqNorm(Decay):
 
   scaled = True
 
-  def scale_terms(self, block: jax.Array) -> jax.Array:
+  def scale_term_rows(self, block: jax.Array) -> jax.Array:
     # s₀ = ‖A‖_q^{−(q−2)} = (Σ|a|^q)^{−(q−2)/q}; an integer q is a product of multiplies, not exp(q·log|a|) per entry
-    if float(self.q).is_integer():
-      return jnp.sum(jax.lax.integer_pow(jnp.abs(block), int(self.q)))
-    return jnp.sum(jnp.abs(block) ** self.q)
+    a = jnp.abs(block)
+    return jnp.sum(jax.lax.integer_pow(a, int(self.q)) if float(self.q).is_integer() else a ** self.q, axis=-1)
 
   def scale_from(self, total: jax.Array) -> jax.Array:
     return jnp.exp(-(self.q - 2.0) / self.q * jnp.log(total))

@@ -53,7 +53,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from layers.kernels.miras import flat
 from layers.kernels.miras.chunked import unchunk, with_matmul
-from layers.miras.memory import gelu, gelu_grad, layer_norm, layer_norm_backward, plain_matmul
+from layers.miras.memory import gelu, gelu_grad, layer_norm, layer_norm_backward, plain_matmul, row_mean
 from layers.miras.retention import Decay
 from layers.miras.spec import Gates, MemorySpec
 
@@ -262,11 +262,18 @@ class _Chunk:
     return self.states.loop(body, (jnp.zeros((c, c), e1.dtype), jnp.zeros((c, d), e1.dtype), (zero, zero)))
 
 
-def keys_errors(spec: MemorySpec, u, k, v, delta, ln):
-  """Row-wise: the keys' errors e1 = ∂ℓ/∂u from u = s₁ Σ h W1ᵀ (y = k + LN(u)), and the vjps of the pieces."""
-  (yn, nrm, rstd), ln_vjp = jax.vjp(lambda u, g, b: layer_norm(u, (g, b), spec.memory.ln_eps), u, *ln)
+def keys_errors(spec: MemorySpec, u, k, v, delta, ln, mean=row_mean, pullbacks: bool = True):
+  """Row-wise: the keys' errors e1 = ∂ℓ/∂u from u = s₁ Σ h W1ᵀ (y = k + LN(u)), and the vjps of the pieces
+  (``mean``: the LayerNorm's row mean, :func:`layers.miras.memory.layer_norm`; ``pullbacks=False``: e1 alone, and
+  None, traced without vjps for a kernel whose compiler keeps what they trace)."""
+  forward = lambda u, g, b: layer_norm(u, (g, b), spec.memory.ln_eps, mean)
+  backward = functools.partial(layer_norm_backward, mean=mean)
+  if not pullbacks:
+    yn, nrm, rstd = forward(u, *ln)
+    return backward(spec.bias.grad(k + yn, v, delta), nrm, rstd, ln[0]), None
+  (yn, nrm, rstd), ln_vjp = jax.vjp(forward, u, *ln)
   g, bias_vjp = jax.vjp(spec.bias.grad, k + yn, v, delta)
-  e1, lnb_vjp = jax.vjp(layer_norm_backward, g, nrm, rstd, ln[0])
+  e1, lnb_vjp = jax.vjp(backward, g, nrm, rstd, ln[0])
   return e1, (ln_vjp, bias_vjp, lnb_vjp)
 
 
