@@ -45,21 +45,31 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from layers.kernels.miras import flat, pallas_reads, pallas_triton
+from layers.kernels.miras import flat, mosaic_keys, pallas_reads, pallas_triton
 from layers.kernels.miras.pallas_triton import (gelu_grad2, kernel_dot, kernel_gelu, kernel_gelu_grad, keys_errors,
                                                leading_block, pair_row, row_scalars)
 from layers.miras.spec import Gates, MemorySpec, along
 
 
+KEYS_FORWARDS = ("triton", "mosaic")
+
+
 @dataclasses.dataclass(frozen=True)
 class Tiling:
   """Launch settings (static): ``hidden_tile`` columns of E per program, Triton's ``num_warps`` per program and
-  ``num_stages`` (software pipelining of the loads), and ``interpret`` (Pallas interpret mode: any backend)."""
+  ``num_stages`` (software pipelining of the loads), ``interpret`` (Pallas interpret mode: any backend), and
+  ``keys_forward``: the keys' forward as this module's Triton kernels or as :mod:`mosaic_keys`' one Mosaic GPU
+  kernel (bf16 matmuls, per-head gates; the backward is this module's either way)."""
 
   hidden_tile: int = 64
   num_warps: int = 4
   num_stages: int = 1
   interpret: bool = False
+  keys_forward: str = "triton"
+
+  def __post_init__(self):
+    if self.keys_forward not in KEYS_FORWARDS:
+      raise ValueError(f"keys_forward must be one of {KEYS_FORWARDS}, got {self.keys_forward!r}")
 
   def tile(self, hidden: int) -> int:
     return min(hidden, self.hidden_tile)
@@ -358,7 +368,9 @@ def _recurrence(spec: MemorySpec, tiling: Tiling, state: dict, ln, xs):
   return _recurrence_fwd(spec, tiling, state, ln, xs)[0]
 
 
-def _recurrence_fwd(spec, tiling, state, ln, xs):
+def _triton_keys_forward(spec, tiling, state, ln, xs):
+  """The keys' forward as this module's kernels, three a chunk in a scan; returns as
+  :func:`mosaic_keys.keys_forward`."""
   x = _Factors.of(xs)
   n, (big, c, d), e = x.k.shape[0], x.k.shape[1:], state["w2"].shape[1]
   ret = spec.retention
@@ -371,6 +383,15 @@ def _recurrence_fwd(spec, tiling, state, ln, xs):
            ret.scale_from(totals), totals)
   (starts2, starts1, end2, end1, e2, h, e1, u, _, _), (scales, totals) = jax.lax.scan(
       functools.partial(_forward_step, spec, tiling, ln, x), carry, jnp.arange(n))
+  return starts2, starts1, (end2, end1), e2, h, e1, u, scales, totals
+
+
+def _recurrence_fwd(spec, tiling, state, ln, xs):
+  if tiling.keys_forward == "mosaic":
+    keys_forward = functools.partial(mosaic_keys.keys_forward, interpret=tiling.interpret)
+  else:
+    keys_forward = functools.partial(_triton_keys_forward, tiling=tiling)
+  starts2, starts1, (end2, end1), e2, h, e1, u, scales, totals = keys_forward(spec, state=state, ln=ln, xs=xs)
   starts = {"w2": starts2, "w1": starts1}
   keys = flat.KeyPass({"w2": scales[..., 0, None, None], "w1": scales[..., 1, None, None]}, e1, e2, h)
   return ({"w2": end2, "w1": end1}, (starts, keys)), (ln, xs, starts, keys, u, scales, totals)
@@ -418,6 +439,11 @@ def miras_tiles(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict,
   d = q.shape[-1]
   if (why := pallas_triton.unsupported(spec, chunk_size, d, pallas_triton.Tuning(hidden_tile=tiling.hidden_tile))):
     raise ValueError(f"the tiled Pallas Miras kernels cannot run this memory: {why}")
+  if tiling.keys_forward == "mosaic":
+    if matmul != "bfloat16":
+      raise ValueError("the Mosaic GPU keys' forward runs bfloat16 matmuls only (wgmma has no float32 products)")
+    if (why := mosaic_keys.unsupported(spec, chunk_size, d, gates.eta.shape[-1] == 1)) is not None:
+      raise ValueError(f"the Mosaic GPU keys' forward cannot run this memory: {why}")
   reads = None
   if gates.eta.shape[-1] == 1:  # per-head gates: the reads as kernels too
     reads = pallas_reads.ChunkReads(pallas_reads.ReadTiling(tiling.hidden_tile, tiling.num_warps, tiling.interpret))

@@ -1,0 +1,239 @@
+"""Miras MLP memories: the keys' recurrence forward as ONE Pallas Mosaic GPU kernel (Hopper: wgmma, TMA).
+
+"It's All Connected" (Behrouz et al., arXiv 2504.13173, §5.4) in the split form of :mod:`pallas_tiles`: the only
+sequential work of a chunkwise MLP memory is its keys' recurrence S_{j+1} = f_j(S_j). :mod:`pallas_tiles` runs each
+chunk as three Triton kernels (F1, E, F2): 4.5 ms for 128 heads × 64 chunks on an H100. This kernel walks every
+chunk of a head in one CTA of one warpgroup per hidden tile of 64 columns (E = 256: four), the bf16 copies of the
+state that every product reads in shared memory: 2.5 ms (``benchmarks/miras_keys_forward.py``, docs/benchmarks.md).
+Warpgroup t owns its tile of the float32 state (W2_t [64, d], W1_t [d, 64]); between its publication and its update
+the tile waits in the stacked start states (which the backward needs anyway, in L2), leaving the registers to the
+chunk's other work. Per chunk j, as F1, E and F2 compute it:
+
+  * the start state's scales (s₂, s₁) from every tile's rows' scale terms (sync S0), out with their summed terms;
+  * z = s₂ K W2_tᵀ, h_t = gelu(z) to shared memory and out (sync S1);
+  * u = s₁ Σ_t h_t W1_tᵀ and the keys' errors e1 = ∂ℓ/∂u row-wise (LayerNorm, bias gradient, LayerNorm backward:
+    :func:`pallas_triton.keys_errors` with the row means as ``broadcast_in_dim``), every warpgroup computing the same
+    [c, d] rows rather than exchanging partial sums; warpgroup 0 writes −(K ⊙ c) and −(e1 ⊙ c) in bf16 and e1, u
+    out; gelu'(z) (sync S2: nobody reads this chunk's h, W1, K or V any more; the next chunk's K, V and c come in
+    by TMA);
+  * e2_t = s₁ (e1 W1_t) ⊙ gelu'(z), out; W2_t ← B W2_t − e2_tᵀ (K ⊙ c), W1_t ← B W1_t − (e1 ⊙ c)ᵀ h_t from the
+    stacked start state into the accumulators, published as chunk j + 1's start (or the end state).
+
+Every product has bf16 operands and float32 accumulation with the operands :mod:`pallas_tiles` rounds (its
+``bfloat16`` matmul mode); wgmma has no float32 products, so the float32 mode stays Triton's. Its outputs are those
+of :mod:`pallas_tiles`' forward scan, which supplies the backward. Covers what :func:`unsupported` accepts: per-head
+gates, c = d = 64, E a multiple of 64 up to 256, biases without δ. Runs in Mosaic GPU interpret mode on any backend
+(the tests).
+"""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from layers.kernels.miras import pallas_triton
+from layers.miras.memory import broadcast_row_mean
+from layers.miras.spec import MemorySpec
+
+TILE = 64  # columns of E per warpgroup: the M (W2) and N (W1) of its state tile's wgmma, 128 bytes of bf16
+_MAX_TILES = 4  # warpgroups a CTA: 512 threads keep 128 registers each
+_OPERAND = (plgpu.TilingTransform((8, TILE)), plgpu.SwizzleTransform(2 * TILE))  # 128-byte swizzled bf16 rows
+BF16 = jnp.bfloat16
+
+
+def unsupported(spec: MemorySpec, chunk_size: int, head_dim: int, per_head_gates: bool) -> str | None:
+  """Why this kernel cannot run the keys' forward of this memory, or None if it can (in the bfloat16 matmul mode:
+  wgmma has no float32 products)."""
+  if (why := pallas_triton.unsupported(spec, chunk_size, head_dim)) is not None:
+    return why
+  if not per_head_gates:
+    return "it covers per-head gates only"
+  if chunk_size != 64 or head_dim != 64:
+    return f"it needs c = d = 64 (one wgmma tile), got c = {chunk_size}, d = {head_dim}"
+  hidden = spec.memory.expansion * head_dim
+  if hidden % TILE or hidden // TILE > _MAX_TILES:
+    return f"the hidden width must be a multiple of {TILE} up to {TILE * _MAX_TILES} (a warpgroup a tile), got {hidden}"
+  if spec.bias.needs_delta:
+    return f"its row-wise step takes no δ ({type(spec.bias).__name__})"
+  return None
+
+
+class _Warpgroup:
+  """A warpgroup's arrays: pinned to the WGMMA layout when compiled (rows of [c] and columns of [d] vectors to its
+  reductions), read from global or shared memory straight into registers, and wgmma products."""
+
+  def __init__(self, interpret: bool):
+    self.interpret = interpret
+
+  def _pinned(self, x, layout):
+    return x if self.interpret else plgpu.layout_cast(x, layout)
+
+  def layout(self, x):
+    return self._pinned(x, plgpu.Layout.WGMMA)
+
+  def load(self, ref):
+    """A [r, s] array of global (or shared) memory, as float32."""
+    return self._pinned(plgpu.load(ref, optimized=False), plgpu.Layout.WGMMA).astype(jnp.float32)
+
+  def along(self, ref, shape, axis: int):
+    """A vector in memory broadcast along ``axis`` of a 2-D ``shape`` (0: one value a row; 1: one a column)."""
+    x = self._pinned(plgpu.load(ref, optimized=False), plgpu.Layout.WGMMA.reduce(1 - axis))
+    return jax.lax.broadcast_in_dim(x, shape, (axis,))
+
+  @staticmethod
+  def product(shape, *pairs):
+    """Σ a @ b over the (a, b) operand pairs, into a fresh float32 accumulator."""
+    def run(acc):
+      for a, b in pairs:
+        plgpu.wgmma(acc, a, b)
+      plgpu.wgmma_wait(0)
+      return acc[...]
+    return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+  @staticmethod
+  def accumulate(init, a, b):
+    """init + a @ b in an accumulator that starts as ``init`` (a state tile's update)."""
+    def run(acc):
+      plgpu.wgmma(acc, a, b)
+      plgpu.wgmma_wait(0)
+    return pl.run_state(run)(plgpu.ACC.init(init))
+
+
+def _sync(barrier):
+  plgpu.barrier_arrive(barrier)
+  plgpu.barrier_wait(barrier)
+
+
+def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plgpu.InterpretGPUParams = False):
+  """The keys' recurrence of every chunk and head: ``state`` {w2: [N, E, d], w1: [N, d, E]} float32, ln (γ, β)
+  [N, 1, d], ``xs`` as :func:`layers.kernels.miras.flat.miras_flat`'s keys' inputs (K, V, δ [n, N, c, ...], the
+  chunk-end decay [n, N, 1] and coefficients [n, N, c, 1], completeness). Returns the stacked start states W2
+  [n, N, E, d] and W1 [n, N, d, E] (slot j: chunk j's), the end state's (W2, W1), e2 and h [n, N, c, E] (bf16),
+  e1 and u [n, N, c, d], and the start states' scales and summed scale terms [n, N, 2] (W2's, W1's). ``interpret``:
+  Mosaic GPU interpret mode (any backend), with default or the given parameters (race detection, say)."""
+  k, v, _, end_decay, end_coef, _ = xs
+  n, heads, c, d = k.shape
+  e = state["w2"].shape[1]
+  tiles = e // TILE
+  ret = spec.retention
+  wg_ops = _Warpgroup(bool(interpret))
+
+  def body(k_g, v_g, decay_g, coef_g, ln_g, w2_g, w1_g,
+           starts2_g, starts1_g, end2_g, end1_g, e2_g, h_g, e1_g, u_g, scalars_g,
+           k_s, v_s, coef_s, ln_s, w2b_s, w1b_s, h_s, e2_s, kcn_s, e1cn_s, terms_s, loaded, ln_loaded, synced):
+    head, wg = jax.lax.axis_index("head"), jax.lax.axis_index("wg")
+    cols = pl.ds(wg * TILE, TILE)
+    load = wg_ops.load
+    rows = lambda ref, width: wg_ops.along(ref, (c, width), 0)
+
+    def fetch(j):
+      """Chunk j's keys, values and coefficients into shared memory (warpgroup 0; a barrier each)."""
+      for i, (src, dst) in enumerate(((k_g, k_s), (v_g, v_s), (coef_g, coef_s))):
+        plgpu.copy_gmem_to_smem(src.at[j, head], dst, loaded.at[i])
+
+    def publish(j, w2, w1):
+      """Chunk j's start state: stacked out (float32; it is also where the state waits while the registers do the
+      chunk's other work), its bf16 copies for the products and its rows' scale terms for its scales."""
+      starts2_g.at[j, head, cols][...], starts1_g.at[j, head, :, cols][...] = w2, w1
+      w2b_s.at[wg][...], w1b_s.at[wg][...] = w2.astype(BF16), w1.astype(BF16)
+      if ret.scaled:
+        terms_s.at[wg, 0][...], terms_s.at[wg, 1][...] = ret.scale_term_rows(w2), ret.scale_term_rows(w1)
+      plgpu.commit_smem()
+
+    def scale_totals():
+      """Every tile's rows' terms summed (W2's, W1's), the same in every thread: scalar reads of shared memory, as
+      a reduction of a warpgroup's array to one scalar comes out wrong on the GPU (partial sums per warp)."""
+      if not ret.scaled:
+        return [jnp.float32(0.0)] * 2
+      add_row = lambda r, sums: [x + sum(terms_s[t, i, r] for t in range(tiles)) for i, x in enumerate(sums)]
+      return jax.lax.fori_loop(0, TILE, add_row, [jnp.float32(0.0)] * 2, unroll=8)
+
+    @pl.when(wg == 0)
+    def _first():
+      plgpu.copy_gmem_to_smem(ln_g.at[head], ln_s, ln_loaded.at[0])
+      fetch(0)
+
+    publish(0, load(w2_g.at[head, cols]), load(w1_g.at[head, :, cols]))
+    plgpu.barrier_wait(ln_loaded.at[0])
+
+    @pl.loop(0, n)
+    def _chunk(j):
+      _sync(synced.at[0])  # every tile's scale terms and bf16 copies
+      totals = scale_totals()
+      s2, s1 = (ret.scale_from(t) for t in totals)
+
+      @pl.when(wg == 0)
+      def _scalars():
+        for i, x in enumerate((s2, s1, *totals)):
+          scalars_g[j, head, i] = x
+
+      for i in range(3):  # chunk j's keys, values and coefficients
+        plgpu.barrier_wait(loaded.at[i])
+      keys = lambda: wg_ops.layout(k_s[...])  # read from shared memory where needed, not held in registers
+      z = lambda: s2 * wg_ops.product((c, TILE), (keys().astype(BF16), w2b_s.at[wg].T))
+      h = pallas_triton.kernel_gelu(z())
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's h and e2 have been copied out
+      h_s.at[wg][...] = h.astype(BF16)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(h_s.at[wg], h_g.at[j, head, :, cols])
+      _sync(synced.at[1])  # every h tile
+
+      u = s1 * wg_ops.product((c, d), *((h_s.at[t], w1b_s.at[t].T) for t in range(tiles)))
+      ln_rows = tuple(wg_ops.along(ln_s.at[i], (c, d), 1) for i in range(2))
+      e1 = pallas_triton.keys_errors(spec, u, keys(), wg_ops.layout(v_s[...]), None, ln_rows, broadcast_row_mean,
+                                     pullbacks=False)[0]
+
+      @pl.when(wg == 0)
+      def _rows():
+        coef = rows(coef_s, d)
+        e1_g.at[j, head][...], u_g.at[j, head][...] = e1, u
+        kcn_s[...], e1cn_s[...] = (-(keys() * coef)).astype(BF16), (-(e1 * coef)).astype(BF16)
+        plgpu.commit_smem()
+
+      slope = pallas_triton.kernel_gelu_grad(z())  # recomputed: held, it would take 32 registers a thread
+      # S2: this chunk's h, W1, K and V read by all (the next chunk's K, V and c may come in), −(K ⊙ c) and −(e1 ⊙ c)
+      # written. A full sync: with the wait deferred past the e2 product, interpret mode's race detector flags the
+      # prefetch against the last reads of K.
+      _sync(synced.at[2])
+      e2 = s1 * wg_ops.product((c, TILE), (e1.astype(BF16), w1b_s.at[wg])) * slope
+      e2_s.at[wg][...] = e2.astype(BF16)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(e2_s.at[wg], e2_g.at[j, head, :, cols])
+
+      @pl.when(jnp.logical_and(wg == 0, j + 1 < n))
+      def _prefetch():
+        fetch(j + 1)
+
+      b = decay_g[j, head, 0]
+      w2 = wg_ops.accumulate(b * load(starts2_g.at[j, head, cols]), e2_s.at[wg].T, kcn_s)
+      w1 = wg_ops.accumulate(b * load(starts1_g.at[j, head, :, cols]), e1cn_s.T, h_s.at[wg])
+
+      @pl.when(j + 1 < n)
+      def _next():
+        publish(j + 1, w2, w1)
+
+      @pl.when(j + 1 == n)
+      def _end():
+        end2_g.at[head, cols][...], end1_g.at[head, :, cols][...] = w2, w1
+
+    plgpu.wait_smem_to_gmem(0)
+
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, BF16)
+  out_type = (f32(n, heads, e, d), f32(n, heads, d, e), f32(heads, e, d), f32(heads, d, e), bf16(n, heads, c, e),
+              bf16(n, heads, c, e), f32(n, heads, c, d), f32(n, heads, c, d), f32(n, heads, 4))
+  operand = lambda *shape: plgpu.SMEM(shape, BF16, transforms=() if wg_ops.interpret else _OPERAND)
+  scratch = [plgpu.SMEM((c, d), jnp.float32), plgpu.SMEM((c, d), jnp.float32), plgpu.SMEM((c,), jnp.float32),
+             plgpu.SMEM((2, d), jnp.float32), operand(tiles, TILE, d), operand(tiles, d, TILE),
+             operand(tiles, c, TILE), operand(tiles, c, TILE), operand(c, d), operand(c, d),
+             plgpu.SMEM((tiles, 2, TILE), jnp.float32), plgpu.Barrier(num_barriers=3),
+             plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_arrivals=tiles, num_barriers=3)]
+  kernel = plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=(heads,), grid_names=("head",),
+                        num_threads=tiles, thread_name="wg",
+                        interpret=plgpu.InterpretGPUParams() if interpret is True else interpret or None)
+  starts2, starts1, end2, end1, e2, h, e1, u, scalars = kernel(
+      k, v, end_decay, end_coef.reshape(n, heads, c), jnp.concatenate(ln, axis=1), state["w2"], state["w1"])
+  return starts2, starts1, (end2, end1), e2, h, e1, u, scalars[..., :2], scalars[..., 2:]
