@@ -28,7 +28,6 @@ gates, c = d = 64, E a multiple of 64 up to 256, biases without δ. Runs in Mosa
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
