@@ -63,9 +63,9 @@ class MirasConfig(Config, abc.ABC):
       layer shape it is both faster (54 vs 79 ms fwd+bwd, per-head gates) and 7× smaller in temporaries
       (docs/benchmarks.md), so it is the default.
     implementation: memory kernel (``layers.kernels.miras.IMPLEMENTATIONS``), None for the first that applies
-      (float32 matmuls). On a GPU the fastest measured Moneta layer is ``pallas_tiles_bf16``: 73 ms fwd+bwd at
-      8 × 4096 on an H100 with channel gates (``xla_flat_bf16`` 79 ms), 31.7 ms with per-head gates (``xla_split_bf16``
-      47.3 ms in the same run; 30.4 ms since; docs/benchmarks.md).
+      (float32 matmuls). On a GPU the fastest measured Moneta layer at 8 × 4096 on an H100 is, with channel gates,
+      ``pallas_tiles_bf16``: 73 ms fwd+bwd (``xla_flat_bf16`` 79 ms); with per-head gates ``pallas_mosaic_bf16``:
+      27.8 ms (``pallas_tiles_bf16`` 30.3 ms in the same run, ``xla_split_bf16`` 47.3 ms earlier; docs/benchmarks.md).
   """
 
   memory: str = option("mlp", choices=MEMORIES)
