@@ -47,6 +47,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from benchmarks.linear_attention import _median_ms
 from benchmarks.triton_compile import lowered_for_h100
+from layers.kernels.miras.mosaic_keys import Warpgroup
 from layers.kernels.miras.pallas_triton import erf as polynomial_erf
 
 C, D, E, TILE = 64, 64, 256, 64  # chunk, head dim, hidden width (expansion 4), hidden tile
@@ -138,45 +139,6 @@ def pullback_reference(k, e1, h, ge2, gh, coef, decay, starts2, starts1, gs2, gs
   return kz, gu, (g2, g1)
 
 
-class _Warpgroup:
-  """What both probe kernels' warpgroups do between their products: values pinned to the WGMMA layout (a [c] vector
-  to its row layout) when compiled, not in interpret mode; float32 or bf16 tiles loaded from global memory straight
-  into registers; wgmma products into a scoped accumulator, waited for."""
-
-  def __init__(self, interpret: bool):
-    self.interpret = interpret
-
-  def layout(self, x):
-    return x if self.interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA)
-
-  def rows(self, ref, width):
-    """A [c] vector in shared or global memory, broadcast along the rows of a [c, width] tile."""
-    x = ref[...] if self.interpret else plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-    return jax.lax.broadcast_in_dim(x, (x.shape[0], width), (0,))
-
-  def load(self, ref):
-    return self.layout(plgpu.load(ref, optimized=False)).astype(jnp.float32)
-
-  @staticmethod
-  def product(shape, *pairs):
-    """Σ a @ b over the (a, b) pairs, into a fresh float32 accumulator."""
-    def run(acc):
-      for a, b in pairs:
-        plgpu.wgmma(acc, a, b)
-      plgpu.wgmma_wait(0)
-      return acc[...]
-    return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
-
-  @staticmethod
-  def accumulate(init, *pairs):
-    """init + Σ a @ b, accumulated in place."""
-    def run(acc):
-      for a, b in pairs:
-        plgpu.wgmma(acc, a, b)
-      plgpu.wgmma_wait(0)
-    return pl.run_state(run)(plgpu.ACC.init(init))
-
-
 def _operand(interpret: bool):
   return lambda shape: plgpu.SMEM(shape, BF16, transforms=() if interpret else WGMMA_OPERAND)
 
@@ -205,7 +167,7 @@ def forward_kernel(k, v, coef, decay, w2, w1, interpret: bool = False):
   _check_chunks(n)
   tiles = E // TILE
   operand = _operand(interpret)
-  wg_ops = _Warpgroup(interpret)
+  wg_ops = Warpgroup(interpret)
 
   def body(k_g, v_g, coef_g, decay_g, w2_g, w1_g, e1_g, starts2_g, starts1_g, end2_g, end1_g,
            k_s, v_s, coef_s, decay_s, w2b_s, w1b_s, h_s, e2n_s, e1n_s, loaded, synced):
@@ -250,13 +212,13 @@ def forward_kernel(k, v, coef, decay, w2, w1, interpret: bool = False):
       @pl.when(wg == 0)
       def _rows():
         e1_g.at[j, head][...] = e1
-        e1n_s[...] = (-(e1 * wg_ops.rows(coef_s.at[slot], D))).astype(BF16)
+        e1n_s[...] = (-(e1 * wg_ops.along(coef_s.at[slot], (C, D), 0))).astype(BF16)
         plgpu.commit_smem()
 
       plgpu.barrier_arrive(synced.at[1])
       slope = wg_ops.layout(e2n_s.at[wg][...]).astype(jnp.float32)
       e2 = wg_ops.product((C, TILE), (e1b, w1b_s.at[wg])) * slope
-      e2n_s.at[wg][...] = (-(e2 * wg_ops.rows(coef_s.at[slot], TILE))).astype(BF16)
+      e2n_s.at[wg][...] = (-(e2 * wg_ops.along(coef_s.at[slot], (C, TILE), 0))).astype(BF16)
       plgpu.commit_smem()
       plgpu.barrier_wait(synced.at[1])
       b = decay_s[j]
@@ -294,7 +256,7 @@ def pullback_kernel(k, e1, h, ge2, gh, coef, decay, starts2, starts1, gs2, gs1, 
   _check_chunks(n)
   tiles = E // TILE
   operand = _operand(interpret)
-  wg_ops = _Warpgroup(interpret)
+  wg_ops = Warpgroup(interpret)
 
   def body(k_g, e1_g, h_g, ge2_g, gh_g, coef_g, decay_g, starts2_g, starts1_g, gs2_g, gs1_g, g2_g, g1_g,
            kz_g, gu_g, out2_g, out1_g,
@@ -325,7 +287,7 @@ def pullback_kernel(k, e1, h, ge2, gh, coef, decay, starts2, starts1, gs2, gs1, 
       j, slot = n - 1 - i, i % 2
       plgpu.barrier_wait(loaded.at[slot])
       plgpu.barrier_wait(tile_loaded.at[wg])
-      c = wg_ops.rows(coef_g.at[j, head], D)
+      c = wg_ops.along(coef_g.at[j, head], (C, D), 0)
       kc = (wg_ops.layout(k_s.at[slot][...]).astype(jnp.float32) * c).astype(BF16)
       z = wg_ops.product((C, TILE), (k_s.at[slot], w2b_s.at[wg].T))
       slope = gelu_grad(z)

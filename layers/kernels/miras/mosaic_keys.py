@@ -60,7 +60,7 @@ def unsupported(spec: MemorySpec, chunk_size: int, head_dim: int, per_head_gates
   return None
 
 
-class _Warpgroup:
+class Warpgroup:
   """A warpgroup's arrays: pinned to the WGMMA layout when compiled (rows of [c] and columns of [d] vectors to its
   reductions), read from global or shared memory straight into registers, and wgmma products."""
 
@@ -93,10 +93,12 @@ class _Warpgroup:
     return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
   @staticmethod
-  def accumulate(init, a, b):
-    """init + a @ b in an accumulator that starts as ``init`` (a state tile's update)."""
+  def accumulate(init, *pairs):
+    """init + Σ a @ b over the (a, b) operand pairs, in an accumulator that starts as ``init`` (a state tile's
+    update). The operands may not index shared memory with Python ints (``run_state`` then fails to lower)."""
     def run(acc):
-      plgpu.wgmma(acc, a, b)
+      for a, b in pairs:
+        plgpu.wgmma(acc, a, b)
       plgpu.wgmma_wait(0)
     return pl.run_state(run)(plgpu.ACC.init(init))
 
@@ -118,7 +120,7 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
   e = state["w2"].shape[1]
   tiles = e // TILE
   ret = spec.retention
-  wg_ops = _Warpgroup(bool(interpret))
+  wg_ops = Warpgroup(bool(interpret))
 
   def body(k_g, v_g, decay_g, coef_g, ln_g, w2_g, w1_g,
            starts2_g, starts1_g, end2_g, end1_g, e2_g, h_g, e1_g, u_g, scalars_g,
@@ -207,8 +209,8 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
         fetch(j + 1)
 
       b = decay_g[j, head, 0]
-      w2 = wg_ops.accumulate(b * load(starts2_g.at[j, head, cols]), e2_s.at[wg].T, kcn_s)
-      w1 = wg_ops.accumulate(b * load(starts1_g.at[j, head, :, cols]), e1cn_s.T, h_s.at[wg])
+      w2 = wg_ops.accumulate(b * load(starts2_g.at[j, head, cols]), (e2_s.at[wg].T, kcn_s))
+      w1 = wg_ops.accumulate(b * load(starts1_g.at[j, head, :, cols]), (e1cn_s.T, h_s.at[wg]))
 
       @pl.when(j + 1 < n)
       def _next():
