@@ -1,8 +1,8 @@
-"""The Mosaic GPU keys' forward of the Miras MLP memories (layers/kernels/miras/mosaic_keys.py): equal to
-``pallas_tiles``' Triton keys' forward in interpret mode on the CPU, free of races between its warpgroups there,
-equal through the whole memory and its backward, lowered for an (abstract) H100, and refusing what it does not
-cover. On the GPU the kernel is checked through the API by
-``test_miras.py::test_pallas_kernels_on_gpu_match_the_flat_path``."""
+"""The Mosaic GPU kernels of the Miras MLP memories' keys' recurrence (layers/kernels/miras/mosaic_keys.py), forward
+and backward: each equal to ``pallas_tiles``' Triton kernels in interpret mode on the CPU and free of races between
+its warpgroups there, the whole memory and its gradients equal with both, each lowered for an (abstract) H100, and
+what they do not cover refused. On the GPU the forward is checked through the API by
+``test_miras.py::test_pallas_kernels_on_gpu_match_the_flat_path``; the backward has not run on one yet."""
 
 import functools
 
@@ -47,17 +47,52 @@ def test_the_mosaic_keys_forward_equals_the_triton_one(both_forwards):
   assert not any(bool(jnp.isnan(x).any()) for x in jax.tree.leaves(mosaic))
 
 
-def test_the_warpgroups_share_memory_without_races():
-  """Interpret mode's race detector over a chunk's three syncs, the TMA prefetch of the next chunk and the tiles'
-  shared operands (one head, two chunks): it raises on a read and a write of shared memory with no sync between."""
+def _pullback_inputs(heads: int):
+  """(residuals, cotangents) of ``pallas_tiles``' keys' recurrence: its Triton forward's residuals on two chunks,
+  random cotangents of its outputs."""
+  tiling = pallas_tiles.Tiling(interpret=True)
+  outputs, residuals = jax.jit(functools.partial(pallas_tiles._recurrence_fwd, MONETA, tiling))(
+      *keys_inputs(2, heads))
+  keys = iter(jax.random.split(jax.random.key(5), len(jax.tree.leaves(outputs))))
+  cotangents = jax.tree.map(lambda a: (0.1 * jax.random.normal(next(keys), a.shape)).astype(a.dtype), outputs)
+  return residuals, cotangents
+
+
+_pullback_inputs_of_two = functools.partial(_pullback_inputs, heads=2)
+
+
+def test_the_mosaic_keys_backward_equals_the_triton_one():
+  """Every cotangent ``pallas_tiles``' recurrence returns (the initial state's, the LayerNorm's, the chunk inputs'
+  K, V, δ, the chunk-end decay and coefficients), two chunks of two heads, from the same residuals: 7.4e-4 at most
+  measured (bf16 operands summed in another order); a wrong product, tile, sync or scale share is O(1)."""
+  args = _pullback_inputs_of_two()
+  runs = [jax.jit(functools.partial(pallas_tiles._recurrence_bwd, MONETA,
+                                    pallas_tiles.Tiling(interpret=True, keys_backward=kernel)))
+          for kernel in pallas_tiles.KEYS_KERNELS]
+  triton, mosaic = (run(*args) for run in runs)
+  pairs = [(m, t) for m, t in zip(jax.tree.leaves(mosaic), jax.tree.leaves(triton), strict=True)
+           if t.dtype != jax.dtypes.float0 and bool(jnp.any(t != 0))]
+  err = max(_max_rel(m, t) for m, t in pairs)
+  print(f"mosaic keys' backward (interpret) vs Triton's: max rel error {err:.1e} over {len(pairs)} cotangents")
+  assert err < 1e-2 and len(pairs) == 8  # all but δ's (no δ in Moneta: zero in both) and the completeness flags'
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_the_warpgroups_share_memory_without_races(direction):
+  """Interpret mode's race detector over a chunk's syncs, the TMA prefetches and the tiles' shared operands (one
+  head, two chunks): it raises on a read and a write of shared memory with no sync between."""
   params = plgpu.InterpretGPUParams(detect_races=True)
-  outputs = jax.jit(functools.partial(mosaic_keys.keys_forward, MONETA, interpret=params))(*keys_inputs(2, 1))
+  if direction == "forward":
+    outputs = jax.jit(functools.partial(mosaic_keys.keys_forward, MONETA, interpret=params))(*keys_inputs(2, 1))
+  else:
+    outputs = jax.jit(functools.partial(mosaic_keys.keys_backward, MONETA, interpret=params))(
+        *_pullback_inputs(heads=1))
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(outputs))
 
 
-def test_the_memory_and_its_gradients_equal_the_triton_keys_forwards():
-  """``pallas_tiles.miras_tiles`` (bf16 matmuls, interpret mode) with either keys' forward: the reads and the
-  gradients of q, k, v (``pallas_tiles``' backward from the Mosaic kernel's residuals), one head of two chunks."""
+def test_the_memory_and_its_gradients_equal_with_either_kernels():
+  """``pallas_tiles.miras_tiles`` (bf16 matmuls, interpret mode) with the keys' recurrence as the Triton kernels
+  or as the Mosaic ones in both directions: the reads and the gradients of q, k, v, one head of two chunks."""
   ks = jax.random.split(jax.random.key(1), 8)
   unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
   q, k = (unit(jax.random.normal(key, (1, 128, 1, 64))) for key in ks[:2])
@@ -66,14 +101,14 @@ def test_the_memory_and_its_gradients_equal_the_triton_keys_forwards():
                 log_alpha=jax.nn.log_sigmoid(3.0 + jax.random.normal(ks[5], (1, 128, 1, 1))), delta=None)
   state = {"w2": jax.random.normal(ks[6], (1, 1, 256, 64)) / 8, "w1": jax.random.normal(ks[7], (1, 1, 64, 256)) / 16}
   results = []
-  for keys_forward in pallas_tiles.KEYS_FORWARDS:
+  for kernel in pallas_tiles.KEYS_KERNELS:  # both directions Triton's, then both Mosaic's
     run = functools.partial(pallas_tiles.miras_tiles, spec=MONETA, initial_state=state, matmul="bfloat16",
-                            tiling=pallas_tiles.Tiling(interpret=True, keys_forward=keys_forward))
+                            tiling=pallas_tiles.Tiling(interpret=True, keys_forward=kernel, keys_backward=kernel))
     loss = lambda q, k, v, run=run: jnp.sum(run(q, k, v, gates)[0] * weights)
     results.append((run(q, k, v, gates)[0], jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))
   (o_triton, g_triton), (o_mosaic, g_mosaic) = results
   err = max(_max_rel(o_mosaic, o_triton), _max_rel(g_mosaic, g_triton))
-  print(f"pallas_tiles_bf16 with the Mosaic keys' forward vs the Triton one: max rel error {err:.1e}")
+  print(f"pallas_tiles_bf16 with the Mosaic keys' kernels vs the Triton ones: max rel error {err:.1e}")
   assert err < 1e-3  # 4e-7 measured: one head, two chunks leave Moneta's normalisation little to amplify
 
 
@@ -88,11 +123,15 @@ def test_the_first_start_state_is_the_initial_state(both_forwards):
   assert bool(jnp.all(starts2[0] == state["w2"])) and bool(jnp.all(starts1[0] == state["w1"]))
 
 
-def test_the_mosaic_keys_forward_lowers_for_an_h100():
-  """Layouts, wgmma shapes and the shared-memory budget (checked at lowering) from this CPU."""
-  forward = functools.partial(mosaic_keys.keys_forward, MONETA)
-  text = lowered_for_h100(forward, *jax.eval_shape(_keys_inputs)).as_text()
-  assert "mosaic_gpu" in text
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_the_mosaic_keys_kernels_lower_for_an_h100(direction):
+  """Layouts, wgmma shapes, the shared-memory budget (checked at lowering) and the primitives (the backward's row
+  step pull-back sums cotangents with plain adds) from this CPU."""
+  if direction == "forward":
+    kernel, args = functools.partial(mosaic_keys.keys_forward, MONETA), jax.eval_shape(_keys_inputs)
+  else:
+    kernel, args = functools.partial(mosaic_keys.keys_backward, MONETA), jax.eval_shape(_pullback_inputs_of_two)
+  assert "mosaic_gpu" in lowered_for_h100(kernel, *args).as_text()
 
 
 @pytest.mark.parametrize(("spec", "chunk", "per_head", "reason"), [
@@ -106,15 +145,16 @@ def test_what_the_mosaic_keys_forward_does_not_cover_is_refused(spec, chunk, per
   assert reason in mosaic_keys.unsupported(spec, chunk, 64, per_head)
 
 
-def test_the_mosaic_keys_forward_refuses_float32_matmuls():
+def test_the_mosaic_keys_kernels_refuse_float32_matmuls():
   q = k = v = jnp.zeros((1, 64, 1, 64))
   gates = Gates(eta=jnp.zeros((1, 64, 1, 1)), log_alpha=jnp.zeros((1, 64, 1, 1)), delta=None)
   state = {"w2": jnp.zeros((1, 1, 256, 64)), "w1": jnp.zeros((1, 1, 64, 256))}
   with pytest.raises(ValueError, match="bfloat16 matmuls only"):
     pallas_tiles.miras_tiles(q, k, v, gates, spec=MONETA, initial_state=state, matmul="float32",
-                             tiling=pallas_tiles.Tiling(interpret=True, keys_forward="mosaic"))
+                             tiling=pallas_tiles.Tiling(interpret=True, keys_backward="mosaic"))
 
 
-def test_tiling_rejects_an_unknown_keys_forward():
-  with pytest.raises(ValueError, match="keys_forward"):
-    pallas_tiles.Tiling(keys_forward="cuda")
+@pytest.mark.parametrize("direction", ["keys_forward", "keys_backward"])
+def test_tiling_rejects_an_unknown_keys_kernel(direction):
+  with pytest.raises(ValueError, match=direction):
+    pallas_tiles.Tiling(**{direction: "cuda"})

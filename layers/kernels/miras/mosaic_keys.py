@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.extend import core as jex_core
+from jax.extend.core import primitives
 
 from layers.kernels.miras import pallas_triton
 from layers.miras.memory import broadcast_row_mean
@@ -103,6 +105,14 @@ class Warpgroup:
     return pl.run_state(run)(plgpu.ACC.init(init))
 
 
+def _scalar_sums(ref, slots, count: int) -> list:
+  """[Σ over t in ``slots`` and the rows r of ref[t, i, r] for i < count] (ref in shared memory, [slots, ≥ count,
+  rows]), the same in every thread, by scalar reads: a warpgroup's array reduced to one scalar comes out as per-warp
+  partial sums on the GPU (an H100; interpret mode does not show it)."""
+  add_row = lambda r, sums: [x + sum(ref[t, i, r] for t in slots) for i, x in enumerate(sums)]
+  return jax.lax.fori_loop(0, ref.shape[-1], add_row, [jnp.float32(0.0)] * count, unroll=8)
+
+
 def _sync(barrier):
   plgpu.barrier_arrive(barrier)
   plgpu.barrier_wait(barrier)
@@ -145,12 +155,8 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
       plgpu.commit_smem()
 
     def scale_totals():
-      """Every tile's rows' terms summed (W2's, W1's), the same in every thread: scalar reads of shared memory, as
-      a reduction of a warpgroup's array to one scalar comes out wrong on the GPU (partial sums per warp)."""
-      if not ret.scaled:
-        return [jnp.float32(0.0)] * 2
-      add_row = lambda r, sums: [x + sum(terms_s[t, i, r] for t in range(tiles)) for i, x in enumerate(sums)]
-      return jax.lax.fori_loop(0, TILE, add_row, [jnp.float32(0.0)] * 2, unroll=8)
+      """Every tile's rows' terms summed (W2's, W1's)."""
+      return _scalar_sums(terms_s, range(tiles), 2) if ret.scaled else [jnp.float32(0.0)] * 2
 
     @pl.when(wg == 0)
     def _first():
@@ -238,3 +244,173 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
   starts2, starts1, end2, end1, e2, h, e1, u, scalars = kernel(
       k, v, end_decay, end_coef.reshape(n, heads, c), jnp.concatenate(ln, axis=1), state["w2"], state["w1"])
   return starts2, starts1, (end2, end1), e2, h, e1, u, scalars[..., :2], scalars[..., 2:]
+
+
+def _plain_adds(fun):
+  """``fun`` traced to a jaxpr and evaluated with its ``add_jaxvals`` (how a vjp's pullback sums cotangents) as
+  plain adds: Pallas' Mosaic GPU backend lowers no ``add_jaxvals``."""
+  def evaluate(jaxpr, consts, args):
+    env = dict(zip(jaxpr.constvars, consts)) | dict(zip(jaxpr.invars, args))
+    read = lambda var: var.val if isinstance(var, jex_core.Literal) else env[var]
+    for eqn in jaxpr.eqns:
+      ins = [read(var) for var in eqn.invars]
+      if eqn.primitive is primitives.add_jaxvals_p:
+        outs = [ins[0] + ins[1]]
+      elif "jaxpr" in eqn.params and isinstance(eqn.params["jaxpr"], jex_core.ClosedJaxpr):
+        inner = eqn.params["jaxpr"]
+        outs = evaluate(inner.jaxpr, inner.consts, ins)
+      else:
+        outs = eqn.primitive.bind(*ins, **eqn.params)
+        outs = outs if eqn.primitive.multiple_results else [outs]
+      env.update(zip(eqn.outvars, outs))
+    return [read(var) for var in jaxpr.outvars]
+
+  def run(*args):
+    closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*args)
+    outs = evaluate(closed.jaxpr, closed.consts, jax.tree.leaves(args))
+    return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+  return run
+
+
+def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | plgpu.InterpretGPUParams = False):
+  """The pull-back of :func:`keys_forward` through every chunk in reverse, as one kernel: ``residuals`` and
+  ``cotangents`` as ``pallas_tiles``' recurrence has them ((ln, xs, start states, ``KeyPass``es, u, scales, summed
+  terms); (end state's, (start states', ``KeyPass``es'))). Returns the initial state's cotangent {w2, w1}, the
+  LayerNorm's (γ, β) [N, 1, d], and the cotangents of K (all of it: through the row step and through z), V and the
+  chunk-end coefficients broadcast [n, N, c, d], of K ⊙ c [n, N, c, d], and of the chunk-end decay on each layer
+  summed over the layer, [n, N, 2] (per-head gates). Per chunk (one warpgroup per tile, four syncs): B1's tile
+  terms and their [c, d] sums from the shared bf16 operands; R, the row step's vjp (``keys_errors`` with
+  ``broadcast_row_mean``), every warpgroup on the same rows, warpgroup 0 writing the rows' outputs; B2's update of
+  the tile's cotangent, K's share per tile (summed after the kernel), and the read scales' share from every tile's
+  row sums (scalar reads; see :func:`keys_forward`). The cotangent waits in the output between chunks."""
+  ln, xs, starts, keys, u, scales, totals = residuals
+  g_end, (g_starts, g_keys) = cotangents
+  k, v, _, end_decay, end_coef, _ = xs
+  n, heads, c, d = k.shape
+  e = starts["w2"].shape[2]
+  tiles = e // TILE
+  ret = spec.retention
+  wg_ops = Warpgroup(bool(interpret))
+  g_scale = jnp.stack([g_keys.scale["w2"][:, :, 0, 0], g_keys.scale["w1"][:, :, 0, 0]], axis=-1)  # [n, N, 2]
+  scalars = jnp.concatenate([scales, totals, g_scale], axis=-1)  # [n, N, 6]: s2 s1 t2 t1 gs2 gs1
+
+  def body(k_g, v_g, u_g, e1_g, decay_g, coef_g, ln_g, starts2_g, starts1_g, scalars_g, ge1_g, ge2_g, ghk_g,
+           gs2_g, gs1_g, gend2_g, gend1_g,
+           out2_g, out1_g, gk_g, gv_g, gcoef_g, gkc_g, gkz_g, gdec_g, gln_g,
+           w2b_s, w1b_s, g2b_s, g1b_s, h_s, gs_s, e1b_s, gub_s, kb_s, rows_s, synced):
+    head, wg = jax.lax.axis_index("head"), jax.lax.axis_index("wg")
+    cols = pl.ds(wg * TILE, TILE)
+    load, product, accumulate = wg_ops.load, wg_ops.product, wg_ops.accumulate
+    rows = lambda ref, width: wg_ops.along(ref, (c, width), 0)
+
+    def publish(g2, g1):
+      out2_g.at[head, cols][...], out1_g.at[head, :, cols][...] = g2, g1
+      g2b_s.at[wg][...], g1b_s.at[wg][...] = g2.astype(BF16), g1.astype(BF16)
+      plgpu.commit_smem()
+
+    publish(load(gend2_g.at[head, cols]), load(gend1_g.at[head, :, cols]))
+
+    @pl.loop(0, n)
+    def _chunk(i):
+      j = n - 1 - i
+      _sync(synced.at[0])
+      s2, s1, t2, t1, gsc2, gsc1 = (scalars_g[j, head, q] for q in range(6))
+      w2, w1 = load(starts2_g.at[j, head, cols]), load(starts1_g.at[j, head, :, cols])
+      g2, g1 = load(out2_g.at[head, cols]), load(out1_g.at[head, :, cols])
+      # B's cotangent on each layer, Σ G ⊙ W (per-head gates: one number; rows here, summed after the kernel)
+      gdec_g.at[j, head, wg, 0][...] = jnp.sum(g2 * w2, axis=1)
+      gdec_g.at[j, head, wg, 1][...] = jnp.sum(g1 * w1, axis=1)
+      w2b_s.at[wg][...], w1b_s.at[wg][...] = w2.astype(BF16), w1.astype(BF16)
+      plgpu.commit_smem()
+      keys = load(k_g.at[j, head])
+      coef = rows(coef_g.at[j, head], d)
+      kc = (keys * coef).astype(BF16)
+      e1 = load(e1_g.at[j, head])
+
+      def tile_terms():
+        zraw = product((c, TILE), (keys.astype(BF16), w2b_s.at[wg].T))
+        z = s2 * zraw
+        praw = product((c, TILE), (e1.astype(BF16), w1b_s.at[wg]))
+        ge2 = load(ge2_g.at[j, head, :, cols]) - product((c, TILE), (kc, g2b_s.at[wg].T))
+        return zraw, z, praw, ge2
+
+      zraw, z, praw, ge2 = tile_terms()
+      slope = pallas_triton.kernel_gelu_grad(z)
+      h_s.at[wg][...] = pallas_triton.kernel_gelu(z).astype(BF16)
+      gs_s.at[wg][...] = (ge2 * slope).astype(BF16)
+      plgpu.commit_smem()
+      gkc_g.at[j, head, wg][...] = -product((c, d), ((s1 * praw * slope).astype(BF16), g2b_s.at[wg]))
+      rows_s.at[wg, 0][...] = jnp.sum(ge2 * praw * slope, axis=1)
+      _sync(synced.at[1])
+
+      via_end = -product((c, d), *((h_s.at[t], g1b_s.at[t].T) for t in range(tiles)))
+      via_e2 = s1 * product((c, d), *((gs_s.at[t], w1b_s.at[t].T) for t in range(tiles)))
+      ln_rows = tuple(wg_ops.along(ln_g.at[head, q], (c, d), 1) for q in range(2))
+      errors = lambda u, k, v, gamma, beta: pallas_triton.keys_errors(
+          spec, u, k, v, None, (gamma, beta), broadcast_row_mean, pullbacks=False)[0]
+      uu = load(u_g.at[j, head])
+      _, pullback = jax.vjp(errors, uu, keys, load(v_g.at[j, head]), *ln_rows)
+      g_u, g_k, g_v, g_gamma, g_beta = _plain_adds(pullback)(load(ge1_g.at[j, head]) + via_e2 + coef * via_end)
+      gu = s1 * g_u
+
+      @pl.when(wg == 0)
+      def _rows():
+        gk_g.at[j, head][...], gv_g.at[j, head][...] = g_k, g_v
+        gcoef_g.at[j, head][...] = e1 * via_end
+        for q, g in enumerate((g_gamma, g_beta)):  # summed over the chunks in place (the first one writes)
+          @pl.when(i == 0)
+          def _first():
+            gln_g.at[head, q][...] = g
+
+          @pl.when(i > 0)
+          def _add():
+            gln_g.at[head, q][...] = load(gln_g.at[head, q]) + g
+        e1b_s[...], gub_s[...], kb_s[...] = e1.astype(BF16), gu.astype(BF16), keys.astype(BF16)
+        rows_s.at[tiles, 0][...] = jnp.sum(g_u * uu, axis=1)
+        plgpu.commit_smem()
+
+      _sync(synced.at[2])
+      e1n = (-(e1 * coef)).astype(BF16)
+      g_h = accumulate(load(ghk_g.at[j, head, :, cols]), (e1n, g1b_s.at[wg]), (gu.astype(BF16), w1b_s.at[wg]))
+      zraw, z, praw, ge2 = tile_terms()
+      slope = pallas_triton.kernel_gelu_grad(z)
+      gz = s1 * ge2 * praw * pallas_triton.gelu_grad2(z) + g_h * slope
+      rows_s.at[wg, 1][...] = jnp.sum(gz * zraw, axis=1)
+      gzb = gz.astype(BF16)
+      gkz_g.at[j, head, wg][...] = s2 * product((c, d), (gzb, w2b_s.at[wg]))
+      b = decay_g[j, head, 0]
+      g1 = (b * g1 + load(gs1_g.at[j, head, :, cols]) + s1 * product((d, TILE), (e1b_s.T, gs_s.at[wg]))
+            + product((d, TILE), (gub_s.T, h_s.at[wg])))
+      gs_s.at[wg][...] = gzb
+      plgpu.commit_smem()
+      g2 = b * g2 + load(gs2_g.at[j, head, cols]) + s2 * product((TILE, d), (gs_s.at[wg].T, kb_s))
+      _sync(synced.at[3])
+      if ret.scaled:  # the read scales' share at this chunk's start state
+        b1_sums, z_sums = _scalar_sums(rows_s, range(tiles), 2)  # Σ ĝ ⊙ praw ⊙ gelu'(z), Σ g_z ⊙ zraw
+        g_s2 = z_sums + gsc2
+        g_s1 = b1_sums + _scalar_sums(rows_s, [tiles], 1)[0] / s1 + gsc1  # and Σ g_u ⊙ u / s₁
+        g_t2 = _plain_adds(jax.vjp(ret.scale_from, t2)[1])(g_s2)[0]
+        g_t1 = _plain_adds(jax.vjp(ret.scale_from, t1)[1])(g_s1)[0]
+        g2 = g2 + _plain_adds(jax.vjp(ret.scale_term_rows, w2)[1])(jnp.broadcast_to(g_t2, (TILE,)))[0]
+        g1 = g1 + _plain_adds(jax.vjp(ret.scale_term_rows, w1)[1])(jnp.broadcast_to(g_t1, (d,)))[0]
+      publish(g2, g1)
+
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  out_type = (f32(heads, e, d), f32(heads, d, e), f32(n, heads, c, d), f32(n, heads, c, d), f32(n, heads, c, d),
+              f32(n, heads, tiles, c, d), f32(n, heads, tiles, c, d), f32(n, heads, tiles, 2, TILE),
+              f32(heads, 2, c, d))
+  operand = lambda *shape: plgpu.SMEM(shape, BF16, transforms=() if wg_ops.interpret else _OPERAND)
+  scratch = [operand(tiles, TILE, d), operand(tiles, d, TILE), operand(tiles, TILE, d), operand(tiles, d, TILE),
+             operand(tiles, c, TILE), operand(tiles, c, TILE), operand(c, d), operand(c, d), operand(c, d),
+             plgpu.SMEM((tiles + 1, 2, TILE), jnp.float32), plgpu.Barrier(num_arrivals=tiles, num_barriers=4)]
+  kernel = plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=(heads,), grid_names=("head",),
+                        num_threads=tiles, thread_name="wg",
+                        interpret=plgpu.InterpretGPUParams() if interpret is True else interpret or None)
+  g2, g1, gk, gv, gcoef, gkc, gkz, gdec, gln = kernel(
+      k, v, u, keys.e1, end_decay, end_coef.reshape(n, heads, c), jnp.concatenate(ln, axis=1), starts["w2"],
+      starts["w1"], scalars, g_keys.e1, g_keys.e2, g_keys.hk, g_starts["w2"], g_starts["w1"], g_end["w2"],
+      g_end["w1"])
+  g_ln = jnp.sum(gln, axis=2)  # [N, 2, d]
+  factors = {"k": gk + jnp.sum(gkz, axis=2), "v": gv, "coef": gcoef, "kc": jnp.sum(gkc, axis=2),
+             "decay": jnp.sum(gdec, axis=(2, 4))}
+  return {"w2": g2, "w1": g1}, (g_ln[:, None, 0], g_ln[:, None, 1]), factors

@@ -51,25 +51,33 @@ from layers.kernels.miras.pallas_triton import (gelu_grad2, kernel_dot, kernel_g
 from layers.miras.spec import Gates, MemorySpec, along
 
 
-KEYS_FORWARDS = ("triton", "mosaic")
+KEYS_KERNELS = ("triton", "mosaic")
 
 
 @dataclasses.dataclass(frozen=True)
 class Tiling:
   """Launch settings (static): ``hidden_tile`` columns of E per program, Triton's ``num_warps`` per program and
   ``num_stages`` (software pipelining of the loads), ``interpret`` (Pallas interpret mode: any backend), and
-  ``keys_forward``: the keys' forward as this module's Triton kernels or as :mod:`mosaic_keys`' one Mosaic GPU
-  kernel (bf16 matmuls, per-head gates; the backward is this module's either way)."""
+  ``keys_forward`` / ``keys_backward``: each direction of the keys' recurrence as this module's Triton kernels or
+  as :mod:`mosaic_keys`' one Mosaic GPU kernel (bf16 matmuls, per-head gates; the Mosaic backward takes the
+  residuals of either forward, and has not yet run on a GPU: docs/benchmarks.md)."""
 
   hidden_tile: int = 64
   num_warps: int = 4
   num_stages: int = 1
   interpret: bool = False
   keys_forward: str = "triton"
+  keys_backward: str = "triton"
 
   def __post_init__(self):
-    if self.keys_forward not in KEYS_FORWARDS:
-      raise ValueError(f"keys_forward must be one of {KEYS_FORWARDS}, got {self.keys_forward!r}")
+    for name in ("keys_forward", "keys_backward"):
+      if getattr(self, name) not in KEYS_KERNELS:
+        raise ValueError(f"{name} must be one of {KEYS_KERNELS}, got {getattr(self, name)!r}")
+
+  @property
+  def mosaic(self) -> bool:
+    """Whether either direction of the keys' recurrence is the Mosaic GPU kernel."""
+    return "mosaic" in (self.keys_forward, self.keys_backward)
 
   def tile(self, hidden: int) -> int:
     return min(hidden, self.hidden_tile)
@@ -397,7 +405,21 @@ def _recurrence_fwd(spec, tiling, state, ln, xs):
   return ({"w2": end2, "w1": end1}, (starts, keys)), (ln, xs, starts, keys, u, scales, totals)
 
 
+def _mosaic_keys_backward(spec, tiling, residuals, cotangents):
+  """:func:`mosaic_keys.keys_backward`, its cotangents of the chunk inputs put back through ``_Factors.of``."""
+  x, factors_vjp = jax.vjp(_Factors.of, residuals[1])
+  g_state, g_ln, g = mosaic_keys.keys_backward(spec, residuals, cotangents, interpret=tiling.interpret)
+  # per-head gates: B_c broadcast over each layer's gated axis, so only its cotangent's sum matters
+  spread = lambda i, like: jnp.broadcast_to(g["decay"][..., i, None, None] / (like.shape[-2] * like.shape[-1]),
+                                            like.shape)
+  g_x = _Factors(k=g["k"], v=g["v"], delta=jnp.zeros_like(x.delta), coef=g["coef"], kc=g["kc"],
+                 dec2=spread(0, x.dec2), dec1=spread(1, x.dec1))
+  return g_state, g_ln, factors_vjp(g_x)[0]
+
+
 def _recurrence_bwd(spec, tiling, residuals, cotangents):
+  if tiling.keys_backward == "mosaic":
+    return _mosaic_keys_backward(spec, tiling, residuals, cotangents)
   ln, xs, starts, keys, u, scales, totals = residuals
   g_end, (g_starts, g_keys) = cotangents
   n = u.shape[0]
@@ -439,11 +461,11 @@ def miras_tiles(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict,
   d = q.shape[-1]
   if (why := pallas_triton.unsupported(spec, chunk_size, d, pallas_triton.Tuning(hidden_tile=tiling.hidden_tile))):
     raise ValueError(f"the tiled Pallas Miras kernels cannot run this memory: {why}")
-  if tiling.keys_forward == "mosaic":
+  if tiling.mosaic:
     if matmul != "bfloat16":
-      raise ValueError("the Mosaic GPU keys' forward runs bfloat16 matmuls only (wgmma has no float32 products)")
+      raise ValueError("the Mosaic GPU keys' kernels run bfloat16 matmuls only (wgmma has no float32 products)")
     if (why := mosaic_keys.unsupported(spec, chunk_size, d, gates.eta.shape[-1] == 1)) is not None:
-      raise ValueError(f"the Mosaic GPU keys' forward cannot run this memory: {why}")
+      raise ValueError(f"the Mosaic GPU keys' kernels cannot run this memory: {why}")
   reads = None
   if gates.eta.shape[-1] == 1:  # per-head gates: the reads as kernels too
     reads = pallas_reads.ChunkReads(pallas_reads.ReadTiling(tiling.hidden_tile, tiling.num_warps, tiling.interpret))
