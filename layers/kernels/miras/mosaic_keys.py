@@ -1,4 +1,4 @@
-"""Miras MLP memories: the keys' recurrence forward as ONE Pallas Mosaic GPU kernel (Hopper: wgmma, TMA).
+"""Miras MLP memories: the keys' recurrence as ONE Pallas Mosaic GPU kernel per direction (Hopper: wgmma, TMA).
 
 "It's All Connected" (Behrouz et al., arXiv 2504.13173, §5.4) in the split form of :mod:`pallas_tiles`: the only
 sequential work of a chunkwise MLP memory is its keys' recurrence S_{j+1} = f_j(S_j). :mod:`pallas_tiles` runs each
@@ -19,11 +19,15 @@ chunk's other work. Per chunk j, as F1, E and F2 compute it:
   * e2_t = s₁ (e1 W1_t) ⊙ gelu'(z), out; W2_t ← B W2_t − e2_tᵀ (K ⊙ c), W1_t ← B W1_t − (e1 ⊙ c)ᵀ h_t from the
     stacked start state into the accumulators, published as chunk j + 1's start (or the end state).
 
+:func:`keys_backward` walks the chunks in reverse the same way, with B1, R and B2 of :mod:`pallas_tiles`' backward
+and the read scales' share in one kernel, each warpgroup owning its tile of the state's cotangent (written and
+checked in interpret mode; not yet run on a GPU, so no implementation name selects it: docs/benchmarks.md).
+
 Every product has bf16 operands and float32 accumulation with the operands :mod:`pallas_tiles` rounds (its
-``bfloat16`` matmul mode); wgmma has no float32 products, so the float32 mode stays Triton's. Its outputs are those
-of :mod:`pallas_tiles`' forward scan, which supplies the backward. Covers what :func:`unsupported` accepts: per-head
-gates, c = d = 64, E a multiple of 64 up to 256, biases without δ. Runs in Mosaic GPU interpret mode on any backend
-(the tests).
+``bfloat16`` matmul mode); wgmma has no float32 products, so the float32 mode stays Triton's. The forward's outputs
+are those of :mod:`pallas_tiles`' forward scan and the backward takes them (either direction pairs with either
+kernel of the other). Covers what :func:`unsupported` accepts: per-head gates, c = d = 64, E a multiple of 64 up to
+256, biases without δ. Runs in Mosaic GPU interpret mode on any backend (the tests).
 """
 
 from __future__ import annotations
