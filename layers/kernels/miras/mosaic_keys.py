@@ -318,7 +318,7 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
     def _chunk(i):
       j = n - 1 - i
       _sync(synced.at[0])
-      s2, s1, t2, t1, gsc2, gsc1 = (scalars_g[j, head, q] for q in range(6))
+      s2, s1, t2, t1, g_read2, g_read1 = (scalars_g[j, head, q] for q in range(6))  # g_read: the reads' of s
       w2, w1 = load(starts2_g.at[j, head, cols]), load(starts1_g.at[j, head, :, cols])
       g2, g1 = load(out2_g.at[head, cols]), load(out1_g.at[head, :, cols])
       # B's cotangent on each layer, Σ G ⊙ W (per-head gates: one number; rows here, summed after the kernel)
@@ -332,6 +332,7 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
       e1 = load(e1_g.at[j, head])
 
       def tile_terms():
+        """This tile's zraw = K W2_tᵀ, z = s₂ zraw, praw = e1 W1_t and ĝ = g_e2 − (K ⊙ c) G2_tᵀ [c, tile]."""
         zraw = product((c, TILE), (keys.astype(BF16), w2b_s.at[wg].T))
         z = s2 * zraw
         praw = product((c, TILE), (e1.astype(BF16), w1b_s.at[wg]))
@@ -352,8 +353,8 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
       ln_rows = tuple(wg_ops.along(ln_g.at[head, q], (c, d), 1) for q in range(2))
       errors = lambda u, k, v, gamma, beta: pallas_triton.keys_errors(
           spec, u, k, v, None, (gamma, beta), broadcast_row_mean, pullbacks=False)[0]
-      uu = load(u_g.at[j, head])
-      _, pullback = jax.vjp(errors, uu, keys, load(v_g.at[j, head]), *ln_rows)
+      u_j = load(u_g.at[j, head])
+      _, pullback = jax.vjp(errors, u_j, keys, load(v_g.at[j, head]), *ln_rows)
       g_u, g_k, g_v, g_gamma, g_beta = _plain_adds(pullback)(load(ge1_g.at[j, head]) + via_e2 + coef * via_end)
       gu = s1 * g_u
 
@@ -370,7 +371,7 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
           def _add():
             gln_g.at[head, q][...] = load(gln_g.at[head, q]) + g
         e1b_s[...], gub_s[...], kb_s[...] = e1.astype(BF16), gu.astype(BF16), keys.astype(BF16)
-        rows_s.at[tiles, 0][...] = jnp.sum(g_u * uu, axis=1)
+        rows_s.at[tiles, 0][...] = jnp.sum(g_u * u_j, axis=1)
         plgpu.commit_smem()
 
       _sync(synced.at[2])
@@ -380,19 +381,19 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
       slope = pallas_triton.kernel_gelu_grad(z)
       gz = s1 * ge2 * praw * pallas_triton.gelu_grad2(z) + g_h * slope
       rows_s.at[wg, 1][...] = jnp.sum(gz * zraw, axis=1)
-      gzb = gz.astype(BF16)
-      gkz_g.at[j, head, wg][...] = s2 * product((c, d), (gzb, w2b_s.at[wg]))
+      gz_bf16 = gz.astype(BF16)
+      gkz_g.at[j, head, wg][...] = s2 * product((c, d), (gz_bf16, w2b_s.at[wg]))
       b = decay_g[j, head, 0]
       g1 = (b * g1 + load(gs1_g.at[j, head, :, cols]) + s1 * product((d, TILE), (e1b_s.T, gs_s.at[wg]))
             + product((d, TILE), (gub_s.T, h_s.at[wg])))
-      gs_s.at[wg][...] = gzb
+      gs_s.at[wg][...] = gz_bf16  # ĝ ⊙ gelu'(z) is read: its buffer takes g_z for W2's product
       plgpu.commit_smem()
       g2 = b * g2 + load(gs2_g.at[j, head, cols]) + s2 * product((TILE, d), (gs_s.at[wg].T, kb_s))
       _sync(synced.at[3])
       if ret.scaled:  # the read scales' share at this chunk's start state
         b1_sums, z_sums = _scalar_sums(rows_s, range(tiles), 2)  # Σ ĝ ⊙ praw ⊙ gelu'(z), Σ g_z ⊙ zraw
-        g_s2 = z_sums + gsc2
-        g_s1 = b1_sums + _scalar_sums(rows_s, [tiles], 1)[0] / s1 + gsc1  # and Σ g_u ⊙ u / s₁
+        g_s2 = z_sums + g_read2
+        g_s1 = b1_sums + _scalar_sums(rows_s, [tiles], 1)[0] / s1 + g_read1  # and Σ g_u ⊙ u / s₁
         g_t2 = _plain_adds(jax.vjp(ret.scale_from, t2)[1])(g_s2)[0]
         g_t1 = _plain_adds(jax.vjp(ret.scale_from, t1)[1])(g_s1)[0]
         g2 = g2 + _plain_adds(jax.vjp(ret.scale_term_rows, w2)[1])(jnp.broadcast_to(g_t2, (TILE,)))[0]
