@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.linear_attention import _median_ms
+from benchmarks.miras_mosaic_chain import max_relative_error
 from layers.kernels.miras import mosaic_keys, pallas_tiles
 from layers.kernels.miras.chunked import with_matmul
 from layers.miras import bias as biases
@@ -46,12 +47,7 @@ def keys_inputs(n: int, heads: int, c: int = 64, d: int = 64, e: int = 256, seed
 
 def max_relative_errors(got, want) -> dict:
   """Each output's largest |got − want| over max |want|."""
-  errors = {}
-  for name, g, w in zip(OUTPUTS, got, want, strict=True):
-    pairs = zip(jax.tree.leaves(g), jax.tree.leaves(w), strict=True)
-    errors[name] = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))) / jnp.max(jnp.abs(b)))
-                       for a, b in pairs)
-  return errors
+  return {name: max_relative_error(g, w) for name, g, w in zip(OUTPUTS, got, want, strict=True)}
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from benchmarks.miras_keys_forward import keys_inputs, max_relative_errors
+from benchmarks.miras_mosaic_chain import max_relative_error
 from benchmarks.triton_compile import lowered_for_h100
 from layers.kernels.miras import mosaic_keys, pallas_tiles
 from layers.kernels.miras.chunked import with_matmul
@@ -72,7 +73,7 @@ def test_the_mosaic_keys_backward_equals_the_triton_one():
   triton, mosaic = (run(*args) for run in runs)
   pairs = [(m, t) for m, t in zip(jax.tree.leaves(mosaic), jax.tree.leaves(triton), strict=True)
            if t.dtype != jax.dtypes.float0 and bool(jnp.any(t != 0))]
-  err = max(_max_rel(m, t) for m, t in pairs)
+  err = max(max_relative_error(m, t) for m, t in pairs)
   print(f"mosaic keys' backward (interpret) vs Triton's: max rel error {err:.1e} over {len(pairs)} cotangents")
   assert err < 1e-2 and len(pairs) == 8  # all but δ's (no δ in Moneta: zero in both) and the completeness flags'
 
@@ -107,14 +108,9 @@ def test_the_memory_and_its_gradients_equal_with_either_kernels():
     loss = lambda q, k, v, run=run: jnp.sum(run(q, k, v, gates)[0] * weights)
     results.append((run(q, k, v, gates)[0], jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))
   (o_triton, g_triton), (o_mosaic, g_mosaic) = results
-  err = max(_max_rel(o_mosaic, o_triton), _max_rel(g_mosaic, g_triton))
+  err = max(max_relative_error(o_mosaic, o_triton), max_relative_error(g_mosaic, g_triton))
   print(f"pallas_tiles_bf16 with the Mosaic keys' kernels vs the Triton ones: max rel error {err:.1e}")
   assert err < 1e-3  # 4e-7 measured: one head, two chunks leave Moneta's normalisation little to amplify
-
-
-def _max_rel(got, want) -> float:
-  pairs = zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
-  return max(float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w))) for g, w in pairs)
 
 
 def test_the_first_start_state_is_the_initial_state(both_forwards):

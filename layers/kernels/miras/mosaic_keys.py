@@ -79,6 +79,10 @@ class Warpgroup:
   def layout(self, x):
     return self._pinned(x, plgpu.Layout.WGMMA)
 
+  def operand(self, *shape):
+    """A bf16 wgmma operand buffer in shared memory (128-byte swizzled rows when compiled)."""
+    return plgpu.SMEM(shape, BF16, transforms=() if self.interpret else _OPERAND)
+
   def load(self, ref):
     """A [r, s] array of global (or shared) memory, as float32."""
     return self._pinned(plgpu.load(ref, optimized=False), plgpu.Layout.WGMMA).astype(jnp.float32)
@@ -115,6 +119,15 @@ def _scalar_sums(ref, slots, count: int) -> list:
   partial sums on the GPU (an H100; interpret mode does not show it)."""
   add_row = lambda r, sums: [x + sum(ref[t, i, r] for t in slots) for i, x in enumerate(sums)]
   return jax.lax.fori_loop(0, ref.shape[-1], add_row, [jnp.float32(0.0)] * count, unroll=8)
+
+
+def per_head_kernel(body, out_type, scratch_types, heads: int, tiles: int,
+                    interpret: bool | plgpu.InterpretGPUParams = False):
+  """``body`` as a Mosaic GPU kernel of one CTA per head (axis "head") and one warpgroup per hidden tile (axis
+  "wg"); ``interpret``: Mosaic GPU interpret mode, with default or the given parameters."""
+  return plgpu.kernel(body, out_type=out_type, scratch_types=scratch_types, grid=(heads,), grid_names=("head",),
+                      num_threads=tiles, thread_name="wg",
+                      interpret=plgpu.InterpretGPUParams() if interpret is True else interpret or None)
 
 
 def _sync(barrier):
@@ -236,15 +249,13 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
   bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, BF16)
   out_type = (f32(n, heads, e, d), f32(n, heads, d, e), f32(heads, e, d), f32(heads, d, e), bf16(n, heads, c, e),
               bf16(n, heads, c, e), f32(n, heads, c, d), f32(n, heads, c, d), f32(n, heads, 4))
-  operand = lambda *shape: plgpu.SMEM(shape, BF16, transforms=() if wg_ops.interpret else _OPERAND)
+  operand = wg_ops.operand
   scratch = [plgpu.SMEM((c, d), jnp.float32), plgpu.SMEM((c, d), jnp.float32), plgpu.SMEM((c,), jnp.float32),
              plgpu.SMEM((2, d), jnp.float32), operand(tiles, TILE, d), operand(tiles, d, TILE),
              operand(tiles, c, TILE), operand(tiles, c, TILE), operand(c, d), operand(c, d),
              plgpu.SMEM((tiles, 2, TILE), jnp.float32), plgpu.Barrier(num_barriers=3),
              plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_arrivals=tiles, num_barriers=3)]
-  kernel = plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=(heads,), grid_names=("head",),
-                        num_threads=tiles, thread_name="wg",
-                        interpret=plgpu.InterpretGPUParams() if interpret is True else interpret or None)
+  kernel = per_head_kernel(body, out_type, scratch, heads, tiles, interpret)
   starts2, starts1, end2, end1, e2, h, e1, u, scalars = kernel(
       k, v, end_decay, end_coef.reshape(n, heads, c), jnp.concatenate(ln, axis=1), state["w2"], state["w1"])
   return starts2, starts1, (end2, end1), e2, h, e1, u, scalars[..., :2], scalars[..., 2:]
@@ -332,7 +343,8 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
       e1 = load(e1_g.at[j, head])
 
       def tile_terms():
-        """This tile's zraw = K W2_tᵀ, z = s₂ zraw, praw = e1 W1_t and ĝ = g_e2 − (K ⊙ c) G2_tᵀ [c, tile]."""
+        """This tile's zraw = K W2_tᵀ, z = s₂ zraw, praw = e1 W1_t and ĝ = g_e2 − (K ⊙ c) G2_tᵀ [c, tile]; taken
+        for B1 and again for B2 (four products) rather than held across two syncs in 128 registers a thread."""
         zraw = product((c, TILE), (keys.astype(BF16), w2b_s.at[wg].T))
         z = s2 * zraw
         praw = product((c, TILE), (e1.astype(BF16), w1b_s.at[wg]))
@@ -404,13 +416,11 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
   out_type = (f32(heads, e, d), f32(heads, d, e), f32(n, heads, c, d), f32(n, heads, c, d), f32(n, heads, c, d),
               f32(n, heads, tiles, c, d), f32(n, heads, tiles, c, d), f32(n, heads, tiles, 2, TILE),
               f32(heads, 2, c, d))
-  operand = lambda *shape: plgpu.SMEM(shape, BF16, transforms=() if wg_ops.interpret else _OPERAND)
+  operand = wg_ops.operand
   scratch = [operand(tiles, TILE, d), operand(tiles, d, TILE), operand(tiles, TILE, d), operand(tiles, d, TILE),
              operand(tiles, c, TILE), operand(tiles, c, TILE), operand(c, d), operand(c, d), operand(c, d),
              plgpu.SMEM((tiles + 1, 2, TILE), jnp.float32), plgpu.Barrier(num_arrivals=tiles, num_barriers=4)]
-  kernel = plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=(heads,), grid_names=("head",),
-                        num_threads=tiles, thread_name="wg",
-                        interpret=plgpu.InterpretGPUParams() if interpret is True else interpret or None)
+  kernel = per_head_kernel(body, out_type, scratch, heads, tiles, interpret)
   g2, g1, gk, gv, gcoef, gkc, gkz, gdec, gln = kernel(
       k, v, u, keys.e1, end_decay, end_coef.reshape(n, heads, c), jnp.concatenate(ln, axis=1), starts["w2"],
       starts["w1"], scalars, g_keys.e1, g_keys.e2, g_keys.hk, g_starts["w2"], g_starts["w1"], g_end["w2"],
