@@ -20,10 +20,11 @@ chunk's other work. Per chunk j, as F1, E and F2 compute it:
     stacked start state into the accumulators, published as chunk j + 1's start (or the end state).
 
 :func:`keys_backward` walks the chunks in reverse the same way, with B1, R and B2 of :mod:`pallas_tiles`' backward
-and the read scales' share in one kernel, each warpgroup owning its tile of the state's cotangent. It equals the
-Triton backward on an H100 but is slower (21.1 against 14.9 ms for 128 heads × 64 chunks: 5.5 KB of register
-spills a thread), so no implementation name selects it (``pallas_tiles.Tiling(keys_backward="mosaic")`` does;
-docs/benchmarks.md, "Fourteenth session").
+and the read scales' share in one kernel, each warpgroup owning its tile of the state's cotangent. Its first form
+equalled the Triton backward on an H100 but was slower (21.1 against 14.9 ms for 128 heads × 64 chunks: 5.5 KB of
+register spills a thread, its row step on whole [c, d] rows in every warpgroup); this one splits the row step into
+blocks of columns and holds nothing [c, d] across a sync (checked in interpret mode, untimed), so no implementation
+name selects it (``pallas_tiles.Tiling(keys_backward="mosaic")`` does; docs/benchmarks.md, "Fourteenth session").
 
 Every product has bf16 operands and float32 accumulation with the operands :mod:`pallas_tiles` rounds (its
 ``bfloat16`` matmul mode); wgmma has no float32 products, so the float32 mode stays Triton's. The forward's outputs
@@ -33,6 +34,8 @@ kernel of the other). Covers what :func:`unsupported` accepts: per-head gates, c
 """
 
 from __future__ import annotations
+
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +48,7 @@ from layers.kernels.miras import pallas_triton
 from layers.miras.memory import broadcast_row_mean
 from layers.miras.spec import MemorySpec
 
+LINE = 32  # float32 values in a 128-byte line
 TILE = 64  # columns of E per warpgroup: the M (W2) and N (W1) of its state tile's wgmma, 128 bytes of bf16
 _MAX_TILES = 4  # warpgroups a CTA: 512 threads keep 128 registers each
 _OPERAND = (plgpu.TilingTransform((8, TILE)), plgpu.SwizzleTransform(2 * TILE))  # 128-byte swizzled bf16 rows
@@ -89,10 +93,13 @@ class Warpgroup:
     """A [r, s] array of global (or shared) memory, as float32."""
     return self._pinned(plgpu.load(ref, optimized=False), plgpu.Layout.WGMMA).astype(jnp.float32)
 
+  def vector(self, ref, axis: int):
+    """A vector in memory laid out as axis ``axis`` of a WGMMA-layout array (0: one value a row; 1: one a column)."""
+    return self._pinned(plgpu.load(ref, optimized=False), plgpu.Layout.WGMMA.reduce(1 - axis))
+
   def along(self, ref, shape, axis: int):
     """A vector in memory broadcast along ``axis`` of a 2-D ``shape`` (0: one value a row; 1: one a column)."""
-    x = self._pinned(plgpu.load(ref, optimized=False), plgpu.Layout.WGMMA.reduce(1 - axis))
-    return jax.lax.broadcast_in_dim(x, shape, (axis,))
+    return jax.lax.broadcast_in_dim(self.vector(ref, axis), shape, (axis,))
 
   @staticmethod
   def product(shape, *pairs):
@@ -263,9 +270,25 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
   return starts2, starts1, (end2, end1), e2, h, e1, u, scalars[..., :2], scalars[..., 2:]
 
 
-def _plain_adds(fun):
+def _plain_adds(fun, *, columns: int | None = None, width: int | None = None, row_sum=None):
   """``fun`` traced to a jaxpr and evaluated with its ``add_jaxvals`` (how a vjp's pullback sums cotangents) as
-  plain adds: Pallas' Mosaic GPU backend lowers no ``add_jaxvals``."""
+  plain adds: Pallas' Mosaic GPU backend lowers no ``add_jaxvals``.
+
+  With ``columns`` = w, ``fun`` is row-wise on [c, d] arrays (d = ``width``; it mixes columns only through sums over
+  a row) and is evaluated on one [c, w] block of columns of each: its arguments are such blocks, each sum over
+  the rows' axis is ``row_sum(this block's partial sums [c])`` (the whole rows' sums, from every block: an exchange
+  between warpgroups) and each broadcast to [c, d] one to [c, w], so it returns its outputs' blocks."""
+  def bind(eqn, ins):
+    if columns is None:
+      return eqn.primitive.bind(*ins, **eqn.params)
+    if eqn.primitive is jax.lax.reduce_sum_p and eqn.params["axes"] == (1,) and ins[0].ndim == 2:
+      return row_sum(jnp.sum(ins[0], axis=1))
+    if eqn.primitive is jax.lax.broadcast_in_dim_p and eqn.params["broadcast_dimensions"] in ((), (0,)):
+      return eqn.primitive.bind(*ins, **(eqn.params | {"shape": (*eqn.params["shape"][:1], columns)}))
+    if eqn.primitive in (jax.lax.reduce_sum_p, jax.lax.broadcast_in_dim_p) or "shape" in eqn.params:
+      raise NotImplementedError(f"{eqn.primitive} {eqn.params} is not row-wise on [c, d] blocks of columns")
+    return eqn.primitive.bind(*ins, **eqn.params)
+
   def evaluate(jaxpr, consts, args):
     env = dict(zip(jaxpr.constvars, consts)) | dict(zip(jaxpr.invars, args))
     read = lambda var: var.val if isinstance(var, jex_core.Literal) else env[var]
@@ -277,13 +300,14 @@ def _plain_adds(fun):
         inner = eqn.params["jaxpr"]
         outs = evaluate(inner.jaxpr, inner.consts, ins)
       else:
-        outs = eqn.primitive.bind(*ins, **eqn.params)
+        outs = bind(eqn, ins)
         outs = outs if eqn.primitive.multiple_results else [outs]
       env.update(zip(eqn.outvars, outs))
     return [read(var) for var in jaxpr.outvars]
 
   def run(*args):
-    closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*args)
+    traced = args if columns is None else [jax.ShapeDtypeStruct((a.shape[0], width), a.dtype) for a in args]
+    closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*traced)
     outs = evaluate(closed.jaxpr, closed.consts, jax.tree.leaves(args))
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
   return run
@@ -295,37 +319,66 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
   terms); (end state's, (start states', ``KeyPass``es'))). Returns the initial state's cotangent {w2, w1}, the
   LayerNorm's (γ, β) [N, 1, d], and the cotangents of K (all of it: through the row step and through z), V and the
   chunk-end coefficients broadcast [n, N, c, d], of K ⊙ c [n, N, c, d], and of the chunk-end decay on each layer
-  summed over the layer, [n, N, 2] (per-head gates). Per chunk (one warpgroup per tile, four syncs): B1's tile
-  terms and their [c, d] sums from the shared bf16 operands; R, the row step's vjp (``keys_errors`` with
-  ``broadcast_row_mean``), every warpgroup on the same rows, warpgroup 0 writing the rows' outputs; B2's update of
+  summed over the layer, [n, N, 2] (per-head gates).
+
+  Per chunk (one warpgroup per tile, four syncs): B1's tile terms and their [c, d] sums from the shared bf16
+  operands; R, the row step's vjp (``keys_errors`` with ``broadcast_row_mean``) on blocks of columns of the rows
+  (:func:`_plain_adds`' ``columns``; d = 64: two blocks of 32, 16 registers a thread an array rather than 32, the
+  third and fourth warpgroups repeating the first two's without writing), the row sums exchanged through shared
+  memory and g_u's blocks meeting in L2; B2's update of
   the tile's cotangent, K's share per tile (summed after the kernel), and the read scales' share from every tile's
-  row sums (scalar reads; see :func:`keys_forward`). The cotangent waits in the output between chunks."""
+  row sums (scalar reads; see :func:`keys_forward`). Nothing [c, d] is held across a sync: K, e1 and c are read
+  where used (L2) or as the bf16 operands warpgroup 0 writes for the chunk before it starts, and the cotangent
+  waits in the output between its reads."""
   ln, xs, starts, keys, u, scales, totals = residuals
   g_end, (g_starts, g_keys) = cotangents
   k, v, _, end_decay, end_coef, _ = xs
   n, heads, c, d = k.shape
   e = starts["w2"].shape[2]
   tiles = e // TILE
+  # the row step's blocks of columns: as many as there are warpgroups, but each a whole 128-byte line of float32
+  # (a global memory store takes no less); warpgroup t takes block t mod parts and only the first parts write
+  parts = max(p for p in range(1, tiles + 1) if d % p == 0 and (d // p) % LINE == 0)
+  block = d // parts
   ret = spec.retention
   wg_ops = Warpgroup(bool(interpret))
   g_scale = jnp.stack([g_keys.scale["w2"][:, :, 0, 0], g_keys.scale["w1"][:, :, 0, 0]], axis=-1)  # [n, N, 2]
   scalars = jnp.concatenate([scales, totals, g_scale], axis=-1)  # [n, N, 6]: s2 s1 t2 t1 gs2 gs1
+  errors = lambda u, k, v, gamma, beta: pallas_triton.keys_errors(
+      spec, u, k, v, None, (gamma, beta), broadcast_row_mean, pullbacks=False)[0]
+  row_step_vjp = lambda u, k, v, gamma, beta, g: jax.vjp(errors, u, k, v, gamma, beta)[1](g)
 
   def body(k_g, v_g, u_g, e1_g, decay_g, coef_g, ln_g, starts2_g, starts1_g, scalars_g, ge1_g, ge2_g, ghk_g,
            gs2_g, gs1_g, gend2_g, gend1_g,
-           out2_g, out1_g, gk_g, gv_g, gcoef_g, gkc_g, gkz_g, gdec_g, gln_g,
-           w2b_s, w1b_s, g2b_s, g1b_s, h_s, gs_s, e1b_s, gub_s, kb_s, rows_s, synced):
+           out2_g, out1_g, gk_g, gv_g, gcoef_g, gkc_g, gkz_g, gdec_g, gln_g, gu_g,
+           w2b_s, w1b_s, g2b_s, g1b_s, h_s, gs_s, e1b_s, gub_s, kb_s, rows_s, sums_s, synced, exchanged):
     head, wg = jax.lax.axis_index("head"), jax.lax.axis_index("wg")
-    cols = pl.ds(wg * TILE, TILE)
+    cols, mine, writes = pl.ds(wg * TILE, TILE), pl.ds(wg % parts * block, block), wg < parts
     load, product, accumulate = wg_ops.load, wg_ops.product, wg_ops.accumulate
     rows = lambda ref, width: wg_ops.along(ref, (c, width), 0)
+    exchanges = itertools.count()  # the row step's row sums, alternating between two buffers
+
+    def row_sum(partial):
+      """The rows' sums [c] from every block's partial sums over its columns."""
+      buffer = sums_s.at[next(exchanges) % 2]
+      buffer.at[wg][...] = partial
+      _sync(exchanged.at[0])
+      return sum(wg_ops.vector(buffer.at[t], 0) for t in range(parts))
 
     def publish(g2, g1):
       out2_g.at[head, cols][...], out1_g.at[head, :, cols][...] = g2, g1
       g2b_s.at[wg][...], g1b_s.at[wg][...] = g2.astype(BF16), g1.astype(BF16)
       plgpu.commit_smem()
 
+    def row_operands(j):
+      """Chunk j's K and e1 as bf16 operands (warpgroup 0)."""
+      @pl.when(wg == 0)
+      def _write():
+        e1b_s[...], kb_s[...] = load(e1_g.at[j, head]).astype(BF16), load(k_g.at[j, head]).astype(BF16)
+        plgpu.commit_smem()
+
     publish(load(gend2_g.at[head, cols]), load(gend1_g.at[head, :, cols]))
+    row_operands(n - 1)
 
     @pl.loop(0, n)
     def _chunk(i):
@@ -333,23 +386,21 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
       _sync(synced.at[0])
       s2, s1, t2, t1, g_read2, g_read1 = (scalars_g[j, head, q] for q in range(6))  # g_read: the reads' of s
       w2, w1 = load(starts2_g.at[j, head, cols]), load(starts1_g.at[j, head, :, cols])
-      g2, g1 = load(out2_g.at[head, cols]), load(out1_g.at[head, :, cols])
       # B's cotangent on each layer, Σ G ⊙ W (per-head gates: one number; rows here, summed after the kernel)
-      gdec_g.at[j, head, wg, 0][...] = jnp.sum(g2 * w2, axis=1)
-      gdec_g.at[j, head, wg, 1][...] = jnp.sum(g1 * w1, axis=1)
+      gdec_g.at[j, head, wg, 0][...] = jnp.sum(load(out2_g.at[head, cols]) * w2, axis=1)
+      gdec_g.at[j, head, wg, 1][...] = jnp.sum(load(out1_g.at[head, :, cols]) * w1, axis=1)
       w2b_s.at[wg][...], w1b_s.at[wg][...] = w2.astype(BF16), w1.astype(BF16)
       plgpu.commit_smem()
-      keys = load(k_g.at[j, head])
-      coef = rows(coef_g.at[j, head], d)
-      kc = (keys * coef).astype(BF16)
-      e1 = load(e1_g.at[j, head])
+      coef = lambda: rows(coef_g.at[j, head], d)
+      e1 = lambda: load(e1_g.at[j, head])
 
       def tile_terms():
         """This tile's zraw = K W2_tᵀ, z = s₂ zraw, praw = e1 W1_t and ĝ = g_e2 − (K ⊙ c) G2_tᵀ [c, tile]; taken
         for B1 and again for B2 (four products) rather than held across two syncs in 128 registers a thread."""
-        zraw = product((c, TILE), (keys.astype(BF16), w2b_s.at[wg].T))
+        zraw = product((c, TILE), (kb_s, w2b_s.at[wg].T))
         z = s2 * zraw
-        praw = product((c, TILE), (e1.astype(BF16), w1b_s.at[wg]))
+        praw = product((c, TILE), (e1b_s, w1b_s.at[wg]))
+        kc = (load(k_g.at[j, head]) * coef()).astype(BF16)
         ge2 = load(ge2_g.at[j, head, :, cols]) - product((c, TILE), (kc, g2b_s.at[wg].T))
         return zraw, z, praw, ge2
 
@@ -362,35 +413,40 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
       rows_s.at[wg, 0][...] = jnp.sum(ge2 * praw * slope, axis=1)
       _sync(synced.at[1])
 
-      via_end = -product((c, d), *((h_s.at[t], g1b_s.at[t].T) for t in range(tiles)))
-      via_e2 = s1 * product((c, d), *((gs_s.at[t], w1b_s.at[t].T) for t in range(tiles)))
-      ln_rows = tuple(wg_ops.along(ln_g.at[head, q], (c, d), 1) for q in range(2))
-      errors = lambda u, k, v, gamma, beta: pallas_triton.keys_errors(
-          spec, u, k, v, None, (gamma, beta), broadcast_row_mean, pullbacks=False)[0]
-      u_j = load(u_g.at[j, head])
-      _, pullback = jax.vjp(errors, u_j, keys, load(v_g.at[j, head]), *ln_rows)
-      g_u, g_k, g_v, g_gamma, g_beta = _plain_adds(pullback)(load(ge1_g.at[j, head]) + via_e2 + coef * via_end)
-      gu = s1 * g_u
-
-      @pl.when(wg == 0)
-      def _rows():
-        gk_g.at[j, head][...], gv_g.at[j, head][...] = g_k, g_v
-        gcoef_g.at[j, head][...] = e1 * via_end
+      # R on this warpgroup's columns of the rows
+      via_end = -product((c, block), *((h_s.at[t], g1b_s.at[t, mine].T) for t in range(tiles)))
+      via_e2 = s1 * product((c, block), *((gs_s.at[t], w1b_s.at[t, mine].T) for t in range(tiles)))
+      ln_rows = tuple(wg_ops.along(ln_g.at[head, q, mine], (c, block), 1) for q in range(2))
+      u_j = load(u_g.at[j, head, :, mine])
+      g_e1 = load(ge1_g.at[j, head, :, mine]) + via_e2 + rows(coef_g.at[j, head], block) * via_end
+      g_u, g_k, g_v, g_gamma, g_beta = _plain_adds(row_step_vjp, columns=block, width=d, row_sum=row_sum)(
+          u_j, load(k_g.at[j, head, :, mine]), load(v_g.at[j, head, :, mine]), *ln_rows, g_e1)
+      @pl.when(writes)
+      def _row_outputs():
+        gk_g.at[j, head, :, mine][...], gv_g.at[j, head, :, mine][...] = g_k, g_v
+        gcoef_g.at[j, head, :, mine][...] = load(e1_g.at[j, head, :, mine]) * via_end
         for q, g in enumerate((g_gamma, g_beta)):  # summed over the chunks in place (the first one writes)
           @pl.when(i == 0)
           def _first():
-            gln_g.at[head, q][...] = g
+            gln_g.at[head, q, :, mine][...] = g
 
           @pl.when(i > 0)
           def _add():
-            gln_g.at[head, q][...] = load(gln_g.at[head, q]) + g
-        e1b_s[...], gub_s[...], kb_s[...] = e1.astype(BF16), gu.astype(BF16), keys.astype(BF16)
-        rows_s.at[tiles, 0][...] = jnp.sum(g_u * u_j, axis=1)
+            gln_g.at[head, q, :, mine][...] = load(gln_g.at[head, q, :, mine]) + g
+        gu_g.at[head, :, mine][...] = s1 * g_u  # the blocks meet in L2 (shared memory is full)
+      # Σ g_u ⊙ u over this block's columns (a repeated block's counts once)
+      rows_s.at[wg, 2][...] = jnp.sum(g_u * u_j, axis=1) * writes.astype(jnp.float32)
+      _sync(synced.at[2])
+
+      gu = load(gu_g.at[head]).astype(BF16)
+
+      @pl.when(wg == 0)
+      def _gu():  # for g_u's transposed product, after the next sync
+        gub_s[...] = gu
         plgpu.commit_smem()
 
-      _sync(synced.at[2])
-      e1n = (-(e1 * coef)).astype(BF16)
-      g_h = accumulate(load(ghk_g.at[j, head, :, cols]), (e1n, g1b_s.at[wg]), (gu.astype(BF16), w1b_s.at[wg]))
+      e1n = (-(e1() * coef())).astype(BF16)
+      g_h = accumulate(load(ghk_g.at[j, head, :, cols]), (e1n, g1b_s.at[wg]), (gu, w1b_s.at[wg]))
       zraw, z, praw, ge2 = tile_terms()
       slope = pallas_triton.kernel_gelu_grad(z)
       gz = s1 * ge2 * praw * pallas_triton.gelu_grad2(z) + g_h * slope
@@ -398,32 +454,40 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
       gz_bf16 = gz.astype(BF16)
       gkz_g.at[j, head, wg][...] = s2 * product((c, d), (gz_bf16, w2b_s.at[wg]))
       b = decay_g[j, head, 0]
-      g1 = (b * g1 + load(gs1_g.at[j, head, :, cols]) + s1 * product((d, TILE), (e1b_s.T, gs_s.at[wg]))
-            + product((d, TILE), (gub_s.T, h_s.at[wg])))
+      g1 = (b * load(out1_g.at[head, :, cols]) + load(gs1_g.at[j, head, :, cols])
+            + s1 * product((d, TILE), (e1b_s.T, gs_s.at[wg])))
       gs_s.at[wg][...] = gz_bf16  # ĝ ⊙ gelu'(z) is read: its buffer takes g_z for W2's product
       plgpu.commit_smem()
-      g2 = b * g2 + load(gs2_g.at[j, head, cols]) + s2 * product((TILE, d), (gs_s.at[wg].T, kb_s))
+      g2 = b * load(out2_g.at[head, cols]) + load(gs2_g.at[j, head, cols]) + s2 * product((TILE, d),
+                                                                                          (gs_s.at[wg].T, kb_s))
       _sync(synced.at[3])
+      g1 = g1 + product((d, TILE), (gub_s.T, h_s.at[wg]))
       if ret.scaled:  # the read scales' share at this chunk's start state
-        b1_sums, z_sums = _scalar_sums(rows_s, range(tiles), 2)  # Σ ĝ ⊙ praw ⊙ gelu'(z), Σ g_z ⊙ zraw
+        # Σ ĝ ⊙ praw ⊙ gelu'(z), Σ g_z ⊙ zraw, Σ g_u ⊙ u
+        b1_sums, z_sums, u_sums = _scalar_sums(rows_s, range(tiles), 3)
         g_s2 = z_sums + g_read2
-        g_s1 = b1_sums + _scalar_sums(rows_s, [tiles], 1)[0] / s1 + g_read1  # and Σ g_u ⊙ u / s₁
+        g_s1 = b1_sums + u_sums / s1 + g_read1
         g_t2 = _plain_adds(jax.vjp(ret.scale_from, t2)[1])(g_s2)[0]
         g_t1 = _plain_adds(jax.vjp(ret.scale_from, t1)[1])(g_s1)[0]
         g2 = g2 + _plain_adds(jax.vjp(ret.scale_term_rows, w2)[1])(jnp.broadcast_to(g_t2, (TILE,)))[0]
         g1 = g1 + _plain_adds(jax.vjp(ret.scale_term_rows, w1)[1])(jnp.broadcast_to(g_t1, (d,)))[0]
       publish(g2, g1)
 
+      @pl.when(j > 0)
+      def _next():
+        row_operands(j - 1)
+
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   out_type = (f32(heads, e, d), f32(heads, d, e), f32(n, heads, c, d), f32(n, heads, c, d), f32(n, heads, c, d),
               f32(n, heads, tiles, c, d), f32(n, heads, tiles, c, d), f32(n, heads, tiles, 2, TILE),
-              f32(heads, 2, c, d))
+              f32(heads, 2, c, d), f32(heads, c, d))
   operand = wg_ops.operand
   scratch = [operand(tiles, TILE, d), operand(tiles, d, TILE), operand(tiles, TILE, d), operand(tiles, d, TILE),
              operand(tiles, c, TILE), operand(tiles, c, TILE), operand(c, d), operand(c, d), operand(c, d),
-             plgpu.SMEM((tiles + 1, 2, TILE), jnp.float32), plgpu.Barrier(num_arrivals=tiles, num_barriers=4)]
+             plgpu.SMEM((tiles, 3, TILE), jnp.float32), plgpu.SMEM((2, tiles, c), jnp.float32),
+             plgpu.Barrier(num_arrivals=tiles, num_barriers=4), plgpu.Barrier(num_arrivals=tiles, num_barriers=1)]
   kernel = per_head_kernel(body, out_type, scratch, heads, tiles, interpret)
-  g2, g1, gk, gv, gcoef, gkc, gkz, gdec, gln = kernel(
+  g2, g1, gk, gv, gcoef, gkc, gkz, gdec, gln, _ = kernel(
       k, v, u, keys.e1, end_decay, end_coef.reshape(n, heads, c), jnp.concatenate(ln, axis=1), starts["w2"],
       starts["w1"], scalars, g_keys.e1, g_keys.e2, g_keys.hk, g_starts["w2"], g_starts["w1"], g_end["w2"],
       g_end["w1"])

@@ -60,7 +60,7 @@ class Tiling:
   ``num_stages`` (software pipelining of the loads), ``interpret`` (Pallas interpret mode: any backend), and
   ``keys_forward`` / ``keys_backward``: each direction of the keys' recurrence as this module's Triton kernels or
   as :mod:`mosaic_keys`' one Mosaic GPU kernel (bf16 matmuls, per-head gates; the Mosaic backward takes the
-  residuals of either forward, and has not yet run on a GPU: docs/benchmarks.md)."""
+  residuals of either forward; its first form ran slower than the Triton backward on an H100: docs/benchmarks.md)."""
 
   hidden_tile: int = 64
   num_warps: int = 4
