@@ -1,8 +1,9 @@
 """The Mosaic GPU kernels of the Miras MLP memories' keys' recurrence (layers/kernels/miras/mosaic_keys.py), forward
 and backward: each equal to ``pallas_tiles``' Triton kernels in interpret mode on the CPU and free of races between
 its warpgroups there, the whole memory and its gradients equal with both, each lowered for an (abstract) H100, and
-what they do not cover refused. On the GPU the forward is checked through the API by
-``test_miras.py::test_pallas_kernels_on_gpu_match_the_flat_path``; the backward has not run on one yet."""
+what they do not cover refused; the row step's evaluation on blocks of columns equal to the whole rows'. On the GPU
+the forward is checked through the API by ``test_miras.py::test_pallas_kernels_on_gpu_match_the_flat_path``; the
+backward's first form was checked there too (docs/benchmarks.md), the present one not yet."""
 
 import functools
 
@@ -14,10 +15,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from benchmarks.miras_keys_forward import keys_inputs, max_relative_errors
 from benchmarks.miras_mosaic_chain import max_relative_error
 from benchmarks.triton_compile import lowered_for_h100
-from layers.kernels.miras import mosaic_keys, pallas_tiles
+from layers.kernels.miras import mosaic_keys, pallas_tiles, pallas_triton
 from layers.kernels.miras.chunked import with_matmul
 from layers.miras import bias as biases
-from layers.miras.memory import MLPMemory
+from layers.miras.memory import MLPMemory, broadcast_row_mean
 from layers.miras.retention import Decay, LqNorm
 from layers.miras.spec import Gates, MemorySpec
 
@@ -154,3 +155,35 @@ def test_the_mosaic_keys_kernels_refuse_float32_matmuls():
 def test_tiling_rejects_an_unknown_keys_kernel(direction):
   with pytest.raises(ValueError, match=direction):
     pallas_tiles.Tiling(**{direction: "cuda"})
+
+
+def _row_step_vjp(u, k, v, gamma, beta, g):
+  """Moneta's row step (the keys' errors from u) pulled back from g, as the Mosaic backward takes it."""
+  errors = lambda *args: pallas_triton.keys_errors(MONETA, *args[:3], None, args[3:], broadcast_row_mean,
+                                                   pullbacks=False)[0]
+  return jax.vjp(errors, u, k, v, gamma, beta)[1](g)
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 4])
+def test_the_row_step_on_blocks_of_columns_equals_it_on_whole_rows(blocks):
+  """``_plain_adds(columns=w)`` evaluates the row step's vjp on [c, w] blocks, each row sum exchanged (here a psum
+  over the blocks, as the kernel's warpgroups do through shared memory): the blocks put together equal it on
+  whole rows (float32, random rows)."""
+  c, d = 64, 64
+  args = [jax.random.normal(key, (c, d)) for key in jax.random.split(jax.random.key(3), 6)]
+  args[3] = 1.0 + 0.1 * args[3]  # γ near 1
+  want = _row_step_vjp(*args)
+  split = lambda x: jnp.stack(jnp.split(x, blocks, axis=1))  # [blocks, c, d / blocks]
+  on_block = mosaic_keys._plain_adds(_row_step_vjp, columns=d // blocks, width=d,
+                                     row_sum=lambda partial: jax.lax.psum(partial, "block"))
+  got = jax.vmap(on_block, axis_name="block")(*map(split, args))
+  for g, w in zip(got, want):
+    whole = jnp.concatenate(list(g), axis=1)
+    assert float(jnp.max(jnp.abs(whole - w)) / jnp.max(jnp.abs(w))) < 1e-5
+
+
+def test_a_step_that_mixes_columns_is_refused_on_blocks():
+  """A function that is not row-wise (here a sum over the rows) cannot run on blocks of columns."""
+  on_block = mosaic_keys._plain_adds(lambda x: jnp.sum(x, axis=0), columns=16, width=64, row_sum=lambda p: p)
+  with pytest.raises(NotImplementedError, match="not row-wise"):
+    on_block(jnp.ones((64, 16)))
