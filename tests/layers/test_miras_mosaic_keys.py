@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from benchmarks.miras_keys_forward import keys_inputs, max_relative_errors
+from benchmarks.miras_keys import backward_inputs, keys_inputs, max_relative_errors
 from benchmarks.miras_mosaic_chain import max_relative_error
 from benchmarks.triton_compile import lowered_for_h100
 from layers.kernels.miras import mosaic_keys, pallas_tiles, pallas_triton
@@ -49,18 +49,7 @@ def test_the_mosaic_keys_forward_equals_the_triton_one(both_forwards):
   assert not any(bool(jnp.isnan(x).any()) for x in jax.tree.leaves(mosaic))
 
 
-def _pullback_inputs(heads: int):
-  """(residuals, cotangents) of ``pallas_tiles``' keys' recurrence: its Triton forward's residuals on two chunks,
-  random cotangents of its outputs."""
-  tiling = pallas_tiles.Tiling(interpret=True)
-  outputs, residuals = jax.jit(functools.partial(pallas_tiles._recurrence_fwd, MONETA, tiling))(
-      *keys_inputs(2, heads))
-  keys = iter(jax.random.split(jax.random.key(5), len(jax.tree.leaves(outputs))))
-  cotangents = jax.tree.map(lambda a: (0.1 * jax.random.normal(next(keys), a.shape)).astype(a.dtype), outputs)
-  return residuals, cotangents
-
-
-_pullback_inputs_of_two = functools.partial(_pullback_inputs, heads=2)
+_pullback_inputs_of_two = functools.partial(backward_inputs, MONETA, 2, 2, interpret=True)
 
 
 def test_the_mosaic_keys_backward_equals_the_triton_one():
@@ -88,7 +77,7 @@ def test_the_warpgroups_share_memory_without_races(direction):
     outputs = jax.jit(functools.partial(mosaic_keys.keys_forward, MONETA, interpret=params))(*keys_inputs(2, 1))
   else:
     outputs = jax.jit(functools.partial(mosaic_keys.keys_backward, MONETA, interpret=params))(
-        *_pullback_inputs(heads=1))
+        *backward_inputs(MONETA, 2, 1, interpret=True))
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(outputs))
 
 

@@ -4,7 +4,7 @@
 sequential work of a chunkwise MLP memory is its keys' recurrence S_{j+1} = f_j(S_j). :mod:`pallas_tiles` runs each
 chunk as three Triton kernels (F1, E, F2): 4.5 ms for 128 heads × 64 chunks on an H100. This kernel walks every
 chunk of a head in one CTA of one warpgroup per hidden tile of 64 columns (E = 256: four), the bf16 copies of the
-state that every product reads in shared memory: 2.5 ms (``benchmarks/miras_keys_forward.py``, docs/benchmarks.md).
+state that every product reads in shared memory: 2.5 ms (``benchmarks/miras_keys.py``, docs/benchmarks.md).
 Warpgroup t owns its tile of the float32 state (W2_t [64, d], W1_t [d, 64]); between its publication and its update
 the tile waits in the stacked start states (which the backward needs anyway, in L2), leaving the registers to the
 chunk's other work. Per chunk j, as F1, E and F2 compute it:

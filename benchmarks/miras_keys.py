@@ -1,0 +1,114 @@
+"""The Miras MLP memory's keys' recurrence alone, either direction: the Mosaic GPU kernel
+(``layers/kernels/miras/mosaic_keys.py``) against ``pallas_tiles``' Triton kernels (forward: F1, E, F2 a chunk in an
+XLA scan; backward: B1, R, B2 a chunk), on the same random inputs in one process.
+
+"It's All Connected" (Behrouz et al., arXiv 2504.13173): the keys' recurrence is the sequential part of a chunkwise
+MLP memory. Prints, per implementation, the median time and µs a chunk, and the Mosaic kernel's largest relative
+error against the Triton one per output (the same bf16 operands summed in another order), and writes JSON. The
+backward pulls back random cotangents through the Triton forward's residuals (both backwards take them, each with
+the chunk inputs' pull-back around it). GPU only.
+
+  PYTHONPATH=. python benchmarks/miras_keys.py --heads 128 --chunks 64 --json keys_forward.json
+  PYTHONPATH=. python benchmarks/miras_keys.py --direction backward --json keys_backward.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.linear_attention import _median_ms
+from benchmarks.miras_mosaic_chain import max_relative_error
+from layers.kernels.miras import mosaic_keys, pallas_tiles
+from layers.kernels.miras.chunked import with_matmul
+from layers.miras import bias as biases
+from layers.miras.memory import MLPMemory
+from layers.miras.retention import LqNorm
+from layers.miras.spec import MemorySpec
+
+OUTPUTS = ("starts2", "starts1", "end", "e2", "h", "e1", "u", "scales", "totals")
+
+
+def keys_inputs(n: int, heads: int, c: int = 64, d: int = 64, e: int = 256, seed: int = 0):
+  """(state, ln, keys' inputs) as ``flat.miras_flat`` hands them to a key scan: unit keys, decays near 1, small
+  step coefficients, every chunk complete."""
+  ks = jax.random.split(jax.random.key(seed), 8)
+  k = jax.random.normal(ks[0], (n, heads, c, d))
+  k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  xs = (k, jax.random.normal(ks[1], (n, heads, c, d)), jnp.zeros((n, heads, c)),
+        1.0 - 0.05 * jax.random.uniform(ks[2], (n, heads, 1)), 0.1 * jax.random.uniform(ks[3], (n, heads, c, 1)),
+        jnp.ones((n, heads), bool))
+  state = {"w2": jax.random.normal(ks[4], (heads, e, d)) / d ** 0.5,
+           "w1": jax.random.normal(ks[5], (heads, d, e)) / e ** 0.5}
+  ln = (1.0 + 0.1 * jax.random.normal(ks[6], (heads, 1, d)), 0.1 * jax.random.normal(ks[7], (heads, 1, d)))
+  return state, ln, xs
+
+
+def max_relative_errors(got, want) -> dict:
+  """Each output's largest |got − want| over max |want|."""
+  return {name: max_relative_error(g, w) for name, g, w in zip(OUTPUTS, got, want, strict=True)}
+
+
+def backward_inputs(spec, chunks: int, heads: int, interpret: bool = False, seed: int = 5):
+  """(residuals, cotangents) of ``pallas_tiles``' keys' recurrence: its Triton forward's residuals on
+  :func:`keys_inputs` (``interpret``: in Pallas interpret mode), and random cotangents (0.1 N(0, 1)) of its
+  outputs."""
+  tiling = pallas_tiles.Tiling(interpret=interpret)
+  outputs, residuals = jax.jit(functools.partial(pallas_tiles._recurrence_fwd, spec, tiling))(
+      *keys_inputs(chunks, heads))
+  keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(outputs))))
+  cotangents = jax.tree.map(lambda a: (0.1 * jax.random.normal(next(keys), a.shape)).astype(a.dtype), outputs)
+  return residuals, cotangents
+
+
+def _runs(spec, direction: str) -> dict:
+  """The jitted Mosaic and Triton kernels of one direction."""
+  if direction == "forward":
+    return {"mosaic": jax.jit(functools.partial(mosaic_keys.keys_forward, spec)),
+            "triton": jax.jit(functools.partial(pallas_tiles._triton_keys_forward, spec, pallas_tiles.Tiling()))}
+  return {kernel: jax.jit(functools.partial(pallas_tiles._recurrence_bwd, spec,
+                                            pallas_tiles.Tiling(keys_backward=kernel)))
+          for kernel in ("mosaic", "triton")}
+
+
+def _backward_errors(got, want) -> dict:
+  """Each float cotangent's largest relative error, by its path in the backward's output."""
+  paths = jax.tree_util.tree_flatten_with_path(want)[0]
+  return {jax.tree_util.keystr(path): max_relative_error(g, w)
+          for (path, w), g in zip(paths, jax.tree.leaves(got), strict=True) if w.dtype != jax.dtypes.float0}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--direction", choices=("forward", "backward"), default="forward")
+  parser.add_argument("--heads", type=int, default=128, help="batch × heads (8 × 16 at issue 14's shape)")
+  parser.add_argument("--chunks", type=int, default=64, help="chunks of 64 tokens (64: T = 4096)")
+  parser.add_argument("--json", default="keys.json")
+  args = parser.parse_args()
+  if jax.default_backend() != "gpu":
+    sys.exit("the Mosaic GPU kernels need a GPU (tests/layers/test_miras_mosaic_keys.py checks them on a CPU)")
+  if args.heads < 1 or args.chunks < 1:
+    sys.exit("--heads and --chunks must be positive")
+  spec = with_matmul(MemorySpec(MLPMemory(), biases.Lp(3.0), LqNorm(4.0)), "bfloat16")  # Moneta
+  forward = args.direction == "forward"
+  inputs = keys_inputs(args.chunks, args.heads) if forward else backward_inputs(spec, args.chunks, args.heads)
+  runs = _runs(spec, args.direction)
+  outputs = {name: run(*inputs) for name, run in runs.items()}
+  errors = (max_relative_errors if forward else _backward_errors)(outputs["mosaic"], outputs["triton"])
+  row = {"device": jax.devices()[0].device_kind, "direction": args.direction, "heads": args.heads,
+         "chunks": args.chunks, "mosaic_max_rel_vs_triton": errors}
+  for name, run in runs.items():
+    row[f"{name}_ms"] = _median_ms(functools.partial(run, *inputs))
+    row[f"{name}_us_per_chunk"] = 1e3 * row[f"{name}_ms"] / args.chunks
+  print(json.dumps(row), flush=True)
+  with open(args.json, "w") as f:
+    json.dump({"argv": sys.argv, "rows": [row]}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
