@@ -2,8 +2,9 @@
 and backward: each equal to ``pallas_tiles``' Triton kernels in interpret mode on the CPU and free of races between
 its warpgroups there, the whole memory and its gradients equal with both, each lowered for an (abstract) H100, and
 what they do not cover refused; the row step's evaluation on blocks of columns equal to the whole rows'. On the GPU
-the forward is checked through the API by ``test_miras.py::test_pallas_kernels_on_gpu_match_the_flat_path``; the
-backward's first form was checked there too (docs/benchmarks.md), the present one not yet."""
+the forward is checked through the API by ``test_miras.py::test_pallas_kernels_on_gpu_match_the_flat_path`` (the
+backward's first form there too), the backward against the Triton one by ``benchmarks/miras_keys.py --direction
+backward`` (docs/benchmarks.md)."""
 
 import functools
 
