@@ -156,7 +156,7 @@ def _row_step_vjp(u, k, v, gamma, beta, g):
 
 @pytest.mark.parametrize("blocks", [1, 2, 4])
 def test_the_row_step_on_blocks_of_columns_equals_it_on_whole_rows(blocks):
-  """``_plain_adds(columns=w)`` evaluates the row step's vjp on [c, w] blocks, each row sum exchanged (here a psum
+  """``_mosaic_lowerable(columns=w)`` evaluates the row step's vjp on [c, w] blocks, each row sum exchanged (here a psum
   over the blocks, as the kernel's warpgroups do through shared memory): the blocks put together equal it on
   whole rows (float32, random rows)."""
   c, d = 64, 64
@@ -164,7 +164,7 @@ def test_the_row_step_on_blocks_of_columns_equals_it_on_whole_rows(blocks):
   args[3] = 1.0 + 0.1 * args[3]  # γ near 1
   want = _row_step_vjp(*args)
   split = lambda x: jnp.stack(jnp.split(x, blocks, axis=1))  # [blocks, c, d / blocks]
-  on_block = mosaic_keys._plain_adds(_row_step_vjp, columns=d // blocks, width=d,
+  on_block = mosaic_keys._mosaic_lowerable(_row_step_vjp, columns=d // blocks, width=d,
                                      row_sum=lambda partial: jax.lax.psum(partial, "block"))
   got = jax.vmap(on_block, axis_name="block")(*map(split, args))
   for g, w in zip(got, want):
@@ -174,6 +174,6 @@ def test_the_row_step_on_blocks_of_columns_equals_it_on_whole_rows(blocks):
 
 def test_a_step_that_mixes_columns_is_refused_on_blocks():
   """A function that is not row-wise (here a sum over the rows) cannot run on blocks of columns."""
-  on_block = mosaic_keys._plain_adds(lambda x: jnp.sum(x, axis=0), columns=16, width=64, row_sum=lambda p: p)
+  on_block = mosaic_keys._mosaic_lowerable(lambda x: jnp.sum(x, axis=0), columns=16, width=64, row_sum=lambda p: p)
   with pytest.raises(NotImplementedError, match="not row-wise"):
     on_block(jnp.ones((64, 16)))

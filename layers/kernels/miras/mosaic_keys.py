@@ -270,7 +270,7 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
   return starts2, starts1, (end2, end1), e2, h, e1, u, scalars[..., :2], scalars[..., 2:]
 
 
-def _plain_adds(fun, *, columns: int | None = None, width: int | None = None, row_sum=None):
+def _mosaic_lowerable(fun, *, columns: int | None = None, width: int | None = None, row_sum=None):
   """``fun`` traced to a jaxpr and evaluated with its ``add_jaxvals`` (how a vjp's pullback sums cotangents) as
   plain adds: Pallas' Mosaic GPU backend lowers no ``add_jaxvals``.
 
@@ -323,7 +323,7 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
 
   Per chunk (one warpgroup per tile, four syncs): B1's tile terms and their [c, d] sums from the shared bf16
   operands; R, the row step's vjp (``keys_errors`` with ``broadcast_row_mean``) on blocks of columns of the rows
-  (:func:`_plain_adds`' ``columns``; d = 64: two blocks of 32, 16 registers a thread an array rather than 32, the
+  (:func:`_mosaic_lowerable`' ``columns``; d = 64: two blocks of 32, 16 registers a thread an array rather than 32, the
   third and fourth warpgroups repeating the first two's without writing), the row sums exchanged through shared
   memory and g_u's blocks meeting in L2; B2's update of
   the tile's cotangent, K's share per tile (summed after the kernel), and the read scales' share from every tile's
@@ -419,7 +419,7 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
       ln_rows = tuple(wg_ops.along(ln_g.at[head, q, mine], (c, block), 1) for q in range(2))
       u_j = load(u_g.at[j, head, :, mine])
       g_e1 = load(ge1_g.at[j, head, :, mine]) + via_e2 + rows(coef_g.at[j, head], block) * via_end
-      g_u, g_k, g_v, g_gamma, g_beta = _plain_adds(row_step_vjp, columns=block, width=d, row_sum=row_sum)(
+      g_u, g_k, g_v, g_gamma, g_beta = _mosaic_lowerable(row_step_vjp, columns=block, width=d, row_sum=row_sum)(
           u_j, load(k_g.at[j, head, :, mine]), load(v_g.at[j, head, :, mine]), *ln_rows, g_e1)
       @pl.when(writes)
       def _row_outputs():
@@ -467,10 +467,10 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
         b1_sums, z_sums, u_sums = _scalar_sums(rows_s, range(tiles), 3)
         g_s2 = z_sums + g_read2
         g_s1 = b1_sums + u_sums / s1 + g_read1
-        g_t2 = _plain_adds(jax.vjp(ret.scale_from, t2)[1])(g_s2)[0]
-        g_t1 = _plain_adds(jax.vjp(ret.scale_from, t1)[1])(g_s1)[0]
-        g2 = g2 + _plain_adds(jax.vjp(ret.scale_term_rows, w2)[1])(jnp.broadcast_to(g_t2, (TILE,)))[0]
-        g1 = g1 + _plain_adds(jax.vjp(ret.scale_term_rows, w1)[1])(jnp.broadcast_to(g_t1, (d,)))[0]
+        g_t2 = _mosaic_lowerable(jax.vjp(ret.scale_from, t2)[1])(g_s2)[0]
+        g_t1 = _mosaic_lowerable(jax.vjp(ret.scale_from, t1)[1])(g_s1)[0]
+        g2 = g2 + _mosaic_lowerable(jax.vjp(ret.scale_term_rows, w2)[1])(jnp.broadcast_to(g_t2, (TILE,)))[0]
+        g1 = g1 + _mosaic_lowerable(jax.vjp(ret.scale_term_rows, w1)[1])(jnp.broadcast_to(g_t1, (d,)))[0]
       publish(g2, g1)
 
       @pl.when(j > 0)
