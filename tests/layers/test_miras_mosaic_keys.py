@@ -16,10 +16,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from benchmarks.miras_keys import backward_inputs, keys_inputs, max_relative_errors
 from benchmarks.miras_mosaic_chain import max_relative_error
 from benchmarks.triton_compile import lowered_for_h100
-from layers.kernels.miras import mosaic_keys, pallas_tiles, pallas_triton
+from layers.kernels.miras import mosaic_keys, pallas_tiles
 from layers.kernels.miras.chunked import with_matmul
 from layers.miras import bias as biases
-from layers.miras.memory import MLPMemory, broadcast_row_mean
+from layers.miras.memory import MLPMemory
 from layers.miras.retention import Decay, LqNorm
 from layers.miras.spec import Gates, MemorySpec
 
@@ -147,13 +147,6 @@ def test_tiling_rejects_an_unknown_keys_kernel(direction):
     pallas_tiles.Tiling(**{direction: "cuda"})
 
 
-def _row_step_vjp(u, k, v, gamma, beta, g):
-  """Moneta's row step (the keys' errors from u) pulled back from g, as the Mosaic backward takes it."""
-  errors = lambda *args: pallas_triton.keys_errors(MONETA, *args[:3], None, args[3:], broadcast_row_mean,
-                                                   pullbacks=False)[0]
-  return jax.vjp(errors, u, k, v, gamma, beta)[1](g)
-
-
 @pytest.mark.parametrize("blocks", [1, 2, 4])
 def test_the_row_step_on_blocks_of_columns_equals_it_on_whole_rows(blocks):
   """``_mosaic_lowerable(columns=w)`` evaluates the row step's vjp on [c, w] blocks, each row sum exchanged (here a psum
@@ -162,10 +155,11 @@ def test_the_row_step_on_blocks_of_columns_equals_it_on_whole_rows(blocks):
   c, d = 64, 64
   args = [jax.random.normal(key, (c, d)) for key in jax.random.split(jax.random.key(3), 6)]
   args[3] = 1.0 + 0.1 * args[3]  # γ near 1
-  want = _row_step_vjp(*args)
+  row_step_vjp = functools.partial(mosaic_keys.row_step_vjp, MONETA)
+  want = row_step_vjp(*args)
   split = lambda x: jnp.stack(jnp.split(x, blocks, axis=1))  # [blocks, c, d / blocks]
-  on_block = mosaic_keys._mosaic_lowerable(_row_step_vjp, columns=d // blocks, width=d,
-                                     row_sum=lambda partial: jax.lax.psum(partial, "block"))
+  on_block = mosaic_keys._mosaic_lowerable(row_step_vjp, columns=d // blocks, width=d,
+                                           row_sum=lambda partial: jax.lax.psum(partial, "block"))
   got = jax.vmap(on_block, axis_name="block")(*map(split, args))
   for g, w in zip(got, want):
     whole = jnp.concatenate(list(g), axis=1)
@@ -175,5 +169,5 @@ def test_the_row_step_on_blocks_of_columns_equals_it_on_whole_rows(blocks):
 def test_a_step_that_mixes_columns_is_refused_on_blocks():
   """A function that is not row-wise (here a sum over the rows) cannot run on blocks of columns."""
   on_block = mosaic_keys._mosaic_lowerable(lambda x: jnp.sum(x, axis=0), columns=16, width=64, row_sum=lambda p: p)
-  with pytest.raises(NotImplementedError, match="not row-wise"):
+  with pytest.raises(ValueError, match="not row-wise"):
     on_block(jnp.ones((64, 16)))

@@ -35,6 +35,7 @@ kernel of the other). Covers what :func:`unsupported` accepts: per-head gates, c
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -144,6 +145,18 @@ def _sync(barrier):
   plgpu.barrier_wait(barrier)
 
 
+def row_errors(spec: MemorySpec, u, k, v, gamma, beta):
+  """The row step of both kernels: the keys' errors e1 [c, d] from u, K, V and the LayerNorm's (γ, β) broadcast
+  [c, d] (:func:`pallas_triton.keys_errors` in the form Mosaic GPU lowers: row means by ``broadcast_in_dim``, no
+  vjps traced)."""
+  return pallas_triton.keys_errors(spec, u, k, v, None, (gamma, beta), broadcast_row_mean, pullbacks=False)[0]
+
+
+def row_step_vjp(spec: MemorySpec, u, k, v, gamma, beta, g):
+  """:func:`row_errors` pulled back from g: the cotangents of (u, K, V, γ, β), [c, d] each."""
+  return jax.vjp(functools.partial(row_errors, spec), u, k, v, gamma, beta)[1](g)
+
+
 def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plgpu.InterpretGPUParams = False):
   """The keys' recurrence of every chunk and head: ``state`` {w2: [N, E, d], w1: [N, d, E]} float32, ln (γ, β)
   [N, 1, d], ``xs`` as :func:`layers.kernels.miras.flat.miras_flat`'s keys' inputs (K, V, δ [n, N, c, ...], the
@@ -216,8 +229,7 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
 
       u = s1 * wg_ops.product((c, d), *((h_s.at[t], w1b_s.at[t].T) for t in range(tiles)))
       ln_rows = tuple(wg_ops.along(ln_s.at[i], (c, d), 1) for i in range(2))
-      e1 = pallas_triton.keys_errors(spec, u, keys(), wg_ops.layout(v_s[...]), None, ln_rows, broadcast_row_mean,
-                                     pullbacks=False)[0]
+      e1 = row_errors(spec, u, keys(), wg_ops.layout(v_s[...]), *ln_rows)
 
       @pl.when(wg == 0)
       def _rows():
@@ -286,7 +298,7 @@ def _mosaic_lowerable(fun, *, columns: int | None = None, width: int | None = No
     if eqn.primitive is jax.lax.broadcast_in_dim_p and eqn.params["broadcast_dimensions"] in ((), (0,)):
       return eqn.primitive.bind(*ins, **(eqn.params | {"shape": (*eqn.params["shape"][:1], columns)}))
     if eqn.primitive in (jax.lax.reduce_sum_p, jax.lax.broadcast_in_dim_p) or "shape" in eqn.params:
-      raise NotImplementedError(f"{eqn.primitive} {eqn.params} is not row-wise on [c, d] blocks of columns")
+      raise ValueError(f"{eqn.primitive} {eqn.params} is not row-wise on [c, d] blocks of columns")
     return eqn.primitive.bind(*ins, **eqn.params)
 
   def evaluate(jaxpr, consts, args):
@@ -344,9 +356,6 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
   wg_ops = Warpgroup(bool(interpret))
   g_scale = jnp.stack([g_keys.scale["w2"][:, :, 0, 0], g_keys.scale["w1"][:, :, 0, 0]], axis=-1)  # [n, N, 2]
   scalars = jnp.concatenate([scales, totals, g_scale], axis=-1)  # [n, N, 6]: s2 s1 t2 t1 gs2 gs1
-  errors = lambda u, k, v, gamma, beta: pallas_triton.keys_errors(
-      spec, u, k, v, None, (gamma, beta), broadcast_row_mean, pullbacks=False)[0]
-  row_step_vjp = lambda u, k, v, gamma, beta, g: jax.vjp(errors, u, k, v, gamma, beta)[1](g)
 
   def body(k_g, v_g, u_g, e1_g, decay_g, coef_g, ln_g, starts2_g, starts1_g, scalars_g, ge1_g, ge2_g, ghk_g,
            gs2_g, gs1_g, gend2_g, gend1_g,
@@ -419,8 +428,10 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
       ln_rows = tuple(wg_ops.along(ln_g.at[head, q, mine], (c, block), 1) for q in range(2))
       u_j = load(u_g.at[j, head, :, mine])
       g_e1 = load(ge1_g.at[j, head, :, mine]) + via_e2 + rows(coef_g.at[j, head], block) * via_end
-      g_u, g_k, g_v, g_gamma, g_beta = _mosaic_lowerable(row_step_vjp, columns=block, width=d, row_sum=row_sum)(
+      g_u, g_k, g_v, g_gamma, g_beta = _mosaic_lowerable(
+          functools.partial(row_step_vjp, spec), columns=block, width=d, row_sum=row_sum)(
           u_j, load(k_g.at[j, head, :, mine]), load(v_g.at[j, head, :, mine]), *ln_rows, g_e1)
+
       @pl.when(writes)
       def _row_outputs():
         gk_g.at[j, head, :, mine][...], gv_g.at[j, head, :, mine][...] = g_k, g_v
