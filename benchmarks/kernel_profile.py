@@ -31,8 +31,9 @@ def _merged_length(intervals: list[tuple[float, float]]) -> float:
   return total
 
 
-def kernel_table(fn, calls: int = 3, top: int = 30) -> dict:
-  """Profile ``calls`` runs of ``fn()`` (already compiled and warm); see the module docstring for the fields."""
+def kernel_table(fn, calls: int = 3, top: int | None = 30) -> dict:
+  """Profile ``calls`` runs of ``fn()`` (already compiled and warm); see the module docstring for the fields.
+  ``top`` kernel names are kept, largest total first (None: all)."""
   import jax
   from jax.profiler import ProfileData
 

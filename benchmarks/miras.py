@@ -152,7 +152,7 @@ def _time_layer(op: str, layer, b: int, t: int, device: str, flops: dict, peak: 
     if PROFILE:
       from benchmarks.kernel_profile import format_table, kernel_table
       for key, fn in (("fwd", fwd), ("fwd_bwd", compiled)):
-        row[f"{key}_profile"] = kernel_table(functools.partial(fn, params, x))
+        row[f"{key}_profile"] = kernel_table(functools.partial(fn, params, x), top=None)
         print(format_table(row[f"{key}_profile"], f"{op} {key} B{b} T{t} ({device})"), flush=True)
     for key in ("fwd", "fwd_bwd"):
       row[f"{key}_ktok_s"] = b * t / row[f"{key}_ms"]
