@@ -550,9 +550,9 @@ def test_tiled_pallas_kernels_lower_to_triton_for_an_h100(channel, kernels):
 def test_pallas_reads_equal_the_flat_reads_values_and_grads(bits, hidden_tile, monkeypatch):
   """``pallas_reads``: every chunk's per-token reads (before their LayerNorm) as one kernel per direction, a
   program per chunk and head, against ``flat.read_u`` mapped over the chunks on fresh random start states,
-  ``KeyPass``es, rows, decays, coefficients and scores (interpret mode; four tiles of E at ``hidden_tile`` 16):
-  u and the gradient of every input, each leaf to its own scale; in float64 with XLA's erf in the kernel the
-  hand-written backward must equal autodiff to rounding."""
+  ``KeyPass``es, rows, decays, coefficients, scores and read scales per row (interpret mode; four tiles of E at
+  ``hidden_tile`` 16): u and the gradient of every input, each leaf to its own scale; in float64 with XLA's erf in
+  the kernel the hand-written backward must equal autodiff to rounding."""
   if bits == 64:
     monkeypatch.setattr(pallas_triton, "erf", jax.lax.erf)
   spec = SPECS["moneta"]
@@ -561,12 +561,11 @@ def test_pallas_reads_equal_the_flat_reads_values_and_grads(bits, hidden_tile, m
     dtype = jnp.float64 if bits == 64 else jnp.float32
     key = iter(jax.random.split(jax.random.PRNGKey(31), 12))
     normal = lambda *shape: jax.random.normal(next(key), shape, dtype)
-    scale = lambda: 0.5 + jnp.abs(normal(n, heads, 1, 1))
+    scale = lambda: 0.5 + jnp.abs(normal(n, heads, c, 1))  # per row (the KeyPass's are not read)
     starts = {"w2": 0.3 * normal(n, heads, e, d), "w1": 0.3 * normal(n, heads, d, e)}
-    keys = flat.KeyPass({"w2": scale(), "w1": scale()}, normal(n, heads, c, d), normal(n, heads, c, e),
-                        normal(n, heads, c, e))
+    keys = flat.KeyPass(None, normal(n, heads, c, d), normal(n, heads, c, e), normal(n, heads, c, e))
     args = (starts, keys, normal(n, heads, c, d), jax.nn.sigmoid(normal(n, heads, c, 1)), normal(n, heads, c, c),
-            normal(n, heads, c, c))
+            normal(n, heads, c, c), {"w2": scale(), "w1": scale()})
     kernels = pallas_reads.ChunkReads(pallas_reads.ReadTiling(hidden_tile=hidden_tile, interpret=True))
     runs = (lambda *a: jax.vmap(functools.partial(flat.read_u, spec))(*a), lambda *a: kernels(spec, *a))
     weights = normal(n, heads, c, d)
@@ -735,6 +734,11 @@ def test_api_dispatch_and_errors():
     flat.miras_flat(*qkv, gates, spec=SPECS["moneta"], chunk_size=4, key_scan=pallas_tiles.KeyScan(), **kw)
   with pytest.raises(ValueError, match=r"chunk_reads covers per-head gates \(eta \[\.\.\., 1\]\) only"):
     flat.miras_flat(*qkv, gates, spec=SPECS["moneta"], chunk_size=4, split=True,
+                    chunk_reads=pallas_reads.ChunkReads(), **kw)
+  elastic = FAST_PATH_SPECS["elastic_mlp"]
+  qkv, gates, kw = _inputs(elastic, 14, t=10)
+  with pytest.raises(ValueError, match="it needs a retention without a chunk-end map, not ElasticNet"):
+    flat.miras_flat(*qkv, gates, spec=elastic, chunk_size=4, split=True,
                     chunk_reads=pallas_reads.ChunkReads(), **kw)
   if jax.default_backend() != "gpu":
     for implementation in ("pallas_triton", "pallas_tiles"):

@@ -93,11 +93,12 @@ def _keys(spec: MemorySpec, ln, s: dict, rows, v, delta, end_decay, end_coef, co
   return new, KeyPass(scale, e1, e2, hk), y[:, c:]
 
 
-def read_u(spec: MemorySpec, s: dict, keys: KeyPass, rows, decay, w1_coef, scores_q) -> jax.Array:
+def read_u(spec: MemorySpec, s: dict, keys: KeyPass, rows, decay, w1_coef, scores_q, scale: dict) -> jax.Array:
   """A chunk's per-token reads before their LayerNorm, u [N, c, d], from its start state s and its keys'
-  ``KeyPass``, in the dual form W_t = decay_t ⊙ W₀ − s₀ Σ_i C[t, i] ⊙ e_i a_iᵀ, layer by layer; rows [N, c, d]
-  are decay_t ⊙ q_t (W2's input)."""
-  mode, scale = spec.memory.matmul, keys.scale
+  ``KeyPass``, in the dual form W_t = s₀ (decay_t ⊙ A₀ − Σ_i C[t, i] ⊙ e_i a_iᵀ), layer by layer; rows [N, c, d]
+  are decay_t ⊙ q_t (W2's input); ``scale``: the read scales s₀ {layer: [N, 1, 1]} (the start state's,
+  ``keys.scale``) or [N, c, 1] per row (:func:`_row_scales`)."""
+  mode = spec.memory.matmul
   zq = product("nri,noi->nro", rows, s["w2"], mode) * scale["w2"]
   hq = gelu(zq - scale["w2"] * product("nts,nse->nte", scores_q, keys.e2, mode))
   scores_h = product("nte,nse->nts", hq, keys.hk, mode)
@@ -110,7 +111,7 @@ def read_u(spec: MemorySpec, s: dict, keys: KeyPass, rows, decay, w1_coef, score
 
 def _reads(spec: MemorySpec, ln, s: dict, keys: KeyPass, rows, q, decay, w1_coef, scores_q) -> jax.Array:
   """A chunk's per-token reads o [N, c, d] (:func:`read_u`, then the memory's LayerNorm and residual)."""
-  return q + layer_norm(read_u(spec, s, keys, rows, decay, w1_coef, scores_q), ln, spec.memory.ln_eps)[0]
+  return q + layer_norm(read_u(spec, s, keys, rows, decay, w1_coef, scores_q, keys.scale), ln, spec.memory.ln_eps)[0]
 
 
 def _step(spec: MemorySpec, ln, s: dict, xs):
@@ -130,13 +131,20 @@ def _split_reads(spec: MemorySpec, ln, xs):
   """A chunk's reads from its start state in the split path: (o [N, c, d], the plain read [N, 1, d] of the previous
   chunk's last query ``q_prev``, whose read is of this start state; None where ``q_prev`` is None)."""
   s, keys, q_prev, *read_xs = xs
-  plain = None if q_prev is None else _plain_read(spec, ln, (s, keys.scale, q_prev))
+  plain = None if q_prev is None else _forward(s, keys.scale, q_prev, ln, spec.memory)[0]
   return _reads(spec, ln, s, keys, *read_xs), plain
 
 
-def _plain_read(spec: MemorySpec, ln, xs) -> jax.Array:
-  """Rows x [N, r, d] through the plain memory of a start state s at its read scales: xs = (s, scales, x)."""
-  return _forward(*xs, ln, spec.memory)[0]
+def _row_scales(spec: MemorySpec, scale: dict, end_state: dict, complete, chunk_size: int) -> dict:
+  """Every chunk's read scales per row {layer: [n, N, c, 1]}: the start state's (``scale`` {layer: [n, N, 1, 1]}),
+  but where a complete chunk's last token reads the closed state (``spec.reads_closed_state``; ``complete`` [n, N])
+  and the retention has no chunk-end map, that read is the dual form's last row at the next start state's scales
+  (the end state's for the last chunk)."""
+  if not spec.reads_closed_state:
+    return {name: jnp.broadcast_to(s, (*complete.shape, chunk_size, 1)) for name, s in scale.items()}
+  last = (jnp.arange(chunk_size) == chunk_size - 1)[:, None] & complete[..., None, None]  # [n, N, c, 1]
+  final = _read_scales(spec.retention, end_state)
+  return {name: jnp.where(last, jnp.concatenate([s[1:], final[name][None]]), s) for name, s in scale.items()}
 
 
 class ChunkInputs(NamedTuple):
@@ -222,8 +230,9 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
   (spec, state, ln, xs) -> (closed state, (start states, ``KeyPass``es stacked over chunks)), e.g.
   ``pallas_tiles.KeyScan``; ``remat`` then applies to the reads. ``chunk_reads`` (with ``split``, per-head gates):
   another implementation of every chunk's :func:`read_u` at once with its own backward, (spec, start states,
-  ``KeyPass``es, rows, decay, W1's coefficients, first-layer scores, all stacked over chunks) -> u [n, b·h, c, d],
-  e.g. ``pallas_reads.ChunkReads``; ``remat`` then applies to the plain reads of the boundary queries. Work mapped
+  ``KeyPass``es, rows, decay, W1's coefficients, first-layer scores, read scales per row (:func:`_row_scales`), all
+  stacked over chunks) -> u [n, b·h, c, d], e.g. ``pallas_reads.ChunkReads``; it takes the chunks' last tokens' reads
+  of the closed states too (as the dual form's last rows, so the retention must have no chunk-end map). Work mapped
   over the chunks outside the scan (the split reads; with per-channel gates the first layer's scores) runs in batches
   of chunks whose largest float32 array stays under ``batch_bytes``."""
   if (why := unsupported(spec)) is not None:
@@ -232,11 +241,14 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
     raise ValueError("key_scan and chunk_reads replace parts of the split path: they need split=True")
   if chunk_reads is not None and gates.eta.shape[-1] != 1:
     raise ValueError("chunk_reads covers per-head gates (eta [..., 1]) only")
+  if chunk_reads is not None and type(spec.retention).close is not Decay.close:
+    raise ValueError("chunk_reads reads the closed state as the dual form's last row: it needs a retention without "
+                     f"a chunk-end map, not {type(spec.retention).__name__}")
   del initial_momentum
   spec = with_matmul(spec, matmul)
   b, t, h, d = q.shape
   x = chunk_inputs(spec, q, k, v, gates, chunk_size, lengths, batch_bytes)
-  boundary = spec.reads_closed_state
+  boundary = spec.reads_closed_state and chunk_reads is None  # chunk_reads read the closed state themselves
   # rows through W2 per chunk: keys and the previous chunk's last query (whose read is the closed state's), then
   # the queries scaled by their decay (W₀ decay_t q_t for channel gates on W2's input axis, decay_t W₀ q_t per head)
   q_prev = jnp.concatenate([jnp.zeros_like(x.q[:1, :, -1:]), x.q[:-1, :, -1:]]) if boundary else x.q[:, :, :0]
@@ -251,16 +263,15 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
       state, (starts, keys) = key_scan(spec, state, ln, key_xs)
     else:
       state, (starts, keys) = jax.lax.scan(remat_if(functools.partial(_key_step, spec, ln)), state, key_xs)
-    n, heads, c, _ = x.q.shape  # the largest of a chunk's reads: [N, c, E] or per-channel coefficients
-    channel = channel_gates.coefficient_elements(c, d) if x.decay.shape[-1] > 1 else 0
-    per_chunk = 4 * heads * max(c * d * spec.memory.expansion, channel)
-    batch = _chunk_batch(n, per_chunk, batch_bytes)
     if chunk_reads is not None:
-      u = chunk_reads(spec, starts, keys, query_rows, x.decay, x.w1_coef, x.scores_q)
+      scale = _row_scales(spec, keys.scale, state, x.complete, chunk_size)
+      u = chunk_reads(spec, starts, keys, query_rows, x.decay, x.w1_coef, x.scores_q, scale)
       o = x.q + layer_norm(u, ln, spec.memory.ln_eps)[0]
-      reads = (jax.lax.map(remat_if(functools.partial(_plain_read, spec, ln)), (starts, keys.scale, q_prev),
-                           batch_size=batch) if boundary else None)
     else:
+      n, heads, c, _ = x.q.shape  # the largest of a chunk's reads: [N, c, E] or per-channel coefficients
+      channel = channel_gates.coefficient_elements(c, d) if x.decay.shape[-1] > 1 else 0
+      per_chunk = 4 * heads * max(c * d * spec.memory.expansion, channel)
+      batch = _chunk_batch(n, per_chunk, batch_bytes)
       o, reads = jax.lax.map(remat_if(functools.partial(_split_reads, spec, ln)),
                              (starts, keys, q_prev if boundary else None, *read_xs), batch_size=batch)
   else:  # the previous chunk's last query rides with the keys through the start state (one matmul)

@@ -11,7 +11,8 @@ axis E in tiles, so the [c, tile] activations never leave the chip; per-head gat
 per-head form):
 
   * forward, one pass over the tiles: z = s₂ (Q̃ W2ᵀ − S_q e2), hq = gelu(z), summing hq hᵀ [c, c] and hq W1ᵀ
-    [c, d]; then u = s₁ (decay ⊙ hq W1ᵀ − ((hq hᵀ) ⊙ C) e1) [c, d];
+    [c, d]; then u = s₁ (decay ⊙ hq W1ᵀ − ((hq hᵀ) ⊙ C) e1) [c, d], with read scales (s₂, s₁) per row [c, 1] (a
+    chunk's last token may read the closed state: :func:`flat.miras_flat`);
   * backward from u's cotangent: the same pass recomputes the two sums, the [c, c] / [c, d] pieces are pulled back,
     and a second pass over the tiles writes each tile's cotangents of W2, W1, e2, h and sums those of Q̃ and S_q.
 
@@ -30,8 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from layers.kernels.miras.flat import KeyPass
-from layers.kernels.miras.pallas_triton import (kernel_dot, kernel_gelu, kernel_gelu_grad, leading_block, pair_row,
-                                               row_scalars)
+from layers.kernels.miras.pallas_triton import kernel_dot, kernel_gelu, kernel_gelu_grad, leading_block
 from layers.miras.spec import MemorySpec
 
 
@@ -73,22 +73,22 @@ def _tile_sums(dot, tile: int, s2, refs):
   return jax.lax.fori_loop(0, w2_ref.shape[0] // tile, body, zeros)
 
 
-def _read_kernel(w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref, coef_ref, decay_ref, e1_ref, scales_ref, u_ref, *,
-                 mode, tile):
-  """Forward: this chunk's u = s₁ (decay ⊙ hq W1ᵀ − ((hq hᵀ) ⊙ C) e1) [c, d]."""
+def _read_kernel(w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref, coef_ref, decay_ref, e1_ref, s2_ref, s1_ref, u_ref,
+                 *, mode, tile):
+  """Forward: this chunk's u = s₁ (decay ⊙ hq W1ᵀ − ((hq hᵀ) ⊙ C) e1) [c, d] (s₂, s₁ [c, 1])."""
   dot = kernel_dot(mode)
-  s2, s1 = row_scalars(scales_ref[...])
+  s2, s1 = s2_ref[...], s1_ref[...]
   hh, p = _tile_sums(dot, tile, s2, (w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref))
   mixed = dot("ts,sd->td", hh * coef_ref[...], e1_ref[...])
   u_ref[...] = (s1 * (decay_ref[...] * p - mixed)).astype(u_ref.dtype)
 
 
-def _read_grad_kernel(w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref, coef_ref, decay_ref, e1_ref, scales_ref,
+def _read_grad_kernel(w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref, coef_ref, decay_ref, e1_ref, s2_ref, s1_ref,
                       gu_ref, gw2_ref, gw1_ref, grows_ref, ge2_ref, gh_ref, gsq_ref, gcoef_ref, gdecay_ref, ge1_ref,
-                      gscales_ref, *, mode, tile):
+                      gs2_ref, gs1_ref, *, mode, tile):
   """Backward: from u's cotangent ĝ [c, d], the cotangents of every input of :func:`_read_kernel`."""
   dot = kernel_dot(mode)
-  s2, s1 = row_scalars(scales_ref[...])
+  s2, s1 = s2_ref[...], s1_ref[...]
   refs = (w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref)
   hh, p = _tile_sums(dot, tile, s2, refs)
   coef, e1, decay, gu = coef_ref[...], e1_ref[...], decay_ref[...], gu_ref[...]
@@ -98,7 +98,7 @@ def _read_grad_kernel(w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref, coef_ref,
   gcoef_ref[...] = (g_weighted * hh).astype(gcoef_ref.dtype)
   ge1_ref[...] = (-dot("ts,td->sd", weighted, a)).astype(ge1_ref.dtype)
   gdecay_ref[...] = jnp.sum(a * p, axis=1, keepdims=True).astype(gdecay_ref.dtype)
-  gs1 = jnp.sum(gu * (decay * p - dot("ts,sd->td", weighted, e1)))
+  gs1_ref[...] = jnp.sum(gu * (decay * p - dot("ts,sd->td", weighted, e1)), axis=1, keepdims=True).astype(gs1_ref.dtype)
   gp, ghh = a * decay, g_weighted * coef
   rows, sq = rows_ref[...], sq_ref[...]
   c, d = rows.shape
@@ -114,13 +114,15 @@ def _read_grad_kernel(w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref, coef_ref,
     gzs = s2 * gz
     gw2_ref[cols, :] = dot("te,ti->ei", gzs, rows).astype(gw2_ref.dtype)
     ge2_ref[:, cols] = (-dot("ts,te->se", sq, gzs)).astype(ge2_ref.dtype)
-    return grows + dot("te,ei->ti", gzs, w2), gsq - dot("te,se->ts", gzs, e2), gs2 + jnp.sum(gz * zraw)
+    return (grows + dot("te,ei->ti", gzs, w2), gsq - dot("te,se->ts", gzs, e2),
+            gs2 + jnp.sum(gz * zraw, axis=1, keepdims=True))
 
-  zeros = jnp.zeros((c, d), _acc(rows_ref)), jnp.zeros((c, c), _acc(rows_ref)), jnp.zeros((), _acc(rows_ref))
+  zeros = (jnp.zeros((c, d), _acc(rows_ref)), jnp.zeros((c, c), _acc(rows_ref)),
+           jnp.zeros((c, 1), _acc(rows_ref)))
   grows, gsq, gs2 = jax.lax.fori_loop(0, w2_ref.shape[0] // tile, body, zeros)
   grows_ref[...] = grows.astype(grows_ref.dtype)
   gsq_ref[...] = gsq.astype(gsq_ref.dtype)
-  gscales_ref[...] = pair_row(gs2, gs1, gscales_ref)
+  gs2_ref[...] = gs2.astype(gs2_ref.dtype)
 
 
 def _call(kernel, mode: str, tiling: ReadTiling, inputs, outputs):
@@ -140,7 +142,7 @@ def _call(kernel, mode: str, tiling: ReadTiling, inputs, outputs):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _reads(mode: str, tiling: ReadTiling, *inputs):
-  """u [n, b·h, c, d] of every chunk from the stacked inputs (W2, W1, Q̃, e2, h, S_q, C, decay, e1, (s₂, s₁))."""
+  """u [n, b·h, c, d] of every chunk from the stacked inputs (W2, W1, Q̃, e2, h, S_q, C, decay, e1, s₂, s₁)."""
   rows = inputs[2]
   return _call(_read_kernel, mode, tiling, inputs, [jax.ShapeDtypeStruct(rows.shape, _acc(rows))])[0]
 
@@ -158,12 +160,12 @@ _reads.defvjp(_reads_fwd, _reads_bwd)
 
 @dataclasses.dataclass(frozen=True)
 class ChunkReads:
-  """``flat.miras_flat``'s ``chunk_reads``: (spec, start states, ``KeyPass``es, Q̃, decay, C, S_q) stacked over
-  chunks -> u [n, b·h, c, d] (:func:`flat.read_u` of every chunk) with this module's kernels."""
+  """``flat.miras_flat``'s ``chunk_reads``: (spec, start states, ``KeyPass``es, Q̃, decay, C, S_q, read scales
+  {layer: [n, b·h, c, 1]}) stacked over chunks -> u [n, b·h, c, d] (:func:`flat.read_u` of every chunk) with this
+  module's kernels."""
 
   tiling: ReadTiling = ReadTiling()
 
-  def __call__(self, spec: MemorySpec, starts: dict, keys: KeyPass, rows, decay, w1_coef, scores_q):
-    scales = jnp.concatenate([keys.scale["w2"][..., 0], keys.scale["w1"][..., 0]], axis=-1)  # [n, b·h, 2]
+  def __call__(self, spec: MemorySpec, starts: dict, keys: KeyPass, rows, decay, w1_coef, scores_q, scale: dict):
     return _reads(spec.memory.matmul, self.tiling, starts["w2"], starts["w1"], rows, keys.e2, keys.hk, scores_q,
-                  w1_coef, decay, keys.e1, scales)
+                  w1_coef, decay, keys.e1, scale["w2"], scale["w1"])

@@ -457,7 +457,7 @@ def miras_tiles(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict,
                 tiling: Tiling = Tiling()):
   """The chunked Miras memory (arguments and returns as :func:`chunked.miras_chunked`; ``initial_momentum`` must be
   None) as ``flat.miras_flat(split=True)`` with this module's keys' recurrence and, for per-head gates,
-  :mod:`pallas_reads`' reads; ``remat`` applies to the reads XLA takes (channel gates; the boundary queries')."""
+  :mod:`pallas_reads`' reads; ``remat`` applies to the reads XLA takes (channel gates)."""
   d = q.shape[-1]
   if (why := pallas_triton.unsupported(spec, chunk_size, d, pallas_triton.Tuning(hidden_tile=tiling.hidden_tile))):
     raise ValueError(f"the tiled Pallas Miras kernels cannot run this memory: {why}")
