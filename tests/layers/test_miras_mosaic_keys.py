@@ -99,15 +99,20 @@ def test_the_memory_and_its_gradients_equal_with_either_kernels():
     loss = lambda q, k, v, run=run: jnp.sum(run(q, k, v, gates)[0] * weights)
     results.append((run(q, k, v, gates)[0], jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))
   (o_triton, g_triton), (o_mosaic, g_mosaic) = results
-  err = max(max_relative_error(o_mosaic, o_triton), max_relative_error(g_mosaic, g_triton))
-  print(f"pallas_tiles_bf16 with the Mosaic keys' kernels vs the Triton ones: max rel error {err:.1e}")
-  assert err < 1e-3  # 4e-7 measured: one head, two chunks leave Moneta's normalisation little to amplify
+  errs = max_relative_error(o_mosaic, o_triton), max_relative_error(g_mosaic, g_triton)
+  print(f"pallas_tiles_bf16 with the Mosaic keys' kernels vs the Triton ones: max rel error reads {errs[0]:.1e}, "
+        f"gradients {errs[1]:.1e}")
+  # the reads take the same bf16 operands (4e-7 measured); the gradients differ by the Mosaic forward's bf16 start
+  # states (the reads' cotangents of them come back in bf16 too): 1.0e-3 measured; a wrong product is O(1)
+  assert errs[0] < 1e-5 and errs[1] < 1e-2
 
 
 def test_the_first_start_state_is_the_initial_state(both_forwards):
+  """Slot 0 of the stacked start states is the initial state (as bf16 from the Mosaic forward)."""
   state = _keys_inputs()[0]
-  starts2, starts1 = both_forwards[0][:2]
-  assert bool(jnp.all(starts2[0] == state["w2"])) and bool(jnp.all(starts1[0] == state["w1"]))
+  for starts2, starts1 in (outputs[:2] for outputs in both_forwards):
+    assert bool(jnp.all(starts2[0] == state["w2"].astype(starts2.dtype)))
+    assert bool(jnp.all(starts1[0] == state["w1"].astype(starts1.dtype)))
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])

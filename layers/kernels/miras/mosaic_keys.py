@@ -6,8 +6,9 @@ chunk as three Triton kernels (F1, E, F2): 4.5 ms for 128 heads × 64 chunks on 
 chunk of a head in one CTA of one warpgroup per hidden tile of 64 columns (E = 256: four), the bf16 copies of the
 state that every product reads in shared memory: 2.5 ms (``benchmarks/miras_keys.py``, docs/benchmarks.md).
 Warpgroup t owns its tile of the float32 state (W2_t [64, d], W1_t [d, 64]); between its publication and its update
-the tile waits in the stacked start states (which the backward needs anyway, in L2), leaving the registers to the
-chunk's other work. Per chunk j, as F1, E and F2 compute it:
+the tile waits in the end state's output (in L2), leaving the registers to the chunk's other work, and goes out to
+the stacked start states as bf16 (half the bytes for every later pass over them: the reads, both directions, and
+the backward). Per chunk j, as F1, E and F2 compute it:
 
   * the start state's scales (s₂, s₁) from every tile's rows' scale terms (sync S0), out with their summed terms;
   * z = s₂ K W2_tᵀ, h_t = gelu(z) to shared memory and out (sync S1);
@@ -17,7 +18,7 @@ chunk's other work. Per chunk j, as F1, E and F2 compute it:
     out; gelu'(z) (sync S2: nobody reads this chunk's h, W1, K or V any more; the next chunk's K, V and c come in
     by TMA);
   * e2_t = s₁ (e1 W1_t) ⊙ gelu'(z), out; W2_t ← B W2_t − e2_tᵀ (K ⊙ c), W1_t ← B W1_t − (e1 ⊙ c)ᵀ h_t from the
-    stacked start state into the accumulators, published as chunk j + 1's start (or the end state).
+    waiting float32 tile into the accumulators, published as chunk j + 1's start (or left as the end state).
 
 :func:`keys_backward` walks the chunks in reverse the same way, with B1, R and B2 of :mod:`pallas_tiles`' backward
 and the read scales' share in one kernel, each warpgroup owning its tile of the state's cotangent. Its first form
@@ -28,8 +29,8 @@ name selects it (``pallas_tiles.Tiling(keys_backward="mosaic")`` does; docs/benc
 
 Every product has bf16 operands and float32 accumulation with the operands :mod:`pallas_tiles` rounds (its
 ``bfloat16`` matmul mode); wgmma has no float32 products, so the float32 mode stays Triton's. The forward's outputs
-are those of :mod:`pallas_tiles`' forward scan and the backward takes them (either direction pairs with either
-kernel of the other). Covers what :func:`unsupported` accepts: per-head gates, c = d = 64, E a multiple of 64 up to
+are those of :mod:`pallas_tiles`' forward scan (but the stacked start states in bf16) and the backward takes
+them (either direction pairs with either kernel of the other). Covers what :func:`unsupported` accepts: per-head gates, c = d = 64, E a multiple of 64 up to
 256, biases without δ. Runs in Mosaic GPU interpret mode on any backend (the tests).
 """
 
@@ -161,7 +162,9 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
   """The keys' recurrence of every chunk and head: ``state`` {w2: [N, E, d], w1: [N, d, E]} float32, ln (γ, β)
   [N, 1, d], ``xs`` as :func:`layers.kernels.miras.flat.miras_flat`'s keys' inputs (K, V, δ [n, N, c, ...], the
   chunk-end decay [n, N, 1] and coefficients [n, N, c, 1], completeness). Returns the stacked start states W2
-  [n, N, E, d] and W1 [n, N, d, E] (slot j: chunk j's), the end state's (W2, W1), e2 and h [n, N, c, E] (bf16),
+  [n, N, E, d] and W1 [n, N, d, E] (slot j: chunk j's, bf16: only the products take them, and the products' bf16
+  operands are what a float32 copy would be cast to; the state recurs in float32), the end state's (W2, W1)
+  float32, e2 and h [n, N, c, E] (bf16),
   e1 and u [n, N, c, d], and the start states' scales and summed scale terms [n, N, 2] (W2's, W1's). ``interpret``:
   Mosaic GPU interpret mode (any backend), with default or the given parameters (race detection, say)."""
   k, v, _, end_decay, end_coef, _ = xs
@@ -185,13 +188,18 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
         plgpu.copy_gmem_to_smem(src.at[j, head], dst, loaded.at[i])
 
     def publish(j, w2, w1):
-      """Chunk j's start state: stacked out (float32; it is also where the state waits while the registers do the
-      chunk's other work), its bf16 copies for the products and its rows' scale terms for its scales."""
-      starts2_g.at[j, head, cols][...], starts1_g.at[j, head, :, cols][...] = w2, w1
+      """Chunk j's start state: into the end state's output (float32: where the state waits while the registers do
+      the chunk's other work), stacked out and into shared memory as bf16 (the reads' and the products' operands),
+      and its rows' scale terms for its scales."""
+      end2_g.at[head, cols][...], end1_g.at[head, :, cols][...] = w2, w1
       w2b_s.at[wg][...], w1b_s.at[wg][...] = w2.astype(BF16), w1.astype(BF16)
       if ret.scaled:
         terms_s.at[wg, 0][...], terms_s.at[wg, 1][...] = ret.scale_term_rows(w2), ret.scale_term_rows(w1)
       plgpu.commit_smem()
+      # out by TMA (a store of bf16 registers would not fill whole 32-byte sectors); the copies are waited for
+      # with the next chunk's h and e2's, before these buffers are written again
+      plgpu.copy_smem_to_gmem(w2b_s.at[wg], starts2_g.at[j, head, cols])
+      plgpu.copy_smem_to_gmem(w1b_s.at[wg], starts1_g.at[j, head, :, cols])
 
     def scale_totals():
       """Every tile's rows' terms summed (W2's, W1's)."""
@@ -221,7 +229,7 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
       keys = lambda: wg_ops.layout(k_s[...])  # read from shared memory where needed, not held in registers
       z = lambda: s2 * wg_ops.product((c, TILE), (keys().astype(BF16), w2b_s.at[wg].T))
       h = pallas_triton.kernel_gelu(z())
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's h and e2 have been copied out
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's h, e2 and this start state copied out
       h_s.at[wg][...] = h.astype(BF16)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(h_s.at[wg], h_g.at[j, head, :, cols])
@@ -253,8 +261,8 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
         fetch(j + 1)
 
       b = decay_g[j, head, 0]
-      w2 = wg_ops.accumulate(b * load(starts2_g.at[j, head, cols]), (e2_s.at[wg].T, kcn_s))
-      w1 = wg_ops.accumulate(b * load(starts1_g.at[j, head, :, cols]), (e1cn_s.T, h_s.at[wg]))
+      w2 = wg_ops.accumulate(b * load(end2_g.at[head, cols]), (e2_s.at[wg].T, kcn_s))
+      w1 = wg_ops.accumulate(b * load(end1_g.at[head, :, cols]), (e1cn_s.T, h_s.at[wg]))
 
       @pl.when(j + 1 < n)
       def _next():
@@ -268,7 +276,7 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
 
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, BF16)
-  out_type = (f32(n, heads, e, d), f32(n, heads, d, e), f32(heads, e, d), f32(heads, d, e), bf16(n, heads, c, e),
+  out_type = (bf16(n, heads, e, d), bf16(n, heads, d, e), f32(heads, e, d), f32(heads, d, e), bf16(n, heads, c, e),
               bf16(n, heads, c, e), f32(n, heads, c, d), f32(n, heads, c, d), f32(n, heads, 4))
   operand = wg_ops.operand
   scratch = [plgpu.SMEM((c, d), jnp.float32), plgpu.SMEM((c, d), jnp.float32), plgpu.SMEM((c,), jnp.float32),
@@ -379,6 +387,11 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
       g2b_s.at[wg][...], g1b_s.at[wg][...] = g2.astype(BF16), g1.astype(BF16)
       plgpu.commit_smem()
 
+    def start_tiles(j):
+      """This tile of chunk j's start state (W2, W1), float32 (stacked in bf16 by the Mosaic forward)."""
+      return (load(starts2_g.at[j, head, cols]).astype(jnp.float32),
+              load(starts1_g.at[j, head, :, cols]).astype(jnp.float32))
+
     def row_operands(j):
       """Chunk j's K and e1 as bf16 operands (warpgroup 0)."""
       @pl.when(wg == 0)
@@ -394,7 +407,7 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
       j = n - 1 - i
       _sync(synced.at[0])
       s2, s1, t2, t1, g_read2, g_read1 = (scalars_g[j, head, q] for q in range(6))  # g_read: the reads' of s
-      w2, w1 = load(starts2_g.at[j, head, cols]), load(starts1_g.at[j, head, :, cols])
+      w2, w1 = start_tiles(j)
       # B's cotangent on each layer, Σ G ⊙ W (per-head gates: one number; rows here, summed after the kernel)
       gdec_g.at[j, head, wg, 0][...] = jnp.sum(load(out2_g.at[head, cols]) * w2, axis=1)
       gdec_g.at[j, head, wg, 1][...] = jnp.sum(load(out1_g.at[head, :, cols]) * w1, axis=1)
@@ -465,15 +478,16 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
       gz_bf16 = gz.astype(BF16)
       gkz_g.at[j, head, wg][...] = s2 * product((c, d), (gz_bf16, w2b_s.at[wg]))
       b = decay_g[j, head, 0]
-      g1 = (b * load(out1_g.at[head, :, cols]) + load(gs1_g.at[j, head, :, cols])
+      g1 = (b * load(out1_g.at[head, :, cols]) + load(gs1_g.at[j, head, :, cols]).astype(jnp.float32)
             + s1 * product((d, TILE), (e1b_s.T, gs_s.at[wg])))
       gs_s.at[wg][...] = gz_bf16  # ĝ ⊙ gelu'(z) is read: its buffer takes g_z for W2's product
       plgpu.commit_smem()
-      g2 = b * load(out2_g.at[head, cols]) + load(gs2_g.at[j, head, cols]) + s2 * product((TILE, d),
-                                                                                          (gs_s.at[wg].T, kb_s))
+      g2 = (b * load(out2_g.at[head, cols]) + load(gs2_g.at[j, head, cols]).astype(jnp.float32)
+            + s2 * product((TILE, d), (gs_s.at[wg].T, kb_s)))
       _sync(synced.at[3])
       g1 = g1 + product((d, TILE), (gub_s.T, h_s.at[wg]))
-      if ret.scaled:  # the read scales' share at this chunk's start state
+      if ret.scaled:  # the read scales' share at this chunk's start state, its tile read again (L2), not held
+        w2, w1 = start_tiles(j)
         # Σ ĝ ⊙ praw ⊙ gelu'(z), Σ g_z ⊙ zraw, Σ g_u ⊙ u
         b1_sums, z_sums, u_sums = _scalar_sums(rows_s, range(tiles), 3)
         g_s2 = z_sums + g_read2

@@ -159,7 +159,8 @@ def _keys_in(j, k_ref, scales, w2_ref, w1_ref, mode):
   W2 tile, W1 tile, zraw = K W2ᵀ, z = s₂ zraw); ``scales`` the row (s₂, s₁)."""
   dot = kernel_dot(mode)
   s2, s1 = row_scalars(scales)
-  k, w2, w1 = k_ref[j], w2_ref[j], w1_ref[j]
+  k = k_ref[j]
+  w2, w1 = (w_ref[j].astype(jnp.promote_types(w_ref.dtype, k.dtype)) for w_ref in (w2_ref, w1_ref))  # bf16 stacks
   zraw = dot("ci,ei->ce", k, w2)
   return dot, s2, s1, k, w2, w1, zraw, s2 * zraw
 
@@ -299,7 +300,8 @@ def _grid(state2, tiling: Tiling) -> tuple:
   """(grid [b·h, E / tile], ``_Blocks``, a ShapeDtypeStruct maker) for stacked W2 states [n, N, E, d]."""
   big, e = state2.shape[1:3]
   tile = tiling.tile(e)
-  return (big, e // tile), _Blocks(tile), lambda *shape: jax.ShapeDtypeStruct(shape, state2.dtype)
+  dtype = jnp.promote_types(state2.dtype, jnp.float32)  # the Mosaic forward stacks the states in bf16
+  return (big, e // tile), _Blocks(tile), lambda *shape: jax.ShapeDtypeStruct(shape, dtype)
 
 
 def _forward_step(spec: MemorySpec, tiling: Tiling, ln, x: _Factors, carry, j):
@@ -366,7 +368,7 @@ def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> t
     g_s = {"w2": jnp.sum(sums2[..., 0], axis=1) + g_scale2, "w1": g_s1[:, 1] + g_scale1}
     # through s = scale_from(t) at the forward's summed terms t, then t = Σ scale_terms(S_j) (element-wise)
     g_t = jax.vjp(ret.scale_from, totals)[1](jnp.stack([g_s["w2"], g_s["w1"]], axis=-1))[0]
-    g_state = [g + jax.vjp(jax.vmap(ret.scale_terms), _at(starts[name], j))[1](g_t[:, i])[0]
+    g_state = [g + jax.vjp(jax.vmap(ret.scale_terms), _at(starts[name], j).astype(g.dtype))[1](g_t[:, i])[0]
                for i, (g, name) in enumerate(zip(g_state, ("w2", "w1"), strict=True))]
   return (tuple(g_state), _Factors(*g_x), g_kz, g_ln), None
 
