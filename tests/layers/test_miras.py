@@ -546,34 +546,45 @@ def test_tiled_pallas_kernels_lower_to_triton_for_an_h100(channel, kernels):
   assert _triton_calls(run, qkv, gates, kw) == kernels
 
 
-@pytest.mark.parametrize(("bits", "hidden_tile"), [(64, 16), (32, 64)])
-def test_pallas_reads_equal_the_flat_reads_values_and_grads(bits, hidden_tile, monkeypatch):
+@pytest.mark.parametrize(("name", "bits", "hidden_tile"), [("moneta", 64, 16), ("moneta_pre", 64, 16),
+                                                            ("moneta", 32, 64)])
+def test_pallas_reads_equal_the_flat_reads_values_and_grads(name, bits, hidden_tile, monkeypatch):
   """``pallas_reads``: every chunk's per-token reads (before their LayerNorm) as one kernel per direction, a
-  program per chunk and head, against ``flat.read_u`` mapped over the chunks on fresh random start states,
-  ``KeyPass``es, rows, decays, coefficients, scores and read scales per row (interpret mode; four tiles of E at
-  ``hidden_tile`` 16): u and the gradient of every input, each leaf to its own scale; in float64 with XLA's erf in
-  the kernel the hand-written backward must equal autodiff to rounding."""
+  program per chunk and head, forming each chunk's coefficients from its gates, against ``flat.read_u`` mapped over
+  the chunks with XLA's coefficients (``flat.chunk_inputs``), on fresh random start states, ``KeyPass``es, queries,
+  keys, gates and read scales per row (interpret mode; four tiles of E at ``hidden_tile`` 16; post and pre reads):
+  u and the gradient of every input (q, k and the gates through the coefficients), each leaf to its own scale; in
+  float64 with XLA's erf in the kernel the hand-written backward must equal autodiff to rounding."""
   if bits == 64:
     monkeypatch.setattr(pallas_triton, "erf", jax.lax.erf)
-  spec = SPECS["moneta"]
+  spec = SPECS[name]
   n, heads, c, d, e = 3, 2, 16, 16, 64
   with jax.enable_x64(bits == 64):
     dtype = jnp.float64 if bits == 64 else jnp.float32
-    key = iter(jax.random.split(jax.random.PRNGKey(31), 12))
+    (q, k, v), gates, _ = _inputs(spec, 31, b=1, t=n * c, h=heads, d=d, dtype=dtype)
+    key = iter(jax.random.split(jax.random.PRNGKey(31), 8))
     normal = lambda *shape: jax.random.normal(next(key), shape, dtype)
     scale = lambda: 0.5 + jnp.abs(normal(n, heads, c, 1))  # per row (the KeyPass's are not read)
     starts = {"w2": 0.3 * normal(n, heads, e, d), "w1": 0.3 * normal(n, heads, d, e)}
     keys = flat.KeyPass(None, normal(n, heads, c, d), normal(n, heads, c, e), normal(n, heads, c, e))
-    args = (starts, keys, normal(n, heads, c, d), jax.nn.sigmoid(normal(n, heads, c, 1)), normal(n, heads, c, c),
-            normal(n, heads, c, c), {"w2": scale(), "w1": scale()})
     kernels = pallas_reads.ChunkReads(pallas_reads.ReadTiling(hidden_tile=hidden_tile, interpret=True))
-    runs = (lambda *a: jax.vmap(functools.partial(flat.read_u, spec))(*a), lambda *a: kernels(spec, *a))
+
+    def xla(starts, keys, x, scale):
+      return jax.vmap(functools.partial(flat.read_u, spec))(starts, keys, x.q * x.decay, x.decay, x.w1_coef,
+                                                            x.scores_q, scale)
+
+    def run(reads, starts, keys, q, k, eta, log_alpha, scale):
+      x = flat.chunk_inputs(spec, q, k, v, Gates(eta, log_alpha), c, None)
+      return reads(starts, keys, x, scale)
+
+    args = (starts, keys, q, k, gates.eta, gates.log_alpha, {"w2": scale(), "w1": scale()})
     weights = normal(n, heads, c, d)
-    u_f, u_p = (run(*args) for run in runs)
-    g_f, g_p = (jax.grad(lambda a, run=run: jnp.sum(run(*a) * weights))(args) for run in runs)
+    runs = (xla, functools.partial(kernels, spec))
+    u_f, u_p = (run(reads, *args) for reads in runs)
+    g_f, g_p = (jax.grad(lambda a, reads=reads: jnp.sum(run(reads, *a) * weights))(args) for reads in runs)
     errs = [_rel(u_p, u_f)] + [_rel(p, f) for p, f in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_f), strict=True)]
-  print(f"pallas reads (interpret, E-tile {hidden_tile}) vs flat.read_u, float{bits}: max rel error u {errs[0]:.1e}, "
-        f"gradients (largest over inputs) {max(errs[1:]):.1e}")
+  print(f"pallas reads (interpret, E-tile {hidden_tile}, {spec.read} reads) vs flat.read_u, float{bits}: max rel "
+        f"error u {errs[0]:.1e}, gradients (largest over inputs) {max(errs[1:]):.1e}")
   assert max(errs) < (1e-5 if bits == 32 else 1e-13)
 
 

@@ -153,7 +153,8 @@ class ChunkInputs(NamedTuple):
   step coefficients C[t, s] [n, N, c, c] (per-head gates) or the chunk's log-gates (channel gates, formed in the
   scan); ``scores_q`` [n, N, c, c]: the first layer's dual-form scores Σ_i q_ti k_si C[t, s, i]; ``end_decay``
   [n, N, g] and ``end_coef`` [n, N, c, g]: the chunk end's B_c and η_i B_c / B_i (1 and 0 for a chunk that is not
-  complete); ``complete`` [n, N] bool."""
+  complete); ``complete`` [n, N] bool; ``gates``: the chunk's (η, log α, log B, log P) [n, N, c, g] (for kernels
+  that form the coefficients themselves)."""
 
   q: jax.Array
   k: jax.Array
@@ -165,6 +166,7 @@ class ChunkInputs(NamedTuple):
   end_decay: jax.Array
   end_coef: jax.Array
   complete: jax.Array
+  gates: tuple
 
 
 def _chunk_batch(n: int, per_chunk_bytes: int, budget: int) -> int:
@@ -209,7 +211,7 @@ def chunk_inputs(spec: MemorySpec, q, k, v, gates: Gates, chunk_size: int, lengt
   complete = jnp.repeat(x.complete, h, axis=1)  # [n, b·h]
   return ChunkInputs(qc, kc, heads(x.v), heads(x.delta), co["decay"], w1_coef, scores_q,
                      jnp.where(complete[..., None], co["end_decay"], 1.0),
-                     jnp.where(complete[..., None, None], co["end_coef"], 0.0), complete)
+                     jnp.where(complete[..., None, None], co["end_coef"], 0.0), complete, gate_chunks)
 
 
 def layer_norm_params(ln, b: int, h: int, d: int) -> tuple:
@@ -230,8 +232,8 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
   (spec, state, ln, xs) -> (closed state, (start states, ``KeyPass``es stacked over chunks)), e.g.
   ``pallas_tiles.KeyScan``; ``remat`` then applies to the reads. ``chunk_reads`` (with ``split``, per-head gates):
   another implementation of every chunk's :func:`read_u` at once with its own backward, (spec, start states,
-  ``KeyPass``es, rows, decay, W1's coefficients, first-layer scores, read scales per row (:func:`_row_scales`), all
-  stacked over chunks) -> u [n, b·h, c, d], e.g. ``pallas_reads.ChunkReads``; it takes the chunks' last tokens' reads
+  ``KeyPass``es, ``ChunkInputs``, read scales per row (:func:`_row_scales`), all stacked over chunks) ->
+  u [n, b·h, c, d], e.g. ``pallas_reads.ChunkReads``; it takes the chunks' last tokens' reads
   of the closed states too (as the dual form's last rows, so the retention must have no chunk-end map). Work mapped
   over the chunks outside the scan (the split reads; with per-channel gates the first layer's scores) runs in batches
   of chunks whose largest float32 array stays under ``batch_bytes``."""
@@ -265,7 +267,7 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
       state, (starts, keys) = jax.lax.scan(remat_if(functools.partial(_key_step, spec, ln)), state, key_xs)
     if chunk_reads is not None:
       scale = _row_scales(spec, keys.scale, state, x.complete, chunk_size)
-      u = chunk_reads(spec, starts, keys, query_rows, x.decay, x.w1_coef, x.scores_q, scale)
+      u = chunk_reads(spec, starts, keys, x, scale)
       o = x.q + layer_norm(u, ln, spec.memory.ln_eps)[0]
     else:
       n, heads, c, _ = x.q.shape  # the largest of a chunk's reads: [N, c, E] or per-channel coefficients

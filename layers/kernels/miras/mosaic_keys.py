@@ -29,9 +29,10 @@ name selects it (``pallas_tiles.Tiling(keys_backward="mosaic")`` does; docs/benc
 
 Every product has bf16 operands and float32 accumulation with the operands :mod:`pallas_tiles` rounds (its
 ``bfloat16`` matmul mode); wgmma has no float32 products, so the float32 mode stays Triton's. The forward's outputs
-are those of :mod:`pallas_tiles`' forward scan (but the stacked start states in bf16) and the backward takes
-them (either direction pairs with either kernel of the other). Covers what :func:`unsupported` accepts: per-head gates, c = d = 64, E a multiple of 64 up to
-256, biases without δ. Runs in Mosaic GPU interpret mode on any backend (the tests).
+are those of :mod:`pallas_tiles`' forward scan (but the stacked start states in bf16) and the backward takes them
+(either direction pairs with either kernel of the other). Covers what :func:`unsupported` accepts: per-head gates,
+c = d = 64, E a multiple of 64 up to 256, biases without δ. Runs in Mosaic GPU interpret mode on any backend (the
+tests).
 """
 
 from __future__ import annotations

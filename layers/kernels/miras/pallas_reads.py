@@ -10,14 +10,19 @@ head (grid [n, b·h], ~8k programs at 8 × 4096 tokens: a full GPU, unlike the s
 axis E in tiles, so the [c, tile] activations never leave the chip; per-head gates only (:func:`flat.read_u`'s
 per-head form):
 
-  * forward, one pass over the tiles: z = s₂ (Q̃ W2ᵀ − S_q e2), hq = gelu(z), summing hq hᵀ [c, c] and hq W1ᵀ
-    [c, d]; then u = s₁ (decay ⊙ hq W1ᵀ − ((hq hᵀ) ⊙ C) e1) [c, d], with read scales (s₂, s₁) per row [c, 1] (a
-    chunk's last token may read the closed state: :func:`flat.miras_flat`);
+  * forward: the chunk's coefficients from its gates, C[t, s] = η_s B̃_t / B_s (s ≤ t), the decayed queries
+    Q̃ = B̃ ⊙ q and the first layer's scores S_q = (q kᵀ) ⊙ C ([c, c] on chip, never in HBM: as XLA arrays they
+    and their cotangents were 4 × 134 MB and ~0.7 ms of fusions per fwd+bwd at 8 × 4096 on an H100); one pass over
+    the tiles: z = s₂ (Q̃ W2ᵀ − S_q e2), hq = gelu(z), summing hq hᵀ [c, c] and hq W1ᵀ [c, d]; then
+    u = s₁ (B̃ ⊙ hq W1ᵀ − ((hq hᵀ) ⊙ C) e1) [c, d], with read scales (s₂, s₁) per row [c, 1] (a chunk's last token
+    may read the closed state: :func:`flat.miras_flat`);
   * backward from u's cotangent: the same pass recomputes the two sums, the [c, c] / [c, d] pieces are pulled back,
-    and a second pass over the tiles writes each tile's cotangents of W2, W1, e2, h and sums those of Q̃ and S_q.
+    a second pass over the tiles writes each tile's cotangents of W2, W1, e2, h and sums those of Q̃ and S_q, which
+    are pulled back to q, k and the gates (log B̃ [c, 1], log B and η [1, c]).
 
-The kernels return what XLA would (the start states' cotangents are float32 [n, b·h, E, d] and [n, b·h, d, E]),
-so the keys' recurrence pulls back through them unchanged. GELU inside the kernels uses :func:`pallas_triton.erf`.
+The kernels return what XLA would for the start states (their cotangents in the start states' dtype, [n, b·h, E, d]
+and [n, b·h, d, E]), so the keys' recurrence pulls back through them unchanged. GELU inside the kernels uses
+:func:`pallas_triton.erf`.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from layers.kernels.miras.flat import KeyPass
+from layers.kernels.miras.flat import ChunkInputs, KeyPass
 from layers.kernels.miras.pallas_triton import kernel_dot, kernel_gelu, kernel_gelu_grad, leading_block
 from layers.miras.spec import MemorySpec
 
@@ -57,50 +62,66 @@ def _query_hidden(dot, s2, rows, w2, sq, e2):
   return zraw, z, kernel_gelu(z)
 
 
-def _tile_sums(dot, tile: int, s2, refs):
-  """The forward's pass over E: (hq hᵀ [c, c], hq W1ᵀ [c, d]) from refs (W2 [E, d], W1 [d, E], Q̃ [c, d],
-  e2 [c, E], h [c, E], S_q [c, c])."""
-  w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref = refs
-  c, d = rows_ref.shape
+def _coefficients(dot, q, k, log_read, log_b, eta, strict: bool):
+  """A chunk's dual-form coefficients from its gates, as :func:`chunked.coefficients` has them (per head): the
+  reads' decay B̃_t = exp(log_read_t) [c, 1], E[t, s] = B̃_t / B_s where s ≤ t (s < t if ``strict``: pre reads) and
+  C = E ⊙ η_s [c, c], from log_read [c, 1] and the rows log B [1, c], η [1, c]; and the queries' Q̃ = B̃ ⊙ q and
+  first-layer scores S_q = (q kᵀ) ⊙ C, from q, k [c, d]. Returns (B̃, E, C, q kᵀ, Q̃, S_q)."""
+  c = q.shape[0]
+  t, s = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0), jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  visible = t > s if strict else t >= s
+  ratio = jnp.exp(jnp.where(visible, log_read - log_b, -jnp.inf))
+  coef = ratio * eta
+  qk = dot("td,sd->ts", q, k)
+  decay = jnp.exp(log_read)
+  return decay, ratio, coef, qk, q * decay, qk * coef
+
+
+def _tile_sums(dot, tile: int, s2, rows, sq, refs):
+  """The forward's pass over E: (hq hᵀ [c, c], hq W1ᵀ [c, d]) from Q̃ [c, d], S_q [c, c] and refs (W2 [E, d],
+  W1 [d, E], e2 [c, E], h [c, E])."""
+  w2_ref, w1_ref, e2_ref, h_ref = refs
+  c, d = rows.shape
 
   def body(i, sums):
     hh, p = sums
     cols = pl.ds(pl.multiple_of(i * tile, tile), tile)
-    hq = _query_hidden(dot, s2, rows_ref[...], w2_ref[cols, :], sq_ref[...], e2_ref[:, cols])[2]
+    hq = _query_hidden(dot, s2, rows, w2_ref[cols, :], sq, e2_ref[:, cols])[2]
     return hh + dot("te,se->ts", hq, h_ref[:, cols]), p + dot("te,de->td", hq, w1_ref[:, cols])
 
-  zeros = jnp.zeros((c, c), _acc(rows_ref)), jnp.zeros((c, d), _acc(rows_ref))
+  zeros = jnp.zeros((c, c), _acc(rows)), jnp.zeros((c, d), _acc(rows))
   return jax.lax.fori_loop(0, w2_ref.shape[0] // tile, body, zeros)
 
 
-def _read_kernel(w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref, coef_ref, decay_ref, e1_ref, s2_ref, s1_ref, u_ref,
-                 *, mode, tile):
-  """Forward: this chunk's u = s₁ (decay ⊙ hq W1ᵀ − ((hq hᵀ) ⊙ C) e1) [c, d] (s₂, s₁ [c, 1])."""
+def _read_kernel(w2_ref, w1_ref, q_ref, k_ref, e2_ref, h_ref, log_read_ref, log_b_ref, eta_ref, e1_ref, s2_ref,
+                 s1_ref, u_ref, *, mode, tile, strict):
+  """Forward: this chunk's u = s₁ (B̃ ⊙ hq W1ᵀ − ((hq hᵀ) ⊙ C) e1) [c, d] (s₂, s₁ [c, 1])."""
   dot = kernel_dot(mode)
   s2, s1 = s2_ref[...], s1_ref[...]
-  hh, p = _tile_sums(dot, tile, s2, (w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref))
-  mixed = dot("ts,sd->td", hh * coef_ref[...], e1_ref[...])
-  u_ref[...] = (s1 * (decay_ref[...] * p - mixed)).astype(u_ref.dtype)
+  decay, _, coef, _, rows, sq = _coefficients(dot, q_ref[...], k_ref[...], log_read_ref[...], log_b_ref[...],
+                                              eta_ref[...], strict)
+  hh, p = _tile_sums(dot, tile, s2, rows, sq, (w2_ref, w1_ref, e2_ref, h_ref))
+  mixed = dot("ts,sd->td", hh * coef, e1_ref[...])
+  u_ref[...] = (s1 * (decay * p - mixed)).astype(u_ref.dtype)
 
 
-def _read_grad_kernel(w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref, coef_ref, decay_ref, e1_ref, s2_ref, s1_ref,
-                      gu_ref, gw2_ref, gw1_ref, grows_ref, ge2_ref, gh_ref, gsq_ref, gcoef_ref, gdecay_ref, ge1_ref,
-                      gs2_ref, gs1_ref, *, mode, tile):
+def _read_grad_kernel(w2_ref, w1_ref, q_ref, k_ref, e2_ref, h_ref, log_read_ref, log_b_ref, eta_ref, e1_ref, s2_ref,
+                      s1_ref, gu_ref, gw2_ref, gw1_ref, gq_ref, gk_ref, ge2_ref, gh_ref, glog_read_ref, glog_b_ref,
+                      geta_ref, ge1_ref, gs2_ref, gs1_ref, *, mode, tile, strict):
   """Backward: from u's cotangent ĝ [c, d], the cotangents of every input of :func:`_read_kernel`."""
   dot = kernel_dot(mode)
   s2, s1 = s2_ref[...], s1_ref[...]
-  refs = (w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref)
-  hh, p = _tile_sums(dot, tile, s2, refs)
-  coef, e1, decay, gu = coef_ref[...], e1_ref[...], decay_ref[...], gu_ref[...]
+  q, k = q_ref[...], k_ref[...]
+  decay, ratio, coef, qk, rows, sq = _coefficients(dot, q, k, log_read_ref[...], log_b_ref[...], eta_ref[...],
+                                                   strict)
+  hh, p = _tile_sums(dot, tile, s2, rows, sq, (w2_ref, w1_ref, e2_ref, h_ref))
+  e1, gu = e1_ref[...], gu_ref[...]
   weighted = hh * coef
-  a = s1 * gu  # the cotangent of decay ⊙ p − mixed
+  a = s1 * gu  # the cotangent of B̃ ⊙ p − mixed
   g_weighted = -dot("td,sd->ts", a, e1)
-  gcoef_ref[...] = (g_weighted * hh).astype(gcoef_ref.dtype)
   ge1_ref[...] = (-dot("ts,td->sd", weighted, a)).astype(ge1_ref.dtype)
-  gdecay_ref[...] = jnp.sum(a * p, axis=1, keepdims=True).astype(gdecay_ref.dtype)
   gs1_ref[...] = jnp.sum(gu * (decay * p - dot("ts,sd->td", weighted, e1)), axis=1, keepdims=True).astype(gs1_ref.dtype)
   gp, ghh = a * decay, g_weighted * coef
-  rows, sq = rows_ref[...], sq_ref[...]
   c, d = rows.shape
 
   def body(i, sums):
@@ -117,20 +138,27 @@ def _read_grad_kernel(w2_ref, w1_ref, rows_ref, e2_ref, h_ref, sq_ref, coef_ref,
     return (grows + dot("te,ei->ti", gzs, w2), gsq - dot("te,se->ts", gzs, e2),
             gs2 + jnp.sum(gz * zraw, axis=1, keepdims=True))
 
-  zeros = (jnp.zeros((c, d), _acc(rows_ref)), jnp.zeros((c, c), _acc(rows_ref)),
-           jnp.zeros((c, 1), _acc(rows_ref)))
+  zeros = (jnp.zeros((c, d), _acc(rows)), jnp.zeros((c, c), _acc(rows)), jnp.zeros((c, 1), _acc(rows)))
   grows, gsq, gs2 = jax.lax.fori_loop(0, w2_ref.shape[0] // tile, body, zeros)
-  grows_ref[...] = grows.astype(grows_ref.dtype)
-  gsq_ref[...] = gsq.astype(gsq_ref.dtype)
   gs2_ref[...] = gs2.astype(gs2_ref.dtype)
+  # through Q̃ = B̃ ⊙ q, S_q = (q kᵀ) ⊙ C and C = E ⊙ η, E = B̃_t / B_s (masked), B̃ = exp(log_read)
+  g_coef = g_weighted * hh + gsq * qk
+  g_qk = gsq * coef
+  gq_ref[...] = (grows * decay + dot("ts,sd->td", g_qk, k)).astype(gq_ref.dtype)
+  gk_ref[...] = dot("ts,td->sd", g_qk, q).astype(gk_ref.dtype)
+  g_ratio = g_coef * coef  # the cotangent of log_read_t − log_b_s
+  g_decay = jnp.sum(a * p + grows * q, axis=1, keepdims=True)
+  glog_read_ref[...] = (g_decay * decay + jnp.sum(g_ratio, axis=1, keepdims=True)).astype(glog_read_ref.dtype)
+  glog_b_ref[...] = (-jnp.sum(g_ratio, axis=0, keepdims=True)).astype(glog_b_ref.dtype)
+  geta_ref[...] = jnp.sum(g_coef * ratio, axis=0, keepdims=True).astype(geta_ref.dtype)
 
 
-def _call(kernel, mode: str, tiling: ReadTiling, inputs, outputs):
+def _call(kernel, mode: str, tiling: ReadTiling, strict: bool, inputs, outputs):
   """``kernel`` on grid [n, b·h] over stacked ``inputs``, returning stacked arrays like ``outputs``."""
   n, heads = inputs[0].shape[:2]
   tile = min(tiling.hidden_tile, inputs[0].shape[2])
   return pl.pallas_call(
-      functools.partial(kernel, mode=mode, tile=tile),
+      functools.partial(kernel, mode=mode, tile=tile, strict=strict),
       grid=(n, heads),
       in_specs=[leading_block(x) for x in inputs],
       out_specs=[leading_block(x) for x in outputs],
@@ -140,19 +168,20 @@ def _call(kernel, mode: str, tiling: ReadTiling, inputs, outputs):
   )(*inputs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _reads(mode: str, tiling: ReadTiling, *inputs):
-  """u [n, b·h, c, d] of every chunk from the stacked inputs (W2, W1, Q̃, e2, h, S_q, C, decay, e1, s₂, s₁)."""
-  rows = inputs[2]
-  return _call(_read_kernel, mode, tiling, inputs, [jax.ShapeDtypeStruct(rows.shape, _acc(rows))])[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _reads(mode: str, tiling: ReadTiling, strict: bool, *inputs):
+  """u [n, b·h, c, d] of every chunk from the stacked inputs (W2, W1, q, k, e2, h, log B̃ [.., c, 1], log B and
+  η [.., 1, c], e1, s₂, s₁)."""
+  q = inputs[2]
+  return _call(_read_kernel, mode, tiling, strict, inputs, [jax.ShapeDtypeStruct(q.shape, _acc(q))])[0]
 
 
-def _reads_fwd(mode, tiling, *inputs):
-  return _reads(mode, tiling, *inputs), inputs
+def _reads_fwd(mode, tiling, strict, *inputs):
+  return _reads(mode, tiling, strict, *inputs), inputs
 
 
-def _reads_bwd(mode, tiling, inputs, g_u):
-  return tuple(_call(_read_grad_kernel, mode, tiling, (*inputs, g_u), inputs))
+def _reads_bwd(mode, tiling, strict, inputs, g_u):
+  return tuple(_call(_read_grad_kernel, mode, tiling, strict, (*inputs, g_u), inputs))
 
 
 _reads.defvjp(_reads_fwd, _reads_bwd)
@@ -160,12 +189,15 @@ _reads.defvjp(_reads_fwd, _reads_bwd)
 
 @dataclasses.dataclass(frozen=True)
 class ChunkReads:
-  """``flat.miras_flat``'s ``chunk_reads``: (spec, start states, ``KeyPass``es, Q̃, decay, C, S_q, read scales
+  """``flat.miras_flat``'s ``chunk_reads``: (spec, start states, ``KeyPass``es, ``flat.ChunkInputs``, read scales
   {layer: [n, b·h, c, 1]}) stacked over chunks -> u [n, b·h, c, d] (:func:`flat.read_u` of every chunk) with this
-  module's kernels."""
+  module's kernels, which form each chunk's coefficients from its gates (per head) themselves."""
 
   tiling: ReadTiling = ReadTiling()
 
-  def __call__(self, spec: MemorySpec, starts: dict, keys: KeyPass, rows, decay, w1_coef, scores_q, scale: dict):
-    return _reads(spec.memory.matmul, self.tiling, starts["w2"], starts["w1"], rows, keys.e2, keys.hk, scores_q,
-                  w1_coef, decay, keys.e1, scale["w2"], scale["w1"])
+  def __call__(self, spec: MemorySpec, starts: dict, keys: KeyPass, x: ChunkInputs, scale: dict):
+    eta, log_alpha, log_b, _ = x.gates
+    log_read = log_b if spec.read == "post" else log_b - log_alpha
+    row = lambda a: jnp.swapaxes(a, -1, -2)  # [.., c, 1] -> [.., 1, c]
+    return _reads(spec.memory.matmul, self.tiling, spec.read != "post", starts["w2"], starts["w1"], x.q, x.k,
+                  keys.e2, keys.hk, log_read, row(log_b), row(eta), keys.e1, scale["w2"], scale["w1"])
