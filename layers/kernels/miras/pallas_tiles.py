@@ -131,11 +131,6 @@ def _chunk_index(j) -> tuple:
   return j[None], pl.BlockSpec((1,), lambda h, i: (0,))
 
 
-def _at(a, j):
-  """Chunk j of an array stacked over chunks."""
-  return jax.lax.dynamic_index_in_dim(a, j, keepdims=False)
-
-
 def _call(kernel, tiling: Tiling, grid: tuple, inputs: list, outputs=(), updated=()):
   """``kernel`` on ``grid``; ``inputs`` are (array, BlockSpec) pairs, ``updated`` those of them (the same pair
   objects) that the kernel writes in place, and ``outputs`` (ShapeDtypeStruct, BlockSpec) pairs of new arrays.
@@ -208,20 +203,35 @@ def _close_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, kc_ref, coef
   terms_ref[...] = pair_row(ret.scale_terms(new2), ret.scale_terms(new1), new2)
 
 
+def _scales_share(ret, w, g_total):
+  """The read scales' share of a state block's cotangent, ∂(Σ scale_terms)/∂w · g_total (float32 even from a bf16
+  block)."""
+  return jax.vjp(ret.scale_terms, w.astype(jnp.promote_types(w.dtype, jnp.float32)))[1](g_total)[0]
+
+
 def _pullback_terms(dot, j, w1, z, e1, kc_ref, g2, ge2_ref):
   """What both backward kernels need of a tile: gelu'(z), e1 W1 (praw) and e2's cotangent ĝ_e2 = g_e2 − (K ⊙ c) G2ᵀ."""
   return kernel_gelu_grad(z), dot("cd,de->ce", e1, w1), ge2_ref[j] - dot("cd,ed->ce", kc_ref[j], g2)
 
 
 def _errors_cotangent_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, kc_ref, g2_ref, g1_ref, ge2_ref,
-                             via_e2_out, via_end_out, kc_out, dec2_out, dec1_out, sums_out, *, mode):
+                             pending_ref, *outputs, mode, ret):
   """B1: this tile's shares of chunk j's cotangents that need every tile summed before the row-wise pull-back: e1's
   through e2, s₁ (ĝ_e2 ⊙ gelu'(z)) W1ᵀ, and through the chunk end, −h G1ᵀ (before the coefficients c), [c, d]
   each; K ⊙ c's, −e2 G2 [c, d]; B_c's on each layer (Σ G ⊙ W, [1, d] and [d, 1]); and s₁'s. The end state's
-  cotangent is ``g2_ref`` / ``g1_ref``."""
+  cotangent is ``g2_ref`` / ``g1_ref``; with read scales (``ret.scaled``) it first takes the end state's read scales'
+  share, from their summed terms' cotangent (``pending_ref``, (W2's, W1's), which chunk j + 1's step left), and is
+  written back in place (the first two ``outputs``)."""
   j = j_ref[0]
   dot, _, s1, _, w2, w1, _, z = _keys_in(j, k_ref, scales_ref[j], w2_ref, w1_ref, mode)
   g2, g1, e1 = g2_ref[...], g1_ref[...], e1_ref[j]
+  if ret.scaled:
+    g2_out, g1_out, *outputs = outputs
+    end = jnp.minimum(j + 1, w2_ref.shape[0] - 1)  # chunk j + 1's start state (the last chunk has nothing pending)
+    g2 = g2 + _scales_share(ret, w2_ref[end], row_scalars(pending_ref[...])[0])
+    g1 = g1 + _scales_share(ret, w1_ref[end], row_scalars(pending_ref[...])[1])
+    g2_out[...], g1_out[...] = g2, g1
+  via_e2_out, via_end_out, kc_out, dec2_out, dec1_out, sums_out = outputs
   slope, praw, ge2 = _pullback_terms(dot, j, w1, z, e1, kc_ref, g2, ge2_ref)
   via_e2_out[...] = s1 * dot("ce,de->cd", ge2 * slope, w1)
   via_end_out[...] = -dot("ce,de->cd", kernel_gelu(z), g1)
@@ -337,11 +347,13 @@ def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> t
   """Chunk j's pull-back: from its end state's cotangent (W2 [N, E, d], W1 [N, d, E]) to its start state's (in
   place), with the reads' cotangents of the start state (``g_starts``) and of the ``KeyPass`` (``g_key``: e1, e2, h,
   and the scales' in ``inputs`` with the summed scale terms). ``carry``: the state's cotangent, the ``_Factors``'
-  cotangents and K's per-tile shares through z (stacked over chunks; the kernels write slot j in place) and the
-  LayerNorm parameters' summed cotangent [N, 2, d]. ``stacks``: (``_Factors``, start states, e1, u, scales
-  [n, N, 2], g_starts, g_key) of every chunk, each stacked over chunks."""
+  cotangents and K's per-tile shares through z (stacked over chunks; the kernels write slot j in place), the
+  LayerNorm parameters' summed cotangent [N, 2, d] and the cotangent of the end state's summed scale terms [N, 2],
+  whose share B1 adds to the state's cotangent (the start state's is left to chunk j − 1's B1, or to the caller).
+  ``stacks``: (``_Factors``, start states, e1, u, scales [n, N, 2], g_starts, g_key) of every chunk, each stacked
+  over chunks."""
   (x, starts, e1s, us, scales, g_starts, g_key), ln = stacks
-  g_state, g_x, g_kz, g_ln = carry
+  g_state, g_x, g_kz, g_ln, pending = carry
   j, totals, g_scale2, g_scale1 = inputs
   mode, ret = spec.memory.matmul, spec.retention
   grid, blocks, like = _grid(starts["w2"], tiling)
@@ -350,8 +362,13 @@ def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> t
   base = [_chunk_index(j), st(x.k), st(scales), *blocks.state(starts["w2"], starts["w1"]), st(e1s), st(x.kc)]
   ends = [*blocks.state(*g_state, stack=False), (g_key.e2, blocks.cols(g_key.e2, True))]
   per_tile = lambda *shape: (like(big, tiles, *shape), blocks.per_tile(like(big, tiles, *shape)))
-  shares = _call(functools.partial(_errors_cotangent_kernel, mode=mode), tiling.wide(), grid, base + ends,
-                 [per_tile(c, d)] * 3 + [per_tile(1, d), per_tile(d, 1), per_tile(2)])
+  updated = ends[:2] if ret.scaled else []
+  outputs = _call(functools.partial(_errors_cotangent_kernel, mode=mode, ret=ret), tiling.wide(), grid,
+                  base + ends + [(pending, blocks.head(pending))],
+                  [per_tile(c, d)] * 3 + [per_tile(1, d), per_tile(d, 1), per_tile(2)], updated=updated)
+  shares = outputs[len(updated):]
+  if ret.scaled:  # B1 has added the end state's scales' share to its cotangent
+    ends = [*blocks.state(*outputs[:2], stack=False), ends[2]]
   grads = [st(a) for a in g_x] + [(g_ln, blocks.head(g_ln))]
   inputs = ([base[0]] + [st(a) for a in (x.k, x.v, x.delta, scales, us, e1s, x.coef, g_key.e1)]
             + [(a, blocks.head(a)) for a in (*ln, *shares)] + grads)
@@ -364,13 +381,10 @@ def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> t
             + blocks.state(g_starts["w2"], g_starts["w1"]) + kz)
   *g_state, g_kz, sums2 = _call(functools.partial(_state_cotangent_kernel, mode=mode), tiling, grid, inputs,
                                 [per_tile(2)], updated=ends[:2] + kz)
-  if ret.scaled:  # the read scales' share, ∂(s₂, s₁)/∂S_j, added to the start state's cotangent
-    g_s = {"w2": jnp.sum(sums2[..., 0], axis=1) + g_scale2, "w1": g_s1[:, 1] + g_scale1}
-    # through s = scale_from(t) at the forward's summed terms t, then t = Σ scale_terms(S_j) (element-wise)
-    g_t = jax.vjp(ret.scale_from, totals)[1](jnp.stack([g_s["w2"], g_s["w1"]], axis=-1))[0]
-    g_state = [g + jax.vjp(jax.vmap(ret.scale_terms), _at(starts[name], j).astype(g.dtype))[1](g_t[:, i])[0]
-               for i, (g, name) in enumerate(zip(g_state, ("w2", "w1"), strict=True))]
-  return (tuple(g_state), _Factors(*g_x), g_kz, g_ln), None
+  if ret.scaled:  # the read scales' share, ∂(s₂, s₁)/∂S_j, through s = scale_from(t) at the forward's summed terms
+    g_s = jnp.stack([jnp.sum(sums2[..., 0], axis=1) + g_scale2, g_s1[:, 1] + g_scale1], axis=-1)
+    pending = jax.vjp(ret.scale_from, totals)[1](g_s)[0]  # t = Σ scale_terms(S_j): added by chunk j − 1's B1
+  return (tuple(g_state), _Factors(*g_x), g_kz, g_ln, pending), None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -430,13 +444,17 @@ def _recurrence_bwd(spec, tiling, residuals, cotangents):
   c, d = x.k.shape[2:]
   # the chunks' kernels write their cotangents into slot j of these in place, and add the LayerNorm's
   carry = ((g_end["w2"], g_end["w1"]), jax.tree.map(jnp.zeros_like, x), jnp.zeros((n, big, tiles, c, d), x.k.dtype),
-           jnp.zeros((big, 2, d), ln[0].dtype))
+           jnp.zeros((big, 2, d), ln[0].dtype), jnp.zeros((big, 2), totals.dtype))
   stacks = (x, starts, keys.e1, u, scales, g_starts, g_keys), ln
-  (g_state, g_x, g_kz, g_ln), _ = jax.lax.scan(
+  (g_state, g_x, g_kz, g_ln, pending), _ = jax.lax.scan(
       functools.partial(_pullback_step, spec, tiling, stacks), carry,
       (jnp.arange(n), totals, g_keys.scale["w2"][:, :, 0, 0], g_keys.scale["w1"][:, :, 0, 0]), reverse=True)
   g_x = g_x._replace(k=g_x.k + jnp.sum(g_kz, axis=2))  # K's share through z, summed over the tiles
-  return {"w2": g_state[0], "w1": g_state[1]}, (g_ln[:, None, 0], g_ln[:, None, 1]), factors_vjp(g_x)[0]
+  g_state = dict(zip(("w2", "w1"), g_state, strict=True))
+  if spec.retention.scaled:  # the initial state's read scales' share, which no B1 took
+    share = jax.vmap(functools.partial(_scales_share, spec.retention))
+    g_state = {name: g + share(starts[name][0], pending[:, i]) for i, (name, g) in enumerate(g_state.items())}
+  return g_state, (g_ln[:, None, 0], g_ln[:, None, 1]), factors_vjp(g_x)[0]
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
