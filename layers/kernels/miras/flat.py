@@ -233,10 +233,10 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
   ``pallas_tiles.KeyScan``; ``remat`` then applies to the reads. ``chunk_reads`` (with ``split``, per-head gates):
   another implementation of every chunk's :func:`read_u` at once with its own backward, (spec, start states,
   ``KeyPass``es, ``ChunkInputs``, read scales per row (:func:`_row_scales`), all stacked over chunks) ->
-  u [n, b·h, c, d], e.g. ``pallas_reads.ChunkReads``; it takes the chunks' last tokens' reads
-  of the closed states too (as the dual form's last rows, so the retention must have no chunk-end map). Work mapped
-  over the chunks outside the scan (the split reads; with per-channel gates the first layer's scores) runs in batches
-  of chunks whose largest float32 array stays under ``batch_bytes``."""
+  u [n, b·h, c, d], e.g. ``pallas_reads.ChunkReads``, which also takes the chunks' last tokens' reads of the closed
+  states (as the dual form's last rows, so the retention must have no chunk-end map). Work mapped over the chunks
+  outside the scan (the split reads; with per-channel gates the first layer's scores) runs in batches of chunks
+  whose largest float32 array stays under ``batch_bytes``."""
   if (why := unsupported(spec)) is not None:
     raise ValueError(f"the flat Miras path cannot run this memory: {why}")
   if (key_scan is not None or chunk_reads is not None) and not split:
