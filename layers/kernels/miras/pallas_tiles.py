@@ -16,13 +16,16 @@ per head in between:
     (e1 ⊙ η B/B_i)ᵀ h, and its read-scale terms (Moneta's Σ|w|^q); the chunk's ``flat.KeyPass`` (e1, e2, h) is
     what the reads need;
   * backward, per chunk in reverse, the pull-back of f_j at its start state S_j from the end state's cotangent G
-    and the reads' cotangents of the ``KeyPass``: (B1) per tile e1's cotangent from the chunk end and from e2,
+    and the reads' cotangents of the ``KeyPass``: (B1) per tile G completed with the end state's read scales'
+    share (Moneta; from the summed scale terms' cotangent the step of chunk j + 1 left, written back in place),
+    e1's cotangent from the chunk end and from e2,
     Σ_i [(s₁ ĝ_e2 ⊙ gelu'(z)) W1_iᵀ − η B/B_i ⊙ (h G1_iᵀ)], and the shares of the chunk-end factors' cotangents
     (K ⊙ η B/B_i: −e2 G2; B: Σ G ⊙ W); (R) those shares summed and e1's cotangent pulled back row-wise to u's and
     to the keys', values', δ's and LayerNorm's; (B2) per tile the start state's cotangent, B ⊙ G + s₂ g_zᵀ K (W2)
-    and B ⊙ G1 + e1ᵀ g_praw + s₁ g_uᵀ h (W1), plus the reads' own, and the keys' share s₂ g_z W2; XLA adds the
-    read scales' share (Moneta), through the forward's summed scale terms. So every input's cotangent comes out of
-    the scan, chunk by chunk, and nothing is recomputed after it.
+    and B ⊙ G1 + e1ᵀ g_praw + s₁ g_uᵀ h (W1), plus the reads' own, and the keys' share s₂ g_z W2; XLA turns the
+    scales' cotangents into that of their summed terms (for chunk j − 1's B1; the initial state's share is added
+    after the scan). So every input's cotangent comes out of the scan, chunk by chunk, and nothing is recomputed
+    after it.
 
 Every array stacked over chunks ([n, b·h, ...]: the start states, e2 and h, the reads' cotangents, the chunk inputs)
 is passed to the kernels whole, and a kernel indexes chunk j itself: handing it chunk j's slice made XLA copy the
