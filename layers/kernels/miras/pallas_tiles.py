@@ -231,8 +231,9 @@ def _errors_cotangent_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, k
   if ret.scaled:
     g2_out, g1_out, *outputs = outputs
     end = jnp.minimum(j + 1, w2_ref.shape[0] - 1)  # chunk j + 1's start state (the last chunk has nothing pending)
-    g2 = g2 + _scales_share(ret, w2_ref[end], row_scalars(pending_ref[...])[0])
-    g1 = g1 + _scales_share(ret, w1_ref[end], row_scalars(pending_ref[...])[1])
+    pending2, pending1 = row_scalars(pending_ref[...])
+    g2 = g2 + _scales_share(ret, w2_ref[end], pending2)
+    g1 = g1 + _scales_share(ret, w1_ref[end], pending1)
     g2_out[...], g1_out[...] = g2, g1
   via_e2_out, via_end_out, kc_out, dec2_out, dec1_out, sums_out = outputs
   slope, praw, ge2 = _pullback_terms(dot, j, w1, z, e1, kc_ref, g2, ge2_ref)
