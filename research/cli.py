@@ -33,7 +33,11 @@ from research.registry import Registry
 
 
 class UsageError(Exception):
-  """A command line or config value is invalid; the message is one line for the user."""
+  """A command line or config value is invalid; the message is one line for the user (control characters a value
+  may carry, such as a newline, are escaped)."""
+
+  def __init__(self, message: str):
+    super().__init__("".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in message))
 
 
 def fail(message: str) -> NoReturn:
