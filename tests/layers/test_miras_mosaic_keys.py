@@ -84,7 +84,9 @@ def test_the_warpgroups_share_memory_without_races(direction):
 
 def test_the_memory_and_its_gradients_equal_with_either_kernels():
   """``pallas_tiles.miras_tiles`` (bf16 matmuls, interpret mode) with the keys' recurrence as the Triton kernels
-  or as the Mosaic ones in both directions: the reads and the gradients of q, k, v, one head of two chunks."""
+  in both directions, as the Mosaic forward with the Triton backward (``pallas_mosaic_bf16``: the Triton backward
+  takes the bf16 stacked start states) and as the Mosaic ones in both directions: the reads and the gradients of
+  q, k, v, one head of two chunks."""
   ks = jax.random.split(jax.random.key(1), 8)
   unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
   q, k = (unit(jax.random.normal(key, (1, 128, 1, 64))) for key in ks[:2])
@@ -92,19 +94,20 @@ def test_the_memory_and_its_gradients_equal_with_either_kernels():
   gates = Gates(eta=0.1 * jax.nn.sigmoid(jax.random.normal(ks[4], (1, 128, 1, 1))),
                 log_alpha=jax.nn.log_sigmoid(3.0 + jax.random.normal(ks[5], (1, 128, 1, 1))), delta=None)
   state = {"w2": jax.random.normal(ks[6], (1, 1, 256, 64)) / 8, "w1": jax.random.normal(ks[7], (1, 1, 64, 256)) / 16}
-  results = []
-  for kernel in pallas_tiles.KEYS_KERNELS:  # both directions Triton's, then both Mosaic's
+  results = {}
+  for forward, backward in (("triton", "triton"), ("mosaic", "triton"), ("mosaic", "mosaic")):
     run = functools.partial(pallas_tiles.miras_tiles, spec=MONETA, initial_state=state, matmul="bfloat16",
-                            tiling=pallas_tiles.Tiling(interpret=True, keys_forward=kernel, keys_backward=kernel))
+                            tiling=pallas_tiles.Tiling(interpret=True, keys_forward=forward, keys_backward=backward))
     loss = lambda q, k, v, run=run: jnp.sum(run(q, k, v, gates)[0] * weights)
-    results.append((run(q, k, v, gates)[0], jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))
-  (o_triton, g_triton), (o_mosaic, g_mosaic) = results
-  errs = max_relative_error(o_mosaic, o_triton), max_relative_error(g_mosaic, g_triton)
-  print(f"pallas_tiles_bf16 with the Mosaic keys' kernels vs the Triton ones: max rel error reads {errs[0]:.1e}, "
-        f"gradients {errs[1]:.1e}")
-  # the reads take the same bf16 operands (4e-7 measured); the gradients differ by the Mosaic forward's bf16 start
-  # states (the reads' cotangents of them come back in bf16 too): 1.0e-3 measured; a wrong product is O(1)
-  assert errs[0] < 1e-5 and errs[1] < 1e-2
+    results[forward, backward] = run(q, k, v, gates)[0], jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  o_triton, g_triton = results.pop(("triton", "triton"))
+  for (forward, backward), (o, g) in results.items():
+    errs = max_relative_error(o, o_triton), max_relative_error(g, g_triton)
+    print(f"pallas_tiles_bf16 with the {forward} forward and the {backward} backward vs the Triton ones: max rel "
+          f"error reads {errs[0]:.1e}, gradients {errs[1]:.1e}")
+    # the reads take the same bf16 operands (4e-7 measured); the gradients differ by the Mosaic forward's bf16
+    # start states (the reads' cotangents of them come back in bf16 too): 1.0e-3 measured; a wrong product is O(1)
+    assert errs[0] < 1e-5 and errs[1] < 1e-2
 
 
 def test_the_first_start_state_is_the_initial_state(both_forwards):
