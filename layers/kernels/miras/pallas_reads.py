@@ -12,10 +12,10 @@ per-head form):
 
   * forward: the chunk's coefficients from its gates, C[t, s] = η_s B̃_t / B_s (s ≤ t), the decayed queries
     Q̃ = B̃ ⊙ q and the first layer's scores S_q = (q kᵀ) ⊙ C ([c, c] on chip, never in HBM: as XLA arrays they
-    and their cotangents were 4 × 134 MB and ~0.7 ms of fusions per fwd+bwd at 8 × 4096 on an H100); one pass over
-    the tiles: z = s₂ (Q̃ W2ᵀ − S_q e2), hq = gelu(z), summing hq hᵀ [c, c] and hq W1ᵀ [c, d]; then
-    u = s₁ (B̃ ⊙ hq W1ᵀ − ((hq hᵀ) ⊙ C) e1) [c, d], with read scales (s₂, s₁) per row [c, 1] (a chunk's last token
-    may read the closed state: :func:`flat.miras_flat`);
+    and their cotangents were 4 × 134 MB and ≥ 0.5 ms of fusions per fwd+bwd at 8 × 4096 in an H100 profile,
+    docs/benchmarks.md, "Fifteenth session"); one pass over the tiles: z = s₂ (Q̃ W2ᵀ − S_q e2), hq = gelu(z),
+    summing hq hᵀ [c, c] and hq W1ᵀ [c, d]; then u = s₁ (B̃ ⊙ hq W1ᵀ − ((hq hᵀ) ⊙ C) e1) [c, d], with read scales
+    (s₂, s₁) per row [c, 1] (a chunk's last token may read the closed state: :func:`flat.miras_flat`);
   * backward from u's cotangent: the same pass recomputes the two sums, the [c, c] / [c, d] pieces are pulled back,
     a second pass over the tiles writes each tile's cotangents of W2, W1, e2, h and sums those of Q̃ and S_q, which
     are pulled back to q, k and the gates (log B̃ [c, 1], log B and η [1, c]).
