@@ -73,6 +73,12 @@ class Decay:
   def close(self, s: dict) -> dict:
     return s
 
+  @property
+  def maps_chunk_end(self) -> bool:
+    """Whether :meth:`close` is more than the identity (elastic net's threshold), so the closed state is not the
+    chunk's linear sum."""
+    return type(self).close is not Decay.close
+
 
 @dataclasses.dataclass(frozen=True)
 class LqNorm(Decay):

@@ -35,7 +35,6 @@ from layers.kernels.miras import channel_gates
 from layers.kernels.miras.chunked import chunk_sequence, coefficients, unchunk, with_matmul
 from layers.miras.memory import MLPMemory, gelu, gelu_grad, layer_norm, layer_norm_backward
 from layers.miras.memory import matmul as product
-from layers.miras.retention import Decay
 from layers.miras.spec import Gates, MemorySpec, along
 
 
@@ -88,7 +87,7 @@ def _keys(spec: MemorySpec, ln, s: dict, rows, v, delta, end_decay, end_coef, co
   # are zero (step) and one (decay) for a chunk that is not complete, so its state stays
   new = ret.close({"w2": along(end_decay, "in") * s["w2"] - product("nce,nci->nei", e2, k * end_coef, mode),
                    "w1": along(end_decay, "out") * s["w1"] - product("ncd,nce->nde", e1 * end_coef, hk, mode)})
-  if type(ret).close is not Decay.close:  # a chunk-end map that is not the identity (elastic net's threshold)
+  if ret.maps_chunk_end:  # elastic net's threshold
     new = {name: jnp.where(complete[:, None, None], new[name], s[name]) for name in s}
   return new, KeyPass(scale, e1, e2, hk), y[:, c:]
 
@@ -243,7 +242,7 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
     raise ValueError("key_scan and chunk_reads replace parts of the split path: they need split=True")
   if chunk_reads is not None and gates.eta.shape[-1] != 1:
     raise ValueError("chunk_reads covers per-head gates (eta [..., 1]) only")
-  if chunk_reads is not None and type(spec.retention).close is not Decay.close:
+  if chunk_reads is not None and spec.retention.maps_chunk_end:
     raise ValueError("chunk_reads reads the closed state as the dual form's last row: it needs a retention without "
                      f"a chunk-end map, not {type(spec.retention).__name__}")
   del initial_momentum

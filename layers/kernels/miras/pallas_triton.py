@@ -54,7 +54,6 @@ from jax.experimental.pallas import triton as plgpu
 from layers.kernels.miras import flat
 from layers.kernels.miras.chunked import unchunk, with_matmul
 from layers.miras.memory import gelu, gelu_grad, layer_norm, layer_norm_backward, plain_matmul, row_mean
-from layers.miras.retention import Decay
 from layers.miras.spec import Gates, MemorySpec
 
 # Numerical Recipes in C, 2nd ed. (Press et al., 1992), §6.2, routine erfcc: erfc(z) = t·exp(−z² + P(t)),
@@ -109,7 +108,7 @@ def unsupported(spec: MemorySpec, chunk_size: int, head_dim: int, tuning: Tuning
     return why
   if spec.inner_clip is not None:
     return "they have no inner clip"
-  if type(spec.retention).close is not Decay.close:
+  if spec.retention.maps_chunk_end:
     return f"they have no chunk-end map ({type(spec.retention).__name__})"
   hidden = spec.memory.expansion * head_dim
   sizes = (("chunk_size", chunk_size), ("head dim", head_dim), ("hidden width", hidden),
