@@ -17,15 +17,15 @@ per head in between:
     what the reads need;
   * backward, per chunk in reverse, the pull-back of f_j at its start state S_j from the end state's cotangent G
     and the reads' cotangents of the ``KeyPass``: (B1) per tile G completed with the end state's read scales'
-    share (Moneta; from the summed scale terms' cotangent the step of chunk j + 1 left; B2 completes it again),
+    share (Moneta; from the summed scale terms' cotangent the step of chunk j + 1 left, written back in place),
     e1's cotangent from the chunk end and from e2,
     Σ_i [(s₁ ĝ_e2 ⊙ gelu'(z)) W1_iᵀ − η B/B_i ⊙ (h G1_iᵀ)], and the shares of the chunk-end factors' cotangents
     (K ⊙ η B/B_i: −e2 G2; B: Σ G ⊙ W); (R) those shares summed and e1's cotangent pulled back row-wise to u's and
     to the keys', values', δ's and LayerNorm's; (B2) per tile the start state's cotangent, B ⊙ G + s₂ g_zᵀ K (W2)
     and B ⊙ G1 + e1ᵀ g_praw + s₁ g_uᵀ h (W1), plus the reads' own, and the keys' share s₂ g_z W2; XLA turns the
-    scales' cotangents into that of their summed terms (for chunk j − 1's B1 and B2; the initial state's share is
-    added after the scan). So every input's cotangent comes out of the scan, chunk by chunk, and nothing is
-    recomputed after it.
+    scales' cotangents into that of their summed terms (for chunk j − 1's B1; the initial state's share is added
+    after the scan). So every input's cotangent comes out of the scan, chunk by chunk, and nothing is recomputed
+    after it.
 
 Every array stacked over chunks ([n, b·h, ...]: the start states, e2 and h, the reads' cotangents, the chunk inputs)
 is passed to the kernels whole, and a kernel indexes chunk j itself: handing it chunk j's slice made XLA copy the
@@ -217,29 +217,25 @@ def _pullback_terms(dot, j, w1, z, e1, kc_ref, g2, ge2_ref):
   return kernel_gelu_grad(z), dot("cd,de->ce", e1, w1), ge2_ref[j] - dot("cd,ed->ce", kc_ref[j], g2)
 
 
-def _end_cotangent(ret, j, w2_ref, w1_ref, g2_ref, g1_ref, pending_ref) -> tuple:
-  """This tile of chunk j's end-state cotangent (``g2_ref`` W2 [tile, d], ``g1_ref`` W1 [d, tile]); with read scales
-  (``ret.scaled``) completed with the end state's read scales' share, from their summed terms' cotangent
-  (``pending_ref``, (W2's, W1's), which chunk j + 1's step left). B1 and B2 each form it (a few element-wise
-  operations on a tile both load anyway) rather than B1 writing it back for B2."""
-  g2, g1 = g2_ref[...], g1_ref[...]
-  if not ret.scaled:
-    return g2, g1
-  end = jnp.minimum(j + 1, w2_ref.shape[0] - 1)  # chunk j + 1's start state (the last chunk has nothing pending)
-  pending2, pending1 = row_scalars(pending_ref[...])
-  return g2 + _scales_share(ret, w2_ref[end], pending2), g1 + _scales_share(ret, w1_ref[end], pending1)
-
-
 def _errors_cotangent_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, kc_ref, g2_ref, g1_ref, ge2_ref,
-                             pending_ref, via_e2_out, via_end_out, kc_out, dec2_out, dec1_out, sums_out, *, mode, ret):
+                             pending_ref, *outputs, mode, ret):
   """B1: this tile's shares of chunk j's cotangents that need every tile summed before the row-wise pull-back: e1's
   through e2, s₁ (ĝ_e2 ⊙ gelu'(z)) W1ᵀ, and through the chunk end, −h G1ᵀ (before the coefficients c), [c, d]
-  each; K ⊙ c's, −e2 G2 [c, d]; B_c's on each layer (Σ G ⊙ W, [1, d] and [d, 1]); and s₁'s. G: the end state's
-  cotangent (:func:`_end_cotangent`)."""
+  each; K ⊙ c's, −e2 G2 [c, d]; B_c's on each layer (Σ G ⊙ W, [1, d] and [d, 1]); and s₁'s. The end state's
+  cotangent is ``g2_ref`` / ``g1_ref``; with read scales (``ret.scaled``) it first takes the end state's read scales'
+  share, from their summed terms' cotangent (``pending_ref``, (W2's, W1's), which chunk j + 1's step left), and is
+  written back in place (the first two ``outputs``)."""
   j = j_ref[0]
   dot, _, s1, _, w2, w1, _, z = _keys_in(j, k_ref, scales_ref[j], w2_ref, w1_ref, mode)
-  g2, g1 = _end_cotangent(ret, j, w2_ref, w1_ref, g2_ref, g1_ref, pending_ref)
-  e1 = e1_ref[j]
+  g2, g1, e1 = g2_ref[...], g1_ref[...], e1_ref[j]
+  if ret.scaled:
+    g2_out, g1_out, *outputs = outputs
+    end = jnp.minimum(j + 1, w2_ref.shape[0] - 1)  # chunk j + 1's start state (the last chunk has nothing pending)
+    pending2, pending1 = row_scalars(pending_ref[...])
+    g2 = g2 + _scales_share(ret, w2_ref[end], pending2)
+    g1 = g1 + _scales_share(ret, w1_ref[end], pending1)
+    g2_out[...], g1_out[...] = g2, g1
+  via_e2_out, via_end_out, kc_out, dec2_out, dec1_out, sums_out = outputs
   slope, praw, ge2 = _pullback_terms(dot, j, w1, z, e1, kc_ref, g2, ge2_ref)
   via_e2_out[...] = s1 * dot("ce,de->cd", ge2 * slope, w1)
   via_end_out[...] = -dot("ce,de->cd", kernel_gelu(z), g1)
@@ -272,16 +268,15 @@ def _errors_pullback_kernel(j_ref, k_ref, v_ref, delta_ref, scales_ref, u_ref, e
 
 
 def _state_cotangent_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, kc_ref, coef_ref, dec2_ref, dec1_ref,
-                            g2_ref, g1_ref, ge2_ref, pending_ref, gh_ref, gu_ref, gs2_ref, gs1_ref, kz_ref, g2_out,
-                            g1_out, kz_out, sums_out, *, mode, ret):
+                            g2_ref, g1_ref, ge2_ref, gh_ref, gu_ref, gs2_ref, gs1_ref, kz_ref, g2_out, g1_out, kz_out,
+                            sums_out, *, mode):
   """B2: this tile of chunk j's start-state cotangent (W2 [tile, d], W1 [d, tile]) with the reads' own (gs) added,
   in place of the end state's (aliased), its share of K's cotangent through z = s₂ K W2ᵀ [c, d] into slot j of the
   stacked per-tile shares (aliased) and its share of s₂'s; ``gu_ref``: s₁ times u's cotangent [c, d]."""
   del kz_ref  # written only, through its aliased output
   j = j_ref[0]
   dot, s2, s1, k, w2, w1, zraw, z = _keys_in(j, k_ref, scales_ref[j], w2_ref, w1_ref, mode)
-  g2, g1 = _end_cotangent(ret, j, w2_ref, w1_ref, g2_ref, g1_ref, pending_ref)
-  e1, gu = e1_ref[j], gu_ref[...]
+  g2, g1, e1, gu = g2_ref[...], g1_ref[...], e1_ref[j], gu_ref[...]
   slope, praw, ge2 = _pullback_terms(dot, j, w1, z, e1, kc_ref, g2, ge2_ref)
   h = kernel_gelu(z)
   gh = gh_ref[j] - dot("cd,de->ce", e1 * coef_ref[j], g1) + dot("cd,de->ce", gu, w1)
@@ -358,8 +353,7 @@ def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> t
   and the scales' in ``inputs`` with the summed scale terms). ``carry``: the state's cotangent, the ``_Factors``'
   cotangents and K's per-tile shares through z (stacked over chunks; the kernels write slot j in place), the
   LayerNorm parameters' summed cotangent [N, 2, d] and the cotangent of the end state's summed scale terms [N, 2],
-  whose share B1 and B2 each add to the end state's (:func:`_end_cotangent`; the start state's is left to chunk
-  j − 1's, or to the caller).
+  whose share B1 adds to the state's cotangent (the start state's is left to chunk j − 1's B1, or to the caller).
   ``stacks``: (``_Factors``, start states, e1, u, scales [n, N, 2], g_starts, g_key) of every chunk, each stacked
   over chunks."""
   (x, starts, e1s, us, scales, g_starts, g_key), ln = stacks
@@ -370,11 +364,15 @@ def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> t
   (big, tiles), (c, d) = grid, x.k.shape[-2:]
   st = lambda a: (a, blocks.stacked(a))
   base = [_chunk_index(j), st(x.k), st(scales), *blocks.state(starts["w2"], starts["w1"]), st(e1s), st(x.kc)]
-  ends = [*blocks.state(*g_state, stack=False), (g_key.e2, blocks.cols(g_key.e2, True)),
-          (pending, blocks.head(pending))]
+  ends = [*blocks.state(*g_state, stack=False), (g_key.e2, blocks.cols(g_key.e2, True))]
   per_tile = lambda *shape: (like(big, tiles, *shape), blocks.per_tile(like(big, tiles, *shape)))
-  shares = _call(functools.partial(_errors_cotangent_kernel, mode=mode, ret=ret), tiling.wide(), grid, base + ends,
-                 [per_tile(c, d)] * 3 + [per_tile(1, d), per_tile(d, 1), per_tile(2)])
+  updated = ends[:2] if ret.scaled else []
+  outputs = _call(functools.partial(_errors_cotangent_kernel, mode=mode, ret=ret), tiling.wide(), grid,
+                  base + ends + [(pending, blocks.head(pending))],
+                  [per_tile(c, d)] * 3 + [per_tile(1, d), per_tile(d, 1), per_tile(2)], updated=updated)
+  shares = outputs[len(updated):]
+  if ret.scaled:  # B1 has added the end state's scales' share to its cotangent
+    ends = [*blocks.state(*outputs[:2], stack=False), ends[2]]
   grads = [st(a) for a in g_x] + [(g_ln, blocks.head(g_ln))]
   inputs = ([base[0]] + [st(a) for a in (x.k, x.v, x.delta, scales, us, e1s, x.coef, g_key.e1)]
             + [(a, blocks.head(a)) for a in (*ln, *shares)] + grads)
@@ -385,11 +383,11 @@ def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> t
   inputs = (base + [st(x.coef), st(x.dec2), st(x.dec1)] + ends + [(g_key.hk, blocks.cols(g_key.hk, True)),
                                                                   (gu, blocks.head(gu))]
             + blocks.state(g_starts["w2"], g_starts["w1"]) + kz)
-  *g_state, g_kz, sums2 = _call(functools.partial(_state_cotangent_kernel, mode=mode, ret=ret), tiling, grid, inputs,
+  *g_state, g_kz, sums2 = _call(functools.partial(_state_cotangent_kernel, mode=mode), tiling, grid, inputs,
                                 [per_tile(2)], updated=ends[:2] + kz)
   if ret.scaled:  # the read scales' share, ∂(s₂, s₁)/∂S_j, through s = scale_from(t) at the forward's summed terms
     g_s = jnp.stack([jnp.sum(sums2[..., 0], axis=1) + g_scale2, g_s1[:, 1] + g_scale1], axis=-1)
-    pending = jax.vjp(ret.scale_from, totals)[1](g_s)[0]  # t = Σ scale_terms(S_j): for chunk j − 1's B1, B2
+    pending = jax.vjp(ret.scale_from, totals)[1](g_s)[0]  # t = Σ scale_terms(S_j): added by chunk j − 1's B1
   return (tuple(g_state), _Factors(*g_x), g_kz, g_ln, pending), None
 
 
