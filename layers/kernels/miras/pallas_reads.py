@@ -113,7 +113,8 @@ def _read_grad_kernel(w2_ref, w1_ref, q_ref, k_ref, e2_ref, h_ref, log_read_ref,
                       geta_ref, ge1_ref, gs2_ref, gs1_ref, *, mode, tile, strict):
   """Backward: from u's cotangent ĝ [c, d], the cotangents of every input of :func:`_read_kernel`. Only what the
   next tile loop uses is held across it: the gates' cotangents through hh and p are written before the second loop
-  and completed after it, with the decays formed again (held, they spilled: 5.8 vs 3.4 ms a fwd+bwd on an H100)."""
+  and completed after it, with the decays formed again: 5.60 vs 5.78 ms in an H100 profile of the Moneta layer
+  (8 × 4096) with them held across both loops (docs/benchmarks.md, "Sixteenth session")."""
   dot = kernel_dot(mode)
   gates = (log_read_ref, log_b_ref, eta_ref)
   s2, s1 = s2_ref[...], s1_ref[...]
