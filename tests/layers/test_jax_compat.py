@@ -64,5 +64,6 @@ def test_triton_modules_name_the_tiled_kernels():
   spec = MIXERS.config_class("moneta")(gates="head", chunk_size=16).memory_spec()
   modules = triton_ir(spec, "head", 16, 16, Tiling(hidden_tile=32), "bfloat16")
   assert set(modules) == {"_hidden_sum_kernel", "_errors_kernel", "_close_kernel", "_read_kernel", "_read_grad_kernel",
-                          "_errors_cotangent_kernel", "_errors_pullback_kernel", "_state_cotangent_kernel"}
+                          "_queries_grad_kernel", "_errors_cotangent_kernel", "_errors_pullback_kernel",
+                          "_state_cotangent_kernel"}
   assert all(ir.startswith(f"module @{name}") for name, ir in modules.items())

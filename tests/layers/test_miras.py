@@ -534,11 +534,11 @@ def test_tiled_pallas_recurrence_equals_the_flat_path(name, channel, hidden_tile
   assert max(errs) < (1e-5 if bits == 32 else 1e-12)
 
 
-@pytest.mark.parametrize(("channel", "kernels"), [(True, 6), (False, 8)])
+@pytest.mark.parametrize(("channel", "kernels"), [(True, 6), (False, 9)])
 def test_tiled_pallas_kernels_lower_to_triton_for_an_h100(channel, kernels):
   """The kernels of ``pallas_tiles``' fwd+bwd (bf16 matmuls, two tiles) lower to Triton IR for an (abstract) H100
   from this CPU: the keys' recurrence's six (four per tile, two row-wise per head), and with per-head gates the
-  reads' two."""
+  reads' three (forward; backward through the tiles, then through the queries' coefficients)."""
   spec = SPECS["moneta"]
   qkv, gates, kw = _inputs(spec, 24, b=1, t=64, d=16, channel=channel)
   run = functools.partial(pallas_tiles.miras_tiles, spec=spec, chunk_size=32, matmul="bfloat16",

@@ -1,5 +1,5 @@
-"""Miras MLP memories: every chunk's per-token reads as ONE Pallas (Triton) kernel per direction, a program per chunk
-and head.
+"""Miras MLP memories: every chunk's per-token reads as Pallas (Triton) kernels, one forward and two backward, a
+program per chunk and head.
 
 "It's All Connected" (Behrouz et al., arXiv 2504.13173, §5.4) in the split form of :mod:`flat` (``xla_split``):
 once the keys' recurrence has left every chunk's start state S_j and its ``flat.KeyPass`` (e1, e2, h), the reads
@@ -18,7 +18,7 @@ per-head form):
     (s₂, s₁) per row [c, 1] (a chunk's last token may read the closed state: :func:`flat.miras_flat`);
   * backward from u's cotangent: the same pass recomputes the two sums, the [c, c] / [c, d] pieces are pulled back,
     a second pass over the tiles writes each tile's cotangents of W2, W1, e2, h and sums those of Q̃ and S_q, which
-    are pulled back to q, k and the gates (log B̃ [c, 1], log B and η [1, c]).
+    a second kernel pulls back to q, k and the gates (log B̃ [c, 1], log B and η [1, c]).
 
 The kernels return what XLA would for the start states (their cotangents in the start states' dtype, [n, b·h, E, d]
 and [n, b·h, d, E]), so the keys' recurrence pulls back through them unchanged. GELU inside the kernels uses
@@ -73,6 +73,13 @@ def _decays(log_read, log_b, eta, strict: bool):
   return jnp.exp(log_read), ratio, ratio * eta
 
 
+def _operands(mode: str, *xs) -> tuple:
+  """xs rounded to the matmuls' operand dtype once (bfloat16 in the bfloat16 mode, which every product they enter
+  casts them to anyway): held across a tile loop they take half the registers (:func:`_read_grad_kernel` spills
+  0.86 KB a thread at 4 warps with them in bfloat16, 1.08 KB in float32; ptxas for sm_90a)."""
+  return tuple(x.astype(jnp.bfloat16) if mode == "bfloat16" else x for x in xs)
+
+
 def _gates(refs, strict: bool):
   """:func:`_decays` of the gates' refs (log_read, log_b, eta), loaded where they are needed: formed again after
   a tile loop rather than held across it (each [c, c] array held is 32 registers a thread at 4 warps)."""
@@ -102,25 +109,27 @@ def _read_kernel(w2_ref, w1_ref, q_ref, k_ref, e2_ref, h_ref, log_read_ref, log_
   s2, s1 = s2_ref[...], s1_ref[...]
   decay, _, coef = _gates((log_read_ref, log_b_ref, eta_ref), strict)
   q = q_ref[...]
-  rows, sq = q * decay, dot("td,sd->ts", q, k_ref[...]) * coef  # Q̃ and S_q
+  rows, sq = _operands(mode, q * decay, dot("td,sd->ts", q, k_ref[...]) * coef)  # Q̃ and S_q
   hh, p = _tile_sums(dot, tile, s2, rows, sq, (w2_ref, w1_ref, e2_ref, h_ref))
   mixed = dot("ts,sd->td", hh * coef, e1_ref[...])
   u_ref[...] = (s1 * (decay * p - mixed)).astype(u_ref.dtype)
 
 
 def _read_grad_kernel(w2_ref, w1_ref, q_ref, k_ref, e2_ref, h_ref, log_read_ref, log_b_ref, eta_ref, e1_ref, s2_ref,
-                      s1_ref, gu_ref, gw2_ref, gw1_ref, gq_ref, gk_ref, ge2_ref, gh_ref, glog_read_ref, glog_b_ref,
-                      geta_ref, ge1_ref, gs2_ref, gs1_ref, *, mode, tile, strict):
-  """Backward: from u's cotangent ĝ [c, d], the cotangents of every input of :func:`_read_kernel`. Only what the
-  next tile loop uses is held across it: the gates' cotangents through hh and p are written before the second loop
-  and completed after it, with the decays formed again: 5.60 vs 5.78 ms in an H100 profile of the Moneta layer
-  (8 × 4096) with them held across both loops (docs/benchmarks.md, "Sixteenth session")."""
+                      s1_ref, gu_ref, gw2_ref, gw1_ref, ge2_ref, gh_ref, glog_read_ref, glog_b_ref, geta_ref, ge1_ref,
+                      gs2_ref, gs1_ref, grows_ref, gsq_ref, *, mode, tile, strict):
+  """Backward, first kernel: from u's cotangent ĝ [c, d], the cotangents of every input of :func:`_read_kernel` but
+  q and k; the gates' only through hh and p, and those of Q̃ [c, d] and S_q [c, c] for :func:`_queries_grad_kernel`.
+  Only what a tile loop uses is held across it (the decays are formed again after the first), and the pull-back
+  through Q̃ and S_q is a kernel of its own: done here after the second loop it made this kernel spill 1.88 instead
+  of 0.86 KB a thread (ptxas for sm_90a, 4 warps; spills track time on the H100: docs/benchmarks.md, "Sixteenth
+  session")."""
   dot = kernel_dot(mode)
   gates = (log_read_ref, log_b_ref, eta_ref)
   s2, s1 = s2_ref[...], s1_ref[...]
   decay, _, coef = _gates(gates, strict)
   q = q_ref[...]
-  rows, sq = q * decay, dot("td,sd->ts", q, k_ref[...]) * coef  # Q̃ and S_q
+  rows, sq = _operands(mode, q * decay, dot("td,sd->ts", q, k_ref[...]) * coef)  # Q̃ and S_q
   hh, p = _tile_sums(dot, tile, s2, rows, sq, (w2_ref, w1_ref, e2_ref, h_ref))
   decay, ratio, coef = _gates(gates, strict)
   e1, gu = e1_ref[...], gu_ref[...]
@@ -129,11 +138,9 @@ def _read_grad_kernel(w2_ref, w1_ref, q_ref, k_ref, e2_ref, h_ref, log_read_ref,
   g_weighted = -dot("td,sd->ts", a, e1)
   ge1_ref[...] = (-dot("ts,td->sd", weighted, a)).astype(ge1_ref.dtype)
   gs1_ref[...] = jnp.sum(gu * (decay * p - dot("ts,sd->td", weighted, e1)), axis=1, keepdims=True).astype(gs1_ref.dtype)
-  # the gates' cotangents through C = E ⊙ η (the cotangent of log_read_t − log_b_s is that of E times E) and B̃:
-  # here hh's and p's shares, S_q's and Q̃'s after the loop
-  _gate_cotangents((glog_read_ref, glog_b_ref, geta_ref), g_weighted * hh, ratio, coef,
+  _gate_cotangents((glog_read_ref, glog_b_ref, geta_ref), g_weighted * hh * ratio, eta_ref[...],
                    jnp.sum(a * p, axis=1, keepdims=True) * decay)
-  gp, ghh = a * decay, g_weighted * coef
+  gp, ghh = _operands(mode, a * decay, g_weighted * coef)
   c, d = rows.shape
 
   def body(i, sums):
@@ -153,25 +160,41 @@ def _read_grad_kernel(w2_ref, w1_ref, q_ref, k_ref, e2_ref, h_ref, log_read_ref,
   zeros = (jnp.zeros((c, d), _acc(rows)), jnp.zeros((c, c), _acc(rows)), jnp.zeros((c, 1), _acc(rows)))
   grows, gsq, gs2 = jax.lax.fori_loop(0, w2_ref.shape[0] // tile, body, zeros)
   gs2_ref[...] = gs2.astype(gs2_ref.dtype)
-  # through Q̃ = B̃ ⊙ q and S_q = (q kᵀ) ⊙ C
-  decay, ratio, coef = _gates(gates, strict)
-  q, k = q_ref[...], k_ref[...]
-  g_qk = gsq * coef
+  grows_ref[...], gsq_ref[...] = grows, gsq
+
+
+def _queries_grad_kernel(q_ref, k_ref, log_read_ref, log_b_ref, eta_ref, grows_ref, gsq_ref, glog_read_ref,
+                         glog_b_ref, geta_ref, gq_ref, gk_ref, glog_read_out, glog_b_out, geta_out, *, mode, tile,
+                         strict):
+  """Backward, second kernel: the pull-back through Q̃ = B̃ ⊙ q and S_q = (q kᵀ) ⊙ E ⊙ η from their cotangents
+  (``grows_ref`` [c, d], ``gsq_ref`` [c, c]) to q's and k's, and the gates' added to the first kernel's."""
+  del tile
+  dot = kernel_dot(mode)
+  decay, ratio, _ = _gates((log_read_ref, log_b_ref, eta_ref), strict)
+  eta, q, k, grows = eta_ref[...], q_ref[...], k_ref[...], grows_ref[...]
+  g_sq = gsq_ref[...] * ratio
+  g_qk = g_sq * eta
   gq_ref[...] = (grows * decay + dot("ts,sd->td", g_qk, k)).astype(gq_ref.dtype)
   gk_ref[...] = dot("ts,td->sd", g_qk, q).astype(gk_ref.dtype)
-  _gate_cotangents((glog_read_ref, glog_b_ref, geta_ref), gsq * dot("td,sd->ts", q, k), ratio, coef,
-                   jnp.sum(grows * q, axis=1, keepdims=True) * decay, add=True)
+  parts = _gate_parts(g_sq * dot("td,sd->ts", q, k), eta, jnp.sum(grows * q, axis=1, keepdims=True) * decay)
+  for ref, out, part in zip((glog_read_ref, glog_b_ref, geta_ref), (glog_read_out, glog_b_out, geta_out), parts,
+                            strict=True):
+    out[...] = (ref[...] + part).astype(out.dtype)
 
 
-def _gate_cotangents(outs, g_coef, ratio, coef, g_log_decay, add: bool = False) -> None:
-  """Write (or with ``add``, add) the gates' cotangents (log_read [c, 1], log_b and η [1, c]) from C's cotangent
-  ``g_coef`` [c, c] and B̃'s times B̃ (``g_log_decay`` [c, 1]), through C = E ⊙ η and E[t, s] = exp(log_read_t −
-  log_b_s) (masked)."""
-  g_ratio = g_coef * coef  # the cotangent of log_read_t − log_b_s
-  parts = (g_log_decay + jnp.sum(g_ratio, axis=1, keepdims=True), -jnp.sum(g_ratio, axis=0, keepdims=True),
-           jnp.sum(g_coef * ratio, axis=0, keepdims=True))
-  for ref, part in zip(outs, parts, strict=True):
-    ref[...] = ((ref[...] + part) if add else part).astype(ref.dtype)
+def _gate_parts(g_ratio_eta, eta, g_log_decay) -> tuple:
+  """The gates' cotangents (log_read [c, 1], log_b and η [1, c]) through C = E ⊙ η, E[t, s] = exp(log_read_t −
+  log_b_s) (masked) and B̃ = exp(log_read), from C's cotangent times E (``g_ratio_eta`` [c, c]: η's cotangent is its
+  column sums, and that of log_read_t − log_b_s is it times η) and B̃'s times B̃ (``g_log_decay`` [c, 1])."""
+  g_log_ratio = g_ratio_eta * eta
+  return (g_log_decay + jnp.sum(g_log_ratio, axis=1, keepdims=True), -jnp.sum(g_log_ratio, axis=0, keepdims=True),
+          jnp.sum(g_ratio_eta, axis=0, keepdims=True))
+
+
+def _gate_cotangents(outs, *args) -> None:
+  """Write :func:`_gate_parts` (args) into ``outs`` (log_read's, log_b's, η's refs)."""
+  for ref, part in zip(outs, _gate_parts(*args), strict=True):
+    ref[...] = part.astype(ref.dtype)
 
 
 def _call(kernel, mode: str, tiling: ReadTiling, strict: bool, inputs, outputs):
@@ -202,7 +225,15 @@ def _reads_fwd(mode, tiling, strict, *inputs):
 
 
 def _reads_bwd(mode, tiling, strict, inputs, g_u):
-  return tuple(_call(_read_grad_kernel, mode, tiling, strict, (*inputs, g_u), inputs))
+  w2, w1, q, k, e2, h, log_read, log_b, eta, e1, s2, s1 = inputs
+  n, heads, c, _ = q.shape
+  acc = lambda *shape: jax.ShapeDtypeStruct(shape, _acc(q))
+  gw2, gw1, ge2, gh, *g_gates, ge1, gs2, gs1, grows, gsq = _call(
+      _read_grad_kernel, mode, tiling, strict, (*inputs, g_u),
+      (w2, w1, e2, h, log_read, log_b, eta, e1, s2, s1, acc(*q.shape), acc(n, heads, c, c)))
+  gq, gk, *g_gates = _call(_queries_grad_kernel, mode, tiling, strict,
+                           (q, k, log_read, log_b, eta, grows, gsq, *g_gates), (q, k, log_read, log_b, eta))
+  return gw2, gw1, gq, gk, ge2, gh, *g_gates, ge1, gs2, gs1
 
 
 _reads.defvjp(_reads_fwd, _reads_bwd)
