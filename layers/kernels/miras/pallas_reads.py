@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from layers.kernels.miras.flat import ChunkInputs, KeyPass
-from layers.kernels.miras.pallas_triton import kernel_dot, kernel_gelu, kernel_gelu_grad, leading_block
+from layers.kernels.miras.pallas_triton import kernel_dot, kernel_gelu, kernel_gelu_grad, kernel_operands, leading_block
 from layers.miras.spec import MemorySpec
 
 
@@ -73,13 +73,6 @@ def _decays(log_read, log_b, eta, strict: bool):
   return jnp.exp(log_read), ratio, ratio * eta
 
 
-def _operands(mode: str, *xs) -> tuple:
-  """xs rounded to the matmuls' operand dtype once (bfloat16 in the bfloat16 mode, which every product they enter
-  casts them to anyway): held across a tile loop they take half the registers (:func:`_read_grad_kernel` spills
-  0.86 KB a thread at 4 warps with them in bfloat16, 1.08 KB in float32; ptxas for sm_90a)."""
-  return tuple(x.astype(jnp.bfloat16) if mode == "bfloat16" else x for x in xs)
-
-
 def _gates(refs, strict: bool):
   """:func:`_decays` of the gates' refs (log_read, log_b, eta), loaded where they are needed: formed again after
   a tile loop rather than held across it (each [c, c] array held is 32 registers a thread at 4 warps)."""
@@ -109,7 +102,7 @@ def _read_kernel(w2_ref, w1_ref, q_ref, k_ref, e2_ref, h_ref, log_read_ref, log_
   s2, s1 = s2_ref[...], s1_ref[...]
   decay, _, coef = _gates((log_read_ref, log_b_ref, eta_ref), strict)
   q = q_ref[...]
-  rows, sq = _operands(mode, q * decay, dot("td,sd->ts", q, k_ref[...]) * coef)  # Q̃ and S_q
+  rows, sq = kernel_operands(mode, q * decay, dot("td,sd->ts", q, k_ref[...]) * coef)  # Q̃ and S_q
   hh, p = _tile_sums(dot, tile, s2, rows, sq, (w2_ref, w1_ref, e2_ref, h_ref))
   mixed = dot("ts,sd->td", hh * coef, e1_ref[...])
   u_ref[...] = (s1 * (decay * p - mixed)).astype(u_ref.dtype)
@@ -129,7 +122,7 @@ def _read_grad_kernel(w2_ref, w1_ref, q_ref, k_ref, e2_ref, h_ref, log_read_ref,
   s2, s1 = s2_ref[...], s1_ref[...]
   decay, _, coef = _gates(gates, strict)
   q = q_ref[...]
-  rows, sq = _operands(mode, q * decay, dot("td,sd->ts", q, k_ref[...]) * coef)  # Q̃ and S_q
+  rows, sq = kernel_operands(mode, q * decay, dot("td,sd->ts", q, k_ref[...]) * coef)  # Q̃ and S_q
   hh, p = _tile_sums(dot, tile, s2, rows, sq, (w2_ref, w1_ref, e2_ref, h_ref))
   decay, ratio, coef = _gates(gates, strict)
   e1, gu = e1_ref[...], gu_ref[...]
@@ -140,7 +133,7 @@ def _read_grad_kernel(w2_ref, w1_ref, q_ref, k_ref, e2_ref, h_ref, log_read_ref,
   gs1_ref[...] = jnp.sum(gu * (decay * p - dot("ts,sd->td", weighted, e1)), axis=1, keepdims=True).astype(gs1_ref.dtype)
   _gate_cotangents((glog_read_ref, glog_b_ref, geta_ref), g_weighted * hh * ratio, eta_ref[...],
                    jnp.sum(a * p, axis=1, keepdims=True) * decay)
-  gp, ghh = _operands(mode, a * decay, g_weighted * coef)
+  gp, ghh = kernel_operands(mode, a * decay, g_weighted * coef)
   c, d = rows.shape
 
   def body(i, sums):
