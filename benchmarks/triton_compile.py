@@ -7,12 +7,14 @@ abstract H100 to Triton IR
 ``triton`` package (OpenAI's compiler, which is what XLA runs on that IR too; its bundled ptxas). Reported per
 kernel (forward, backward) and launch setting: the shared memory the kernel needs, against the 227 KiB a block may
 use on H100/H200 (a kernel above it fails at launch), the compile time, and with ``--ptxas-info`` ptxas's registers
-per thread and spill bytes. This is what a GPU would say before it says anything about time.
+per thread and spill bytes. This is what a GPU would say before it says anything about time; on an H100 the spill
+bytes of the tiled kernels have tracked their time (docs/benchmarks.md, "Sixteenth session").
 
 Needs ``pip install triton`` (not a memlab dependency; CPU-only is fine). Example:
   PYTHONPATH=. python benchmarks/triton_compile.py --gates head,channel --hidden-tile 64,32 --warps 4,8 \\
       --json triton_compile.json --ptxas-info
-  PYTHONPATH=. python benchmarks/triton_compile.py --impl pallas_tiles --gates head --warps 4,8 --ptxas-info
+  PYTHONPATH=. python benchmarks/triton_compile.py --impl pallas_tiles --gates head --warps 4,8 --ptxas-info \\
+      --keys-forward mosaic
 Prints a table and writes JSON.
 """
 
@@ -121,6 +123,9 @@ def main() -> None:
   parser.add_argument("--head-dim", type=int, default=64)
   parser.add_argument("--kernels", default="", help="comma list of the kernels to compile (default: all): forward, "
                       "backward (pallas_triton); the kernels' names (pallas_tiles, e.g. _close_kernel)")
+  parser.add_argument("--keys-forward", default="triton", choices=("triton", "mosaic"),
+                      help="pallas_tiles: the keys' forward whose residuals the other kernels take (mosaic: bf16 "
+                      "stacked start states, as pallas_mosaic_bf16 runs them)")
   parser.add_argument("--ptxas-info", action="store_true", help="also run ptxas -v for registers and spills")
   parser.add_argument("--json", default="triton_compile.json")
   args = parser.parse_args()
@@ -137,7 +142,8 @@ def main() -> None:
   for gates in split(args.gates):
     spec = MIXERS.config_class(args.model)(gates=gates, chunk_size=args.chunk).memory_spec()
     for tile in (int(m) for m in split(args.hidden_tile)):
-      settings = (Tiling if args.impl == "pallas_tiles" else Tuning)(hidden_tile=tile)
+      settings = (Tiling(hidden_tile=tile, keys_forward=args.keys_forward) if args.impl == "pallas_tiles"
+                  else Tuning(hidden_tile=tile))
       modules = triton_ir(spec, gates, args.chunk, args.head_dim, settings, args.matmul)
       if unknown := set(split(args.kernels)) - set(modules):
         sys.exit(f"no kernels {sorted(unknown)} in {args.impl}; it has {sorted(modules)}")
