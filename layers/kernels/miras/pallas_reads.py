@@ -131,8 +131,9 @@ def _read_grad_kernel(w2_ref, w1_ref, q_ref, k_ref, e2_ref, h_ref, log_read_ref,
   g_weighted = -dot("td,sd->ts", a, e1)
   ge1_ref[...] = (-dot("ts,td->sd", weighted, a)).astype(ge1_ref.dtype)
   gs1_ref[...] = jnp.sum(gu * (decay * p - dot("ts,sd->td", weighted, e1)), axis=1, keepdims=True).astype(gs1_ref.dtype)
-  _gate_cotangents((glog_read_ref, glog_b_ref, geta_ref), g_weighted * hh * ratio, eta_ref[...],
-                   jnp.sum(a * p, axis=1, keepdims=True) * decay)
+  parts = _gate_parts(g_weighted * hh * ratio, eta_ref[...], jnp.sum(a * p, axis=1, keepdims=True) * decay)
+  for ref, part in zip((glog_read_ref, glog_b_ref, geta_ref), parts, strict=True):
+    ref[...] = part.astype(ref.dtype)
   gp, ghh = kernel_operands(mode, a * decay, g_weighted * coef)
   c, d = rows.shape
 
@@ -182,12 +183,6 @@ def _gate_parts(g_ratio_eta, eta, g_log_decay) -> tuple:
   g_log_ratio = g_ratio_eta * eta
   return (g_log_decay + jnp.sum(g_log_ratio, axis=1, keepdims=True), -jnp.sum(g_log_ratio, axis=0, keepdims=True),
           jnp.sum(g_ratio_eta, axis=0, keepdims=True))
-
-
-def _gate_cotangents(outs, *args) -> None:
-  """Write :func:`_gate_parts` (args) into ``outs`` (log_read's, log_b's, η's refs)."""
-  for ref, part in zip(outs, _gate_parts(*args), strict=True):
-    ref[...] = part.astype(ref.dtype)
 
 
 def _call(kernel, mode: str, tiling: ReadTiling, strict: bool, inputs, outputs):
