@@ -273,8 +273,9 @@ def _state_cotangent_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, kc
   """B2: this tile of chunk j's start-state cotangent (W2 [tile, d], W1 [d, tile]) with the reads' own (gs) added,
   in place of the end state's (aliased), its share of K's cotangent through z = s₂ K W2ᵀ [c, d] into slot j of the
   stacked per-tile shares (aliased) and its share of s₂'s; ``gu_ref``: s₁ times u's cotangent [c, d]. Written in
-  the order that lets each [c, tile] value go soonest (W1's tile, then K's share, then W2's), with K and ĝ_u held as
-  bf16 matmul operands: ptxas for sm_90a spills 1.30 KB a thread at 4 warps, 1.68 KB in the order of the math."""
+  the order that lets each [c, tile] value go soonest (W1's tile, then K's share, then W2's, G2's tile loaded again
+  for it), with K and ĝ_u held as bf16 matmul operands: ptxas for sm_90a spills 1.30 KB a thread at 4 warps, 1.68
+  KB in the order of the math."""
   del kz_ref  # written only, through its aliased output
   j = j_ref[0]
   dot, s2, s1, k, w2, w1, zraw, z = _keys_in(j, k_ref, scales_ref[j], w2_ref, w1_ref, mode)
