@@ -62,10 +62,13 @@ def _query_hidden(dot, s2, rows, w2, sq, e2):
   return zraw, z, kernel_gelu(z)
 
 
-def _decays(log_read, log_b, eta, strict: bool):
-  """A chunk's dual-form decays from its gates, as :func:`chunked.coefficients` has them (per head): the reads' decay
-  B̃_t = exp(log_read_t) [c, 1], E[t, s] = B̃_t / B_s where s ≤ t (s < t if ``strict``: pre reads) and C = E ⊙ η_s
-  [c, c], from log_read [c, 1] and the rows log B [1, c], η [1, c]. Returns (B̃, E, C)."""
+def _gates(refs, strict: bool):
+  """A chunk's dual-form decays from its gates' refs, as :func:`chunked.coefficients` has them (per head): the reads'
+  decay B̃_t = exp(log_read_t) [c, 1], E[t, s] = B̃_t / B_s where s ≤ t (s < t if ``strict``: pre reads) and
+  C = E ⊙ η_s [c, c], from log_read [c, 1] and the rows log B [1, c], η [1, c]. Returns (B̃, E, C). Loaded and
+  formed where they are needed, again after a tile loop rather than held across it (each [c, c] array held is 32
+  registers a thread at 4 warps)."""
+  log_read, log_b, eta = (ref[...] for ref in refs)
   c = log_read.shape[0]
   t, s = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0), jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
   visible = t > s if strict else t >= s
@@ -73,15 +76,13 @@ def _decays(log_read, log_b, eta, strict: bool):
   return jnp.exp(log_read), ratio, ratio * eta
 
 
-def _gates(refs, strict: bool):
-  """:func:`_decays` of the gates' refs (log_read, log_b, eta), loaded where they are needed: formed again after
-  a tile loop rather than held across it (each [c, c] array held is 32 registers a thread at 4 warps)."""
-  return _decays(*(ref[...] for ref in refs), strict)
-
-
-def _tile_sums(dot, tile: int, s2, rows, sq, refs):
-  """The forward's pass over E: (hq hᵀ [c, c], hq W1ᵀ [c, d]) from Q̃ [c, d], S_q [c, c] and refs (W2 [E, d],
-  W1 [d, E], e2 [c, E], h [c, E])."""
+def _tile_sums(dot, mode: str, tile: int, strict: bool, s2, q_ref, k_ref, gates, refs):
+  """The forward's pass over E: the decayed queries Q̃ = B̃ ⊙ q [c, d] and first-layer scores S_q = (q kᵀ) ⊙ C
+  [c, c] (as matmul operands, :func:`pallas_triton.kernel_operands`), then (hq hᵀ [c, c], hq W1ᵀ [c, d]) summed
+  over the tiles of refs (W2 [E, d], W1 [d, E], e2 [c, E], h [c, E]). Returns (B̃, C, Q̃, S_q, hq hᵀ, hq W1ᵀ)."""
+  decay, _, coef = _gates(gates, strict)
+  q = q_ref[...]
+  rows, sq = kernel_operands(mode, q * decay, dot("td,sd->ts", q, k_ref[...]) * coef)
   w2_ref, w1_ref, e2_ref, h_ref = refs
   c, d = rows.shape
 
@@ -91,8 +92,8 @@ def _tile_sums(dot, tile: int, s2, rows, sq, refs):
     hq = _query_hidden(dot, s2, rows, w2_ref[cols, :], sq, e2_ref[:, cols])[2]
     return hh + dot("te,se->ts", hq, h_ref[:, cols]), p + dot("te,de->td", hq, w1_ref[:, cols])
 
-  zeros = jnp.zeros((c, c), _acc(rows)), jnp.zeros((c, d), _acc(rows))
-  return jax.lax.fori_loop(0, w2_ref.shape[0] // tile, body, zeros)
+  zeros = jnp.zeros((c, c), _acc(q)), jnp.zeros((c, d), _acc(q))
+  return decay, coef, rows, sq, *jax.lax.fori_loop(0, w2_ref.shape[0] // tile, body, zeros)
 
 
 def _read_kernel(w2_ref, w1_ref, q_ref, k_ref, e2_ref, h_ref, log_read_ref, log_b_ref, eta_ref, e1_ref, s2_ref,
@@ -100,10 +101,8 @@ def _read_kernel(w2_ref, w1_ref, q_ref, k_ref, e2_ref, h_ref, log_read_ref, log_
   """Forward: this chunk's u = s₁ (B̃ ⊙ hq W1ᵀ − ((hq hᵀ) ⊙ C) e1) [c, d] (s₂, s₁ [c, 1])."""
   dot = kernel_dot(mode)
   s2, s1 = s2_ref[...], s1_ref[...]
-  decay, _, coef = _gates((log_read_ref, log_b_ref, eta_ref), strict)
-  q = q_ref[...]
-  rows, sq = kernel_operands(mode, q * decay, dot("td,sd->ts", q, k_ref[...]) * coef)  # Q̃ and S_q
-  hh, p = _tile_sums(dot, tile, s2, rows, sq, (w2_ref, w1_ref, e2_ref, h_ref))
+  decay, coef, _, _, hh, p = _tile_sums(dot, mode, tile, strict, s2, q_ref, k_ref, (log_read_ref, log_b_ref, eta_ref),
+                                        (w2_ref, w1_ref, e2_ref, h_ref))
   mixed = dot("ts,sd->td", hh * coef, e1_ref[...])
   u_ref[...] = (s1 * (decay * p - mixed)).astype(u_ref.dtype)
 
@@ -120,10 +119,7 @@ def _read_grad_kernel(w2_ref, w1_ref, q_ref, k_ref, e2_ref, h_ref, log_read_ref,
   dot = kernel_dot(mode)
   gates = (log_read_ref, log_b_ref, eta_ref)
   s2, s1 = s2_ref[...], s1_ref[...]
-  decay, _, coef = _gates(gates, strict)
-  q = q_ref[...]
-  rows, sq = kernel_operands(mode, q * decay, dot("td,sd->ts", q, k_ref[...]) * coef)  # Q̃ and S_q
-  hh, p = _tile_sums(dot, tile, s2, rows, sq, (w2_ref, w1_ref, e2_ref, h_ref))
+  _, _, rows, sq, hh, p = _tile_sums(dot, mode, tile, strict, s2, q_ref, k_ref, gates, (w2_ref, w1_ref, e2_ref, h_ref))
   decay, ratio, coef = _gates(gates, strict)
   e1, gu = e1_ref[...], gu_ref[...]
   weighted = hh * coef

@@ -358,11 +358,10 @@ def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> t
   place), with the reads' cotangents of the start state (``g_starts``) and of the ``KeyPass`` (``g_key``: e1, e2, h,
   and the scales' in ``inputs`` with the summed scale terms). ``carry``: the state's cotangent, the ``_Factors``'
   cotangents (stacked over chunks; the kernels write slot j in place), chunk j + 1's K shares through z per tile
-  [N, tiles, c, d] (R adds them to K's, B2 leaves chunk j's), the
-  LayerNorm parameters' summed cotangent [N, 2, d] and the cotangent of the end state's summed scale terms [N, 2],
-  whose share B1 adds to the state's cotangent (the start state's is left to chunk j − 1's B1, or to the caller).
-  ``stacks``: (``_Factors``, start states, e1, u, scales [n, N, 2], g_starts, g_key) of every chunk, each stacked
-  over chunks."""
+  [N, tiles, c, d] (R adds them to K's, B2 leaves chunk j's), the LayerNorm parameters' summed cotangent [N, 2, d]
+  and the cotangent of the end state's summed scale terms [N, 2], whose share B1 adds to the state's cotangent (the
+  start state's is left to chunk j − 1's B1, or to the caller). ``stacks``: (``_Factors``, start states, e1, u,
+  scales [n, N, 2], g_starts, g_key) of every chunk, each stacked over chunks."""
   (x, starts, e1s, us, scales, g_starts, g_key), ln = stacks
   g_state, g_x, g_kz, g_ln, pending = carry
   j, totals, g_scale2, g_scale1 = inputs
