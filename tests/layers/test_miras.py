@@ -549,8 +549,8 @@ def test_tiled_pallas_kernels_lower_to_triton_for_an_h100(channel, kernels):
 @pytest.mark.parametrize(("name", "bits", "hidden_tile"), [("moneta", 64, 16), ("moneta_pre", 64, 16),
                                                             ("moneta", 32, 64)])
 def test_pallas_reads_equal_the_flat_reads_values_and_grads(name, bits, hidden_tile, monkeypatch):
-  """``pallas_reads``: every chunk's per-token reads (before their LayerNorm) as one kernel per direction, a
-  program per chunk and head, forming each chunk's coefficients from its gates, against ``flat.read_u`` mapped over
+  """``pallas_reads``: every chunk's per-token reads (before their LayerNorm) as kernels (one forward, two
+  backward) of a program per chunk and head, forming each chunk's coefficients from its gates, against ``flat.read_u`` mapped over
   the chunks with XLA's coefficients (``flat.chunk_inputs``), on fresh random start states, ``KeyPass``es, queries,
   keys, gates and read scales per row (interpret mode; four tiles of E at ``hidden_tile`` 16; post and pre reads):
   u and the gradient of every input (q, k and the gates through the coefficients), each leaf to its own scale; in
