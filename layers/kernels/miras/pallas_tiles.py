@@ -49,8 +49,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from layers.kernels.miras import flat, mosaic_keys, pallas_reads, pallas_triton
-from layers.kernels.miras.pallas_triton import (gelu_grad2, kernel_dot, kernel_gelu, kernel_gelu_grad, kernel_operands,
-                                               keys_errors, leading_block, pair_row, row_scalars)
+from layers.kernels.miras.pallas_triton import (gelu_grad2, kernel_dot, kernel_gelu, kernel_gelu_grad, keys_errors,
+                                               leading_block, pair_row, row_scalars)
 from layers.miras.spec import Gates, MemorySpec, along
 
 
@@ -112,6 +112,11 @@ class _Blocks:
   stacked = staticmethod(lambda x: _block(x, 1))
 
   per_tile = staticmethod(leading_block)
+
+  @staticmethod
+  def per_tile_stacked(x):
+    """Every chunk's slot of this head and tile of x [n, N, tiles, ...]."""
+    return pl.BlockSpec((x.shape[0], None, None, *x.shape[3:]), lambda h, i: (0, h, i) + (0,) * (x.ndim - 3))
 
   def w2(self, x, stack: bool = False):
     return _block(x, int(stack), x.ndim - 2, self.tile)
@@ -241,14 +246,11 @@ def _errors_cotangent_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, k
 
 
 def _errors_pullback_kernel(j_ref, k_ref, v_ref, delta_ref, scales_ref, u_ref, e1_ref, coef_ref, ge1_ref, gamma_ref,
-                            beta_ref, via_e2_ref, via_end_ref, kc_ref, dec2_ref, dec1_ref, sums_ref, kz_ref, *refs,
-                            spec):
+                            beta_ref, via_e2_ref, via_end_ref, kc_ref, dec2_ref, dec1_ref, sums_ref, *refs, spec):
   """R: B1's per-tile shares summed, and the row-wise pull-back through the keys' errors e1(u, K, V, δ, LayerNorm)
   from e1's cotangent (the reads' own, plus through e2 and the chunk end), in one program per head: into slot j of
   the stacked cotangents of K, V, δ, c (= e1 ⊙ via the end), K ⊙ c and B_c (aliased), added to the LayerNorm's
-  (γ, β) [2, d] (aliased), and s₁ times u's cotangent [c, d] for B2 and s₁'s share Σ ĝ_u ⊙ u / s₁ + B1's; and
-  chunk j + 1's K shares through z (``kz_ref`` [tiles, c, d], from its B2) added into K's cotangent, so that no
-  [n, b·h, tiles, c, d] stack of them is kept (537 MB at 8 × 4096) and summed after the scan."""
+  (γ, β) [2, d] (aliased), and s₁ times u's cotangent [c, d] for B2 and s₁'s share Σ ĝ_u ⊙ u / s₁ + B1's."""
   g_ln_ref = refs[7]  # the other seven inputs of refs are written only, through their aliased outputs
   gk_out, gv_out, gdelta_out, gcoef_out, gkc_out, gdec2_out, gdec1_out, gln_out, gu_out, gs1_out = refs[8:]
   j = j_ref[0]
@@ -258,11 +260,6 @@ def _errors_pullback_kernel(j_ref, k_ref, v_ref, delta_ref, scales_ref, u_ref, e
   _, pullback = jax.vjp(errors, u, k_ref[j], v_ref[j], delta_ref[j], gamma_ref[...], beta_ref[...])
   g_u, g_k, g_v, g_delta, g_gamma, g_beta = pullback(ge1_ref[j] + jnp.sum(via_e2_ref[...], axis=0) + coef * via_end)
   gk_out[j], gv_out[j], gdelta_out[j] = g_k, g_v, g_delta.astype(gdelta_out.dtype)
-
-  @pl.when(j + 1 < k_ref.shape[0])
-  def _():
-    gk_out[j + 1] += jnp.sum(kz_ref[...], axis=0)
-
   gcoef_out[j], gkc_out[j] = e1_ref[j] * via_end, jnp.sum(kc_ref[...], axis=0)
   gdec2_out[j], gdec1_out[j] = jnp.sum(dec2_ref[...], axis=0), jnp.sum(dec1_ref[...], axis=0)
   gln_out[...] = g_ln_ref[...] + jnp.where(jnp.arange(2)[:, None] == 0, g_gamma, g_beta)
@@ -271,26 +268,23 @@ def _errors_pullback_kernel(j_ref, k_ref, v_ref, delta_ref, scales_ref, u_ref, e
 
 
 def _state_cotangent_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, kc_ref, coef_ref, dec2_ref, dec1_ref,
-                            g2_ref, g1_ref, ge2_ref, gh_ref, gu_ref, gs2_ref, gs1_ref, g2_out, g1_out, kz_out,
+                            g2_ref, g1_ref, ge2_ref, gh_ref, gu_ref, gs2_ref, gs1_ref, kz_ref, g2_out, g1_out, kz_out,
                             sums_out, *, mode):
   """B2: this tile of chunk j's start-state cotangent (W2 [tile, d], W1 [d, tile]) with the reads' own (gs) added,
-  in place of the end state's (aliased), its share of K's cotangent through z = s₂ K W2ᵀ [c, d] (chunk j − 1's R
-  adds the tiles' shares into K's) and its share of s₂'s; ``gu_ref``: s₁ times u's cotangent [c, d]. Written in
-  the order that lets each [c, tile] value go soonest (W1's tile, then K's share, then W2's, G2's tile loaded again
-  for it), with K and ĝ_u held as bf16 matmul operands: ptxas for sm_90a spills 1.30 KB a thread at 4 warps, 1.68
-  KB in the order of the math."""
+  in place of the end state's (aliased), its share of K's cotangent through z = s₂ K W2ᵀ [c, d] into slot j of the
+  stacked per-tile shares (aliased) and its share of s₂'s; ``gu_ref``: s₁ times u's cotangent [c, d]."""
+  del kz_ref  # written only, through its aliased output
   j = j_ref[0]
   dot, s2, s1, k, w2, w1, zraw, z = _keys_in(j, k_ref, scales_ref[j], w2_ref, w1_ref, mode)
-  e1, g1 = e1_ref[j], g1_ref[...]
-  k, gu = kernel_operands(mode, k, gu_ref[...])  # matmul operands only
-  slope, praw, ge2 = _pullback_terms(dot, j, w1, z, e1, kc_ref, g2_ref[...], ge2_ref)
-  gz = s1 * ge2 * praw * gelu_grad2(z)
-  g1_out[...] = (dec1_ref[j] * g1 + s1 * dot("cd,ce->de", e1, ge2 * slope) + dot("cd,ce->de", gu, kernel_gelu(z))
-                 + gs1_ref[j])
-  gz = gz + slope * (gh_ref[j] - dot("cd,de->ce", e1 * coef_ref[j], g1) + dot("cd,de->ce", gu, w1))
-  kz_out[...] = s2 * dot("ce,ei->ci", gz, w2)
-  g2_out[...] = dec2_ref[j] * g2_ref[...] + s2 * dot("ce,ci->ei", gz, k) + gs2_ref[j]
-  sums_out[...] = pair_row(jnp.sum(gz * zraw), 0.0, g1)
+  g2, g1, e1, gu = g2_ref[...], g1_ref[...], e1_ref[j], gu_ref[...]
+  slope, praw, ge2 = _pullback_terms(dot, j, w1, z, e1, kc_ref, g2, ge2_ref)
+  h = kernel_gelu(z)
+  gh = gh_ref[j] - dot("cd,de->ce", e1 * coef_ref[j], g1) + dot("cd,de->ce", gu, w1)
+  gz = s1 * ge2 * praw * gelu_grad2(z) + gh * slope
+  g2_out[...] = dec2_ref[j] * g2 + s2 * dot("ce,ci->ei", gz, k) + gs2_ref[j]
+  kz_out[j] = s2 * dot("ce,ei->ci", gz, w2)
+  g1_out[...] = dec1_ref[j] * g1 + s1 * dot("cd,ce->de", e1, ge2 * slope) + dot("cd,ce->de", gu, h) + gs1_ref[j]
+  sums_out[...] = pair_row(jnp.sum(gz * zraw), 0.0, g2)
 
 
 class _Factors(NamedTuple):
@@ -357,11 +351,11 @@ def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> t
   """Chunk j's pull-back: from its end state's cotangent (W2 [N, E, d], W1 [N, d, E]) to its start state's (in
   place), with the reads' cotangents of the start state (``g_starts``) and of the ``KeyPass`` (``g_key``: e1, e2, h,
   and the scales' in ``inputs`` with the summed scale terms). ``carry``: the state's cotangent, the ``_Factors``'
-  cotangents (stacked over chunks; the kernels write slot j in place), chunk j + 1's K shares through z per tile
-  [N, tiles, c, d] (R adds them to K's, B2 leaves chunk j's), the LayerNorm parameters' summed cotangent [N, 2, d]
-  and the cotangent of the end state's summed scale terms [N, 2], whose share B1 adds to the state's cotangent (the
-  start state's is left to chunk j − 1's B1, or to the caller). ``stacks``: (``_Factors``, start states, e1, u,
-  scales [n, N, 2], g_starts, g_key) of every chunk, each stacked over chunks."""
+  cotangents and K's per-tile shares through z (stacked over chunks; the kernels write slot j in place), the
+  LayerNorm parameters' summed cotangent [N, 2, d] and the cotangent of the end state's summed scale terms [N, 2],
+  whose share B1 adds to the state's cotangent (the start state's is left to chunk j − 1's B1, or to the caller).
+  ``stacks``: (``_Factors``, start states, e1, u, scales [n, N, 2], g_starts, g_key) of every chunk, each stacked
+  over chunks."""
   (x, starts, e1s, us, scales, g_starts, g_key), ln = stacks
   g_state, g_x, g_kz, g_ln, pending = carry
   j, totals, g_scale2, g_scale1 = inputs
@@ -381,15 +375,16 @@ def _pullback_step(spec: MemorySpec, tiling: Tiling, stacks, carry, inputs) -> t
     ends = [*blocks.state(*outputs[:2], stack=False), ends[2]]
   grads = [st(a) for a in g_x] + [(g_ln, blocks.head(g_ln))]
   inputs = ([base[0]] + [st(a) for a in (x.k, x.v, x.delta, scales, us, e1s, x.coef, g_key.e1)]
-            + [(a, blocks.head(a)) for a in (*ln, *shares, g_kz)] + grads)
+            + [(a, blocks.head(a)) for a in (*ln, *shares)] + grads)
   *g_x, g_ln, gu, g_s1 = _call(
       functools.partial(_errors_pullback_kernel, spec=spec), tiling.wide(), (big, 1), inputs,
       [(like(big, c, d), blocks.head(like(big, c, d))), (like(big, 2), blocks.head(like(big, 2)))], updated=grads)
+  kz = [(g_kz, blocks.per_tile_stacked(g_kz))]
   inputs = (base + [st(x.coef), st(x.dec2), st(x.dec1)] + ends + [(g_key.hk, blocks.cols(g_key.hk, True)),
                                                                   (gu, blocks.head(gu))]
-            + blocks.state(g_starts["w2"], g_starts["w1"]))
+            + blocks.state(g_starts["w2"], g_starts["w1"]) + kz)
   *g_state, g_kz, sums2 = _call(functools.partial(_state_cotangent_kernel, mode=mode), tiling, grid, inputs,
-                                [per_tile(c, d), per_tile(2)], updated=ends[:2])
+                                [per_tile(2)], updated=ends[:2] + kz)
   if ret.scaled:  # the read scales' share, ∂(s₂, s₁)/∂S_j, through s = scale_from(t) at the forward's summed terms
     g_s = jnp.stack([jnp.sum(sums2[..., 0], axis=1) + g_scale2, g_s1[:, 1] + g_scale1], axis=-1)
     pending = jax.vjp(ret.scale_from, totals)[1](g_s)[0]  # t = Σ scale_terms(S_j): added by chunk j − 1's B1
@@ -452,13 +447,13 @@ def _recurrence_bwd(spec, tiling, residuals, cotangents):
   (big, tiles), _, _ = _grid(starts["w2"], tiling)
   c, d = x.k.shape[2:]
   # the chunks' kernels write their cotangents into slot j of these in place, and add the LayerNorm's
-  carry = ((g_end["w2"], g_end["w1"]), jax.tree.map(jnp.zeros_like, x), jnp.zeros((big, tiles, c, d), x.k.dtype),
+  carry = ((g_end["w2"], g_end["w1"]), jax.tree.map(jnp.zeros_like, x), jnp.zeros((n, big, tiles, c, d), x.k.dtype),
            jnp.zeros((big, 2, d), ln[0].dtype), jnp.zeros((big, 2), totals.dtype))
   stacks = (x, starts, keys.e1, u, scales, g_starts, g_keys), ln
   (g_state, g_x, g_kz, g_ln, pending), _ = jax.lax.scan(
       functools.partial(_pullback_step, spec, tiling, stacks), carry,
       (jnp.arange(n), totals, g_keys.scale["w2"][:, :, 0, 0], g_keys.scale["w1"][:, :, 0, 0]), reverse=True)
-  g_x = g_x._replace(k=g_x.k.at[0].add(jnp.sum(g_kz, axis=1)))  # chunk 0's K shares through z, which no R took
+  g_x = g_x._replace(k=g_x.k + jnp.sum(g_kz, axis=2))  # K's share through z, summed over the tiles
   g_state = dict(zip(("w2", "w1"), g_state, strict=True))
   if spec.retention.scaled:  # the initial state's read scales' share, which no B1 took
     share = jax.vmap(functools.partial(_scales_share, spec.retention))
