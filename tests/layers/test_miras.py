@@ -550,11 +550,12 @@ def test_tiled_pallas_kernels_lower_to_triton_for_an_h100(channel, kernels):
                                                             ("moneta", 32, 64)])
 def test_pallas_reads_equal_the_flat_reads_values_and_grads(name, bits, hidden_tile, monkeypatch):
   """``pallas_reads``: every chunk's per-token reads (before their LayerNorm) as kernels (one forward, two
-  backward) of a program per chunk and head, forming each chunk's coefficients from its gates, against ``flat.read_u`` mapped over
-  the chunks with XLA's coefficients (``flat.chunk_inputs``), on fresh random start states, ``KeyPass``es, queries,
-  keys, gates and read scales per row (interpret mode; four tiles of E at ``hidden_tile`` 16; post and pre reads):
-  u and the gradient of every input (q, k and the gates through the coefficients), each leaf to its own scale; in
-  float64 with XLA's erf in the kernel the hand-written backward must equal autodiff to rounding."""
+  backward) of a program per chunk and head, forming each chunk's coefficients from its gates, against
+  ``flat.read_u`` mapped over the chunks with XLA's coefficients (``flat.chunk_inputs``), on fresh random start
+  states, ``KeyPass``es, queries, keys, gates and read scales per row (interpret mode; four tiles of E at
+  ``hidden_tile`` 16; post and pre reads): u and the gradient of every input (q, k and the gates through the
+  coefficients), each leaf to its own scale; in float64 with XLA's erf in the kernel the hand-written backward must
+  equal autodiff to rounding."""
   if bits == 64:
     monkeypatch.setattr(pallas_triton, "erf", jax.lax.erf)
   spec = SPECS[name]
