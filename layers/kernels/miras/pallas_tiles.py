@@ -48,13 +48,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from layers.kernels.miras import flat, mosaic_keys, pallas_reads, pallas_triton
+from layers.kernels.miras import flat, keys_chain, mosaic_keys, pallas_reads, pallas_triton
 from layers.kernels.miras.pallas_triton import (gelu_grad2, kernel_dot, kernel_gelu, kernel_gelu_grad, keys_errors,
                                                leading_block, pair_row, row_scalars)
 from layers.miras.spec import Gates, MemorySpec, along
 
 
-KEYS_KERNELS = ("triton", "mosaic")
+KEYS_KERNELS = ("triton", "mosaic", "chain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +63,8 @@ class Tiling:
   ``num_stages`` (software pipelining of the loads), ``interpret`` (Pallas interpret mode: any backend), and
   ``keys_forward`` / ``keys_backward``: each direction of the keys' recurrence as this module's Triton kernels or
   as :mod:`mosaic_keys`' one Mosaic GPU kernel (bf16 matmuls, per-head gates; the Mosaic backward takes the
-  residuals of either forward; its first form ran slower than the Triton backward on an H100: docs/benchmarks.md)."""
+  residuals of either forward; its first form ran slower than the Triton backward on an H100: docs/benchmarks.md),
+  and the backward also as :mod:`keys_chain`'s three passes (``chain``: per-head gates, biases without δ)."""
 
   hidden_tile: int = 64
   num_warps: int = 4
@@ -425,10 +426,14 @@ def _recurrence_fwd(spec, tiling, state, ln, xs):
   return ({"w2": end2, "w1": end1}, (starts, keys)), (ln, xs, starts, keys, u, scales, totals)
 
 
-def _mosaic_keys_backward(spec, tiling, residuals, cotangents):
-  """:func:`mosaic_keys.keys_backward`, its cotangents of the chunk inputs put back through ``_Factors.of``."""
+def _per_head_keys_backward(spec, tiling, residuals, cotangents):
+  """:func:`mosaic_keys.keys_backward` or :func:`keys_chain.keys_backward` (per-head gates), its cotangents of the
+  chunk inputs put back through ``_Factors.of``."""
   x, factors_vjp = jax.vjp(_Factors.of, residuals[1])
-  g_state, g_ln, g = mosaic_keys.keys_backward(spec, residuals, cotangents, interpret=tiling.interpret)
+  if tiling.keys_backward == "mosaic":
+    g_state, g_ln, g = mosaic_keys.keys_backward(spec, residuals, cotangents, interpret=tiling.interpret)
+  else:
+    g_state, g_ln, g = keys_chain.keys_backward(spec, residuals, cotangents)
   # per-head gates: B_c broadcast over each layer's gated axis, so only its cotangent's sum matters
   spread = lambda i, like: jnp.broadcast_to(g["decay"][..., i, None, None] / (like.shape[-2] * like.shape[-1]),
                                             like.shape)
@@ -438,8 +443,8 @@ def _mosaic_keys_backward(spec, tiling, residuals, cotangents):
 
 
 def _recurrence_bwd(spec, tiling, residuals, cotangents):
-  if tiling.keys_backward == "mosaic":
-    return _mosaic_keys_backward(spec, tiling, residuals, cotangents)
+  if tiling.keys_backward != "triton":
+    return _per_head_keys_backward(spec, tiling, residuals, cotangents)
   ln, xs, starts, keys, u, scales, totals = residuals
   g_end, (g_starts, g_keys) = cotangents
   n = u.shape[0]
@@ -490,6 +495,8 @@ def miras_tiles(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict,
       raise ValueError("the Mosaic GPU keys' kernels run bfloat16 matmuls only (wgmma has no float32 products)")
     if (why := mosaic_keys.unsupported(spec, chunk_size, d, gates.eta.shape[-1] == 1)) is not None:
       raise ValueError(f"the Mosaic GPU keys' kernels cannot run this memory: {why}")
+  if tiling.keys_backward == "chain" and (gates.eta.shape[-1] != 1 or spec.bias.needs_delta):
+    raise ValueError("the chain keys' backward covers per-head gates and biases without δ only")
   reads = None
   if gates.eta.shape[-1] == 1:  # per-head gates: the reads as kernels too
     reads = pallas_reads.ChunkReads(pallas_reads.ReadTiling(tiling.hidden_tile, tiling.num_warps, tiling.interpret))

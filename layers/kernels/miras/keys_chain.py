@@ -1,0 +1,216 @@
+"""Miras MLP memories: the keys' backward cut into its chain and what does not depend on it.
+
+"It's All Connected" (Behrouz et al., arXiv 2504.13173, §5.4), the pull-back of :mod:`pallas_tiles`' keys'
+recurrence S_{j+1} = f_j(S_j). Of each chunk's pull-back only a few products take the end state's cotangent G
+(W2 [E, d], W1 [d, E] per head); everything else (the keys' forward through the start state, GELU's slopes, the row
+step's linearisation, the input cotangents that G's chain leaves behind) is the same for every G. So the backward is
+three passes:
+
+  * :func:`chain_inputs`, all chunks at once (batched XLA): z = s₂ K W2ᵀ, h = gelu(z), the slope gelu'(z), the
+    curvature s₁ (e1 W1) ⊙ gelu''(z), K ⊙ c and −e1 ⊙ c, and the row step's linearisation (:func:`row_terms`);
+  * the chain, chunk by chunk in reverse (:func:`chain_scan`), per chunk and head
+
+      ĝ_e2 = g_e2 − (K ⊙ c) G2ᵀ                   g_e1 = g_e1' + s₁ (ĝ_e2 ⊙ gelu'(z)) W1ᵀ − c ⊙ (h G1ᵀ)
+      g_u = J_rowᵀ g_e1 (:func:`row_pullback`)    g_h = g_h' − (e1 ⊙ c) G1 + s₁ g_u W1
+      g_z = ĝ_e2 ⊙ curvature + g_h ⊙ gelu'(z)     G2 ← B G2 + s₂ g_zᵀ K + g_S2',  G1 ← B G1 + s₁ e1ᵀ (ĝ_e2 ⊙ gelu'(z))
+                                                                                     + s₁ g_uᵀ h + g_S1'
+
+    with (') the reads' cotangents, and Moneta's read scales' share added to G from two sums the updates give
+    (Σ ΔG2 ⊙ W2 / s₂ is Σ g_z ⊙ K W2ᵀ, Σ ΔG1 ⊙ W1 / s₁ is s₁'s), so the chain holds no [c, E] array but the slope
+    and the curvature;
+  * :func:`chain_outputs`, all chunks at once: the row step's vjp from each chunk's g_e1 (K, V, δ, LayerNorm), K's
+    share through z (s₂ g_z W2), the coefficients' and the decays' cotangents.
+
+Shapes and returns as :func:`mosaic_keys.keys_backward`; per-head gates (the decay's cotangent is one number a
+layer). :func:`chain_scan` is the chain as an XLA scan, the reference of :mod:`mosaic_chain`'s kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from layers.kernels.miras.pallas_triton import gelu_grad2, keys_errors
+from layers.miras.memory import gelu, gelu_grad, layer_norm, plain_matmul
+from layers.miras.spec import MemorySpec
+
+F32 = jnp.float32
+
+
+class RowTerms(NamedTuple):
+  """The row step e1(u) = rstd · P_n(a) linearised at a chunk's u (:func:`row_terms`), [.., c, d] each but the two
+  row scalars [.., c]: n the normalised u, a = γ ⊙ ∂ℓ/∂y, ê = P_n(a) (e1 / rstd), D = γ² ⊙ ∂²ℓ/∂y², rstd = 1/σ and
+  n·a, where P_n(x) = x − mean(x) − n mean(n ⊙ x) (the LayerNorm backward's projection)."""
+
+  n: jax.Array
+  a: jax.Array
+  ehat: jax.Array
+  curve: jax.Array
+  rstd: jax.Array
+  na: jax.Array
+
+
+def row_terms(spec: MemorySpec, u, k, v, delta, gamma, beta) -> RowTerms:
+  """:class:`RowTerms` of one chunk's rows (u, K, V [c, d]; γ, β [1, d]) for a bias whose gradient is element-wise
+  (its Hessian in y is diagonal: the biases without δ)."""
+  _, n, rstd = layer_norm(u, (gamma, beta), spec.memory.ln_eps)
+  y = k + n * gamma + beta
+  g, g_slope = jax.jvp(lambda y: spec.bias.grad(y, v, delta), (y,), (jnp.ones_like(y),))
+  a = gamma * g
+  mean = lambda x: jnp.mean(x, axis=-1, keepdims=True)
+  ehat = a - mean(a) - n * mean(a * n)
+  return RowTerms(n, a, ehat, gamma * gamma * g_slope, rstd[..., 0], jnp.sum(n * a, axis=-1))
+
+
+def row_pullback(terms: RowTerms, w: jax.Array, mean=None) -> jax.Array:
+  """The row step's vjp at :func:`row_terms`' point: ∂e1/∂uᵀ w for the keys' errors' cotangent w [.., c, d]
+  (``mean``: the row mean, as :func:`layers.miras.memory.layer_norm`'s). With P = P_n:
+
+    de1 = −rstd² (n·du / d) ê − rstd/d (dn (n·a) + n (a·dn)) + rstd P (D ⊙ dn),  dn = rstd P du,
+
+  so ∂e1/∂uᵀ w = rstd² [P(y) − (w·ê / d) n] with y = −(n·a / d) w − (w·n / d) a + D ⊙ P(w)."""
+  mean = mean or (lambda x: jnp.mean(x, axis=-1, keepdims=True))
+  d = w.shape[-1]
+  col = lambda x: x[..., None]
+  wn = mean(w * terms.n)
+  y = -col(terms.na / d) * w - wn * terms.a + terms.curve * (w - mean(w) - terms.n * wn)
+  return col(terms.rstd ** 2) * (y - mean(y) - terms.n * (mean(y * terms.n) + mean(w * terms.ehat)))
+
+
+class ChainInputs(NamedTuple):
+  """What the chain reads of each chunk, stacked [n, N, ...] (n chunks, N heads): the start state (W2 [E, d],
+  W1 [d, E]), K, e1, K ⊙ c and −e1 ⊙ c [c, d], the coefficients c [c], h, e2, gelu'(z) and the curvature
+  s₁ (e1 W1) ⊙ gelu''(z) [c, E], the row step's :class:`RowTerms`, the scales (s₂, s₁) and summed scale terms [2],
+  the chunk-end decay [], and the reads' cotangents: of e2 and h [c, E], of e1 [c, d], of the start state, and of the
+  scales [2]."""
+
+  w2: jax.Array
+  w1: jax.Array
+  k: jax.Array
+  e1: jax.Array
+  kc: jax.Array
+  ne1c: jax.Array
+  coef: jax.Array
+  h: jax.Array
+  e2: jax.Array
+  slope: jax.Array
+  curve: jax.Array
+  rows: RowTerms
+  scales: jax.Array
+  totals: jax.Array
+  decay: jax.Array
+  g_e2: jax.Array
+  g_h: jax.Array
+  g_e1: jax.Array
+  g_w2: jax.Array
+  g_w1: jax.Array
+  g_scales: jax.Array
+
+
+def _per_chunk_and_head(fun):
+  return jax.vmap(jax.vmap(fun))
+
+
+def chain_inputs(spec: MemorySpec, residuals, cotangents) -> ChainInputs:
+  """:class:`ChainInputs` from ``pallas_tiles``' recurrence's residuals and cotangents (as
+  :func:`mosaic_keys.keys_backward` takes them), every chunk at once."""
+  ln, xs, starts, keys, u, scales, totals = residuals
+  _, (g_starts, g_keys) = cotangents
+  k, v, delta, end_decay, end_coef, _ = xs
+  dot = functools.partial(plain_matmul, mode=spec.memory.matmul)
+  w2, w1 = starts["w2"].astype(F32), starts["w1"].astype(F32)
+  s2, s1 = scales[..., 0, None, None], scales[..., 1, None, None]
+  z = s2 * dot("nhcd,nhed->nhce", k, w2)
+  coef = end_coef[..., 0]
+  gamma, beta = (jnp.broadcast_to(x[None], (k.shape[0], *x.shape)) for x in ln)
+  rows = _per_chunk_and_head(functools.partial(row_terms, spec))(u, k, v, delta, gamma, beta)
+  curve = s1 * dot("nhcd,nhde->nhce", keys.e1, w1) * gelu_grad2(z)
+  g_scales = jnp.stack([g_keys.scale["w2"][..., 0, 0], g_keys.scale["w1"][..., 0, 0]], axis=-1)
+  return ChainInputs(w2, w1, k, keys.e1, k * coef[..., None], -keys.e1 * coef[..., None], coef, gelu(z),
+                     keys.e2.astype(F32), gelu_grad(z), curve, rows, scales, totals, end_decay[..., 0],
+                     g_keys.e2.astype(F32), g_keys.hk.astype(F32), g_keys.e1, g_starts["w2"].astype(F32),
+                     g_starts["w1"].astype(F32), g_scales)
+
+
+class ChainOutputs(NamedTuple):
+  """What the chain leaves of each chunk for :func:`chain_outputs` [n, N, ...]: e1's cotangent g_e1 and h G1ᵀ's,
+  −h G1ᵀ [c, d], K ⊙ c's, −e2 G2 [c, d], z's [c, E] and the chunk-end decay's on each layer, Σ G ⊙ W [2]."""
+
+  g_e1: jax.Array
+  via_end: jax.Array
+  g_kc: jax.Array
+  g_z: jax.Array
+  g_decay: jax.Array
+
+
+def scales_share(spec: MemorySpec, w: jax.Array, total: jax.Array, g_scale: jax.Array) -> jax.Array:
+  """The read scale's share of a layer's state cotangent: ∂s/∂w · g_scale with s = scale_from(Σ scale_terms(w)) at
+  the forward's summed terms ``total`` (one head: w a layer's state, total and g_scale numbers)."""
+  ret = spec.retention
+  g_total = jax.vjp(ret.scale_from, total)[1](g_scale)[0]
+  return jax.vjp(ret.scale_terms, w)[1](g_total)[0]
+
+
+def chain_step(spec: MemorySpec, g_state, x: ChainInputs):
+  """One chunk of the chain, every head: the end state's cotangent (G2 [N, E, d], G1 [N, d, E]) to the start
+  state's, and the chunk's :class:`ChainOutputs`."""
+  g2, g1 = g_state
+  g_kc = -plain_matmul("hce,hed->hcd", x.e2, g2, mode=spec.memory.matmul)
+  dot = functools.partial(plain_matmul, mode=spec.memory.matmul)
+  s2, s1 = x.scales[:, 0, None, None], x.scales[:, 1, None, None]
+  ge2 = x.g_e2 - dot("hcd,hed->hce", x.kc, g2)
+  gs = s1 * ge2 * x.slope
+  via_end = -dot("hce,hde->hcd", x.h, g1)
+  g_e1 = x.g_e1 + dot("hce,hde->hcd", gs, x.w1) + x.coef[..., None] * via_end
+  gu = s1 * row_pullback(x.rows, g_e1)
+  g_h = x.g_h + dot("hcd,hde->hce", x.ne1c, g1) + dot("hcd,hde->hce", gu, x.w1)
+  g_z = ge2 * x.curve + g_h * x.slope
+  step2 = s2 * dot("hce,hcd->hed", g_z, x.k)
+  step1 = dot("hcd,hce->hde", x.e1, gs) + dot("hcd,hce->hde", gu, x.h)
+  total = lambda a: jnp.sum(a, axis=(1, 2))
+  g_decay = jnp.stack([total(g2 * x.w2), total(g1 * x.w1)], axis=-1)
+  b = x.decay[:, None, None]
+  g2, g1 = b * g2 + step2 + x.g_w2, b * g1 + step1 + x.g_w1
+  if spec.retention.scaled:  # s₂'s cotangent Σ g_z ⊙ K W2ᵀ, s₁'s Σ (ĝ_e2 ⊙ gelu'(z)) ⊙ e1 W1 + Σ g_u ⊙ u / s₁
+    g_s2 = total(step2 * x.w2) / s2[:, 0, 0] + x.g_scales[:, 0]
+    g_s1 = total(step1 * x.w1) / s1[:, 0, 0] + x.g_scales[:, 1]
+    share = jax.vmap(functools.partial(scales_share, spec))
+    g2 = g2 + share(x.w2, x.totals[:, 0], g_s2)
+    g1 = g1 + share(x.w1, x.totals[:, 1], g_s1)
+  return (g2, g1), ChainOutputs(g_e1, via_end, g_kc, g_z, g_decay)
+
+
+def chain_scan(spec: MemorySpec, inputs: ChainInputs, g_end: dict):
+  """The chain as an XLA scan over the chunks in reverse: (the initial state's cotangent {w2, w1}, the stacked
+  :class:`ChainOutputs`)."""
+  (g2, g1), outputs = jax.lax.scan(functools.partial(chain_step, spec), (g_end["w2"], g_end["w1"]), inputs,
+                                   reverse=True)
+  return {"w2": g2, "w1": g1}, outputs
+
+
+def chain_outputs(spec: MemorySpec, residuals, inputs: ChainInputs, outputs: ChainOutputs):
+  """The chunk inputs' and the LayerNorm's cotangents from the chain's outputs, every chunk at once: (the
+  LayerNorm's (γ, β) [N, 1, d] each, the factors' {k, v, coef, kc [n, N, c, d], decay [n, N, 2]})."""
+  ln, xs, *_, u, _, _ = residuals
+  k, v, delta, *_ = xs
+  errors = lambda u, k, v, delta, gamma, beta: keys_errors(spec, u, k, v, delta, (gamma, beta))[0]
+  pullback = lambda *args: jax.vjp(errors, *args[:-1])[1](args[-1])
+  gamma, beta = (jnp.broadcast_to(x[None], (k.shape[0], *x.shape)) for x in ln)
+  _, g_k, g_v, _, g_gamma, g_beta = _per_chunk_and_head(pullback)(u, k, v, delta, gamma, beta, outputs.g_e1)
+  dot = functools.partial(plain_matmul, mode=spec.memory.matmul)
+  g_kz = inputs.scales[..., 0, None, None] * dot("nhce,nhed->nhcd", outputs.g_z, inputs.w2)
+  factors = {"k": g_k + g_kz, "v": g_v, "coef": inputs.e1 * outputs.via_end, "kc": outputs.g_kc,
+             "decay": outputs.g_decay}
+  return (jnp.sum(g_gamma, axis=0), jnp.sum(g_beta, axis=0)), factors
+
+
+def keys_backward(spec: MemorySpec, residuals, cotangents, *, chain=chain_scan):
+  """The keys' backward in three passes (``chain``: :func:`chain_scan` or a kernel taking the same arguments).
+  Arguments and returns as :func:`mosaic_keys.keys_backward`."""
+  inputs = chain_inputs(spec, residuals, cotangents)
+  g_state, outputs = chain(spec, inputs, cotangents[0])
+  g_ln, factors = chain_outputs(spec, residuals, inputs, outputs)
+  return g_state, g_ln, factors

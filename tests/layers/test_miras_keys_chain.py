@@ -1,0 +1,70 @@
+"""The keys' backward cut into its chain (layers/kernels/miras/keys_chain.py): the row step's closed-form pull-back
+equal to ``jax.vjp`` of the row step (float64, every bias without δ), the three passes equal to ``pallas_tiles``'
+Triton backward in float32 matmuls (interpret mode; the bf16 comparison is in test_miras_mosaic_keys.py), and
+what they do not cover refused."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks.miras_keys import backward_inputs
+from benchmarks.miras_mosaic_chain import max_relative_error
+from layers.kernels.miras import keys_chain, pallas_tiles
+from layers.kernels.miras.chunked import with_matmul
+from layers.kernels.miras.pallas_triton import keys_errors
+from layers.miras import bias as biases
+from layers.miras.memory import MLPMemory
+from layers.miras.retention import LqNorm
+from layers.miras.spec import Gates, MemorySpec
+
+MONETA = MemorySpec(MLPMemory(), biases.Lp(3.0), LqNorm(4.0))
+
+
+@pytest.mark.parametrize("bias", [biases.Lp(3.0), biases.Lp(1.5), biases.L2(), biases.Dot()],
+                         ids=["lp3", "lp1.5", "l2", "dot"])
+def test_the_row_pullback_equals_the_row_steps_vjp(bias):
+  """∂e1/∂uᵀ w from :func:`keys_chain.row_terms` equals ``jax.vjp`` of ``keys_errors`` in u, float64, random rows
+  (1e-14 measured against values near 10)."""
+  spec = MemorySpec(MLPMemory(), bias, LqNorm(4.0))
+  with jax.enable_x64():
+    keys = jax.random.split(jax.random.key(0), 6)
+    u, k, v, w = (jax.random.normal(key, (16, 32), jnp.float64) for key in keys[:4])
+    gamma = 1.0 + 0.1 * jax.random.normal(keys[4], (1, 32), jnp.float64)
+    beta = 0.1 * jax.random.normal(keys[5], (1, 32), jnp.float64)
+    delta = jnp.zeros((16, 1), jnp.float64)
+    want = jax.vjp(lambda u: keys_errors(spec, u, k, v, delta, (gamma, beta))[0], u)[1](w)[0]
+    got = keys_chain.row_pullback(keys_chain.row_terms(spec, u, k, v, delta, gamma, beta), w)
+    err = max_relative_error(got, want)
+  print(f"row pull-back vs jax.vjp ({type(bias).__name__}): max rel error {err:.1e}")
+  assert err < 1e-12
+
+
+def test_the_chain_passes_equal_the_triton_backward_in_float32():
+  """Every cotangent of three chunks of two heads (c = d = 64, E = 256), float32 matmuls, from the same residuals
+  (the Triton forward's in interpret mode): 4e-7 at most measured; a wrong term of the chain is O(1)."""
+  spec = with_matmul(MONETA, "float32")
+  args = backward_inputs(spec, 3, 2, interpret=True)
+  triton, chain = (jax.jit(functools.partial(pallas_tiles._recurrence_bwd, spec,
+                                             pallas_tiles.Tiling(interpret=True, keys_backward=name)))(*args)
+                   for name in ("triton", "chain"))
+  pairs = [(m, t) for m, t in zip(jax.tree.leaves(chain), jax.tree.leaves(triton), strict=True)
+           if t.dtype != jax.dtypes.float0 and bool(jnp.any(t != 0))]
+  err = max(max_relative_error(m, t) for m, t in pairs)
+  print(f"chain keys' backward vs Triton's, float32: max rel error {err:.1e} over {len(pairs)} cotangents")
+  assert err < 1e-5 and len(pairs) == 8
+
+
+@pytest.mark.parametrize(("bias", "channel"), [(biases.YaadHuber(1e-3), False), (biases.Lp(3.0), True)],
+                         ids=["delta", "channel_gates"])
+def test_the_chain_backward_refuses_what_it_does_not_cover(bias, channel):
+  gates_width = 64 if channel else 1
+  q = k = v = jnp.zeros((1, 64, 1, 64))
+  gates = Gates(eta=jnp.zeros((1, 64, 1, gates_width)), log_alpha=jnp.zeros((1, 64, 1, gates_width)),
+                delta=jnp.ones((1, 64, 1, 1)) if bias.needs_delta else None)
+  state = {"w2": jnp.zeros((1, 1, 256, 64)), "w1": jnp.zeros((1, 1, 64, 256))}
+  spec = MemorySpec(MLPMemory(), bias, LqNorm(4.0))
+  with pytest.raises(ValueError, match="per-head gates and biases without δ"):
+    pallas_tiles.miras_tiles(q, k, v, gates, spec=spec, initial_state=state,
+                             tiling=pallas_tiles.Tiling(interpret=True, keys_backward="chain"))
