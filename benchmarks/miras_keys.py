@@ -1,12 +1,13 @@
 """The Miras MLP memory's keys' recurrence alone, either direction: the Mosaic GPU kernel
 (``layers/kernels/miras/mosaic_keys.py``) against ``pallas_tiles``' Triton kernels (forward: F1, E, F2 a chunk in an
-XLA scan; backward: B1, R, B2 a chunk), on the same random inputs in one process.
+XLA scan; backward: B1, R, B2 a chunk), and the backward also as ``keys_chain``'s passes, on the same random inputs
+in one process.
 
 "It's All Connected" (Behrouz et al., arXiv 2504.13173): the keys' recurrence is the sequential part of a chunkwise
-MLP memory. Prints, per implementation, the median time and µs a chunk, and the Mosaic kernel's largest relative
-error against the Triton one per output (the same bf16 operands summed in another order), and writes JSON. The
-backward pulls back random cotangents through the Triton forward's residuals (both backwards take them, each with
-the chunk inputs' pull-back around it). GPU only.
+MLP memory. Prints, per implementation, the median time and µs a chunk, and each other implementation's largest
+relative error against the Triton one per output (the same bf16 operands summed in another order), and writes JSON.
+The backward pulls back random cotangents through the Triton forward's residuals (every backward takes them, each
+with the chunk inputs' pull-back around it). GPU only.
 
   PYTHONPATH=. python benchmarks/miras_keys.py --heads 128 --chunks 64 --json keys_forward.json
   PYTHONPATH=. python benchmarks/miras_keys.py --direction backward --json keys_backward.json
@@ -73,7 +74,7 @@ def _runs(spec, direction: str) -> dict:
             "triton": jax.jit(functools.partial(pallas_tiles._triton_keys_forward, spec, pallas_tiles.Tiling()))}
   return {kernel: jax.jit(functools.partial(pallas_tiles._recurrence_bwd, spec,
                                             pallas_tiles.Tiling(keys_backward=kernel)))
-          for kernel in ("mosaic", "triton")}
+          for kernel in pallas_tiles.KEYS_KERNELS}
 
 
 def _backward_errors(got, want) -> dict:
@@ -101,9 +102,11 @@ def main() -> None:
   inputs = keys_inputs(args.chunks, args.heads) if forward else backward_inputs(spec, args.chunks, args.heads)
   runs = _runs(spec, args.direction)
   outputs = {name: run(*inputs) for name, run in runs.items()}
-  errors = (max_relative_errors if forward else _backward_errors)(outputs["mosaic"], outputs["triton"])
   row = {"device": jax.devices()[0].device_kind, "direction": args.direction, "heads": args.heads,
-         "chunks": args.chunks, "mosaic_max_rel_vs_triton": errors}
+         "chunks": args.chunks}
+  for name in runs.keys() - {"triton"}:
+    row[f"{name}_max_rel_vs_triton"] = (max_relative_errors if forward else _backward_errors)(
+        outputs[name], outputs["triton"])
   for name, run in runs.items():
     row[f"{name}_ms"] = _median_ms(functools.partial(run, *inputs))
     row[f"{name}_us_per_chunk"] = 1e3 * row[f"{name}_ms"] / args.chunks
