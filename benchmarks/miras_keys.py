@@ -74,7 +74,7 @@ def _runs(spec, direction: str) -> dict:
             "triton": jax.jit(functools.partial(pallas_tiles._triton_keys_forward, spec, pallas_tiles.Tiling()))}
   return {kernel: jax.jit(functools.partial(pallas_tiles._recurrence_bwd, spec,
                                             pallas_tiles.Tiling(keys_backward=kernel)))
-          for kernel in pallas_tiles.KEYS_KERNELS}
+          for kernel in pallas_tiles.KEYS_BACKWARDS}
 
 
 def _backward_errors(got, want) -> dict:

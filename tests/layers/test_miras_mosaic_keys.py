@@ -16,7 +16,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from benchmarks.miras_keys import backward_inputs, keys_inputs, max_relative_errors
 from benchmarks.miras_mosaic_chain import max_relative_error
 from benchmarks.triton_compile import lowered_for_h100
-from layers.kernels.miras import mosaic_keys, pallas_tiles
+from layers.kernels.miras import mosaic_chain, mosaic_keys, pallas_tiles
 from layers.kernels.miras.chunked import with_matmul
 from layers.miras import bias as biases
 from layers.miras.memory import MLPMemory
@@ -53,12 +53,12 @@ def test_the_mosaic_keys_forward_equals_the_triton_one(both_forwards):
 _pullback_inputs_of_two = functools.partial(backward_inputs, MONETA, 2, 2, interpret=True)
 
 
-@pytest.mark.parametrize("kernel", [k for k in pallas_tiles.KEYS_KERNELS if k != "triton"])
+@pytest.mark.parametrize("kernel", [k for k in pallas_tiles.KEYS_BACKWARDS if k != "triton"])
 def test_the_other_keys_backwards_equal_the_triton_one(kernel):
   """Every cotangent ``pallas_tiles``' recurrence returns (the initial state's, the LayerNorm's, the chunk inputs'
   K, V, δ, the chunk-end decay and coefficients), two chunks of two heads, from the same residuals, with the Mosaic
-  kernel (7.4e-4 at most measured) or ``keys_chain``'s passes (3.6e-3: bf16 operands summed and rounded in another
-  order); a wrong product, tile, sync or scale share is O(1)."""
+  kernel (7.4e-4 at most measured) or ``keys_chain``'s passes with their chain as an XLA scan or the Mosaic kernel
+  (3.6e-3: bf16 operands summed and rounded in another order); a wrong product, tile, sync or scale share is O(1)."""
   args = _pullback_inputs_of_two()
   triton, other = (jax.jit(functools.partial(pallas_tiles._recurrence_bwd, MONETA,
                                              pallas_tiles.Tiling(interpret=True, keys_backward=name)))(*args)
@@ -70,15 +70,17 @@ def test_the_other_keys_backwards_equal_the_triton_one(kernel):
   assert err < 1e-2 and len(pairs) == 8  # all but δ's (no δ in Moneta: zero in both) and the completeness flags'
 
 
-@pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_the_warpgroups_share_memory_without_races(direction):
+@pytest.mark.parametrize("kernel", ["forward", "backward", "chain"])
+def test_the_warpgroups_share_memory_without_races(kernel):
   """Interpret mode's race detector over a chunk's syncs, the TMA prefetches and the tiles' shared operands (one
-  head, two chunks): it raises on a read and a write of shared memory with no sync between."""
+  head, two chunks), for both keys' kernels and the chain's: it raises on a read and a write of shared memory with
+  no sync between."""
   params = plgpu.InterpretGPUParams(detect_races=True)
-  if direction == "forward":
+  if kernel == "forward":
     outputs = jax.jit(functools.partial(mosaic_keys.keys_forward, MONETA, interpret=params))(*keys_inputs(2, 1))
   else:
-    outputs = jax.jit(functools.partial(mosaic_keys.keys_backward, MONETA, interpret=params))(
+    backward = mosaic_keys.keys_backward if kernel == "backward" else mosaic_chain.keys_backward
+    outputs = jax.jit(functools.partial(backward, MONETA, interpret=params))(
         *backward_inputs(MONETA, 2, 1, interpret=True))
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(outputs))
 
@@ -87,7 +89,8 @@ def test_the_memory_and_its_gradients_equal_with_either_kernels():
   """``pallas_tiles.miras_tiles`` (bf16 matmuls, interpret mode) with the keys' recurrence as the Triton kernels
   in both directions, as the Mosaic forward with the Triton backward (``pallas_mosaic_bf16``: the Triton backward
   takes the bf16 stacked start states), as the Mosaic ones in both directions and as the Mosaic forward with
-  ``keys_chain``'s backward: the reads and the gradients of q, k, v, one head of two chunks."""
+  ``keys_chain``'s backward and its chain kernel (``pallas_mosaic_chain_bf16``): the reads and the gradients of q,
+  k, v, one head of two chunks."""
   ks = jax.random.split(jax.random.key(1), 8)
   unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
   q, k = (unit(jax.random.normal(key, (1, 128, 1, 64))) for key in ks[:2])
@@ -96,7 +99,8 @@ def test_the_memory_and_its_gradients_equal_with_either_kernels():
                 log_alpha=jax.nn.log_sigmoid(3.0 + jax.random.normal(ks[5], (1, 128, 1, 1))), delta=None)
   state = {"w2": jax.random.normal(ks[6], (1, 1, 256, 64)) / 8, "w1": jax.random.normal(ks[7], (1, 1, 64, 256)) / 16}
   results = {}
-  for forward, backward in (("triton", "triton"), ("mosaic", "triton"), ("mosaic", "mosaic"), ("mosaic", "chain")):
+  for forward, backward in (("triton", "triton"), ("mosaic", "triton"), ("mosaic", "mosaic"),
+                            ("mosaic", "chain_mosaic")):
     run = functools.partial(pallas_tiles.miras_tiles, spec=MONETA, initial_state=state, matmul="bfloat16",
                             tiling=pallas_tiles.Tiling(interpret=True, keys_forward=forward, keys_backward=backward))
     loss = lambda q, k, v, run=run: jnp.sum(run(q, k, v, gates)[0] * weights)
@@ -119,14 +123,15 @@ def test_the_first_start_state_is_the_initial_state(both_forwards):
     assert bool(jnp.all(starts1[0] == state["w1"].astype(starts1.dtype)))
 
 
-@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("direction", ["forward", "backward", "chain"])
 def test_the_mosaic_keys_kernels_lower_for_an_h100(direction):
   """Layouts, wgmma shapes, the shared-memory budget (checked at lowering) and the primitives (the backward's row
-  step pull-back sums cotangents with plain adds) from this CPU."""
+  step pull-back sums cotangents with plain adds) from this CPU, for both keys' kernels and the chain's."""
   if direction == "forward":
     kernel, args = functools.partial(mosaic_keys.keys_forward, MONETA), jax.eval_shape(_keys_inputs)
   else:
-    kernel, args = functools.partial(mosaic_keys.keys_backward, MONETA), jax.eval_shape(_pullback_inputs_of_two)
+    backward = mosaic_keys.keys_backward if direction == "backward" else mosaic_chain.keys_backward
+    kernel, args = functools.partial(backward, MONETA), jax.eval_shape(_pullback_inputs_of_two)
   assert "mosaic_gpu" in lowered_for_h100(kernel, *args).as_text()
 
 

@@ -24,6 +24,9 @@ float32; returns (o [b, t, h, d] float32, state at the last chunk boundary, mome
     every chunk of a head (:mod:`mosaic_keys`; Hopper GPUs, per-head gates, c = d = 64, E ≤ 256, biases without
     δ), the backward ``pallas_tiles``'. The fastest Moneta layer measured: 27.8 vs 30.3 ms fwd+bwd for
     ``pallas_tiles_bf16`` on an H100 (bf16, remat, 8 × 4096, same run; its keys' forward 2.5 vs 4.5 ms);
+  * ``"pallas_mosaic_chain_bf16"``: ``pallas_mosaic_bf16`` with the keys' backward cut into what does not take the
+    state's cotangent (all chunks at once, XLA) and the chain that does, one Pallas Mosaic GPU kernel
+    (:mod:`keys_chain`, :mod:`mosaic_chain`; the same limits);
   * ``"xla_chunked"``: closed-form chunk gradients, dual-form reads, ``lax.scan`` over chunks (any backend), every
     matmul in full float32;
   * ``"xla_chunked_bf16"``: the same with bfloat16 matmul operands and float32 accumulation (tensor cores on GPU;
@@ -50,7 +53,7 @@ from layers.miras.spec import Gates, MemorySpec
 
 IMPLEMENTATIONS = ("xla_flat", "xla_chunked", "xla_flat_bf16", "xla_chunked_bf16", "reference", "xla_split",
                    "xla_split_bf16", "pallas_triton", "pallas_triton_bf16", "pallas_tiles", "pallas_tiles_bf16",
-                   "pallas_mosaic_bf16")
+                   "pallas_mosaic_bf16", "pallas_mosaic_chain_bf16")
 
 
 def _unsupported(implementation: str, spec: MemorySpec, gates: Gates, chunk_size: int, head_dim: int) -> str | None:
@@ -99,5 +102,7 @@ def miras_memory(q: jax.Array, k: jax.Array, v: jax.Array, gates: Gates, *, spec
          "xla_chunked": chunked.miras_chunked, "pallas_triton": pallas_triton.miras_pallas,
          "pallas_tiles": pallas_tiles.miras_tiles,
          "pallas_mosaic": functools.partial(pallas_tiles.miras_tiles,
-                                            tiling=pallas_tiles.Tiling(keys_forward="mosaic"))}
+                                            tiling=pallas_tiles.Tiling(keys_forward="mosaic")),
+         "pallas_mosaic_chain": functools.partial(
+             pallas_tiles.miras_tiles, tiling=pallas_tiles.Tiling(keys_forward="mosaic", keys_backward="chain_mosaic"))}
   return run[implementation.removesuffix("_bf16")](q, k, v, gates, remat=remat, matmul=matmul, **kwargs)

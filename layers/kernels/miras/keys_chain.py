@@ -43,7 +43,7 @@ F32 = jnp.float32
 class RowTerms(NamedTuple):
   """The row step e1(u) = rstd · P_n(a) linearised at a chunk's u (:func:`row_terms`), [.., c, d] each but the two
   row scalars [.., c]: n the normalised u, a = γ ⊙ ∂ℓ/∂y, ê = P_n(a) (e1 / rstd), D = γ² ⊙ ∂²ℓ/∂y², rstd = 1/σ and
-  n·a, where P_n(x) = x − mean(x) − n mean(n ⊙ x) (the LayerNorm backward's projection)."""
+  mean(n ⊙ a), where P_n(x) = x − mean(x) − n mean(n ⊙ x) (the LayerNorm backward's projection)."""
 
   n: jax.Array
   a: jax.Array
@@ -53,6 +53,10 @@ class RowTerms(NamedTuple):
   na: jax.Array
 
 
+def _row_means(*xs) -> list:
+  return [jnp.mean(x, axis=-1, keepdims=True) for x in xs]
+
+
 def row_terms(spec: MemorySpec, u, k, v, delta, gamma, beta) -> RowTerms:
   """:class:`RowTerms` of one chunk's rows (u, K, V [c, d]; γ, β [1, d]) for a bias whose gradient is element-wise
   (its Hessian in y is diagonal: the biases without δ)."""
@@ -60,24 +64,22 @@ def row_terms(spec: MemorySpec, u, k, v, delta, gamma, beta) -> RowTerms:
   y = k + n * gamma + beta
   g, g_slope = jax.jvp(lambda y: spec.bias.grad(y, v, delta), (y,), (jnp.ones_like(y),))
   a = gamma * g
-  mean = lambda x: jnp.mean(x, axis=-1, keepdims=True)
-  ehat = a - mean(a) - n * mean(a * n)
-  return RowTerms(n, a, ehat, gamma * gamma * g_slope, rstd[..., 0], jnp.sum(n * a, axis=-1))
+  a_mean, na = _row_means(a, a * n)
+  return RowTerms(n, a, a - a_mean - n * na, gamma * gamma * g_slope, rstd[..., 0], na[..., 0])
 
 
-def row_pullback(terms: RowTerms, w: jax.Array, mean=None) -> jax.Array:
+def row_pullback(terms: RowTerms, w: jax.Array, means=_row_means, row=lambda x: x[..., None]) -> jax.Array:
   """The row step's vjp at :func:`row_terms`' point: ∂e1/∂uᵀ w for the keys' errors' cotangent w [.., c, d]
-  (``mean``: the row mean, as :func:`layers.miras.memory.layer_norm`'s). With P = P_n:
+  (``means``: the row means of several arrays at once, broadcast against them; ``row``: a [.., c] vector broadcast
+  against w; a kernel that holds blocks of columns passes its exchange of partial sums). With P = P_n:
 
-    de1 = −rstd² (n·du / d) ê − rstd/d (dn (n·a) + n (a·dn)) + rstd P (D ⊙ dn),  dn = rstd P du,
+    de1 = −rstd² mean(n ⊙ du) ê − rstd (dn mean(n ⊙ a) + n mean(a ⊙ dn)) + rstd P (D ⊙ dn),  dn = rstd P du,
 
-  so ∂e1/∂uᵀ w = rstd² [P(y) − (w·ê / d) n] with y = −(n·a / d) w − (w·n / d) a + D ⊙ P(w)."""
-  mean = mean or (lambda x: jnp.mean(x, axis=-1, keepdims=True))
-  d = w.shape[-1]
-  col = lambda x: x[..., None]
-  wn = mean(w * terms.n)
-  y = -col(terms.na / d) * w - wn * terms.a + terms.curve * (w - mean(w) - terms.n * wn)
-  return col(terms.rstd ** 2) * (y - mean(y) - terms.n * (mean(y * terms.n) + mean(w * terms.ehat)))
+  so ∂e1/∂uᵀ w = rstd² [P(y) − mean(w ⊙ ê) n] with y = −mean(n ⊙ a) w − mean(w ⊙ n) a + D ⊙ P(w)."""
+  wn, w_mean, we = means(w * terms.n, w, w * terms.ehat)
+  y = -row(terms.na) * w - wn * terms.a + terms.curve * (w - w_mean - terms.n * wn)
+  y_mean, yn = means(y, y * terms.n)
+  return row(terms.rstd * terms.rstd) * (y - y_mean - terms.n * (yn + we))
 
 
 class ChainInputs(NamedTuple):

@@ -48,13 +48,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from layers.kernels.miras import flat, keys_chain, mosaic_keys, pallas_reads, pallas_triton
+from layers.kernels.miras import flat, keys_chain, mosaic_chain, mosaic_keys, pallas_reads, pallas_triton
 from layers.kernels.miras.pallas_triton import (gelu_grad2, kernel_dot, kernel_gelu, kernel_gelu_grad, keys_errors,
                                                leading_block, pair_row, row_scalars)
 from layers.miras.spec import Gates, MemorySpec, along
 
 
-KEYS_KERNELS = ("triton", "mosaic", "chain")
+KEYS_FORWARDS = ("triton", "mosaic")
+KEYS_BACKWARDS = ("triton", "mosaic", "chain", "chain_mosaic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +65,8 @@ class Tiling:
   ``keys_forward`` / ``keys_backward``: each direction of the keys' recurrence as this module's Triton kernels or
   as :mod:`mosaic_keys`' one Mosaic GPU kernel (bf16 matmuls, per-head gates; the Mosaic backward takes the
   residuals of either forward; its first form ran slower than the Triton backward on an H100: docs/benchmarks.md),
-  and the backward also as :mod:`keys_chain`'s three passes (``chain``: per-head gates, biases without δ)."""
+  and the backward also as :mod:`keys_chain`'s three passes (per-head gates, biases without δ), their chain an XLA
+  scan (``chain``) or one Mosaic GPU kernel (``chain_mosaic``, :mod:`mosaic_chain`)."""
 
   hidden_tile: int = 64
   num_warps: int = 4
@@ -74,14 +76,14 @@ class Tiling:
   keys_backward: str = "triton"
 
   def __post_init__(self):
-    for name in ("keys_forward", "keys_backward"):
-      if getattr(self, name) not in KEYS_KERNELS:
-        raise ValueError(f"{name} must be one of {KEYS_KERNELS}, got {getattr(self, name)!r}")
+    for name, kernels in (("keys_forward", KEYS_FORWARDS), ("keys_backward", KEYS_BACKWARDS)):
+      if getattr(self, name) not in kernels:
+        raise ValueError(f"{name} must be one of {kernels}, got {getattr(self, name)!r}")
 
   @property
   def mosaic(self) -> bool:
-    """Whether either direction of the keys' recurrence is the Mosaic GPU kernel."""
-    return "mosaic" in (self.keys_forward, self.keys_backward)
+    """Whether either direction of the keys' recurrence is a Mosaic GPU kernel."""
+    return self.keys_forward == "mosaic" or self.keys_backward in ("mosaic", "chain_mosaic")
 
   def tile(self, hidden: int) -> int:
     return min(hidden, self.hidden_tile)
@@ -427,13 +429,13 @@ def _recurrence_fwd(spec, tiling, state, ln, xs):
 
 
 def _per_head_keys_backward(spec, tiling, residuals, cotangents):
-  """:func:`mosaic_keys.keys_backward` or :func:`keys_chain.keys_backward` (per-head gates), its cotangents of the
-  chunk inputs put back through ``_Factors.of``."""
+  """:func:`mosaic_keys.keys_backward`, :func:`keys_chain.keys_backward` or :func:`mosaic_chain.keys_backward`
+  (per-head gates), its cotangents of the chunk inputs put back through ``_Factors.of``."""
   x, factors_vjp = jax.vjp(_Factors.of, residuals[1])
-  if tiling.keys_backward == "mosaic":
-    g_state, g_ln, g = mosaic_keys.keys_backward(spec, residuals, cotangents, interpret=tiling.interpret)
-  else:
-    g_state, g_ln, g = keys_chain.keys_backward(spec, residuals, cotangents)
+  backward = {"mosaic": functools.partial(mosaic_keys.keys_backward, interpret=tiling.interpret),
+              "chain": keys_chain.keys_backward,
+              "chain_mosaic": functools.partial(mosaic_chain.keys_backward, interpret=tiling.interpret)}
+  g_state, g_ln, g = backward[tiling.keys_backward](spec, residuals, cotangents)
   # per-head gates: B_c broadcast over each layer's gated axis, so only its cotangent's sum matters
   spread = lambda i, like: jnp.broadcast_to(g["decay"][..., i, None, None] / (like.shape[-2] * like.shape[-1]),
                                             like.shape)
@@ -495,7 +497,7 @@ def miras_tiles(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict,
       raise ValueError("the Mosaic GPU keys' kernels run bfloat16 matmuls only (wgmma has no float32 products)")
     if (why := mosaic_keys.unsupported(spec, chunk_size, d, gates.eta.shape[-1] == 1)) is not None:
       raise ValueError(f"the Mosaic GPU keys' kernels cannot run this memory: {why}")
-  if tiling.keys_backward == "chain" and (gates.eta.shape[-1] != 1 or spec.bias.needs_delta):
+  if tiling.keys_backward.startswith("chain") and (gates.eta.shape[-1] != 1 or spec.bias.needs_delta):
     raise ValueError("the chain keys' backward covers per-head gates and biases without δ only")
   reads = None
   if gates.eta.shape[-1] == 1:  # per-head gates: the reads as kernels too

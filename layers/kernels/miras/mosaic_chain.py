@@ -1,0 +1,199 @@
+"""Miras MLP memories: the chain of :mod:`keys_chain`'s keys' backward as ONE Pallas Mosaic GPU kernel (Hopper).
+
+"It's All Connected" (Behrouz et al., arXiv 2504.13173, §5.4). :func:`keys_chain.chain_scan` walks the chunks in
+reverse with the state's cotangent G; everything that does not take G was formed before (all chunks at once), so a
+chunk of the chain is a few products, a row step in closed form and Moneta's scales' share. This kernel walks every
+chunk of a head in one CTA of one warpgroup per hidden tile of 64 columns (E = 256: four), as
+:mod:`mosaic_keys` does; warpgroup t owns the tile G2_t [64, d], G1_t [d, 64] of the cotangent, which waits in the
+output (L2) between its reads, its bf16 copy in shared memory for the products. Per chunk j:
+
+  * (S0) ĝ_e2,t = g_e2,t − (K ⊙ c) G2_tᵀ; (ĝ_e2 ⊙ gelu'(z)) s₁ to shared memory; ĝ_e2 ⊙ curvature held (bf16);
+    K ⊙ c's share −e2_t G2_t out;
+  * (S1) e1's cotangent on a block of 32 columns of the rows from every tile's h and (ĝ_e2 ⊙ gelu'(z)) s₁ in shared
+    memory (warpgroups 2 and 3 repeat 0 and 1 without writing), out; the row step's pull-back
+    (:func:`keys_chain.row_pullback`, two exchanges of row sums through shared memory), s₁ g_u to shared memory;
+  * (S2) g_h,t = g_h,t' − (e1 ⊙ c) G1_t + s₁ g_u W1_t, g_z,t = ĝ_e2 ⊙ curvature + g_h ⊙ gelu'(z) (to shared memory
+    and out by TMA); the updates s₂ g_zᵀ K and s₁ e1ᵀ (ĝ_e2 ⊙ gelu'(z)) + s₁ g_uᵀ h; the decays' shares Σ G ⊙ W and
+    the scales' sums Σ ΔG ⊙ W out; G_t ← B G_t + ΔG_t + g_S,t' into the output;
+  * (S3) the next chunk's operands come in by TMA; Moneta's scales' share from every tile's sums, added to G_t,
+    which is published (output and bf16 copy).
+
+Its products have bf16 operands and float32 accumulation (wgmma), as ``pallas_tiles``' ``bfloat16`` mode. Covers
+what :func:`mosaic_keys.unsupported` accepts. Runs in Mosaic GPU interpret mode on any backend (the tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from layers.kernels.miras import keys_chain
+from layers.kernels.miras.mosaic_keys import (BF16, LINE, TILE, Warpgroup, _mosaic_lowerable, _scalar_sums, _sync,
+                                              per_head_kernel)
+from layers.miras.spec import MemorySpec
+
+F32 = jnp.float32
+SCALARS = ("s2", "s1", "t2", "t1", "g_s2", "g_s1", "decay")  # per chunk and head, in this order
+
+
+def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
+          interpret: bool | plgpu.InterpretGPUParams = False):
+  """:func:`keys_chain.chain_scan` as one kernel: the same arguments (``inputs`` stacked [n, N, ...], per-head
+  gates, c = d = 64) and returns."""
+  x = inputs
+  n, heads, c, d = x.k.shape
+  e = x.w2.shape[2]
+  tiles = e // TILE
+  parts = max(p for p in range(1, tiles + 1) if d % p == 0 and (d // p) % LINE == 0)  # as mosaic_keys' backward
+  block = d // parts
+  ret = spec.retention
+  wg_ops = Warpgroup(bool(interpret))
+  scalars = jnp.stack([x.scales[..., 0], x.scales[..., 1], x.totals[..., 0], x.totals[..., 1], x.g_scales[..., 0],
+                       x.g_scales[..., 1], x.decay, jnp.zeros_like(x.decay)], axis=-1)  # [n, N, 8]
+
+  def body(nkc_g, ne1c_g, k_g, e1_g, h_g, w1_g, w2_g, e2_g, slope_g, curve_g, ge2_g, gh_g, ge1_g, gw2_g, gw1_g,
+           n_g, a_g, ehat_g, rcurve_g, rstd_g, na_g, coef_g, scalars_g, gend2_g, gend1_g,
+           out2_g, out1_g, ge1_out, via_out, gkc_out, gz_out, gdec_out, gu_g,
+           nkc_s, ne1c_s, k_s, e1_s, h_s, w1_s, g2b_s, g1b_s, gs_s, gu_s, sums_s, terms_s, loaded, synced):
+    head, wg = jax.lax.axis_index("head"), jax.lax.axis_index("wg")
+    cols, mine, writes = pl.ds(wg * TILE, TILE), pl.ds(wg % parts * block, block), wg < parts
+    load, product, accumulate = wg_ops.load, wg_ops.product, wg_ops.accumulate
+    rows = lambda vector: jax.lax.broadcast_in_dim(vector, (c, block), (0,))
+    exchanges = itertools.count()  # the row step's row sums, alternating between two buffers
+
+    def means(*xs):
+      """The whole rows' means of [c, block] arrays from every block's partial sums (one sync), broadcast."""
+      buffer = sums_s.at[next(exchanges) % 2]
+      for i, x_ in enumerate(xs):
+        buffer.at[wg, i][...] = jnp.sum(x_, axis=1)
+      _sync(synced.at[1])
+      return [rows(sum(wg_ops.vector(buffer.at[t, i], 0) for t in range(parts)) / d) for i in range(len(xs))]
+
+    def fetch(j):
+      """Chunk j's shared operands: K ⊙ c (negated), e1 ⊙ c (negated), K, e1 and every tile of h and W1 (warpgroup
+      0 issues the copies; one barrier takes them all)."""
+      @pl.when(wg == 0)
+      def _copies():
+        for src, dst in ((nkc_g, nkc_s), (ne1c_g, ne1c_s), (k_g, k_s), (e1_g, e1_s)):
+          plgpu.copy_gmem_to_smem(src.at[j, head], dst, loaded.at[0])
+        for t in range(tiles):
+          tile = pl.ds(t * TILE, TILE)
+          plgpu.copy_gmem_to_smem(h_g.at[j, head, :, tile], h_s.at[t], loaded.at[0])
+          plgpu.copy_gmem_to_smem(w1_g.at[j, head, :, tile], w1_s.at[t], loaded.at[0])
+
+    def publish(g2, g1):
+      out2_g.at[head, cols][...], out1_g.at[head, :, cols][...] = g2, g1
+      g2b_s.at[wg][...], g1b_s.at[wg][...] = g2.astype(BF16), g1.astype(BF16)
+      plgpu.commit_smem()
+
+    publish(load(gend2_g.at[head, cols]), load(gend1_g.at[head, :, cols]))
+    fetch(n - 1)
+
+    @pl.loop(0, n)
+    def _chunk(i):
+      j = n - 1 - i
+      s2, s1, t2, t1, g_read2, g_read1, b = (scalars_g[j, head, q] for q in range(7))
+      tile_of = lambda ref: load(ref.at[j, head, :, cols])
+      _sync(synced.at[0])  # every tile's cotangent published
+      plgpu.barrier_wait(loaded.at[0])  # chunk j's operands
+
+      # S0: e2's cotangent, its products' operand and K ⊙ c's share
+      ge2 = accumulate(tile_of(ge2_g), (nkc_s, g2b_s.at[wg].T))
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's g_z copied out of gs_s
+      gs_s.at[wg][...] = (s1 * ge2 * tile_of(slope_g)).astype(BF16)
+      plgpu.commit_smem()
+      gz_part = (ge2 * tile_of(curve_g)).astype(BF16)
+      gkc_out.at[j, head, wg][...] = -product((c, d), (tile_of(e2_g).astype(BF16), g2b_s.at[wg]))
+      _sync(synced.at[1])
+
+      # S1: e1's cotangent on this warpgroup's block of columns, and the row step's pull-back
+      via_end = -product((c, block), *((h_s.at[t], g1b_s.at[t, mine].T) for t in range(tiles)))
+      via_e2 = product((c, block), *((gs_s.at[t], w1_s.at[t, mine].T) for t in range(tiles)))
+      g_e1 = load(ge1_g.at[j, head, :, mine]) + via_e2 + wg_ops.along(coef_g.at[j, head], (c, block), 0) * via_end
+
+      @pl.when(writes)
+      def _e1_outputs():
+        ge1_out.at[j, head, :, mine][...], via_out.at[j, head, :, mine][...] = g_e1, via_end
+
+      block_of = lambda ref: load(ref.at[j, head, :, mine])
+      terms = keys_chain.RowTerms(block_of(n_g), block_of(a_g), block_of(ehat_g), block_of(rcurve_g),
+                                  wg_ops.vector(rstd_g.at[j, head], 0), wg_ops.vector(na_g.at[j, head], 0))
+      g_u = keys_chain.row_pullback(terms, g_e1, means, rows)
+
+      @pl.when(writes)
+      def _gu():
+        gu_g.at[head, :, mine][...] = s1 * g_u  # the blocks meet in L2
+      _sync(synced.at[1])
+
+      # S2: z's cotangent and the tile's update
+      gu = load(gu_g.at[head]).astype(BF16)
+
+      @pl.when(wg == 0)
+      def _gu_operand():  # for the transposed product, after the next sync
+        gu_s[...] = gu
+        plgpu.commit_smem()
+      g_h = accumulate(tile_of(gh_g), (ne1c_s, g1b_s.at[wg]), (gu, w1_s.at[wg]))
+      _sync(synced.at[2])
+      step1 = product((d, TILE), (e1_s.T, gs_s.at[wg]), (gu_s.T, h_s.at[wg]))
+      gs_s.at[wg][...] = (gz_part.astype(F32) + g_h * tile_of(slope_g)).astype(BF16)  # now g_z's
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(gs_s.at[wg], gz_out.at[j, head, :, cols])
+      raw2 = product((TILE, d), (gs_s.at[wg].T, k_s))  # s₂'s cotangent Σ g_z ⊙ K W2ᵀ is Σ raw2 ⊙ W2
+      starts = lambda: (load(w2_g.at[j, head, cols]), load(w1_g.at[j, head, :, cols]))  # read where used (L2)
+      w2, w1 = starts()
+      g2 = load(out2_g.at[head, cols])
+      gdec_out.at[j, head, wg, 0][...] = jnp.sum(g2 * w2, axis=1)
+      terms_s.at[wg, 0][...] = jnp.sum(raw2 * w2, axis=1)
+      out2_g.at[head, cols][...] = b * g2 + s2 * raw2 + load(gw2_g.at[j, head, cols])
+      g1 = load(out1_g.at[head, :, cols])
+      gdec_out.at[j, head, wg, 1][...] = jnp.sum(g1 * w1, axis=1)
+      terms_s.at[wg, 1][...] = jnp.sum(step1 * w1, axis=1) / s1
+      out1_g.at[head, :, cols][...] = b * g1 + step1 + load(gw1_g.at[j, head, :, cols])
+      _sync(synced.at[3])  # every tile's sums; chunk j's shared operands read by all
+
+      @pl.when(j > 0)
+      def _prefetch():
+        fetch(j - 1)
+
+      # S3: the scales' share of the start state's cotangent, read again from the output (L2), and its publication
+      g2, g1 = load(out2_g.at[head, cols]), load(out1_g.at[head, :, cols])
+      if ret.scaled:
+        w2, w1 = starts()
+        sum2, sum1 = _scalar_sums(terms_s, range(tiles), 2)
+        g_t2 = _mosaic_lowerable(jax.vjp(ret.scale_from, t2)[1])(sum2 + g_read2)[0]
+        g_t1 = _mosaic_lowerable(jax.vjp(ret.scale_from, t1)[1])(sum1 + g_read1)[0]
+        g2 = g2 + _mosaic_lowerable(jax.vjp(ret.scale_term_rows, w2)[1])(jnp.broadcast_to(g_t2, (TILE,)))[0]
+        g1 = g1 + _mosaic_lowerable(jax.vjp(ret.scale_term_rows, w1)[1])(jnp.broadcast_to(g_t1, (d,)))[0]
+      publish(g2, g1)
+
+    plgpu.wait_smem_to_gmem(0)
+
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, F32)
+  out_type = (f32(heads, e, d), f32(heads, d, e), f32(n, heads, c, d), f32(n, heads, c, d),
+              f32(n, heads, tiles, c, d), jax.ShapeDtypeStruct((n, heads, c, e), BF16), f32(n, heads, tiles, 2, TILE),
+              f32(heads, c, d))
+  operand = wg_ops.operand
+  scratch = [operand(c, d), operand(c, d), operand(c, d), operand(c, d), operand(tiles, c, TILE),
+             operand(tiles, d, TILE), operand(tiles, TILE, d), operand(tiles, d, TILE), operand(tiles, c, TILE),
+             operand(c, d), plgpu.SMEM((2, tiles, 3, c), F32), plgpu.SMEM((tiles, 2, TILE), F32),
+             plgpu.Barrier(num_arrivals=4 + 2 * tiles, num_barriers=1),
+             plgpu.Barrier(num_arrivals=tiles, num_barriers=4)]
+  kernel = per_head_kernel(body, out_type, scratch, heads, tiles, interpret)
+  bf16 = lambda a: a.astype(BF16)
+  r = x.rows
+  g2, g1, g_e1, via_end, g_kc, g_z, g_dec, _ = kernel(
+      bf16(-x.kc), bf16(x.ne1c), bf16(x.k), bf16(x.e1), bf16(x.h), bf16(x.w1), bf16(x.w2), bf16(x.e2), x.slope,
+      x.curve, x.g_e2, x.g_h, x.g_e1, x.g_w2, x.g_w1, r.n, r.a, r.ehat, r.curve, r.rstd, r.na, x.coef, scalars,
+      g_end["w2"], g_end["w1"])
+  outputs = keys_chain.ChainOutputs(g_e1, via_end, jnp.sum(g_kc, axis=2), g_z, jnp.sum(g_dec, axis=(2, 4)))
+  return {"w2": g2, "w1": g1}, outputs
+
+
+def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | plgpu.InterpretGPUParams = False):
+  """:func:`keys_chain.keys_backward` with this kernel as its chain (arguments and returns as there)."""
+  return keys_chain.keys_backward(spec, residuals, cotangents, chain=functools.partial(chain, interpret=interpret))
