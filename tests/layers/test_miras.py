@@ -107,10 +107,11 @@ def test_chunk_size_one_equals_the_exact_recurrence(name):
 @pytest.mark.parametrize("name", list(SPECS))
 @pytest.mark.parametrize("chunk,channel", [(4, True), (8, True), (16, False), (2, False)])
 def test_chunked_equals_the_frozen_gradient_loop_values_and_grads(name, chunk, channel, monkeypatch):
-  """Every per-token read and the final state in float32 (1e-5); gradients of all inputs in float64, where the
-  second derivatives of the smoothed biases (up to 1/sqrt(ε)) do not amplify float32 rounding. Yaad's switch at
-  ‖r‖ = δ is discontinuous, so a token within rounding of its threshold may take either branch in float32: its
-  values are compared in float64 too. Chunks of 8 with channel gates run in two sub-blocks of 4
+  """Every per-token read and the final state in float32 against the loop in float64 on the same inputs (1e-5, or
+  within twice the float32 loop's own error where that is larger: 1.6e-5 for Titans at chunk 2 on some CPUs);
+  gradients of all inputs in float64, where the second derivatives of the smoothed biases (up to 1/sqrt(ε)) do not
+  amplify float32 rounding. Yaad's switch at ‖r‖ = δ is discontinuous, so a token within rounding of its threshold
+  may take either branch in float32: its values are compared in float64 too. Chunks of 8 with channel gates run in two sub-blocks of 4
   (:mod:`channel_gates`; a chunk size no other case traces, so the patched block size is what gets compiled)."""
   spec = SPECS[name]
   if chunk == 8:
@@ -121,8 +122,11 @@ def test_chunked_equals_the_frozen_gradient_loop_values_and_grads(name, chunk, c
   run = lambda *a, **k: chunked.miras_chunked(*a, spec=spec, chunk_size=chunk, **k)
   qkv, gates, kw = _inputs(spec, 2 + chunk, channel=channel, eta_scale=eta_scale)
   (o_r, s_r, m_r), (o, s, m) = run_ref(*qkv, gates, **kw), run(*qkv, gates, **kw)
-  errs = _rel(o, o_r), _rel((s, m), (s_r, m_r))
   with jax.enable_x64(True):
+    qkv64, gates64, kw64 = jax.tree.map(lambda x: x.astype(jnp.float64), (qkv, gates, kw))
+    o_t, s_t, m_t = run_ref(*qkv64, gates64, **kw64)  # the truth
+    errs = _rel(o, o_t), _rel((s, m), (s_t, m_t))
+    loop_errs = _rel(o_r, o_t), _rel((s_r, m_r), (s_t, m_t))
     qkv, gates, kw = _inputs(spec, 2 + chunk, channel=channel, eta_scale=eta_scale, dtype=jnp.float64)
     weights = jax.random.normal(jax.random.PRNGKey(7), o.shape, jnp.float64)
     g_r = jax.grad(_loss(run_ref, weights), argnums=(0, 1, 2))(qkv, gates, kw)
@@ -130,9 +134,11 @@ def test_chunked_equals_the_frozen_gradient_loop_values_and_grads(name, chunk, c
     grad_err = _rel(g, g_r)
     errs64 = _rel(run(*qkv, gates, **kw), run_ref(*qkv, gates, **kw))
   print(f"{name} chunk {chunk} {'channel' if channel else 'head'} gates: max rel error every read {errs[0]:.1e}, "
-        f"state {errs[1]:.1e} (float32); values {errs64:.1e}, grads {grad_err:.1e} (float64)")
+        f"state {errs[1]:.1e} (float32; the loop's {loop_errs[0]:.1e}, {loop_errs[1]:.1e}); values {errs64:.1e}, "
+        f"grads {grad_err:.1e} (float64)")
   bound = 2e-5 if name == "memora" else 1e-5  # Memora, chunk 8: 1.2e-5 in float32, with or without sub-blocks
-  assert (name.startswith("yaad") or max(errs) < bound) and errs64 < 1e-9 and grad_err < 1e-9
+  within = all(err < max(bound, 2.0 * loop_err) for err, loop_err in zip(errs, loop_errs))
+  assert (name.startswith("yaad") or within) and errs64 < 1e-9 and grad_err < 1e-9
 
 
 def test_frozen_gradients_are_stale_for_chunks_longer_than_one():

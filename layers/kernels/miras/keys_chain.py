@@ -83,7 +83,8 @@ def row_pullback(terms: RowTerms, w: jax.Array, means=_row_means, row=lambda x: 
 
 
 class ChainInputs(NamedTuple):
-  """What the chain reads of each chunk, stacked [n, N, ...] (n chunks, N heads): the start state (W2 [E, d],
+  """What the chain reads of each chunk, stacked [n, N, ...] (n chunks, N heads), each in the dtype it comes in
+  (bf16 start states, e2 and cotangents from ``pallas_mosaic_bf16``'s forward and reads): the start state (W2 [E, d],
   W1 [d, E]), K, e1, K ⊙ c and −e1 ⊙ c [c, d], the coefficients c [c], h, e2, gelu'(z) and the curvature
   s₁ (e1 W1) ⊙ gelu''(z) [c, E], the row step's :class:`RowTerms`, the scales (s₂, s₁) and summed scale terms [2],
   the chunk-end decay [], and the reads' cotangents: of e2 and h [c, E], of e1 [c, d], of the start state, and of the
@@ -123,7 +124,7 @@ def chain_inputs(spec: MemorySpec, residuals, cotangents) -> ChainInputs:
   _, (g_starts, g_keys) = cotangents
   k, v, delta, end_decay, end_coef, _ = xs
   dot = functools.partial(plain_matmul, mode=spec.memory.matmul)
-  w2, w1 = starts["w2"].astype(F32), starts["w1"].astype(F32)
+  w2, w1 = starts["w2"], starts["w1"]
   s2, s1 = scales[..., 0, None, None], scales[..., 1, None, None]
   z = s2 * dot("nhcd,nhed->nhce", k, w2)
   coef = end_coef[..., 0]
@@ -131,10 +132,9 @@ def chain_inputs(spec: MemorySpec, residuals, cotangents) -> ChainInputs:
   rows = _per_chunk_and_head(functools.partial(row_terms, spec))(u, k, v, delta, gamma, beta)
   curve = s1 * dot("nhcd,nhde->nhce", keys.e1, w1) * gelu_grad2(z)
   g_scales = jnp.stack([g_keys.scale["w2"][..., 0, 0], g_keys.scale["w1"][..., 0, 0]], axis=-1)
-  return ChainInputs(w2, w1, k, keys.e1, k * coef[..., None], -keys.e1 * coef[..., None], coef, gelu(z),
-                     keys.e2.astype(F32), gelu_grad(z), curve, rows, scales, totals, end_decay[..., 0],
-                     g_keys.e2.astype(F32), g_keys.hk.astype(F32), g_keys.e1, g_starts["w2"].astype(F32),
-                     g_starts["w1"].astype(F32), g_scales)
+  return ChainInputs(w2, w1, k, keys.e1, k * coef[..., None], -keys.e1 * coef[..., None], coef, gelu(z), keys.e2,
+                     gelu_grad(z), curve, rows, scales, totals, end_decay[..., 0], g_keys.e2, g_keys.hk, g_keys.e1,
+                     g_starts["w2"], g_starts["w1"], g_scales)
 
 
 class ChainOutputs(NamedTuple):
@@ -153,7 +153,7 @@ def scales_share(spec: MemorySpec, w: jax.Array, total: jax.Array, g_scale: jax.
   the forward's summed terms ``total`` (one head: w a layer's state, total and g_scale numbers)."""
   ret = spec.retention
   g_total = jax.vjp(ret.scale_from, total)[1](g_scale)[0]
-  return jax.vjp(ret.scale_terms, w)[1](g_total)[0]
+  return jax.vjp(ret.scale_terms, w.astype(F32))[1](g_total)[0]
 
 
 def chain_step(spec: MemorySpec, g_state, x: ChainInputs):
