@@ -642,11 +642,11 @@ def _triton_calls(run, qkv, gates, kw) -> int:
 @pytest.mark.parametrize(("impl", "channel"), [("pallas_triton", False), ("pallas_triton_bf16", False),
                                              ("pallas_triton_bf16", True), ("pallas_tiles", False),
                                              ("pallas_tiles_bf16", False), ("pallas_tiles_bf16", True),
-                                             ("pallas_mosaic_bf16", False)])
+                                             ("pallas_mosaic_bf16", False), ("pallas_mosaic_chain_bf16", False)])
 def test_pallas_kernels_on_gpu_match_the_flat_path(impl, channel):
-  """The compiled Triton and Mosaic GPU kernels (``pallas_triton``'s, ``pallas_tiles``', ``mosaic_keys``') at the
-  layer's head width (d = 64, E = 256, c = 64) against ``xla_flat`` in the same matmul precision, through the API:
-  reads, state and the gradients of every input."""
+  """The compiled Triton and Mosaic GPU kernels (``pallas_triton``'s, ``pallas_tiles``', ``mosaic_keys``',
+  ``mosaic_chain``'s) at the layer's head width (d = 64, E = 256, c = 64) against ``xla_flat`` in the same matmul
+  precision, through the API: reads, state and the gradients of every input."""
   spec = SPECS["moneta"]
   qkv, gates, kw = _inputs(spec, 23, b=2, t=200, h=2, d=64, channel=channel)
   flat_impl = "xla_flat_bf16" if impl.endswith("_bf16") else "xla_flat"
