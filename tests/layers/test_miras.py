@@ -111,8 +111,9 @@ def test_chunked_equals_the_frozen_gradient_loop_values_and_grads(name, chunk, c
   within twice the float32 loop's own error where that is larger: 1.6e-5 for Titans at chunk 2 on some CPUs);
   gradients of all inputs in float64, where the second derivatives of the smoothed biases (up to 1/sqrt(ε)) do not
   amplify float32 rounding. Yaad's switch at ‖r‖ = δ is discontinuous, so a token within rounding of its threshold
-  may take either branch in float32: its values are compared in float64 too. Chunks of 8 with channel gates run in two sub-blocks of 4
-  (:mod:`channel_gates`; a chunk size no other case traces, so the patched block size is what gets compiled)."""
+  may take either branch in float32: its values are compared in float64 too. Chunks of 8 with channel gates run in
+  two sub-blocks of 4 (:mod:`channel_gates`; a chunk size no other case traces, so the patched block size is what
+  gets compiled)."""
   spec = SPECS[name]
   if chunk == 8:
     monkeypatch.setattr(channel_gates, "BLOCK", 4)
