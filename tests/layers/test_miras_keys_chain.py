@@ -1,7 +1,7 @@
 """The keys' backward cut into its chain (layers/kernels/miras/keys_chain.py): the row step's closed-form pull-back
 equal to ``jax.vjp`` of the row step (float64, every bias without δ), the three passes equal to ``pallas_tiles``'
-Triton backward in float32 matmuls (interpret mode; the bf16 comparison is in test_miras_mosaic_keys.py), and
-what they do not cover refused."""
+Triton backward in float32 matmuls (interpret mode; the bf16 comparison is in test_miras_mosaic_keys.py), the chain
+kernel equal to the XLA chain without read scales, and what they do not cover refused."""
 
 import functools
 
@@ -11,12 +11,12 @@ import pytest
 
 from benchmarks.miras_keys import backward_inputs
 from benchmarks.miras_mosaic_chain import max_relative_error
-from layers.kernels.miras import keys_chain, pallas_tiles
+from layers.kernels.miras import keys_chain, mosaic_chain, pallas_tiles
 from layers.kernels.miras.chunked import with_matmul
 from layers.kernels.miras.pallas_triton import keys_errors
 from layers.miras import bias as biases
 from layers.miras.memory import MLPMemory
-from layers.miras.retention import LqNorm
+from layers.miras.retention import Decay, LqNorm
 from layers.miras.spec import Gates, MemorySpec
 
 MONETA = MemorySpec(MLPMemory(), biases.Lp(3.0), LqNorm(4.0))
@@ -41,10 +41,12 @@ def test_the_row_pullback_equals_the_row_steps_vjp(bias):
   assert err < 1e-12
 
 
-def test_the_chain_passes_equal_the_triton_backward_in_float32():
+@pytest.mark.parametrize("spec", [MONETA, MemorySpec(MLPMemory(), biases.L2(), Decay())], ids=["moneta", "l2_decay"])
+def test_the_chain_passes_equal_the_triton_backward_in_float32(spec):
   """Every cotangent of three chunks of two heads (c = d = 64, E = 256), float32 matmuls, from the same residuals
-  (the Triton forward's in interpret mode): 4e-7 at most measured; a wrong term of the chain is O(1)."""
-  spec = with_matmul(MONETA, "float32")
+  (the Triton forward's in interpret mode), with Moneta's read scales and without (ℓ2 bias, plain decay): 4e-7 and
+  1.5e-6 at most measured; a wrong term of the chain is O(1)."""
+  spec = with_matmul(spec, "float32")
   args = backward_inputs(spec, 3, 2, interpret=True)
   triton, chain = (jax.jit(functools.partial(pallas_tiles._recurrence_bwd, spec,
                                              pallas_tiles.Tiling(interpret=True, keys_backward=name)))(*args)
@@ -54,6 +56,20 @@ def test_the_chain_passes_equal_the_triton_backward_in_float32():
   err = max(max_relative_error(m, t) for m, t in pairs)
   print(f"chain keys' backward vs Triton's, float32: max rel error {err:.1e} over {len(pairs)} cotangents")
   assert err < 1e-5 and len(pairs) == 8
+
+
+def test_the_chain_kernel_equals_the_xla_chain_without_read_scales():
+  """:mod:`mosaic_chain`'s kernel (interpret mode, bf16 operands) against :func:`keys_chain.chain_scan` for a memory
+  without read scales (ℓ2 bias, plain decay; Moneta's are compared through ``pallas_tiles`` in
+  test_miras_mosaic_keys.py): every output of two chunks of one head, bf16 roundings apart."""
+  spec = with_matmul(MemorySpec(MLPMemory(), biases.L2(), Decay()), "bfloat16")
+  residuals, cotangents = backward_inputs(spec, 2, 1, interpret=True)
+  inputs = jax.jit(functools.partial(keys_chain.chain_inputs, spec))(residuals, cotangents)
+  want = jax.jit(functools.partial(keys_chain.chain_scan, spec))(inputs, cotangents[0])
+  got = jax.jit(functools.partial(mosaic_chain.chain, spec, interpret=True))(inputs, cotangents[0])
+  err = max(max_relative_error(g, w) for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True))
+  print(f"chain kernel (interpret) vs XLA chain, ℓ2 and decay: max rel error {err:.1e}")
+  assert err < 1e-2
 
 
 @pytest.mark.parametrize(("bias", "channel"), [(biases.YaadHuber(1e-3), False), (biases.Lp(3.0), True)],
