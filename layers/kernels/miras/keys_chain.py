@@ -117,6 +117,11 @@ def _per_chunk_and_head(fun):
   return jax.vmap(jax.vmap(fun))
 
 
+def _every_chunk(ln, n: int) -> tuple:
+  """The LayerNorm's (γ, β) [N, 1, d] repeated for n chunks, [n, N, 1, d] each."""
+  return tuple(jnp.broadcast_to(x[None], (n, *x.shape)) for x in ln)
+
+
 def chain_inputs(spec: MemorySpec, residuals, cotangents) -> ChainInputs:
   """:class:`ChainInputs` from ``pallas_tiles``' recurrence's residuals and cotangents (as
   :func:`mosaic_keys.keys_backward` takes them), every chunk at once."""
@@ -128,8 +133,7 @@ def chain_inputs(spec: MemorySpec, residuals, cotangents) -> ChainInputs:
   s2, s1 = scales[..., 0, None, None], scales[..., 1, None, None]
   z = s2 * dot("nhcd,nhed->nhce", k, w2)
   coef = end_coef[..., 0]
-  gamma, beta = (jnp.broadcast_to(x[None], (k.shape[0], *x.shape)) for x in ln)
-  rows = _per_chunk_and_head(functools.partial(row_terms, spec))(u, k, v, delta, gamma, beta)
+  rows = _per_chunk_and_head(functools.partial(row_terms, spec))(u, k, v, delta, *_every_chunk(ln, k.shape[0]))
   curve = s1 * dot("nhcd,nhde->nhce", keys.e1, w1) * gelu_grad2(z)
   g_scales = jnp.stack([g_keys.scale["w2"][..., 0, 0], g_keys.scale["w1"][..., 0, 0]], axis=-1)
   return ChainInputs(w2, w1, k, keys.e1, k * coef[..., None], -keys.e1 * coef[..., None], coef, gelu(z), keys.e2,
@@ -160,8 +164,8 @@ def chain_step(spec: MemorySpec, g_state, x: ChainInputs):
   """One chunk of the chain, every head: the end state's cotangent (G2 [N, E, d], G1 [N, d, E]) to the start
   state's, and the chunk's :class:`ChainOutputs`."""
   g2, g1 = g_state
-  g_kc = -plain_matmul("hce,hed->hcd", x.e2, g2, mode=spec.memory.matmul)
   dot = functools.partial(plain_matmul, mode=spec.memory.matmul)
+  g_kc = -dot("hce,hed->hcd", x.e2, g2)
   s2, s1 = x.scales[:, 0, None, None], x.scales[:, 1, None, None]
   ge2 = x.g_e2 - dot("hcd,hed->hce", x.kc, g2)
   gs = s1 * ge2 * x.slope
@@ -200,8 +204,8 @@ def chain_outputs(spec: MemorySpec, residuals, inputs: ChainInputs, outputs: Cha
   k, v, delta, *_ = xs
   errors = lambda u, k, v, delta, gamma, beta: keys_errors(spec, u, k, v, delta, (gamma, beta))[0]
   pullback = lambda *args: jax.vjp(errors, *args[:-1])[1](args[-1])
-  gamma, beta = (jnp.broadcast_to(x[None], (k.shape[0], *x.shape)) for x in ln)
-  _, g_k, g_v, _, g_gamma, g_beta = _per_chunk_and_head(pullback)(u, k, v, delta, gamma, beta, outputs.g_e1)
+  _, g_k, g_v, _, g_gamma, g_beta = _per_chunk_and_head(pullback)(u, k, v, delta, *_every_chunk(ln, k.shape[0]),
+                                                                  outputs.g_e1)
   dot = functools.partial(plain_matmul, mode=spec.memory.matmul)
   g_kz = inputs.scales[..., 0, None, None] * dot("nhce,nhed->nhcd", outputs.g_z, inputs.w2)
   factors = {"k": g_k + g_kz, "v": g_v, "coef": inputs.e1 * outputs.via_end, "kc": outputs.g_kc,
