@@ -38,7 +38,6 @@ from layers.kernels.miras.mosaic_keys import (BF16, LINE, TILE, Warpgroup, _mosa
 from layers.miras.spec import MemorySpec
 
 F32 = jnp.float32
-SCALARS = ("s2", "s1", "t2", "t1", "g_s2", "g_s1", "decay")  # per chunk and head, in this order
 
 
 def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
@@ -53,8 +52,8 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
   block = d // parts
   ret = spec.retention
   wg_ops = Warpgroup(bool(interpret))
-  scalars = jnp.stack([x.scales[..., 0], x.scales[..., 1], x.totals[..., 0], x.totals[..., 1], x.g_scales[..., 0],
-                       x.g_scales[..., 1], x.decay, jnp.zeros_like(x.decay)], axis=-1)  # [n, N, 8]
+  # [n, N, 7]: s₂ s₁, their summed terms t₂ t₁, the reads' cotangents of s₂ s₁, the chunk-end decay
+  scalars = jnp.concatenate([x.scales, x.totals, x.g_scales, x.decay[..., None]], axis=-1)
 
   def body(nkc_g, ne1c_g, k_g, e1_g, h_g, w1_g, w2_g, e2_g, slope_g, curve_g, ge2_g, gh_g, ge1_g, gw2_g, gw1_g,
            n_g, a_g, ehat_g, rcurve_g, rstd_g, na_g, coef_g, scalars_g, gend2_g, gend1_g,
