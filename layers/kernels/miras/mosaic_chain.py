@@ -11,7 +11,8 @@ output (L2) between its reads, its bf16 copy in shared memory for the products. 
     K ⊙ c's share −e2_t G2_t out;
   * (S1) e1's cotangent on a block of 32 columns of the rows from every tile's h and (ĝ_e2 ⊙ gelu'(z)) s₁ in shared
     memory (warpgroups 2 and 3 repeat 0 and 1 without writing), out; the row step's pull-back
-    (:func:`keys_chain.row_pullback`, two exchanges of row sums through shared memory), s₁ g_u to shared memory;
+    (:func:`keys_chain.row_pullback`, two exchanges of row sums through shared memory), s₁ g_u's blocks meeting in
+    L2 (warpgroup 0 copies the whole into shared memory for the transposed product, one more sync);
   * (S2) g_h,t = g_h,t' − (e1 ⊙ c) G1_t + s₁ g_u W1_t, g_z,t = ĝ_e2 ⊙ curvature + g_h ⊙ gelu'(z) (to shared memory
     and out by TMA); the updates s₂ g_zᵀ K and s₁ e1ᵀ (ĝ_e2 ⊙ gelu'(z)) + s₁ g_uᵀ h; the decays' shares Σ G ⊙ W and
     the scales' sums Σ ΔG ⊙ W out; G_t ← B G_t + ΔG_t + g_S,t' into the output;
