@@ -34,8 +34,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from layers.kernels.miras import keys_chain
-from layers.kernels.miras.mosaic_keys import (BF16, LINE, TILE, Warpgroup, _mosaic_lowerable, _scalar_sums, _sync,
-                                              per_head_kernel)
+from layers.kernels.miras.mosaic_keys import (BF16, LINE, TILE, Warpgroup, _scalar_sums, _sync, per_head_kernel,
+                                              publish_tiles, scales_share)
 from layers.miras.spec import MemorySpec
 
 F32 = jnp.float32
@@ -87,9 +87,7 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
           plgpu.copy_gmem_to_smem(w1_g.at[j, head, :, tile], w1_s.at[t], loaded.at[0])
 
     def publish(g2, g1):
-      out2_g.at[head, cols][...], out1_g.at[head, :, cols][...] = g2, g1
-      g2b_s.at[wg][...], g1b_s.at[wg][...] = g2.astype(BF16), g1.astype(BF16)
-      plgpu.commit_smem()
+      publish_tiles((out2_g.at[head, cols], out1_g.at[head, :, cols]), (g2b_s.at[wg], g1b_s.at[wg]), g2, g1)
 
     publish(load(gend2_g.at[head, cols]), load(gend1_g.at[head, :, cols]))
     fetch(n - 1)
@@ -165,10 +163,8 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
       if ret.scaled:
         w2, w1 = starts()
         sum2, sum1 = _scalar_sums(terms_s, range(tiles), 2)
-        g_t2 = _mosaic_lowerable(jax.vjp(ret.scale_from, t2)[1])(sum2 + g_read2)[0]
-        g_t1 = _mosaic_lowerable(jax.vjp(ret.scale_from, t1)[1])(sum1 + g_read1)[0]
-        g2 = g2 + _mosaic_lowerable(jax.vjp(ret.scale_term_rows, w2)[1])(jnp.broadcast_to(g_t2, (TILE,)))[0]
-        g1 = g1 + _mosaic_lowerable(jax.vjp(ret.scale_term_rows, w1)[1])(jnp.broadcast_to(g_t1, (d,)))[0]
+        share2, share1 = scales_share(ret, (t2, t1), (sum2 + g_read2, sum1 + g_read1), w2, w1)
+        g2, g1 = g2 + share2, g1 + share1
       publish(g2, g1)
 
     plgpu.wait_smem_to_gmem(0)

@@ -133,6 +133,25 @@ def _scalar_sums(ref, slots, count: int) -> list:
   return jax.lax.fori_loop(0, ref.shape[-1], add_row, [jnp.float32(0.0)] * count, unroll=8)
 
 
+def publish_tiles(outputs, operands, g2, g1):
+  """A warpgroup's tiles of the state's cotangent (G2 [TILE, d], G1 [d, TILE]) into the output where they wait
+  (``outputs``: the two refs of its tiles) and as bf16 into its shared operands (``operands``), committed."""
+  for out, operand, g in zip(outputs, operands, (g2, g1), strict=True):
+    out[...], operand[...] = g, g.astype(BF16)
+  plgpu.commit_smem()
+
+
+def scales_share(ret, totals, g_scales, w2, w1) -> list:
+  """The read scales' share of a warpgroup's tiles of the state's cotangent, at its tiles of the state (W2
+  [TILE, d], W1 [d, TILE], float32), from each layer's summed scale terms t and its scale's cotangent g_s (numbers):
+  ∂scale_term_rows/∂w · ∂s/∂t · g_s, [(W2's), (W1's)]."""
+  shares = []
+  for t, g_s, w in zip(totals, g_scales, (w2, w1), strict=True):
+    g_t = _mosaic_lowerable(jax.vjp(ret.scale_from, t)[1])(g_s)[0]
+    shares.append(_mosaic_lowerable(jax.vjp(ret.scale_term_rows, w)[1])(jnp.broadcast_to(g_t, w.shape[:1]))[0])
+  return shares
+
+
 def per_head_kernel(body, out_type, scratch_types, heads: int, tiles: int,
                     interpret: bool | plgpu.InterpretGPUParams = False):
   """``body`` as a Mosaic GPU kernel of one CTA per head (axis "head") and one warpgroup per hidden tile (axis
@@ -384,9 +403,7 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
       return sum(wg_ops.vector(buffer.at[t], 0) for t in range(parts))
 
     def publish(g2, g1):
-      out2_g.at[head, cols][...], out1_g.at[head, :, cols][...] = g2, g1
-      g2b_s.at[wg][...], g1b_s.at[wg][...] = g2.astype(BF16), g1.astype(BF16)
-      plgpu.commit_smem()
+      publish_tiles((out2_g.at[head, cols], out1_g.at[head, :, cols]), (g2b_s.at[wg], g1b_s.at[wg]), g2, g1)
 
     def start_tiles(j):
       """This tile of chunk j's start state (W2, W1), float32 (stacked in bf16 by the Mosaic forward)."""
@@ -491,12 +508,8 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
         w2, w1 = start_tiles(j)
         # Σ ĝ ⊙ praw ⊙ gelu'(z), Σ g_z ⊙ zraw, Σ g_u ⊙ u
         b1_sums, z_sums, u_sums = _scalar_sums(rows_s, range(tiles), 3)
-        g_s2 = z_sums + g_read2
-        g_s1 = b1_sums + u_sums / s1 + g_read1
-        g_t2 = _mosaic_lowerable(jax.vjp(ret.scale_from, t2)[1])(g_s2)[0]
-        g_t1 = _mosaic_lowerable(jax.vjp(ret.scale_from, t1)[1])(g_s1)[0]
-        g2 = g2 + _mosaic_lowerable(jax.vjp(ret.scale_term_rows, w2)[1])(jnp.broadcast_to(g_t2, (TILE,)))[0]
-        g1 = g1 + _mosaic_lowerable(jax.vjp(ret.scale_term_rows, w1)[1])(jnp.broadcast_to(g_t1, (d,)))[0]
+        share2, share1 = scales_share(ret, (t2, t1), (z_sums + g_read2, b1_sums + u_sums / s1 + g_read1), w2, w1)
+        g2, g1 = g2 + share2, g1 + share1
       publish(g2, g1)
 
       @pl.when(j > 0)
