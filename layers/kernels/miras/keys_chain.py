@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from layers.kernels.miras.pallas_triton import gelu_grad2, keys_errors
-from layers.miras.memory import gelu, gelu_grad, layer_norm, plain_matmul
+from layers.miras.memory import gelu, gelu_grad, layer_norm, plain_matmul, row_mean
 from layers.miras.spec import MemorySpec
 
 F32 = jnp.float32
@@ -54,7 +54,7 @@ class RowTerms(NamedTuple):
 
 
 def _row_means(*xs) -> list:
-  return [jnp.mean(x, axis=-1, keepdims=True) for x in xs]
+  return [row_mean(x) for x in xs]
 
 
 def row_terms(spec: MemorySpec, u, k, v, delta, gamma, beta) -> RowTerms:
@@ -152,12 +152,17 @@ class ChainOutputs(NamedTuple):
   g_decay: jax.Array
 
 
+def scale_terms_share(ret, w: jax.Array, g_total: jax.Array) -> jax.Array:
+  """The read scales' share of a state block's cotangent, ∂(Σ scale_terms)/∂w · g_total (float32 even from a bf16
+  block)."""
+  return jax.vjp(ret.scale_terms, w.astype(jnp.promote_types(w.dtype, F32)))[1](g_total)[0]
+
+
 def scales_share(spec: MemorySpec, w: jax.Array, total: jax.Array, g_scale: jax.Array) -> jax.Array:
   """The read scale's share of a layer's state cotangent: ∂s/∂w · g_scale with s = scale_from(Σ scale_terms(w)) at
   the forward's summed terms ``total`` (one head: w a layer's state, total and g_scale numbers)."""
-  ret = spec.retention
-  g_total = jax.vjp(ret.scale_from, total)[1](g_scale)[0]
-  return jax.vjp(ret.scale_terms, w.astype(F32))[1](g_total)[0]
+  g_total = jax.vjp(spec.retention.scale_from, total)[1](g_scale)[0]
+  return scale_terms_share(spec.retention, w, g_total)
 
 
 def chain_step(spec: MemorySpec, g_state, x: ChainInputs):

@@ -49,6 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from layers.kernels.miras import flat, keys_chain, mosaic_chain, mosaic_keys, pallas_reads, pallas_triton
+from layers.kernels.miras.keys_chain import scale_terms_share
 from layers.kernels.miras.pallas_triton import (gelu_grad2, kernel_dot, kernel_gelu, kernel_gelu_grad, keys_errors,
                                                leading_block, pair_row, row_scalars)
 from layers.miras.spec import Gates, MemorySpec, along
@@ -209,12 +210,6 @@ def _close_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, kc_ref, coef
   terms_ref[...] = pair_row(ret.scale_terms(new2), ret.scale_terms(new1), new2)
 
 
-def _scales_share(ret, w, g_total):
-  """The read scales' share of a state block's cotangent, ∂(Σ scale_terms)/∂w · g_total (float32 even from a bf16
-  block)."""
-  return jax.vjp(ret.scale_terms, w.astype(jnp.promote_types(w.dtype, jnp.float32)))[1](g_total)[0]
-
-
 def _pullback_terms(dot, j, w1, z, e1, kc_ref, g2, ge2_ref):
   """What both backward kernels need of a tile: gelu'(z), e1 W1 (praw) and e2's cotangent ĝ_e2 = g_e2 − (K ⊙ c) G2ᵀ."""
   return kernel_gelu_grad(z), dot("cd,de->ce", e1, w1), ge2_ref[j] - dot("cd,ed->ce", kc_ref[j], g2)
@@ -235,8 +230,8 @@ def _errors_cotangent_kernel(j_ref, k_ref, scales_ref, w2_ref, w1_ref, e1_ref, k
     g2_out, g1_out, *outputs = outputs
     end = jnp.minimum(j + 1, w2_ref.shape[0] - 1)  # chunk j + 1's start state (the last chunk has nothing pending)
     pending2, pending1 = row_scalars(pending_ref[...])
-    g2 = g2 + _scales_share(ret, w2_ref[end], pending2)
-    g1 = g1 + _scales_share(ret, w1_ref[end], pending1)
+    g2 = g2 + scale_terms_share(ret, w2_ref[end], pending2)
+    g1 = g1 + scale_terms_share(ret, w1_ref[end], pending1)
     g2_out[...], g1_out[...] = g2, g1
   via_e2_out, via_end_out, kc_out, dec2_out, dec1_out, sums_out = outputs
   slope, praw, ge2 = _pullback_terms(dot, j, w1, z, e1, kc_ref, g2, ge2_ref)
@@ -463,7 +458,7 @@ def _recurrence_bwd(spec, tiling, residuals, cotangents):
   g_x = g_x._replace(k=g_x.k + jnp.sum(g_kz, axis=2))  # K's share through z, summed over the tiles
   g_state = dict(zip(("w2", "w1"), g_state, strict=True))
   if spec.retention.scaled:  # the initial state's read scales' share, which no B1 took
-    share = jax.vmap(functools.partial(_scales_share, spec.retention))
+    share = jax.vmap(functools.partial(scale_terms_share, spec.retention))
     g_state = {name: g + share(starts[name][0], pending[:, i]) for i, (name, g) in enumerate(g_state.items())}
   return g_state, (g_ln[:, None, 0], g_ln[:, None, 1]), factors_vjp(g_x)[0]
 
