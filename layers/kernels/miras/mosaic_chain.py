@@ -35,7 +35,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from layers.kernels.miras import keys_chain
 from layers.kernels.miras.mosaic_keys import (BF16, LINE, TILE, Warpgroup, _scalar_sums, _sync, per_head_kernel,
-                                              publish_tiles, scales_share)
+                                              publish_tiles, row_sums, scales_share)
 from layers.miras.spec import MemorySpec
 
 F32 = jnp.float32
@@ -68,11 +68,8 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
 
     def means(*xs):
       """The whole rows' means of [c, block] arrays from every block's partial sums (one sync), broadcast."""
-      buffer = sums_s.at[next(exchanges) % 2]
-      for i, x_ in enumerate(xs):
-        buffer.at[wg, i][...] = jnp.sum(x_, axis=1)
-      _sync(synced.at[1])
-      return [rows(sum(wg_ops.vector(buffer.at[t, i], 0) for t in range(parts)) / d) for i in range(len(xs))]
+      sums = row_sums(wg_ops, sums_s.at[next(exchanges) % 2], wg, parts, synced.at[1], [jnp.sum(a, axis=1) for a in xs])
+      return [rows(total / d) for total in sums]
 
     def fetch(j):
       """Chunk j's shared operands: K ⊙ c (negated), e1 ⊙ c (negated), K, e1 and every tile of h and W1 (warpgroup

@@ -133,6 +133,16 @@ def _scalar_sums(ref, slots, count: int) -> list:
   return jax.lax.fori_loop(0, ref.shape[-1], add_row, [jnp.float32(0.0)] * count, unroll=8)
 
 
+def row_sums(wg_ops: Warpgroup, buffer, wg, parts: int, barrier, partials) -> list:
+  """The whole rows' sums [c] of arrays split into blocks of columns across the first ``parts`` warpgroups, from
+  this warpgroup's partial sums over its block (``partials``, [c] each), exchanged through ``buffer`` [warpgroups,
+  ≥ len(partials), c] in shared memory with one sync (``barrier``)."""
+  for i, partial in enumerate(partials):
+    buffer.at[wg, i][...] = partial
+  _sync(barrier)
+  return [sum(wg_ops.vector(buffer.at[t, i], 0) for t in range(parts)) for i in range(len(partials))]
+
+
 def publish_tiles(outputs, operands, g2, g1):
   """A warpgroup's tiles of the state's cotangent (G2 [TILE, d], G1 [d, TILE]) into the output where they wait
   (``outputs``: the two refs of its tiles) and as bf16 into its shared operands (``operands``), committed."""
@@ -397,10 +407,7 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
 
     def row_sum(partial):
       """The rows' sums [c] from every block's partial sums over its columns."""
-      buffer = sums_s.at[next(exchanges) % 2]
-      buffer.at[wg][...] = partial
-      _sync(exchanged.at[0])
-      return sum(wg_ops.vector(buffer.at[t], 0) for t in range(parts))
+      return row_sums(wg_ops, sums_s.at[next(exchanges) % 2], wg, parts, exchanged.at[0], [partial])[0]
 
     def publish(g2, g1):
       publish_tiles((out2_g.at[head, cols], out1_g.at[head, :, cols]), (g2b_s.at[wg], g1b_s.at[wg]), g2, g1)
@@ -523,7 +530,7 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
   operand = wg_ops.operand
   scratch = [operand(tiles, TILE, d), operand(tiles, d, TILE), operand(tiles, TILE, d), operand(tiles, d, TILE),
              operand(tiles, c, TILE), operand(tiles, c, TILE), operand(c, d), operand(c, d), operand(c, d),
-             plgpu.SMEM((tiles, 3, TILE), jnp.float32), plgpu.SMEM((2, tiles, c), jnp.float32),
+             plgpu.SMEM((tiles, 3, TILE), jnp.float32), plgpu.SMEM((2, tiles, 1, c), jnp.float32),
              plgpu.Barrier(num_arrivals=tiles, num_barriers=4), plgpu.Barrier(num_arrivals=tiles, num_barriers=1)]
   kernel = per_head_kernel(body, out_type, scratch, heads, tiles, interpret)
   g2, g1, gk, gv, gcoef, gkc, gkz, gdec, gln, _ = kernel(
