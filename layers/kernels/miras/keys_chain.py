@@ -60,8 +60,8 @@ def _row_means(*xs) -> list:
 def row_terms(spec: MemorySpec, u, k, v, delta, gamma, beta) -> RowTerms:
   """:class:`RowTerms` of one chunk's rows (u, K, V [c, d]; γ, β [1, d]) for a bias whose gradient is element-wise
   (its Hessian in y is diagonal: the biases without δ)."""
-  _, n, rstd = layer_norm(u, (gamma, beta), spec.memory.ln_eps)
-  y = k + n * gamma + beta
+  yn, n, rstd = layer_norm(u, (gamma, beta), spec.memory.ln_eps)
+  y = k + yn
   g, g_slope = jax.jvp(lambda y: spec.bias.grad(y, v, delta), (y,), (jnp.ones_like(y),))
   a = gamma * g
   a_mean, na = _row_means(a, a * n)
