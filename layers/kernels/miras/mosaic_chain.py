@@ -42,9 +42,10 @@ F32 = jnp.float32
 
 
 def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
-          interpret: bool | plgpu.InterpretGPUParams = False):
+          interpret: bool | plgpu.InterpretGPUParams = False, profile_dir: str = ""):
   """:func:`keys_chain.chain_scan` as one kernel: the same arguments (``inputs`` stacked [n, N, ...], per-head
-  gates, c = d = 64) and returns."""
+  gates, c = d = 64) and returns. ``profile_dir``: time the steps of each chunk (the named scopes below) with Mosaic
+  GPU's profiler, a trace written there per call (:func:`mosaic_keys.per_head_kernel`; GPU only)."""
   x = inputs
   n, heads, c, d = x.k.shape
   e = x.w2.shape[2]
@@ -94,75 +95,85 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
       j = n - 1 - i
       s2, s1, t2, t1, g_read2, g_read1, b = (scalars_g[j, head, q] for q in range(7))
       tile_of = lambda ref: load(ref.at[j, head, :, cols])
-      _sync(synced.at[0])  # every tile's cotangent published
-      plgpu.barrier_wait(loaded.at[0])  # chunk j's operands
+      with jax.named_scope("wait: cotangent, operands"):
+        _sync(synced.at[0])  # every tile's cotangent published
+        plgpu.barrier_wait(loaded.at[0])  # chunk j's operands
 
       # S0: e2's cotangent, its products' operand and K ⊙ c's share
-      ge2 = accumulate(tile_of(ge2_g), (nkc_s, g2b_s.at[wg].T))
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's g_z copied out of gs_s
-      gs_s.at[wg][...] = (s1 * ge2 * tile_of(slope_g)).astype(BF16)
-      plgpu.commit_smem()
-      gz_part = (ge2 * tile_of(curve_g)).astype(BF16)
-      gkc_out.at[j, head, wg][...] = -product((c, d), (tile_of(e2_g).astype(BF16), g2b_s.at[wg]))
-      _sync(synced.at[1])
+      with jax.named_scope("S0 e2"):
+        ge2 = accumulate(tile_of(ge2_g), (nkc_s, g2b_s.at[wg].T))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's g_z copied out of gs_s
+        gs_s.at[wg][...] = (s1 * ge2 * tile_of(slope_g)).astype(BF16)
+        plgpu.commit_smem()
+        gz_part = (ge2 * tile_of(curve_g)).astype(BF16)
+        gkc_out.at[j, head, wg][...] = -product((c, d), (tile_of(e2_g).astype(BF16), g2b_s.at[wg]))
+      with jax.named_scope("sync"):
+        _sync(synced.at[1])
 
       # S1: e1's cotangent on this warpgroup's block of columns, and the row step's pull-back
-      via_end = -product((c, block), *((h_s.at[t], g1b_s.at[t, mine].T) for t in range(tiles)))
-      via_e2 = product((c, block), *((gs_s.at[t], w1_s.at[t, mine].T) for t in range(tiles)))
-      g_e1 = load(ge1_g.at[j, head, :, mine]) + via_e2 + wg_ops.along(coef_g.at[j, head], (c, block), 0) * via_end
+      with jax.named_scope("S1 e1"):
+        via_end = -product((c, block), *((h_s.at[t], g1b_s.at[t, mine].T) for t in range(tiles)))
+        via_e2 = product((c, block), *((gs_s.at[t], w1_s.at[t, mine].T) for t in range(tiles)))
+        g_e1 = load(ge1_g.at[j, head, :, mine]) + via_e2 + wg_ops.along(coef_g.at[j, head], (c, block), 0) * via_end
 
-      @pl.when(writes)
-      def _e1_outputs():
-        ge1_out.at[j, head, :, mine][...], via_out.at[j, head, :, mine][...] = g_e1, via_end
+        @pl.when(writes)
+        def _e1_outputs():
+          ge1_out.at[j, head, :, mine][...], via_out.at[j, head, :, mine][...] = g_e1, via_end
 
-      block_of = lambda ref: load(ref.at[j, head, :, mine])
-      terms = keys_chain.RowTerms(block_of(n_g), block_of(a_g), block_of(ehat_g), block_of(rcurve_g),
-                                  wg_ops.vector(rstd_g.at[j, head], 0), wg_ops.vector(na_g.at[j, head], 0))
-      g_u = keys_chain.row_pullback(terms, g_e1, means, rows)
+      with jax.named_scope("S1 row pull-back"):
+        block_of = lambda ref: load(ref.at[j, head, :, mine])
+        terms = keys_chain.RowTerms(block_of(n_g), block_of(a_g), block_of(ehat_g), block_of(rcurve_g),
+                                    wg_ops.vector(rstd_g.at[j, head], 0), wg_ops.vector(na_g.at[j, head], 0))
+        g_u = keys_chain.row_pullback(terms, g_e1, means, rows)
 
-      @pl.when(writes)
-      def _gu():
-        gu_g.at[head, :, mine][...] = s1 * g_u  # the blocks meet in L2
-      _sync(synced.at[1])
+      with jax.named_scope("S1 g_u exchange"):
+        @pl.when(writes)
+        def _gu():
+          gu_g.at[head, :, mine][...] = s1 * g_u  # the blocks meet in L2
+        _sync(synced.at[1])
 
       # S2: z's cotangent and the tile's update
-      gu = load(gu_g.at[head]).astype(BF16)
+      with jax.named_scope("S2 g_h"):
+        gu = load(gu_g.at[head]).astype(BF16)
 
-      @pl.when(wg == 0)
-      def _gu_operand():  # for the transposed product, after the next sync
-        gu_s[...] = gu
+        @pl.when(wg == 0)
+        def _gu_operand():  # for the transposed product, after the next sync
+          gu_s[...] = gu
+          plgpu.commit_smem()
+        g_h = accumulate(tile_of(gh_g), (ne1c_s, g1b_s.at[wg]), (gu, w1_s.at[wg]))
+        _sync(synced.at[2])
+      with jax.named_scope("S2 updates"):
+        step1 = product((d, TILE), (e1_s.T, gs_s.at[wg]), (gu_s.T, h_s.at[wg]))
+        gs_s.at[wg][...] = (gz_part.astype(F32) + g_h * tile_of(slope_g)).astype(BF16)  # now g_z's
         plgpu.commit_smem()
-      g_h = accumulate(tile_of(gh_g), (ne1c_s, g1b_s.at[wg]), (gu, w1_s.at[wg]))
-      _sync(synced.at[2])
-      step1 = product((d, TILE), (e1_s.T, gs_s.at[wg]), (gu_s.T, h_s.at[wg]))
-      gs_s.at[wg][...] = (gz_part.astype(F32) + g_h * tile_of(slope_g)).astype(BF16)  # now g_z's
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(gs_s.at[wg], gz_out.at[j, head, :, cols])
-      raw2 = product((TILE, d), (gs_s.at[wg].T, k_s))  # s₂'s cotangent Σ g_z ⊙ K W2ᵀ is Σ raw2 ⊙ W2
-      starts = lambda: (load(w2_g.at[j, head, cols]), load(w1_g.at[j, head, :, cols]))  # read where used (L2)
-      w2, w1 = starts()
-      g2 = load(out2_g.at[head, cols])
-      gdec_out.at[j, head, wg, 0][...] = jnp.sum(g2 * w2, axis=1)
-      terms_s.at[wg, 0][...] = jnp.sum(raw2 * w2, axis=1)
-      out2_g.at[head, cols][...] = b * g2 + s2 * raw2 + load(gw2_g.at[j, head, cols])
-      g1 = load(out1_g.at[head, :, cols])
-      gdec_out.at[j, head, wg, 1][...] = jnp.sum(g1 * w1, axis=1)
-      terms_s.at[wg, 1][...] = jnp.sum(step1 * w1, axis=1) / s1
-      out1_g.at[head, :, cols][...] = b * g1 + step1 + load(gw1_g.at[j, head, :, cols])
-      _sync(synced.at[3])  # every tile's sums; chunk j's shared operands read by all
+        plgpu.copy_smem_to_gmem(gs_s.at[wg], gz_out.at[j, head, :, cols])
+        raw2 = product((TILE, d), (gs_s.at[wg].T, k_s))  # s₂'s cotangent Σ g_z ⊙ K W2ᵀ is Σ raw2 ⊙ W2
+        starts = lambda: (load(w2_g.at[j, head, cols]), load(w1_g.at[j, head, :, cols]))  # read where used (L2)
+        w2, w1 = starts()
+        g2 = load(out2_g.at[head, cols])
+        gdec_out.at[j, head, wg, 0][...] = jnp.sum(g2 * w2, axis=1)
+        terms_s.at[wg, 0][...] = jnp.sum(raw2 * w2, axis=1)
+        out2_g.at[head, cols][...] = b * g2 + s2 * raw2 + load(gw2_g.at[j, head, cols])
+        g1 = load(out1_g.at[head, :, cols])
+        gdec_out.at[j, head, wg, 1][...] = jnp.sum(g1 * w1, axis=1)
+        terms_s.at[wg, 1][...] = jnp.sum(step1 * w1, axis=1) / s1
+        out1_g.at[head, :, cols][...] = b * g1 + step1 + load(gw1_g.at[j, head, :, cols])
+      with jax.named_scope("sync, prefetch"):
+        _sync(synced.at[3])  # every tile's sums; chunk j's shared operands read by all
 
-      @pl.when(j > 0)
-      def _prefetch():
-        fetch(j - 1)
+        @pl.when(j > 0)
+        def _prefetch():
+          fetch(j - 1)
 
       # S3: the scales' share of the start state's cotangent, read again from the output (L2), and its publication
-      g2, g1 = load(out2_g.at[head, cols]), load(out1_g.at[head, :, cols])
-      if ret.scaled:
-        w2, w1 = starts()
-        sum2, sum1 = _scalar_sums(terms_s, range(tiles), 2)
-        share2, share1 = scales_share(ret, (t2, t1), (sum2 + g_read2, sum1 + g_read1), w2, w1)
-        g2, g1 = g2 + share2, g1 + share1
-      publish(g2, g1)
+      with jax.named_scope("S3 scales, publish"):
+        g2, g1 = load(out2_g.at[head, cols]), load(out1_g.at[head, :, cols])
+        if ret.scaled:
+          w2, w1 = starts()
+          sum2, sum1 = _scalar_sums(terms_s, range(tiles), 2)
+          share2, share1 = scales_share(ret, (t2, t1), (sum2 + g_read2, sum1 + g_read1), w2, w1)
+          g2, g1 = g2 + share2, g1 + share1
+        publish(g2, g1)
 
     plgpu.wait_smem_to_gmem(0)
 
@@ -176,7 +187,7 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
              operand(c, d), plgpu.SMEM((2, tiles, 3, c), F32), plgpu.SMEM((tiles, 2, TILE), F32),
              plgpu.Barrier(num_arrivals=4 + 2 * tiles, num_barriers=1),
              plgpu.Barrier(num_arrivals=tiles, num_barriers=4)]
-  kernel = per_head_kernel(body, out_type, scratch, heads, tiles, interpret)
+  kernel = per_head_kernel(body, out_type, scratch, heads, tiles, interpret, profile_dir)
   bf16 = lambda a: a.astype(BF16)
   r = x.rows
   g2, g1, g_e1, via_end, g_kc, g_z, g_dec, _ = kernel(
@@ -187,6 +198,9 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
   return {"w2": g2, "w1": g1}, outputs
 
 
-def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | plgpu.InterpretGPUParams = False):
-  """:func:`keys_chain.keys_backward` with this kernel as its chain (arguments and returns as there)."""
-  return keys_chain.keys_backward(spec, residuals, cotangents, chain=functools.partial(chain, interpret=interpret))
+def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | plgpu.InterpretGPUParams = False,
+                  profile_dir: str = ""):
+  """:func:`keys_chain.keys_backward` with this kernel as its chain (arguments and returns as there; ``interpret``
+  and ``profile_dir`` as :func:`chain`'s)."""
+  return keys_chain.keys_backward(spec, residuals, cotangents,
+                                  chain=functools.partial(chain, interpret=interpret, profile_dir=profile_dir))

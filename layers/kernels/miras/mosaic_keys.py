@@ -162,12 +162,19 @@ def scales_share(ret, totals, g_scales, w2, w1) -> list:
   return shares
 
 
+PROFILE_RANGES = 250  # named ranges a warpgroup records when profiled: what the chain kernel's shared memory leaves
+
+
 def per_head_kernel(body, out_type, scratch_types, heads: int, tiles: int,
-                    interpret: bool | plgpu.InterpretGPUParams = False):
+                    interpret: bool | plgpu.InterpretGPUParams = False, profile_dir: str = ""):
   """``body`` as a Mosaic GPU kernel of one CTA per head (axis "head") and one warpgroup per hidden tile (axis
-  "wg"); ``interpret``: Mosaic GPU interpret mode, with default or the given parameters."""
+  "wg"); ``interpret``: Mosaic GPU interpret mode, with default or the given parameters; ``profile_dir``: record the
+  body's ``jax.named_scope`` ranges with Mosaic GPU's profiler (the first :data:`PROFILE_RANGES` of each warpgroup,
+  in shared memory) and write them there as a Chrome trace at each call (GPU only)."""
+  profile = ({"profile_space": PROFILE_RANGES, "profile_dir": profile_dir, "profile_bounds_check": True}
+             if profile_dir else {})
   return plgpu.kernel(body, out_type=out_type, scratch_types=scratch_types, grid=(heads,), grid_names=("head",),
-                      num_threads=tiles, thread_name="wg",
+                      num_threads=tiles, thread_name="wg", compiler_params=plgpu.CompilerParams(**profile),
                       interpret=plgpu.InterpretGPUParams() if interpret is True else interpret or None)
 
 
