@@ -81,3 +81,48 @@ def format_table(profile: dict, title: str) -> str:
   rows = [f"  {k['us_per_call'] / 1e3:8.3f} ms  {k['count_per_call']:7.0f}×  {k['mean_us']:8.1f} µs  {k['name']}"
           for k in profile["kernels"]]
   return "\n".join([head, *rows])
+
+
+def region_table(trace: dict) -> dict:
+  """Where a Mosaic GPU kernel's time goes inside it: the ``jax.named_scope`` ranges its profiler recorded (a Chrome
+  trace of begin/end events, one thread per warpgroup and CTA, as ``plgpu.CompilerParams(profile_dir=...)`` writes
+  it), grouped by name. Per range name: how often each thread entered it, the mean µs of one entry (µs a loop step
+  for a range entered once a step), and the mean, least and largest total µs of a thread. Ranges nest; a name's time
+  includes its inner ranges'."""
+  open_ranges: dict[int, list[dict]] = defaultdict(list)
+  spans: dict[int, list[float]] = {}
+  durations: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+  for event in trace["traceEvents"]:
+    thread, time = event["tid"], event["ts"]
+    first, last = spans.get(thread, (time, time))
+    spans[thread] = [min(first, time), max(last, time)]
+    if event["ph"] == "B":
+      open_ranges[thread].append(event)
+    elif event["ph"] == "E":
+      begin = open_ranges[thread].pop()
+      if begin["name"] != event["name"]:
+        raise ValueError(f"unbalanced trace: {begin['name']!r} closed by {event['name']!r} on thread {thread}")
+      durations[event["name"]][thread].append(time - begin["ts"])
+  if not spans:
+    return {"note": "the trace holds no ranges", "regions": []}
+  threads = len(spans)
+  regions = []
+  for name, by_thread in durations.items():
+    totals = [sum(d) for d in by_thread.values()]
+    count = sum(map(len, by_thread.values()))
+    regions.append({"name": name, "threads": len(by_thread), "count_per_thread": count / len(by_thread),
+                    "mean_us": sum(totals) / count, "us_per_thread": sum(totals) / len(by_thread),
+                    "min_us_per_thread": min(totals), "max_us_per_thread": max(totals)})
+  span = sum(last - first for first, last in spans.values()) / threads
+  return {"threads": threads, "span_us_per_thread": span,
+          "regions": sorted(regions, key=lambda r: -r["us_per_thread"])}
+
+
+def format_regions(table: dict, title: str) -> str:
+  """:func:`region_table` as text: a header line and one row per range name."""
+  if not table.get("regions"):
+    return f"{title}: {table.get('note', 'empty trace')}"
+  head = f"{title}: {table['threads']} threads, {table['span_us_per_thread']:.2f} µs recorded per thread"
+  rows = [f"  {r['mean_us']:8.3f} µs × {r['count_per_thread']:5.0f} = {r['us_per_thread']:8.2f} µs a thread "
+          f"({r['min_us_per_thread']:.2f}–{r['max_us_per_thread']:.2f})  {r['name']}" for r in table["regions"]]
+  return "\n".join([head, *rows])

@@ -11,6 +11,7 @@ with the chunk inputs' pull-back around it). GPU only.
 
   PYTHONPATH=. python benchmarks/miras_keys.py --heads 128 --chunks 64 --json keys_forward.json
   PYTHONPATH=. python benchmarks/miras_keys.py --direction backward --json keys_backward.json
+  PYTHONPATH=. python benchmarks/miras_keys.py --direction backward --regions /tmp/chain_trace  # + inside the chain
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.kernel_profile import format_regions, region_table
 from benchmarks.linear_attention import _median_ms
 from benchmarks.miras_mosaic_chain import max_relative_error
-from layers.kernels.miras import mosaic_keys, pallas_tiles
+from layers.kernels.miras import mosaic_chain, mosaic_keys, pallas_tiles
 from layers.kernels.miras.chunked import with_matmul
 from layers.miras import bias as biases
 from layers.miras.memory import MLPMemory
@@ -86,17 +89,35 @@ def _backward_errors(got, want) -> dict:
           if w.dtype != jax.dtypes.float0 and bool(jnp.any(w != 0))}
 
 
+def chain_regions(spec, inputs, trace_dir: str) -> dict:
+  """The chain kernel's steps timed inside it by Mosaic GPU's profiler (one call; its trace kept in
+  ``trace_dir``): :func:`kernel_profile.region_table` of the warpgroups' first ranges (the chunks walked first)."""
+  os.makedirs(trace_dir, exist_ok=True)
+  before = set(os.listdir(trace_dir))
+  run = jax.jit(functools.partial(mosaic_chain.keys_backward, spec, profile_dir=trace_dir))
+  jax.block_until_ready(run(*inputs))
+  written = sorted(set(os.listdir(trace_dir)) - before)
+  if not written:
+    sys.exit(f"Mosaic GPU's profiler wrote no trace into {trace_dir}")
+  with open(os.path.join(trace_dir, written[-1])) as f:
+    return region_table(json.load(f))
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--direction", choices=("forward", "backward"), default="forward")
   parser.add_argument("--heads", type=int, default=128, help="batch × heads (8 × 16 at issue 14's shape)")
   parser.add_argument("--chunks", type=int, default=64, help="chunks of 64 tokens (64: T = 4096)")
   parser.add_argument("--json", default="keys.json")
+  parser.add_argument("--regions", default="", metavar="DIR", help="backward: also time the chain kernel's steps "
+                      "inside it (Mosaic GPU's profiler; its trace is written into DIR)")
   args = parser.parse_args()
   if jax.default_backend() != "gpu":
     sys.exit("the Mosaic GPU kernels need a GPU (tests/layers/test_miras_mosaic_keys.py checks them on a CPU)")
   if args.heads < 1 or args.chunks < 1:
     sys.exit("--heads and --chunks must be positive")
+  if args.regions and args.direction != "backward":
+    sys.exit("--regions times the chain kernel's steps: it needs --direction backward")
   spec = with_matmul(MemorySpec(MLPMemory(), biases.Lp(3.0), LqNorm(4.0)), "bfloat16")  # Moneta
   forward = args.direction == "forward"
   inputs = keys_inputs(args.chunks, args.heads) if forward else backward_inputs(spec, args.chunks, args.heads)
@@ -110,6 +131,9 @@ def main() -> None:
   for name, run in runs.items():
     row[f"{name}_ms"] = _median_ms(functools.partial(run, *inputs))
     row[f"{name}_us_per_chunk"] = 1e3 * row[f"{name}_ms"] / args.chunks
+  if args.regions:
+    row["chain_mosaic_regions"] = chain_regions(spec, inputs, args.regions)
+    print(format_regions(row["chain_mosaic_regions"], f"chain kernel's steps, {row['device']}"), flush=True)
   print(json.dumps(row), flush=True)
   with open(args.json, "w") as f:
     json.dump({"argv": sys.argv, "rows": [row]}, f, indent=1)
