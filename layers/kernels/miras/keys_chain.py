@@ -18,8 +18,9 @@ three passes:
     with (') the reads' cotangents, and Moneta's read scales' share added to G from two sums the updates give
     (Σ ΔG2 ⊙ W2 / s₂ is Σ g_z ⊙ K W2ᵀ, Σ ΔG1 ⊙ W1 / s₁ is s₁'s), so the chain holds no [c, E] array but the slope
     and the curvature;
-  * :func:`chain_outputs`, all chunks at once: the row step's vjp from each chunk's g_e1 (K, V, δ, LayerNorm), K's
-    share through z (s₂ g_z W2), the coefficients' and the decays' cotangents.
+  * :func:`chain_outputs`, all chunks at once: the row step's vjp in K, V and the LayerNorm from each chunk's g_e1
+    (:func:`row_inputs_pullback`, in closed form at the linearisation), K's share through z (s₂ g_z W2), the
+    coefficients' and the decays' cotangents.
 
 Shapes and returns as :func:`mosaic_keys.keys_backward`; per-head gates (the decay's cotangent is one number a
 layer). :func:`chain_scan` is the chain as an XLA scan, the reference of :mod:`mosaic_chain`'s kernel.
@@ -33,7 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from layers.kernels.miras.pallas_triton import gelu_grad2, keys_errors
+from layers.kernels.miras.pallas_triton import gelu_grad2
 from layers.miras.memory import gelu, gelu_grad, layer_norm, plain_matmul, row_mean
 from layers.miras.spec import MemorySpec
 
@@ -80,6 +81,22 @@ def row_pullback(terms: RowTerms, w: jax.Array, means=_row_means, row=lambda x: 
   y = -row(terms.na) * w - wn * terms.a + terms.curve * (w - w_mean - terms.n * wn)
   y_mean, yn = means(y, y * terms.n)
   return row(terms.rstd * terms.rstd) * (y - y_mean - terms.n * (yn + we))
+
+
+def row_inputs_pullback(spec: MemorySpec, terms: RowTerms, k, v, delta, gamma, beta, w) -> tuple:
+  """The row step's vjp in its other inputs at :func:`row_terms`' point (u's share is :func:`row_pullback`'s), from
+  e1's cotangent w [c, d]: with q = rstd P_n(w) the cotangent of a = γ ⊙ g, g = ∂ℓ/∂y (y, v) and y = K + n γ + β,
+
+    ȳ = ∂g/∂yᵀ (γ ⊙ q),  V̄ = ∂g/∂vᵀ (γ ⊙ q),  K̄ = ȳ,  β̄ = Σ_rows ȳ,  γ̄ = Σ_rows (g ⊙ q + n ⊙ ȳ).
+
+  One round of row means and the bias' gradient once, where ``jax.vjp`` of the row step redoes the LayerNorm and
+  pulls back through it and P_n. Returns (K̄, V̄ [c, d], γ̄, β̄ [1, d])."""
+  w_mean, wn = _row_means(w, w * terms.n)
+  q = terms.rstd[..., None] * (w - w_mean - terms.n * wn)
+  g, pullback = jax.vjp(lambda y, v: spec.bias.grad(y, v, delta), k + terms.n * gamma + beta, v)
+  g_y, g_v = pullback(gamma * q)
+  rows_sum = lambda x: jnp.sum(x, axis=-2, keepdims=True)
+  return g_y, g_v, rows_sum(g * q + terms.n * g_y), rows_sum(g_y)
 
 
 class ChainInputs(NamedTuple):
@@ -205,12 +222,10 @@ def chain_scan(spec: MemorySpec, inputs: ChainInputs, g_end: dict):
 def chain_outputs(spec: MemorySpec, residuals, inputs: ChainInputs, outputs: ChainOutputs):
   """The chunk inputs' and the LayerNorm's cotangents from the chain's outputs, every chunk at once: (the
   LayerNorm's (γ, β) [N, 1, d] each, the factors' {k, v, coef, kc [n, N, c, d], decay [n, N, 2]})."""
-  ln, xs, *_, u, _, _ = residuals
+  ln, xs, *_ = residuals
   k, v, delta, *_ = xs
-  errors = lambda u, k, v, delta, gamma, beta: keys_errors(spec, u, k, v, delta, (gamma, beta))[0]
-  pullback = lambda *args: jax.vjp(errors, *args[:-1])[1](args[-1])
-  _, g_k, g_v, _, g_gamma, g_beta = _per_chunk_and_head(pullback)(u, k, v, delta, *_every_chunk(ln, k.shape[0]),
-                                                                  outputs.g_e1)
+  g_k, g_v, g_gamma, g_beta = _per_chunk_and_head(functools.partial(row_inputs_pullback, spec))(
+      inputs.rows, k, v, delta, *_every_chunk(ln, k.shape[0]), outputs.g_e1)
   dot = functools.partial(plain_matmul, mode=spec.memory.matmul)
   g_kz = inputs.scales[..., 0, None, None] * dot("nhce,nhed->nhcd", outputs.g_z, inputs.w2)
   factors = {"k": g_k + g_kz, "v": g_v, "coef": inputs.e1 * outputs.via_end, "kc": outputs.g_kc,
