@@ -16,9 +16,10 @@ per-head form):
     docs/benchmarks.md, "Fifteenth session"); one pass over the tiles: z = s₂ (Q̃ W2ᵀ − S_q e2), hq = gelu(z),
     summing hq hᵀ [c, c] and hq W1ᵀ [c, d]; then u = s₁ (B̃ ⊙ hq W1ᵀ − ((hq hᵀ) ⊙ C) e1) [c, d], with read scales
     (s₂, s₁) per row [c, 1] (a chunk's last token may read the closed state: :func:`flat.miras_flat`);
-  * backward from u's cotangent: the same pass recomputes the two sums, the [c, c] / [c, d] pieces are pulled back,
-    a second pass over the tiles writes each tile's cotangents of W2, W1, e2, h and sums those of Q̃ and S_q, which
-    a second kernel pulls back to q, k and the gates (log B̃ [c, 1], log B and η [1, c]).
+  * backward from u's cotangent and the two sums (which the forward keeps: 32 KiB a chunk and head, instead of a
+    second pass over the tiles): the [c, c] / [c, d] pieces are pulled back, a pass over the tiles writes each
+    tile's cotangents of W2, W1, e2, h and sums those of Q̃ and S_q, which a second kernel pulls back to q, k and
+    the gates (log B̃ [c, 1], log B and η [1, c]).
 
 The kernels return what XLA would for the start states (their cotangents in the start states' dtype, [n, b·h, E, d]
 and [n, b·h, d, E]), so the keys' recurrence pulls back through them unchanged. GELU inside the kernels uses
@@ -49,6 +50,12 @@ class ReadTiling:
   num_warps: int = 4
   interpret: bool = False
 
+  def backward(self) -> ReadTiling:
+    """The backward kernels' settings, at 8 warps: their live values spill less there (ptxas for sm_90a, Moneta,
+    tile 64: the first kernel 544 B a thread against 1.36 KB at 4, the second none against 72 B), and the sixteenth
+    session's one-kernel read backward ran ~0.9 ms faster at 8 on an H100 (docs/benchmarks.md)."""
+    return dataclasses.replace(self, num_warps=8)
+
 
 def _acc(x):
   """The accumulators' dtype for inputs like x: float32, or float64 for float64 inputs (tests)."""
@@ -76,13 +83,18 @@ def _gates(refs, strict: bool):
   return jnp.exp(log_read), ratio, ratio * eta
 
 
-def _tile_sums(dot, mode: str, tile: int, strict: bool, s2, q_ref, k_ref, gates, refs):
-  """The forward's pass over E: the decayed queries Q̃ = B̃ ⊙ q [c, d] and first-layer scores S_q = (q kᵀ) ⊙ C
-  [c, c] (as matmul operands, :func:`pallas_triton.kernel_operands`), then (hq hᵀ [c, c], hq W1ᵀ [c, d]) summed
-  over the tiles of refs (W2 [E, d], W1 [d, E], e2 [c, E], h [c, E]). Returns (B̃, C, Q̃, S_q, hq hᵀ, hq W1ᵀ)."""
+def _query_operands(dot, mode: str, strict: bool, q_ref, k_ref, gates):
+  """The decayed queries Q̃ = B̃ ⊙ q [c, d] and first-layer scores S_q = (q kᵀ) ⊙ C [c, c] (as matmul operands,
+  :func:`pallas_triton.kernel_operands`). Returns (B̃, C, Q̃, S_q)."""
   decay, _, coef = _gates(gates, strict)
   q = q_ref[...]
-  rows, sq = kernel_operands(mode, q * decay, dot("td,sd->ts", q, k_ref[...]) * coef)
+  return decay, coef, *kernel_operands(mode, q * decay, dot("td,sd->ts", q, k_ref[...]) * coef)
+
+
+def _tile_sums(dot, mode: str, tile: int, strict: bool, s2, q_ref, k_ref, gates, refs):
+  """The forward's pass over E: :func:`_query_operands`, then (hq hᵀ [c, c], hq W1ᵀ [c, d]) summed over the tiles
+  of refs (W2 [E, d], W1 [d, E], e2 [c, E], h [c, E]). Returns (B̃, C, Q̃, S_q, hq hᵀ, hq W1ᵀ)."""
+  decay, coef, rows, sq = _query_operands(dot, mode, strict, q_ref, k_ref, gates)
   w2_ref, w1_ref, e2_ref, h_ref = refs
   c, d = rows.shape
 
@@ -92,34 +104,36 @@ def _tile_sums(dot, mode: str, tile: int, strict: bool, s2, q_ref, k_ref, gates,
     hq = _query_hidden(dot, s2, rows, w2_ref[cols, :], sq, e2_ref[:, cols])[2]
     return hh + dot("te,se->ts", hq, h_ref[:, cols]), p + dot("te,de->td", hq, w1_ref[:, cols])
 
-  zeros = jnp.zeros((c, c), _acc(q)), jnp.zeros((c, d), _acc(q))
+  zeros = jnp.zeros((c, c), _acc(rows)), jnp.zeros((c, d), _acc(rows))
   return decay, coef, rows, sq, *jax.lax.fori_loop(0, w2_ref.shape[0] // tile, body, zeros)
 
 
 def _read_kernel(w2_ref, w1_ref, q_ref, k_ref, e2_ref, h_ref, log_read_ref, log_b_ref, eta_ref, e1_ref, s2_ref,
-                 s1_ref, u_ref, *, mode, tile, strict):
-  """Forward: this chunk's u = s₁ (B̃ ⊙ hq W1ᵀ − ((hq hᵀ) ⊙ C) e1) [c, d] (s₂, s₁ [c, 1])."""
+                 s1_ref, u_ref, *sums_refs, mode, tile, strict):
+  """Forward: this chunk's u = s₁ (B̃ ⊙ hq W1ᵀ − ((hq hᵀ) ⊙ C) e1) [c, d] (s₂, s₁ [c, 1]); with ``sums_refs``
+  also the tile loop's sums hq hᵀ [c, c] and hq W1ᵀ [c, d], the backward's residuals."""
   dot = kernel_dot(mode)
   s2, s1 = s2_ref[...], s1_ref[...]
   decay, coef, _, _, hh, p = _tile_sums(dot, mode, tile, strict, s2, q_ref, k_ref, (log_read_ref, log_b_ref, eta_ref),
                                         (w2_ref, w1_ref, e2_ref, h_ref))
   mixed = dot("ts,sd->td", hh * coef, e1_ref[...])
   u_ref[...] = (s1 * (decay * p - mixed)).astype(u_ref.dtype)
+  for ref, total in zip(sums_refs, (hh, p)):
+    ref[...] = total
 
 
 def _read_grad_kernel(w2_ref, w1_ref, q_ref, k_ref, e2_ref, h_ref, log_read_ref, log_b_ref, eta_ref, e1_ref, s2_ref,
-                      s1_ref, gu_ref, gw2_ref, gw1_ref, ge2_ref, gh_ref, glog_read_ref, glog_b_ref, geta_ref, ge1_ref,
-                      gs2_ref, gs1_ref, grows_ref, gsq_ref, *, mode, tile, strict):
-  """Backward, first kernel: from u's cotangent ĝ [c, d], the cotangents of every input of :func:`_read_kernel` but
-  q and k; the gates' only through hh and p, and those of Q̃ [c, d] and S_q [c, c] for :func:`_queries_grad_kernel`.
-  Only what a tile loop uses is held across it (the decays are formed again after the first), and the pull-back
-  through Q̃ and S_q is a kernel of its own: done here after the second loop it made this kernel spill 1.88 instead
-  of 0.86 KB a thread (ptxas for sm_90a, 4 warps; spills track time on the H100: docs/benchmarks.md, "Sixteenth
-  session")."""
+                      s1_ref, hh_ref, p_ref, gu_ref, gw2_ref, gw1_ref, ge2_ref, gh_ref, glog_read_ref, glog_b_ref,
+                      geta_ref, ge1_ref, gs2_ref, gs1_ref, grows_ref, gsq_ref, *, mode, tile, strict):
+  """Backward, first kernel: from u's cotangent ĝ [c, d] and the forward's sums (hh = hq hᵀ, p = hq W1ᵀ, kept by
+  it), the cotangents of every input of :func:`_read_kernel` but q and k; the gates' only through hh and p, and
+  those of Q̃ [c, d] and S_q [c, c] for :func:`_queries_grad_kernel`. The pull-back through Q̃ and S_q is a kernel
+  of its own: done here after the tile loop it made this kernel spill 1.88 instead of 0.86 KB a thread (ptxas for
+  sm_90a, 4 warps; spills track time on the H100: docs/benchmarks.md, "Sixteenth session")."""
   dot = kernel_dot(mode)
   gates = (log_read_ref, log_b_ref, eta_ref)
   s2, s1 = s2_ref[...], s1_ref[...]
-  _, _, rows, sq, hh, p = _tile_sums(dot, mode, tile, strict, s2, q_ref, k_ref, gates, (w2_ref, w1_ref, e2_ref, h_ref))
+  hh, p = hh_ref[...], p_ref[...]
   decay, ratio, coef = _gates(gates, strict)
   e1, gu = e1_ref[...], gu_ref[...]
   weighted = hh * coef
@@ -131,6 +145,7 @@ def _read_grad_kernel(w2_ref, w1_ref, q_ref, k_ref, e2_ref, h_ref, log_read_ref,
   for ref, part in zip((glog_read_ref, glog_b_ref, geta_ref), parts, strict=True):
     ref[...] = part.astype(ref.dtype)
   gp, ghh = kernel_operands(mode, a * decay, g_weighted * coef)
+  _, _, rows, sq = _query_operands(dot, mode, strict, q_ref, k_ref, gates)
   c, d = rows.shape
 
   def body(i, sums):
@@ -205,17 +220,24 @@ def _reads(mode: str, tiling: ReadTiling, strict: bool, *inputs):
 
 
 def _reads_fwd(mode, tiling, strict, *inputs):
-  return _reads(mode, tiling, strict, *inputs), inputs
+  """u and, as residuals, the inputs and every chunk's tile sums (hq hᵀ [n, b·h, c, c], hq W1ᵀ [n, b·h, c, d]:
+  2 × 16 KiB a chunk and head in float32, which the backward would otherwise form again over every tile)."""
+  q = inputs[2]
+  n, heads, c, _ = q.shape
+  acc = lambda *shape: jax.ShapeDtypeStruct(shape, _acc(q))
+  u, hh, p = _call(_read_kernel, mode, tiling, strict, inputs, [acc(*q.shape), acc(n, heads, c, c), acc(*q.shape)])
+  return u, (inputs, hh, p)
 
 
-def _reads_bwd(mode, tiling, strict, inputs, g_u):
+def _reads_bwd(mode, tiling, strict, residuals, g_u):
+  inputs, hh, p = residuals
   w2, w1, q, k, e2, h, log_read, log_b, eta, e1, s2, s1 = inputs
   n, heads, c, _ = q.shape
   acc = lambda *shape: jax.ShapeDtypeStruct(shape, _acc(q))
   gw2, gw1, ge2, gh, *g_gates, ge1, gs2, gs1, grows, gsq = _call(
-      _read_grad_kernel, mode, tiling, strict, (*inputs, g_u),
+      _read_grad_kernel, mode, tiling.backward(), strict, (*inputs, hh, p, g_u),
       (w2, w1, e2, h, log_read, log_b, eta, e1, s2, s1, acc(*q.shape), acc(n, heads, c, c)))
-  gq, gk, *g_gates = _call(_queries_grad_kernel, mode, tiling, strict,
+  gq, gk, *g_gates = _call(_queries_grad_kernel, mode, tiling.backward(), strict,
                            (q, k, log_read, log_b, eta, grows, gsq, *g_gates), (q, k, log_read, log_b, eta))
   return gw2, gw1, gq, gk, ge2, gh, *g_gates, ge1, gs2, gs1
 
