@@ -62,6 +62,11 @@ def _acc(x):
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
+def _acc_array(like, *shape) -> jax.ShapeDtypeStruct:
+  """A kernel output of ``shape`` in the accumulators' dtype for inputs like ``like``."""
+  return jax.ShapeDtypeStruct(shape, _acc(like))
+
+
 def _query_hidden(dot, s2, rows, w2, sq, e2):
   """The queries' first layer on one tile: (zraw = Q̃ W2ᵀ − S_q e2, z = s₂ zraw, hq = gelu(z)), [c, tile] each."""
   zraw = dot("ti,ei->te", rows, w2) - dot("ts,se->te", sq, e2)
@@ -128,8 +133,8 @@ def _read_grad_kernel(w2_ref, w1_ref, q_ref, k_ref, e2_ref, h_ref, log_read_ref,
   """Backward, first kernel: from u's cotangent ĝ [c, d] and the forward's sums (hh = hq hᵀ, p = hq W1ᵀ, kept by
   it), the cotangents of every input of :func:`_read_kernel` but q and k; the gates' only through hh and p, and
   those of Q̃ [c, d] and S_q [c, c] for :func:`_queries_grad_kernel`. The pull-back through Q̃ and S_q is a kernel
-  of its own: done here after the tile loop it made this kernel spill 1.88 instead of 0.86 KB a thread (ptxas for
-  sm_90a, 4 warps; spills track time on the H100: docs/benchmarks.md, "Sixteenth session")."""
+  of its own: done here, it made this kernel (then with a second tile loop) spill 1.88 instead of 0.86 KB a thread
+  (ptxas for sm_90a, 4 warps; spills track time on the H100: docs/benchmarks.md, "Sixteenth session")."""
   dot = kernel_dot(mode)
   gates = (log_read_ref, log_b_ref, eta_ref)
   s2, s1 = s2_ref[...], s1_ref[...]
@@ -216,7 +221,7 @@ def _reads(mode: str, tiling: ReadTiling, strict: bool, *inputs):
   """u [n, b·h, c, d] of every chunk from the stacked inputs (W2, W1, q, k, e2, h, log B̃ [.., c, 1], log B and
   η [.., 1, c], e1, s₂, s₁)."""
   q = inputs[2]
-  return _call(_read_kernel, mode, tiling, strict, inputs, [jax.ShapeDtypeStruct(q.shape, _acc(q))])[0]
+  return _call(_read_kernel, mode, tiling, strict, inputs, [_acc_array(q, *q.shape)])[0]
 
 
 def _reads_fwd(mode, tiling, strict, *inputs):
@@ -224,8 +229,8 @@ def _reads_fwd(mode, tiling, strict, *inputs):
   2 × 16 KiB a chunk and head in float32, which the backward would otherwise form again over every tile)."""
   q = inputs[2]
   n, heads, c, _ = q.shape
-  acc = lambda *shape: jax.ShapeDtypeStruct(shape, _acc(q))
-  u, hh, p = _call(_read_kernel, mode, tiling, strict, inputs, [acc(*q.shape), acc(n, heads, c, c), acc(*q.shape)])
+  u, hh, p = _call(_read_kernel, mode, tiling, strict, inputs,
+                   [_acc_array(q, *q.shape), _acc_array(q, n, heads, c, c), _acc_array(q, *q.shape)])
   return u, (inputs, hh, p)
 
 
@@ -233,10 +238,9 @@ def _reads_bwd(mode, tiling, strict, residuals, g_u):
   inputs, hh, p = residuals
   w2, w1, q, k, e2, h, log_read, log_b, eta, e1, s2, s1 = inputs
   n, heads, c, _ = q.shape
-  acc = lambda *shape: jax.ShapeDtypeStruct(shape, _acc(q))
   gw2, gw1, ge2, gh, *g_gates, ge1, gs2, gs1, grows, gsq = _call(
       _read_grad_kernel, mode, tiling.backward(), strict, (*inputs, hh, p, g_u),
-      (w2, w1, e2, h, log_read, log_b, eta, e1, s2, s1, acc(*q.shape), acc(n, heads, c, c)))
+      (w2, w1, e2, h, log_read, log_b, eta, e1, s2, s1, _acc_array(q, *q.shape), _acc_array(q, n, heads, c, c)))
   gq, gk, *g_gates = _call(_queries_grad_kernel, mode, tiling.backward(), strict,
                            (q, k, log_read, log_b, eta, grows, gsq, *g_gates), (q, k, log_read, log_b, eta))
   return gw2, gw1, gq, gk, ge2, gh, *g_gates, ge1, gs2, gs1
