@@ -754,6 +754,8 @@ def test_api_dispatch_and_errors():
   with pytest.raises(ValueError, match=r"chunk_reads covers per-head gates \(eta \[\.\.\., 1\]\) only"):
     flat.miras_flat(*qkv, gates, spec=SPECS["moneta"], chunk_size=4, split=True,
                     chunk_reads=pallas_reads.ChunkReads(), **kw)
+  with pytest.raises(ValueError, match="ReadTiling.num_stages must be positive, got 0"):
+    pallas_reads.ReadTiling(num_stages=0)
   elastic = FAST_PATH_SPECS["elastic_mlp"]
   qkv, gates, kw = _inputs(elastic, 14, t=10)
   with pytest.raises(ValueError, match="it needs a retention without a chunk-end map, not ElasticNet"):

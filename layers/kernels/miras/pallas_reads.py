@@ -44,17 +44,27 @@ from layers.miras.spec import MemorySpec
 @dataclasses.dataclass(frozen=True)
 class ReadTiling:
   """Launch settings (static): ``hidden_tile`` columns of E per step of a program's tile loop, Triton's
-  ``num_warps`` per program, and ``interpret`` (Pallas interpret mode: any backend)."""
+  ``num_warps`` per program of the forward and ``backward_warps`` of the backward's, ``num_stages`` (Triton's
+  software pipelining of the tile loop's loads), and ``interpret`` (Pallas interpret mode: any backend).
+
+  The backward runs at 8 warps by default: its live values spill less there (ptxas for sm_90a, Moneta, tile 64: the
+  first kernel 544 B a thread against 1.36 KB at 4, the second none against 72 B), and the sixteenth session's
+  one-kernel read backward ran ~0.9 ms faster at 8 on an H100 (docs/benchmarks.md)."""
 
   hidden_tile: int = 64
   num_warps: int = 4
   interpret: bool = False
+  backward_warps: int = 8
+  num_stages: int = 1
+
+  def __post_init__(self):
+    for name in ("hidden_tile", "num_warps", "backward_warps", "num_stages"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"ReadTiling.{name} must be positive, got {getattr(self, name)}")
 
   def backward(self) -> ReadTiling:
-    """The backward kernels' settings, at 8 warps: their live values spill less there (ptxas for sm_90a, Moneta,
-    tile 64: the first kernel 544 B a thread against 1.36 KB at 4, the second none against 72 B), and the sixteenth
-    session's one-kernel read backward ran ~0.9 ms faster at 8 on an H100 (docs/benchmarks.md)."""
-    return dataclasses.replace(self, num_warps=8)
+    """The backward kernels' settings (``backward_warps`` warps)."""
+    return dataclasses.replace(self, num_warps=self.backward_warps)
 
 
 def _acc(x):
@@ -211,7 +221,7 @@ def _call(kernel, mode: str, tiling: ReadTiling, strict: bool, inputs, outputs):
       in_specs=[leading_block(x) for x in inputs],
       out_specs=[leading_block(x) for x in outputs],
       out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outputs],
-      compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=1),
+      compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
       interpret=tiling.interpret,
   )(*inputs)
 
