@@ -6,8 +6,9 @@ recurrence S_{j+1} = f_j(S_j). Of each chunk's pull-back only a few products tak
 step's linearisation, the input cotangents that G's chain leaves behind) is the same for every G. So the backward is
 three passes:
 
-  * :func:`chain_inputs`, all chunks at once (batched XLA): z = s₂ K W2ᵀ, h = gelu(z), the slope gelu'(z), the
-    curvature s₁ (e1 W1) ⊙ gelu''(z), K ⊙ c and −e1 ⊙ c, and the row step's linearisation (:func:`row_terms`);
+  * :func:`chain_inputs`, all chunks at once (batched XLA): z = s₂ K W2ᵀ, the slope gelu'(z), the curvature
+    s₁ (e1 W1) ⊙ gelu''(z), K ⊙ c and −e1 ⊙ c, and the row step's linearisation (:func:`row_terms`); h = gelu(z)
+    is the forward's (``KeyPass.hk``);
   * the chain, chunk by chunk in reverse (:func:`chain_scan`), per chunk and head
 
       ĝ_e2 = g_e2 − (K ⊙ c) G2ᵀ                   g_e1 = g_e1' + s₁ (ĝ_e2 ⊙ gelu'(z)) W1ᵀ − c ⊙ (h G1ᵀ)
@@ -35,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from layers.kernels.miras.pallas_triton import gelu_grad2
-from layers.miras.memory import gelu, gelu_grad, layer_norm, plain_matmul, row_mean
+from layers.miras.memory import gelu_grad, layer_norm, plain_matmul, row_mean
 from layers.miras.spec import MemorySpec
 
 F32 = jnp.float32
@@ -153,7 +154,7 @@ def chain_inputs(spec: MemorySpec, residuals, cotangents) -> ChainInputs:
   rows = _per_chunk_and_head(functools.partial(row_terms, spec))(u, k, v, delta, *_every_chunk(ln, k.shape[0]))
   curve = s1 * dot("nhcd,nhde->nhce", keys.e1, w1) * gelu_grad2(z)
   g_scales = jnp.stack([g_keys.scale["w2"][..., 0, 0], g_keys.scale["w1"][..., 0, 0]], axis=-1)
-  return ChainInputs(w2, w1, k, keys.e1, k * coef[..., None], -keys.e1 * coef[..., None], coef, gelu(z), keys.e2,
+  return ChainInputs(w2, w1, k, keys.e1, k * coef[..., None], -keys.e1 * coef[..., None], coef, keys.hk, keys.e2,
                      gelu_grad(z), curve, rows, scales, totals, end_decay[..., 0], g_keys.e2, g_keys.hk, g_keys.e1,
                      g_starts["w2"], g_starts["w1"], g_scales)
 
