@@ -14,10 +14,11 @@ output (L2) between its reads, its bf16 copy in shared memory for the products. 
     (:func:`keys_chain.row_pullback`, two exchanges of row sums through shared memory), s₁ g_u's blocks meeting in
     L2 (warpgroup 0 copies the whole into shared memory for the transposed product, one more sync);
   * (S2) g_h,t = g_h,t' − (e1 ⊙ c) G1_t + s₁ g_u W1_t, g_z,t = ĝ_e2 ⊙ curvature + g_h ⊙ gelu'(z) (to shared memory
-    and out by TMA); the updates s₂ g_zᵀ K and s₁ e1ᵀ (ĝ_e2 ⊙ gelu'(z)) + s₁ g_uᵀ h; the decays' shares Σ G ⊙ W and
-    the scales' sums Σ ΔG ⊙ W out; G_t ← B G_t + ΔG_t + g_S,t' into the output;
-  * (S3) the next chunk's operands come in by TMA; Moneta's scales' share from every tile's sums, added to G_t,
-    which is published (output and bf16 copy).
+    and out by TMA); the updates ΔG: s₂ g_zᵀ K and s₁ e1ᵀ (ĝ_e2 ⊙ gelu'(z)) + s₁ g_uᵀ h, held in registers, and
+    Moneta's scales' sums Σ ΔG ⊙ W to shared memory;
+  * (S3) the next chunk's operands come in by TMA; one layer at a time, G_t read once: the decays' shares Σ G ⊙ W
+    out, G_t ← B G_t + ΔG_t + g_S,t' + the scales' share (from every tile's sums) written once and published
+    (output and bf16 copy).
 
 Its products have bf16 operands and float32 accumulation (wgmma), as ``pallas_tiles``' ``bfloat16`` mode. Covers
 what :func:`mosaic_keys.unsupported` accepts. Runs in Mosaic GPU interpret mode on any backend (the tests).
@@ -35,7 +36,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from layers.kernels.miras import keys_chain
 from layers.kernels.miras.mosaic_keys import (BF16, LINE, TILE, Warpgroup, _scalar_sums, _sync, per_head_kernel,
-                                              publish_tiles, row_sums, scales_share)
+                                              publish_tiles, row_sums, scale_share)
 from layers.miras.spec import MemorySpec
 
 F32 = jnp.float32
@@ -84,10 +85,8 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
           plgpu.copy_gmem_to_smem(h_g.at[j, head, :, tile], h_s.at[t], loaded.at[0])
           plgpu.copy_gmem_to_smem(w1_g.at[j, head, :, tile], w1_s.at[t], loaded.at[0])
 
-    def publish(g2, g1):
-      publish_tiles((out2_g.at[head, cols], out1_g.at[head, :, cols]), (g2b_s.at[wg], g1b_s.at[wg]), g2, g1)
-
-    publish(load(gend2_g.at[head, cols]), load(gend1_g.at[head, :, cols]))
+    publish_tiles((out2_g.at[head, cols], out1_g.at[head, :, cols]), (g2b_s.at[wg], g1b_s.at[wg]),
+                  load(gend2_g.at[head, cols]), load(gend1_g.at[head, :, cols]))
     fetch(n - 1)
 
     @pl.loop(0, n)
@@ -101,20 +100,25 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
 
       # S0: e2's cotangent, its products' operand and K ⊙ c's share
       with jax.named_scope("S0 e2"):
-        ge2 = accumulate(tile_of(ge2_g), (nkc_s, g2b_s.at[wg].T))
+        read = tile_of(ge2_g)
+        e2 = wg_ops.load_raw(e2_g.at[j, head, :, cols])
+        ge2, nkc_share = wg_ops.products(((c, TILE), [(nkc_s, g2b_s.at[wg].T)]), ((c, d), [(e2, g2b_s.at[wg])]))
+        ge2 = read + ge2
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's g_z copied out of gs_s
         gs_s.at[wg][...] = (s1 * ge2 * tile_of(slope_g)).astype(BF16)
         plgpu.commit_smem()
         gz_part = (ge2 * tile_of(curve_g)).astype(BF16)
-        gkc_out.at[j, head, wg][...] = -product((c, d), (tile_of(e2_g).astype(BF16), g2b_s.at[wg]))
+        gkc_out.at[j, head, wg][...] = -nkc_share
       with jax.named_scope("sync"):
         _sync(synced.at[1])
 
       # S1: e1's cotangent on this warpgroup's block of columns, and the row step's pull-back
       with jax.named_scope("S1 e1"):
-        via_end = -product((c, block), *((h_s.at[t], g1b_s.at[t, mine].T) for t in range(tiles)))
-        via_e2 = product((c, block), *((gs_s.at[t], w1_s.at[t, mine].T) for t in range(tiles)))
-        g_e1 = load(ge1_g.at[j, head, :, mine]) + via_e2 + wg_ops.along(coef_g.at[j, head], (c, block), 0) * via_end
+        read = load(ge1_g.at[j, head, :, mine])
+        via_end, via_e2 = wg_ops.products(((c, block), [(h_s.at[t], g1b_s.at[t, mine].T) for t in range(tiles)]),
+                                          ((c, block), [(gs_s.at[t], w1_s.at[t, mine].T) for t in range(tiles)]))
+        via_end = -via_end
+        g_e1 = read + via_e2 + wg_ops.along(coef_g.at[j, head], (c, block), 0) * via_end
 
         @pl.when(writes)
         def _e1_outputs():
@@ -142,22 +146,16 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
           plgpu.commit_smem()
         g_h = accumulate(tile_of(gh_g), (ne1c_s, g1b_s.at[wg]), (gu, w1_s.at[wg]))
         _sync(synced.at[2])
-      with jax.named_scope("S2 updates"):
+      with jax.named_scope("S2 products"):
         step1 = product((d, TILE), (e1_s.T, gs_s.at[wg]), (gu_s.T, h_s.at[wg]))
         gs_s.at[wg][...] = (gz_part.astype(F32) + g_h * tile_of(slope_g)).astype(BF16)  # now g_z's
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(gs_s.at[wg], gz_out.at[j, head, :, cols])
         raw2 = product((TILE, d), (gs_s.at[wg].T, k_s))  # s₂'s cotangent Σ g_z ⊙ K W2ᵀ is Σ raw2 ⊙ W2
-        starts = lambda: (load(w2_g.at[j, head, cols]), load(w1_g.at[j, head, :, cols]))  # read where used (L2)
-        w2, w1 = starts()
-        g2 = load(out2_g.at[head, cols])
-        gdec_out.at[j, head, wg, 0][...] = jnp.sum(g2 * w2, axis=1)
-        terms_s.at[wg, 0][...] = jnp.sum(raw2 * w2, axis=1)
-        out2_g.at[head, cols][...] = b * g2 + s2 * raw2 + load(gw2_g.at[j, head, cols])
-        g1 = load(out1_g.at[head, :, cols])
-        gdec_out.at[j, head, wg, 1][...] = jnp.sum(g1 * w1, axis=1)
-        terms_s.at[wg, 1][...] = jnp.sum(step1 * w1, axis=1) / s1
-        out1_g.at[head, :, cols][...] = b * g1 + step1 + load(gw1_g.at[j, head, :, cols])
+        starts = (w2_g.at[j, head, cols], w1_g.at[j, head, :, cols])  # read where used (L2), not held
+        if ret.scaled:
+          terms_s.at[wg, 0][...] = jnp.sum(raw2 * load(starts[0]), axis=1)
+          terms_s.at[wg, 1][...] = jnp.sum(step1 * load(starts[1]), axis=1) / s1
       with jax.named_scope("sync, prefetch"):
         _sync(synced.at[3])  # every tile's sums; chunk j's shared operands read by all
 
@@ -165,15 +163,21 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
         def _prefetch():
           fetch(j - 1)
 
-      # S3: the scales' share of the start state's cotangent, read again from the output (L2), and its publication
-      with jax.named_scope("S3 scales, publish"):
-        g2, g1 = load(out2_g.at[head, cols]), load(out1_g.at[head, :, cols])
+      # S3: G_t <- B G_t + ΔG_t + g_S,t' + the scales' share, read and written once, and published
+      with jax.named_scope("S3 update, publish"):
         if ret.scaled:
-          w2, w1 = starts()
-          sum2, sum1 = _scalar_sums(terms_s, range(tiles), 2)
-          share2, share1 = scales_share(ret, (t2, t1), (sum2 + g_read2, sum1 + g_read1), w2, w1)
-          g2, g1 = g2 + share2, g1 + share1
-        publish(g2, g1)
+          sums = _scalar_sums(terms_s, range(tiles), 2)
+          g_totals = (sums[0] + g_read2, sums[1] + g_read1)
+        steps = ((1, step1, out1_g.at[head, :, cols], gw1_g.at[j, head, :, cols], g1b_s.at[wg]),
+                 (0, s2 * raw2, out2_g.at[head, cols], gw2_g.at[j, head, cols], g2b_s.at[wg]))
+        for layer, step, out, g_read, operand in steps:  # W1's first: raw2 waits in registers
+          w, g = load(starts[layer]), load(out)
+          gdec_out.at[j, head, wg, layer][...] = jnp.sum(g * w, axis=1)
+          g = b * g + step + load(g_read)
+          if ret.scaled:
+            g = g + scale_share(ret, (t2, t1)[layer], g_totals[layer], w)
+          out[...], operand[...] = g, g.astype(BF16)
+        plgpu.commit_smem()
 
     plgpu.wait_smem_to_gmem(0)
 

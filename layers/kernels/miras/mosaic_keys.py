@@ -94,7 +94,11 @@ class Warpgroup:
 
   def load(self, ref):
     """A [r, s] array of global (or shared) memory, as float32."""
-    return self._pinned(plgpu.load(ref, optimized=False), plgpu.Layout.WGMMA).astype(jnp.float32)
+    return self.load_raw(ref).astype(jnp.float32)
+
+  def load_raw(self, ref):
+    """A [r, s] array of global (or shared) memory in its own dtype (a bf16 tile as a wgmma operand in registers)."""
+    return self._pinned(plgpu.load(ref, optimized=False), plgpu.Layout.WGMMA)
 
   def vector(self, ref, axis: int):
     """A vector in memory laid out as axis ``axis`` of a WGMMA-layout array (0: one value a row; 1: one a column)."""
@@ -113,6 +117,18 @@ class Warpgroup:
       plgpu.wgmma_wait(0)
       return acc[...]
     return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+  @staticmethod
+  def products(*groups):
+    """[Σ a @ b over a group's (a, b) operand pairs] for each (shape, pairs) group, each into a fresh float32
+    accumulator, every group's wgmmas issued together and waited for once."""
+    def run(*accs):
+      for acc, (_, pairs) in zip(accs, groups, strict=True):
+        for a, b in pairs:
+          plgpu.wgmma(acc, a, b)
+      plgpu.wgmma_wait(0)
+      return [acc[...] for acc in accs]
+    return pl.run_scoped(run, *(plgpu.ACC(shape, jnp.float32) for shape, _ in groups))
 
   @staticmethod
   def accumulate(init, *pairs):
@@ -151,15 +167,17 @@ def publish_tiles(outputs, operands, g2, g1):
   plgpu.commit_smem()
 
 
+def scale_share(ret, total, g_scale, w):
+  """The read scale's share of a warpgroup's tile of one layer's state cotangent at its tile of the state w
+  (float32), from the layer's summed scale terms t and its scale's cotangent g_s (numbers):
+  ∂scale_term_rows/∂w · ∂s/∂t · g_s."""
+  g_t = _mosaic_lowerable(jax.vjp(ret.scale_from, total)[1])(g_scale)[0]
+  return _mosaic_lowerable(jax.vjp(ret.scale_term_rows, w)[1])(jnp.broadcast_to(g_t, w.shape[:1]))[0]
+
+
 def scales_share(ret, totals, g_scales, w2, w1) -> list:
-  """The read scales' share of a warpgroup's tiles of the state's cotangent, at its tiles of the state (W2
-  [TILE, d], W1 [d, TILE], float32), from each layer's summed scale terms t and its scale's cotangent g_s (numbers):
-  ∂scale_term_rows/∂w · ∂s/∂t · g_s, [(W2's), (W1's)]."""
-  shares = []
-  for t, g_s, w in zip(totals, g_scales, (w2, w1), strict=True):
-    g_t = _mosaic_lowerable(jax.vjp(ret.scale_from, t)[1])(g_s)[0]
-    shares.append(_mosaic_lowerable(jax.vjp(ret.scale_term_rows, w)[1])(jnp.broadcast_to(g_t, w.shape[:1]))[0])
-  return shares
+  """:func:`scale_share` of both layers' tiles (W2 [TILE, d], W1 [d, TILE]), [(W2's), (W1's)]."""
+  return [scale_share(ret, t, g_s, w) for t, g_s, w in zip(totals, g_scales, (w2, w1), strict=True)]
 
 
 PROFILE_RANGES = 250  # named ranges a warpgroup records when profiled: what the chain kernel's shared memory leaves
