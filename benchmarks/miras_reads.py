@@ -31,6 +31,7 @@ from layers.miras.retention import LqNorm
 from layers.miras.spec import Gates, MemorySpec
 
 H100_BF16_PEAK_TFLOPS = 989.0  # dense; the H200's is the same
+MONETA = with_matmul(MemorySpec(MLPMemory(), biases.Lp(3.0), LqNorm(4.0)), "bfloat16")
 
 
 def read_inputs(batch: int, tokens: int, heads: int = 16, d: int = 64, e: int = 256, c: int = 64, seed: int = 0):
@@ -104,7 +105,7 @@ def main() -> None:
     sys.exit("--shape: T must be a positive multiple of the chunk, 64")
   if jax.default_backend() != "gpu":
     sys.exit("the reads' Triton kernels need a GPU (tests/layers/test_miras.py checks them on a CPU)")
-  spec = with_matmul(MemorySpec(MLPMemory(), biases.Lp(3.0), LqNorm(4.0)), "bfloat16")  # Moneta
+  spec = MONETA
   inputs = read_inputs(batch, tokens)
   device = jax.devices()[0].device_kind
   flops = read_flops(tokens // 64, batch * 16, 64, 64, 256)
