@@ -44,12 +44,14 @@ from layers.miras.spec import MemorySpec
 @dataclasses.dataclass(frozen=True)
 class ReadTiling:
   """Launch settings (static): ``hidden_tile`` columns of E per step of a program's tile loop, Triton's
-  ``num_warps`` per program of the forward and ``backward_warps`` of the backward's, ``num_stages`` (Triton's
-  software pipelining of the tile loop's loads), and ``interpret`` (Pallas interpret mode: any backend).
+  ``num_warps`` per program of the forward and the queries' backward kernel and ``backward_warps`` of the first
+  backward kernel's, ``num_stages`` (Triton's software pipelining of the tile loop's loads), and ``interpret``
+  (Pallas interpret mode: any backend).
 
-  The backward runs at 8 warps by default: its live values spill less there (ptxas for sm_90a, Moneta, tile 64: the
-  first kernel 544 B a thread against 1.36 KB at 4, the second none against 72 B), and the sixteenth session's
-  one-kernel read backward ran ~0.9 ms faster at 8 on an H100 (docs/benchmarks.md)."""
+  The first backward kernel runs at 8 warps by default: its live values spill less there (ptxas for sm_90a, Moneta,
+  tile 64: 544 B a thread against 1.36 KB at 4), and the sixteenth session's one-kernel read backward ran ~0.9 ms
+  faster at 8 on an H100. The queries' kernel spills 72 B at 4 and none at 8, yet ran 0.37 ms at 4 and 0.50 at 8
+  (the layer's profiles of the nineteenth and twentieth sessions, H100; docs/benchmarks.md)."""
 
   hidden_tile: int = 64
   num_warps: int = 4
@@ -63,7 +65,7 @@ class ReadTiling:
         raise ValueError(f"ReadTiling.{name} must be positive, got {getattr(self, name)}")
 
   def backward(self) -> ReadTiling:
-    """The backward kernels' settings (``backward_warps`` warps)."""
+    """The first backward kernel's settings (``backward_warps`` warps)."""
     return dataclasses.replace(self, num_warps=self.backward_warps)
 
 
@@ -251,7 +253,7 @@ def _reads_bwd(mode, tiling, strict, residuals, g_u):
   gw2, gw1, ge2, gh, *g_gates, ge1, gs2, gs1, grows, gsq = _call(
       _read_grad_kernel, mode, tiling.backward(), strict, (*inputs, hh, p, g_u),
       (w2, w1, e2, h, log_read, log_b, eta, e1, s2, s1, _acc_array(q, *q.shape), _acc_array(q, n, heads, c, c)))
-  gq, gk, *g_gates = _call(_queries_grad_kernel, mode, tiling.backward(), strict,
+  gq, gk, *g_gates = _call(_queries_grad_kernel, mode, tiling, strict,
                            (q, k, log_read, log_b, eta, grows, gsq, *g_gates), (q, k, log_read, log_b, eta))
   return gw2, gw1, gq, gk, ge2, gh, *g_gates, ge1, gs2, gs1
 
