@@ -6,9 +6,8 @@ recurrence S_{j+1} = f_j(S_j). Of each chunk's pull-back only a few products tak
 step's linearisation, the input cotangents that G's chain leaves behind) is the same for every G. So the backward is
 three passes:
 
-  * :func:`chain_inputs`, all chunks at once (batched XLA): z = s₂ K W2ᵀ, the slope gelu'(z), the curvature
-    s₁ (e1 W1) ⊙ gelu''(z), K ⊙ c and −e1 ⊙ c, and the row step's linearisation (:func:`row_terms`); h = gelu(z)
-    is the forward's (``KeyPass.hk``);
+  * :func:`chain_inputs`, all chunks at once (batched XLA): z = s₂ K W2ᵀ, K ⊙ c and −e1 ⊙ c, and the row step's
+    linearisation (:func:`row_terms`); h = gelu(z) is the forward's (``KeyPass.hk``);
   * the chain, chunk by chunk in reverse (:func:`chain_scan`), per chunk and head
 
       ĝ_e2 = g_e2 − (K ⊙ c) G2ᵀ                   g_e1 = g_e1' + s₁ (ĝ_e2 ⊙ gelu'(z)) W1ᵀ − c ⊙ (h G1ᵀ)
@@ -16,9 +15,10 @@ three passes:
       g_z = ĝ_e2 ⊙ curvature + g_h ⊙ gelu'(z)     G2 ← B G2 + s₂ g_zᵀ K + g_S2',  G1 ← B G1 + s₁ e1ᵀ (ĝ_e2 ⊙ gelu'(z))
                                                                                      + s₁ g_uᵀ h + g_S1'
 
-    with (') the reads' cotangents, and Moneta's read scales' share added to G from two sums the updates give
-    (Σ ΔG2 ⊙ W2 / s₂ is Σ g_z ⊙ K W2ᵀ, Σ ΔG1 ⊙ W1 / s₁ is s₁'s), so the chain holds no [c, E] array but the slope
-    and the curvature;
+    with (') the reads' cotangents, the slope gelu'(z) and the curvature s₁ (e1 W1) ⊙ gelu''(z) formed in the
+    step from z (one product more a chunk, where a batched pass would move both through memory), and Moneta's read
+    scales' share added to G from two sums the updates give (Σ ΔG2 ⊙ W2 / s₂ is Σ g_z ⊙ K W2ᵀ, Σ ΔG1 ⊙ W1 / s₁ is
+    s₁'s), so the chain holds no [c, E] array but z;
   * :func:`chain_outputs`, all chunks at once: the row step's vjp in K, V and the LayerNorm from each chunk's g_e1
     (:func:`row_inputs_pullback`, in closed form at the linearisation), K's share through z (s₂ g_z W2), the
     coefficients' and the decays' cotangents.
@@ -103,8 +103,8 @@ def row_inputs_pullback(spec: MemorySpec, terms: RowTerms, k, v, delta, gamma, b
 class ChainInputs(NamedTuple):
   """What the chain reads of each chunk, stacked [n, N, ...] (n chunks, N heads), each in the dtype it comes in
   (bf16 start states, e2 and cotangents from ``pallas_mosaic_bf16``'s forward and reads): the start state (W2 [E, d],
-  W1 [d, E]), K, e1, K ⊙ c and −e1 ⊙ c [c, d], the coefficients c [c], h, e2, gelu'(z) and the curvature
-  s₁ (e1 W1) ⊙ gelu''(z) [c, E], the row step's :class:`RowTerms`, the scales (s₂, s₁) and summed scale terms [2],
+  W1 [d, E]), K, e1, K ⊙ c and −e1 ⊙ c [c, d], the coefficients c [c], h, e2 and z = s₂ K W2ᵀ [c, E], the row
+  step's :class:`RowTerms`, the scales (s₂, s₁) and summed scale terms [2],
   the chunk-end decay [], and the reads' cotangents: of e2 and h [c, E], of e1 [c, d], of the start state, and of the
   scales [2]."""
 
@@ -117,8 +117,7 @@ class ChainInputs(NamedTuple):
   coef: jax.Array
   h: jax.Array
   e2: jax.Array
-  slope: jax.Array
-  curve: jax.Array
+  z: jax.Array
   rows: RowTerms
   scales: jax.Array
   totals: jax.Array
@@ -148,14 +147,12 @@ def chain_inputs(spec: MemorySpec, residuals, cotangents) -> ChainInputs:
   k, v, delta, end_decay, end_coef, _ = xs
   dot = functools.partial(plain_matmul, mode=spec.memory.matmul)
   w2, w1 = starts["w2"], starts["w1"]
-  s2, s1 = scales[..., 0, None, None], scales[..., 1, None, None]
-  z = s2 * dot("nhcd,nhed->nhce", k, w2)
+  z = scales[..., 0, None, None] * dot("nhcd,nhed->nhce", k, w2)
   coef = end_coef[..., 0]
   rows = _per_chunk_and_head(functools.partial(row_terms, spec))(u, k, v, delta, *_every_chunk(ln, k.shape[0]))
-  curve = s1 * dot("nhcd,nhde->nhce", keys.e1, w1) * gelu_grad2(z)
   g_scales = jnp.stack([g_keys.scale["w2"][..., 0, 0], g_keys.scale["w1"][..., 0, 0]], axis=-1)
-  return ChainInputs(w2, w1, k, keys.e1, k * coef[..., None], -keys.e1 * coef[..., None], coef, keys.hk, keys.e2,
-                     gelu_grad(z), curve, rows, scales, totals, end_decay[..., 0], g_keys.e2, g_keys.hk, g_keys.e1,
+  return ChainInputs(w2, w1, k, keys.e1, k * coef[..., None], -keys.e1 * coef[..., None], coef, keys.hk, keys.e2, z,
+                     rows, scales, totals, end_decay[..., 0], g_keys.e2, g_keys.hk, g_keys.e1,
                      g_starts["w2"], g_starts["w1"], g_scales)
 
 
@@ -191,12 +188,13 @@ def chain_step(spec: MemorySpec, g_state, x: ChainInputs):
   g_kc = -dot("hce,hed->hcd", x.e2, g2)
   s2, s1 = x.scales[:, 0, None, None], x.scales[:, 1, None, None]
   ge2 = x.g_e2 - dot("hcd,hed->hce", x.kc, g2)
-  gs = s1 * ge2 * x.slope
+  slope = gelu_grad(x.z)
+  gs = s1 * ge2 * slope
   via_end = -dot("hce,hde->hcd", x.h, g1)
   g_e1 = x.g_e1 + dot("hce,hde->hcd", gs, x.w1) + x.coef[..., None] * via_end
   gu = s1 * row_pullback(x.rows, g_e1)
   g_h = x.g_h + dot("hcd,hde->hce", x.ne1c, g1) + dot("hcd,hde->hce", gu, x.w1)
-  g_z = ge2 * x.curve + g_h * x.slope
+  g_z = ge2 * s1 * dot("hcd,hde->hce", x.e1, x.w1) * gelu_grad2(x.z) + g_h * slope
   step2 = s2 * dot("hce,hcd->hed", g_z, x.k)
   step1 = dot("hcd,hce->hde", x.e1, gs) + dot("hcd,hce->hde", gu, x.h)
   total = lambda a: jnp.sum(a, axis=(1, 2))

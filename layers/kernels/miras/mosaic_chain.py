@@ -7,7 +7,8 @@ chunk of a head in one CTA of one warpgroup per hidden tile of 64 columns (E = 2
 :mod:`mosaic_keys` does; warpgroup t owns the tile G2_t [64, d], G1_t [d, 64] of the cotangent, which waits in the
 output (L2) between its reads, its bf16 copy in shared memory for the products. Per chunk j:
 
-  * (S0) ĝ_e2,t = g_e2,t − (K ⊙ c) G2_tᵀ; (ĝ_e2 ⊙ gelu'(z)) s₁ to shared memory; ĝ_e2 ⊙ curvature held (bf16);
+  * (S0) ĝ_e2,t = g_e2,t − (K ⊙ c) G2_tᵀ; (ĝ_e2 ⊙ gelu'(z)) s₁ to shared memory; ĝ_e2 ⊙ curvature held (bf16),
+    gelu'(z) and the curvature s₁ (e1 W1_t) ⊙ gelu''(z) formed from z's tile (e1 W1_t: operands in shared memory);
     K ⊙ c's share −e2_t G2_t out;
   * (S1) e1's cotangent on a block of 32 columns of the rows from every tile's h and (ĝ_e2 ⊙ gelu'(z)) s₁ in shared
     memory (warpgroups 2 and 3 repeat 0 and 1 without writing), out; the row step's pull-back
@@ -35,6 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from layers.kernels.miras import keys_chain
+from layers.kernels.miras.pallas_triton import gelu_grad2, kernel_gelu_grad
 from layers.kernels.miras.mosaic_keys import (BF16, LINE, TILE, Warpgroup, _scalar_sums, _sync, per_head_kernel,
                                               publish_tiles, row_sums, scale_share)
 from layers.miras.spec import MemorySpec
@@ -58,7 +60,7 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
   # [n, N, 7]: s₂ s₁, their summed terms t₂ t₁, the reads' cotangents of s₂ s₁, the chunk-end decay
   scalars = jnp.concatenate([x.scales, x.totals, x.g_scales, x.decay[..., None]], axis=-1)
 
-  def body(nkc_g, ne1c_g, k_g, e1_g, h_g, w1_g, w2_g, e2_g, slope_g, curve_g, ge2_g, gh_g, ge1_g, gw2_g, gw1_g,
+  def body(nkc_g, ne1c_g, k_g, e1_g, h_g, w1_g, w2_g, e2_g, z_g, ge2_g, gh_g, ge1_g, gw2_g, gw1_g,
            n_g, a_g, ehat_g, rcurve_g, rstd_g, na_g, coef_g, scalars_g, gend2_g, gend1_g,
            out2_g, out1_g, ge1_out, via_out, gkc_out, gz_out, gdec_out, gu_g,
            nkc_s, ne1c_s, k_s, e1_s, h_s, w1_s, g2b_s, g1b_s, gs_s, gu_s, sums_s, terms_s, loaded, synced):
@@ -105,9 +107,11 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
         ge2, nkc_share = wg_ops.products(((c, TILE), [(nkc_s, g2b_s.at[wg].T)]), ((c, d), [(e2, g2b_s.at[wg])]))
         ge2 = read + ge2
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's g_z copied out of gs_s
-        gs_s.at[wg][...] = (s1 * ge2 * tile_of(slope_g)).astype(BF16)
+        z = tile_of(z_g)
+        gs_s.at[wg][...] = (s1 * ge2 * kernel_gelu_grad(z)).astype(BF16)
         plgpu.commit_smem()
-        gz_part = (ge2 * tile_of(curve_g)).astype(BF16)
+        praw = product((c, TILE), (e1_s, w1_s.at[wg]))  # e1 W1, for the curvature s₁ (e1 W1) ⊙ gelu''(z)
+        gz_part = (ge2 * s1 * praw * gelu_grad2(z)).astype(BF16)
         gkc_out.at[j, head, wg][...] = -nkc_share
       with jax.named_scope("sync"):
         _sync(synced.at[1])
@@ -148,7 +152,8 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
         _sync(synced.at[2])
       with jax.named_scope("S2 products"):
         step1 = product((d, TILE), (e1_s.T, gs_s.at[wg]), (gu_s.T, h_s.at[wg]))
-        gs_s.at[wg][...] = (gz_part.astype(F32) + g_h * tile_of(slope_g)).astype(BF16)  # now g_z's
+        slope = kernel_gelu_grad(tile_of(z_g))  # formed again from z: held, it would take 32 registers a thread
+        gs_s.at[wg][...] = (gz_part.astype(F32) + g_h * slope).astype(BF16)  # now g_z's
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(gs_s.at[wg], gz_out.at[j, head, :, cols])
         raw2 = product((TILE, d), (gs_s.at[wg].T, k_s))  # s₂'s cotangent Σ g_z ⊙ K W2ᵀ is Σ raw2 ⊙ W2
@@ -195,9 +200,8 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
   bf16 = lambda a: a.astype(BF16)
   r = x.rows
   g2, g1, g_e1, via_end, g_kc, g_z, g_dec, _ = kernel(
-      bf16(-x.kc), bf16(x.ne1c), bf16(x.k), bf16(x.e1), bf16(x.h), bf16(x.w1), bf16(x.w2), bf16(x.e2), x.slope,
-      x.curve, x.g_e2, x.g_h, x.g_e1, x.g_w2, x.g_w1, r.n, r.a, r.ehat, r.curve, r.rstd, r.na, x.coef, scalars,
-      g_end["w2"], g_end["w1"])
+      bf16(-x.kc), bf16(x.ne1c), bf16(x.k), bf16(x.e1), bf16(x.h), bf16(x.w1), bf16(x.w2), bf16(x.e2), x.z, x.g_e2,
+      x.g_h, x.g_e1, x.g_w2, x.g_w1, r.n, r.a, r.ehat, r.curve, r.rstd, r.na, x.coef, scalars, g_end["w2"], g_end["w1"])
   outputs = keys_chain.ChainOutputs(g_e1, via_end, jnp.sum(g_kc, axis=2), g_z, jnp.sum(g_dec, axis=(2, 4)))
   return {"w2": g2, "w1": g1}, outputs
 
