@@ -108,15 +108,10 @@ class Warpgroup:
     """A vector in memory broadcast along ``axis`` of a 2-D ``shape`` (0: one value a row; 1: one a column)."""
     return jax.lax.broadcast_in_dim(self.vector(ref, axis), shape, (axis,))
 
-  @staticmethod
-  def product(shape, *pairs):
+  @classmethod
+  def product(cls, shape, *pairs):
     """Σ a @ b over the (a, b) operand pairs, into a fresh float32 accumulator."""
-    def run(acc):
-      for a, b in pairs:
-        plgpu.wgmma(acc, a, b)
-      plgpu.wgmma_wait(0)
-      return acc[...]
-    return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+    return cls.products((shape, pairs))[0]
 
   @staticmethod
   def products(*groups):
