@@ -20,8 +20,8 @@ three passes:
     scales' share added to G from two sums the updates give (Σ ΔG2 ⊙ W2 / s₂ is Σ g_z ⊙ K W2ᵀ, Σ ΔG1 ⊙ W1 / s₁ is
     s₁'s), so the chain holds no [c, E] array but z;
   * :func:`chain_outputs`, all chunks at once: the row step's vjp in K, V and the LayerNorm from each chunk's g_e1
-    (:func:`row_inputs_pullback`, in closed form at the linearisation), K's share through z (s₂ g_z W2), the
-    coefficients' and the decays' cotangents.
+    (:func:`row_inputs_pullback`, in closed form at the linearisation), K's share through z (s₂ g_z W2), K ⊙ c's
+    (−e2 G2 from each chunk's end-state cotangent), the coefficients' and the decays' cotangents.
 
 Shapes and returns as :func:`mosaic_keys.keys_backward`; per-head gates (the decay's cotangent is one number a
 layer). :func:`chain_scan` is the chain as an XLA scan, the reference of :mod:`mosaic_chain`'s kernel.
@@ -158,11 +158,12 @@ def chain_inputs(spec: MemorySpec, residuals, cotangents) -> ChainInputs:
 
 class ChainOutputs(NamedTuple):
   """What the chain leaves of each chunk for :func:`chain_outputs` [n, N, ...]: e1's cotangent g_e1 and h G1ᵀ's,
-  −h G1ᵀ [c, d], K ⊙ c's, −e2 G2 [c, d], z's [c, E] and the chunk-end decay's on each layer, Σ G ⊙ W [2]."""
+  −h G1ᵀ [c, d], the end state's W2 cotangent G2 [E, d] (K ⊙ c's is −e2 G2; bf16 from the kernel, the operand its
+  products take), z's [c, E] and the chunk-end decay's on each layer, Σ G ⊙ W [2]."""
 
   g_e1: jax.Array
   via_end: jax.Array
-  g_kc: jax.Array
+  g2_end: jax.Array
   g_z: jax.Array
   g_decay: jax.Array
 
@@ -185,7 +186,6 @@ def chain_step(spec: MemorySpec, g_state, x: ChainInputs):
   state's, and the chunk's :class:`ChainOutputs`."""
   g2, g1 = g_state
   dot = functools.partial(plain_matmul, mode=spec.memory.matmul)
-  g_kc = -dot("hce,hed->hcd", x.e2, g2)
   s2, s1 = x.scales[:, 0, None, None], x.scales[:, 1, None, None]
   ge2 = x.g_e2 - dot("hcd,hed->hce", x.kc, g2)
   slope = gelu_grad(x.z)
@@ -207,7 +207,7 @@ def chain_step(spec: MemorySpec, g_state, x: ChainInputs):
     share = jax.vmap(functools.partial(scales_share, spec))
     g2 = g2 + share(x.w2, x.totals[:, 0], g_s2)
     g1 = g1 + share(x.w1, x.totals[:, 1], g_s1)
-  return (g2, g1), ChainOutputs(g_e1, via_end, g_kc, g_z, g_decay)
+  return (g2, g1), ChainOutputs(g_e1, via_end, g_state[0], g_z, g_decay)
 
 
 def chain_scan(spec: MemorySpec, inputs: ChainInputs, g_end: dict):
@@ -227,8 +227,8 @@ def chain_outputs(spec: MemorySpec, residuals, inputs: ChainInputs, outputs: Cha
       inputs.rows, k, v, delta, *_every_chunk(ln, k.shape[0]), outputs.g_e1)
   dot = functools.partial(plain_matmul, mode=spec.memory.matmul)
   g_kz = inputs.scales[..., 0, None, None] * dot("nhce,nhed->nhcd", outputs.g_z, inputs.w2)
-  factors = {"k": g_k + g_kz, "v": g_v, "coef": inputs.e1 * outputs.via_end, "kc": outputs.g_kc,
-             "decay": outputs.g_decay}
+  factors = {"k": g_k + g_kz, "v": g_v, "coef": inputs.e1 * outputs.via_end,
+             "kc": -dot("nhce,nhed->nhcd", inputs.e2, outputs.g2_end), "decay": outputs.g_decay}
   return (jnp.sum(g_gamma, axis=0), jnp.sum(g_beta, axis=0)), factors
 
 

@@ -9,7 +9,7 @@ output (L2) between its reads, its bf16 copy in shared memory for the products. 
 
   * (S0) ĝ_e2,t = g_e2,t − (K ⊙ c) G2_tᵀ; (ĝ_e2 ⊙ gelu'(z)) s₁ to shared memory; ĝ_e2 ⊙ curvature held (bf16),
     gelu'(z) and the curvature s₁ (e1 W1_t) ⊙ gelu''(z) formed from z's tile (e1 W1_t: operands in shared memory);
-    K ⊙ c's share −e2_t G2_t out;
+    G2_t's bf16 copy out by TMA (K ⊙ c's cotangent −e2 G2 is a batched product after the chain);
   * (S1) e1's cotangent on a block of 32 columns of the rows from every tile's h and (ĝ_e2 ⊙ gelu'(z)) s₁ in shared
     memory (warpgroups 2 and 3 repeat 0 and 1 without writing), out; the row step's pull-back
     (:func:`keys_chain.row_pullback`, two exchanges of row sums through shared memory), s₁ g_u's blocks meeting in
@@ -60,9 +60,9 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
   # [n, N, 7]: s₂ s₁, their summed terms t₂ t₁, the reads' cotangents of s₂ s₁, the chunk-end decay
   scalars = jnp.concatenate([x.scales, x.totals, x.g_scales, x.decay[..., None]], axis=-1)
 
-  def body(nkc_g, ne1c_g, k_g, e1_g, h_g, w1_g, w2_g, e2_g, z_g, ge2_g, gh_g, ge1_g, gw2_g, gw1_g,
+  def body(nkc_g, ne1c_g, k_g, e1_g, h_g, w1_g, w2_g, z_g, ge2_g, gh_g, ge1_g, gw2_g, gw1_g,
            n_g, a_g, ehat_g, rcurve_g, rstd_g, na_g, coef_g, scalars_g, gend2_g, gend1_g,
-           out2_g, out1_g, ge1_out, via_out, gkc_out, gz_out, gdec_out, gu_g,
+           out2_g, out1_g, ge1_out, via_out, g2end_out, gz_out, gdec_out, gu_g,
            nkc_s, ne1c_s, k_s, e1_s, h_s, w1_s, g2b_s, g1b_s, gs_s, gu_s, sums_s, terms_s, loaded, synced):
     head, wg = jax.lax.axis_index("head"), jax.lax.axis_index("wg")
     cols, mine, writes = pl.ds(wg * TILE, TILE), pl.ds(wg % parts * block, block), wg < parts
@@ -100,19 +100,16 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
         _sync(synced.at[0])  # every tile's cotangent published
         plgpu.barrier_wait(loaded.at[0])  # chunk j's operands
 
-      # S0: e2's cotangent, its products' operand and K ⊙ c's share
+      # S0: e2's cotangent and its products' operand; G2's tile out (K ⊙ c's cotangent −e2 G2 is formed after)
       with jax.named_scope("S0 e2"):
-        read = tile_of(ge2_g)
-        e2 = wg_ops.load_raw(e2_g.at[j, head, :, cols])
-        ge2, nkc_share = wg_ops.products(((c, TILE), [(nkc_s, g2b_s.at[wg].T)]), ((c, d), [(e2, g2b_s.at[wg])]))
-        ge2 = read + ge2
+        ge2 = accumulate(tile_of(ge2_g), (nkc_s, g2b_s.at[wg].T))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's g_z copied out of gs_s
+        plgpu.copy_smem_to_gmem(g2b_s.at[wg], g2end_out.at[j, head, cols])  # waited for before S3 writes it
         z = tile_of(z_g)
         gs_s.at[wg][...] = (s1 * ge2 * kernel_gelu_grad(z)).astype(BF16)
         plgpu.commit_smem()
         praw = product((c, TILE), (e1_s, w1_s.at[wg]))  # e1 W1, for the curvature s₁ (e1 W1) ⊙ gelu''(z)
         gz_part = (ge2 * s1 * praw * gelu_grad2(z)).astype(BF16)
-        gkc_out.at[j, head, wg][...] = -nkc_share
       with jax.named_scope("sync"):
         _sync(synced.at[1])
 
@@ -173,6 +170,7 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
         if ret.scaled:
           sums = _scalar_sums(terms_s, range(tiles), 2)
           g_totals = (sums[0] + g_read2, sums[1] + g_read1)
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # S0's copy of G2's tile (S2's of g_z may still run)
         steps = ((1, step1, out1_g.at[head, :, cols], gw1_g.at[j, head, :, cols], g1b_s.at[wg]),
                  (0, s2 * raw2, out2_g.at[head, cols], gw2_g.at[j, head, cols], g2b_s.at[wg]))
         for layer, step, out, g_read, operand in steps:  # W1's first: raw2 waits in registers
@@ -187,9 +185,9 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
     plgpu.wait_smem_to_gmem(0)
 
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, F32)
-  out_type = (f32(heads, e, d), f32(heads, d, e), f32(n, heads, c, d), f32(n, heads, c, d),
-              f32(n, heads, tiles, c, d), jax.ShapeDtypeStruct((n, heads, c, e), BF16), f32(n, heads, tiles, 2, TILE),
-              f32(heads, c, d))
+  bf16_out = lambda *shape: jax.ShapeDtypeStruct(shape, BF16)
+  out_type = (f32(heads, e, d), f32(heads, d, e), f32(n, heads, c, d), f32(n, heads, c, d), bf16_out(n, heads, e, d),
+              bf16_out(n, heads, c, e), f32(n, heads, tiles, 2, TILE), f32(heads, c, d))
   operand = wg_ops.operand
   scratch = [operand(c, d), operand(c, d), operand(c, d), operand(c, d), operand(tiles, c, TILE),
              operand(tiles, d, TILE), operand(tiles, TILE, d), operand(tiles, d, TILE), operand(tiles, c, TILE),
@@ -199,10 +197,10 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
   kernel = per_head_kernel(body, out_type, scratch, heads, tiles, interpret, profile_dir)
   bf16 = lambda a: a.astype(BF16)
   r = x.rows
-  g2, g1, g_e1, via_end, g_kc, g_z, g_dec, _ = kernel(
-      bf16(-x.kc), bf16(x.ne1c), bf16(x.k), bf16(x.e1), bf16(x.h), bf16(x.w1), bf16(x.w2), bf16(x.e2), x.z, x.g_e2,
+  g2, g1, g_e1, via_end, g2_end, g_z, g_dec, _ = kernel(
+      bf16(-x.kc), bf16(x.ne1c), bf16(x.k), bf16(x.e1), bf16(x.h), bf16(x.w1), bf16(x.w2), x.z, x.g_e2,
       x.g_h, x.g_e1, x.g_w2, x.g_w1, r.n, r.a, r.ehat, r.curve, r.rstd, r.na, x.coef, scalars, g_end["w2"], g_end["w1"])
-  outputs = keys_chain.ChainOutputs(g_e1, via_end, jnp.sum(g_kc, axis=2), g_z, jnp.sum(g_dec, axis=(2, 4)))
+  outputs = keys_chain.ChainOutputs(g_e1, via_end, g2_end, g_z, jnp.sum(g_dec, axis=(2, 4)))
   return {"w2": g2, "w1": g1}, outputs
 
 
