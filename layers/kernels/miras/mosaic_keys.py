@@ -94,11 +94,7 @@ class Warpgroup:
 
   def load(self, ref):
     """A [r, s] array of global (or shared) memory, as float32."""
-    return self.load_raw(ref).astype(jnp.float32)
-
-  def load_raw(self, ref):
-    """A [r, s] array of global (or shared) memory in its own dtype (a bf16 tile as a wgmma operand in registers)."""
-    return self._pinned(plgpu.load(ref, optimized=False), plgpu.Layout.WGMMA)
+    return self._pinned(plgpu.load(ref, optimized=False), plgpu.Layout.WGMMA).astype(jnp.float32)
 
   def vector(self, ref, axis: int):
     """A vector in memory laid out as axis ``axis`` of a WGMMA-layout array (0: one value a row; 1: one a column)."""
