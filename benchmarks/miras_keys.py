@@ -36,6 +36,7 @@ from layers.miras.retention import LqNorm
 from layers.miras.spec import MemorySpec
 
 OUTPUTS = ("starts2", "starts1", "end", "e2", "h", "e1", "u", "scales", "totals")
+MONETA = with_matmul(MemorySpec(MLPMemory(), biases.Lp(3.0), LqNorm(4.0)), "bfloat16")  # the timed memory
 
 
 def keys_inputs(n: int, heads: int, c: int = 64, d: int = 64, e: int = 256, seed: int = 0):
@@ -118,7 +119,7 @@ def main() -> None:
     sys.exit("--heads and --chunks must be positive")
   if args.regions and args.direction != "backward":
     sys.exit("--regions times the chain kernel's steps: it needs --direction backward")
-  spec = with_matmul(MemorySpec(MLPMemory(), biases.Lp(3.0), LqNorm(4.0)), "bfloat16")  # Moneta
+  spec = MONETA
   forward = args.direction == "forward"
   inputs = keys_inputs(args.chunks, args.heads) if forward else backward_inputs(spec, args.chunks, args.heads)
   runs = _runs(spec, args.direction)

@@ -22,16 +22,12 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.linear_attention import _median_ms
+from benchmarks.miras_keys import MONETA
 from benchmarks.miras_mosaic_chain import max_relative_error
 from layers.kernels.miras import flat, pallas_reads
-from layers.kernels.miras.chunked import with_matmul
-from layers.miras import bias as biases
-from layers.miras.memory import MLPMemory
-from layers.miras.retention import LqNorm
-from layers.miras.spec import Gates, MemorySpec
+from layers.miras.spec import Gates
 
 H100_BF16_PEAK_TFLOPS = 989.0  # dense; the H200's is the same
-MONETA = with_matmul(MemorySpec(MLPMemory(), biases.Lp(3.0), LqNorm(4.0)), "bfloat16")
 
 
 def read_inputs(batch: int, tokens: int, heads: int = 16, d: int = 64, e: int = 256, c: int = 64, seed: int = 0):
@@ -105,18 +101,17 @@ def main() -> None:
     sys.exit("--shape: T must be a positive multiple of the chunk, 64")
   if jax.default_backend() != "gpu":
     sys.exit("the reads' Triton kernels need a GPU (tests/layers/test_miras.py checks them on a CPU)")
-  spec = MONETA
   inputs = read_inputs(batch, tokens)
   device = jax.devices()[0].device_kind
   flops = read_flops(tokens // 64, batch * 16, 64, 64, 256)
-  candidates = {"xla": functools.partial(_xla_reads, spec)}
+  candidates = {"xla": functools.partial(_xla_reads, MONETA)}
   candidates.update({f"pallas {t.num_warps}/{t.backward_warps}/{t.num_stages}/{t.hidden_tile}":
-                     functools.partial(pallas_reads.ChunkReads(t), spec) for t in tilings})
+                     functools.partial(pallas_reads.ChunkReads(t), MONETA) for t in tilings})
   rows, want = [], None
   print(f"| reads ({device}, {args.shape}) | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | of bf16 peak | max rel vs xla |")
   print("|-|-|-|-|-|-|")
   for name, reads in candidates.items():
-    forward, both = _runs(spec, reads, inputs, 64)
+    forward, both = _runs(MONETA, reads, inputs, 64)
     got = jax.tree.leaves((forward(), both()))
     err = None if want is None else max(max_relative_error(g, w) for g, w in zip(got, want, strict=True))
     want = got if want is None else want

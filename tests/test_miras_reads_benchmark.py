@@ -6,7 +6,7 @@ import functools
 import jax
 import pytest
 
-from benchmarks import miras_reads
+from benchmarks import miras_keys, miras_reads
 from benchmarks.miras_mosaic_chain import max_relative_error
 from layers.kernels.miras import pallas_reads
 
@@ -25,10 +25,11 @@ def test_the_timed_kernels_equal_the_xla_reads_on_the_benchmarks_inputs():
   inputs = miras_reads.read_inputs(1, 128, heads=2)
   tiling = pallas_reads.ReadTiling(interpret=True, num_stages=2)
   outputs = []
-  for reads in (functools.partial(miras_reads._xla_reads, miras_reads.MONETA),
-                functools.partial(pallas_reads.ChunkReads(tiling), miras_reads.MONETA)):
-    forward, both = miras_reads._runs(miras_reads.MONETA, reads, inputs, 64)
+  for reads in (functools.partial(miras_reads._xla_reads, miras_keys.MONETA),
+                functools.partial(pallas_reads.ChunkReads(tiling), miras_keys.MONETA)):
+    forward, both = miras_reads._runs(miras_keys.MONETA, reads, inputs, 64)
     outputs.append(jax.tree.leaves((forward(), both())))
   err = max(max_relative_error(g, w) for g, w in zip(*outputs, strict=True))
-  print(f"reads benchmark: kernels (interpret) vs XLA, u, the loss and 11 gradients, bf16 matmuls: max rel error {err:.1e}")
+  print(f"reads benchmark: kernels (interpret) vs XLA, u, the loss and 11 gradients, bf16 matmuls: max rel error "
+        f"{err:.1e}")
   assert err < 1e-2 and len(outputs[0]) == 13
