@@ -11,7 +11,7 @@ output (L2) between its reads, its bf16 copy in shared memory for the products. 
     gelu'(z) and the curvature s₁ (e1 W1_t) ⊙ gelu''(z) formed from z's tile (e1 W1_t: operands in shared memory);
     G2_t's bf16 copy out by TMA (K ⊙ c's cotangent −e2 G2 is a batched product after the chain);
   * (S1) e1's cotangent on a block of 32 columns of the rows from every tile's h and (ĝ_e2 ⊙ gelu'(z)) s₁ in shared
-    memory (warpgroups 2 and 3 repeat 0 and 1 without writing), out; the row step's pull-back
+    memory (warpgroups 2 and 3, past the blocks, only keep step with the syncs), out; the row step's pull-back
     (:func:`keys_chain.row_pullback`, two exchanges of row sums through shared memory), s₁ g_u's blocks meeting in
     L2 (warpgroup 0 copies the whole into shared memory for the transposed product, one more sync);
   * (S2) g_h,t = g_h,t' − (e1 ⊙ c) G1_t + s₁ g_u W1_t, g_z,t = ĝ_e2 ⊙ curvature + g_h ⊙ gelu'(z) (to shared memory
@@ -28,7 +28,6 @@ what :func:`mosaic_keys.unsupported` accepts. Runs in Mosaic GPU interpret mode 
 from __future__ import annotations
 
 import functools
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -68,11 +67,12 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
     cols, mine, writes = pl.ds(wg * TILE, TILE), pl.ds(wg % parts * block, block), wg < parts
     load, product, accumulate = wg_ops.load, wg_ops.product, wg_ops.accumulate
     rows = lambda vector: jax.lax.broadcast_in_dim(vector, (c, block), (0,))
-    exchanges = itertools.count()  # the row step's row sums, alternating between two buffers
+    exchanges = []  # the row step's row-sum exchanges as traced, alternating between two buffers
 
     def means(*xs):
       """The whole rows' means of [c, block] arrays from every block's partial sums (one sync), broadcast."""
-      sums = row_sums(wg_ops, sums_s.at[next(exchanges) % 2], wg, parts, synced.at[1], [jnp.sum(a, axis=1) for a in xs])
+      exchanges.append(len(exchanges) % 2)
+      sums = row_sums(wg_ops, sums_s.at[exchanges[-1]], wg, parts, synced.at[1], [jnp.sum(a, axis=1) for a in xs])
       return [rows(total / d) for total in sums]
 
     def fetch(j):
@@ -113,28 +113,32 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
       with jax.named_scope("sync"):
         _sync(synced.at[1])
 
-      # S1: e1's cotangent on this warpgroup's block of columns, and the row step's pull-back
-      with jax.named_scope("S1 e1"):
-        read = load(ge1_g.at[j, head, :, mine])
-        via_end, via_e2 = wg_ops.products(((c, block), [(h_s.at[t], g1b_s.at[t, mine].T) for t in range(tiles)]),
-                                          ((c, block), [(gs_s.at[t], w1_s.at[t, mine].T) for t in range(tiles)]))
-        via_end = -via_end
-        g_e1 = read + via_e2 + wg_ops.along(coef_g.at[j, head], (c, block), 0) * via_end
+      # S1: e1's cotangent on this warpgroup's block of columns, and the row step's pull-back; warpgroups past the
+      # blocks (E = 256: 2 and 3) would repeat the first ones' work, so they only keep step with the exchanges' syncs
+      traced = len(exchanges)
 
-        @pl.when(writes)
-        def _e1_outputs():
+      @pl.when(writes)
+      def _row_step():
+        with jax.named_scope("S1 e1"):
+          read = load(ge1_g.at[j, head, :, mine])
+          via_end, via_e2 = wg_ops.products(((c, block), [(h_s.at[t], g1b_s.at[t, mine].T) for t in range(tiles)]),
+                                            ((c, block), [(gs_s.at[t], w1_s.at[t, mine].T) for t in range(tiles)]))
+          via_end = -via_end
+          g_e1 = read + via_e2 + wg_ops.along(coef_g.at[j, head], (c, block), 0) * via_end
           ge1_out.at[j, head, :, mine][...], via_out.at[j, head, :, mine][...] = g_e1, via_end
 
-      with jax.named_scope("S1 row pull-back"):
-        block_of = lambda ref: load(ref.at[j, head, :, mine])
-        terms = keys_chain.RowTerms(block_of(n_g), block_of(a_g), block_of(ehat_g), block_of(rcurve_g),
-                                    wg_ops.vector(rstd_g.at[j, head], 0), wg_ops.vector(na_g.at[j, head], 0))
-        g_u = keys_chain.row_pullback(terms, g_e1, means, rows)
+        with jax.named_scope("S1 row pull-back"):
+          block_of = lambda ref: load(ref.at[j, head, :, mine])
+          terms = keys_chain.RowTerms(block_of(n_g), block_of(a_g), block_of(ehat_g), block_of(rcurve_g),
+                                      wg_ops.vector(rstd_g.at[j, head], 0), wg_ops.vector(na_g.at[j, head], 0))
+          gu_g.at[head, :, mine][...] = s1 * keys_chain.row_pullback(terms, g_e1, means, rows)  # meet in L2
+
+      @pl.when(jnp.logical_not(writes))
+      def _row_step_syncs():
+        for _ in exchanges[traced:]:
+          _sync(synced.at[1])
 
       with jax.named_scope("S1 g_u exchange"):
-        @pl.when(writes)
-        def _gu():
-          gu_g.at[head, :, mine][...] = s1 * g_u  # the blocks meet in L2
         _sync(synced.at[1])
 
       # S2: z's cotangent and the tile's update
