@@ -13,10 +13,9 @@ the backward). Per chunk j, as F1, E and F2 compute it:
   * the start state's scales (s₂, s₁) from every tile's rows' scale terms (sync S0), out with their summed terms;
   * z = s₂ K W2_tᵀ, h_t = gelu(z) to shared memory and out (sync S1);
   * u = s₁ Σ_t h_t W1_tᵀ and the keys' errors e1 = ∂ℓ/∂u row-wise (LayerNorm, bias gradient, LayerNorm backward:
-    :func:`pallas_triton.keys_errors` with the row means as ``broadcast_in_dim``), every warpgroup computing the same
-    [c, d] rows rather than exchanging partial sums; warpgroup 0 writes −(K ⊙ c) and −(e1 ⊙ c) in bf16 and e1, u
-    out; gelu'(z) (sync S2: nobody reads this chunk's h, W1, K or V any more; the next chunk's K, V and c come in
-    by TMA);
+    :func:`pallas_triton.keys_errors` with the row means as ``broadcast_in_dim``) on whole [c, d] rows in warpgroup
+    0 alone, which writes e1, −(K ⊙ c) and −(e1 ⊙ c) in bf16 for the products and e1, u out; gelu'(z) (sync S2:
+    nobody reads this chunk's h, W1, K or V any more; the next chunk's K, V and c come in by TMA);
   * e2_t = s₁ (e1 W1_t) ⊙ gelu'(z), out; W2_t ← B W2_t − e2_tᵀ (K ⊙ c), W1_t ← B W1_t − (e1 ⊙ c)ᵀ h_t from the
     waiting float32 tile into the accumulators, published as chunk j + 1's start (or left as the end state).
 
@@ -222,7 +221,8 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
 
   def body(k_g, v_g, decay_g, coef_g, ln_g, w2_g, w1_g,
            starts2_g, starts1_g, end2_g, end1_g, e2_g, h_g, e1_g, u_g, scalars_g,
-           k_s, v_s, coef_s, ln_s, w2b_s, w1b_s, h_s, e2_s, kcn_s, e1cn_s, terms_s, loaded, ln_loaded, synced):
+           k_s, v_s, coef_s, ln_s, w2b_s, w1b_s, h_s, e2_s, kcn_s, e1cn_s, e1b_s, terms_s, loaded, ln_loaded,
+           synced):
     head, wg = jax.lax.axis_index("head"), jax.lax.axis_index("wg")
     cols = pl.ds(wg * TILE, TILE)
     load = wg_ops.load
@@ -281,15 +281,15 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
       plgpu.copy_smem_to_gmem(h_s.at[wg], h_g.at[j, head, :, cols])
       _sync(synced.at[1])  # every h tile
 
-      u = s1 * wg_ops.product((c, d), *((h_s.at[t], w1b_s.at[t].T) for t in range(tiles)))
-      ln_rows = tuple(wg_ops.along(ln_s.at[i], (c, d), 1) for i in range(2))
-      e1 = row_errors(spec, u, keys(), wg_ops.layout(v_s[...]), *ln_rows)
-
       @pl.when(wg == 0)
-      def _rows():
+      def _rows():  # warpgroup 0's alone (the others would repeat it): out, and the products' operands
+        u = s1 * wg_ops.product((c, d), *((h_s.at[t], w1b_s.at[t].T) for t in range(tiles)))
+        ln_rows = tuple(wg_ops.along(ln_s.at[i], (c, d), 1) for i in range(2))
+        e1 = row_errors(spec, u, keys(), wg_ops.layout(v_s[...]), *ln_rows)
         coef = rows(coef_s, d)
         e1_g.at[j, head][...], u_g.at[j, head][...] = e1, u
         kcn_s[...], e1cn_s[...] = (-(keys() * coef)).astype(BF16), (-(e1 * coef)).astype(BF16)
+        e1b_s[...] = e1.astype(BF16)
         plgpu.commit_smem()
 
       slope = pallas_triton.kernel_gelu_grad(z())  # recomputed: held, it would take 32 registers a thread
@@ -297,7 +297,7 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
       # written. A full sync: with the wait deferred past the e2 product, interpret mode's race detector flags the
       # prefetch against the last reads of K.
       _sync(synced.at[2])
-      e2 = s1 * wg_ops.product((c, TILE), (e1.astype(BF16), w1b_s.at[wg])) * slope
+      e2 = s1 * wg_ops.product((c, TILE), (e1b_s, w1b_s.at[wg])) * slope
       e2_s.at[wg][...] = e2.astype(BF16)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(e2_s.at[wg], e2_g.at[j, head, :, cols])
@@ -327,7 +327,7 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
   operand = wg_ops.operand
   scratch = [plgpu.SMEM((c, d), jnp.float32), plgpu.SMEM((c, d), jnp.float32), plgpu.SMEM((c,), jnp.float32),
              plgpu.SMEM((2, d), jnp.float32), operand(tiles, TILE, d), operand(tiles, d, TILE),
-             operand(tiles, c, TILE), operand(tiles, c, TILE), operand(c, d), operand(c, d),
+             operand(tiles, c, TILE), operand(tiles, c, TILE), operand(c, d), operand(c, d), operand(c, d),
              plgpu.SMEM((tiles, 2, TILE), jnp.float32), plgpu.Barrier(num_barriers=3),
              plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_arrivals=tiles, num_barriers=3)]
   kernel = per_head_kernel(body, out_type, scratch, heads, tiles, interpret)
