@@ -83,14 +83,25 @@ def plain_matvec(name: str, w: jax.Array, a: jax.Array, mode: str = "float32") -
   return matmul("...i,oi->...o", a, w, mode)
 
 
+# The constants multiply rather than divide: a kernel's division by a constant is a whole IEEE division a value
+# (Mosaic GPU emits div.rn.f32), where XLA would rewrite it as a product anyway.
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def normal_pdf(z: jax.Array) -> jax.Array:
+  """φ(z), the standard normal density."""
+  return jnp.exp(-0.5 * z * z) * _INV_SQRT_2PI
+
+
 def gelu(z: jax.Array, erf=jax.lax.erf) -> jax.Array:
   """Exact GELU z·Φ(z) (``erf``: the error function; kernels that cannot lower ``lax.erf`` pass their own)."""
-  return 0.5 * z * (1.0 + erf(z / math.sqrt(2.0)))
+  return 0.5 * z * (1.0 + erf(z * _SQRT_HALF))
 
 
 def gelu_grad(z: jax.Array, erf=jax.lax.erf) -> jax.Array:
   """dGELU/dz = Φ(z) + z·φ(z) (``erf`` as for :func:`gelu`)."""
-  return 0.5 * (1.0 + erf(z / math.sqrt(2.0))) + z * jnp.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+  return 0.5 * (1.0 + erf(z * _SQRT_HALF)) + z * normal_pdf(z)
 
 
 def row_mean(x: jax.Array) -> jax.Array:
