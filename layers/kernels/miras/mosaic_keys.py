@@ -261,62 +261,66 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
 
     @pl.loop(0, n)
     def _chunk(j):
-      _sync(synced.at[0])  # every tile's scale terms and bf16 copies
-      totals = scale_totals()
-      s2, s1 = (ret.scale_from(t) for t in totals)
+      with jax.named_scope("F0 scales"):
+        _sync(synced.at[0])  # every tile's scale terms and bf16 copies
+        totals = scale_totals()
+        s2, s1 = (ret.scale_from(t) for t in totals)
 
-      @pl.when(wg == 0)
-      def _scalars():
-        for i, x in enumerate((s2, s1, *totals)):
-          scalars_g[j, head, i] = x
+        @pl.when(wg == 0)
+        def _scalars():
+          for i, x in enumerate((s2, s1, *totals)):
+            scalars_g[j, head, i] = x
 
-      for i in range(3):  # chunk j's keys, values and coefficients
-        plgpu.barrier_wait(loaded.at[i])
-      keys = lambda: wg_ops.layout(k_s[...])  # read from shared memory where needed, not held in registers
-      z = lambda: s2 * wg_ops.product((c, TILE), (keys().astype(BF16), w2b_s.at[wg].T))
-      h = pallas_triton.kernel_gelu(z())
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's h, e2 and this start state copied out
-      h_s.at[wg][...] = h.astype(BF16)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(h_s.at[wg], h_g.at[j, head, :, cols])
-      _sync(synced.at[1])  # every h tile
+      with jax.named_scope("F1 h"):
+        for i in range(3):  # chunk j's keys, values and coefficients
+          plgpu.barrier_wait(loaded.at[i])
+        keys = lambda: wg_ops.layout(k_s[...])  # read from shared memory where needed, not held in registers
+        z = lambda: s2 * wg_ops.product((c, TILE), (keys().astype(BF16), w2b_s.at[wg].T))
+        h = pallas_triton.kernel_gelu(z())
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's h, e2 and this start state copied out
+        h_s.at[wg][...] = h.astype(BF16)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(h_s.at[wg], h_g.at[j, head, :, cols])
+        _sync(synced.at[1])  # every h tile
 
       @pl.when(wg == 0)
       def _rows():  # warpgroup 0's alone (the others would repeat it): out, and the products' operands
-        u = s1 * wg_ops.product((c, d), *((h_s.at[t], w1b_s.at[t].T) for t in range(tiles)))
-        ln_rows = tuple(wg_ops.along(ln_s.at[i], (c, d), 1) for i in range(2))
-        e1 = row_errors(spec, u, keys(), wg_ops.layout(v_s[...]), *ln_rows)
-        coef = rows(coef_s, d)
-        e1_g.at[j, head][...], u_g.at[j, head][...] = e1, u
-        kcn_s[...], e1cn_s[...] = (-(keys() * coef)).astype(BF16), (-(e1 * coef)).astype(BF16)
-        e1b_s[...] = e1.astype(BF16)
+        with jax.named_scope("F2 rows"):
+          u = s1 * wg_ops.product((c, d), *((h_s.at[t], w1b_s.at[t].T) for t in range(tiles)))
+          ln_rows = tuple(wg_ops.along(ln_s.at[i], (c, d), 1) for i in range(2))
+          e1 = row_errors(spec, u, keys(), wg_ops.layout(v_s[...]), *ln_rows)
+          coef = rows(coef_s, d)
+          e1_g.at[j, head][...], u_g.at[j, head][...] = e1, u
+          kcn_s[...], e1cn_s[...] = (-(keys() * coef)).astype(BF16), (-(e1 * coef)).astype(BF16)
+          e1b_s[...] = e1.astype(BF16)
+          plgpu.commit_smem()
+
+      with jax.named_scope("F3 e2, update"):
+        slope = pallas_triton.kernel_gelu_grad(z())  # recomputed: held, it would take 32 registers a thread
+        # S2: this chunk's h, W1, K and V read by all (the next chunk's K, V and c may come in), −(K ⊙ c) and
+        # −(e1 ⊙ c) written. A full sync: with the wait deferred past the e2 product, interpret mode's race detector
+        # flags the prefetch against the last reads of K.
+        _sync(synced.at[2])
+        e2 = s1 * wg_ops.product((c, TILE), (e1b_s, w1b_s.at[wg])) * slope
+        e2_s.at[wg][...] = e2.astype(BF16)
         plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(e2_s.at[wg], e2_g.at[j, head, :, cols])
 
-      slope = pallas_triton.kernel_gelu_grad(z())  # recomputed: held, it would take 32 registers a thread
-      # S2: this chunk's h, W1, K and V read by all (the next chunk's K, V and c may come in), −(K ⊙ c) and −(e1 ⊙ c)
-      # written. A full sync: with the wait deferred past the e2 product, interpret mode's race detector flags the
-      # prefetch against the last reads of K.
-      _sync(synced.at[2])
-      e2 = s1 * wg_ops.product((c, TILE), (e1b_s, w1b_s.at[wg])) * slope
-      e2_s.at[wg][...] = e2.astype(BF16)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(e2_s.at[wg], e2_g.at[j, head, :, cols])
+        @pl.when(jnp.logical_and(wg == 0, j + 1 < n))
+        def _prefetch():
+          fetch(j + 1)
 
-      @pl.when(jnp.logical_and(wg == 0, j + 1 < n))
-      def _prefetch():
-        fetch(j + 1)
+        b = decay_g[j, head, 0]
+        w2 = wg_ops.accumulate(b * load(end2_g.at[head, cols]), (e2_s.at[wg].T, kcn_s))
+        w1 = wg_ops.accumulate(b * load(end1_g.at[head, :, cols]), (e1cn_s.T, h_s.at[wg]))
 
-      b = decay_g[j, head, 0]
-      w2 = wg_ops.accumulate(b * load(end2_g.at[head, cols]), (e2_s.at[wg].T, kcn_s))
-      w1 = wg_ops.accumulate(b * load(end1_g.at[head, :, cols]), (e1cn_s.T, h_s.at[wg]))
+        @pl.when(j + 1 < n)
+        def _next():
+          publish(j + 1, w2, w1)
 
-      @pl.when(j + 1 < n)
-      def _next():
-        publish(j + 1, w2, w1)
-
-      @pl.when(j + 1 == n)
-      def _end():
-        end2_g.at[head, cols][...], end1_g.at[head, :, cols][...] = w2, w1
+        @pl.when(j + 1 == n)
+        def _end():
+          end2_g.at[head, cols][...], end1_g.at[head, :, cols][...] = w2, w1
 
     plgpu.wait_smem_to_gmem(0)
 
