@@ -29,7 +29,7 @@ from benchmarks.triton_compile import lowered_for_h100
 
 KERNELS = ("forward", "chain")
 OUTSIDE = "(outside the named scopes)"
-_FLOAT = re.compile(r"^(arith\.(add|sub|mul|div|neg|max|min|cmp)f|arith\.(select|truncf|extf)|math\.\w+)$")
+_FLOAT = re.compile(r"^(arith\.(add|sub|mul|div|neg|cmp|maximum|minimum)f|arith\.(select|truncf|extf)|math\.\w+)$")
 _MEMORY = re.compile(r"^(llvm|memref|vector)\.(load|store)$")
 _SCOPE = re.compile(r'"([^"/]+)/')
 
@@ -44,23 +44,24 @@ def _traced(kernel: str):
           jax.eval_shape(functools.partial(backward_inputs, MONETA, 2, 1)))
 
 
+def _nested(op):
+  """op and every op in its regions, depth first."""
+  yield op
+  for region in op.regions:
+    for block in region:
+      for inner in block:
+        yield from _nested(inner.operation)
+
+
 def mosaic_modules(lowered) -> list:
   """The Mosaic GPU modules (parsed, with their locations) of every Mosaic GPU call in a lowered jit."""
   from jax._src.interpreters import mlir
   from jax._src.lib import mosaic_gpu_dialect
   from jax._src.lib.mlir import ir
 
-  calls = []
-
-  def visit(op):
-    if op.name == "stablehlo.custom_call" and "mosaic_gpu" in str(op.attributes["call_target_name"]):
-      calls.append(op.attributes["mhlo.backend_config"]["module"].value_bytes)
-    for region in op.regions:
-      for block in region:
-        for inner in block:
-          visit(inner.operation)
-
-  visit(lowered.compiler_ir("stablehlo").operation)
+  calls = [op.attributes["mhlo.backend_config"]["module"].value_bytes
+           for op in _nested(lowered.compiler_ir("stablehlo").operation)
+           if op.name == "stablehlo.custom_call" and "mosaic_gpu" in str(op.attributes["call_target_name"])]
   context = mlir.make_ir_context()
   mosaic_gpu_dialect.register_dialect(context)
   context.allow_unregistered_dialects = True
@@ -72,24 +73,18 @@ def census(module) -> dict:
   """{scope: {"float": n, "divf": n, "exp": n, "memory": n}} over the module's ops (one thread's code); ops of the
   serialised module carry the dialect prefix ``stable_mosaic_gpu.``, dropped here."""
   counts = collections.defaultdict(collections.Counter)
-
-  def visit(op):
+  for op in _nested(module.operation):
     name = op.name.removeprefix("stable_mosaic_gpu.")
-    if _FLOAT.match(name) or _MEMORY.match(name):
-      scope = _SCOPE.search(str(op.location))
-      row = counts[scope.group(1) if scope else OUTSIDE]
-      if _MEMORY.match(name):
-        row["memory"] += 1
-      else:
-        row["float"] += 1
-        row["divf"] += name == "arith.divf"
-        row["exp"] += name == "math.exp"
-    for region in op.regions:
-      for block in region:
-        for inner in block:
-          visit(inner.operation)
-
-  visit(module.operation)
+    if not (_FLOAT.match(name) or _MEMORY.match(name)):
+      continue
+    scope = _SCOPE.search(str(op.location))
+    row = counts[scope.group(1) if scope else OUTSIDE]
+    if _MEMORY.match(name):
+      row["memory"] += 1
+    else:
+      row["float"] += 1
+      row["divf"] += name == "arith.divf"
+      row["exp"] += name == "math.exp"
   return {scope: dict(row) for scope, row in sorted(counts.items())}
 
 
