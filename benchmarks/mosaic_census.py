@@ -95,7 +95,7 @@ def kernel_census(kernel: str) -> dict:
   return census(module)
 
 
-def _table(kernel: str, rows: dict) -> str:
+def format_table(kernel: str, rows: dict) -> str:
   lines = [f"{kernel}: ops a thread issues for one chunk, before LLVM (vector ops count once)",
            "| scope | float | divf | exp | loads and stores |", "|-|-|-|-|-|"]
   for scope, row in sorted(rows.items(), key=lambda kv: -kv[1].get("float", 0)):
@@ -111,7 +111,7 @@ def main() -> None:
   args = parser.parse_args()
   results = {kernel: kernel_census(kernel) for kernel in args.kernel or KERNELS}
   for kernel, rows in results.items():
-    print(_table(kernel, rows), flush=True)
+    print(format_table(kernel, rows), flush=True)
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"argv": sys.argv, "census": results}, f, indent=1)

@@ -17,7 +17,7 @@ def chain():
 def test_the_chain_kernels_steps_are_counted_under_their_scopes(chain):
   steps = {"S0 e2", "S1 e1", "S1 row pull-back", "S2 g_h", "S2 products", "S3 update, publish"}
   assert steps <= chain.keys()
-  print("\n" + mosaic_census._table("chain", chain))
+  print("\n" + mosaic_census.format_table("chain", chain))
   assert all(chain[step]["float"] > 0 for step in steps)
   in_steps = sum(row.get("float", 0) for step, row in chain.items() if step in steps)
   assert in_steps > chain[mosaic_census.OUTSIDE]["float"]
