@@ -104,6 +104,11 @@ def gelu_grad(z: jax.Array, erf=jax.lax.erf) -> jax.Array:
   return 0.5 * (1.0 + erf(z * _SQRT_HALF)) + z * normal_pdf(z)
 
 
+def gelu_grad2(z: jax.Array) -> jax.Array:
+  """d²GELU/dz² = φ(z)·(2 − z²)."""
+  return (2.0 - z * z) * normal_pdf(z)
+
+
 def row_mean(x: jax.Array) -> jax.Array:
   """x's mean over the last axis, [..., 1]."""
   return jnp.mean(x, axis=-1, keepdims=True)

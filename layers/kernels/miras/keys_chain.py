@@ -35,8 +35,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from layers.kernels.miras.pallas_triton import gelu_grad2
-from layers.miras.memory import gelu_grad, layer_norm, plain_matmul, row_mean
+from layers.miras.memory import gelu_grad, gelu_grad2, layer_norm, plain_matmul, row_mean
 from layers.miras.spec import MemorySpec
 
 F32 = jnp.float32

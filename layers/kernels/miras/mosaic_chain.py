@@ -37,7 +37,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from layers.kernels.miras import keys_chain
 from layers.kernels.miras.mosaic_keys import (BF16, LINE, TILE, Warpgroup, _scalar_sums, _sync, per_head_kernel,
                                               publish_tiles, row_sums, scale_share)
-from layers.kernels.miras.pallas_triton import gelu_grad2, kernel_gelu_grad
+from layers.kernels.miras.pallas_triton import kernel_gelu_grad
+from layers.miras.memory import gelu_grad2
 from layers.miras.spec import MemorySpec
 
 F32 = jnp.float32

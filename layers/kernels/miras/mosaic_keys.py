@@ -47,7 +47,7 @@ from jax.extend import core as jex_core
 from jax.extend.core import primitives
 
 from layers.kernels.miras import pallas_triton
-from layers.miras.memory import broadcast_row_mean
+from layers.miras.memory import broadcast_row_mean, gelu_grad2
 from layers.miras.spec import MemorySpec
 
 LINE = 32  # float32 values in a 128-byte line
@@ -518,7 +518,7 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
       g_h = accumulate(load(ghk_g.at[j, head, :, cols]), (e1n, g1b_s.at[wg]), (gu, w1b_s.at[wg]))
       zraw, z, praw, ge2 = tile_terms()
       slope = pallas_triton.kernel_gelu_grad(z)
-      gz = s1 * ge2 * praw * pallas_triton.gelu_grad2(z) + g_h * slope
+      gz = s1 * ge2 * praw * gelu_grad2(z) + g_h * slope
       rows_s.at[wg, 1][...] = jnp.sum(gz * zraw, axis=1)
       gz_bf16 = gz.astype(BF16)
       gkz_g.at[j, head, wg][...] = s2 * product((c, d), (gz_bf16, w2b_s.at[wg]))

@@ -50,8 +50,9 @@ from jax.experimental.pallas import triton as plgpu
 
 from layers.kernels.miras import flat, keys_chain, mosaic_chain, mosaic_keys, pallas_reads, pallas_triton
 from layers.kernels.miras.keys_chain import scale_terms_share
-from layers.kernels.miras.pallas_triton import (gelu_grad2, kernel_dot, kernel_gelu, kernel_gelu_grad, keys_errors,
-                                               leading_block, pair_row, row_scalars)
+from layers.kernels.miras.pallas_triton import (kernel_dot, kernel_gelu, kernel_gelu_grad, keys_errors, leading_block,
+                                               pair_row, row_scalars)
+from layers.miras.memory import gelu_grad2
 from layers.miras.spec import Gates, MemorySpec, along
 
 

@@ -52,7 +52,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from layers.kernels.miras import flat
 from layers.kernels.miras.chunked import unchunk, with_matmul
-from layers.miras.memory import gelu, gelu_grad, layer_norm, layer_norm_backward, normal_pdf, plain_matmul, row_mean
+from layers.miras.memory import gelu, gelu_grad, gelu_grad2, layer_norm, layer_norm_backward, plain_matmul, row_mean
 from layers.miras.spec import Gates, MemorySpec
 
 # Numerical Recipes in C, 2nd ed. (Press et al., 1992), §6.2, routine erfcc: erfc(z) = t·exp(−z² + P(t)),
@@ -78,11 +78,6 @@ def kernel_gelu(z):
 
 def kernel_gelu_grad(z):
   return gelu_grad(z, erf)
-
-
-def gelu_grad2(z):
-  """d²GELU/dz² = φ(z)·(2 − z²)."""
-  return (2.0 - z * z) * normal_pdf(z)
 
 
 @dataclasses.dataclass(frozen=True)
