@@ -48,28 +48,17 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from benchmarks.linear_attention import _median_ms
 from benchmarks.triton_compile import lowered_for_h100
 from layers.kernels.miras.mosaic_keys import Warpgroup, per_head_kernel
-from layers.kernels.miras.pallas_triton import erf as polynomial_erf
+from layers.kernels.miras.pallas_triton import erf as polynomial_erf, kernel_gelu_grad
+from layers.miras.memory import gelu, gelu_grad, gelu_grad2, normal_pdf
 
 C, D, E, TILE = 64, 64, 256, 64  # chunk, head dim, hidden width (expansion 4), hidden tile
 BF16 = jnp.bfloat16
 EPS = 1e-6
 
 
-def gelu(x, erf=polynomial_erf):
-  return 0.5 * x * (1.0 + erf(x * 2 ** -0.5))
-
-
-def gelu_grad(x, erf=polynomial_erf):
-  return 0.5 * (1.0 + erf(x * 2 ** -0.5)) + x * jnp.exp(-0.5 * x * x) * (2.0 * jnp.pi) ** -0.5
-
-
 def row_normalised(x):
   scale = jax.lax.rsqrt(jnp.mean(x * x, axis=-1) + EPS)
   return x * jax.lax.broadcast_in_dim(scale, x.shape, tuple(range(x.ndim - 1)))
-
-
-def gelu_grad2(x):
-  return (2.0 - x * x) * jnp.exp(-0.5 * x * x) * (2.0 * jnp.pi) ** -0.5
 
 
 _f32_einsum = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
@@ -78,7 +67,7 @@ _f32_einsum = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
 def gelu_and_slope(z, erf=polynomial_erf):
   """(gelu(z), gelu'(z)) from one erf."""
   cdf = 0.5 * (1.0 + erf(z * 2 ** -0.5))
-  return z * cdf, cdf + z * jnp.exp(-0.5 * z * z) * (2.0 * jnp.pi) ** -0.5
+  return z * cdf, cdf + z * normal_pdf(z)
 
 
 def forward_reference(k, v, coef, decay, w2, w1):
@@ -120,7 +109,7 @@ def pullback_reference(k, e1, h, ge2, gh, coef, decay, starts2, starts1, gs2, gs
     g2b, g1b = g2.astype(BF16), g1.astype(BF16)
     e1b, e1n, kc = e1.astype(BF16), (-(e1 * c)).astype(BF16), (k.astype(jnp.float32) * c).astype(BF16)
     z = f32("ncd,ned->nce", k, w2b)
-    slope = gelu_grad(z, jax.lax.erf)
+    slope = gelu_grad(z)
     ghat = ge2.astype(jnp.float32) - f32("ncd,ned->nce", kc, g2b)
     ghat_slope = (ghat * slope).astype(BF16)
     curvature = (ghat * f32("ncd,nde->nce", e1b, w1b) * gelu_grad2(z)).astype(BF16)
@@ -278,7 +267,7 @@ def pullback_kernel(k, e1, h, ge2, gh, coef, decay, starts2, starts1, gs2, gs1, 
       c = wg_ops.along(coef_g.at[j, head], (C, D), 0)
       kc = (wg_ops.layout(k_s.at[slot][...]).astype(jnp.float32) * c).astype(BF16)
       z = wg_ops.product((C, TILE), (k_s.at[slot], w2b_s.at[wg].T))
-      slope = gelu_grad(z)
+      slope = kernel_gelu_grad(z)
       ghat = load(ge2_g.at[j, head, :, cols]) - wg_ops.product((C, TILE), (kc, g2b_s.at[wg].T))
       gs_s.at[wg][...] = (ghat * slope).astype(BF16)
       plgpu.commit_smem()
@@ -368,7 +357,7 @@ def pullback_inputs(heads: int, chunks: int, seed: int = 0):
   e1, (starts2, starts1), _ = jax.jit(forward_reference)(k, v, coef, decay, w2, w1)
   keys = jax.random.split(jax.random.key(seed + 1), 7)
   normal = lambda key, shape, scale=1.0: scale * jax.random.normal(key, shape)
-  h = gelu(_f32_einsum("jncd,jned->jnce", k, starts2.astype(BF16)), jax.lax.erf).astype(BF16)
+  h = gelu(_f32_einsum("jncd,jned->jnce", k, starts2.astype(BF16))).astype(BF16)
   ge2, gh = (normal(key, h.shape).astype(BF16) for key in keys[:2])
   gs2, gs1 = normal(keys[2], starts2.shape, 0.1), normal(keys[3], starts1.shape, 0.1)
   g2, g1 = normal(keys[4], w2.shape), normal(keys[5], w1.shape)
