@@ -26,6 +26,7 @@ import jax
 
 from benchmarks.miras_keys import MONETA, backward_inputs, keys_inputs
 from benchmarks.triton_compile import lowered_for_h100
+from layers.kernels.miras import mosaic_chain, mosaic_keys
 
 KERNELS = ("forward", "chain")
 OUTSIDE = "(outside the named scopes)"
@@ -36,8 +37,6 @@ _SCOPE = re.compile(r'"([^"/]+)/')
 
 def _traced(kernel: str):
   """The kernel's function and abstract arguments (two chunks of one head)."""
-  from layers.kernels.miras import mosaic_chain, mosaic_keys
-
   if kernel == "forward":
     return functools.partial(mosaic_keys.keys_forward, MONETA), jax.eval_shape(functools.partial(keys_inputs, 2, 1))
   return (functools.partial(mosaic_chain.keys_backward, MONETA),
