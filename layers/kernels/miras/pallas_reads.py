@@ -51,13 +51,16 @@ class ReadTiling:
   The first backward kernel runs at 8 warps by default: its live values spill less there (ptxas for sm_90a, Moneta,
   tile 64: 544 B a thread against 1.36 KB at 4), and the sixteenth session's one-kernel read backward ran ~0.9 ms
   faster at 8 on an H100. The queries' kernel spills 72 B at 4 and none at 8, yet ran 0.37 ms at 4 and 0.50 at 8
-  (the layer's profiles of the nineteenth and twentieth sessions, H100; docs/benchmarks.md)."""
+  (the layer's profiles of the nineteenth and twentieth sessions, H100; docs/benchmarks.md). Two stages (the next
+  tile's loads issued during this one's work) took the reads' forward from 1.42 to 1.00 ms and their fwd+bwd from
+  5.13 to 4.67 ms (``benchmarks/miras_reads.py``, 8 × 4096, one H100, same run; docs/benchmarks.md, "Twenty-second
+  session")."""
 
   hidden_tile: int = 64
   num_warps: int = 4
   interpret: bool = False
   backward_warps: int = 8
-  num_stages: int = 1
+  num_stages: int = 2
 
   def __post_init__(self):
     for name in ("hidden_tile", "num_warps", "backward_warps", "num_stages"):
