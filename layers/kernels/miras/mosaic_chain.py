@@ -35,8 +35,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from layers.kernels.miras import keys_chain
-from layers.kernels.miras.mosaic_keys import (BF16, LINE, TILE, Warpgroup, _scalar_sums, _sync, per_head_kernel,
-                                              publish_tiles, row_sums, scale_share)
+from layers.kernels.miras.mosaic_keys import (BF16, LINE, TILE, Warpgroup, _scalar_sums, _sync, loop_zero,
+                                              per_head_kernel, publish_tiles, row_sums, scale_share, zeros)
 from layers.kernels.miras.pallas_triton import kernel_gelu_grad
 from layers.miras.memory import gelu_grad2
 from layers.miras.spec import MemorySpec
@@ -61,7 +61,7 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
   scalars = jnp.concatenate([x.scales, x.totals, x.g_scales, x.decay[..., None]], axis=-1)
 
   def body(nkc_g, ne1c_g, k_g, e1_g, h_g, w1_g, w2_g, z_g, ge2_g, gh_g, ge1_g, gw2_g, gw1_g,
-           n_g, a_g, ehat_g, rcurve_g, rstd_g, na_g, coef_g, scalars_g, gend2_g, gend1_g,
+           n_g, a_g, ehat_g, rcurve_g, rstd_g, na_g, coef_g, scalars_g, zero_g, gend2_g, gend1_g,
            out2_g, out1_g, ge1_out, via_out, g2end_out, gz_out, gdec_out, gu_g,
            nkc_s, ne1c_s, k_s, e1_s, h_s, w1_s, g2b_s, g1b_s, gs_s, gu_s, sums_s, terms_s, loaded, synced):
     head, wg = jax.lax.axis_index("head"), jax.lax.axis_index("wg")
@@ -82,7 +82,7 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
       @pl.when(wg == 0)
       def _copies():
         for src, dst in ((nkc_g, nkc_s), (ne1c_g, ne1c_s), (k_g, k_s), (e1_g, e1_s)):
-          plgpu.copy_gmem_to_smem(src.at[j, head], dst, loaded.at[0])
+          plgpu.copy_gmem_to_smem(src.at[j, head], dst.at[0], loaded.at[0])
         for t in range(tiles):
           tile = pl.ds(t * TILE, TILE)
           plgpu.copy_gmem_to_smem(h_g.at[j, head, :, tile], h_s.at[t], loaded.at[0])
@@ -96,20 +96,23 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
     def _chunk(i):
       j = n - 1 - i
       s2, s1, t2, t1, g_read2, g_read1, b = (scalars_g[j, head, q] for q in range(7))
-      tile_of = lambda ref: load(ref.at[j, head, :, cols])
+      zero = loop_zero(zero_g, j)
+      me, hd = wg + zero, head + zero
+      nkc, ne1c, keys, e1, gu_op = (ref.at[zero] for ref in (nkc_s, ne1c_s, k_s, e1_s, gu_s))
+      tile_of = lambda ref: load(ref.at[j, hd, :, cols])
       with jax.named_scope("wait: cotangent, operands"):
         _sync(synced.at[0])  # every tile's cotangent published
         plgpu.barrier_wait(loaded.at[0])  # chunk j's operands
 
       # S0: e2's cotangent and its products' operand; G2's tile out (K ⊙ c's cotangent −e2 G2 is formed after)
       with jax.named_scope("S0 e2"):
-        ge2 = accumulate(tile_of(ge2_g), (nkc_s, g2b_s.at[wg].T))
+        ge2 = accumulate(tile_of(ge2_g), (nkc, g2b_s.at[me].T))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's g_z copied out of gs_s
         plgpu.copy_smem_to_gmem(g2b_s.at[wg], g2end_out.at[j, head, cols])  # waited for before S3 writes it
         z = tile_of(z_g)
-        gs_s.at[wg][...] = (s1 * ge2 * kernel_gelu_grad(z)).astype(BF16)
+        gs_s.at[me][...] = (s1 * ge2 * kernel_gelu_grad(z)).astype(BF16)
         plgpu.commit_smem()
-        praw = product((c, TILE), (e1_s, w1_s.at[wg]))  # e1 W1, for the curvature s₁ (e1 W1) ⊙ gelu''(z)
+        praw = product((c, TILE), (e1, w1_s.at[me]))  # e1 W1, for the curvature s₁ (e1 W1) ⊙ gelu''(z)
         gz_part = (ge2 * s1 * praw * gelu_grad2(z)).astype(BF16)
       with jax.named_scope("sync"):
         _sync(synced.at[1])
@@ -121,18 +124,19 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
       @pl.when(writes)
       def _row_step():
         with jax.named_scope("S1 e1"):
-          read = load(ge1_g.at[j, head, :, mine])
-          via_end, via_e2 = wg_ops.products(((c, block), [(h_s.at[t], g1b_s.at[t, mine].T) for t in range(tiles)]),
-                                            ((c, block), [(gs_s.at[t], w1_s.at[t, mine].T) for t in range(tiles)]))
+          read = load(ge1_g.at[j, hd, :, mine])
+          via_end, via_e2 = wg_ops.products(
+              ((c, block), [(h_s.at[t + zero], g1b_s.at[t + zero, mine].T) for t in range(tiles)]),
+              ((c, block), [(gs_s.at[t + zero], w1_s.at[t + zero, mine].T) for t in range(tiles)]))
           via_end = -via_end
-          g_e1 = read + via_e2 + wg_ops.along(coef_g.at[j, head], (c, block), 0) * via_end
-          ge1_out.at[j, head, :, mine][...], via_out.at[j, head, :, mine][...] = g_e1, via_end
+          g_e1 = read + via_e2 + wg_ops.along(coef_g.at[j, hd], (c, block), 0) * via_end
+          ge1_out.at[j, hd, :, mine][...], via_out.at[j, hd, :, mine][...] = g_e1, via_end
 
         with jax.named_scope("S1 row pull-back"):
-          block_of = lambda ref: load(ref.at[j, head, :, mine])
+          block_of = lambda ref: load(ref.at[j, hd, :, mine])
           terms = keys_chain.RowTerms(block_of(n_g), block_of(a_g), block_of(ehat_g), block_of(rcurve_g),
-                                      wg_ops.vector(rstd_g.at[j, head], 0), wg_ops.vector(na_g.at[j, head], 0))
-          gu_g.at[head, :, mine][...] = s1 * keys_chain.row_pullback(terms, g_e1, means, rows)  # meet in L2
+                                      wg_ops.vector(rstd_g.at[j, hd], 0), wg_ops.vector(na_g.at[j, hd], 0))
+          gu_g.at[hd, :, mine][...] = s1 * keys_chain.row_pullback(terms, g_e1, means, rows)  # meet in L2
 
       @pl.when(jnp.logical_not(writes))
       def _row_step_syncs():
@@ -144,22 +148,22 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
 
       # S2: z's cotangent and the tile's update
       with jax.named_scope("S2 g_h"):
-        gu = load(gu_g.at[head]).astype(BF16)
+        gu = load(gu_g.at[hd]).astype(BF16)
 
         @pl.when(wg == 0)
         def _gu_operand():  # for the transposed product, after the next sync
-          gu_s[...] = gu
+          gu_op[...] = gu
           plgpu.commit_smem()
-        g_h = accumulate(tile_of(gh_g), (ne1c_s, g1b_s.at[wg]), (gu, w1_s.at[wg]))
+        g_h = accumulate(tile_of(gh_g), (ne1c, g1b_s.at[me]), (gu, w1_s.at[me]))
         _sync(synced.at[2])
       with jax.named_scope("S2 products"):
-        step1 = product((d, TILE), (e1_s.T, gs_s.at[wg]), (gu_s.T, h_s.at[wg]))
+        step1 = product((d, TILE), (e1.T, gs_s.at[me]), (gu_op.T, h_s.at[me]))
         slope = kernel_gelu_grad(tile_of(z_g))  # formed again from z: held, it would take 32 registers a thread
-        gs_s.at[wg][...] = (gz_part.astype(F32) + g_h * slope).astype(BF16)  # now g_z's
+        gs_s.at[me][...] = (gz_part.astype(F32) + g_h * slope).astype(BF16)  # now g_z's
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(gs_s.at[wg], gz_out.at[j, head, :, cols])
-        raw2 = product((TILE, d), (gs_s.at[wg].T, k_s))  # s₂'s cotangent Σ g_z ⊙ K W2ᵀ is Σ raw2 ⊙ W2
-        starts = (w2_g.at[j, head, cols], w1_g.at[j, head, :, cols])  # read where used (L2), not held
+        raw2 = product((TILE, d), (gs_s.at[me].T, keys))  # s₂'s cotangent Σ g_z ⊙ K W2ᵀ is Σ raw2 ⊙ W2
+        starts = (w2_g.at[j, hd, cols], w1_g.at[j, hd, :, cols])  # read where used (L2), not held
         if ret.scaled:
           terms_s.at[wg, 0][...] = jnp.sum(raw2 * load(starts[0]), axis=1)
           terms_s.at[wg, 1][...] = jnp.sum(step1 * load(starts[1]), axis=1) / s1
@@ -176,11 +180,11 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
           sums = _scalar_sums(terms_s, range(tiles), 2)
           g_totals = (sums[0] + g_read2, sums[1] + g_read1)
         plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # S0's copy of G2's tile (S2's of g_z may still run)
-        steps = ((1, step1, out1_g.at[head, :, cols], gw1_g.at[j, head, :, cols], g1b_s.at[wg]),
-                 (0, s2 * raw2, out2_g.at[head, cols], gw2_g.at[j, head, cols], g2b_s.at[wg]))
+        steps = ((1, step1, out1_g.at[hd, :, cols], gw1_g.at[j, hd, :, cols], g1b_s.at[me]),
+                 (0, s2 * raw2, out2_g.at[hd, cols], gw2_g.at[j, hd, cols], g2b_s.at[me]))
         for layer, step, out, g_read, operand in steps:  # W1's first: raw2 waits in registers
           w, g = load(starts[layer]), load(out)
-          gdec_out.at[j, head, wg, layer][...] = jnp.sum(g * w, axis=1)
+          gdec_out.at[j, hd, wg, layer][...] = jnp.sum(g * w, axis=1)
           g = b * g + step + load(g_read)
           if ret.scaled:
             g = g + scale_share(ret, (t2, t1)[layer], g_totals[layer], w)
@@ -194,9 +198,9 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
   out_type = (f32(heads, e, d), f32(heads, d, e), f32(n, heads, c, d), f32(n, heads, c, d), bf16_out(n, heads, e, d),
               bf16_out(n, heads, c, e), f32(n, heads, tiles, 2, TILE), f32(heads, c, d))
   operand = wg_ops.operand
-  scratch = [operand(c, d), operand(c, d), operand(c, d), operand(c, d), operand(tiles, c, TILE),
+  scratch = [operand(1, c, d), operand(1, c, d), operand(1, c, d), operand(1, c, d), operand(tiles, c, TILE),
              operand(tiles, d, TILE), operand(tiles, TILE, d), operand(tiles, d, TILE), operand(tiles, c, TILE),
-             operand(c, d), plgpu.SMEM((2, tiles, 3, c), F32), plgpu.SMEM((tiles, 2, TILE), F32),
+             operand(1, c, d), plgpu.SMEM((2, tiles, 3, c), F32), plgpu.SMEM((tiles, 2, TILE), F32),
              plgpu.Barrier(num_arrivals=4 + 2 * tiles, num_barriers=1),
              plgpu.Barrier(num_arrivals=tiles, num_barriers=4)]
   kernel = per_head_kernel(body, out_type, scratch, heads, tiles, interpret, profile_dir)
@@ -204,7 +208,8 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
   r = x.rows
   g2, g1, g_e1, via_end, g2_end, g_z, g_dec, _ = kernel(
       bf16(-x.kc), bf16(x.ne1c), bf16(x.k), bf16(x.e1), bf16(x.h), bf16(x.w1), bf16(x.w2), x.z, x.g_e2,
-      x.g_h, x.g_e1, x.g_w2, x.g_w1, r.n, r.a, r.ehat, r.curve, r.rstd, r.na, x.coef, scalars, g_end["w2"], g_end["w1"])
+      x.g_h, x.g_e1, x.g_w2, x.g_w1, r.n, r.a, r.ehat, r.curve, r.rstd, r.na, x.coef, scalars, zeros(n),
+      g_end["w2"], g_end["w1"])
   outputs = keys_chain.ChainOutputs(g_e1, via_end, g2_end, g_z, jnp.sum(g_dec, axis=(2, 4)))
   return {"w2": g2, "w1": g1}, outputs
 

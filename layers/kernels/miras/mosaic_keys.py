@@ -4,7 +4,7 @@
 sequential work of a chunkwise MLP memory is its keys' recurrence S_{j+1} = f_j(S_j). :mod:`pallas_tiles` runs each
 chunk as three Triton kernels (F1, E, F2): 4.5 ms for 128 heads × 64 chunks on an H100. This kernel walks every
 chunk of a head in one CTA of one warpgroup per hidden tile of 64 columns (E = 256: four), the bf16 copies of the
-state that every product reads in shared memory: 2.5 ms (``benchmarks/miras_keys.py``, docs/benchmarks.md).
+state that every product reads in shared memory: 1.9 ms (``benchmarks/miras_keys.py``, docs/benchmarks.md).
 Warpgroup t owns its tile of the float32 state (W2_t [64, d], W1_t [d, 64]); between its publication and its update
 the tile waits in the end state's output (in L2), leaving the registers to the chunk's other work, and goes out to
 the stacked start states as bf16 (half the bytes for every later pass over them: the reads, both directions, and
@@ -178,12 +178,31 @@ def per_head_kernel(body, out_type, scratch_types, heads: int, tiles: int,
   """``body`` as a Mosaic GPU kernel of one CTA per head (axis "head") and one warpgroup per hidden tile (axis
   "wg"); ``interpret``: Mosaic GPU interpret mode, with default or the given parameters; ``profile_dir``: record the
   body's ``jax.named_scope`` ranges with Mosaic GPU's profiler (the first :data:`PROFILE_RANGES` of each warpgroup,
-  in shared memory) and write them there as a Chrome trace at each call (GPU only)."""
+  in shared memory) and write them there as a Chrome trace at each call (GPU only). Exponentials are approximate
+  (``approx_math``: ex2.approx, as Triton's): the chain's keys' backward 10.26 → 9.95 ms, the forward 2.77 → 2.64
+  (one H100, same call; docs/benchmarks.md, "Twenty-second session")."""
   profile = ({"profile_space": PROFILE_RANGES, "profile_dir": profile_dir, "profile_bounds_check": True}
              if profile_dir else {})
+  params = plgpu.CompilerParams(approx_math=True, **profile)
   return plgpu.kernel(body, out_type=out_type, scratch_types=scratch_types, grid=(heads,), grid_names=("head",),
-                      num_threads=tiles, thread_name="wg", compiler_params=plgpu.CompilerParams(**profile),
+                      num_threads=tiles, thread_name="wg", compiler_params=params,
                       interpret=plgpu.InterpretGPUParams() if interpret is True else interpret or None)
+
+
+def loop_zero(zeros_g, j):
+  """A zero read from global memory for chunk j (``zeros_g``: int32 [n] zeros, :func:`zeros`). The kernels index
+  their shared buffers (and their head in global memory) with it inside the chunk loop, so that LLVM cannot hoist
+  the products' wgmma descriptors and the tiles' addresses out of the loop: held across it, they outnumbered the
+  registers (ptxas for sm_90a: the chain kernel spilled 1124 B a thread, this module's forward 460 B; with the zero
+  332 and 16 B), and the spills' round trips through L2 were the chain kernel's largest stall (Nsight Compute: half
+  of its warps' cycles waiting on L1TEX). The keys' backward took 10.34 → 9.23 ms, the forward 2.48 → 2.01 ms (one
+  H100, same call; docs/benchmarks.md, "Twenty-second session")."""
+  return zeros_g[j]
+
+
+def zeros(n: int) -> jax.Array:
+  """The :func:`loop_zero` input of an n-chunk kernel."""
+  return jnp.zeros((n,), jnp.int32)
 
 
 def _sync(barrier):
@@ -219,7 +238,7 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
   ret = spec.retention
   wg_ops = Warpgroup(bool(interpret))
 
-  def body(k_g, v_g, decay_g, coef_g, ln_g, w2_g, w1_g,
+  def body(k_g, v_g, decay_g, coef_g, ln_g, w2_g, w1_g, zero_g,
            starts2_g, starts1_g, end2_g, end1_g, e2_g, h_g, e1_g, u_g, scalars_g,
            k_s, v_s, coef_s, ln_s, w2b_s, w1b_s, h_s, e2_s, kcn_s, e1cn_s, e1b_s, terms_s, loaded, ln_loaded,
            synced):
@@ -233,12 +252,12 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
       for i, (src, dst) in enumerate(((k_g, k_s), (v_g, v_s), (coef_g, coef_s))):
         plgpu.copy_gmem_to_smem(src.at[j, head], dst, loaded.at[i])
 
-    def publish(j, w2, w1):
+    def publish(j, w2, w1, zero=0):
       """Chunk j's start state: into the end state's output (float32: where the state waits while the registers do
       the chunk's other work), stacked out and into shared memory as bf16 (the reads' and the products' operands),
-      and its rows' scale terms for its scales."""
-      end2_g.at[head, cols][...], end1_g.at[head, :, cols][...] = w2, w1
-      w2b_s.at[wg][...], w1b_s.at[wg][...] = w2.astype(BF16), w1.astype(BF16)
+      and its rows' scale terms for its scales (``zero``: the chunk loop's, see there)."""
+      end2_g.at[head + zero, cols][...], end1_g.at[head + zero, :, cols][...] = w2, w1
+      w2b_s.at[wg + zero][...], w1b_s.at[wg + zero][...] = w2.astype(BF16), w1.astype(BF16)
       if ret.scaled:
         terms_s.at[wg, 0][...], terms_s.at[wg, 1][...] = ret.scale_term_rows(w2), ret.scale_term_rows(w1)
       plgpu.commit_smem()
@@ -261,6 +280,9 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
 
     @pl.loop(0, n)
     def _chunk(j):
+      zero = loop_zero(zero_g, j)
+      me, hd = wg + zero, head + zero
+      kcn, e1cn, e1b = (ref.at[zero] for ref in (kcn_s, e1cn_s, e1b_s))
       with jax.named_scope("F0 scales"):
         _sync(synced.at[0])  # every tile's scale terms and bf16 copies
         totals = scale_totals()
@@ -275,10 +297,10 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
         for i in range(3):  # chunk j's keys, values and coefficients
           plgpu.barrier_wait(loaded.at[i])
         keys = lambda: wg_ops.layout(k_s[...])  # read from shared memory where needed, not held in registers
-        z = lambda: s2 * wg_ops.product((c, TILE), (keys().astype(BF16), w2b_s.at[wg].T))
+        z = lambda: s2 * wg_ops.product((c, TILE), (keys().astype(BF16), w2b_s.at[me].T))
         h = pallas_triton.kernel_gelu(z())
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's h, e2 and this start state copied out
-        h_s.at[wg][...] = h.astype(BF16)
+        h_s.at[me][...] = h.astype(BF16)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(h_s.at[wg], h_g.at[j, head, :, cols])
         _sync(synced.at[1])  # every h tile
@@ -286,13 +308,13 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
       @pl.when(wg == 0)
       def _rows():  # warpgroup 0's alone (the others would repeat it): out, and the products' operands
         with jax.named_scope("F2 rows"):
-          u = s1 * wg_ops.product((c, d), *((h_s.at[t], w1b_s.at[t].T) for t in range(tiles)))
+          u = s1 * wg_ops.product((c, d), *((h_s.at[t + zero], w1b_s.at[t + zero].T) for t in range(tiles)))
           ln_rows = tuple(wg_ops.along(ln_s.at[i], (c, d), 1) for i in range(2))
           e1 = row_errors(spec, u, keys(), wg_ops.layout(v_s[...]), *ln_rows)
           coef = rows(coef_s, d)
-          e1_g.at[j, head][...], u_g.at[j, head][...] = e1, u
-          kcn_s[...], e1cn_s[...] = (-(keys() * coef)).astype(BF16), (-(e1 * coef)).astype(BF16)
-          e1b_s[...] = e1.astype(BF16)
+          e1_g.at[j, hd][...], u_g.at[j, hd][...] = e1, u
+          kcn[...], e1cn[...] = (-(keys() * coef)).astype(BF16), (-(e1 * coef)).astype(BF16)
+          e1b[...] = e1.astype(BF16)
           plgpu.commit_smem()
 
       with jax.named_scope("F3 e2, update"):
@@ -301,8 +323,8 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
         # −(e1 ⊙ c) written. A full sync: with the wait deferred past the e2 product, interpret mode's race detector
         # flags the prefetch against the last reads of K.
         _sync(synced.at[2])
-        e2 = s1 * wg_ops.product((c, TILE), (e1b_s, w1b_s.at[wg])) * slope
-        e2_s.at[wg][...] = e2.astype(BF16)
+        e2 = s1 * wg_ops.product((c, TILE), (e1b, w1b_s.at[me])) * slope
+        e2_s.at[me][...] = e2.astype(BF16)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(e2_s.at[wg], e2_g.at[j, head, :, cols])
 
@@ -311,16 +333,16 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
           fetch(j + 1)
 
         b = decay_g[j, head, 0]
-        w2 = wg_ops.accumulate(b * load(end2_g.at[head, cols]), (e2_s.at[wg].T, kcn_s))
-        w1 = wg_ops.accumulate(b * load(end1_g.at[head, :, cols]), (e1cn_s.T, h_s.at[wg]))
+        w2 = wg_ops.accumulate(b * load(end2_g.at[hd, cols]), (e2_s.at[me].T, kcn))
+        w1 = wg_ops.accumulate(b * load(end1_g.at[hd, :, cols]), (e1cn.T, h_s.at[me]))
 
         @pl.when(j + 1 < n)
         def _next():
-          publish(j + 1, w2, w1)
+          publish(j + 1, w2, w1, zero)
 
         @pl.when(j + 1 == n)
         def _end():
-          end2_g.at[head, cols][...], end1_g.at[head, :, cols][...] = w2, w1
+          end2_g.at[hd, cols][...], end1_g.at[hd, :, cols][...] = w2, w1
 
     plgpu.wait_smem_to_gmem(0)
 
@@ -331,12 +353,12 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
   operand = wg_ops.operand
   scratch = [plgpu.SMEM((c, d), jnp.float32), plgpu.SMEM((c, d), jnp.float32), plgpu.SMEM((c,), jnp.float32),
              plgpu.SMEM((2, d), jnp.float32), operand(tiles, TILE, d), operand(tiles, d, TILE),
-             operand(tiles, c, TILE), operand(tiles, c, TILE), operand(c, d), operand(c, d), operand(c, d),
+             operand(tiles, c, TILE), operand(tiles, c, TILE), operand(1, c, d), operand(1, c, d), operand(1, c, d),
              plgpu.SMEM((tiles, 2, TILE), jnp.float32), plgpu.Barrier(num_barriers=3),
              plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_arrivals=tiles, num_barriers=3)]
   kernel = per_head_kernel(body, out_type, scratch, heads, tiles, interpret)
   starts2, starts1, end2, end1, e2, h, e1, u, scalars = kernel(
-      k, v, end_decay, end_coef.reshape(n, heads, c), jnp.concatenate(ln, axis=1), state["w2"], state["w1"])
+      k, v, end_decay, end_coef.reshape(n, heads, c), jnp.concatenate(ln, axis=1), state["w2"], state["w1"], zeros(n))
   return starts2, starts1, (end2, end1), e2, h, e1, u, scalars[..., :2], scalars[..., 2:]
 
 
