@@ -70,11 +70,13 @@ def mosaic_modules(lowered) -> list:
 
 def census(module) -> dict:
   """{scope: {"float": n, "divf": n, "exp": n, "memory": n}} over the module's ops (one thread's code); ops of the
-  serialised module carry the dialect prefix ``stable_mosaic_gpu.``, dropped here."""
+  serialised module carry the dialect prefix ``stable_mosaic_gpu.``, dropped here. With ``approx_math`` (the
+  kernels' setting) an exponential is an inline ex2.approx a value (two a float32 pair), each counted."""
   counts = collections.defaultdict(collections.Counter)
   for op in _nested(module.operation):
     name = op.name.removeprefix("stable_mosaic_gpu.")
-    if not (_FLOAT.match(name) or _MEMORY.match(name)):
+    approx_exp = name == "llvm.inline_asm" and "ex2.approx" in str(op.attributes["asm_string"])
+    if not (_FLOAT.match(name) or _MEMORY.match(name) or approx_exp):
       continue
     scope = _SCOPE.search(str(op.location))
     row = counts[scope.group(1) if scope else OUTSIDE]
@@ -83,7 +85,7 @@ def census(module) -> dict:
     else:
       row["float"] += 1
       row["divf"] += name == "arith.divf"
-      row["exp"] += name == "math.exp"
+      row["exp"] += name == "math.exp" or approx_exp
   return {scope: dict(row) for scope, row in sorted(counts.items())}
 
 
