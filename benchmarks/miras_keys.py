@@ -35,7 +35,7 @@ from layers.miras.memory import MLPMemory
 from layers.miras.retention import LqNorm
 from layers.miras.spec import MemorySpec
 
-OUTPUTS = ("starts2", "starts1", "end", "e2", "h", "e1", "u", "scales", "totals")
+OUTPUTS = ("starts2", "starts1", "end", "e2", "h", "e1", "u", "scales", "totals", "z")
 MONETA = with_matmul(MemorySpec(MLPMemory(), biases.Lp(3.0), LqNorm(4.0)), "bfloat16")  # the timed memory
 
 

@@ -6,8 +6,8 @@ recurrence S_{j+1} = f_j(S_j). Of each chunk's pull-back only a few products tak
 step's linearisation, the input cotangents that G's chain leaves behind) is the same for every G. So the backward is
 three passes:
 
-  * :func:`chain_inputs`, all chunks at once (batched XLA): z = s₂ K W2ᵀ, K ⊙ c and −e1 ⊙ c, and the row step's
-    linearisation (:func:`row_terms`); h = gelu(z) is the forward's (``KeyPass.hk``);
+  * :func:`chain_inputs`, all chunks at once (batched XLA): K ⊙ c and −e1 ⊙ c, and the row step's linearisation
+    (:func:`row_terms`); z = s₂ K W2ᵀ and h = gelu(z) are the forward's (bf16 from the Mosaic kernel);
   * the chain, chunk by chunk in reverse (:func:`chain_scan`), per chunk and head
 
       ĝ_e2 = g_e2 − (K ⊙ c) G2ᵀ                   g_e1 = g_e1' + s₁ (ĝ_e2 ⊙ gelu'(z)) W1ᵀ − c ⊙ (h G1ᵀ)
@@ -141,12 +141,10 @@ def _every_chunk(ln, n: int) -> tuple:
 def chain_inputs(spec: MemorySpec, residuals, cotangents) -> ChainInputs:
   """:class:`ChainInputs` from ``pallas_tiles``' recurrence's residuals and cotangents (as
   :func:`mosaic_keys.keys_backward` takes them), every chunk at once."""
-  ln, xs, starts, keys, u, scales, totals = residuals
+  ln, xs, starts, keys, u, scales, totals, z = residuals
   _, (g_starts, g_keys) = cotangents
   k, v, delta, end_decay, end_coef, _ = xs
-  dot = functools.partial(plain_matmul, mode=spec.memory.matmul)
   w2, w1 = starts["w2"], starts["w1"]
-  z = scales[..., 0, None, None] * dot("nhcd,nhed->nhce", k, w2)
   coef = end_coef[..., 0]
   rows = _per_chunk_and_head(functools.partial(row_terms, spec))(u, k, v, delta, *_every_chunk(ln, k.shape[0]))
   g_scales = jnp.stack([g_keys.scale["w2"][..., 0, 0], g_keys.scale["w1"][..., 0, 0]], axis=-1)
@@ -187,13 +185,14 @@ def chain_step(spec: MemorySpec, g_state, x: ChainInputs):
   dot = functools.partial(plain_matmul, mode=spec.memory.matmul)
   s2, s1 = x.scales[:, 0, None, None], x.scales[:, 1, None, None]
   ge2 = x.g_e2 - dot("hcd,hed->hce", x.kc, g2)
-  slope = gelu_grad(x.z)
+  z = x.z.astype(jnp.promote_types(x.z.dtype, F32))
+  slope = gelu_grad(z)
   gs = s1 * ge2 * slope
   via_end = -dot("hce,hde->hcd", x.h, g1)
   g_e1 = x.g_e1 + dot("hce,hde->hcd", gs, x.w1) + x.coef[..., None] * via_end
   gu = s1 * row_pullback(x.rows, g_e1)
   g_h = x.g_h + dot("hcd,hde->hce", x.ne1c, g1) + dot("hcd,hde->hce", gu, x.w1)
-  g_z = ge2 * s1 * dot("hcd,hde->hce", x.e1, x.w1) * gelu_grad2(x.z) + g_h * slope
+  g_z = ge2 * s1 * dot("hcd,hde->hce", x.e1, x.w1) * gelu_grad2(z) + g_h * slope
   step2 = s2 * dot("hce,hcd->hed", g_z, x.k)
   step1 = dot("hcd,hce->hde", x.e1, gs) + dot("hcd,hce->hde", gu, x.h)
   total = lambda a: jnp.sum(a, axis=(1, 2))

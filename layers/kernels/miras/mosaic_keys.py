@@ -228,9 +228,10 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
   chunk-end decay [n, N, 1] and coefficients [n, N, c, 1], completeness). Returns the stacked start states W2
   [n, N, E, d] and W1 [n, N, d, E] (slot j: chunk j's, bf16: only the products take them, and the products' bf16
   operands are what a float32 copy would be cast to; the state recurs in float32), the end state's (W2, W1)
-  float32, e2 and h [n, N, c, E] (bf16),
-  e1 and u [n, N, c, d], and the start states' scales and summed scale terms [n, N, 2] (W2's, W1's). ``interpret``:
-  Mosaic GPU interpret mode (any backend), with default or the given parameters (race detection, say)."""
+  float32, e2 and h [n, N, c, E] (bf16), e1 and u [n, N, c, d], the start states' scales and summed scale terms
+  [n, N, 2] (W2's, W1's), and z = s₂ K W2ᵀ [n, N, c, E] (bf16: the chain backward's GELU slopes, instead of a
+  batched product and a float32 array in XLA). ``interpret``: Mosaic GPU interpret mode (any backend), with default
+  or the given parameters (race detection, say)."""
   k, v, _, end_decay, end_coef, _ = xs
   n, heads, c, d = k.shape
   e = state["w2"].shape[1]
@@ -239,8 +240,8 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
   wg_ops = Warpgroup(bool(interpret))
 
   def body(k_g, v_g, decay_g, coef_g, ln_g, w2_g, w1_g, zero_g,
-           starts2_g, starts1_g, end2_g, end1_g, e2_g, h_g, e1_g, u_g, scalars_g,
-           k_s, v_s, coef_s, ln_s, w2b_s, w1b_s, h_s, e2_s, kcn_s, e1cn_s, e1b_s, terms_s, loaded, ln_loaded,
+           starts2_g, starts1_g, end2_g, end1_g, e2_g, h_g, e1_g, u_g, scalars_g, z_g,
+           k_s, v_s, coef_s, ln_s, w2b_s, w1b_s, h_s, z_s, e2_s, kcn_s, e1cn_s, e1b_s, terms_s, loaded, ln_loaded,
            synced):
     head, wg = jax.lax.axis_index("head"), jax.lax.axis_index("wg")
     cols = pl.ds(wg * TILE, TILE)
@@ -298,11 +299,13 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
           plgpu.barrier_wait(loaded.at[i])
         keys = lambda: wg_ops.layout(k_s[...])  # read from shared memory where needed, not held in registers
         z = lambda: s2 * wg_ops.product((c, TILE), (keys().astype(BF16), w2b_s.at[me].T))
-        h = pallas_triton.kernel_gelu(z())
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's h, e2 and this start state copied out
-        h_s.at[me][...] = h.astype(BF16)
+        z_tile = z()
+        h = pallas_triton.kernel_gelu(z_tile)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's h, z, e2 and this start state copied out
+        h_s.at[me][...], z_s.at[me][...] = h.astype(BF16), z_tile.astype(BF16)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(h_s.at[wg], h_g.at[j, head, :, cols])
+        plgpu.copy_smem_to_gmem(z_s.at[wg], z_g.at[j, head, :, cols])
         _sync(synced.at[1])  # every h tile
 
       @pl.when(wg == 0)
@@ -348,18 +351,19 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
 
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, BF16)
-  out_type = (bf16(n, heads, e, d), bf16(n, heads, d, e), f32(heads, e, d), f32(heads, d, e), bf16(n, heads, c, e),
-              bf16(n, heads, c, e), f32(n, heads, c, d), f32(n, heads, c, d), f32(n, heads, 4))
+  acts = bf16(n, heads, c, e)  # e2, h, z
+  out_type = (bf16(n, heads, e, d), bf16(n, heads, d, e), f32(heads, e, d), f32(heads, d, e), acts, acts,
+              f32(n, heads, c, d), f32(n, heads, c, d), f32(n, heads, 4), acts)
   operand = wg_ops.operand
   scratch = [plgpu.SMEM((c, d), jnp.float32), plgpu.SMEM((c, d), jnp.float32), plgpu.SMEM((c,), jnp.float32),
              plgpu.SMEM((2, d), jnp.float32), operand(tiles, TILE, d), operand(tiles, d, TILE),
-             operand(tiles, c, TILE), operand(tiles, c, TILE), operand(1, c, d), operand(1, c, d), operand(1, c, d),
+             *(operand(tiles, c, TILE) for _ in range(3)), *(operand(1, c, d) for _ in range(3)),
              plgpu.SMEM((tiles, 2, TILE), jnp.float32), plgpu.Barrier(num_barriers=3),
              plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_arrivals=tiles, num_barriers=3)]
   kernel = per_head_kernel(body, out_type, scratch, heads, tiles, interpret)
-  starts2, starts1, end2, end1, e2, h, e1, u, scalars = kernel(
+  starts2, starts1, end2, end1, e2, h, e1, u, scalars, z = kernel(
       k, v, end_decay, end_coef.reshape(n, heads, c), jnp.concatenate(ln, axis=1), state["w2"], state["w1"], zeros(n))
-  return starts2, starts1, (end2, end1), e2, h, e1, u, scalars[..., :2], scalars[..., 2:]
+  return starts2, starts1, (end2, end1), e2, h, e1, u, scalars[..., :2], scalars[..., 2:], z
 
 
 def _mosaic_lowerable(fun, *, columns: int | None = None, width: int | None = None, row_sum=None):
@@ -422,7 +426,7 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
   row sums (scalar reads; see :func:`keys_forward`). Nothing [c, d] is held across a sync: K, e1 and c are read
   where used (L2) or as the bf16 operands warpgroup 0 writes for the chunk before it starts, and the cotangent
   waits in the output between its reads."""
-  ln, xs, starts, keys, u, scales, totals = residuals
+  ln, xs, starts, keys, u, scales, totals, _ = residuals
   g_end, (g_starts, g_keys) = cotangents
   k, v, _, end_decay, end_coef, _ = xs
   n, heads, c, d = k.shape

@@ -52,7 +52,7 @@ from layers.kernels.miras import flat, keys_chain, mosaic_chain, mosaic_keys, pa
 from layers.kernels.miras.keys_chain import scale_terms_share
 from layers.kernels.miras.pallas_triton import (kernel_dot, kernel_gelu, kernel_gelu_grad, keys_errors, leading_block,
                                                pair_row, row_scalars)
-from layers.miras.memory import gelu_grad2
+from layers.miras.memory import gelu_grad2, plain_matmul
 from layers.miras.spec import Gates, MemorySpec, along
 
 
@@ -410,7 +410,8 @@ def _triton_keys_forward(spec, tiling, state, ln, xs):
            ret.scale_from(totals), totals)
   (starts2, starts1, end2, end1, e2, h, e1, u, _, _), (scales, totals) = jax.lax.scan(
       functools.partial(_forward_step, spec, tiling, ln, x), carry, jnp.arange(n))
-  return starts2, starts1, (end2, end1), e2, h, e1, u, scales, totals
+  z = scales[..., 0, None, None] * plain_matmul("nhcd,nhed->nhce", x.k, starts2, mode=spec.memory.matmul)
+  return starts2, starts1, (end2, end1), e2, h, e1, u, scales, totals, z.astype(acts.dtype)
 
 
 def _recurrence_fwd(spec, tiling, state, ln, xs):
@@ -418,10 +419,10 @@ def _recurrence_fwd(spec, tiling, state, ln, xs):
     keys_forward = functools.partial(mosaic_keys.keys_forward, interpret=tiling.interpret)
   else:
     keys_forward = functools.partial(_triton_keys_forward, tiling=tiling)
-  starts2, starts1, (end2, end1), e2, h, e1, u, scales, totals = keys_forward(spec, state=state, ln=ln, xs=xs)
+  starts2, starts1, (end2, end1), e2, h, e1, u, scales, totals, z = keys_forward(spec, state=state, ln=ln, xs=xs)
   starts = {"w2": starts2, "w1": starts1}
   keys = flat.KeyPass({"w2": scales[..., 0, None, None], "w1": scales[..., 1, None, None]}, e1, e2, h)
-  return ({"w2": end2, "w1": end1}, (starts, keys)), (ln, xs, starts, keys, u, scales, totals)
+  return ({"w2": end2, "w1": end1}, (starts, keys)), (ln, xs, starts, keys, u, scales, totals, z)
 
 
 def _per_head_keys_backward(spec, tiling, residuals, cotangents):
@@ -443,7 +444,7 @@ def _per_head_keys_backward(spec, tiling, residuals, cotangents):
 def _recurrence_bwd(spec, tiling, residuals, cotangents):
   if tiling.keys_backward != "triton":
     return _per_head_keys_backward(spec, tiling, residuals, cotangents)
-  ln, xs, starts, keys, u, scales, totals = residuals
+  ln, xs, starts, keys, u, scales, totals, _ = residuals
   g_end, (g_starts, g_keys) = cotangents
   n = u.shape[0]
   x, factors_vjp = jax.vjp(_Factors.of, xs)
