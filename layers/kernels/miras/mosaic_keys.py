@@ -241,7 +241,7 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
 
   def body(k_g, v_g, decay_g, coef_g, ln_g, w2_g, w1_g, zero_g,
            starts2_g, starts1_g, end2_g, end1_g, e2_g, h_g, e1_g, u_g, scalars_g, z_g,
-           k_s, v_s, coef_s, ln_s, w2b_s, w1b_s, h_s, z_s, e2_s, kcn_s, e1cn_s, e1b_s, terms_s, loaded, ln_loaded,
+           k_s, v_s, coef_s, ln_s, w2b_s, w1b_s, h_s, e2_s, kcn_s, e1cn_s, e1b_s, terms_s, loaded, ln_loaded,
            synced):
     head, wg = jax.lax.axis_index("head"), jax.lax.axis_index("wg")
     cols = pl.ds(wg * TILE, TILE)
@@ -302,10 +302,11 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
         z_tile = z()
         h = pallas_triton.kernel_gelu(z_tile)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's h, z, e2 and this start state copied out
-        h_s.at[me][...], z_s.at[me][...] = h.astype(BF16), z_tile.astype(BF16)
+        # z goes out through e2's buffer (a buffer of its own would take the shared memory's last 32 KiB from L1)
+        h_s.at[me][...], e2_s.at[me][...] = h.astype(BF16), z_tile.astype(BF16)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(h_s.at[wg], h_g.at[j, head, :, cols])
-        plgpu.copy_smem_to_gmem(z_s.at[wg], z_g.at[j, head, :, cols])
+        plgpu.copy_smem_to_gmem(e2_s.at[wg], z_g.at[j, head, :, cols])
         _sync(synced.at[1])  # every h tile
 
       @pl.when(wg == 0)
@@ -327,6 +328,7 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
         # flags the prefetch against the last reads of K.
         _sync(synced.at[2])
         e2 = s1 * wg_ops.product((c, TILE), (e1b, w1b_s.at[me])) * slope
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # z copied out of e2's buffer (long since, in F1)
         e2_s.at[me][...] = e2.astype(BF16)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(e2_s.at[wg], e2_g.at[j, head, :, cols])
@@ -357,7 +359,7 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
   operand = wg_ops.operand
   scratch = [plgpu.SMEM((c, d), jnp.float32), plgpu.SMEM((c, d), jnp.float32), plgpu.SMEM((c,), jnp.float32),
              plgpu.SMEM((2, d), jnp.float32), operand(tiles, TILE, d), operand(tiles, d, TILE),
-             *(operand(tiles, c, TILE) for _ in range(3)), *(operand(1, c, d) for _ in range(3)),
+             *(operand(tiles, c, TILE) for _ in range(2)), *(operand(1, c, d) for _ in range(3)),
              plgpu.SMEM((tiles, 2, TILE), jnp.float32), plgpu.Barrier(num_barriers=3),
              plgpu.Barrier(num_barriers=1), plgpu.Barrier(num_arrivals=tiles, num_barriers=3)]
   kernel = per_head_kernel(body, out_type, scratch, heads, tiles, interpret)
