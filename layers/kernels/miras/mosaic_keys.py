@@ -11,7 +11,7 @@ the stacked start states as bf16 (half the bytes for every later pass over them:
 the backward). Per chunk j, as F1, E and F2 compute it:
 
   * the start state's scales (s₂, s₁) from every tile's rows' scale terms (sync S0), out with their summed terms;
-  * z = s₂ K W2_tᵀ, h_t = gelu(z) to shared memory and out (sync S1);
+  * z = s₂ K W2_tᵀ, h_t = gelu(z) to shared memory and out, z out (bf16, for the chain backward; sync S1);
   * u = s₁ Σ_t h_t W1_tᵀ and the keys' errors e1 = ∂ℓ/∂u row-wise (LayerNorm, bias gradient, LayerNorm backward:
     :func:`pallas_triton.keys_errors` with the row means as ``broadcast_in_dim``) on whole [c, d] rows in warpgroup
     0 alone, which writes e1, −(K ⊙ c) and −(e1 ⊙ c) in bf16 for the products and e1, u out; gelu'(z) (sync S2:
@@ -179,8 +179,8 @@ def per_head_kernel(body, out_type, scratch_types, heads: int, tiles: int,
   "wg"); ``interpret``: Mosaic GPU interpret mode, with default or the given parameters; ``profile_dir``: record the
   body's ``jax.named_scope`` ranges with Mosaic GPU's profiler (the first :data:`PROFILE_RANGES` of each warpgroup,
   in shared memory) and write them there as a Chrome trace at each call (GPU only). Exponentials are approximate
-  (``approx_math``: ex2.approx, as Triton's): the chain's keys' backward 10.26 → 9.95 ms, the forward 2.77 → 2.64
-  (one H100, same call; docs/benchmarks.md, "Twenty-second session")."""
+  (``approx_math``: ex2.approx, as Triton's): with :func:`loop_zero` the forward 2.01 → 1.88 ms and the chain's keys'
+  backward even (one H100, same call; docs/benchmarks.md, "Twenty-second session")."""
   profile = ({"profile_space": PROFILE_RANGES, "profile_dir": profile_dir, "profile_bounds_check": True}
              if profile_dir else {})
   params = plgpu.CompilerParams(approx_math=True, **profile)
