@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import re
@@ -75,8 +76,9 @@ def triton_ir(spec, gates: str, chunk: int, head_dim: int, tuning, matmul: str) 
   return dict(zip(("forward", "backward"), modules, strict=True))
 
 
-def compile_ir(ir: str, num_warps: int, ptxas_info: bool) -> dict:
-  """Compile one Triton IR module for sm_90a: shared bytes, seconds, and ptxas's registers and spills if asked."""
+def compile_ir(ir: str, num_warps: int, ptxas_info: bool, num_stages: int = 1) -> dict:
+  """Compile one Triton IR module for sm_90a at ``num_warps`` and ``num_stages`` (Triton's software pipelining):
+  shared bytes, seconds, and ptxas's registers and spills if asked."""
   import triton
   from triton.backends.compiler import GPUTarget
 
@@ -85,7 +87,7 @@ def compile_ir(ir: str, num_warps: int, ptxas_info: bool) -> dict:
     with open(path, "w") as f:
       f.write(ir)
     start = time.perf_counter()
-    kernel = triton.compile(path, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 1})
+    kernel = triton.compile(path, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
     row = {"compile_s": time.perf_counter() - start, "shared_bytes": kernel.metadata.shared,
            "wgmma": kernel.asm["ptx"].count("wgmma.mma_async")}
     if ptxas_info:
@@ -118,6 +120,7 @@ def main() -> None:
   parser.add_argument("--gates", default="head,channel", help="comma list of head, channel")
   parser.add_argument("--hidden-tile", default="64", help="comma list (Tuning / Tiling.hidden_tile)")
   parser.add_argument("--warps", default="4", help="comma list of Triton num_warps")
+  parser.add_argument("--stages", default="1", help="comma list of Triton num_stages (the reads run at 2)")
   parser.add_argument("--matmul", default="bfloat16", choices=("bfloat16", "float32"))
   parser.add_argument("--chunk", type=int, default=64)
   parser.add_argument("--head-dim", type=int, default=64)
@@ -148,19 +151,20 @@ def main() -> None:
       if unknown := set(split(args.kernels)) - set(modules):
         sys.exit(f"no kernels {sorted(unknown)} in {args.impl}; it has {sorted(modules)}")
       for kernel in split(args.kernels) or list(modules):
-        for warps in (int(w) for w in split(args.warps)):
+        for warps, stages in itertools.product((int(w) for w in split(args.warps)),
+                                               [int(n) for n in split(args.stages)]):
           row = {"impl": args.impl, "model": args.model, "gates": gates, "kernel": kernel,
-                 **dataclasses.asdict(dataclasses.replace(settings, num_warps=warps)), "matmul": args.matmul,
-                 "chunk": args.chunk, "head_dim": args.head_dim, "target": "sm_90a"}
+                 **dataclasses.asdict(dataclasses.replace(settings, num_warps=warps, num_stages=stages)),
+                 "matmul": args.matmul, "chunk": args.chunk, "head_dim": args.head_dim, "target": "sm_90a"}
           try:
-            row |= compile_ir(modules[kernel], warps, args.ptxas_info)
+            row |= compile_ir(modules[kernel], warps, args.ptxas_info, stages)
           except Exception as e:  # noqa: BLE001 - report and go on with the other settings
             row["error"] = repr(e)[:400]
           print(json.dumps(row), flush=True)
           rows.append(row)
   with open(args.json, "w") as f:
     json.dump({"argv": sys.argv, "h100_shared_bytes": H100_SHARED_BYTES, "rows": rows}, f, indent=1)
-  keys = ("gates", "kernel", "num_warps", "hidden_tile", "shared_bytes", "fits_h100", "compile_s", "registers",
+  keys = ("gates", "kernel", "num_warps", "num_stages", "hidden_tile", "shared_bytes", "fits_h100", "compile_s", "registers",
           "spill_store_bytes", "stack_frame_bytes", "error")
   print("| " + " | ".join(keys) + " |\n|" + "-|" * len(keys))
   for row in rows:
