@@ -87,7 +87,8 @@ def compile_ir(ir: str, num_warps: int, ptxas_info: bool, num_stages: int = 1) -
     with open(path, "w") as f:
       f.write(ir)
     start = time.perf_counter()
-    kernel = triton.compile(path, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    kernel = triton.compile(path, target=GPUTarget("cuda", 90, 32), options=options)
     row = {"compile_s": time.perf_counter() - start, "shared_bytes": kernel.metadata.shared,
            "wgmma": kernel.asm["ptx"].count("wgmma.mma_async")}
     if ptxas_info:
@@ -164,8 +165,8 @@ def main() -> None:
           rows.append(row)
   with open(args.json, "w") as f:
     json.dump({"argv": sys.argv, "h100_shared_bytes": H100_SHARED_BYTES, "rows": rows}, f, indent=1)
-  keys = ("gates", "kernel", "num_warps", "num_stages", "hidden_tile", "shared_bytes", "fits_h100", "compile_s", "registers",
-          "spill_store_bytes", "stack_frame_bytes", "error")
+  keys = ("gates", "kernel", "num_warps", "num_stages", "hidden_tile", "shared_bytes", "fits_h100", "compile_s",
+          "registers", "spill_store_bytes", "stack_frame_bytes", "error")
   print("| " + " | ".join(keys) + " |\n|" + "-|" * len(keys))
   for row in rows:
     print("| " + " | ".join(f"{row[k]:.0f}" if isinstance(row.get(k), float) else str(row.get(k, "-"))
