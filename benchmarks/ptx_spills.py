@@ -35,8 +35,8 @@ _LOCATION = re.compile(r'//## File "([^"]+)", line (\d+)')
 _LABEL = re.compile(r"^(\.L_x_\d+):")
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*?);")
 _TARGET = re.compile(r"\((\.L_x_\d+)\)")
-_PTXAS = {"registers": r"Used (\d+) registers", "spill_stores": r"(\d+) bytes spill stores",
-          "spill_loads": r"(\d+) bytes spill loads", "stack_bytes": r"(\d+) bytes stack frame"}
+_PTXAS = {"registers": r"Used (\d+) registers", "spill_store_bytes": r"(\d+) bytes spill stores",
+          "spill_load_bytes": r"(\d+) bytes spill loads", "stack_frame_bytes": r"(\d+) bytes stack frame"}
 
 
 @dataclasses.dataclass
@@ -65,7 +65,8 @@ def find_tool(name: str) -> str | None:
 
 
 def ptxas_report(text: str) -> dict:
-  """ptxas -v's registers, spill bytes and stack frame as numbers (absent ones are 0)."""
+  """ptxas -v's registers, spill bytes and stack frame as numbers (absent ones are 0); also
+  ``benchmarks/triton_compile.py``'s reading of the Triton kernels' ptxas."""
   found = {key: re.search(pattern, text) for key, pattern in _PTXAS.items()}
   return {key: int(match.group(1)) if match else 0 for key, match in found.items()}
 
@@ -121,8 +122,8 @@ def assemble(ptx: str, arch: str = "sm_90a") -> tuple[dict, str]:
 
 def format_table(name: str, report: dict, rows: list[LineSpills]) -> str:
   """A markdown table of the spills by source line, under ptxas's report."""
-  lines = [f"{name}: {report['registers']} registers, {report['spill_stores']} B spill stores, "
-           f"{report['spill_loads']} B spill loads, {report['stack_bytes']} B stack frame",
+  lines = [f"{name}: {report['registers']} registers, {report['spill_store_bytes']} B spill stores, "
+           f"{report['spill_load_bytes']} B spill loads, {report['stack_frame_bytes']} B stack frame",
            "| first address | source line | STL (before the main loop) | LDL | code |", "|-|-|-|-|-|"]
   for row in rows:
     code = linecache.getline(row.file, row.line).strip()[:80].replace("|", "\\|")

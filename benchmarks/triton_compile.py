@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks.ptx_spills import ptxas_report
+
 H100_SHARED_BYTES = 232_448  # 227 KiB: the most dynamic shared memory one block may opt into on sm_90
 
 
@@ -108,10 +110,7 @@ def _ptxas_info(ptx: str, tmp: str) -> dict:
   with open(path, "w") as f:
     f.write(ptx)
   log = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.devnull], capture_output=True, text=True).stderr
-  number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, log)) else None
-  return {"registers": number(r"Used (\d+) registers"), "spill_store_bytes": number(r"(\d+) bytes spill stores"),
-          "spill_load_bytes": number(r"(\d+) bytes spill loads"),
-          "stack_frame_bytes": number(r"(\d+) bytes stack frame")}
+  return ptxas_report(log)
 
 
 def main() -> None:

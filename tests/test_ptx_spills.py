@@ -39,9 +39,9 @@ def test_the_main_loop_is_the_longest_backward_branch():
 def test_ptxas_report_is_read():
   text = ("ptxas info    : Function properties for k\n    464 bytes stack frame, 460 bytes spill stores, 464 bytes "
           "spill loads\nptxas info    : Used 128 registers, used 16 barriers")
-  assert ptx_spills.ptxas_report(text) == {"registers": 128, "spill_stores": 460, "spill_loads": 464,
-                                           "stack_bytes": 464}
-  assert ptx_spills.ptxas_report("ptxas info    : Used 40 registers")["spill_stores"] == 0
+  assert ptx_spills.ptxas_report(text) == {"registers": 128, "spill_store_bytes": 460, "spill_load_bytes": 464,
+                                           "stack_frame_bytes": 464}
+  assert ptx_spills.ptxas_report("ptxas info    : Used 40 registers")["spill_store_bytes"] == 0
 
 
 @pytest.mark.skipif(ptx_spills.find_tool("ptxas") is None or ptx_spills.find_tool("nvdisasm") is None,
@@ -50,5 +50,5 @@ def test_a_ptx_file_is_assembled_and_read(tmp_path):
   ptx = tmp_path / "k.ptx"
   ptx.write_text(".version 8.0\n.target sm_90a\n.address_size 64\n.visible .entry k()\n{\n  ret;\n}\n")
   report, sass = ptx_spills.assemble(str(ptx))
-  assert report["spill_stores"] == 0 and "EXIT" in sass
+  assert report["spill_store_bytes"] == 0 and "EXIT" in sass
   assert ptx_spills.spills_by_line(sass) == []
