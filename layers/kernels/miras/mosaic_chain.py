@@ -112,8 +112,6 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
         z = tile_of(z_g)
         gs_s.at[me][...] = (s1 * ge2 * kernel_gelu_grad(z)).astype(BF16)
         plgpu.commit_smem()
-        praw = product((c, TILE), (e1, w1_s.at[me]))  # e1 W1, for the curvature s₁ (e1 W1) ⊙ gelu''(z)
-        gz_part = (ge2 * s1 * praw * gelu_grad2(z)).astype(BF16)
       with jax.named_scope("sync"):
         _sync(synced.at[1])
 
@@ -148,6 +146,11 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
 
       # S2: z's cotangent and the tile's update
       with jax.named_scope("S2 g_h"):
+        # the curvature's share of g_z, ĝ_e2 s₁ (e1 W1) ⊙ gelu''(z), formed here (ĝ_e2 again: G2's bf16 copy is
+        # unchanged until S3) rather than held through S1
+        ge2 = accumulate(tile_of(ge2_g), (nkc, g2b_s.at[me].T))
+        praw = product((c, TILE), (e1, w1_s.at[me]))
+        gz_part = (ge2 * s1 * praw * gelu_grad2(tile_of(z_g))).astype(BF16)
         gu = load(gu_g.at[hd]).astype(BF16)
 
         @pl.when(wg == 0)
