@@ -83,9 +83,10 @@ def _acc_array(like, *shape) -> jax.ShapeDtypeStruct:
 
 
 def _query_hidden(dot, s2, rows, w2, sq, e2):
-  """The queries' first layer on one tile: (z = s₂ (Q̃ W2ᵀ − S_q e2), hq = gelu(z)), [c, tile] each."""
-  z = s2 * (dot("ti,ei->te", rows, w2) - dot("ts,se->te", sq, e2))
-  return z, kernel_gelu(z)
+  """The queries' first layer on one tile: (zraw = Q̃ W2ᵀ − S_q e2, z = s₂ zraw, hq = gelu(z)), [c, tile] each."""
+  zraw = dot("ti,ei->te", rows, w2) - dot("ts,se->te", sq, e2)
+  z = s2 * zraw
+  return zraw, z, kernel_gelu(z)
 
 
 def _gates(refs, strict: bool):
@@ -120,7 +121,7 @@ def _tile_sums(dot, mode: str, tile: int, strict: bool, s2, q_ref, k_ref, gates,
   def body(i, sums):
     hh, p = sums
     cols = pl.ds(pl.multiple_of(i * tile, tile), tile)
-    hq = _query_hidden(dot, s2, rows, w2_ref[cols, :], sq, e2_ref[:, cols])[1]
+    hq = _query_hidden(dot, s2, rows, w2_ref[cols, :], sq, e2_ref[:, cols])[2]
     return hh + dot("te,se->ts", hq, h_ref[:, cols]), p + dot("te,de->td", hq, w1_ref[:, cols])
 
   zeros = jnp.zeros((c, c), _acc(rows)), jnp.zeros((c, d), _acc(rows))
@@ -171,7 +172,7 @@ def _read_grad_kernel(w2_ref, w1_ref, q_ref, k_ref, e2_ref, h_ref, log_read_ref,
     grows, gsq, gs2 = sums
     cols = pl.ds(pl.multiple_of(i * tile, tile), tile)
     w2, w1, e2, h = w2_ref[cols, :], w1_ref[:, cols], e2_ref[:, cols], h_ref[:, cols]
-    z, hq = _query_hidden(dot, s2, rows, w2, sq, e2)
+    zraw, z, hq = _query_hidden(dot, s2, rows, w2, sq, e2)
     gw1_ref[:, cols] = dot("td,te->de", gp, hq).astype(gw1_ref.dtype)
     gh_ref[:, cols] = dot("ts,te->se", ghh, hq).astype(gh_ref.dtype)
     gz = (dot("td,de->te", gp, w1) + dot("ts,se->te", ghh, h)) * kernel_gelu_grad(z)
@@ -179,13 +180,11 @@ def _read_grad_kernel(w2_ref, w1_ref, q_ref, k_ref, e2_ref, h_ref, log_read_ref,
     gw2_ref[cols, :] = dot("te,ti->ei", gzs, rows).astype(gw2_ref.dtype)
     ge2_ref[:, cols] = (-dot("ts,te->se", sq, gzs)).astype(ge2_ref.dtype)
     return (grows + dot("te,ei->ti", gzs, w2), gsq - dot("te,se->ts", gzs, e2),
-            gs2 + jnp.sum(gz * z, axis=1, keepdims=True))
+            gs2 + jnp.sum(gz * zraw, axis=1, keepdims=True))
 
   zeros = (jnp.zeros((c, d), _acc(rows)), jnp.zeros((c, c), _acc(rows)), jnp.zeros((c, 1), _acc(rows)))
   grows, gsq, gs2 = jax.lax.fori_loop(0, w2_ref.shape[0] // tile, body, zeros)
-  # s₂'s cotangent Σ g_z ⊙ (Q̃ W2ᵀ − S_q e2) as Σ g_z ⊙ z / s₂ (read scales are positive): the unscaled z is not held
-  # through the tile loop (ptxas for sm_90a at 8 warps and 2 stages: 476 → 320 B of spills a thread)
-  gs2_ref[...] = (gs2 / s2).astype(gs2_ref.dtype)
+  gs2_ref[...] = gs2.astype(gs2_ref.dtype)
   grows_ref[...], gsq_ref[...] = grows, gsq
 
 
