@@ -58,7 +58,8 @@ def test_the_other_keys_backwards_equal_the_triton_one(kernel):
   """Every cotangent ``pallas_tiles``' recurrence returns (the initial state's, the LayerNorm's, the chunk inputs'
   K, V, δ, the chunk-end decay and coefficients), two chunks of two heads, from the same residuals, with the Mosaic
   kernel (7.4e-4 at most measured) or ``keys_chain``'s passes with their chain as an XLA scan or the Mosaic kernel
-  (3.6e-3: bf16 operands summed and rounded in another order); a wrong product, tile, sync or scale share is O(1)."""
+  (5.2e-3: bf16 operands and row terms, summed and rounded in another order); a wrong product, tile, sync or scale
+  share is O(1)."""
   args = _pullback_inputs_of_two()
   triton, other = (jax.jit(functools.partial(pallas_tiles._recurrence_bwd, MONETA,
                                              pallas_tiles.Tiling(interpret=True, keys_backward=name)))(*args)

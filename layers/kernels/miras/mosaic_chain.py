@@ -131,7 +131,7 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
           ge1_out.at[j, hd, :, mine][...], via_out.at[j, hd, :, mine][...] = g_e1, via_end
 
         with jax.named_scope("S1 row pull-back"):
-          block_of = lambda ref: load(ref.at[j, hd, :, mine])
+          block_of = lambda ref: load(ref.at[j, hd, :, mine]).astype(F32)
           terms = keys_chain.RowTerms(block_of(n_g), block_of(a_g), block_of(ehat_g), block_of(rcurve_g),
                                       wg_ops.vector(rstd_g.at[j, hd], 0), wg_ops.vector(na_g.at[j, hd], 0))
           gu_g.at[hd, :, mine][...] = s1 * keys_chain.row_pullback(terms, g_e1, means, rows)  # meet in L2
@@ -208,11 +208,11 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
              plgpu.Barrier(num_arrivals=tiles, num_barriers=4)]
   kernel = per_head_kernel(body, out_type, scratch, heads, tiles, interpret, profile_dir)
   bf16 = lambda a: a.astype(BF16)
-  r = x.rows
+  r = x.rows  # its [c, d] terms as bf16 (rounded once; the row step takes them in float32): half their HBM traffic
   g2, g1, g_e1, via_end, g2_end, g_z, g_dec, _ = kernel(
       bf16(-x.kc), bf16(x.ne1c), bf16(x.k), bf16(x.e1), bf16(x.h), bf16(x.w1), bf16(x.w2), x.z, x.g_e2,
-      x.g_h, x.g_e1, x.g_w2, x.g_w1, r.n, r.a, r.ehat, r.curve, r.rstd, r.na, x.coef, scalars, zeros(n),
-      g_end["w2"], g_end["w1"])
+      x.g_h, x.g_e1, x.g_w2, x.g_w1, *map(bf16, (r.n, r.a, r.ehat, r.curve)), r.rstd, r.na, x.coef, scalars,
+      zeros(n), g_end["w2"], g_end["w1"])
   outputs = keys_chain.ChainOutputs(g_e1, via_end, g2_end, g_z, jnp.sum(g_dec, axis=(2, 4)))
   return {"w2": g2, "w1": g1}, outputs
 
