@@ -82,6 +82,13 @@ def _acc_array(like, *shape) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape, _acc(like))
 
 
+def _passed_array(mode: str, like, *shape) -> jax.ShapeDtypeStruct:
+  """A sum one kernel leaves another (the forward's tile sums for the backward, the first backward kernel's for the
+  queries'): bf16 in the bfloat16 mode, where the products they enter take bf16 operands anyway (rounded once, read
+  back in float32: half the HBM traffic of 4 × 128 MiB at 8 × 4096), else as :func:`_acc_array`."""
+  return jax.ShapeDtypeStruct(shape, jnp.bfloat16 if mode == "bfloat16" else _acc(like))
+
+
 def _query_hidden(dot, s2, rows, w2, sq, e2):
   """The queries' first layer on one tile: (zraw = Q̃ W2ᵀ − S_q e2, z = s₂ zraw, hq = gelu(z)), [c, tile] each."""
   zraw = dot("ti,ei->te", rows, w2) - dot("ts,se->te", sq, e2)
@@ -139,7 +146,7 @@ def _read_kernel(w2_ref, w1_ref, q_ref, k_ref, e2_ref, h_ref, log_read_ref, log_
   mixed = dot("ts,sd->td", hh * coef, e1_ref[...])
   u_ref[...] = (s1 * (decay * p - mixed)).astype(u_ref.dtype)
   for ref, total in zip(sums_refs, (hh, p)):
-    ref[...] = total
+    ref[...] = total.astype(ref.dtype)
 
 
 def _read_grad_kernel(w2_ref, w1_ref, q_ref, k_ref, e2_ref, h_ref, log_read_ref, log_b_ref, eta_ref, e1_ref, s2_ref,
@@ -153,7 +160,7 @@ def _read_grad_kernel(w2_ref, w1_ref, q_ref, k_ref, e2_ref, h_ref, log_read_ref,
   dot = kernel_dot(mode)
   gates = (log_read_ref, log_b_ref, eta_ref)
   s2, s1 = s2_ref[...], s1_ref[...]
-  hh, p = hh_ref[...], p_ref[...]
+  hh, p = hh_ref[...].astype(_acc(s2)), p_ref[...].astype(_acc(s2))
   decay, ratio, coef = _gates(gates, strict)
   e1, gu = e1_ref[...], gu_ref[...]
   weighted = hh * coef
@@ -185,7 +192,7 @@ def _read_grad_kernel(w2_ref, w1_ref, q_ref, k_ref, e2_ref, h_ref, log_read_ref,
   zeros = (jnp.zeros((c, d), _acc(rows)), jnp.zeros((c, c), _acc(rows)), jnp.zeros((c, 1), _acc(rows)))
   grows, gsq, gs2 = jax.lax.fori_loop(0, w2_ref.shape[0] // tile, body, zeros)
   gs2_ref[...] = gs2.astype(gs2_ref.dtype)
-  grows_ref[...], gsq_ref[...] = grows, gsq
+  grows_ref[...], gsq_ref[...] = grows.astype(grows_ref.dtype), gsq.astype(gsq_ref.dtype)
 
 
 def _queries_grad_kernel(q_ref, k_ref, log_read_ref, log_b_ref, eta_ref, grows_ref, gsq_ref, glog_read_ref,
@@ -196,8 +203,8 @@ def _queries_grad_kernel(q_ref, k_ref, log_read_ref, log_b_ref, eta_ref, grows_r
   del tile
   dot = kernel_dot(mode)
   decay, ratio, _ = _gates((log_read_ref, log_b_ref, eta_ref), strict)
-  eta, q, k, grows = eta_ref[...], q_ref[...], k_ref[...], grows_ref[...]
-  g_sq = gsq_ref[...] * ratio
+  eta, q, k, grows = eta_ref[...], q_ref[...], k_ref[...], grows_ref[...].astype(_acc(q_ref))
+  g_sq = gsq_ref[...].astype(_acc(q_ref)) * ratio
   g_qk = g_sq * eta
   gq_ref[...] = (grows * decay + dot("ts,sd->td", g_qk, k)).astype(gq_ref.dtype)
   gk_ref[...] = dot("ts,td->sd", g_qk, q).astype(gk_ref.dtype)
@@ -245,7 +252,7 @@ def _reads_fwd(mode, tiling, strict, *inputs):
   q = inputs[2]
   n, heads, c, _ = q.shape
   u, hh, p = _call(_read_kernel, mode, tiling, strict, inputs,
-                   [_acc_array(q, *q.shape), _acc_array(q, n, heads, c, c), _acc_array(q, *q.shape)])
+                   [_acc_array(q, *q.shape), _passed_array(mode, q, n, heads, c, c), _passed_array(mode, q, *q.shape)])
   return u, (inputs, hh, p)
 
 
@@ -255,7 +262,7 @@ def _reads_bwd(mode, tiling, strict, residuals, g_u):
   n, heads, c, _ = q.shape
   gw2, gw1, ge2, gh, *g_gates, ge1, gs2, gs1, grows, gsq = _call(
       _read_grad_kernel, mode, tiling.backward(), strict, (*inputs, hh, p, g_u),
-      (w2, w1, e2, h, log_read, log_b, eta, e1, s2, s1, _acc_array(q, *q.shape), _acc_array(q, n, heads, c, c)))
+      (w2, w1, e2, h, log_read, log_b, eta, e1, s2, s1, _passed_array(mode, q, *q.shape), _passed_array(mode, q, n, heads, c, c)))
   gq, gk, *g_gates = _call(_queries_grad_kernel, mode, tiling, strict,
                            (q, k, log_read, log_b, eta, grows, gsq, *g_gates), (q, k, log_read, log_b, eta))
   return gw2, gw1, gq, gk, ge2, gh, *g_gates, ge1, gs2, gs1
