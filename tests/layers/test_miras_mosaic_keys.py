@@ -16,7 +16,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from benchmarks.miras_keys import backward_inputs, keys_inputs, max_relative_errors
 from benchmarks.miras_mosaic_chain import max_relative_error
 from benchmarks.triton_compile import lowered_for_h100
-from layers.kernels.miras import mosaic_chain, mosaic_keys, pallas_tiles
+from layers.kernels.miras import flat, mosaic_chain, mosaic_keys, pallas_tiles
 from layers.kernels.miras.chunked import with_matmul
 from layers.miras import bias as biases
 from layers.miras.memory import MLPMemory
@@ -114,6 +114,34 @@ def test_the_memory_and_its_gradients_equal_with_either_kernels():
     # the reads take the same bf16 operands (4e-7 measured); the gradients differ by the Mosaic forward's bf16
     # start states (the reads' cotangents of them come back in bf16 too): 1.0e-3 measured; a wrong product is O(1)
     assert errs[0] < 1e-5 and errs[1] < 1e-2
+
+
+def test_bf16_inputs_stay_bf16_through_the_chunks():
+  """``pallas_mosaic_chain_bf16`` with bf16 q, k, v chunks them in bf16 (``miras_flat``'s keep_dtype: the kernels
+  take them in float32 where they compute) and returns their cotangents in bf16: against the same inputs in
+  float32 (chunked in float32), the reads equal to rounding and the gradients within bf16's rounding of the
+  cotangents (4.4e-3 measured; a wrong cast or a lost share is O(1))."""
+  ks = jax.random.split(jax.random.key(2), 8)
+  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  q, k = (unit(jax.random.normal(key, (1, 128, 1, 64))).astype(jnp.bfloat16) for key in ks[:2])
+  v = jax.random.normal(ks[2], q.shape).astype(jnp.bfloat16)
+  weights = jax.random.normal(ks[3], q.shape)
+  gates = Gates(eta=0.1 * jax.nn.sigmoid(jax.random.normal(ks[4], (1, 128, 1, 1))),
+                log_alpha=jax.nn.log_sigmoid(3.0 + jax.random.normal(ks[5], (1, 128, 1, 1))), delta=None)
+  state = {"w2": jax.random.normal(ks[6], (1, 1, 256, 64)) / 8, "w1": jax.random.normal(ks[7], (1, 1, 64, 256)) / 16}
+  run = functools.partial(pallas_tiles.miras_tiles, spec=MONETA, initial_state=state, matmul="bfloat16",
+                          tiling=pallas_tiles.Tiling(interpret=True, keys_forward="mosaic",
+                                                     keys_backward="chain_mosaic"))
+  loss = lambda q, k, v: jnp.sum(run(q, k, v, gates)[0] * weights)
+  upcast = lambda xs: [x.astype(jnp.float32) for x in xs]
+  (o16, g16), (o32, g32) = ((run(*xs, gates)[0], jax.grad(loss, argnums=(0, 1, 2))(*xs))
+                            for xs in ((q, k, v), upcast((q, k, v))))
+  chunks = flat.chunk_inputs(MONETA, q, k, v, gates, 64, None, keep_dtype=True)
+  assert chunks.q.dtype == chunks.k.dtype == chunks.v.dtype == jnp.bfloat16 and chunks.decay.dtype == jnp.float32
+  errs = max_relative_error(o16, o32), max(max_relative_error(a, b) for a, b in zip(upcast(g16), g32, strict=True))
+  print(f"pallas_mosaic_chain_bf16, bf16 inputs vs the same in float32: max rel error reads {errs[0]:.1e}, "
+        f"gradients {errs[1]:.1e}")
+  assert errs[0] < 1e-5 and errs[1] < 1e-2
 
 
 def test_the_first_start_state_is_the_initial_state(both_forwards):

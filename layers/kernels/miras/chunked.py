@@ -188,7 +188,8 @@ def _to_chunks(x: jax.Array, c: int) -> jax.Array:
 
 
 class Chunked(NamedTuple):
-  """A sequence cut into chunks for the scan: every field [n, b, h, c, ...] (float32), flags [n, b]."""
+  """A sequence cut into chunks for the scan: every field [n, b, h, c, ...] (float32; q, k, v in their own dtype
+  with :func:`chunk_sequence`'s ``keep_dtype``), flags [n, b]."""
 
   q: jax.Array
   k: jax.Array
@@ -201,15 +202,18 @@ class Chunked(NamedTuple):
   complete: jax.Array  # [n, b]: the chunk ends at or before the row's length (it is closed into the state)
 
 
-def chunk_sequence(q, k, v, gates: Gates, spec: MemorySpec, c: int, lengths=None) -> Chunked:
+def chunk_sequence(q, k, v, gates: Gates, spec: MemorySpec, c: int, lengths=None,
+                   keep_dtype: bool = False) -> Chunked:
   """Pads [b, t, h, ...] inputs to whole chunks of c with identity tokens (η = 0, α = 1, δ = 1), cuts them into
-  chunks and takes the chunk-local cumulative log-gates for all chunks at once, outside the sequential scan."""
+  chunks and takes the chunk-local cumulative log-gates for all chunks at once, outside the sequential scan.
+  ``keep_dtype``: q, k and v keep their dtype (bf16 stays bf16, for kernels that take them in float32 where they
+  compute and return their cotangents in it: half the HBM traffic of the chunked copies); the gates are float32."""
   b, t, h, _ = q.shape
   pad = -t % c
   f32 = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float32, or float64 in tests
   delta = gates.delta if gates.delta is not None else jnp.ones((b, t, h), jnp.float32)
   lmu = gates.log_momentum if gates.log_momentum is not None else jnp.zeros_like(gates.log_alpha)
-  seq = [f32(x) for x in (q, k, v, gates.eta, gates.log_alpha, lmu, delta)]
+  seq = [x if keep_dtype else f32(x) for x in (q, k, v)] + [f32(x) for x in (gates.eta, gates.log_alpha, lmu, delta)]
   if pad:  # identity tokens; they are never closed into the state
     seq = [jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=1.0 if i == 6 else 0.0)
            for i, x in enumerate(seq)]

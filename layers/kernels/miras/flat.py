@@ -191,11 +191,12 @@ def _channel_scores(spec: MemorySpec, qc, kc, gate_chunks, budget: int) -> jax.A
 
 
 def chunk_inputs(spec: MemorySpec, q, k, v, gates: Gates, chunk_size: int, lengths,
-                 batch_bytes: int = 1 << 30) -> ChunkInputs:
+                 batch_bytes: int = 1 << 30, keep_dtype: bool = False) -> ChunkInputs:
   """The state-independent part of every chunk step, for all chunks at once (before any scan); ``batch_bytes``
-  bounds the per-channel coefficients held at once (``_channel_scores``)."""
+  bounds the per-channel coefficients held at once (``_channel_scores``); ``keep_dtype`` as
+  :func:`chunked.chunk_sequence`'s."""
   b, t, h, d = q.shape
-  x = chunk_sequence(q, k, v, gates, spec, chunk_size, lengths)
+  x = chunk_sequence(q, k, v, gates, spec, chunk_size, lengths, keep_dtype)
   n = x.q.shape[0]
   heads = lambda a: a.reshape(n, b * h, *a.shape[3:])  # [n, b, h, ...] -> [n, b·h, ...]
   qc, kc = heads(x.q), heads(x.k)
@@ -220,10 +221,10 @@ def layer_norm_params(ln, b: int, h: int, d: int) -> tuple:
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "remat", "matmul", "split", "key_scan",
-                                             "chunk_reads", "batch_bytes"))
+                                             "chunk_reads", "batch_bytes", "keep_dtype"))
 def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, initial_momentum=None, ln=None,
                chunk_size: int = 64, lengths=None, remat: bool = False, matmul: str = "float32", split: bool = False,
-               key_scan=None, chunk_reads=None, batch_bytes: int = 1 << 30):
+               key_scan=None, chunk_reads=None, batch_bytes: int = 1 << 30, keep_dtype: bool = False):
   """The chunked Miras memory for the memories :func:`unsupported` accepts; arguments and returns as
   :func:`chunked.miras_chunked` (``initial_momentum`` must be None). ``split``: scan over the chunks' keys alone
   (the state's recurrence), then take every chunk's reads from its start state at once; ``remat`` recomputes both
@@ -235,7 +236,8 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
   u [n, b·h, c, d], e.g. ``pallas_reads.ChunkReads``, which also takes the chunks' last tokens' reads of the closed
   states (as the dual form's last rows, so the retention must have no chunk-end map). Work mapped over the chunks
   outside the scan (the split reads; with per-channel gates the first layer's scores) runs in batches of chunks
-  whose largest float32 array stays under ``batch_bytes``."""
+  whose largest float32 array stays under ``batch_bytes``. ``keep_dtype`` (with ``key_scan`` and ``chunk_reads``
+  that take them so): the chunked q, k, v stay in their dtype (:func:`chunked.chunk_sequence`)."""
   if (why := unsupported(spec)) is not None:
     raise ValueError(f"the flat Miras path cannot run this memory: {why}")
   if (key_scan is not None or chunk_reads is not None) and not split:
@@ -248,7 +250,9 @@ def miras_flat(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict, 
   del initial_momentum
   spec = with_matmul(spec, matmul)
   b, t, h, d = q.shape
-  x = chunk_inputs(spec, q, k, v, gates, chunk_size, lengths, batch_bytes)
+  if keep_dtype and (key_scan is None or chunk_reads is None):
+    raise ValueError("keep_dtype is for a key_scan and chunk_reads that take q, k, v in their dtype: pass both")
+  x = chunk_inputs(spec, q, k, v, gates, chunk_size, lengths, batch_bytes, keep_dtype)
   boundary = spec.reads_closed_state and chunk_reads is None  # chunk_reads read the closed state themselves
   # rows through W2 per chunk: keys and the previous chunk's last query (whose read is the closed state's), then
   # the queries scaled by their decay (W₀ decay_t q_t for channel gates on W2's input axis, decay_t W₀ q_t per head)

@@ -232,7 +232,8 @@ def keys_forward(spec: MemorySpec, state: dict, ln, xs, *, interpret: bool | plg
   [n, N, 2] (W2's, W1's), and z = s₂ K W2ᵀ [n, N, c, E] (bf16: the chain backward's GELU slopes, instead of a
   batched product and a float32 array in XLA). ``interpret``: Mosaic GPU interpret mode (any backend), with default
   or the given parameters (race detection, say)."""
-  k, v, _, end_decay, end_coef, _ = xs
+  k, v = (x.astype(jnp.float32) for x in xs[:2])  # bf16 chunks (``miras_flat``'s keep_dtype) too
+  _, _, _, end_decay, end_coef, _ = xs
   n, heads, c, d = k.shape
   e = state["w2"].shape[1]
   tiles = e // TILE
@@ -430,7 +431,8 @@ def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | 
   waits in the output between its reads."""
   ln, xs, starts, keys, u, scales, totals, _ = residuals
   g_end, (g_starts, g_keys) = cotangents
-  k, v, _, end_decay, end_coef, _ = xs
+  k, v = (x.astype(jnp.float32) for x in xs[:2])  # bf16 chunks (``miras_flat``'s keep_dtype) too
+  _, _, _, end_decay, end_coef, _ = xs
   n, heads, c, d = k.shape
   e = starts["w2"].shape[2]
   tiles = e // TILE

@@ -438,7 +438,8 @@ def _per_head_keys_backward(spec, tiling, residuals, cotangents):
                                             like.shape)
   g_x = _Factors(k=g["k"], v=g["v"], delta=jnp.zeros_like(x.delta), coef=g["coef"], kc=g["kc"],
                  dec2=spread(0, x.dec2), dec1=spread(1, x.dec1))
-  return g_state, g_ln, factors_vjp(g_x)[0]
+  # in the chunks' dtype (bf16 K and V with ``miras_flat``'s keep_dtype: XLA rounds them where it forms them)
+  return g_state, g_ln, factors_vjp(jax.tree.map(lambda g, like: g.astype(like.dtype), g_x, x))[0]
 
 
 def _recurrence_bwd(spec, tiling, residuals, cotangents):
@@ -499,6 +500,9 @@ def miras_tiles(q, k, v, gates: Gates, *, spec: MemorySpec, initial_state: dict,
   reads = None
   if gates.eta.shape[-1] == 1:  # per-head gates: the reads as kernels too
     reads = pallas_reads.ChunkReads(pallas_reads.ReadTiling(tiling.hidden_tile, tiling.num_warps, tiling.interpret))
+  # the Mosaic keys' forward and a per-head keys' backward take bf16 chunks of K and V, as the reads do those of q
+  # and K: the chunked copies and their cotangents stay in the inputs' dtype
+  keep_dtype = reads is not None and tiling.keys_forward == "mosaic" and tiling.keys_backward != "triton"
   return flat.miras_flat(q, k, v, gates, spec=spec, initial_state=initial_state, initial_momentum=initial_momentum,
                          ln=ln, chunk_size=chunk_size, lengths=lengths, remat=remat, matmul=matmul, split=True,
-                         key_scan=KeyScan(tiling), chunk_reads=reads)
+                         key_scan=KeyScan(tiling), chunk_reads=reads, keep_dtype=keep_dtype)
