@@ -24,7 +24,8 @@ three passes:
     (−e2 G2 from each chunk's end-state cotangent), the coefficients' and the decays' cotangents.
 
 Shapes and returns as :func:`mosaic_keys.keys_backward`; per-head gates (the decay's cotangent is one number a
-layer). :func:`chain_scan` is the chain as an XLA scan, the reference of :mod:`mosaic_chain`'s kernel.
+layer). :func:`chain_scan` is the chain as an XLA scan, the reference of :mod:`mosaic_chain`'s kernel;
+:func:`chain_outputs` the reference of :mod:`pallas_chain_outputs`' kernel.
 """
 
 from __future__ import annotations
@@ -230,10 +231,11 @@ def chain_outputs(spec: MemorySpec, residuals, inputs: ChainInputs, outputs: Cha
   return (jnp.sum(g_gamma, axis=0), jnp.sum(g_beta, axis=0)), factors
 
 
-def keys_backward(spec: MemorySpec, residuals, cotangents, *, chain=chain_scan):
-  """The keys' backward in three passes (``chain``: :func:`chain_scan` or a kernel taking the same arguments).
-  Arguments and returns as :func:`mosaic_keys.keys_backward`."""
+def keys_backward(spec: MemorySpec, residuals, cotangents, *, chain=chain_scan, outputs_pass=chain_outputs):
+  """The keys' backward in three passes (``chain``: :func:`chain_scan` or a kernel taking the same arguments;
+  ``outputs_pass``: :func:`chain_outputs` or a kernel taking the same arguments). Arguments and returns as
+  :func:`mosaic_keys.keys_backward`."""
   inputs = chain_inputs(spec, residuals, cotangents)
   g_state, outputs = chain(spec, inputs, cotangents[0])
-  g_ln, factors = chain_outputs(spec, residuals, inputs, outputs)
+  g_ln, factors = outputs_pass(spec, residuals, inputs, outputs)
   return g_state, g_ln, factors
