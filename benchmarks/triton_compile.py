@@ -120,7 +120,7 @@ def main() -> None:
   parser.add_argument("--gates", default="head,channel", help="comma list of head, channel")
   parser.add_argument("--hidden-tile", default="64", help="comma list (Tuning / Tiling.hidden_tile)")
   parser.add_argument("--warps", default="4", help="comma list of Triton num_warps")
-  parser.add_argument("--stages", default="1", help="comma list of Triton num_stages (the reads run at 2)")
+  parser.add_argument("--stages", default="1", help="comma list of Triton num_stages (the reads run at 3)")
   parser.add_argument("--matmul", default="bfloat16", choices=("bfloat16", "float32"))
   parser.add_argument("--chunk", type=int, default=64)
   parser.add_argument("--head-dim", type=int, default=64)

@@ -54,13 +54,14 @@ class ReadTiling:
   (the layer's profiles of the nineteenth and twentieth sessions, H100; docs/benchmarks.md). Two stages (the next
   tile's loads issued during this one's work) took the reads' forward from 1.42 to 1.00 ms and their fwd+bwd from
   5.13 to 4.67 ms (``benchmarks/miras_reads.py``, 8 × 4096, one H100, same run; docs/benchmarks.md, "Twenty-second
-  session")."""
+  session"); three took their fwd+bwd from 4.63 to 4.49 ms and the Moneta layer's from 15.07 to 14.89 (one H100,
+  same call; "Twenty-third session")."""
 
   hidden_tile: int = 64
   num_warps: int = 4
   interpret: bool = False
   backward_warps: int = 8
-  num_stages: int = 2
+  num_stages: int = 3
 
   def __post_init__(self):
     for name in ("hidden_tile", "num_warps", "backward_warps", "num_stages"):
