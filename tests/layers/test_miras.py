@@ -640,16 +640,20 @@ def _triton_calls(run, qkv, gates, kw) -> int:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-@pytest.mark.parametrize(("impl", "channel"), [("pallas_triton", False), ("pallas_triton_bf16", False),
-                                             ("pallas_triton_bf16", True), ("pallas_tiles", False),
-                                             ("pallas_tiles_bf16", False), ("pallas_tiles_bf16", True),
-                                             ("pallas_mosaic_bf16", False), ("pallas_mosaic_chain_bf16", False)])
-def test_pallas_kernels_on_gpu_match_the_flat_path(impl, channel):
+@pytest.mark.parametrize(("impl", "channel", "dtype"), [
+    ("pallas_triton", False, jnp.float32), ("pallas_triton_bf16", False, jnp.float32),
+    ("pallas_triton_bf16", True, jnp.float32), ("pallas_tiles", False, jnp.float32),
+    ("pallas_tiles_bf16", False, jnp.float32), ("pallas_tiles_bf16", True, jnp.float32),
+    ("pallas_mosaic_bf16", False, jnp.float32), ("pallas_mosaic_chain_bf16", False, jnp.float32),
+    ("pallas_mosaic_chain_bf16", False, jnp.bfloat16)])
+def test_pallas_kernels_on_gpu_match_the_flat_path(impl, channel, dtype):
   """The compiled Triton and Mosaic GPU kernels (``pallas_triton``'s, ``pallas_tiles``', ``mosaic_keys``',
-  ``mosaic_chain``'s) at the layer's head width (d = 64, E = 256, c = 64) against ``xla_flat`` in the same matmul
-  precision, through the API: reads, state and the gradients of every input."""
+  ``mosaic_chain``'s, ``pallas_chain_outputs``') at the layer's head width (d = 64, E = 256, c = 64) against
+  ``xla_flat`` in the same matmul precision, through the API: reads, state and the gradients of every input (q, k, v
+  in bf16 too: ``pallas_mosaic_chain_bf16`` then chunks them in bf16)."""
   spec = SPECS["moneta"]
   qkv, gates, kw = _inputs(spec, 23, b=2, t=200, h=2, d=64, channel=channel)
+  qkv = tuple(x.astype(dtype) for x in qkv)
   flat_impl = "xla_flat_bf16" if impl.endswith("_bf16") else "xla_flat"
   run = lambda impl: functools.partial(api.miras_memory, spec=spec, chunk_size=64, lengths=jnp.array([200, 150]),
                                        implementation=impl)
@@ -657,7 +661,8 @@ def test_pallas_kernels_on_gpu_match_the_flat_path(impl, channel):
   (o_f, s_f, _), (o_p, s_p, _) = (run(i)(*qkv, gates, **kw) for i in (flat_impl, impl))
   g_f, g_p = (jax.grad(_loss(run(i), weights), argnums=(0, 1, 2))(qkv, gates, kw) for i in (flat_impl, impl))
   errs = _rel(o_p, o_f), _rel(s_p, s_f), _rel(g_p, g_f)
-  print(f"{impl}, {'channel' if channel else 'head'} gates, on {jax.devices()[0].device_kind} vs {flat_impl}: "
+  print(f"{impl}, {'channel' if channel else 'head'} gates, {jnp.dtype(dtype).name} inputs, on "
+        f"{jax.devices()[0].device_kind} vs {flat_impl}: "
         f"max rel error reads {errs[0]:.1e}, "
         f"state {errs[1]:.1e}, grads {errs[2]:.1e}")
   assert max(errs) < (2e-2 if impl.endswith("_bf16") else 1e-4)
