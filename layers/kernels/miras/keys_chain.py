@@ -25,7 +25,8 @@ three passes:
 
 Shapes and returns as :func:`mosaic_keys.keys_backward`; per-head gates (the decay's cotangent is one number a
 layer). :func:`chain_scan` is the chain as an XLA scan, the reference of :mod:`mosaic_chain`'s kernel;
-:func:`chain_outputs` the reference of :mod:`pallas_chain_outputs`' kernel.
+:func:`chunk_terms` and :func:`chain_outputs` the references of :mod:`pallas_chain_inputs`' and
+:mod:`pallas_chain_outputs`' kernels.
 """
 
 from __future__ import annotations
@@ -139,19 +140,27 @@ def _every_chunk(ln, n: int) -> tuple:
   return tuple(jnp.broadcast_to(x[None], (n, *x.shape)) for x in ln)
 
 
-def chain_inputs(spec: MemorySpec, residuals, cotangents) -> ChainInputs:
-  """:class:`ChainInputs` from ``pallas_tiles``' recurrence's residuals and cotangents (as
-  :func:`mosaic_keys.keys_backward` takes them), every chunk at once."""
-  ln, xs, starts, keys, u, scales, totals, z = residuals
-  _, (g_starts, g_keys) = cotangents
-  k, v, delta, end_decay, end_coef, _ = xs
-  w2, w1 = starts["w2"], starts["w1"]
-  coef = end_coef[..., 0]
+def chunk_terms(spec: MemorySpec, residuals) -> tuple:
+  """What :func:`chain_inputs` forms rather than passes on, every chunk at once: K ⊙ c, −e1 ⊙ c [n, N, c, d] and
+  the rows' :class:`RowTerms` (stacked [n, N, ...])."""
+  ln, xs, _, keys, u, *_ = residuals
+  k, v, delta, _, end_coef, _ = xs
   rows = _per_chunk_and_head(functools.partial(row_terms, spec))(u, k, v, delta, *_every_chunk(ln, k.shape[0]))
+  return k * end_coef, -keys.e1 * end_coef, rows
+
+
+def chain_inputs(spec: MemorySpec, residuals, cotangents, *, terms=chunk_terms) -> ChainInputs:
+  """:class:`ChainInputs` from ``pallas_tiles``' recurrence's residuals and cotangents (as
+  :func:`mosaic_keys.keys_backward` takes them), every chunk at once (``terms``: :func:`chunk_terms` or a kernel
+  taking the same arguments and returning the same, in its own dtypes)."""
+  kc, ne1c, rows = terms(spec, residuals)
+  _, xs, starts, keys, _, scales, totals, z = residuals
+  _, (g_starts, g_keys) = cotangents
+  k, _, _, end_decay, end_coef, _ = xs
   g_scales = jnp.stack([g_keys.scale["w2"][..., 0, 0], g_keys.scale["w1"][..., 0, 0]], axis=-1)
-  return ChainInputs(w2, w1, k, keys.e1, k * coef[..., None], -keys.e1 * coef[..., None], coef, keys.hk, keys.e2, z,
-                     rows, scales, totals, end_decay[..., 0], g_keys.e2, g_keys.hk, g_keys.e1,
-                     g_starts["w2"], g_starts["w1"], g_scales)
+  return ChainInputs(starts["w2"], starts["w1"], k, keys.e1, kc, ne1c, end_coef[..., 0], keys.hk, keys.e2, z, rows,
+                     scales, totals, end_decay[..., 0], g_keys.e2, g_keys.hk, g_keys.e1, g_starts["w2"],
+                     g_starts["w1"], g_scales)
 
 
 class ChainOutputs(NamedTuple):
@@ -231,11 +240,13 @@ def chain_outputs(spec: MemorySpec, residuals, inputs: ChainInputs, outputs: Cha
   return (jnp.sum(g_gamma, axis=0), jnp.sum(g_beta, axis=0)), factors
 
 
-def keys_backward(spec: MemorySpec, residuals, cotangents, *, chain=chain_scan, outputs_pass=chain_outputs):
-  """The keys' backward in three passes (``chain``: :func:`chain_scan` or a kernel taking the same arguments;
-  ``outputs_pass``: :func:`chain_outputs` or a kernel taking the same arguments). Arguments and returns as
+def keys_backward(spec: MemorySpec, residuals, cotangents, *, inputs_pass=chain_inputs, chain=chain_scan,
+                  outputs_pass=chain_outputs):
+  """The keys' backward in three passes (``inputs_pass``: :func:`chain_inputs` or a kernel taking the same
+  arguments; ``chain``: :func:`chain_scan` or a kernel taking the same arguments; ``outputs_pass``:
+  :func:`chain_outputs` or a kernel taking the same arguments). Arguments and returns as
   :func:`mosaic_keys.keys_backward`."""
-  inputs = chain_inputs(spec, residuals, cotangents)
+  inputs = inputs_pass(spec, residuals, cotangents)
   g_state, outputs = chain(spec, inputs, cotangents[0])
   g_ln, factors = outputs_pass(spec, residuals, inputs, outputs)
   return g_state, g_ln, factors

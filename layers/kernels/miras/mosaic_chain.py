@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from layers.kernels.miras import keys_chain, pallas_chain_outputs
+from layers.kernels.miras import keys_chain, pallas_chain_inputs, pallas_chain_outputs
 from layers.kernels.miras.mosaic_keys import (BF16, LINE, TILE, Warpgroup, _scalar_sums, _sync, loop_zero,
                                               per_head_kernel, publish_tiles, row_sums, scale_share, zeros)
 from layers.kernels.miras.pallas_triton import kernel_gelu_grad
@@ -219,8 +219,11 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
 
 def keys_backward(spec: MemorySpec, residuals, cotangents, *, interpret: bool | plgpu.InterpretGPUParams = False,
                   profile_dir: str = ""):
-  """:func:`keys_chain.keys_backward` with this kernel as its chain and :mod:`pallas_chain_outputs`' as its last
-  pass (arguments and returns as there; ``interpret`` and ``profile_dir`` as :func:`chain`'s)."""
+  """:func:`keys_chain.keys_backward` with this kernel as its chain, :mod:`pallas_chain_inputs`' as its first pass
+  and :mod:`pallas_chain_outputs`' as its last (arguments and returns as there; ``interpret`` and ``profile_dir``
+  as :func:`chain`'s)."""
   return keys_chain.keys_backward(
-      spec, residuals, cotangents, chain=functools.partial(chain, interpret=interpret, profile_dir=profile_dir),
+      spec, residuals, cotangents,
+      inputs_pass=functools.partial(pallas_chain_inputs.chain_inputs, interpret=bool(interpret)),
+      chain=functools.partial(chain, interpret=interpret, profile_dir=profile_dir),
       outputs_pass=functools.partial(pallas_chain_outputs.chain_outputs, interpret=bool(interpret)))
