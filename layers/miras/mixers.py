@@ -65,7 +65,7 @@ class MirasConfig(Config, abc.ABC):
     implementation: memory kernel (``layers.kernels.miras.IMPLEMENTATIONS``), None for the first that applies
       (float32 matmuls). On a GPU the fastest measured Moneta layer at 8 × 4096 on an H100 is, with channel gates,
       ``pallas_tiles_bf16``: 73 ms fwd+bwd (``xla_flat_bf16`` 79 ms); with per-head gates
-      ``pallas_mosaic_chain_bf16``: 16.9 ms, GDN 7.4 (21.8 ms against ``pallas_mosaic_bf16``'s 25.5 in one run,
+      ``pallas_mosaic_chain_bf16``: 14.4 ms, GDN 7.3 (21.8 ms against ``pallas_mosaic_bf16``'s 25.5 in one run,
       ``pallas_tiles_bf16`` 30.3 ms and ``xla_split_bf16`` 47.3 ms earlier; docs/benchmarks.md).
   """
 

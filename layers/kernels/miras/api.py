@@ -28,8 +28,10 @@ float32; returns (o [b, t, h, d] float32, state at the last chunk boundary, mome
     state's cotangent (all chunks at once, XLA) and the chain that does, one Pallas Mosaic GPU kernel
     (:mod:`keys_chain`, :mod:`mosaic_chain`; the same limits). The fastest Moneta layer measured: 21.8 vs 25.5 ms
     fwd+bwd for ``pallas_mosaic_bf16`` on an H100 (0.33× the GDN layer, same run; its keys' backward 11.7 vs 15.4
-    ms), with 1.3 GiB more XLA temporaries (6.2 GiB); 16.9 ms against GDN's 7.4 (0.44×) at the twenty-second
-    session's end;
+    ms), with 1.3 GiB more XLA temporaries (6.2 GiB). Its first and last passes are Pallas Triton kernels too
+    (:mod:`pallas_chain_inputs`, :mod:`pallas_chain_outputs`) and bf16 q, k, v stay bf16 through the chunks: 14.4
+    ms against GDN's 7.3 (0.51×; 14.5 / 7.25 in another call) at the twenty-third session's end, 4.7 GiB of
+    temporaries;
   * ``"xla_chunked"``: closed-form chunk gradients, dual-form reads, ``lax.scan`` over chunks (any backend), every
     matmul in full float32;
   * ``"xla_chunked_bf16"``: the same with bfloat16 matmul operands and float32 accumulation (tensor cores on GPU;
