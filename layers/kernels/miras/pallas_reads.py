@@ -263,7 +263,8 @@ def _reads_bwd(mode, tiling, strict, residuals, g_u):
   n, heads, c, _ = q.shape
   gw2, gw1, ge2, gh, *g_gates, ge1, gs2, gs1, grows, gsq = _call(
       _read_grad_kernel, mode, tiling.backward(), strict, (*inputs, hh, p, g_u),
-      (w2, w1, e2, h, log_read, log_b, eta, e1, s2, s1, _passed_array(mode, q, *q.shape), _passed_array(mode, q, n, heads, c, c)))
+      (w2, w1, e2, h, log_read, log_b, eta, e1, s2, s1, _passed_array(mode, q, *q.shape),
+       _passed_array(mode, q, n, heads, c, c)))
   gq, gk, *g_gates = _call(_queries_grad_kernel, mode, tiling, strict,
                            (q, k, log_read, log_b, eta, grows, gsq, *g_gates), (q, k, log_read, log_b, eta))
   return gw2, gw1, gq, gk, ge2, gh, *g_gates, ge1, gs2, gs1
