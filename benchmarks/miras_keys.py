@@ -24,11 +24,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from benchmarks.kernel_profile import format_regions, region_table
 from benchmarks.linear_attention import _median_ms
 from benchmarks.miras_mosaic_chain import max_relative_error
-from layers.kernels.miras import mosaic_chain, mosaic_keys, pallas_tiles
+from layers.kernels.miras import keys_chain, mosaic_chain, mosaic_keys, pallas_tiles
 from layers.kernels.miras.chunked import with_matmul
 from layers.miras import bias as biases
 from layers.miras.memory import MLPMemory
@@ -69,6 +70,32 @@ def backward_inputs(spec, chunks: int, heads: int, interpret: bool = False, seed
   keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(outputs))))
   cotangents = jax.tree.map(lambda a: (0.1 * jax.random.normal(next(keys), a.shape)).astype(a.dtype), outputs)
   return residuals, cotangents
+
+
+def chain_arguments(spec, bf16: bool, n: int = 3, heads: int = 2, seed: int = 0):
+  """(residuals, :class:`keys_chain.ChainInputs`, :class:`keys_chain.ChainOutputs`): :func:`keys_inputs`' LayerNorm
+  and chunk inputs, random activations and cotangents in the shapes and dtypes of ``pallas_tiles``' keys'
+  recurrence (NumPy's generator: no compiles; positive read scales and summed terms), the chain's inputs and the
+  XLA chain's outputs. ``bf16``: K, V and the start states in bfloat16, and G2 and g_z rounded to it (as the Mosaic
+  GPU kernels leave them)."""
+  state, ln, xs = jax.jit(functools.partial(keys_inputs, n, heads, seed=seed))()
+  ends, shapes = jax.eval_shape(functools.partial(pallas_tiles._recurrence_fwd, spec, pallas_tiles.Tiling()),
+                                state, ln, xs)
+  if bf16:
+    xs = (xs[0].astype(jnp.bfloat16), xs[1].astype(jnp.bfloat16), *xs[2:])
+  rng = np.random.default_rng(seed)
+  normal = lambda a, scale=1.0: jnp.asarray(scale * rng.standard_normal(a.shape), a.dtype)
+  positive = lambda a: jnp.asarray(rng.uniform(0.5, 1.5, a.shape), a.dtype)
+  _, _, starts, activations, u, scales, totals, z = shapes
+  starts = jax.tree.map(lambda a: normal(a, a.shape[-1] ** -0.5).astype(jnp.bfloat16 if bf16 else a.dtype), starts)
+  residuals = (ln, xs, starts, jax.tree.map(normal, activations), normal(u), positive(scales), positive(totals),
+               normal(z))
+  cotangents = jax.tree.map(lambda a: normal(a, 0.1), ends)
+  inputs = jax.jit(functools.partial(keys_chain.chain_inputs, spec))(residuals, cotangents)
+  outputs = jax.jit(functools.partial(keys_chain.chain_scan, spec))(inputs, cotangents[0])[1]
+  if bf16:
+    outputs = outputs._replace(g2_end=outputs.g2_end.astype(jnp.bfloat16), g_z=outputs.g_z.astype(jnp.bfloat16))
+  return residuals, inputs, outputs
 
 
 def _runs(spec, direction: str) -> dict:

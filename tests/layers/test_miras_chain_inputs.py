@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from benchmarks.miras_keys import MONETA, chain_arguments
 from benchmarks.miras_mosaic_chain import max_relative_error
 from layers.kernels.miras import pallas_chain_inputs
 from layers.kernels.miras.chunked import with_matmul
@@ -17,7 +18,6 @@ from layers.miras import bias as biases
 from layers.miras.memory import MLPMemory
 from layers.miras.retention import LqNorm
 from layers.miras.spec import MemorySpec
-from tests.layers.test_miras_chain_outputs import MONETA, chain_arguments
 
 FORMED = {"kc", "ne1c", "rows.n", "rows.a", "rows.ehat", "rows.curve"}  # the kernel's, bfloat16 [c, d]
 FORMED_F32 = {"rows.rstd", "rows.na"}  # the kernel's, float32 [c]; every other field passed on
