@@ -5,7 +5,8 @@
 step: in XLA they are many memory-bound fusions over float32 [n, N, c, d] arrays and two batched [c, E] × [E, d]
 products. Here program (j, h) of grid [n, N] loads chunk j of head h's blocks once and writes its outputs once
 (n = 64 chunks, N = 128 heads, c = d = 64, E = 256, bf16 matmuls, one H100: 1.14–1.38 ms a call against XLA's
-1.70–1.87 in the same runs, at 4 or 8 warps, one or two stages; outputs equal to 2e-7):
+1.70–1.87 in the same runs, at 4 or 8 warps, one or two stages; outputs equal to 2e-7; the Moneta layer 15.67 →
+15.07 ms; ``benchmarks/miras_chain_passes.py`` times it against XLA's pass):
 
   * the row step's vjp in K, V and the LayerNorm (:func:`keys_chain.row_inputs_pullback` itself, the bias'
     gradient through ``jax.vjp``) from e1's cotangent g_e1 [c, d] at the rows' n [c, d] and rstd [c];
