@@ -40,6 +40,18 @@ OUTPUTS = ("starts2", "starts1", "end", "e2", "h", "e1", "u", "scales", "totals"
 MONETA = with_matmul(MemorySpec(MLPMemory(), biases.Lp(3.0), LqNorm(4.0)), "bfloat16")  # the timed memory
 
 
+def parse_layer_shape(text: str) -> tuple[int, int]:
+  """``BxT`` (a Miras benchmark's ``--shape``: 16 heads of 64, chunk 64) as (B, T); ValueError unless B ≥ 1 and T
+  is a positive multiple of the chunk."""
+  try:
+    batch, tokens = map(int, text.split("x"))
+  except ValueError:
+    raise ValueError(f"a shape is BxT (e.g. 8x4096), got {text!r}") from None
+  if batch < 1 or tokens < 64 or tokens % 64:
+    raise ValueError(f"a shape's T must be a positive multiple of the chunk, 64, and B positive; got {text!r}")
+  return batch, tokens
+
+
 def keys_inputs(n: int, heads: int, c: int = 64, d: int = 64, e: int = 256, seed: int = 0):
   """(state, ln, keys' inputs) as ``flat.miras_flat`` hands them to a key scan: unit keys, decays near 1, small
   step coefficients, every chunk complete."""

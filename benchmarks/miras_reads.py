@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.linear_attention import _median_ms
-from benchmarks.miras_keys import MONETA
+from benchmarks.miras_keys import MONETA, parse_layer_shape
 from benchmarks.miras_mosaic_chain import max_relative_error
 from layers.kernels.miras import flat, pallas_reads
 from layers.miras.spec import Gates
@@ -93,12 +93,10 @@ def main() -> None:
   parser.add_argument("--json", default="reads.json")
   args = parser.parse_args()
   try:
-    batch, tokens = map(int, args.shape.split("x"))
+    batch, tokens = parse_layer_shape(args.shape)
     tilings = parse_tilings(args.tilings)
   except ValueError as err:
     sys.exit(f"bad argument: {err}")
-  if tokens % 64 or batch < 1:
-    sys.exit("--shape: T must be a positive multiple of the chunk, 64")
   if jax.default_backend() != "gpu":
     sys.exit("the reads' Triton kernels need a GPU (tests/layers/test_miras.py checks them on a CPU)")
   inputs = read_inputs(batch, tokens)

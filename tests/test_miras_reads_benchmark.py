@@ -21,6 +21,13 @@ def test_the_tilings_parse_and_bad_ones_are_refused():
     miras_reads.parse_tilings("4/8/0/64")
 
 
+def test_the_layer_shape_parses_and_bad_ones_are_refused():
+  assert miras_keys.parse_layer_shape("8x4096") == (8, 4096)
+  for bad, message in (("8x", "a shape is BxT"), ("8x100", "multiple of the chunk"), ("0x128", "B positive")):
+    with pytest.raises(ValueError, match=message):
+      miras_keys.parse_layer_shape(bad)
+
+
 def test_the_timed_kernels_equal_the_xla_reads_on_the_benchmarks_inputs():
   inputs = miras_reads.read_inputs(1, 128, heads=2)
   tiling = pallas_reads.ReadTiling(interpret=True, num_stages=2)
