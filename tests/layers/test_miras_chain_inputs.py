@@ -19,7 +19,7 @@ from layers.miras.memory import MLPMemory
 from layers.miras.retention import LqNorm
 from layers.miras.spec import MemorySpec
 
-FORMED = {"kc", "ne1c", "rows.n", "rows.a", "rows.ehat", "rows.curve"}  # the kernel's, bfloat16 [c, d]
+FORMED = {"nkc", "ne1c", "rows.n", "rows.a", "rows.ehat", "rows.curve"}  # the kernel's, bfloat16 [c, d]
 FORMED_F32 = {"rows.rstd", "rows.na"}  # the kernel's, float32 [c]; every other field passed on
 
 

@@ -6,11 +6,11 @@ recurrence S_{j+1} = f_j(S_j). Of each chunk's pull-back only a few products tak
 step's linearisation, the input cotangents that G's chain leaves behind) is the same for every G. So the backward is
 three passes:
 
-  * :func:`chain_inputs`, all chunks at once (batched XLA): K ⊙ c and −e1 ⊙ c, and the row step's linearisation
+  * :func:`chain_inputs`, all chunks at once (batched XLA): −K ⊙ c and −e1 ⊙ c, and the row step's linearisation
     (:func:`row_terms`); z = s₂ K W2ᵀ and h = gelu(z) are the forward's (bf16 from the Mosaic kernel);
   * the chain, chunk by chunk in reverse (:func:`chain_scan`), per chunk and head
 
-      ĝ_e2 = g_e2 − (K ⊙ c) G2ᵀ                   g_e1 = g_e1' + s₁ (ĝ_e2 ⊙ gelu'(z)) W1ᵀ − c ⊙ (h G1ᵀ)
+      ĝ_e2 = g_e2 + (−K ⊙ c) G2ᵀ                  g_e1 = g_e1' + s₁ (ĝ_e2 ⊙ gelu'(z)) W1ᵀ − c ⊙ (h G1ᵀ)
       g_u = J_rowᵀ g_e1 (:func:`row_pullback`)    g_h = g_h' − (e1 ⊙ c) G1 + s₁ g_u W1
       g_z = ĝ_e2 ⊙ curvature + g_h ⊙ gelu'(z)     G2 ← B G2 + s₂ g_zᵀ K + g_S2',  G1 ← B G1 + s₁ e1ᵀ (ĝ_e2 ⊙ gelu'(z))
                                                                                      + s₁ g_uᵀ h + g_S1'
@@ -104,7 +104,7 @@ def row_inputs_pullback(spec: MemorySpec, terms: RowTerms, k, v, delta, gamma, b
 class ChainInputs(NamedTuple):
   """What the chain reads of each chunk, stacked [n, N, ...] (n chunks, N heads), each in the dtype it comes in
   (bf16 start states, e2 and cotangents from ``pallas_mosaic_bf16``'s forward and reads): the start state (W2 [E, d],
-  W1 [d, E]), K, e1, K ⊙ c and −e1 ⊙ c [c, d], the coefficients c [c], h, e2 and z = s₂ K W2ᵀ [c, E], the row
+  W1 [d, E]), K, e1, −K ⊙ c and −e1 ⊙ c [c, d], the coefficients c [c], h, e2 and z = s₂ K W2ᵀ [c, E], the row
   step's :class:`RowTerms`, the scales (s₂, s₁) and summed scale terms [2],
   the chunk-end decay [], and the reads' cotangents: of e2 and h [c, E], of e1 [c, d], of the start state, and of the
   scales [2]."""
@@ -113,7 +113,7 @@ class ChainInputs(NamedTuple):
   w1: jax.Array
   k: jax.Array
   e1: jax.Array
-  kc: jax.Array
+  nkc: jax.Array
   ne1c: jax.Array
   coef: jax.Array
   h: jax.Array
@@ -141,24 +141,24 @@ def _every_chunk(ln, n: int) -> tuple:
 
 
 def chunk_terms(spec: MemorySpec, residuals) -> tuple:
-  """What :func:`chain_inputs` forms rather than passes on, every chunk at once: K ⊙ c, −e1 ⊙ c [n, N, c, d] and
+  """What :func:`chain_inputs` forms rather than passes on, every chunk at once: −K ⊙ c, −e1 ⊙ c [n, N, c, d] and
   the rows' :class:`RowTerms` (stacked [n, N, ...])."""
   ln, xs, _, keys, u, *_ = residuals
   k, v, delta, _, end_coef, _ = xs
   rows = _per_chunk_and_head(functools.partial(row_terms, spec))(u, k, v, delta, *_every_chunk(ln, k.shape[0]))
-  return k * end_coef, -keys.e1 * end_coef, rows
+  return -k * end_coef, -keys.e1 * end_coef, rows
 
 
 def chain_inputs(spec: MemorySpec, residuals, cotangents, *, terms=chunk_terms) -> ChainInputs:
   """:class:`ChainInputs` from ``pallas_tiles``' recurrence's residuals and cotangents (as
   :func:`mosaic_keys.keys_backward` takes them), every chunk at once (``terms``: :func:`chunk_terms` or a kernel
   taking the same arguments and returning the same, in its own dtypes)."""
-  kc, ne1c, rows = terms(spec, residuals)
+  nkc, ne1c, rows = terms(spec, residuals)
   _, xs, starts, keys, _, scales, totals, z = residuals
   _, (g_starts, g_keys) = cotangents
   k, _, _, end_decay, end_coef, _ = xs
   g_scales = jnp.stack([g_keys.scale["w2"][..., 0, 0], g_keys.scale["w1"][..., 0, 0]], axis=-1)
-  return ChainInputs(starts["w2"], starts["w1"], k, keys.e1, kc, ne1c, end_coef[..., 0], keys.hk, keys.e2, z, rows,
+  return ChainInputs(starts["w2"], starts["w1"], k, keys.e1, nkc, ne1c, end_coef[..., 0], keys.hk, keys.e2, z, rows,
                      scales, totals, end_decay[..., 0], g_keys.e2, g_keys.hk, g_keys.e1, g_starts["w2"],
                      g_starts["w1"], g_scales)
 
@@ -194,7 +194,7 @@ def chain_step(spec: MemorySpec, g_state, x: ChainInputs):
   g2, g1 = g_state
   dot = functools.partial(plain_matmul, mode=spec.memory.matmul)
   s2, s1 = x.scales[:, 0, None, None], x.scales[:, 1, None, None]
-  ge2 = x.g_e2 - dot("hcd,hed->hce", x.kc, g2)
+  ge2 = x.g_e2 + dot("hcd,hed->hce", x.nkc, g2)
   z = x.z.astype(jnp.promote_types(x.z.dtype, F32))
   slope = gelu_grad(z)
   gs = s1 * ge2 * slope

@@ -210,7 +210,7 @@ def chain(spec: MemorySpec, inputs: keys_chain.ChainInputs, g_end: dict, *,
   bf16 = lambda a: a.astype(BF16)
   r = x.rows  # its [c, d] terms as bf16 (rounded once; the row step takes them in float32): half their HBM traffic
   g2, g1, g_e1, via_end, g2_end, g_z, g_dec, _ = kernel(
-      bf16(-x.kc), bf16(x.ne1c), bf16(x.k), bf16(x.e1), bf16(x.h), bf16(x.w1), bf16(x.w2), x.z, x.g_e2,
+      bf16(x.nkc), bf16(x.ne1c), bf16(x.k), bf16(x.e1), bf16(x.h), bf16(x.w1), bf16(x.w2), x.z, x.g_e2,
       x.g_h, x.g_e1, x.g_w2, x.g_w1, *map(bf16, (r.n, r.a, r.ehat, r.curve)), r.rstd, r.na, x.coef, scalars,
       zeros(n), g_end["w2"], g_end["w1"])
   outputs = keys_chain.ChainOutputs(g_e1, via_end, g2_end, g_z, jnp.sum(g_dec, axis=(2, 4)))

@@ -12,7 +12,7 @@ u, K, V, e1 [c, d] and c once and writes (:func:`keys_chain.chunk_terms`' return
   * the rows' :class:`keys_chain.RowTerms` (:func:`keys_chain.row_terms` itself, the bias' slope through
     ``jax.jvp``): n, a, ê and the curvature D [c, d] in bfloat16, the dtype the chain kernel takes them in (the
     outputs' kernel upcasts n), rstd and mean(n ⊙ a) [c] in float32;
-  * K ⊙ c and −e1 ⊙ c [c, d] in bfloat16, the chain kernel's operands (it negates K ⊙ c).
+  * −K ⊙ c and −e1 ⊙ c [c, d] in bfloat16, the chain kernel's operands.
 
 Formed in float32 from float32 or bf16 K and V, rounded once. The rest of :class:`keys_chain.ChainInputs` is
 passed on as :func:`keys_chain.chain_inputs` does. The chain's limits (biases without δ); c and d powers of two
@@ -36,16 +36,16 @@ F32, BF16 = jnp.float32, jnp.bfloat16
 
 
 def _kernel(u_ref, k_ref, v_ref, e1_ref, coef_ref, gamma_ref, beta_ref, n_ref, a_ref, ehat_ref, curve_ref, rstd_ref,
-            na_ref, kc_ref, ne1c_ref, *, spec):
+            na_ref, nkc_ref, ne1c_ref, *, spec):
   """One chunk of one head (u, K, V, e1 [c, d], the coefficients c [c, 1], γ, β [1, d]): K ⊙ c, −e1 ⊙ c and the
-  rows' :class:`keys_chain.RowTerms`, each stored once in its output's dtype. K ⊙ c and −e1 ⊙ c are stored first
+  rows' :class:`keys_chain.RowTerms`, each stored once in its output's dtype. −K ⊙ c and −e1 ⊙ c are stored first
   and K read again (L1) for the row terms: 163 registers a thread at 4 warps, 100 at 8 and 62 at 16, against 214,
   100 and 64 with K held across and 218, 128 and 60 with the row terms stored first (ptxas for sm_90a, bf16 K and
   V, one or two stages, no spills)."""
   f32 = lambda ref: ref[...].astype(F32)
   coef = coef_ref[...]
   ne1c_ref[...] = (-f32(e1_ref) * coef).astype(ne1c_ref.dtype)
-  kc_ref[...] = (f32(k_ref) * coef).astype(kc_ref.dtype)
+  nkc_ref[...] = (-f32(k_ref) * coef).astype(nkc_ref.dtype)
   terms = keys_chain.row_terms(spec, f32(u_ref), f32(k_ref), f32(v_ref), None, f32(gamma_ref), f32(beta_ref))
   for ref, x in zip((n_ref, a_ref, ehat_ref, curve_ref, rstd_ref, na_ref), terms, strict=True):
     ref[...] = x.astype(ref.dtype)
@@ -53,7 +53,7 @@ def _kernel(u_ref, k_ref, v_ref, e1_ref, coef_ref, gamma_ref, beta_ref, n_ref, a
 
 def chunk_terms(spec: MemorySpec, residuals, *, interpret: bool = False, num_warps: int = 8,
                 num_stages: int = 1) -> tuple:
-  """:func:`keys_chain.chunk_terms` as one kernel: the same arguments and returns (K ⊙ c, −e1 ⊙ c [n, N, c, d] and
+  """:func:`keys_chain.chunk_terms` as one kernel: the same arguments and returns (−K ⊙ c, −e1 ⊙ c [n, N, c, d] and
   the rows' terms), the [c, d] arrays in bfloat16. ``interpret``: Pallas interpret mode; ``num_warps``,
   ``num_stages``: Triton's launch settings."""
   if spec.bias.needs_delta:
@@ -68,7 +68,7 @@ def chunk_terms(spec: MemorySpec, residuals, *, interpret: bool = False, num_war
   block, row = jax.ShapeDtypeStruct(k.shape, BF16), jax.ShapeDtypeStruct((n, heads, c), F32)
   out_shape = [block] * 4 + [row] * 2 + [block] * 2
   chunk = (u, k, v, keys.e1, end_coef)
-  *rows, kc, ne1c = pl.pallas_call(
+  *rows, nkc, ne1c = pl.pallas_call(
       functools.partial(_kernel, spec=spec),
       grid=(n, heads),
       in_specs=[*map(leading_block, chunk), per_head, per_head],
@@ -77,12 +77,12 @@ def chunk_terms(spec: MemorySpec, residuals, *, interpret: bool = False, num_war
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
   )(*chunk, gamma, beta)
-  return kc, ne1c, keys_chain.RowTerms(*rows)
+  return nkc, ne1c, keys_chain.RowTerms(*rows)
 
 
 def chain_inputs(spec: MemorySpec, residuals, cotangents, *, interpret: bool = False, num_warps: int = 8,
                  num_stages: int = 1) -> keys_chain.ChainInputs:
-  """:func:`keys_chain.chain_inputs` with this kernel's :func:`chunk_terms`: the same arguments and returns, K ⊙ c,
+  """:func:`keys_chain.chain_inputs` with this kernel's :func:`chunk_terms`: the same arguments and returns, −K ⊙ c,
   −e1 ⊙ c and the rows' [c, d] terms in bfloat16 (the rest as there; the settings as :func:`chunk_terms`')."""
   return keys_chain.chain_inputs(spec, residuals, cotangents, terms=functools.partial(
       chunk_terms, interpret=interpret, num_warps=num_warps, num_stages=num_stages))
